@@ -1,2 +1,275 @@
+"""`batchrun` command line: thin on purpose. It turns flags into a JobConfig, calls one stage
+function, prints the outcome and maps it to an exit code."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Any
+
 import typer
-app = typer.Typer()
+
+from .config import (DEFAULT_MODEL, ConfigError, JobConfig, load_job_file, parse_size,
+                     with_overrides)
+
+EXIT_CODES_HELP = """\
+Exit codes: 0 every row succeeded (or the job had already finished);
+1 internal error (a bug: please report it); 2 usage error or unreadable input;
+3 finished, but some rows failed (their `error` column says why);
+4 interrupted (signal, engine failure, full disk): run again with --resume."""
+
+app = typer.Typer(
+    name="batchrun",
+    help=("Offline batch inference for LLMs: a file of prompts in, a Parquet file of "
+          "completions out, planned so that shared prompt prefixes are computed once.\n\n"
+          "  batchrun run jobs/example.toml\n\n"
+          "  batchrun run prompts.jsonl -o results.parquet --max-tokens 64\n\n"
+          + EXIT_CODES_HELP),
+    no_args_is_help=True,
+    add_completion=False,
+    rich_markup_mode=None,
+    pretty_exceptions_enable=False,
+)
+
+
+class InputFormat(str, Enum):
+    auto = "auto"
+    jsonl = "jsonl"
+    parquet = "parquet"
+    openai = "openai"
+
+
+class Attention(str, Enum):
+    auto = "auto"
+    prefix = "prefix"
+    default = "default"
+
+
+class EngineKind(str, Enum):
+    vllm = "vllm"
+    fake = "fake"
+
+
+JobArg = Annotated[Path, typer.Argument(
+    help="A job file (jobs/*.toml) or an input file (.jsonl, .parquet, OpenAI batch .jsonl).",
+    show_default=False)]
+OutputOpt = Annotated[Path | None, typer.Option(
+    "--output", "-o", help="Output Parquet file (required when JOB is an input file).")]
+ModelOpt = Annotated[str | None, typer.Option(
+    help="Local Hugging Face model folder, or 'default' (SmolLM2-135M-Instruct, shipped).")]
+FormatOpt = Annotated[InputFormat | None, typer.Option(
+    "--input-format", help="Input format; 'auto' detects Parquet, JSONL and OpenAI batch.")]
+PromptColOpt = Annotated[str | None, typer.Option(help="Input column holding the prompt text.")]
+IdColOpt = Annotated[str | None, typer.Option(help="Input column holding each row's id.")]
+PassOpt = Annotated[list[str] | None, typer.Option(
+    "--passthrough", help="Input column to copy into the output (repeatable).")]
+EngineOpt = Annotated[EngineKind, typer.Option(
+    help="'fake' is a deterministic stand-in with no model, for testing pipelines.")]
+
+
+def _config(job: Path, output: Path | None, **overrides: Any) -> JobConfig:
+    if not job.exists():
+        raise ConfigError(f"{job} does not exist; give a job file (.toml) or an input file")
+    if job.suffix == ".toml":
+        cfg = load_job_file(job)
+    else:
+        if output is None:
+            raise ConfigError(f"{job} is an input file: say where results go with -o out.parquet")
+        cfg = JobConfig(input=job.resolve(), output=output.resolve())
+    if output is not None:
+        overrides["output"] = output.resolve()
+    columns = {k.split(".", 1)[1]: v for k, v in list(overrides.items())
+               if k.startswith("columns.") and v}
+    overrides = {k: v for k, v in overrides.items() if not k.startswith("columns.")}
+    if columns:
+        from dataclasses import replace
+
+        if "passthrough" in columns:
+            columns["passthrough"] = tuple(columns["passthrough"])
+        cfg = replace(cfg, columns=replace(cfg.columns, **columns))
+    return with_overrides(cfg, **{k: (v.value if isinstance(v, Enum) else v)
+                                  for k, v in overrides.items()})
+
+
+def _fail(message: str, code: int = 2) -> None:
+    typer.echo(f"batchrun: error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def _quiet_engine_logs(verbose: bool) -> None:
+    if not verbose:
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+
+@app.command()
+def run(
+    job: JobArg,
+    output: OutputOpt = None,
+    model: ModelOpt = None,
+    max_tokens: Annotated[int | None, typer.Option(help="Default max new tokens per row.")] = None,
+    temperature: Annotated[float | None, typer.Option(help="Default temperature (0: greedy).")]
+    = None,
+    top_p: Annotated[float | None, typer.Option(help="Default nucleus sampling top_p.")] = None,
+    seed: Annotated[int | None, typer.Option(help="Default per-row sampling seed.")] = None,
+    input_format: FormatOpt = None,
+    prompt_column: PromptColOpt = None,
+    id_column: IdColOpt = None,
+    passthrough: PassOpt = None,
+    openai_output: Annotated[Path | None, typer.Option(
+        help="Also write results as OpenAI Batch API output JSONL here.")] = None,
+    kv_cache_memory: Annotated[str | None, typer.Option(
+        help="KV-cache size for vLLM, e.g. 256MiB or 4GiB (default: vLLM's).")] = None,
+    block_size: Annotated[int | None, typer.Option(
+        help="KV block size (default: 32 on CPU, 16 on GPU).")] = None,
+    max_model_len: Annotated[int | None, typer.Option(help="Context length cap.")] = None,
+    dtype: Annotated[str | None, typer.Option(help="float32 (CPU default), bfloat16, ...")]
+    = None,
+    enforce_eager: Annotated[bool | None, typer.Option(
+        "--enforce-eager/--compile",
+        help="Eager mode starts fast; compiled runs faster. Default: by job size.")] = None,
+    tensor_parallel_size: Annotated[int | None, typer.Option(help="GPUs per model.")] = None,
+    attention: Annotated[Attention | None, typer.Option(
+        help="'prefix': batchrun's shared-prefix attention; 'default': vLLM's own.")] = None,
+    plan: Annotated[bool, typer.Option(
+        "--plan/--no-plan", help="--no-plan runs rows in file order (for comparisons).")]
+    = True,
+    resume: Annotated[bool, typer.Option(
+        help="Continue an interrupted run of this job (starts fresh if there is none).")]
+    = False,
+    overwrite: Annotated[bool, typer.Option(
+        help="Replace a finished output and discard any unfinished run.")] = False,
+    engine: EngineOpt = EngineKind.vllm,
+    progress: Annotated[bool | None, typer.Option(
+        "--progress/--log-lines",
+        help="Progress bar, or plain log lines (default: bar on a terminal).")] = None,
+    grace_period: Annotated[float, typer.Option(
+        help="Seconds in-flight requests get to finish after SIGTERM/SIGINT.")] = 30.0,
+    json_summary: Annotated[bool, typer.Option(
+        "--json", help="Print the summary as JSON on stdout.")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show vLLM's logs.")] = False,
+) -> None:
+    """Run a job: read, plan, generate, and write one Parquet row per input row.
+
+    \b
+    Examples:
+      batchrun run jobs/example.toml
+      batchrun run prompts.jsonl -o out.parquet --max-tokens 64 --kv-cache-memory 1GiB
+      batchrun run batch_input.jsonl -o out.parquet --openai-output out.jsonl
+      batchrun run jobs/nightly.toml --resume      # cron: continue after a kill
+    """
+    _quiet_engine_logs(verbose)
+    from .io.readers import InputError
+    from .io.results import CheckpointError
+    from .model import ModelError
+    from .runner import EXIT_INTERNAL, run_job
+
+    try:
+        cfg = _config(
+            job, output, model=model, input_format=input_format, openai_output=openai_output,
+            plan=plan, **{"sampling.max_tokens": max_tokens, "sampling.temperature": temperature,
+                          "sampling.top_p": top_p, "sampling.seed": seed,
+                          "engine.kv_cache_memory": parse_size(kv_cache_memory)
+                          if kv_cache_memory else None,
+                          "engine.block_size": block_size, "engine.max_model_len": max_model_len,
+                          "engine.dtype": dtype, "engine.enforce_eager": enforce_eager,
+                          "engine.tensor_parallel_size": tensor_parallel_size,
+                          "engine.attention": attention,
+                          "columns.prompt": prompt_column, "columns.id": id_column,
+                          "columns.passthrough": passthrough})
+        outcome = run_job(cfg, engine_kind=engine.value, resume=resume, overwrite=overwrite,
+                          interactive=progress, grace_s=grace_period)
+    except (ConfigError, InputError, CheckpointError, ModelError) as e:
+        _fail(str(e))
+    except Exception as e:  # a bug: say so in one line, details only when asked
+        if verbose or os.environ.get("BATCHRUN_DEBUG"):
+            raise
+        _fail(f"internal error: {type(e).__name__}: {e} (re-run with -v for details; "
+              "please report it)", EXIT_INTERNAL)
+    _print_outcome(outcome.summary, outcome.message, json_summary)
+    raise typer.Exit(outcome.exit_code)
+
+
+def _print_outcome(summary: dict[str, Any], message: str, as_json: bool) -> None:
+    if as_json:
+        typer.echo(json.dumps(summary, indent=2, sort_keys=True, default=str))
+    if summary.get("status") in ("ok", "interrupted", "engine_failed", "write_failed") and \
+            "rows" in summary:
+        t = summary["tokens"]
+        lines = [
+            f"rows: {summary['rows']}  succeeded: {summary['succeeded']}  "
+            f"failed: {summary['failed']}",
+            f"tokens: prompt {t['prompt']:,}  cached {t['cached']:,}  computed "
+            f"{t['computed_prompt']:,}  distinct {t['distinct_prompt'] or '-'}  "
+            f"completion {t['completion']:,}",
+            f"prefix-cache hit rate {summary['prefix_cache_hit_rate']:.1%}  "
+            f"wall {summary['wall_time_s']:.1f}s  {summary['tokens_per_s']:,.0f} tok/s",
+        ]
+        for line in lines:
+            typer.echo(line, err=True)
+    if message:
+        typer.echo(f"batchrun: {message}", err=True)
+
+
+@app.command()
+def validate(
+    job: JobArg,
+    output: OutputOpt = None,
+    model: ModelOpt = None,
+    input_format: FormatOpt = None,
+    prompt_column: PromptColOpt = None,
+    id_column: IdColOpt = None,
+    engine: EngineOpt = EngineKind.vllm,
+    max_errors: Annotated[int, typer.Option(help="How many row problems to list.")] = 20,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+) -> None:
+    """Check a job without running the model: rows, row problems, prompt lengths.
+
+    \b
+    Exits 0 when every row can run, 3 when some rows would fail, 2 when the job cannot run.
+    Example:
+      batchrun validate jobs/example.toml
+    """
+    _quiet_engine_logs(False)
+    from .io.readers import InputError
+    from .model import ModelError
+    from .runner import EXIT_OK, EXIT_ROW_ERRORS, prepare_job
+
+    try:
+        cfg = _config(job, output or Path("validate.parquet"), model=model,
+                      input_format=input_format,
+                      **{"columns.prompt": prompt_column, "columns.id": id_column})
+        prepared = prepare_job(cfg, engine_kind=engine.value)
+    except (ConfigError, InputError, ModelError) as e:
+        _fail(str(e))
+    errors = prepared.request_errors()
+    lengths = prepared.tokens.lengths()
+    report = {
+        "input": str(cfg.input),
+        "format": prepared.requests.input_format,
+        "rows": prepared.rows,
+        "ok": prepared.rows - len(errors),
+        "errors": len(errors),
+        "max_model_len": prepared.max_model_len,
+        "prompt_tokens": {"total": int(lengths.sum()),
+                          "max": int(lengths.max()) if len(lengths) else 0,
+                          "mean": float(lengths.mean()) if len(lengths) else 0.0},
+        "first_errors": [errors[p] for p in sorted(errors)[:max_errors]],
+    }
+    if json_out:
+        typer.echo(json.dumps(report, indent=2))
+    else:
+        typer.echo(f"{report['input']} ({report['format']}): {report['rows']} rows, "
+                   f"{report['ok']} ok, {report['errors']} with problems")
+        typer.echo(f"prompt tokens: total {report['prompt_tokens']['total']:,}, max "
+                   f"{report['prompt_tokens']['max']:,} (context {report['max_model_len']:,})")
+        for line in report["first_errors"]:
+            typer.echo(f"  {line}")
+    raise typer.Exit(EXIT_OK if not errors else EXIT_ROW_ERRORS)
+
+
+def main() -> None:  # pragma: no cover - console entry for `python -m batchrun`
+    app(prog_name="batchrun", args=sys.argv[1:])

@@ -1,0 +1,126 @@
+"""A deterministic in-process engine for pipeline tests (`--engine fake`): no model, no vLLM.
+
+It behaves like vLLM where the runner can tell: requests run concurrently up to a KV budget,
+one token per step, and a block-granular LRU prefix cache reports `cached_tokens` the way
+vLLM's num_cached_tokens does. Its text is a pure function of the prompt and sampling, so
+outputs do not depend on order or batching. Never used by `batchrun run` unless asked.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import OrderedDict
+from dataclasses import dataclass
+
+from .base import EngineDiedError, EngineInfo, GenerationRequest, GenerationResult, StepOutput
+
+
+@dataclass
+class _Running:
+    request: GenerationRequest
+    cached: int
+    produced: int = 0
+
+
+class FakeEngine:
+    def __init__(
+        self,
+        *,
+        block_size: int = 4,
+        kv_capacity_tokens: int = 4096,
+        max_model_len: int = 2048,
+        max_num_seqs: int = 64,
+        fail_request_ids: frozenset[str] = frozenset(),
+        die_after_steps: int | None = None,
+    ) -> None:
+        self.info = EngineInfo("fake", "fake", block_size, kv_capacity_tokens, max_model_len,
+                               {"engine": "fake", "block_size": block_size})
+        self._max_num_seqs = max_num_seqs
+        self._waiting: list[GenerationRequest] = []
+        self._running: dict[str, _Running] = {}
+        self._cache: OrderedDict[bytes, None] = OrderedDict()  # block-chain hash -> LRU order
+        self._computed: list[bytes] = []
+        self._fail = fail_request_ids
+        self._die_after = die_after_steps
+        self.steps = 0
+        self.admission_order: list[str] = []
+
+    def add(self, request: GenerationRequest) -> None:
+        self._waiting.append(request)
+
+    def _block_hashes(self, tokens: list[int]) -> list[bytes]:
+        bs, h, out = self.info.block_size, b"", []
+        for start in range(0, len(tokens) - len(tokens) % bs, bs):
+            h = hashlib.blake2b(h + repr(tokens[start:start + bs]).encode(), digest_size=16).digest()
+            out.append(h)
+        return out
+
+    def _admit(self, request: GenerationRequest) -> None:
+        hashes = self._block_hashes(request.prompt_token_ids)
+        hits = 0
+        # Like vLLM, never serve the whole prompt from cache: the last token is recomputed.
+        while hits < len(hashes) and hashes[hits] in self._cache and \
+                (hits + 1) * self.info.block_size < len(request.prompt_token_ids):
+            hits += 1
+        # Blocks become reusable once computed, i.e. after this step: siblings admitted in the
+        # same step recompute the prefix, as they do in vLLM.
+        self._computed.extend(hashes)
+        self._running[request.request_id] = _Running(request, hits * self.info.block_size)
+        self.admission_order.append(request.request_id)
+
+    def step(self) -> StepOutput:
+        self.steps += 1
+        if self._die_after is not None and self.steps > self._die_after:
+            raise EngineDiedError("the fake engine died (injected failure)")
+        while self._waiting and len(self._running) < self._max_num_seqs:
+            self._admit(self._waiting.pop(0))
+        out = StepOutput()
+        for rid, run in list(self._running.items()):
+            run.produced += 1
+            if run.produced == 1:
+                out.prefilled.append(rid)
+            target = min(run.request.max_tokens, self._natural_length(run.request))
+            if run.produced < target:
+                continue
+            del self._running[rid]
+            out.finished.append(self._result(run, target))
+        for h in self._computed:
+            self._cache[h] = None
+            self._cache.move_to_end(h)
+        self._computed.clear()
+        capacity_blocks = self.info.kv_capacity_tokens // self.info.block_size
+        while len(self._cache) > capacity_blocks:
+            self._cache.popitem(last=False)
+        return out
+
+    @staticmethod
+    def _digest(request: GenerationRequest) -> str:
+        key = repr((request.prompt_token_ids, request.temperature, request.top_p, request.seed))
+        return hashlib.sha256(key.encode()).hexdigest()
+
+    def _natural_length(self, request: GenerationRequest) -> int:
+        return 1 + int(self._digest(request)[:4], 16) % 24
+
+    def _result(self, run: _Running, length: int) -> GenerationResult:
+        r = run.request
+        prompt_tokens = len(r.prompt_token_ids)
+        if r.request_id in self._fail:
+            return GenerationResult(r.request_id, None, None, prompt_tokens, 0, run.cached,
+                                    error="engine error: injected failure for this request")
+        natural = self._natural_length(r)
+        text = " ".join(f"w{self._digest(r)[i % 60:i % 60 + 4]}" for i in range(length))
+        reason = "stop" if length == natural else "length"
+        return GenerationResult(r.request_id, text, reason, prompt_tokens, length, run.cached)
+
+    def num_unfinished(self) -> int:
+        return len(self._waiting) + len(self._running)
+
+    def abort(self, request_ids: list[str]) -> None:
+        drop = set(request_ids)
+        self._waiting = [r for r in self._waiting if r.request_id not in drop]
+        for rid in drop:
+            self._running.pop(rid, None)
+
+    def close(self) -> None:
+        self._waiting.clear()
+        self._running.clear()

@@ -1,0 +1,180 @@
+"""Stream planned requests through an engine: bounded window, prefix computed once per group.
+
+The executor admits requests in plan order while the in-flight KV estimate fits the engine's
+KV cache (a group's shared prefix counted once, not per member), and holds a group's other
+members back until its first member (the leader) has computed the prompt: from then on the
+shared prefix is in vLLM's prefix cache and every sibling reuses it instead of computing it
+again in the same step. While a leader is prefilling, later groups that share nothing with it
+may still start, so the engine is never starved by a hold.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .engine.base import Engine, GenerationRequest, GenerationResult
+
+
+@dataclass
+class RunGroup:
+    """Requests that run together because they share a prefix (prefix_len 0: they share none)."""
+
+    members: np.ndarray  # request indices in run order
+    prefix_len: int
+    prefix_blocks: int
+    suffix_blocks: np.ndarray  # KV blocks each member needs beyond the shared prefix
+
+
+@dataclass
+class _GroupState:
+    group: RunGroup
+    next_member: int = 0
+    leader_id: str | None = None
+    leader_ready: bool = False
+    in_flight: int = 0
+
+
+@dataclass
+class StopFlag:
+    """Set by the first SIGTERM/SIGINT: stop admitting; the second one aborts at once."""
+
+    requested: bool = False
+    at: float = 0.0
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def request(self) -> bool:
+        """Return True if this was the second request (hard stop)."""
+        with self._lock:
+            if self.requested:
+                return True
+            self.requested, self.at = True, time.monotonic()
+            return False
+
+
+class Interrupted(Exception):
+    """The job was stopped by a signal; its checkpoint is resumable."""
+
+
+def install_signal_handlers(stop: StopFlag) -> Callable[[], None]:
+    """SIGTERM / SIGINT: first one drains gracefully, second one raises Interrupted now.
+    Returns a function that restores the previous handlers."""
+
+    def handler(signum: int, _frame: object) -> None:
+        if stop.request():
+            raise Interrupted(f"second {signal.Signals(signum).name}: stopping at once")
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+    return lambda: [signal.signal(s, h) for s, h in previous.items()]
+
+
+class StreamingExecutor:
+    def __init__(
+        self,
+        engine: Engine,
+        groups: list[RunGroup],
+        make_request: Callable[[int], GenerationRequest],
+        on_results: Callable[[list[tuple[int, GenerationResult]]], None],
+        *,
+        stop: StopFlag | None = None,
+        grace_s: float = 30.0,
+        max_in_flight: int = 4096,
+    ) -> None:
+        self.engine = engine
+        self._pending = deque(_GroupState(g) for g in groups if len(g.members))
+        self._make_request = make_request
+        self._on_results = on_results
+        self._stop = stop or StopFlag()
+        self._grace_s = grace_s
+        self._max_in_flight = max_in_flight
+        self._budget_blocks = max(engine.info.kv_capacity_tokens // engine.info.block_size, 1)
+        self._used_blocks = 0
+        self._in_flight: dict[str, tuple[int, _GroupState, int]] = {}  # id -> (req, group, blocks)
+        self._leaders: dict[str, _GroupState] = {}
+        self.aborted: list[int] = []
+
+    def run(self) -> None:
+        """Run until every request finished, or until a stop request's grace period ends."""
+        while self._pending or self._in_flight:
+            if self._stop.requested:
+                self._pending.clear()
+                if time.monotonic() - self._stop.at > self._grace_s:
+                    self._abort_in_flight()
+                    break
+            else:
+                self._admit()
+            if not self._in_flight:
+                break
+            step = self.engine.step()
+            for rid in step.prefilled:
+                if (state := self._leaders.pop(rid, None)) is not None:
+                    state.leader_ready = True
+            done = []
+            for result in step.finished:
+                req, state, blocks = self._in_flight.pop(result.request_id)
+                self._used_blocks -= blocks
+                state.in_flight -= 1
+                if state.in_flight == 0 and state.next_member >= len(state.group.members):
+                    self._used_blocks -= state.group.prefix_blocks
+                if self._leaders.pop(result.request_id, None) is not None:
+                    state.leader_ready = True
+                done.append((req, result))
+            if done:
+                self._on_results(done)
+
+    def _fits(self, blocks: int) -> bool:
+        # Always let one request in, however large, so a job can never stall.
+        return not self._in_flight or (self._used_blocks + blocks <= self._budget_blocks
+                                       and len(self._in_flight) < self._max_in_flight)
+
+    def _admit(self) -> None:
+        leader_pending = bool(self._leaders)
+        for state in list(self._pending):
+            g = state.group
+            shared = g.prefix_len > 0 and len(g.members) > 1
+            if state.next_member == 0:
+                if shared and leader_pending:
+                    # One leader prefills at a time: two leaders admitted together would
+                    # both compute any outer prefix their groups share.
+                    continue
+                cost = g.prefix_blocks + int(g.suffix_blocks[0])
+                if not self._fits(cost):
+                    return
+                self._used_blocks += g.prefix_blocks
+                rid = self._start(state, 0)
+                if shared:
+                    state.leader_id, leader_pending = rid, True
+                    self._leaders[rid] = state
+                    continue
+                state.leader_ready = True
+            if not state.leader_ready:
+                continue
+            while state.next_member < len(g.members):
+                if not self._fits(int(g.suffix_blocks[state.next_member])):
+                    return
+                self._start(state, state.next_member)
+            self._pending.remove(state)
+
+    def _start(self, state: _GroupState, k: int) -> str:
+        req_index = int(state.group.members[k])
+        request = self._make_request(req_index)
+        blocks = int(state.group.suffix_blocks[k])
+        self.engine.add(request)
+        self._in_flight[request.request_id] = (req_index, state, blocks)
+        self._used_blocks += blocks
+        state.next_member = k + 1
+        state.in_flight += 1
+        return request.request_id
+
+    def _abort_in_flight(self) -> None:
+        ids = list(self._in_flight)
+        if ids:
+            self.engine.abort(ids)
+        self.aborted = [req for req, _, _ in self._in_flight.values()]
+        self._in_flight.clear()

