@@ -271,5 +271,3 @@ def validate(
     raise typer.Exit(EXIT_OK if not errors else EXIT_ROW_ERRORS)
 
 
-def main() -> None:  # pragma: no cover - console entry for `python -m batchrun`
-    app(prog_name="batchrun", args=sys.argv[1:])

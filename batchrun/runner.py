@@ -22,8 +22,8 @@ from .engine.base import Engine, EngineDiedError, GenerationRequest, GenerationR
 from .executor import (Interrupted, RunGroup, StopFlag, StreamingExecutor,
                        install_signal_handlers)
 from .io.readers import RequestSet, read_requests
-from .io.results import (Checkpoint, CheckpointError, file_fingerprint, write_final_parquet,
-                         write_openai_jsonl)
+from .io.results import (Checkpoint, CheckpointError, file_fingerprint, partial_dir_for,
+                         write_final_parquet, write_openai_jsonl)
 from .io.schema import RESULT_SCHEMA
 from .plan import plan_schedule
 from .progress import ProgressReporter
@@ -245,7 +245,7 @@ def run_job(
     manifest = {"batchrun": __version__, "input": file_fingerprint(config.input),
                 "settings": config.fingerprint_settings()}
     if overwrite:
-        Checkpoint(output.with_name(output.name + ".partial")).remove()
+        Checkpoint(partial_dir_for(output)).remove()
     ckpt = Checkpoint.open(output, manifest, resume=resume)
     done = ckpt.read_done()
     done_rows = set(done["row"].to_pylist())

@@ -186,19 +186,26 @@ def write_final_parquet(
 
 
 def write_openai_jsonl(table: pa.Table, path: Path, *, model: str) -> None:
-    """Results in the OpenAI Batch API output format, one line per input row."""
+    """Results in the OpenAI Batch API output format, one line per input row. An `endpoint`
+    column ("chat" / "completion") picks chat.completion or text_completion bodies."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(tmp, "w") as f:
-        for r in table.select(RESULT_SCHEMA.names).to_pylist():
+        names = RESULT_SCHEMA.names + (["endpoint"] if "endpoint" in table.column_names else [])
+        for r in table.select(names).to_pylist():
             if r["error"] is not None:
                 line = {"id": f"batch_req_{r['row']}", "custom_id": r["id"], "response": None,
                         "error": {"code": "row_error", "message": r["error"]}}
             else:
+                choice: dict[str, Any] = {"index": 0, "finish_reason": r["finish_reason"]}
+                if r.get("endpoint") == "chat":
+                    obj = "chat.completion"
+                    choice["message"] = {"role": "assistant", "content": r["text"]}
+                else:
+                    obj = "text_completion"
+                    choice["text"] = r["text"]
                 body = {
-                    "object": "text_completion", "model": model,
-                    "choices": [{"index": 0, "text": r["text"],
-                                 "finish_reason": r["finish_reason"]}],
+                    "object": obj, "model": model, "choices": [choice],
                     "usage": {"prompt_tokens": r["prompt_tokens"],
                               "completion_tokens": r["completion_tokens"],
                               "total_tokens": r["prompt_tokens"] + r["completion_tokens"],

