@@ -1,0 +1,54 @@
+"""Kernel tests run against the torch references: compiled on a GPU when there is one, else
+on CPU in Triton's interpreter (slow, so shapes stay small there)."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+# Must happen before any kernel is decorated (the top-level conftest does the same; this
+# copy keeps `pytest tests/kernels` and single-file runs working on their own).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# Import the kernels of this checkout as `batchrun_kernels` even when the environment was
+# installed without the kernels/ -> batchrun_kernels mapping.
+if "batchrun_kernels" not in sys.modules and importlib.util.find_spec("batchrun_kernels") is None:
+    _kernels_dir = Path(__file__).resolve().parents[2] / "kernels"
+    _spec = importlib.util.spec_from_file_location(
+        "batchrun_kernels", _kernels_dir / "__init__.py",
+        submodule_search_locations=[str(_kernels_dir)])
+    sys.modules["batchrun_kernels"] = importlib.util.module_from_spec(_spec)
+    _spec.loader.exec_module(sys.modules["batchrun_kernels"])
+
+import pytest  # noqa: E402
+
+ON_GPU = torch.cuda.is_available()
+
+# Interpreter: the dots run in fp32, so only the final rounding to the output dtype differs.
+# GPU: P is rounded to fp16/bf16 before the P @ V tensor-core dot, and fp32 uses IEEE dots.
+_TOLERANCES = {
+    torch.float32: 1e-4 if ON_GPU else 2e-5,
+    torch.float16: 1e-2 if ON_GPU else 2e-3,
+    torch.bfloat16: 3e-2 if ON_GPU else 2e-2,
+}
+
+
+@pytest.fixture(scope="session")
+def device() -> str:
+    return "cuda" if ON_GPU else "cpu"
+
+
+@pytest.fixture(scope="session")
+def assert_attention_close():
+    """Compare a kernel result with a reference at the tolerance of the kernel's dtype."""
+
+    def check(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype | None = None):
+        tol = _TOLERANCES[dtype or actual.dtype]
+        torch.testing.assert_close(actual.float(), expected.float(), atol=tol, rtol=tol)
+
+    return check
