@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -185,7 +186,8 @@ def _results_table(job: PreparedJob, done: list[tuple[int, GenerationResult]]) -
     }, schema=RESULT_SCHEMA)
 
 
-def _request_factory(job: PreparedJob) -> Any:
+def request_factory(job: PreparedJob) -> Callable[[int], GenerationRequest]:
+    """Builds the engine request of tokenized request i (row values win over defaults)."""
     table = job.requests.requests
     temperature = table["temperature"].to_pylist()
     top_p = table["top_p"].to_pylist()
@@ -281,7 +283,7 @@ def run_job(
             progress.advance(len(batch), sum(r.prompt_tokens + r.completion_tokens
                                              for _, r in batch))
 
-        executor = StreamingExecutor(engine, groups, _request_factory(job), on_results,
+        executor = StreamingExecutor(engine, groups, request_factory(job), on_results,
                                      stop=stop, grace_s=grace_s)
         executor.run()
         if stop.requested:

@@ -129,6 +129,10 @@ class VllmEngine:
         self._engine.abort_request(request_ids)
         self._started.difference_update(request_ids)
 
+    def reset_prefix_cache(self) -> None:
+        """Forget every cached prefix (benchmarks: each contender starts cold)."""
+        self._engine.reset_prefix_cache()
+
     def close(self) -> None:
         shutdown = getattr(self._engine.engine_core, "shutdown", None)
         if shutdown is not None:
