@@ -59,7 +59,7 @@ def launch_config(head_size: int, dtype: torch.dtype, block_m: int) -> LaunchCon
     """Fixed per-shape launch settings. Autotuning is avoided on purpose: vLLM captures CUDA
     graphs, and a first-call tuning sweep inside a capture is not allowed."""
     if interpreting():
-        return LaunchConfig(block_n=32, num_warps=4, num_stages=1, upcast=True,
+        return LaunchConfig(block_n=64, num_warps=4, num_stages=1, upcast=True,
                             dot_precision="ieee")
     head_pad = triton.next_power_of_2(head_size)
     wide = head_pad > 128 or dtype == torch.float32
@@ -80,8 +80,9 @@ def check_inputs(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     num_blocks, block_size, num_kv_heads, cache_head_size = k_cache.shape
     if v_cache.shape != k_cache.shape or v_cache.stride() != k_cache.stride():
         raise ValueError("key_cache and value_cache must have the same shape and strides")
-    if cache_head_size != head_size or head_size < 16:
-        raise ValueError(f"head size mismatch or too small: q {head_size}, cache {cache_head_size}")
+    if cache_head_size != head_size or not 16 <= head_size <= 256:
+        raise ValueError(f"head sizes must match and lie in 16..256: q {head_size}, "
+                         f"cache {cache_head_size}")
     if q.stride(-1) != 1 or k_cache.stride(-1) != 1:
         raise ValueError("q and the caches need a contiguous head dimension")
     if num_q_heads != num_kv_heads * metadata.num_queries_per_kv:
