@@ -6,7 +6,8 @@ Two ways to compute the same thing (``mode``):
   few long prefixes still fill the GPU.
 - ``"fused"``: ``fused_shared_prefix_attention``, one launch, no workspace; the parallelism is
   (group tiles x KV heads), so it pays when there are many sequences.
-``"auto"`` takes the fused kernel when its grid already covers every SM.
+``"auto"`` takes the fused kernel when its grid already covers every SM, and plain
+per-sequence ``paged_attention`` when no group has a prefix this step.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import triton
 from .merge import merge_attention_partials
 from .metadata import SharedPrefixMetadata
 from .prefix_attention import fused_shared_prefix_attention, prefix_attention
-from .suffix_attention import suffix_attention
+from .suffix_attention import paged_attention, suffix_attention
 
 Mode = Literal["auto", "fused", "split"]
 
@@ -77,6 +78,12 @@ def shared_prefix_attention(
         out = torch.empty_like(q)
     num_kv_heads = k_cache.shape[2]
     group_programs = metadata.group_tiles.shape[0] * num_kv_heads
+    seq_programs = metadata.seq_tiles.shape[0] * num_kv_heads
+    if mode == "auto" and metadata.num_shared_groups == 0:
+        # Nothing is shared this step: the per-sequence kernel alone, no partials, no merge.
+        return paged_attention(q, k_cache, v_cache, block_table, metadata, scale, out=out,
+                               num_splits=default_num_splits(seq_programs, metadata.max_seq_len,
+                                                             q.device))
     if mode == "auto":
         num_sms = _num_sms(q.device)
         mode = "fused" if num_sms is None or group_programs >= num_sms else "split"
@@ -89,8 +96,7 @@ def shared_prefix_attention(
     if num_prefix_splits is None:
         num_prefix_splits = default_num_splits(group_programs, metadata.max_prefix_len, q.device)
     if num_suffix_splits is None:
-        num_suffix_splits = default_num_splits(metadata.seq_tiles.shape[0] * num_kv_heads,
-                                               metadata.max_suffix_len, q.device)
+        num_suffix_splits = default_num_splits(seq_programs, metadata.max_suffix_len, q.device)
     # Both passes write into one workspace, so the merge is a single launch over all parts.
     num_parts = num_prefix_splits + num_suffix_splits
     parts = q.new_empty((num_parts, *q.shape), dtype=torch.float32)
