@@ -3,10 +3,7 @@ on CPU in Triton's interpreter (slow, so shapes stay small there)."""
 
 from __future__ import annotations
 
-import importlib.util
 import os
-import sys
-from pathlib import Path
 
 import torch
 
@@ -14,16 +11,6 @@ import torch
 # copy keeps `pytest tests/kernels` and single-file runs working on their own).
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
-
-# Import the kernels of this checkout as `batchrun_kernels` even when the environment was
-# installed without the kernels/ -> batchrun_kernels mapping.
-if "batchrun_kernels" not in sys.modules and importlib.util.find_spec("batchrun_kernels") is None:
-    _kernels_dir = Path(__file__).resolve().parents[2] / "kernels"
-    _spec = importlib.util.spec_from_file_location(
-        "batchrun_kernels", _kernels_dir / "__init__.py",
-        submodule_search_locations=[str(_kernels_dir)])
-    sys.modules["batchrun_kernels"] = importlib.util.module_from_spec(_spec)
-    _spec.loader.exec_module(sys.modules["batchrun_kernels"])
 
 import pytest  # noqa: E402
 
