@@ -271,3 +271,50 @@ def validate(
     raise typer.Exit(EXIT_OK if not errors else EXIT_ROW_ERRORS)
 
 
+
+
+@app.command("plan")
+def plan_command(
+    job: JobArg,
+    output: OutputOpt = None,
+    model: ModelOpt = None,
+    input_format: FormatOpt = None,
+    prompt_column: PromptColOpt = None,
+    block_size: Annotated[int | None, typer.Option(
+        help="KV block size to plan for (default: the platform's, 32 on CPU).")] = None,
+    kv_cache_memory: Annotated[str | None, typer.Option(
+        help="KV-cache size the run will have, e.g. 256MiB: groups are split to fit it.")]
+    = None,
+    engine: EngineOpt = EngineKind.vllm,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the plan as one JSON object.")]
+    = False,
+) -> None:
+    """Show how a job would run, without loading the model: requests, prompt tokens, distinct
+    prompt tokens (the least prefill work possible), shared-prefix groups, expected saving.
+
+    \b
+    Example:
+      batchrun plan jobs/example.toml --kv-cache-memory 256MiB
+      batchrun plan prompts.jsonl --json | jq .distinct_prompt_tokens
+    """
+    _quiet_engine_logs(False)
+    from .io.readers import InputError
+    from .model import ModelError
+    from .runner import describe_plan, prepare_job
+
+    try:
+        cfg = _config(job, output or Path("plan.parquet"), model=model, input_format=input_format,
+                      **{"columns.prompt": prompt_column, "engine.block_size": block_size,
+                         "engine.kv_cache_memory": parse_size(kv_cache_memory)
+                         if kv_cache_memory else None})
+        figures = describe_plan(prepare_job(cfg, engine_kind=engine.value), engine.value)
+    except (ConfigError, InputError, ModelError) as e:
+        _fail(str(e))
+    if json_out:
+        typer.echo(json.dumps(figures, indent=2, sort_keys=True))
+        return
+    width = max(len(k) for k in figures)
+    for key, value in figures.items():
+        shown = f"{value:,.3f}" if isinstance(value, float) else (
+            f"{value:,}" if isinstance(value, int) else str(value))
+        typer.echo(f"{key:<{width}}  {shown}")

@@ -10,6 +10,7 @@ folder only appears (by rename) once complete.
 from __future__ import annotations
 
 import fcntl
+import json
 import importlib.util
 import os
 import shutil
@@ -93,3 +94,14 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
         os.replace(tmp, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def kv_bytes_per_token(model_dir: Path, dtype: str) -> int:
+    """KV-cache bytes one token takes in every layer (keys + values), from config.json."""
+
+    cfg = json.loads((model_dir / "config.json").read_text())
+    heads = cfg.get("num_attention_heads", 1)
+    kv_heads = cfg.get("num_key_value_heads") or heads
+    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
+    width = 4 if dtype in ("float32", "float") else 2
+    return 2 * cfg["num_hidden_layers"] * kv_heads * head_dim * width

