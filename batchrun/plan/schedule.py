@@ -1,0 +1,322 @@
+"""Plan a job from its global prefix tree: prefix groups, their run order, their KV sizes.
+
+A prefix group is a run of requests that share one prefix: the runner computes that prefix
+once (a warm-up, or its first member), then the others find it in vLLM's prefix cache, and
+the group's KV holds the prefix once instead of once per member. Everything is worked out
+on the tree coarsened to whole KV blocks (`PrefixTree.coarsen`): that is all a block-granular
+cache can share.
+
+Choosing groups (`_choose_prefixes`). The tree has levels (system prompt > document >
+question) and each request joins one group, whose prefix is one node on its path. BatchLLM
+flattens the tree with a dynamic programme that picks, for each subtree, the one level that
+shares the most tokens, where a group of m requests sharing P tokens shares P * (m - 1). We
+maximise the same objective over a larger family, so we never do worse: a node's group holds
+the requests of its subtree that no deeper group took (in BatchLLM a node's group takes its
+whole subtree or none of it). Deep groups do not lose the outer sharing: groups are laid
+out depth-first, so siblings under one system prompt run next to each other and the cache
+keeps serving the outer prefix across them. Requests that share no whole block with anyone
+(or too little to pay for a group) are "unshared"; they are not made into groups of one but
+batched into buckets: each maximal run of them in the final order is one group with
+prefix_len 0.
+
+Order (`_run_order`). Decode-heavy work goes first, so that its long decode phases overlap
+the prefills that come later (BatchLLM's reordering), measured as the estimated decode/
+prompt ratio: the sum of max_tokens over the prompt tokens the work computes (each prefix
+once). The order is depth-first over the groups: at every level, the units there (the
+subtrees of the groups nested in it, plus the group's own members as one unit) go in
+decreasing ratio, so a subtree stays contiguous and its outer prefix is computed once. At
+the top, unshared requests are units of their own, interleaved with the group subtrees by
+ratio. Within a group, members keep tree order (deeper sharing stays adjacent). Knob:
+`decode_first=False` keeps tree order at every level instead.
+
+Memory. Each request needs ceil((prompt + max_tokens) / block_size) KV blocks; within its
+group the shared prefix blocks are counted once (`suffix_blocks` is the rest). Given
+`kv_capacity_tokens`, a group whose KV does not fit is cut into consecutive groups with the
+same prefix, so that each fits; the cache keeps the prefix across them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from .prefix_tree import PrefixTree
+
+
+@dataclass(frozen=True, slots=True)
+class PrefixGroup:
+    """Requests `Plan.order[start:end]`, which share their first `prefix_len` tokens."""
+
+    start: int
+    end: int
+    prefix_len: int  # shared tokens, a multiple of the block size; 0: an unshared bucket
+    prefix_blocks: int  # prefix_len / block_size
+    kv_blocks: int  # KV blocks of the whole group: the prefix once, plus every member's suffix
+    decode_ratio: float  # sum of max_tokens / prompt tokens the group computes (prefix once)
+    prefix_id: int  # same id, same prefix (a group cut to fit the KV budget); -1 if unshared
+    parent: int  # index in Plan.groups of a group holding the enclosing shared prefix, or -1
+
+    @property
+    def size(self) -> int:
+        return self.end - self.start
+
+
+@dataclass(frozen=True)
+class PlanStats:
+    requests: int
+    prompt_tokens: int
+    distinct_prompt_tokens: int  # prefill work if every distinct prefix were computed once
+    block_ideal_computed_tokens: int  # the same with a perfect block-granular prefix cache
+    expected_prefill_saving: float  # 1 - block_ideal_computed_tokens / prompt_tokens
+    groups: int
+    shared_groups: int  # groups with prefix_len > 0
+    unshared_requests: int  # requests in buckets (prefix_len 0)
+    group_shared_tokens: int  # sum over groups of prefix_len * (members - 1)
+    kv_tokens_per_group_mean: float
+    kv_tokens_per_group_max: int
+    kv_capacity_tokens: int | None
+    over_capacity_groups: int  # single requests that need more KV than the capacity alone
+    block_size: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Plan:
+    order: np.ndarray  # int64 [n]: request indices in run order, each exactly once
+    groups: list[PrefixGroup]  # contiguous, non-overlapping slices of order, covering it
+    suffix_blocks: np.ndarray  # int64 [n] by request index: KV blocks beyond its group's prefix
+    stats: PlanStats
+
+
+def plan_schedule(
+    values: np.ndarray,
+    offsets: np.ndarray,
+    max_tokens: np.ndarray,
+    *,
+    block_size: int,
+    kv_capacity_tokens: int | None = None,
+    decode_first: bool = True,
+    tree: PrefixTree | None = None,
+) -> Plan:
+    """Plan the requests `values[offsets[i]:offsets[i + 1]]`, each decoding up to
+    `max_tokens[i]` tokens, for an engine with `block_size`-token KV blocks and (if given)
+    room for `kv_capacity_tokens` tokens of KV. Pass `tree` if it is built already."""
+    if block_size < 1:
+        raise ValueError("block_size must be at least 1")
+    tree = tree if tree is not None else PrefixTree.build(values, offsets)
+    n = tree.num_requests
+    max_tokens = np.asarray(max_tokens, dtype=np.int64)
+    if max_tokens.shape != (n,):
+        raise ValueError(f"max_tokens has shape {max_tokens.shape}, expected ({n},)")
+    blocks = tree.coarsen(block_size)
+    owner, group_parent = _choose_prefixes(blocks)
+    group = owner[blocks.request_node]  # by position: the node whose prefix it shares
+    lengths, decode = tree.lengths[tree.order], max_tokens[tree.order]
+    prefix = blocks.node_depth[group]
+    run = _run_order(blocks, group_parent >= 0, lengths, decode, decode_first)
+
+    order = tree.order[run]
+    group, prefix, lengths, decode = group[run], prefix[run], lengths[run], decode[run]
+    suffix = -(-(lengths + decode) // block_size) - prefix // block_size
+    capacity = None if kv_capacity_tokens is None else kv_capacity_tokens // block_size
+    groups = _make_groups(group, prefix, lengths, decode, suffix, group_parent, block_size,
+                          capacity)
+
+    suffix_blocks = np.empty(n, dtype=np.int64)
+    suffix_blocks[order] = suffix
+    kv = np.array([g.kv_blocks for g in groups], dtype=np.int64) * block_size
+    shared = [g for g in groups if g.prefix_len]
+    prompt = tree.prompt_tokens
+    ideal = tree.block_ideal_computed_tokens(block_size)
+    stats = PlanStats(
+        requests=n,
+        prompt_tokens=prompt,
+        distinct_prompt_tokens=tree.distinct_tokens,
+        block_ideal_computed_tokens=ideal,
+        expected_prefill_saving=1 - ideal / prompt if prompt else 0.0,
+        groups=len(groups),
+        shared_groups=len(shared),
+        unshared_requests=int((group == 0).sum()),
+        group_shared_tokens=sum(g.prefix_len * (g.size - 1) for g in shared),
+        kv_tokens_per_group_mean=float(kv.mean()) if len(kv) else 0.0,
+        kv_tokens_per_group_max=int(kv.max(initial=0)),
+        kv_capacity_tokens=kv_capacity_tokens,
+        over_capacity_groups=0 if capacity is None else int((kv > capacity * block_size).sum()),
+        block_size=block_size,
+    )
+    return Plan(order, groups, suffix_blocks, stats)
+
+
+def _choose_prefixes(blocks: PrefixTree) -> tuple[np.ndarray, np.ndarray]:
+    """Pick the group prefixes: the nodes whose groups maximise sum(P * (members - 1)).
+
+    Returns, per node: owner (the nearest chosen node at or above it, 0 = the root: its
+    requests join that node's group), and for chosen nodes the enclosing chosen node (-1
+    for the others).
+
+    The dynamic programme: best(u, Q) is the most sharing inside u's subtree when requests
+    that join no group inside it fall back to an enclosing group with prefix Q:
+        best(u, Q) = max(own(u), sum_c best(c, Q) + Q * direct(u))
+        own(u)     = sum_c best(c, P_u) + P_u * direct(u) - P_u
+    (children c, requests `direct` that end in u). Q only takes the depths of u's ancestors,
+    so each level of the tree is one vectorised step with one column per ancestor.
+    """
+    depth, parent = blocks.node_depth, blocks.node_parent
+    m = len(depth)
+    direct = np.bincount(blocks.request_node, minlength=m)
+    level = _levels(parent)
+    by_level = [np.flatnonzero(level == k) for k in range(int(level.max()) + 1)]
+    slot = np.empty(m, dtype=np.int64)  # a node's row among the nodes of its level
+    for nodes in by_level:
+        slot[nodes] = np.arange(len(nodes))
+    # Depths of each node's ancestors, root first: the values Q can take.
+    above = [np.zeros((1, 0), dtype=np.int64)]
+    for nodes in by_level[1:]:
+        up = parent[nodes]
+        above.append(np.hstack([above[-1][slot[up]], depth[up][:, None]]))
+    own, fall_back = [None] * len(by_level), [None] * len(by_level)
+    best_below = None
+    for k in range(len(by_level) - 1, 0, -1):
+        nodes = by_level[k]
+        children = np.zeros((len(nodes), k + 1), dtype=np.int64)
+        if best_below is not None:
+            np.add.at(children, slot[parent[by_level[k + 1]]], best_below)
+        p, d = depth[nodes], direct[nodes]
+        own[k] = children[:, k] + p * d - p
+        fall_back[k] = children[:, :k] + above[k] * d[:, None]
+        best_below = np.maximum(own[k][:, None], fall_back[k])
+    owner = np.zeros(m, dtype=np.int64)
+    group_parent = np.full(m, -1, dtype=np.int64)
+    for k in range(1, len(by_level)):
+        nodes = by_level[k]
+        outer = owner[parent[nodes]]
+        # Ties go to the deeper group. A tie at the root is a request that shares u's prefix
+        # only with deeper groups: as a group of u it runs next to them, in the bucket it
+        # would compute the prefix again. (An empty group never ties: it loses P_u.)
+        chosen = own[k] >= fall_back[k][np.arange(len(nodes)), level[outer]]
+        owner[nodes] = np.where(chosen, nodes, outer)
+        group_parent[nodes[chosen]] = outer[chosen]
+    return owner, group_parent
+
+
+def _levels(parent: np.ndarray) -> np.ndarray:
+    """Number of ancestors of each node (root: 0), by pointer jumping."""
+    level = (parent >= 0).astype(np.int64)
+    up = np.maximum(parent, 0)
+    while (up > 0).any():
+        level += level[up]
+        up = up[up]
+    return level
+
+
+def _run_order(blocks: PrefixTree, chosen: np.ndarray, lengths: np.ndarray,
+               decode: np.ndarray, decode_first: bool) -> np.ndarray:
+    """The run order, as a permutation of tree positions (see the module notes).
+
+    Depth-first over the block tree. A node that holds a group somewhere in its subtree
+    is a unit among its siblings; the requests of a node that no such child takes are one
+    more unit (at the root: each of them is one). Units are ranked within their parent,
+    then every unit's offset is its parent's offset plus the sizes of the units before it.
+    """
+    n, m = len(lengths), blocks.num_nodes
+    parent, first = blocks.node_parent, blocks.node_start
+    size = blocks.node_end - first
+    last = np.searchsorted(first, blocks.node_end, side="left")  # subtree: nodes [u, last)
+    chosen_before = np.concatenate(([0], np.cumsum(chosen)))
+    holds = chosen_before[last] > chosen_before[:-1]
+    holds[0] = True
+    level = _levels(parent)
+    holder = np.zeros(m, dtype=np.int64)  # deepest node at or above u that holds a group
+    for k in range(1, int(level.max()) + 1):
+        nodes = np.flatnonzero(level == k)
+        holder[nodes] = np.where(holds[nodes], nodes, holder[parent[nodes]])
+    unit = holder[blocks.request_node]  # by position: the node whose own unit it is in
+    # Decode per prompt token computed, with a perfect block cache in tree order.
+    work = (lengths - blocks.lcp).astype(np.float64)
+    decode_at = np.concatenate(([0.0], np.cumsum(decode, dtype=np.float64)))
+    work_at = np.concatenate(([0.0], np.cumsum(work)))
+    tree_ratio = (decode_at[blocks.node_end] - decode_at[first]) / np.maximum(
+        work_at[blocks.node_end] - work_at[first], 1)
+    own_size = np.bincount(unit, minlength=m)
+    own_ratio = np.bincount(unit, weights=decode, minlength=m) / np.maximum(
+        np.bincount(unit, weights=work, minlength=m), 1)
+    loose = np.flatnonzero(unit == 0)
+    tree_at = np.zeros(m, dtype=np.int64)  # where each holding node's subtree starts
+    own_at = np.zeros(m, dtype=np.int64)  # where each holding node's own unit starts
+    loose_at = np.zeros(n, dtype=np.int64)
+    for k in range(1, int(level[holds].max()) + 2):
+        subtrees = np.flatnonzero(holds & (level == k))
+        owners = np.flatnonzero(holds & (level == k - 1) & (own_size > 0) & (level > 0))
+        within = np.concatenate((parent[subtrees], owners, np.zeros(len(loose) * (k == 1),
+                                                                    dtype=np.int64)))
+        sizes = np.concatenate((size[subtrees], own_size[owners], np.ones(len(within) -
+                                len(subtrees) - len(owners), dtype=np.int64)))
+        ratio = np.concatenate((tree_ratio[subtrees], own_ratio[owners],
+                                decode[loose] / np.maximum(work[loose], 1)
+                                if k == 1 else np.zeros(0)))
+        place = np.concatenate((first[subtrees], first[owners], loose if k == 1 else []))
+        keys = (place, within) if not decode_first else (place, -ratio, within)
+        by = np.lexsort(keys)
+        before = np.cumsum(sizes[by]) - sizes[by]
+        new_parent = np.ones(len(by), dtype=bool)
+        new_parent[1:] = within[by][1:] != within[by][:-1]
+        at = np.empty(len(by), dtype=np.int64)
+        at[by] = tree_at[within[by]] + before - np.maximum.accumulate(
+            np.where(new_parent, before, 0))
+        tree_at[subtrees] = at[: len(subtrees)]
+        own_at[owners] = at[len(subtrees): len(subtrees) + len(owners)]
+        if k == 1:
+            loose_at[loose] = at[len(subtrees) + len(owners):]
+    # Inside an own unit, requests keep tree order.
+    by_unit = np.argsort(unit, kind="stable")
+    rank = np.arange(n) - np.searchsorted(unit[by_unit], unit[by_unit], side="left")
+    target = np.empty(n, dtype=np.int64)
+    target[by_unit] = own_at[unit[by_unit]] + rank
+    target[loose] = loose_at[loose]
+    run = np.empty(n, dtype=np.int64)
+    run[target] = np.arange(n)
+    return run
+
+
+def _make_groups(group: np.ndarray, prefix: np.ndarray, lengths: np.ndarray,
+                 decode: np.ndarray, suffix: np.ndarray, group_parent: np.ndarray,
+                 block_size: int, capacity: int | None) -> list[PrefixGroup]:
+    """Cut the run order (arrays in run order) into PrefixGroups: one per run of a shared
+    prefix or of unshared requests, cut further where a group's KV exceeds `capacity`."""
+    n = len(group)
+    starts = np.flatnonzero(np.diff(group, prepend=-1))
+    ends = np.append(starts[1:], n)[: len(starts)]
+    prefix_blocks = prefix[starts] // block_size
+    suffix_sum = np.concatenate(([0], np.cumsum(suffix)))
+    if capacity is not None:
+        room = capacity - prefix_blocks
+        cuts = []
+        for s, e, r in zip(starts.tolist(), ends.tolist(), room.tolist(), strict=True):
+            while suffix_sum[e] - suffix_sum[s] > r and e - s > 1:
+                # As many members as fit next to the prefix; at least one.
+                cut = int(np.searchsorted(suffix_sum, suffix_sum[s] + r, side="right")) - 1
+                s = min(max(cut, s + 1), e)
+                cuts.append(s)
+        starts = np.sort(np.concatenate((starts, np.array(cuts, dtype=np.int64))))
+        ends = np.append(starts[1:], n)[: len(starts)]
+        prefix_blocks = prefix[starts] // block_size
+    node = group[starts]
+    first_of = np.full(len(group_parent), -1, dtype=np.int64)  # first group of each prefix
+    first_of[node[::-1]] = np.arange(len(node))[::-1]
+    parent = np.where(group_parent[node] > 0, first_of[group_parent[node]], -1)
+    decode_sum = np.concatenate(([0], np.cumsum(decode)))
+    length_sum = np.concatenate(([0], np.cumsum(lengths)))
+    size = ends - starts
+    computed = prefix[starts] + length_sum[ends] - length_sum[starts] - prefix[starts] * size
+    ratio = (decode_sum[ends] - decode_sum[starts]) / np.maximum(computed, 1)
+    kv = prefix_blocks + suffix_sum[ends] - suffix_sum[starts]
+    return [
+        PrefixGroup(start=s, end=e, prefix_len=p, prefix_blocks=b, kv_blocks=k, decode_ratio=r,
+                    prefix_id=i if i else -1, parent=q)
+        for s, e, p, b, k, r, i, q in zip(
+            starts.tolist(), ends.tolist(), prefix[starts].tolist(), prefix_blocks.tolist(),
+            kv.tolist(), ratio.tolist(), node.tolist(), parent.tolist(), strict=True)
+    ]
