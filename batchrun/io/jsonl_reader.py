@@ -1,0 +1,232 @@
+"""JSONL and OpenAI-batch JSONL input: one JSON object per line, parsed line by line.
+
+The file is read in binary so that each line is decoded on its own: invalid UTF-8, bad JSON, a
+line that is too long or a cut-short last line spoil that row only. Rows are gathered as tuples
+and turned into Arrow record batches every CHUNK_ROWS rows, which keeps the Python objects of a
+10-million-row file from piling up.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any, BinaryIO, NamedTuple
+
+import pyarrow as pa
+
+from batchrun.config import ColumnMap
+from batchrun.io.rows import (
+    DRAFT_SCHEMA,
+    FIELDS,
+    InputError,
+    RowError,
+    parse_id,
+    parse_request,
+    show,
+)
+from batchrun.io.schema import ENDPOINT_CHAT, ENDPOINT_COMPLETION
+
+MAX_LINE_BYTES = 8 * 2**20
+CHUNK_ROWS = 65_536
+
+_BOM = b"\xef\xbb\xbf"
+# The escapes \ud800..\udfff; only lines holding one can decode to an unpaired surrogate.
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+_NO_REQUEST = (None,) * (1 + len(FIELDS))  # endpoint and fields of a row with an error
+
+OPENAI_URLS = {"/v1/chat/completions": ENDPOINT_CHAT, "/v1/completions": ENDPOINT_COMPLETION}
+
+
+@dataclass
+class JsonlRows:
+    """What reading a JSONL file gives: draft batches, passthrough values per column, and
+    whether the file turned out to be plain JSONL or OpenAI-batch JSONL."""
+
+    batches: list[pa.RecordBatch] = field(default_factory=list)
+    passthrough: dict[str, list[Any]] = field(default_factory=dict)
+    input_format: str = "jsonl"
+
+
+# --- One JSON object -> request values (the endpoint, then FIELDS). Raises RowError. -------
+
+class _Format(NamedTuple):
+    id_key: str
+    request: Callable[[dict], tuple]
+
+
+def _plain_format(columns: ColumnMap) -> _Format:
+    keys = [getattr(columns, f) for f in FIELDS]
+    return _Format(columns.id, lambda obj: parse_request(list(map(obj.get, keys)), keys))
+
+
+def _openai_labels(endpoint: str, max_key: str) -> tuple[str | None, ...]:
+    """Names of the request fields in a body; None for a prompt source the url cannot hold."""
+    prompt = "body.prompt" if endpoint == ENDPOINT_COMPLETION else None
+    messages = "body.messages" if endpoint == ENDPOINT_CHAT else None
+    return (prompt, messages, prompt, f"body.{max_key}",
+            "body.temperature", "body.top_p", "body.seed", "body.stop")
+
+
+_OPENAI_LABELS = {(url, max_key): _openai_labels(endpoint, max_key)
+                  for url, endpoint in OPENAI_URLS.items()
+                  for max_key in ("max_tokens", "max_completion_tokens")}
+
+
+def _openai_prompt(prompt: Any) -> tuple[Any, Any]:
+    """body.prompt of /v1/completions as (text, token ids): it may be a string, a list of token
+    ids, or a batch (a list of those) that must hold exactly one prompt."""
+    if type(prompt) is list and prompt and type(prompt[0]) is not int:
+        if len(prompt) > 1:
+            raise RowError("batched prompts are not supported; one prompt per line "
+                           f'("body.prompt" holds {len(prompt)})')
+        prompt = prompt[0]
+    return (None, prompt) if type(prompt) is list else (prompt, None)
+
+
+def _openai_request(obj: dict) -> tuple:
+    method, url, body = obj.get("method"), obj.get("url"), obj.get("body")
+    if method is not None and method != "POST":
+        raise RowError(f'"method" must be "POST", got {show(method)}')
+    if url not in OPENAI_URLS:
+        supported = " or ".join(f'"{u}"' for u in OPENAI_URLS)
+        raise RowError(f'"url" must be {supported}, got {show(url)}')
+    if type(body) is not dict:
+        raise RowError(f'"body" must be a JSON object, got {show(body)}')
+    if body.get("n") not in (None, 1):
+        raise RowError(f'"body.n" must be 1 (one completion per line), got {show(body["n"])}')
+    # max_completion_tokens is OpenAI's newer name for max_tokens.
+    max_key = ("max_completion_tokens" if body.get("max_completion_tokens") is not None
+               else "max_tokens")
+    if OPENAI_URLS[url] == ENDPOINT_CHAT:
+        sources = (None, body.get("messages"), None)
+    else:
+        text, token_ids = _openai_prompt(body.get("prompt"))
+        sources = (text, None, token_ids)
+    raw = (*sources, body.get(max_key), *map(body.get, FIELDS[4:]))
+    return parse_request(raw, _OPENAI_LABELS[url, max_key])
+
+
+_OPENAI_FORMAT = _Format("custom_id", _openai_request)
+
+
+def is_openai_batch(obj: dict) -> bool:
+    return "custom_id" in obj and "body" in obj
+
+
+# --- The line loop ------------------------------------------------------------------------
+
+def _lines(f: BinaryIO) -> Iterator[tuple[bytes, int]]:
+    """(line, size) per line. A line over MAX_LINE_BYTES comes back empty, with its size: it
+    is skipped in pieces rather than held in memory."""
+    for line in iter(partial(f.readline, MAX_LINE_BYTES + 1), b""):
+        if len(line) <= MAX_LINE_BYTES or line.endswith(b"\n"):
+            yield line, len(line)
+            continue
+        size = len(line)
+        del line
+        while True:
+            piece = f.readline(2**20)
+            size += len(piece)
+            if not piece or piece.endswith(b"\n"):
+                break
+        yield b"", size
+
+
+def _parse_line(line: bytes) -> dict:
+    """A line as a JSON object, or RowError saying why it is not one."""
+    try:
+        text = line.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise RowError(f"line is not valid UTF-8 (bad byte at offset {e.start}); "
+                       "save the file as UTF-8") from None
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as e:
+        if not line.endswith(b"\n"):
+            raise RowError(f"the last line is cut short ({e.msg}, column {e.colno}); "
+                           "the file looks truncated: write it again in full") from None
+        raise RowError(f"not valid JSON ({e.msg}, column {e.colno}); "
+                       "write one JSON object per line") from None
+    except RecursionError:
+        raise RowError("JSON nested too deeply; flatten the row") from None
+    except ValueError as e:  # e.g. an integer literal with thousands of digits
+        raise RowError(f"not valid JSON ({e}); write one JSON object per line") from None
+    if type(obj) is not dict:
+        raise RowError(f"expected a JSON object, got {type(obj).__name__} {show(obj)}; "
+                       "write one JSON object per line")
+    if _SURROGATE_ESCAPE.search(line):
+        try:
+            json.dumps(obj, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            raise RowError("holds an unpaired UTF-16 surrogate escape (like \\ud800); "
+                           "write text as valid Unicode") from None
+    return obj
+
+
+def _passthrough_value(value: Any) -> Any:
+    # Nested JSON values travel as JSON text: an Arrow column needs one type per column.
+    if value is None or type(value) in (str, int, float, bool):
+        return value
+    return json.dumps(value, ensure_ascii=False)
+
+
+def read_jsonl(path: Path, columns: ColumnMap, input_format: str) -> JsonlRows:
+    """Read `path` as JSONL. input_format: "jsonl", "openai", or "auto" (OpenAI-batch when the
+    first JSON object on a line has `custom_id` and `body`). Raises InputError."""
+    out = JsonlRows(passthrough={name: [] for name in columns.passthrough},
+                    input_format=input_format)
+    formats = {"jsonl": _plain_format(columns), "openai": _OPENAI_FORMAT}
+    fmt = formats.get(input_format)
+    no_extra = (None,) * len(out.passthrough)
+    pending: list[tuple] = []
+    row = objects = 0
+
+    def flush() -> None:
+        transposed = zip(*pending, strict=True)
+        arrays = [pa.array(values, type=f.type)
+                  for values, f in zip(transposed, DRAFT_SCHEMA, strict=True)]
+        out.batches.append(pa.RecordBatch.from_arrays(arrays, schema=DRAFT_SCHEMA))
+        pending.clear()
+
+    with open(path, "rb") as f:
+        for line, size in _lines(f):
+            if row == 0:  # nothing but blank lines so far
+                line = line.removeprefix(_BOM)
+                if line.lstrip()[:1] == b"[":
+                    raise InputError(f"{path}: this is a JSON array; "
+                                     "write one JSON object per line (JSONL)")
+            if size <= MAX_LINE_BYTES and (not line or line.isspace()):
+                continue  # blank lines are not rows
+            claim, request, error, extra = None, _NO_REQUEST, None, no_extra
+            try:
+                if size > MAX_LINE_BYTES:
+                    raise RowError(f"line is {size / 2**20:.1f} MiB, over the "
+                                   f"{MAX_LINE_BYTES // 2**20} MiB limit; shorten it")
+                obj = _parse_line(line)
+                objects += 1
+                extra = tuple(_passthrough_value(obj.get(name)) for name in out.passthrough)
+                if fmt is None:
+                    out.input_format = "openai" if is_openai_batch(obj) else "jsonl"
+                    fmt = formats[out.input_format]
+                claim = parse_id(obj.get(fmt.id_key), fmt.id_key, row)
+                request = fmt.request(obj)
+            except RowError as e:
+                error = f"row {row}: {e}"
+            except RecursionError:  # a value nested deeper than json.dumps goes
+                error = f"row {row}: JSON nested too deeply; flatten the row"
+            pending.append((row, claim, *request, error))
+            for values, value in zip(out.passthrough.values(), extra, strict=True):
+                values.append(value)
+            row += 1
+            if len(pending) == CHUNK_ROWS:
+                flush()
+    if pending:
+        flush()
+    if row and not objects:
+        raise InputError(f"{path}: none of its {row} lines is a JSON object (is it binary, or "
+                         "another format?); write one JSON object per line (JSONL) or use Parquet")
+    return out

@@ -1,0 +1,224 @@
+"""Parquet input, read in record batches of only the columns batchrun needs.
+
+Each input column chunk first gets a vectorized check: if its Arrow type is the natural one for
+the field and every value in the chunk is valid, it is cast and used as is. Otherwise the chunk
+goes value by value through the shared checks in batchrun.io.rows, which decide what is valid
+and word the errors. So clean files never touch Python per row, and a bad value reads the same
+as it would in JSONL. (Chat messages always take the per-value path: they become JSON text.)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from batchrun.config import ColumnMap
+from batchrun.io.rows import (
+    DRAFT_SCHEMA,
+    FIELDS,
+    INT32_MAX,
+    INT64_MAX,
+    INT64_MIN,
+    PROMPT_SOURCES,
+    InputError,
+    RowError,
+    parse_field,
+    sources_problem,
+)
+from batchrun.io.schema import ENDPOINT_CHAT, ENDPOINT_COMPLETION
+
+BATCH_ROWS = 65_536
+
+
+@dataclass
+class ParquetRows:
+    batches: list[pa.RecordBatch] = field(default_factory=list)  # DRAFT_SCHEMA
+    passthrough: list[pa.RecordBatch] = field(default_factory=list)
+
+
+# --- Vectorized checks: the cast column if its type fits and all its values pass, else None ---
+
+def _is_text(t: pa.DataType) -> bool:
+    return pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_string_view(t)
+
+
+def _is_list(t: pa.DataType) -> bool:
+    return pa.types.is_list(t) or pa.types.is_large_list(t)
+
+
+def _within(arr: pa.Array, low: int, high: int) -> bool:
+    """Whether every non-null value is in [low, high] (true when there is none)."""
+    bounds = pc.min_max(arr)
+    least, most = bounds["min"].as_py(), bounds["max"].as_py()
+    return least is None or (low <= least and most <= high)
+
+
+def _at_least(arr: pa.Array, low: int) -> bool:
+    least = pc.min(arr).as_py()
+    return least is None or least >= low
+
+
+def _fast_id(arr: pa.Array) -> pa.Array | None:
+    if _is_text(arr.type) or pa.types.is_integer(arr.type):
+        return arr.cast(pa.string())
+    return None
+
+
+def _fast_prompt(arr: pa.Array) -> pa.Array | None:
+    if _is_text(arr.type) and _at_least(pc.binary_length(arr), 1):
+        return arr.cast(pa.string())
+    return None
+
+
+def _fast_token_ids(arr: pa.Array) -> pa.Array | None:
+    if not (_is_list(arr.type) and pa.types.is_integer(arr.type.value_type)):
+        return None
+    tokens = pc.list_flatten(arr)
+    if (tokens.null_count or not _at_least(pc.list_value_length(arr), 1)
+            or not _within(tokens, 0, INT32_MAX)):
+        return None
+    return arr.cast(pa.list_(pa.int32()))
+
+
+def _fast_integer(low: int, high: int) -> Callable[[pa.Array], pa.Array | None]:
+    def check(arr: pa.Array) -> pa.Array | None:
+        if pa.types.is_integer(arr.type) and _within(arr, low, high):
+            return arr.cast(pa.int64())
+        return None
+
+    return check
+
+
+def _fast_number(valid: Callable[[pa.Array], pa.Array]) -> Callable[[pa.Array], pa.Array | None]:
+    def check(arr: pa.Array) -> pa.Array | None:
+        if not (pa.types.is_integer(arr.type) or pa.types.is_floating(arr.type)):
+            return None
+        numbers = arr.cast(pa.float64())
+        if not pc.all(pc.and_(pc.is_finite(numbers), valid(numbers))).as_py():
+            return None
+        return numbers
+
+    return check
+
+
+def _fast_stop(arr: pa.Array) -> pa.Array | None:
+    if _is_text(arr.type):  # one stop string per row: wrap each in a list of one
+        strings = arr.cast(pa.string())
+        offsets = pa.array(np.arange(len(arr) + 1, dtype=np.int32))
+        return pa.ListArray.from_arrays(offsets, strings, mask=strings.is_null())
+    if _is_list(arr.type) and _is_text(arr.type.value_type) \
+            and not pc.list_flatten(arr).null_count:
+        return arr.cast(pa.list_(pa.string()))
+    return None
+
+
+_FAST: dict[str, Callable[[pa.Array], pa.Array | None]] = {
+    "id": _fast_id,
+    "prompt": _fast_prompt,
+    "prompt_token_ids": _fast_token_ids,
+    "max_tokens": _fast_integer(1, INT64_MAX),
+    "temperature": _fast_number(lambda x: pc.greater_equal(x, 0)),
+    "top_p": _fast_number(lambda x: pc.and_(pc.greater(x, 0), pc.less_equal(x, 1))),
+    "seed": _fast_integer(INT64_MIN, INT64_MAX),
+    "stop": _fast_stop,
+}
+_TYPES = {name: DRAFT_SCHEMA.field(name).type for name in ("id", *FIELDS)}
+
+
+def column_values(name: str, arr: pa.Array, label: str) -> tuple[pa.Array, dict[int, str]]:
+    """One input column chunk as the request table stores field `name`, with an error message
+    (without the row prefix) per index whose value fails. Null in, null out."""
+    if arr.null_count == len(arr):  # e.g. a column the file does not have
+        return pa.nulls(len(arr), _TYPES[name]), {}
+    if pa.types.is_dictionary(arr.type):
+        arr = arr.dictionary_decode()
+    fast = _FAST[name](arr) if name in _FAST else None
+    if fast is not None:
+        return fast, {}
+    values, errors = [], {}
+    for i, value in enumerate(arr.to_pylist()):
+        try:
+            values.append(None if value is None else parse_field(name, value, label))
+        except RowError as e:
+            values.append(None)
+            errors[i] = str(e)
+    return pa.array(values, type=_TYPES[name]), errors
+
+
+def _draft_batch(batch: pa.RecordBatch, start: int, labels: dict[str, str]) -> pa.RecordBatch:
+    n = batch.num_rows
+    rows = pa.array(np.arange(start, start + n, dtype=np.int64))
+    raw = {name: batch.column(label) if label in batch.schema.names else pa.nulls(n)
+           for name, label in labels.items()}
+    # `errors` keeps the first problem of each row, in the order the JSONL reader finds them.
+    ids, errors = column_values("id", raw["id"], labels["id"])
+    ids = pc.if_else(raw["id"].is_null(), rows.cast(pa.string()), ids)  # no id: the row number
+
+    given = np.column_stack([np.asarray(raw[f].is_valid()) for f in FIELDS[:PROMPT_SOURCES]])
+    source_labels = [labels[f] for f in FIELDS]
+    for i in np.flatnonzero(given.sum(axis=1) != 1):
+        errors.setdefault(int(i), sources_problem(np.flatnonzero(given[i]).tolist(), source_labels))
+
+    values = []
+    for name in FIELDS:
+        column, column_errors = column_values(name, raw[name], labels[name])
+        values.append(column)
+        for i, message in column_errors.items():
+            errors.setdefault(i, message)
+
+    endpoint = pc.if_else(raw["messages"].is_valid(), ENDPOINT_CHAT, ENDPOINT_COMPLETION)
+    error = [None] * n
+    for i, message in errors.items():
+        error[i] = f"row {start + i}: {message}"
+    return pa.RecordBatch.from_arrays(
+        [rows, ids, endpoint, *values, pa.array(error, pa.string())], schema=DRAFT_SCHEMA)
+
+
+def read_parquet(path: Path, columns: ColumnMap) -> ParquetRows:
+    """Read `path` as Parquet into draft batches plus the passthrough columns. Raises
+    InputError when the file cannot be opened or read, or holds no prompt column."""
+    try:
+        parquet = pq.ParquetFile(path)
+        names = parquet.schema_arrow.names
+    except (pa.ArrowException, OSError) as e:
+        raise InputError(f"{path}: cannot be opened as Parquet ({_one_line(e)}); "
+                         "check that the file was written completely") from None
+    labels = {name: getattr(columns, name) for name in ("id", *FIELDS)}
+    sources = [labels[f] for f in FIELDS[:PROMPT_SOURCES]]
+    if not set(sources) & set(names):
+        wanted = ", ".join(f'"{s}"' for s in sources)
+        raise InputError(f"{path}: has none of the columns {wanted} (it has {_short(names)}); "
+                         "rename the prompt column or set `prompt = \"...\"` under [columns] "
+                         "in the job file")
+    read = [c for c in dict.fromkeys([*labels.values(), *columns.passthrough]) if c in names]
+    out = ParquetRows()
+    start = 0
+    try:
+        for batch in parquet.iter_batches(batch_size=BATCH_ROWS, columns=read):
+            batch.validate(full=True)  # catches invalid UTF-8 in a corrupt file
+            out.batches.append(_draft_batch(batch, start, labels))
+            if columns.passthrough:
+                out.passthrough.append(pa.RecordBatch.from_pydict({
+                    name: batch.column(name) if name in names
+                    else pa.nulls(batch.num_rows, pa.string())
+                    for name in columns.passthrough}))
+            start += batch.num_rows
+    except (pa.ArrowException, OSError) as e:
+        raise InputError(f"{path}: cannot be read after row {start} ({_one_line(e)}); the file "
+                         "is cut short or corrupt: write it again") from None
+    return out
+
+
+def _one_line(error: Exception) -> str:
+    return " ".join(str(error).split())[:300]
+
+
+def _short(names: list[str], limit: int = 10) -> str:
+    shown = ", ".join(f'"{n}"' for n in names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "") or "none"

@@ -1,0 +1,195 @@
+"""Read a job's input file into the request table (batchrun.io.schema.REQUEST_SCHEMA).
+
+Formats, told apart by content rather than by file name:
+  * Parquet: the file starts with the magic bytes PAR1.
+  * OpenAI Batch API JSONL: the first line holding a JSON object has `custom_id` and `body`.
+  * JSONL: anything else.
+In JSONL and Parquet a row has an optional id, exactly one of prompt (text), messages (a chat
+list, or that list as JSON text) or prompt_token_ids, and optional max_tokens, temperature,
+top_p, seed and stop (a string or a list of strings); ColumnMap names the columns. A null value
+is the same as a missing one.
+
+Rows are numbered from 0 in input order. Blank (whitespace-only) JSONL lines are not rows;
+every other line is exactly one row, whatever it holds.
+
+Two kinds of problem:
+  * The file as a whole is unusable (missing, a directory, empty, a JSON array instead of JSONL,
+    no line is a JSON object, Parquet that cannot be opened or read or has no prompt column):
+    InputError, whose one-line message names the file and the fix.
+  * One row is bad (bad JSON, invalid UTF-8, over 8 MiB, no prompt, a wrong type or value):
+    the row is kept with `error` set and every request field null. The job goes on.
+
+Ids: a row's own id (an int is stored as text; `custom_id` in OpenAI files), or its row number
+when it gives none. Ids must be unique: the first row with an id keeps it, a later row with the
+same id becomes an error row. Rows whose id could not be read (bad JSON, a bad id, a repeated
+id) get their row number as id, or `<row>~<k>` if another row already holds that.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from batchrun.config import INPUT_FORMATS, ColumnMap
+from batchrun.io.jsonl_reader import read_jsonl
+from batchrun.io.parquet_reader import read_parquet
+from batchrun.io.rows import DRAFT_SCHEMA, InputError, show
+from batchrun.io.schema import REQUEST_SCHEMA
+
+__all__ = ["InputError", "RequestSet", "read_request_set", "read_requests", "validate_summary"]
+
+PARQUET_MAGIC = b"PAR1"
+_ALL_DEFAULT = ColumnMap()
+_COMPRESSED = {b"\x1f\x8b": "gzip", b"\x28\xb5\x2f\xfd": "zstd", b"PK\x03\x04": "zip"}
+
+
+@dataclass(frozen=True)
+class RequestSet:
+    """What an input file holds.
+
+    requests: REQUEST_SCHEMA, one row per input row, in input order.
+    passthrough: the columns named in ColumnMap.passthrough, one row per request, null where a
+        row lacks one (no columns when none are named). From JSONL, nested values come as JSON
+        text, and a column whose values do not share one type comes as text.
+    input_format: what the file turned out to be: "jsonl", "openai" or "parquet".
+    """
+
+    requests: pa.Table
+    passthrough: pa.Table
+    input_format: str
+
+
+def read_requests(path: Path, columns: ColumnMap = _ALL_DEFAULT,
+                  input_format: str = "auto") -> pa.Table:
+    """The request table of `path` (see read_request_set)."""
+    return read_request_set(path, columns, input_format).requests
+
+
+def read_request_set(path: Path, columns: ColumnMap = _ALL_DEFAULT,
+                     input_format: str = "auto") -> RequestSet:
+    """Read and check every row of `path`. input_format: "auto", "jsonl", "openai" or
+    "parquet". Raises InputError for a file that cannot be used at all; bad rows become
+    error rows."""
+    path = Path(path)
+    if input_format not in INPUT_FORMATS:
+        raise InputError(f"{path}: unknown input format {input_format!r}; "
+                         f"use one of {', '.join(INPUT_FORMATS)}")
+    head = _head(path)
+    if input_format == "parquet" or (input_format == "auto" and head == PARQUET_MAGIC):
+        parquet = read_parquet(path, columns)
+        batches, found = parquet.batches, "parquet"
+        passthrough = pa.Table.from_batches(parquet.passthrough) if parquet.passthrough \
+            else pa.table({})
+    else:
+        if head == PARQUET_MAGIC:
+            raise InputError(f'{path}: is a Parquet file, but input_format is "{input_format}"; '
+                             'set input_format to "parquet" or "auto"')
+        for magic, kind in _COMPRESSED.items():
+            if head.startswith(magic):
+                raise InputError(f"{path}: is {kind}-compressed; decompress it first")
+        jsonl = read_jsonl(path, columns, input_format)
+        batches, found = jsonl.batches, jsonl.input_format
+        passthrough = pa.table({name: _passthrough_column(values)
+                                for name, values in jsonl.passthrough.items()})
+    draft = pa.Table.from_batches(batches, schema=DRAFT_SCHEMA)
+    if not draft.num_rows:
+        raise InputError(f"{path}: holds no rows; write at least one request")
+    return RequestSet(_finish(draft), passthrough, found)
+
+
+def validate_summary(requests: pa.Table, max_errors: int = 10) -> dict[str, Any]:
+    """Counts of a request table, and the first `max_errors` row errors, for `validate`."""
+    errors = requests["error"].drop_null()
+    return {
+        "rows": requests.num_rows,
+        "ok": requests.num_rows - len(errors),
+        "errors": len(errors),
+        "first_errors": errors[:max_errors].to_pylist(),
+    }
+
+
+def _head(path: Path) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            head = f.read(len(PARQUET_MAGIC))
+    except FileNotFoundError:
+        raise InputError(f"{path}: no such file; check the input path") from None
+    except IsADirectoryError:
+        raise InputError(f"{path}: is a directory; point the input at one file") from None
+    except OSError as e:
+        raise InputError(f"{path}: cannot be read ({e.strerror}); check its permissions") \
+            from None
+    if not head:
+        raise InputError(f"{path}: is empty; write at least one request")
+    return head
+
+
+def _passthrough_column(values: list[Any]) -> pa.Array:
+    """JSON scalars as Arrow infers them; text for a column whose values share no type."""
+    try:
+        column = pa.array(values)
+    except (pa.ArrowException, OverflowError):
+        return pa.array([v if v is None or type(v) is str else json.dumps(v) for v in values],
+                        pa.string())
+    return column.cast(pa.string()) if pa.types.is_null(column.type) else column
+
+
+def _finish(draft: pa.Table) -> pa.Table:
+    """Draft rows -> REQUEST_SCHEMA: unique ids for all, request fields null on error rows."""
+    rows = draft["row"].combine_chunks()
+    ids, errors = _drop_repeated_ids(rows, draft["id"].combine_chunks(),
+                                     draft["error"].combine_chunks())
+    ids = _give_free_ids(rows, ids)
+    fields = REQUEST_SCHEMA.names[2:-1]
+    values = [draft[name] for name in fields]
+    if errors.null_count < len(errors):
+        ok = errors.is_null()
+        values = [pc.if_else(ok, column, pa.scalar(None, column.type)) for column in values]
+    return pa.Table.from_arrays([rows, ids, *values, errors], schema=REQUEST_SCHEMA)
+
+
+def _drop_repeated_ids(rows: pa.Array, ids: pa.Array,
+                       errors: pa.Array) -> tuple[pa.Array, pa.Array]:
+    """The first row with an id keeps it; later rows with it lose it and become error rows."""
+    claims = pa.table({"id": ids, "row": rows}).filter(ids.is_valid())
+    counts = claims.group_by("id").aggregate([("row", "min"), ("row", "count")])
+    repeated = counts.filter(pc.greater(counts["row_count"], 1)).combine_chunks()
+    if not repeated.num_rows:
+        return ids, errors
+    repeated_ids, first_rows = (repeated[name].chunk(0) for name in ("id", "row_min"))
+    first = pc.take(first_rows, pc.index_in(ids, value_set=repeated_ids))
+    later = pc.fill_null(pc.not_equal(first, rows), False)
+    where = np.flatnonzero(later)
+    messages = [
+        f"row {row}: duplicate id {show(id_)} (first at row {first_row}); ids must be unique "
+        "— fix the input or drop the id column to use row numbers"
+        for row, id_, first_row in zip(rows.take(where).to_pylist(), ids.take(where).to_pylist(),
+                                       first.take(where).to_pylist(), strict=True)]
+    repeat_errors = pc.replace_with_mask(pa.nulls(len(rows), pa.string()), later,
+                                         pa.array(messages, pa.string()))
+    ids = pc.replace_with_mask(ids, later, pa.nulls(len(where), pa.string()))
+    return ids, pc.coalesce(errors, repeat_errors)
+
+
+def _give_free_ids(rows: pa.Array, ids: pa.Array) -> pa.Array:
+    """Fill null ids with the row number, or `<row>~<k>` where another row holds that id."""
+    missing = ids.is_null()
+    if not ids.null_count:
+        return ids
+    base = rows.filter(missing).cast(pa.string())
+    taken = ids.drop_null()
+    candidates = base
+    for k in itertools.count(1):
+        clash = pc.is_in(candidates, value_set=taken)
+        if not pc.any(clash).as_py():
+            break
+        candidates = pc.if_else(clash, pc.binary_join_element_wise(base, f"~{k}", ""),
+                                candidates)
+    return pc.replace_with_mask(ids, missing, candidates)
