@@ -22,7 +22,7 @@ from .config import JobConfig
 from .engine.base import Engine, EngineDiedError, GenerationRequest, GenerationResult
 from .executor import (Interrupted, RunGroup, StopFlag, StreamingExecutor,
                        install_signal_handlers)
-from .io.readers import RequestSet, read_requests
+from .io.readers import RequestSet, read_request_set
 from .io.results import (Checkpoint, CheckpointError, file_fingerprint, partial_dir_for,
                          write_final_parquet, write_openai_jsonl)
 from .io.schema import RESULT_SCHEMA
@@ -93,7 +93,7 @@ def load_tokenizer(config: JobConfig, engine_kind: str) -> tuple[PromptTokenizer
 def prepare_job(config: JobConfig, *, engine_kind: str = "vllm",
                 done_rows: set[int] | frozenset[int] = frozenset()) -> PreparedJob:
     """Read and tokenize the job. Rows already done (a resumed run) are not tokenized."""
-    requests = read_requests(config.input, config.columns, config.input_format)
+    requests = read_request_set(config.input, config.columns, config.input_format)
     tokenizer, max_model_len = load_tokenizer(config, engine_kind)
     table = requests.requests
     skip = np.zeros(table.num_rows, dtype=bool)

@@ -65,6 +65,7 @@ class Checkpoint:
         """Start a checkpoint, or continue one when resume is set and the manifest matches."""
         path = partial_dir_for(output)
         ckpt = cls(path)
+        manifest = json.loads(json.dumps(manifest))  # as it reads back: tuples become lists
         if path.exists():
             if not resume:
                 raise CheckpointError(
