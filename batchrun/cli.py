@@ -5,15 +5,13 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
-from .config import (DEFAULT_MODEL, ConfigError, JobConfig, load_job_file, parse_size,
-                     with_overrides)
+from .config import ConfigError, JobConfig, load_job_file, parse_size, with_overrides
 
 EXIT_CODES_HELP = """\
 Exit codes: 0 every row succeeded (or the job had already finished);
@@ -100,6 +98,8 @@ def _fail(message: str, code: int = 2) -> None:
 
 
 def _quiet_engine_logs(verbose: bool) -> None:
+    # stdout is for --json; vLLM logs to stdout unless told otherwise.
+    os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
     if not verbose:
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")

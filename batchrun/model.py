@@ -10,8 +10,8 @@ folder only appears (by rename) once complete.
 from __future__ import annotations
 
 import fcntl
-import json
 import importlib.util
+import json
 import os
 import shutil
 import tempfile

@@ -22,9 +22,15 @@ class ProgressReporter:
         self._last_line = self._t0
         self._bar = None
         if self._interactive:
-            from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
-                                       TimeElapsedColumn, TimeRemainingColumn)
             from rich.console import Console
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TextColumn,
+                TimeElapsedColumn,
+                TimeRemainingColumn,
+            )
 
             self._bar = Progress(
                 TextColumn("[bold]batchrun"), BarColumn(), MofNCompleteColumn(),

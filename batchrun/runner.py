@@ -20,17 +20,27 @@ import pyarrow as pa
 from . import __version__
 from .config import JobConfig
 from .engine.base import Engine, EngineDiedError, GenerationRequest, GenerationResult
-from .executor import (Interrupted, RunGroup, StopFlag, StreamingExecutor,
-                       install_signal_handlers)
+from .executor import Interrupted, RunGroup, StopFlag, StreamingExecutor, install_signal_handlers
 from .io.readers import RequestSet, read_request_set
-from .io.results import (Checkpoint, CheckpointError, file_fingerprint, partial_dir_for,
-                         write_final_parquet, write_openai_jsonl)
+from .io.results import (
+    Checkpoint,
+    CheckpointError,
+    file_fingerprint,
+    partial_dir_for,
+    write_final_parquet,
+    write_openai_jsonl,
+)
 from .io.schema import RESULT_SCHEMA
-from .plan import plan_schedule
 from .model import kv_bytes_per_token
+from .plan import plan_schedule
 from .progress import ProgressReporter
-from .tokenize import ByteTokenizer, HFTokenizer, PromptTokenizer, TokenizedRequests, \
-    tokenize_requests
+from .tokenize import (
+    ByteTokenizer,
+    HFTokenizer,
+    PromptTokenizer,
+    TokenizedRequests,
+    tokenize_requests,
+)
 
 log = logging.getLogger(__name__)
 
@@ -77,24 +87,25 @@ def model_context_length(model_dir: Path) -> int:
     return int(cfg.get("max_position_embeddings") or cfg.get("n_positions") or 2048)
 
 
-def load_tokenizer(config: JobConfig, engine_kind: str) -> tuple[PromptTokenizer, int]:
-    """The tokenizer and context length, without starting an engine."""
+def load_tokenizer(config: JobConfig, engine_kind: str,
+                   engine_max_model_len: int | None = None) -> tuple[PromptTokenizer, int]:
+    """The tokenizer and context length, without starting an engine (or with the context
+    length of an engine already started)."""
+    caps = [c for c in (config.engine.max_model_len, engine_max_model_len) if c]
     if engine_kind == "fake":
-        return ByteTokenizer(), config.engine.max_model_len or 2048
+        return ByteTokenizer(), min(caps or [2048])
     from .model import resolve_model
 
     model_dir = resolve_model(config.model)
-    limit = model_context_length(model_dir)
-    if config.engine.max_model_len:
-        limit = min(limit, config.engine.max_model_len)
-    return HFTokenizer(model_dir), limit
+    return HFTokenizer(model_dir), min([model_context_length(model_dir), *caps])
 
 
 def prepare_job(config: JobConfig, *, engine_kind: str = "vllm",
-                done_rows: set[int] | frozenset[int] = frozenset()) -> PreparedJob:
+                done_rows: set[int] | frozenset[int] = frozenset(),
+                engine_max_model_len: int | None = None) -> PreparedJob:
     """Read and tokenize the job. Rows already done (a resumed run) are not tokenized."""
     requests = read_request_set(config.input, config.columns, config.input_format)
-    tokenizer, max_model_len = load_tokenizer(config, engine_kind)
+    tokenizer, max_model_len = load_tokenizer(config, engine_kind, engine_max_model_len)
     table = requests.requests
     skip = np.zeros(table.num_rows, dtype=bool)
     skip[list(done_rows)] = True  # row numbers are table positions: one row per input row
@@ -280,7 +291,8 @@ def run_job(
     if done.num_rows:
         books.count(done)
 
-    job = prepare_job(config, engine_kind=engine_kind, done_rows=done_rows)
+    job = prepare_job(config, engine_kind=engine_kind, done_rows=done_rows,
+                      engine_max_model_len=engine.info.max_model_len if engine else None)
     journal = ckpt.new_journal()
     errors = job.request_errors()
     if errors:
@@ -294,7 +306,7 @@ def run_job(
     restore = install_signal_handlers(stop) if handle_signals else (lambda: None)
     progress = ProgressReporter(job.rows, already_done=books.succeeded + books.failed,
                                 interactive=interactive)
-    status, message, plan_figures, warmup = "ok", "", {}, {}
+    status, message, plan_figures = "ok", "", {}
     try:
         if own_engine:
             engine = start_engine(config, engine_kind, new_tokens)

@@ -51,7 +51,8 @@ class FakeEngine:
     def _block_hashes(self, tokens: list[int]) -> list[bytes]:
         bs, h, out = self.info.block_size, b"", []
         for start in range(0, len(tokens) - len(tokens) % bs, bs):
-            h = hashlib.blake2b(h + repr(tokens[start:start + bs]).encode(), digest_size=16).digest()
+            block = repr(tokens[start:start + bs]).encode()
+            h = hashlib.blake2b(h + block, digest_size=16).digest()
             out.append(h)
         return out
 

@@ -98,7 +98,7 @@ class VllmEngine:
             self._engine.add_request(
                 request.request_id, TokensPrompt(prompt_token_ids=request.prompt_token_ids), params
             )
-        except (ValueError, TypeError) as e:  # vLLM's verdict on this one request
+        except Exception as e:  # vLLM's verdict on this one request (validation, params)
             self._rejected.append(GenerationResult(
                 request.request_id, None, None, len(request.prompt_token_ids), 0, 0,
                 error=f"rejected by the engine: {str(e).splitlines()[0]}"))

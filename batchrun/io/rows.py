@@ -197,12 +197,14 @@ def sources_problem(given: Sequence[int], labels: Sequence[str | None]) -> str:
     return f"give only one of {', '.join(names)}, not {both}"
 
 
-def parse_request(raw: Sequence[Any], labels: Sequence[str | None]) -> tuple[Any, ...]:
-    """One row's request values, in FIELDS order, as the request table stores them, preceded
-    by the endpoint. `raw` holds the input values in FIELDS order. Raises RowError."""
-    given = [i for i in range(PROMPT_SOURCES) if raw[i] is not None]
-    if len(given) != 1:
+def parse_request(raw: Sequence[Any], labels: Sequence[str | None]) -> list[Any]:
+    """One row's request values as the request table stores them: the endpoint, then FIELDS.
+    `raw` holds the input values in FIELDS order. Raises RowError."""
+    if (raw[0] is None) + (raw[1] is None) + (raw[2] is None) != PROMPT_SOURCES - 1:
+        given = [i for i in range(PROMPT_SOURCES) if raw[i] is not None]
         raise RowError(sources_problem(given, labels))
-    endpoint = ENDPOINT_CHAT if given[0] == 1 else ENDPOINT_COMPLETION
-    return (endpoint, *(None if value is None else parse_field(field, value, label)
-                        for field, value, label in zip(FIELDS, raw, labels, strict=True)))
+    request = [ENDPOINT_COMPLETION if raw[1] is None else ENDPOINT_CHAT, *raw]
+    for i, value in enumerate(raw):
+        if value is not None:  # most rows set few fields: skip the rest cheaply
+            request[i + 1] = parse_field(FIELDS[i], value, labels[i])
+    return request
