@@ -63,3 +63,6 @@ class ProgressReporter:
     def close(self) -> None:
         if self._bar is not None:
             self._bar.stop()
+        else:  # the last word in a log, whatever the interval
+            self._stream.write(self.line() + "\n")
+            self._stream.flush()

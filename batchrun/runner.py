@@ -304,13 +304,14 @@ def run_job(
     own_engine = engine is None
     stop = StopFlag()
     restore = install_signal_handlers(stop) if handle_signals else (lambda: None)
-    progress = ProgressReporter(job.rows, already_done=books.succeeded + books.failed,
-                                interactive=interactive)
+    progress: ProgressReporter | None = None
     status, message, plan_figures = "ok", "", {}
     try:
         if own_engine:
             engine = start_engine(config, engine_kind, new_tokens)
         info = engine.info
+        progress = ProgressReporter(job.rows, already_done=books.succeeded + books.failed,
+                                    interactive=interactive)
         groups, plan_figures = make_groups(job, info.block_size, info.kv_capacity_tokens)
 
         def on_results(batch: list[tuple[int, GenerationResult]]) -> None:
@@ -338,7 +339,8 @@ def run_job(
                                            "free space and re-run with --resume")
     finally:
         restore()
-        progress.close()
+        if progress is not None:
+            progress.close()
         try:
             journal.close()
         except OSError:

@@ -63,6 +63,10 @@ class VllmEngine:
         # The attention-backend plugin runs in every vLLM process and reads its choice from
         # the environment, so it must be set before the engine (and its workers) start.
         os.environ["BATCHRUN_ATTENTION"] = options.attention
+        if on_cpu():
+            # In-process engine core on CPU: starts ~3x faster, and SIGTERM/SIGINT reach
+            # batchrun's graceful drain instead of killing a child engine process first.
+            os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         from vllm import EngineArgs, LLMEngine
 
         self._args = engine_args(model_dir, options, enforce_eager=enforce_eager)
