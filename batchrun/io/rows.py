@@ -171,6 +171,9 @@ _PARSERS: dict[str, tuple[Callable[[Any], Any], str]] = {
 }
 
 
+_FIELD_PARSERS = tuple(_PARSERS[name][0] for name in FIELDS)
+
+
 def parse_field(field: str, value: Any, label: str) -> Any:
     """A non-null input value of `field` as the request table stores it; `label` is the name
     the user knows the value by (their column name, or `body.x` in an OpenAI file)."""
@@ -205,6 +208,9 @@ def parse_request(raw: Sequence[Any], labels: Sequence[str | None]) -> list[Any]
         raise RowError(sources_problem(given, labels))
     request = [ENDPOINT_COMPLETION if raw[1] is None else ENDPOINT_CHAT, *raw]
     for i, value in enumerate(raw):
-        if value is not None:  # most rows set few fields: skip the rest cheaply
-            request[i + 1] = parse_field(FIELDS[i], value, labels[i])
+        if value is not None:
+            try:  # the parser directly: this runs per field per row
+                request[i + 1] = _FIELD_PARSERS[i](value)
+            except _Invalid:
+                parse_field(FIELDS[i], value, labels[i])  # raises RowError, worded
     return request
