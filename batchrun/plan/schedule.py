@@ -72,7 +72,7 @@ class PlanStats:
     groups: int
     shared_groups: int  # groups with prefix_len > 0
     unshared_requests: int  # requests in buckets (prefix_len 0)
-    group_shared_tokens: int  # sum over groups of prefix_len * (members - 1)
+    group_shared_tokens: int  # sum over shared prefixes of prefix_len * (requests - 1)
     kv_tokens_per_group_mean: float
     kv_tokens_per_group_max: int
     kv_capacity_tokens: int | None
@@ -128,7 +128,10 @@ def plan_schedule(
     suffix_blocks = np.empty(n, dtype=np.int64)
     suffix_blocks[order] = suffix
     kv = np.array([g.kv_blocks for g in groups], dtype=np.int64) * block_size
-    shared = [g for g in groups if g.prefix_len]
+    sharing = {}  # prefix_id -> (prefix_len, requests), over the groups a prefix was cut into
+    for g in groups:
+        if g.prefix_len:
+            sharing[g.prefix_id] = (g.prefix_len, sharing.get(g.prefix_id, (0, 0))[1] + g.size)
     prompt = tree.prompt_tokens
     ideal = tree.block_ideal_computed_tokens(block_size)
     stats = PlanStats(
@@ -138,9 +141,9 @@ def plan_schedule(
         block_ideal_computed_tokens=ideal,
         expected_prefill_saving=1 - ideal / prompt if prompt else 0.0,
         groups=len(groups),
-        shared_groups=len(shared),
+        shared_groups=sum(1 for g in groups if g.prefix_len),
         unshared_requests=int((group == 0).sum()),
-        group_shared_tokens=sum(g.prefix_len * (g.size - 1) for g in shared),
+        group_shared_tokens=sum(p * (m - 1) for p, m in sharing.values()),
         kv_tokens_per_group_mean=float(kv.mean()) if len(kv) else 0.0,
         kv_tokens_per_group_max=int(kv.max(initial=0)),
         kv_capacity_tokens=kv_capacity_tokens,
@@ -222,6 +225,8 @@ def _run_order(blocks: PrefixTree, chosen: np.ndarray, lengths: np.ndarray,
     then every unit's offset is its parent's offset plus the sizes of the units before it.
     """
     n, m = len(lengths), blocks.num_nodes
+    if n == 0:
+        return np.zeros(0, dtype=np.int64)
     parent, first = blocks.node_parent, blocks.node_start
     size = blocks.node_end - first
     last = np.searchsorted(first, blocks.node_end, side="left")  # subtree: nodes [u, last)
@@ -234,15 +239,19 @@ def _run_order(blocks: PrefixTree, chosen: np.ndarray, lengths: np.ndarray,
         nodes = np.flatnonzero(level == k)
         holder[nodes] = np.where(holds[nodes], nodes, holder[parent[nodes]])
     unit = holder[blocks.request_node]  # by position: the node whose own unit it is in
-    # Decode per prompt token computed, with a perfect block cache in tree order.
+    # A unit's ratio: its decode tokens per prompt token it computes with a block cache that
+    # already holds the parent's prefix (and nothing else of its siblings).
     work = (lengths - blocks.lcp).astype(np.float64)
     decode_at = np.concatenate(([0.0], np.cumsum(decode, dtype=np.float64)))
     work_at = np.concatenate(([0.0], np.cumsum(work)))
-    tree_ratio = (decode_at[blocks.node_end] - decode_at[first]) / np.maximum(
-        work_at[blocks.node_end] - work_at[first], 1)
+    outer = blocks.node_depth[np.maximum(parent, 0)] * (parent >= 0)
+    tree_work = (work_at[blocks.node_end] - work_at[first]
+                 - np.maximum(outer - blocks.lcp[first], 0))
+    tree_ratio = (decode_at[blocks.node_end] - decode_at[first]) / np.maximum(tree_work, 1)
     own_size = np.bincount(unit, minlength=m)
+    own_work = lengths - np.maximum(blocks.lcp, blocks.node_depth[unit])
     own_ratio = np.bincount(unit, weights=decode, minlength=m) / np.maximum(
-        np.bincount(unit, weights=work, minlength=m), 1)
+        np.bincount(unit, weights=own_work, minlength=m), 1)
     loose = np.flatnonzero(unit == 0)
     tree_at = np.zeros(m, dtype=np.int64)  # where each holding node's subtree starts
     own_at = np.zeros(m, dtype=np.int64)  # where each holding node's own unit starts
