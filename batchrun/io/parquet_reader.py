@@ -188,7 +188,7 @@ def read_parquet(path: Path, columns: ColumnMap) -> ParquetRows:
         names = parquet.schema_arrow.names
     except (pa.ArrowException, OSError) as e:
         raise InputError(f"{path}: cannot be opened as Parquet ({_one_line(e)}); "
-                         "check that the file was written completely") from None
+                         "the file is cut short or corrupt: write it again") from None
     labels = {name: getattr(columns, name) for name in ("id", *FIELDS)}
     sources = [labels[f] for f in FIELDS[:PROMPT_SOURCES]]
     if not set(sources) & set(names):
