@@ -12,12 +12,13 @@ over shared prefixes with hashes and only looks at single tokens where requests 
 1. Every full 16-token chunk of every request gets a 64-bit hash (the 16 tokens times random
    weights, via one small integer matmul), mixed with the chunk's index and summed per
    request into prefix hashes: `prefix_hash[i][k]` covers the first 16 * (k + 1) tokens.
-2. Most-significant-first refinement: a group of requests known to share a prefix finds the
-   depth `d` where its members first disagree (the smallest LCP against the group's first
-   member: a binary search over prefix hashes, then an exact token compare inside one chunk),
-   and is stably sorted by the token at `d` (a request that ends at `d` sorts first). Each
-   sub-group that still has two members goes on to the next round. Rounds are as many as the
-   levels where requests branch (system prompt, document, question: a handful), not tokens.
+2. A multikey quicksort on whole prefixes (`_sort`): each group of requests known to share a
+   prefix takes a pivot and finds, for every member, the depth where it leaves the pivot's
+   path (binary search over prefix hashes, then an exact token compare inside one chunk) and
+   the token there. That places every member relative to the pivot; members leaving at the
+   same depth with the same token form the groups of the next round. All groups of a round
+   are one vectorised step, and rounds are about as many as the levels where requests
+   branch (system prompt, document, question: a handful), not tokens.
 
 The order and the LCPs are exact token comparisons except where two different 16-token-
 aligned prefixes get the same 64-bit prefix hash (a chance near 2**-40 for a million prompts).
@@ -69,6 +70,10 @@ class PrefixTree:
     @classmethod
     def build(cls, values: np.ndarray, offsets: np.ndarray) -> PrefixTree:
         """The tree of all requests: request i is `values[offsets[i]:offsets[i + 1]]`."""
+        if values.dtype != np.int32 and len(values):
+            info = np.iinfo(np.int32)
+            if values.min() < info.min or values.max() > info.max:
+                raise ValueError("token ids must fit in int32")
         values = np.ascontiguousarray(values, dtype=np.int32)
         offsets = np.ascontiguousarray(offsets, dtype=np.int64)
         lengths = np.diff(offsets)
@@ -266,8 +271,7 @@ def _sort(hashes: _PrefixHashes) -> tuple[np.ndarray, np.ndarray]:
         members = order[pos]
         length = hashes.lengths[members]
         longest = np.flatnonzero(length == np.maximum.reduceat(length, group_at)[group])
-        pivot = members[longest[np.unique(group[longest], return_index=True)[1]]]
-        pivot = pivot[group]
+        pivot = members[longest[np.unique(group[longest], return_index=True)[1]]][group]
         branch = hashes.lcp(pivot, members, known[group])
         token = hashes.token_keys(members, branch)
         side = np.sign(token - hashes.token_keys(pivot, branch))  # -1 below, 0 the pivot, +1 above
@@ -336,4 +340,4 @@ def _lcp_intervals(lcp: np.ndarray) -> tuple[np.ndarray, ...]:
                                             node_at[via], 0)))
     # A request's deepest node is the deeper of the nodes of its two neighbour LCPs.
     request_node = np.where(ext[:n] >= ext[1:], node_at[:n], node_at[1:])
-    return depth.astype(np.int64), parent, start, end, request_node
+    return depth, parent, start, end, request_node

@@ -44,7 +44,7 @@ import numpy as np
 from .prefix_tree import PrefixTree
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: frozen dataclasses are slow to create, and jobs have many
 class PrefixGroup:
     """Requests `Plan.order[start:end]`, which share their first `prefix_len` tokens."""
 
@@ -185,8 +185,10 @@ def _choose_prefixes(blocks: PrefixTree) -> tuple[np.ndarray, np.ndarray]:
     for k in range(len(by_level) - 1, 0, -1):
         nodes = by_level[k]
         children = np.zeros((len(nodes), k + 1), dtype=np.int64)
-        if best_below is not None:
-            np.add.at(children, slot[parent[by_level[k + 1]]], best_below)
+        if best_below is not None:  # children follow their parents' order (pre-order)
+            up = slot[parent[by_level[k + 1]]]
+            runs = np.flatnonzero(np.diff(up, prepend=-1))
+            children[up[runs]] = np.add.reduceat(best_below, runs, axis=0)
         p, d = depth[nodes], direct[nodes]
         own[k] = children[:, k] + p * d - p
         fall_back[k] = children[:, :k] + above[k] * d[:, None]
