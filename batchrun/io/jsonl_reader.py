@@ -96,7 +96,7 @@ def _openai_request(obj: dict) -> list[Any]:
     method, url, body = obj.get("method"), obj.get("url"), obj.get("body")
     if method is not None and method != "POST":
         raise RowError(f'"method" must be "POST", got {show(method)}')
-    if url not in OPENAI_URLS:
+    if type(url) is not str or url not in OPENAI_URLS:
         supported = " or ".join(f'"{u}"' for u in OPENAI_URLS)
         raise RowError(f'"url" must be {supported}, got {show(url)}')
     if type(body) is not dict:

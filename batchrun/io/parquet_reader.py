@@ -99,7 +99,7 @@ def _fast_number(valid: Callable[[pa.Array], pa.Array]) -> Callable[[pa.Array], 
     def check(arr: pa.Array) -> pa.Array | None:
         if not (pa.types.is_integer(arr.type) or pa.types.is_floating(arr.type)):
             return None
-        numbers = arr.cast(pa.float64())
+        numbers = arr.cast(pa.float64(), safe=False)  # rounds huge ints, as float() does
         if not pc.all(pc.and_(pc.is_finite(numbers), valid(numbers))).as_py():
             return None
         return numbers
