@@ -2,10 +2,12 @@
 
 The executor admits requests in plan order while the in-flight KV estimate fits the engine's
 KV cache (a group's shared prefix counted once, not per member), and holds a group's other
-members back until its first member (the leader) has computed the prompt: from then on the
-shared prefix is in vLLM's prefix cache and every sibling reuses it instead of computing it
-again in the same step. While a leader is prefilling, later groups that share nothing with it
-may still start, so the engine is never starved by a hold.
+members back until its first member (the leader) has computed its prompt: from then on the
+shared prefix is in vLLM's prefix cache and every sibling reuses all of it. (vLLM does let
+requests scheduled in the same step reuse each other's blocks, but only the part of the
+prompt that fits the step's token budget: a chunked prefill leaves siblings recomputing the
+rest.) Leaders of many groups prefill together, and later groups go on starting while a
+group waits, so a hold costs the group one step, not the engine.
 """
 
 from __future__ import annotations
@@ -30,15 +32,22 @@ class RunGroup:
     prefix_len: int
     prefix_blocks: int
     suffix_blocks: np.ndarray  # KV blocks each member needs beyond the shared prefix
+    prefix_id: int = -1  # groups cut from one prefix's requests (to fit the KV cache) share it
 
 
 @dataclass
 class _GroupState:
     group: RunGroup
     next_member: int = 0
-    leader_id: str | None = None
     leader_ready: bool = False
     in_flight: int = 0
+    # A group cut from the same prefix as an earlier one has no leader of its own: it waits
+    # for the first one's, since two leaders would compute the same prefix twice.
+    leader_group: _GroupState | None = None
+
+    @property
+    def ready(self) -> bool:
+        return (self.leader_group or self).leader_ready
 
 
 @dataclass
@@ -87,7 +96,15 @@ class StreamingExecutor:
         max_in_flight: int = 4096,
     ) -> None:
         self.engine = engine
-        self._pending = deque(_GroupState(g) for g in groups if len(g.members))
+        self._pending: deque[_GroupState] = deque()
+        first_of_prefix: dict[int, _GroupState] = {}
+        for g in groups:
+            if not len(g.members):
+                continue
+            state = _GroupState(g, leader_group=first_of_prefix.get(g.prefix_id))
+            if g.prefix_id >= 0:
+                first_of_prefix.setdefault(g.prefix_id, state)
+            self._pending.append(state)
         self._make_request = make_request
         self._on_results = on_results
         self._stop = stop or StopFlag()
@@ -134,26 +151,20 @@ class StreamingExecutor:
                                        and len(self._in_flight) < self._max_in_flight)
 
     def _admit(self) -> None:
-        leader_pending = bool(self._leaders)
         for state in list(self._pending):
             g = state.group
-            shared = g.prefix_len > 0 and len(g.members) > 1
-            if state.next_member == 0:
-                if shared and leader_pending:
-                    # One leader prefills at a time: two leaders admitted together would
-                    # both compute any outer prefix their groups share.
-                    continue
+            shared = g.prefix_len > 0 and len(g.members) > 1 and state.leader_group is None
+            if state.next_member == 0 and (state.leader_group is None or state.ready):
                 cost = g.prefix_blocks + int(g.suffix_blocks[0])
                 if not self._fits(cost):
                     return
                 self._used_blocks += g.prefix_blocks
                 rid = self._start(state, 0)
                 if shared:
-                    state.leader_id, leader_pending = rid, True
                     self._leaders[rid] = state
                     continue
                 state.leader_ready = True
-            if not state.leader_ready:
+            if not state.ready:
                 continue
             while state.next_member < len(g.members):
                 if not self._fits(int(g.suffix_blocks[state.next_member])):

@@ -131,7 +131,7 @@ def make_groups(job: PreparedJob, block_size: int, kv_capacity_tokens: int | Non
     plan = plan_schedule(toks.values, toks.offsets, job.max_tokens, block_size=block_size,
                          kv_capacity_tokens=kv_capacity_tokens)
     groups = [RunGroup(plan.order[g.start:g.end], g.prefix_len, g.prefix_blocks,
-                       plan.suffix_blocks[plan.order[g.start:g.end]])
+                       plan.suffix_blocks[plan.order[g.start:g.end]], g.prefix_id)
               for g in plan.groups]
     return groups, {"planned": True, **plan.stats.to_dict()}
 

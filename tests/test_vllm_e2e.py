@@ -42,6 +42,21 @@ def test_jsonl_chat_job_greedy_and_order_independent(tmp_path, vllm_engine):
     assert summary["engine"]["block_size"] == 32 and summary["engine"]["dtype"] == "float32"
 
 
+def test_planned_and_unplanned_runs_give_identical_greedy_outputs(tmp_path, vllm_engine):
+    rows = shared_prefix_rows(10, groups=2, max_tokens=10)
+    random.Random(9).shuffle(rows)
+    path = write_jsonl(tmp_path / "in.jsonl", rows)
+    planned = job(tmp_path / "p", path)
+    unplanned = replace(job(tmp_path / "u", path), plan=False)
+    vllm_engine.reset_prefix_cache()
+    p = run_real(planned, vllm_engine).summary
+    vllm_engine.reset_prefix_cache()
+    u = run_real(unplanned, vllm_engine).summary
+    assert p["plan"]["planned"] and p["plan"]["groups"] >= 2 and not u["plan"]["planned"]
+    assert {r["id"]: r["text"] for r in read_output(planned)} == \
+        {r["id"]: r["text"] for r in read_output(unplanned)}
+
+
 def test_parquet_input_with_passthrough_and_pretokenized_rows(tmp_path, vllm_engine):
     table = pa.table({
         "key": ["p1", "p2", "p3"],

@@ -44,6 +44,7 @@ class FakeEngine:
         self._die_after = die_after_steps
         self.steps = 0
         self.admission_order: list[str] = []
+        self.max_running_seen = 0
 
     def add(self, request: GenerationRequest) -> None:
         self._waiting.append(request)
@@ -75,6 +76,7 @@ class FakeEngine:
             raise EngineDiedError("the fake engine died (injected failure)")
         while self._waiting and len(self._running) < self._max_num_seqs:
             self._admit(self._waiting.pop(0))
+        self.max_running_seen = max(self.max_running_seen, len(self._running))
         out = StepOutput()
         for rid, run in list(self._running.items()):
             run.produced += 1

@@ -1,0 +1,70 @@
+"""The executor's admission rules, watched through the fake engine's admission log."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from batchrun.engine.base import GenerationRequest
+from batchrun.engine.fake import FakeEngine
+from batchrun.executor import RunGroup, StopFlag, StreamingExecutor
+
+PREFIX = list(range(100, 132))  # 8 blocks of 4 tokens
+
+
+def requests(n: int, prefix: list[int]) -> list[GenerationRequest]:
+    return [GenerationRequest(f"q{i}", prefix + [i, i + 1000], max_tokens=3) for i in range(n)]
+
+
+def group(members: list[int], prefix_len: int, prefix_id: int = -1) -> RunGroup:
+    return RunGroup(np.array(members), prefix_len, prefix_len // 4,
+                    np.full(len(members), 2), prefix_id)
+
+
+def run(engine: FakeEngine, reqs: list[GenerationRequest], groups: list[RunGroup], **kw):
+    done: dict[int, object] = {}
+    ex = StreamingExecutor(engine, groups, lambda i: reqs[i],
+                           lambda batch: done.update(batch), **kw)
+    ex.run()
+    return done, ex
+
+
+def test_siblings_wait_for_the_leader_and_then_hit_the_cache():
+    engine = FakeEngine(block_size=4)
+    reqs = requests(6, PREFIX)
+    done, _ = run(engine, reqs, [group(list(range(6)), 32)])
+    assert len(done) == 6
+    assert engine.admission_order[0] == "q0"
+    # Every sibling found the whole shared prefix cached: it was computed once, by q0.
+    assert [done[i].cached_tokens for i in range(6)] == [0] + [32] * 5
+
+
+def test_without_a_hold_siblings_admitted_together_recompute_the_prefix():
+    engine = FakeEngine(block_size=4)
+    reqs = requests(6, PREFIX)
+    done, _ = run(engine, reqs, [group(list(range(6)), 0)])  # prefix_len 0: no hold
+    assert [done[i].cached_tokens for i in range(6)] == [0] * 6
+
+
+def test_groups_cut_from_one_prefix_share_one_leader():
+    engine = FakeEngine(block_size=4)
+    reqs = requests(8, PREFIX)
+    done, _ = run(engine, reqs, [group([0, 1, 2, 3], 32, prefix_id=7),
+                                 group([4, 5, 6, 7], 32, prefix_id=7)])
+    assert sum(done[i].cached_tokens == 0 for i in range(8)) == 1
+
+
+def test_window_never_exceeds_the_kv_budget_but_always_admits_one():
+    engine = FakeEngine(block_size=4, kv_capacity_tokens=40)  # 10 blocks
+    reqs = [GenerationRequest(f"u{i}", [i] * 30, max_tokens=2) for i in range(5)]
+    big = RunGroup(np.arange(5), 0, 0, np.full(5, 8))  # 8 blocks each: one at a time
+    done, _ = run(engine, reqs, [big])
+    assert len(done) == 5 and engine.max_running_seen == 1
+
+
+def test_stop_flag_drains_then_aborts_after_the_grace_period():
+    engine = FakeEngine(block_size=4)
+    reqs = [GenerationRequest(f"s{i}", [i, 1, 2], max_tokens=50) for i in range(4)]
+    stop = StopFlag()
+    stop.request()
+    done, ex = run(engine, reqs, [group([0, 1, 2, 3], 0)], stop=stop, grace_s=0.0)
+    assert done == {} and ex.aborted == []  # stopped before admitting anything
