@@ -158,23 +158,25 @@ def _finish(draft: pa.Table) -> pa.Table:
 def _drop_repeated_ids(rows: pa.Array, ids: pa.Array,
                        errors: pa.Array) -> tuple[pa.Array, pa.Array]:
     """The first row with an id keeps it; later rows with it lose it and become error rows."""
-    claims = pa.table({"id": ids, "row": rows}).filter(ids.is_valid())
-    counts = claims.group_by("id").aggregate([("row", "min"), ("row", "count")])
-    repeated = counts.filter(pc.greater(counts["row_count"], 1)).combine_chunks()
-    if not repeated.num_rows:
+    # dictionary_encode numbers the distinct ids in order of first appearance (cheaper than a
+    # group_by), so a row repeats an id exactly when its code is no higher than one before it.
+    encoded = pc.dictionary_encode(ids)
+    if len(encoded.dictionary) == len(ids) - ids.null_count:
         return ids, errors
-    repeated_ids, first_rows = (repeated[name].chunk(0) for name in ("id", "row_min"))
-    first = pc.take(first_rows, pc.index_in(ids, value_set=repeated_ids))
-    later = pc.fill_null(pc.not_equal(first, rows), False)
+    codes = encoded.indices.fill_null(-1).to_numpy()
+    highest_before = np.maximum.accumulate(np.concatenate([[-1], codes[:-1]]))
+    later = (codes >= 0) & (codes <= highest_before)
+    first_rows = np.flatnonzero((codes >= 0) & ~later)  # by code; positions are row numbers
     where = np.flatnonzero(later)
     messages = [
-        f"row {row}: duplicate id {show(id_)} (first at row {first_row}); ids must be unique "
+        f"row {row}: duplicate id {show(id_)} (first at row {first}); ids must be unique "
         "— fix the input or drop the id column to use row numbers"
-        for row, id_, first_row in zip(rows.take(where).to_pylist(), ids.take(where).to_pylist(),
-                                       first.take(where).to_pylist(), strict=True)]
-    repeat_errors = pc.replace_with_mask(pa.nulls(len(rows), pa.string()), later,
+        for row, id_, first in zip(rows.take(where).to_pylist(), ids.take(where).to_pylist(),
+                                   first_rows[codes[where]].tolist(), strict=True)]
+    mask = pa.array(later)
+    repeat_errors = pc.replace_with_mask(pa.nulls(len(rows), pa.string()), mask,
                                          pa.array(messages, pa.string()))
-    ids = pc.replace_with_mask(ids, later, pa.nulls(len(where), pa.string()))
+    ids = pc.replace_with_mask(ids, mask, pa.nulls(len(where), pa.string()))
     return ids, pc.coalesce(errors, repeat_errors)
 
 

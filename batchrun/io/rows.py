@@ -47,7 +47,7 @@ class RowError(ValueError):
 
 
 class _Invalid(Exception):
-    """Raised by a field parser; the caller words the message from the field's REASONS entry."""
+    """Raised by a field parser; parse_field words the message from the field's reason."""
 
 
 def show(value: Any, limit: int = 60) -> str:
@@ -62,7 +62,7 @@ def show(value: Any, limit: int = 60) -> str:
     return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
-def _integer(value: Any, low: int, high: int) -> int:
+def _integer(value: Any, low: float, high: float) -> int:
     # Integral floats pass: pandas stores an int column with nulls as float64.
     if type(value) is float and value.is_integer():
         value = int(value)
@@ -169,8 +169,6 @@ _PARSERS: dict[str, tuple[Callable[[Any], Any], str]] = {
     "seed": (_seed, "must be a 64-bit integer"),
     "stop": (_stop, "must be a string or a list of strings"),
 }
-
-
 _FIELD_PARSERS = tuple(_PARSERS[name][0] for name in FIELDS)
 
 
