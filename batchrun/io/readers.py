@@ -46,7 +46,7 @@ from batchrun.io.schema import REQUEST_SCHEMA
 __all__ = ["InputError", "RequestSet", "read_request_set", "read_requests", "validate_summary"]
 
 PARQUET_MAGIC = b"PAR1"
-_ALL_DEFAULT = ColumnMap()
+_DEFAULT_COLUMNS = ColumnMap()
 _COMPRESSED = {b"\x1f\x8b": "gzip", b"\x28\xb5\x2f\xfd": "zstd", b"PK\x03\x04": "zip"}
 
 
@@ -66,13 +66,13 @@ class RequestSet:
     input_format: str
 
 
-def read_requests(path: Path, columns: ColumnMap = _ALL_DEFAULT,
+def read_requests(path: Path | str, columns: ColumnMap = _DEFAULT_COLUMNS,
                   input_format: str = "auto") -> pa.Table:
     """The request table of `path` (see read_request_set)."""
     return read_request_set(path, columns, input_format).requests
 
 
-def read_request_set(path: Path, columns: ColumnMap = _ALL_DEFAULT,
+def read_request_set(path: Path | str, columns: ColumnMap = _DEFAULT_COLUMNS,
                      input_format: str = "auto") -> RequestSet:
     """Read and check every row of `path`. input_format: "auto", "jsonl", "openai" or
     "parquet". Raises InputError for a file that cannot be used at all; bad rows become
@@ -82,7 +82,10 @@ def read_request_set(path: Path, columns: ColumnMap = _ALL_DEFAULT,
         raise InputError(f"{path}: unknown input format {input_format!r}; "
                          f"use one of {', '.join(INPUT_FORMATS)}")
     head = _head(path)
-    if input_format == "parquet" or (input_format == "auto" and head == PARQUET_MAGIC):
+    if input_format == "parquet" and head != PARQUET_MAGIC:
+        raise InputError(f'{path}: is not a Parquet file (it does not start with "PAR1"); '
+                         'set input_format to "auto" or write the file as Parquet')
+    if head == PARQUET_MAGIC and input_format in ("auto", "parquet"):
         parquet = read_parquet(path, columns)
         batches, found = parquet.batches, "parquet"
         passthrough = pa.Table.from_batches(parquet.passthrough) if parquet.passthrough \

@@ -461,7 +461,8 @@ def test_input_errors_of_paths_and_formats(tmp_path: Path) -> None:
     jsonl = write_jsonl(tmp_path / "in.jsonl", [{"prompt": "a"}])
     with pytest.raises(InputError, match="unknown input format 'csv'; use one of auto, jsonl"):
         read_requests(jsonl, input_format="csv")
-    with pytest.raises(InputError, match="cannot be opened as Parquet"):
+    with pytest.raises(InputError, match='is not a Parquet file .it does not start with "PAR1".; '
+                                         'set input_format to "auto" or write the file as'):
         read_requests(jsonl, input_format="parquet")
     parquet = write_parquet(tmp_path / "in.parquet", {"prompt": ["a"]})
     with pytest.raises(InputError, match='is a Parquet file, but input_format is "jsonl"; set '
