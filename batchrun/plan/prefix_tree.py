@@ -185,13 +185,14 @@ class _PrefixHashes:
         """Exact LCP of requests a[j] and b[j], given they share at least known[j] tokens."""
         most = np.minimum(self.lengths[a], self.lengths[b])
         # Largest number of whole chunks with equal prefix hashes: a binary search over the
-        # pairs still open, compacted as they close.
+        # pairs still open, compacted as they close. The first probe is the next chunk:
+        # most pairs part soon after what they are known to share (different system prompts).
         chunks, hi = known // CHUNK, most // CHUNK
         todo = np.flatnonzero(chunks < hi)
         lo, hi = chunks[todo], hi[todo]
         base_a, base_b = self.chunk_base[a[todo]], self.chunk_base[b[todo]]
+        mid = lo + 1
         while len(todo):
-            mid = (lo + hi + 1) >> 1
             same = self.prefix[base_a + mid] == self.prefix[base_b + mid]
             lo = np.where(same, mid, lo)
             hi = np.where(same, hi, mid - 1)
@@ -200,6 +201,7 @@ class _PrefixHashes:
                 chunks[todo[~still]] = lo[~still]
                 todo, lo, hi = todo[still], lo[still], hi[still]
                 base_a, base_b = base_a[still], base_b[still]
+            mid = (lo + hi + 1) >> 1
         # Then the first differing token inside the next chunk, compared exactly, in blocks
         # small enough to stay in cache (fresh large temporaries cost page faults).
         done = chunks * CHUNK
@@ -218,6 +220,18 @@ class _PrefixHashes:
         where = np.where(has, self.starts[requests] + depth, 0)
         tokens = self.values[where].astype(np.int64) + (2**31 + 1)
         return np.where(has, tokens, 0)
+
+
+def _on_all_cores(fn, *columns: np.ndarray) -> np.ndarray:
+    """fn(*columns), computed row-slice by row-slice on every core: numpy releases the GIL
+    in its gathers and compares, and these are bound by memory latency."""
+    n, workers = len(columns[0]), os.cpu_count() or 1
+    if workers == 1 or n < _BLOCK * workers:
+        return fn(*columns)
+    cuts = np.linspace(0, n, workers + 1).astype(int)
+    with ThreadPoolExecutor(workers) as pool:
+        return np.concatenate(list(pool.map(
+            lambda s, e: fn(*(c[s:e] for c in columns)), cuts[:-1], cuts[1:])))
 
 
 def _windows(values: np.ndarray) -> np.ndarray:
@@ -272,7 +286,7 @@ def _sort(hashes: _PrefixHashes) -> tuple[np.ndarray, np.ndarray]:
         length = hashes.lengths[members]
         longest = np.flatnonzero(length == np.maximum.reduceat(length, group_at)[group])
         pivot = members[longest[np.unique(group[longest], return_index=True)[1]]][group]
-        branch = hashes.lcp(pivot, members, known[group])
+        branch = _on_all_cores(hashes.lcp, pivot, members, known[group])
         token = hashes.token_keys(members, branch)
         side = np.sign(token - hashes.token_keys(pivot, branch))  # -1 below, 0 the pivot, +1 above
         place = np.where(side < 0, branch, np.where(side > 0, _MAX_LEN - branch, 0))

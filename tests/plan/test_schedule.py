@@ -152,6 +152,20 @@ def test_every_plan_keeps_its_invariants(case):
         assert not any(a and b for a, b in zip(unshared, unshared[1:], strict=False))
 
 
+@settings(max_examples=100, deadline=None)
+@given(planned())
+def test_every_shared_prefix_runs_in_one_stretch(case):
+    # Depth-first: the requests under any node of the block tree are consecutive in the
+    # plan, so each shared prefix is computed once even by a cache that holds one path.
+    prompts, _, block, _, plan = case
+    blocks = PrefixTree.build(*flat(prompts)).coarsen(block)
+    place = np.empty(len(prompts), dtype=np.int64)
+    place[plan.order] = np.arange(len(prompts))
+    for u in range(blocks.num_nodes):
+        at = place[blocks.order[blocks.node_start[u]: blocks.node_end[u]]]
+        assert len(at) == 0 or at.max() - at.min() + 1 == len(at)
+
+
 def best_sharing(blocks: PrefixTree) -> int:
     """Most sum(P * (members - 1)) over every choice of group nodes, by brute force: each
     request joins the deepest chosen node on its path. BatchLLM's flattening (a node takes
