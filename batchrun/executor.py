@@ -153,32 +153,38 @@ class StreamingExecutor:
     def _admit(self) -> None:
         for state in list(self._pending):
             g = state.group
-            shared = g.prefix_len > 0 and len(g.members) > 1 and state.leader_group is None
+            reserved = g.prefix_len > 0  # a shared group's KV is reserved whole, up front
             if state.next_member == 0 and (state.leader_group is None or state.ready):
-                cost = g.prefix_blocks + int(g.suffix_blocks[0])
+                # Reserve the whole group (prefix once + every member's suffix) before its
+                # leader starts, so its members can follow the leader at once: a member left
+                # waiting for room could find the leader gone and its prefix evicted.
+                cost = (g.prefix_blocks + int(g.suffix_blocks.sum()) if reserved
+                        else int(g.suffix_blocks[0]))
                 if not self._fits(cost):
                     return
-                self._used_blocks += g.prefix_blocks
+                self._used_blocks += cost
                 rid = self._start(state, 0)
-                if shared:
+                if reserved and len(g.members) > 1 and state.leader_group is None:
                     self._leaders[rid] = state
                     continue
                 state.leader_ready = True
             if not state.ready:
                 continue
             while state.next_member < len(g.members):
-                if not self._fits(int(g.suffix_blocks[state.next_member])):
-                    return
+                if not reserved:
+                    cost = int(g.suffix_blocks[state.next_member])
+                    if not self._fits(cost):
+                        return
+                    self._used_blocks += cost
                 self._start(state, state.next_member)
             self._pending.remove(state)
 
     def _start(self, state: _GroupState, k: int) -> str:
         req_index = int(state.group.members[k])
         request = self._make_request(req_index)
-        blocks = int(state.group.suffix_blocks[k])
         self.engine.add(request)
-        self._in_flight[request.request_id] = (req_index, state, blocks)
-        self._used_blocks += blocks
+        self._in_flight[request.request_id] = (req_index, state,
+                                               int(state.group.suffix_blocks[k]))
         state.next_member = k + 1
         state.in_flight += 1
         return request.request_id
