@@ -27,10 +27,10 @@ def jobs(draw, vocab: int = 3, min_requests: int = 0, max_requests: int = 40) ->
     tiny vocabulary, so repeats, prompts that are prefixes of others, and prefixes longer
     than the 16-token hash chunks all happen."""
     tokens = st.integers(0, vocab - 1)
-    bases = draw(st.lists(st.lists(tokens, max_size=90), min_size=1, max_size=4))
+    bases = draw(st.lists(st.lists(tokens, max_size=70), min_size=1, max_size=4))
     prompts = []
     for _ in range(draw(st.integers(min_requests, max_requests))):
         base = draw(st.sampled_from(bases))
         cut = draw(st.integers(0, len(base)))
-        prompts.append(base[:cut] + draw(st.lists(tokens, min_size=0 if cut else 1, max_size=20)))
+        prompts.append(base[:cut] + draw(st.lists(tokens, min_size=0 if cut else 1, max_size=12)))
     return prompts

@@ -9,7 +9,7 @@ from batchrun.plan import PrefixTree
 from tests.plan.random_jobs import common, flat, jobs
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(jobs())
 def test_order_and_lcps_match_sorting_the_prompts(prompts):
     tree = PrefixTree.build(*flat(prompts))
@@ -20,7 +20,7 @@ def test_order_and_lcps_match_sorting_the_prompts(prompts):
         : len(prompts)]
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(jobs())
 def test_distinct_tokens_counts_every_distinct_prefix(prompts):
     tree = PrefixTree.build(*flat(prompts))
@@ -29,7 +29,7 @@ def test_distinct_tokens_counts_every_distinct_prefix(prompts):
     assert tree.prompt_tokens == sum(map(len, prompts))
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(jobs(min_requests=1))
 def test_nodes_are_the_branching_prefixes(prompts):
     tree = PrefixTree.build(*flat(prompts))

@@ -123,7 +123,7 @@ def planned(draw):
     return prompts, budget, block, capacity, plan
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(planned())
 def test_every_plan_keeps_its_invariants(case):
     prompts, budget, block, capacity, plan = case
@@ -152,7 +152,7 @@ def test_every_plan_keeps_its_invariants(case):
         assert not any(a and b for a, b in zip(unshared, unshared[1:], strict=False))
 
 
-@settings(max_examples=100, deadline=None)
+@settings(max_examples=60, deadline=None)
 @given(planned())
 def test_every_shared_prefix_runs_in_one_stretch(case):
     # Depth-first: the requests under any node of the block tree are consecutive in the
@@ -184,7 +184,7 @@ def best_sharing(blocks: PrefixTree) -> int:
     return best
 
 
-@settings(max_examples=100, deadline=None)
+@settings(max_examples=60, deadline=None)
 @given(jobs(vocab=2, max_requests=12), st.sampled_from([1, 2, 4]))
 def test_groups_share_as_much_as_the_best_choice_of_prefixes(prompts, block):
     values, offsets = flat(prompts)
