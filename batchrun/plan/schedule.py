@@ -10,24 +10,26 @@ Choosing groups (`_choose_prefixes`). The tree has levels (system prompt > docum
 question) and each request joins one group, whose prefix is one node on its path. BatchLLM
 flattens the tree with a dynamic programme that picks, for each subtree, the one level that
 shares the most tokens, where a group of m requests sharing P tokens shares P * (m - 1). We
-maximise the same objective over a larger family, so we never do worse: a node's group holds
-the requests of its subtree that no deeper group took (in BatchLLM a node's group takes its
-whole subtree or none of it). Deep groups do not lose the outer sharing: groups are laid
-out depth-first, so siblings under one system prompt run next to each other and the cache
-keeps serving the outer prefix across them. Requests that share no whole block with anyone
-(or too little to pay for a group) are "unshared"; they are not made into groups of one but
-batched into buckets: each maximal run of them in the final order is one group with
-prefix_len 0.
+maximise the same objective exactly, over a larger family, so we never do worse: a node's
+group holds the requests of its subtree that no deeper group took (in BatchLLM a node's
+group takes its whole subtree or none of it). On a tie the deeper group wins: a request that
+shares a prefix only with requests in deeper groups becomes a group of one under that prefix
+and runs next to them. Requests that share no whole block with any other request are
+"unshared": not thousands of groups of one, but buckets (each maximal run of them in the
+final order is one group with prefix_len 0).
 
-Order (`_run_order`). Decode-heavy work goes first, so that its long decode phases overlap
-the prefills that come later (BatchLLM's reordering), measured as the estimated decode/
-prompt ratio: the sum of max_tokens over the prompt tokens the work computes (each prefix
-once). The order is depth-first over the groups: at every level, the units there (the
-subtrees of the groups nested in it, plus the group's own members as one unit) go in
-decreasing ratio, so a subtree stays contiguous and its outer prefix is computed once. At
-the top, unshared requests are units of their own, interleaved with the group subtrees by
-ratio. Within a group, members keep tree order (deeper sharing stays adjacent). Knob:
-`decode_first=False` keeps tree order at every level instead.
+Order (`_run_order`). Depth-first over the block tree, so the requests under every shared
+prefix run as one stretch and the cache needs to hold only the current path: deep groups
+keep their outer sharing (documents under one system prompt run back to back). Within that,
+decode-heavy work goes first, so that its long decode phases overlap the prefills that come
+later (BatchLLM's reordering). At every node the units are the subtrees of its children
+that hold a group, plus its remaining requests as one unit, and they go in decreasing
+estimated decode/prompt ratio: sum of max_tokens over the prompt tokens the unit computes
+given its parent's prefix (each prefix once). At the root the unshared requests are units of
+their own, so they interleave with the system-prompt clusters by ratio. Within a unit,
+requests keep tree order (deeper sharing stays adjacent). Knob: `decode_first=False` keeps
+tree order at every level. A group whose members sit on both sides of a nested group comes
+out as several PrefixGroups with one prefix_id; the prefix stays cached in between.
 
 Memory. Each request needs ceil((prompt + max_tokens) / block_size) KV blocks; within its
 group the shared prefix blocks are counted once (`suffix_blocks` is the rest). Given
@@ -54,7 +56,7 @@ class PrefixGroup:
     prefix_blocks: int  # prefix_len / block_size
     kv_blocks: int  # KV blocks of the whole group: the prefix once, plus every member's suffix
     decode_ratio: float  # sum of max_tokens / prompt tokens the group computes (prefix once)
-    prefix_id: int  # same id, same prefix (a group cut to fit the KV budget); -1 if unshared
+    prefix_id: int  # one id per shared prefix (a group may be cut in several); -1: unshared
     parent: int  # index in Plan.groups of a group holding the enclosing shared prefix, or -1
 
     @property
@@ -64,6 +66,8 @@ class PrefixGroup:
 
 @dataclass(frozen=True)
 class PlanStats:
+    """The plan's figures, for `batchrun plan` and the job summary."""
+
     requests: int
     prompt_tokens: int
     distinct_prompt_tokens: int  # prefill work if every distinct prefix were computed once
@@ -85,6 +89,8 @@ class PlanStats:
 
 @dataclass(frozen=True)
 class Plan:
+    """Run `order` group by group; size the in-flight window with `suffix_blocks`."""
+
     order: np.ndarray  # int64 [n]: request indices in run order, each exactly once
     groups: list[PrefixGroup]  # contiguous, non-overlapping slices of order, covering it
     suffix_blocks: np.ndarray  # int64 [n] by request index: KV blocks beyond its group's prefix
