@@ -260,33 +260,27 @@ def _run_order(blocks: PrefixTree, chosen: np.ndarray, lengths: np.ndarray,
     own_work = lengths - np.maximum(blocks.lcp, blocks.node_depth[unit])
     own_ratio = np.bincount(unit, weights=decode, minlength=m) / np.maximum(
         np.bincount(unit, weights=own_work, minlength=m), 1)
-    loose = np.flatnonzero(unit == 0)
+    loose = np.flatnonzero(unit == 0)  # the root's own requests: units of one
     tree_at = np.zeros(m, dtype=np.int64)  # where each holding node's subtree starts
     own_at = np.zeros(m, dtype=np.int64)  # where each holding node's own unit starts
     loose_at = np.zeros(n, dtype=np.int64)
+    none = np.zeros(0, dtype=np.int64)
     for k in range(1, int(level[holds].max()) + 2):
+        # The units at depth k of the tree: subtrees of holding nodes at depth k, own units
+        # of holding nodes at depth k - 1, and (under the root) the loose requests.
         subtrees = np.flatnonzero(holds & (level == k))
-        owners = np.flatnonzero(holds & (level == k - 1) & (own_size > 0) & (level > 0))
-        within = np.concatenate((parent[subtrees], owners, np.zeros(len(loose) * (k == 1),
-                                                                    dtype=np.int64)))
-        sizes = np.concatenate((size[subtrees], own_size[owners], np.ones(len(within) -
-                                len(subtrees) - len(owners), dtype=np.int64)))
-        ratio = np.concatenate((tree_ratio[subtrees], own_ratio[owners],
-                                decode[loose] / np.maximum(work[loose], 1)
-                                if k == 1 else np.zeros(0)))
-        place = np.concatenate((first[subtrees], first[owners], loose if k == 1 else []))
-        keys = (place, within) if not decode_first else (place, -ratio, within)
-        by = np.lexsort(keys)
-        before = np.cumsum(sizes[by]) - sizes[by]
-        new_parent = np.ones(len(by), dtype=bool)
-        new_parent[1:] = within[by][1:] != within[by][:-1]
-        at = np.empty(len(by), dtype=np.int64)
-        at[by] = tree_at[within[by]] + before - np.maximum.accumulate(
-            np.where(new_parent, before, 0))
-        tree_at[subtrees] = at[: len(subtrees)]
-        own_at[owners] = at[len(subtrees): len(subtrees) + len(owners)]
-        if k == 1:
-            loose_at[loose] = at[len(subtrees) + len(owners):]
+        owners = np.flatnonzero(holds & (level == k - 1) & (own_size > 0)) if k > 1 else none
+        loners = loose if k == 1 else none
+        at = _lay_out(
+            tree_at,
+            within=np.concatenate((parent[subtrees], owners, np.zeros_like(loners))),
+            size=np.concatenate((size[subtrees], own_size[owners], np.ones_like(loners))),
+            ratio=np.concatenate((tree_ratio[subtrees], own_ratio[owners],
+                                  decode[loners] / np.maximum(work[loners], 1)))
+            if decode_first else None,
+            place=np.concatenate((first[subtrees], first[owners], loners)))
+        tree_at[subtrees], own_at[owners], loose_at[loners] = np.split(
+            at, [len(subtrees), len(subtrees) + len(owners)])
     # Inside an own unit, requests keep tree order.
     by_unit = np.argsort(unit, kind="stable")
     rank = np.arange(n) - np.searchsorted(unit[by_unit], unit[by_unit], side="left")
@@ -296,6 +290,20 @@ def _run_order(blocks: PrefixTree, chosen: np.ndarray, lengths: np.ndarray,
     run = np.empty(n, dtype=np.int64)
     run[target] = np.arange(n)
     return run
+
+
+def _lay_out(parent_at: np.ndarray, within: np.ndarray, size: np.ndarray,
+            ratio: np.ndarray | None, place: np.ndarray) -> np.ndarray:
+    """Where each unit starts: after its parent's start and the siblings before it, which
+    are ordered by decreasing ratio (if given), then by tree position."""
+    by = np.lexsort((place, within) if ratio is None else (place, -ratio, within))
+    before = np.cumsum(size[by]) - size[by]
+    first_sibling = np.ones(len(by), dtype=bool)
+    first_sibling[1:] = within[by][1:] != within[by][:-1]
+    at = np.empty(len(by), dtype=np.int64)
+    at[by] = parent_at[within[by]] + before - np.maximum.accumulate(
+        np.where(first_sibling, before, 0))
+    return at
 
 
 def _make_groups(group: np.ndarray, prefix: np.ndarray, lengths: np.ndarray,
