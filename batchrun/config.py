@@ -177,6 +177,13 @@ def validate_config(cfg: JobConfig) -> None:
     if cfg.engine.attention not in ATTENTION_CHOICES:
         raise ConfigError(
             f"attention must be one of {ATTENTION_CHOICES}, not {cfg.engine.attention!r}")
+    c = cfg.columns
+    named = [c.id, c.prompt, c.messages, c.prompt_token_ids, c.max_tokens, c.temperature,
+             c.top_p, c.seed, c.stop]
+    if len(set(named)) != len(named):
+        twice = sorted({n for n in named if named.count(n) > 1})
+        raise ConfigError(f"[columns] maps two fields to the same input column {twice}; "
+                          "give each field its own column")
     s = cfg.sampling
     if s.max_tokens < 1:
         raise ConfigError(f"sampling.max_tokens must be >= 1, not {s.max_tokens}")

@@ -1,0 +1,48 @@
+"""Job files: what they hold, how flags override them, and the messages when they are wrong."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from batchrun.config import ConfigError, load_job_file, parse_size, with_overrides
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_the_example_job_file_resolves_paths_against_its_folder():
+    cfg = load_job_file(REPO / "jobs" / "example.toml")
+    assert cfg.input == REPO / "examples" / "prompts.jsonl"
+    assert cfg.output == REPO / "out" / "example.parquet"
+    assert cfg.columns.passthrough == ("topic",)
+    assert cfg.engine.kv_cache_memory == 512 << 20
+
+
+def test_flags_override_the_file():
+    cfg = load_job_file(REPO / "jobs" / "example.toml")
+    cfg = with_overrides(cfg, **{"sampling.max_tokens": 7, "engine.attention": "default",
+                                 "model": None})
+    assert cfg.sampling.max_tokens == 7 and cfg.engine.attention == "default"
+    assert cfg.model == "default"  # None means: flag not given
+
+
+@pytest.mark.parametrize("text,size", [("256MiB", 256 << 20), ("1GiB", 1 << 30),
+                                       ("1.5GB", 1_500_000_000), ("4096", 4096)])
+def test_sizes(text, size):
+    assert parse_size(text) == size
+
+
+@pytest.mark.parametrize("body,message", [
+    ('output = "o.parquet"', "no `input"),
+    ('input = "i"\noutput = "o"\ncolour = 1', "unknown key"),
+    ('input = "i"\noutput = "o"\n[sampling]\ntemperature = -1', "temperature"),
+    ('input = "i"\noutput = "o"\n[columns]\nprompt = "x"\nmessages = "x"', "same input column"),
+    ('input = "i"\noutput = "o"\n[engine]\nkv_cache_memory = "lots"', "256MiB"),
+    ("input = ", "not valid TOML"),
+])
+def test_mistakes_in_job_files_say_how_to_fix_them(tmp_path, body, message):
+    path = tmp_path / "job.toml"
+    path.write_text(body)
+    with pytest.raises(ConfigError, match=message):
+        load_job_file(path)
