@@ -97,6 +97,16 @@ def _fail(message: str, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
+def _internal_error(e: Exception, verbose: bool) -> None:
+    """A bug: say so in one line, details only when asked."""
+    from .runner import EXIT_INTERNAL
+
+    if verbose or os.environ.get("BATCHRUN_DEBUG"):
+        raise e
+    _fail(f"internal error: {type(e).__name__}: {e} (re-run with -v for details; "
+          "please report it)", EXIT_INTERNAL)
+
+
 def _quiet_engine_logs(verbose: bool) -> None:
     # stdout is for --json; vLLM logs to stdout unless told otherwise.
     os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
@@ -165,7 +175,7 @@ def run(
     from .io.readers import InputError
     from .io.results import CheckpointError
     from .model import ModelError
-    from .runner import EXIT_INTERNAL, run_job
+    from .runner import EXIT_INTERRUPTED, run_job
 
     try:
         cfg = _config(
@@ -184,11 +194,11 @@ def run(
                           interactive=progress, grace_s=grace_period)
     except (ConfigError, InputError, CheckpointError, ModelError) as e:
         _fail(str(e))
-    except Exception as e:  # a bug: say so in one line, details only when asked
-        if verbose or os.environ.get("BATCHRUN_DEBUG"):
-            raise
-        _fail(f"internal error: {type(e).__name__}: {e} (re-run with -v for details; "
-              "please report it)", EXIT_INTERNAL)
+    except KeyboardInterrupt:  # Ctrl-C before the job's own signal handling started
+        _fail("interrupted before the job started; nothing was lost. Run the same command "
+              "(with --resume) to start it", EXIT_INTERRUPTED)
+    except Exception as e:
+        _internal_error(e, verbose)
     _print_outcome(outcome.summary, outcome.message, json_summary)
     raise typer.Exit(outcome.exit_code)
 
@@ -245,6 +255,8 @@ def validate(
         prepared = prepare_job(cfg, engine_kind=engine.value)
     except (ConfigError, InputError, ModelError) as e:
         _fail(str(e))
+    except Exception as e:
+        _internal_error(e, False)
     errors = prepared.request_errors()
     lengths = prepared.tokens.lengths()
     report = {

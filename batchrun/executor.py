@@ -12,6 +12,8 @@ group waits, so a hold costs the group one step, not the engine.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import signal
 import threading
 import time
@@ -21,7 +23,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .engine.base import Engine, GenerationRequest, GenerationResult
+from .engine.base import Engine, EngineDiedError, GenerationRequest, GenerationResult
 
 
 @dataclass
@@ -56,28 +58,57 @@ class StopFlag:
 
     requested: bool = False
     at: float = 0.0
+    signals: int = 0  # how many stop requests came in
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def request(self) -> bool:
         """Return True if this was the second request (hard stop)."""
         with self._lock:
+            self.signals += 1
             if self.requested:
                 return True
             self.requested, self.at = True, time.monotonic()
             return False
 
 
-class Interrupted(Exception):
-    """The job was stopped by a signal; its checkpoint is resumable."""
+class Interrupted(BaseException):
+    """The job was stopped by a signal; its checkpoint is resumable.
+
+    A BaseException, like KeyboardInterrupt: it is raised from a signal handler wherever the
+    main thread happens to be, often inside vLLM, whose `except Exception` handlers would
+    otherwise turn it into an engine failure (or swallow it)."""
+
+
+# runner.EXIT_INTERRUPTED (the runner imports this module, not the other way round).
+EXIT_INTERRUPTED = 4
+_ABANDON = ("batchrun: third signal: exiting now; finished rows are saved, "
+            "run again with --resume\n")
+
+
+def _say(message: str) -> None:
+    # os.write, not print or logging: a handler may run while the main thread is inside
+    # either. A closed stderr must not turn a signal into a write error.
+    with contextlib.suppress(OSError):
+        os.write(2, message.encode())
 
 
 def install_signal_handlers(stop: StopFlag) -> Callable[[], None]:
-    """SIGTERM / SIGINT: first one drains gracefully, second one raises Interrupted now.
+    """SIGTERM / SIGINT: the first one drains gracefully, the second one raises Interrupted
+    now, a third one (cleanup after the second is taking too long) exits the process at once.
     Returns a function that restores the previous handlers."""
 
     def handler(signum: int, _frame: object) -> None:
-        if stop.request():
-            raise Interrupted(f"second {signal.Signals(signum).name}: stopping at once")
+        name = signal.Signals(signum).name
+        if not stop.request():
+            _say(f"batchrun: {name}: finishing requests in flight, then saving; send it again "
+                 "to stop at once\n")
+            return
+        if stop.signals > 2:
+            # Every finished row is already in the journal, flushed and readable after a
+            # kill, so leaving without any cleanup loses nothing.
+            _say(_ABANDON)
+            os._exit(EXIT_INTERRUPTED)
+        raise Interrupted(f"second {name}: stopped at once")
 
     previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
     return lambda: [signal.signal(s, h) for s, h in previous.items()]
@@ -144,6 +175,10 @@ class StreamingExecutor:
                 done.append((req, result))
             if done:
                 self._on_results(done)
+            if self._in_flight and not self.engine.num_unfinished():
+                # Waiting for results an engine no longer has would loop forever.
+                raise EngineDiedError(
+                    f"the engine dropped {len(self._in_flight)} request(s) without a result")
 
     def _fits(self, blocks: int) -> bool:
         # Always let one request in, however large, so a job can never stall.

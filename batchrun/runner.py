@@ -6,8 +6,10 @@ Each stage lives in its own module; this one only wires them together and keeps 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -16,17 +18,20 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from . import __version__
-from .config import JobConfig
+from .config import ConfigError, JobConfig
 from .engine.base import Engine, EngineDiedError, GenerationRequest, GenerationResult
 from .executor import Interrupted, RunGroup, StopFlag, StreamingExecutor, install_signal_handlers
 from .io.readers import RequestSet, read_request_set
 from .io.results import (
     Checkpoint,
     CheckpointError,
+    ResultJournal,
     file_fingerprint,
     partial_dir_for,
+    temp_path,
     write_final_parquet,
     write_openai_jsonl,
 )
@@ -251,14 +256,41 @@ def start_engine(config: JobConfig, engine_kind: str, new_tokens: int) -> Engine
     if engine_kind == "fake":
         from .engine.fake import FakeEngine
 
-        return FakeEngine(max_model_len=config.engine.max_model_len or 2048)
+        return FakeEngine.from_env(max_model_len=config.engine.max_model_len or 2048)
     from .engine.vllm_engine import VllmEngine, on_cpu
     from .model import resolve_model
 
     eager = config.engine.enforce_eager
     if eager is None:
         eager = on_cpu() and new_tokens < EAGER_BELOW_NEW_TOKENS
-    return VllmEngine(resolve_model(config.model), config.engine, enforce_eager=eager)
+    model_dir = resolve_model(config.model)
+    try:
+        return VllmEngine(model_dir, config.engine, enforce_eager=eager)
+    except Exception as e:  # vLLM fails to start with anything: ValueError (KV cache smaller
+        # than one max_model_len sequence), RuntimeError, torch's OutOfMemoryError, ...
+        cause = " ".join(str(e).split()) or "no details"
+        raise EngineDiedError(f"the vLLM engine failed to start: {type(e).__name__}: {cause}") \
+            from e
+
+
+def check_output_paths(config: JobConfig) -> None:
+    """Refuse output paths where writing (or declaring the job done) would be wrong."""
+    for path in filter(None, (config.output, config.openai_output)):
+        if path.is_dir():
+            raise ConfigError(f"output {path} is a folder; name a file, e.g. "
+                              f"{path / 'results.parquet'}")
+        if path.resolve() == config.input.resolve():
+            raise ConfigError(f"output {path} is the input file; write results elsewhere")
+    if config.output.exists() and not _is_batchrun_output(config.output):
+        raise ConfigError(f"{config.output} exists but is not a batchrun output; move it away, "
+                          "choose another output path, or use --overwrite to replace it")
+
+
+def _is_batchrun_output(path: Path) -> bool:
+    try:
+        return b"batchrun" in (pq.read_schema(path).metadata or {})
+    except (OSError, pa.ArrowException):
+        return False
 
 
 def run_job(
@@ -273,10 +305,33 @@ def run_job(
     handle_signals: bool = True,
 ) -> JobOutcome:
     """Run a job to its output file. `engine` lets a caller (tests, benchmarks) share one
-    started engine between jobs; otherwise one is started here and closed at the end."""
+    started engine between jobs; otherwise one is started here and closed at the end.
+
+    Signals are handled from reading the input to writing the output: a first SIGTERM/SIGINT
+    lets the job wind down, a second raises Interrupted wherever it lands. Either way every
+    result finished by then is in the checkpoint."""
+    stop = StopFlag()
+    restore = install_signal_handlers(stop) if handle_signals else (lambda: None)
+    try:
+        return _run_job(config, stop, engine_kind=engine_kind, engine=engine, resume=resume,
+                        overwrite=overwrite, interactive=interactive, grace_s=grace_s)
+    except Interrupted as e:
+        return JobOutcome(EXIT_INTERRUPTED, {"status": "interrupted", "output": str(config.output)},
+                          f"{e}; finished rows are saved. Re-run with --resume")
+    finally:
+        restore()
+
+
+def _run_job(config: JobConfig, stop: StopFlag, *, engine_kind: str, engine: Engine | None,
+             resume: bool, overwrite: bool, interactive: bool | None,
+             grace_s: float) -> JobOutcome:
     t0 = time.monotonic()
     output = config.output
+    check_output_paths(config)
     if output.exists() and not overwrite:
+        leftover = Checkpoint(partial_dir_for(output))
+        if leftover.is_complete():  # a kill came between writing the output and this cleanup
+            leftover.remove()
         msg = (f"{output} already exists: this job has finished before, nothing to do. "
                "Use --overwrite to run it again")
         return JobOutcome(EXIT_OK, {"status": "already_done", "output": str(output)}, msg)
@@ -293,38 +348,40 @@ def run_job(
 
     job = prepare_job(config, engine_kind=engine_kind, done_rows=done_rows,
                       engine_max_model_len=engine.info.max_model_len if engine else None)
-    journal = ckpt.new_journal()
-    errors = job.request_errors()
-    if errors:
-        err_table = _error_results(job, errors)
-        journal.append(err_table)
-        books.count(err_table)
 
     new_tokens = int(job.max_tokens.sum())
     own_engine = engine is None
-    stop = StopFlag()
-    restore = install_signal_handlers(stop) if handle_signals else (lambda: None)
+    journal: ResultJournal | None = None
     progress: ProgressReporter | None = None
     status, message, plan_figures = "ok", "", {}
     try:
-        if own_engine:
-            engine = start_engine(config, engine_kind, new_tokens)
-        info = engine.info
-        progress = ProgressReporter(job.rows, already_done=books.succeeded + books.failed,
-                                    interactive=interactive)
-        groups, plan_figures = make_groups(job, info.block_size, info.kv_capacity_tokens)
+        journal = ckpt.new_journal()
+        errors = job.request_errors()
+        if errors:
+            err_table = _error_results(job, errors)
+            journal.append(err_table)
+            books.count(err_table)
+        # No engine when nothing is left to generate (a resume after a failed final write,
+        # only error rows) or a signal came while reading: starting vLLM takes a minute.
+        if len(job.tokens.positions) and not stop.requested:
+            if own_engine:
+                engine = start_engine(config, engine_kind, new_tokens)
+            info = engine.info
+            progress = ProgressReporter(job.rows, already_done=books.succeeded + books.failed,
+                                        interactive=interactive)
+            groups, plan_figures = make_groups(job, info.block_size, info.kv_capacity_tokens)
 
-        def on_results(batch: list[tuple[int, GenerationResult]]) -> None:
-            table = _results_table(job, batch)
-            journal.append(table)
-            books.count(table)
-            progress.advance(len(batch), sum(r.prompt_tokens + r.completion_tokens
-                                             for _, r in batch))
+            def on_results(batch: list[tuple[int, GenerationResult]]) -> None:
+                table = _results_table(job, batch)
+                journal.append(table)
+                books.count(table)
+                progress.advance(len(batch), sum(r.prompt_tokens + r.completion_tokens
+                                                 for _, r in batch))
 
-        executor = StreamingExecutor(engine, groups, request_factory(job), on_results,
-                                     stop=stop, grace_s=grace_s)
-        executor.run()
-        if stop.requested:
+            executor = StreamingExecutor(engine, groups, request_factory(job), on_results,
+                                         stop=stop, grace_s=grace_s)
+            executor.run()
+        if stop.requested and books.succeeded + books.failed < job.rows:
             status = "interrupted"
             message = ("interrupted by a signal; finished rows are saved. Run the same command "
                        "with --resume to continue")
@@ -338,13 +395,11 @@ def run_job(
                                            f"{ckpt.path} holds every row finished so far; "
                                            "free space and re-run with --resume")
     finally:
-        restore()
         if progress is not None:
             progress.close()
-        try:
-            journal.close()
-        except OSError:
-            pass
+        if journal is not None:
+            with contextlib.suppress(OSError):  # the write error itself was caught above
+                journal.close()
         if own_engine and engine is not None:
             engine.close()
 
@@ -360,11 +415,21 @@ def run_job(
     meta = {"batchrun_version": __version__, "model": config.model,
             "sampling": config.fingerprint_settings()["sampling"],
             "engine": engine.info.settings if engine else {}}
-    table = write_final_parquet(results, job.requests.passthrough, output, meta)
-    if config.openai_output:
-        endpoints = job.requests.requests["endpoint"].take(table["row"])
-        write_openai_jsonl(table.append_column("endpoint", endpoints), config.openai_output,
-                           model=config.model)
+    try:
+        ckpt.mark_complete()
+        results = results.sort_by("row")
+        # The OpenAI file first: the Parquet output appearing is what marks the job done.
+        if config.openai_output:
+            endpoints = job.requests.requests["endpoint"].take(results["row"])
+            write_openai_jsonl(results.append_column("endpoint", endpoints),
+                               config.openai_output, model=config.model)
+        write_final_parquet(results, job.requests.passthrough, output, meta)
+    except OSError as e:
+        summary["status"], summary["checkpoint"] = "write_failed", str(ckpt.path)
+        _write_summary(output, summary)
+        return JobOutcome(EXIT_INTERRUPTED, summary, (
+            f"cannot write the output ({e.strerror or e}): {ckpt.path} holds every row; "
+            "free space and re-run with --resume"))
     ckpt.remove()
     _write_summary(output, summary)
     code = EXIT_OK if books.failed == 0 else EXIT_ROW_ERRORS
@@ -404,6 +469,16 @@ def _summary(config: JobConfig, job: PreparedJob, books: _Books, engine: Engine 
 
 
 def _write_summary(output: Path, summary: dict[str, Any]) -> None:
+    """Best effort: the summary is also printed, and a full disk that stopped the job must
+    not turn its exit code 4 into a crash."""
     path = output.with_name(output.name + ".summary.json")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(summary, indent=2, sort_keys=True, default=str) + "\n")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = temp_path(path)
+        tmp.write_text(json.dumps(summary, indent=2, sort_keys=True, default=str) + "\n")
+        os.replace(tmp, path)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            temp_path(path).unlink(missing_ok=True)
+        log.warning("cannot write %s (%s); the summary is printed instead", path,
+                    e.strerror or e)

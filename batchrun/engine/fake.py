@@ -4,15 +4,30 @@ It behaves like vLLM where the runner can tell: requests run concurrently up to 
 one token per step, and a block-granular LRU prefix cache reports `cached_tokens` the way
 vLLM's num_cached_tokens does. Its text is a pure function of the prompt and sampling, so
 outputs do not depend on order or batching. Never used by `batchrun run` unless asked.
+
+`batchrun run --engine fake` reads extra constructor arguments from the environment variable
+BATCHRUN_FAKE_ENGINE, a JSON object, so that CLI-level tests can slow the engine down (to kill
+or signal a run mid-way) or inject failures without a model:
+
+    BATCHRUN_FAKE_ENGINE='{"step_delay_s": 0.02, "die_after_steps": 40}' \
+        batchrun run prompts.jsonl -o out.parquet --engine fake
 """
 
 from __future__ import annotations
 
 import hashlib
+import inspect
+import json
+import os
+import time
 from collections import OrderedDict
 from dataclasses import dataclass
+from typing import Any
 
+from ..config import ConfigError
 from .base import EngineDiedError, EngineInfo, GenerationRequest, GenerationResult, StepOutput
+
+ENV_VAR = "BATCHRUN_FAKE_ENGINE"
 
 
 @dataclass
@@ -32,6 +47,7 @@ class FakeEngine:
         max_num_seqs: int = 64,
         fail_request_ids: frozenset[str] = frozenset(),
         die_after_steps: int | None = None,
+        step_delay_s: float = 0.0,
     ) -> None:
         self.info = EngineInfo("fake", "fake", block_size, kv_capacity_tokens, max_model_len,
                                {"engine": "fake", "block_size": block_size})
@@ -42,9 +58,29 @@ class FakeEngine:
         self._computed: list[bytes] = []
         self._fail = fail_request_ids
         self._die_after = die_after_steps
+        self._step_delay_s = step_delay_s  # wall time of a step, as a real engine has
         self.steps = 0
         self.admission_order: list[str] = []
         self.max_running_seen = 0
+
+    @classmethod
+    def from_env(cls, **defaults: Any) -> FakeEngine:
+        """A fake engine with `defaults`, overridden by the JSON object in BATCHRUN_FAKE_ENGINE
+        (keys: this class's constructor arguments)."""
+        raw = os.environ.get(ENV_VAR, "").strip()
+        if not raw:
+            return cls(**defaults)
+        try:
+            options = json.loads(raw)
+        except ValueError as e:
+            raise ConfigError(f"{ENV_VAR} is not valid JSON ({e}); write e.g. "
+                              '\'{"step_delay_s": 0.02}\'') from None
+        known = set(inspect.signature(cls).parameters)
+        if not isinstance(options, dict) or not set(options) <= known:
+            raise ConfigError(f"{ENV_VAR} must be a JSON object with keys among {sorted(known)}")
+        if "fail_request_ids" in options:
+            options["fail_request_ids"] = frozenset(options["fail_request_ids"])
+        return cls(**{**defaults, **options})
 
     def add(self, request: GenerationRequest) -> None:
         self._waiting.append(request)
@@ -72,6 +108,8 @@ class FakeEngine:
 
     def step(self) -> StepOutput:
         self.steps += 1
+        if self._step_delay_s:
+            time.sleep(self._step_delay_s)
         if self._die_after is not None and self.steps > self._die_after:
             raise EngineDiedError("the fake engine died (injected failure)")
         while self._waiting and len(self._running) < self._max_num_seqs:

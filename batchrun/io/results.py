@@ -6,26 +6,33 @@ the requests still in flight. A resumed run reads the journals (a batch cut shor
 is dropped: its rows simply run again) and starts a new journal. When every row is done, the
 journals are merged in input order into the output Parquet file: written under a temporary
 name in the same folder, then renamed into place, so the output path only ever holds a
-complete file.
+complete file. A checkpoint that holds no result yet (a kill before the first one, a bad input)
+is simply replaced: it has nothing to lose, and it must not block the next run.
 """
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import os
 import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from .rows import InputError
 from .schema import RESULT_SCHEMA
 
 MANIFEST = "manifest.json"
+# Written once every row is done, just before the output is renamed into place: a checkpoint
+# that has it next to an existing output is one whose removal a kill interrupted.
+COMPLETE = "complete"
 ROW_GROUP_SIZE = 65_536
 
 
@@ -40,9 +47,17 @@ def partial_dir_for(output: Path) -> Path:
 def file_fingerprint(path: Path) -> dict[str, Any]:
     """Content hash of the input, so a resume never mixes results of two different inputs."""
     h = hashlib.blake2b(digest_size=16)
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            h.update(chunk)
+    try:
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 22):
+                h.update(chunk)
+    except FileNotFoundError:
+        raise InputError(f"{path}: no such file; check the input path") from None
+    except IsADirectoryError:
+        raise InputError(f"{path}: is a directory; point the input at one file") from None
+    except OSError as e:
+        raise InputError(f"{path}: cannot be read ({e.strerror or e}); check its permissions") \
+            from None
     return {"path": str(path), "bytes": path.stat().st_size, "blake2b": h.hexdigest()}
 
 
@@ -66,6 +81,8 @@ class Checkpoint:
         path = partial_dir_for(output)
         ckpt = cls(path)
         manifest = json.loads(json.dumps(manifest))  # as it reads back: tuples become lists
+        if path.is_dir() and not ckpt.has_results():
+            ckpt.remove()
         if path.exists():
             if not resume:
                 raise CheckpointError(
@@ -73,11 +90,17 @@ class Checkpoint:
                     f"or --overwrite to throw it away and start over")
             ckpt._check_same_job(manifest)
             return ckpt
-        path.mkdir(parents=True)
-        tmp = path / (MANIFEST + ".tmp")
-        tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True))
-        os.replace(tmp, path / MANIFEST)
-        _fsync_dir(path)
+        try:
+            path.mkdir(parents=True)
+            tmp = path / (MANIFEST + ".tmp")
+            tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True))
+            os.replace(tmp, path / MANIFEST)
+            _fsync_dir(path)
+        except OSError as e:
+            ckpt.remove()
+            raise CheckpointError(
+                f"cannot create the checkpoint {path} ({e.strerror or e}); check that "
+                f"{path.parent} is writable and has free space") from None
         return ckpt
 
     def _check_same_job(self, manifest: dict[str, Any]) -> None:
@@ -97,11 +120,14 @@ class Checkpoint:
     def journals(self) -> list[Path]:
         return sorted(self.path.glob("journal-*.arrows"))
 
+    def has_results(self) -> bool:
+        return any(next(_complete_batches(j), None) is not None for j in self.journals())
+
     def read_done(self) -> pa.Table:
         """Every result recorded so far (complete batches only), at most once per row."""
         tables = []
         for journal in self.journals():
-            tables.extend(_read_complete_batches(journal))
+            tables.extend(_complete_batches(journal))
         if not tables:
             return RESULT_SCHEMA.empty_table()
         done = pa.concat_tables(tables)
@@ -114,22 +140,23 @@ class Checkpoint:
         n = len(self.journals())
         return ResultJournal(self.path / f"journal-{n:05d}.arrows")
 
+    def mark_complete(self) -> None:
+        (self.path / COMPLETE).touch()
+
+    def is_complete(self) -> bool:
+        return (self.path / COMPLETE).exists()
+
     def remove(self) -> None:
         shutil.rmtree(self.path, ignore_errors=True)
 
 
-def _read_complete_batches(journal: Path) -> list[pa.Table]:
-    out = []
+def _complete_batches(journal: Path) -> Iterator[pa.Table]:
     try:
         with pa.OSFile(str(journal), "rb") as f, pa.ipc.open_stream(f) as reader:
-            while True:
-                try:
-                    out.append(pa.Table.from_batches([reader.read_next_batch()]))
-                except StopIteration:
-                    break
+            for batch in reader:
+                yield pa.Table.from_batches([batch])
     except (pa.ArrowInvalid, OSError):
-        pass  # the tail that a kill cut short; what was read before it stands
-    return out
+        pass  # the tail that a kill (or a full disk) cut short; what was read before it stands
 
 
 class ResultJournal:
@@ -140,22 +167,30 @@ class ResultJournal:
         self._sink = pa.OSFile(str(path), "wb")
         self._writer = pa.ipc.new_stream(self._sink, RESULT_SCHEMA)
         self._since_sync = 0
+        self._failed = False
 
     def append(self, results: pa.Table) -> None:
         if results.num_rows == 0:
             return
-        self._writer.write_table(results.select(RESULT_SCHEMA.names).cast(RESULT_SCHEMA))
-        self._sink.flush()
-        self._since_sync += results.num_rows
-        if self._since_sync >= 4096:  # fsync now and then: survives a power cut, not only a kill
-            os.fsync(self._sink.fileno())
-            self._since_sync = 0
+        try:
+            self._writer.write_table(results.select(RESULT_SCHEMA.names).cast(RESULT_SCHEMA))
+            self._sink.flush()
+            self._since_sync += results.num_rows
+            if self._since_sync >= 4096:  # fsync now and then: survives a power cut too
+                os.fsync(self._sink.fileno())
+                self._since_sync = 0
+        except OSError:
+            # A write cut short (a full disk) leaves part of a batch at the end of the stream:
+            # readers stop there, as after a kill, as long as nothing is written after it.
+            self._failed = True
+            raise
 
     def close(self) -> None:
         try:
-            self._writer.close()
-            self._sink.flush()
-            os.fsync(self._sink.fileno())
+            if not self._failed:
+                self._writer.close()
+                self._sink.flush()
+                os.fsync(self._sink.fileno())
         finally:
             self._sink.close()
 
@@ -174,7 +209,7 @@ def write_final_parquet(
     meta = {b"batchrun": json.dumps(metadata, sort_keys=True, default=str).encode()}
     table = table.replace_schema_metadata(meta)
     output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.with_name(f".{output.name}.tmp-{os.getpid()}")
+    tmp = temp_path(output)
     try:
         pq.write_table(table, tmp, row_group_size=ROW_GROUP_SIZE, compression="zstd")
         with open(tmp, "rb") as f:
@@ -189,30 +224,48 @@ def write_final_parquet(
 def write_openai_jsonl(table: pa.Table, path: Path, *, model: str) -> None:
     """Results in the OpenAI Batch API output format, one line per input row. An `endpoint`
     column ("chat" / "completion") picks chat.completion or text_completion bodies."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(tmp, "w") as f:
-        names = RESULT_SCHEMA.names + (["endpoint"] if "endpoint" in table.column_names else [])
-        for r in table.select(names).to_pylist():
-            if r["error"] is not None:
-                line = {"id": f"batch_req_{r['row']}", "custom_id": r["id"], "response": None,
-                        "error": {"code": "row_error", "message": r["error"]}}
+    tmp = temp_path(path)
+    try:
+        with open(tmp, "w") as f:
+            _write_openai_lines(f, table, model)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def temp_path(path: Path) -> Path:
+    """Where `path` is written before it is renamed into place: same folder (a rename across
+    file systems is not atomic), hidden, named after this process. Temp files that killed
+    writers left are removed first: the output path is this job's alone."""
+    for stale in path.parent.glob(f".{glob.escape(path.name)}.tmp-*"):
+        stale.unlink(missing_ok=True)
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+
+
+def _write_openai_lines(f: TextIO, table: pa.Table, model: str) -> None:
+    names = RESULT_SCHEMA.names + (["endpoint"] if "endpoint" in table.column_names else [])
+    for r in table.select(names).to_pylist():
+        if r["error"] is not None:
+            line = {"id": f"batch_req_{r['row']}", "custom_id": r["id"], "response": None,
+                    "error": {"code": "row_error", "message": r["error"]}}
+        else:
+            choice: dict[str, Any] = {"index": 0, "finish_reason": r["finish_reason"]}
+            if r.get("endpoint") == "chat":
+                obj = "chat.completion"
+                choice["message"] = {"role": "assistant", "content": r["text"]}
             else:
-                choice: dict[str, Any] = {"index": 0, "finish_reason": r["finish_reason"]}
-                if r.get("endpoint") == "chat":
-                    obj = "chat.completion"
-                    choice["message"] = {"role": "assistant", "content": r["text"]}
-                else:
-                    obj = "text_completion"
-                    choice["text"] = r["text"]
-                body = {
-                    "object": obj, "model": model, "choices": [choice],
-                    "usage": {"prompt_tokens": r["prompt_tokens"],
-                              "completion_tokens": r["completion_tokens"],
-                              "total_tokens": r["prompt_tokens"] + r["completion_tokens"],
-                              "prompt_tokens_details": {"cached_tokens": r["cached_tokens"]}},
-                }
-                line = {"id": f"batch_req_{r['row']}", "custom_id": r["id"],
-                        "response": {"status_code": 200, "body": body}, "error": None}
-            f.write(json.dumps(line) + "\n")
-    os.replace(tmp, path)
+                obj = "text_completion"
+                choice["text"] = r["text"]
+            body = {
+                "object": obj, "model": model, "choices": [choice],
+                "usage": {"prompt_tokens": r["prompt_tokens"],
+                          "completion_tokens": r["completion_tokens"],
+                          "total_tokens": r["prompt_tokens"] + r["completion_tokens"],
+                          "prompt_tokens_details": {"cached_tokens": r["cached_tokens"]}},
+            }
+            line = {"id": f"batch_req_{r['row']}", "custom_id": r["id"],
+                    "response": {"status_code": 200, "body": body}, "error": None}
+        f.write(json.dumps(line) + "\n")
