@@ -137,6 +137,7 @@ def read_tokens(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 def measure(path: Path, block_size: int, kv_capacity_tokens: int) -> dict:
     """One timed run: read, build the tree, plan."""
+    load = os.getloadavg()[0]
     t0 = time.perf_counter()
     values, offsets, max_tokens = read_tokens(path)
     t1 = time.perf_counter()
@@ -145,13 +146,16 @@ def measure(path: Path, block_size: int, kv_capacity_tokens: int) -> dict:
     plan = plan_schedule(values, offsets, max_tokens, block_size=block_size,
                          kv_capacity_tokens=kv_capacity_tokens, tree=tree)
     t3 = time.perf_counter()
+    usage = resource.getrusage(resource.RUSAGE_SELF)
     return {
         "requests": len(max_tokens),
         "read_s": t1 - t0,
         "tree_s": t2 - t1,
         "plan_s": t3 - t2,
         "total_s": t3 - t0,
-        "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+        "cpu_s": usage.ru_utime + usage.ru_stime,  # all threads; wall above is what counts
+        "peak_rss_gib": usage.ru_maxrss / 2**20,
+        "load_before": load,  # other work on the machine skews wall times
         "stats": plan.stats.to_dict(),
     }
 
@@ -181,14 +185,15 @@ def main() -> None:
             check=True, capture_output=True, text=True)
         results.append(json.loads(child.stdout))
 
-    print("| requests | prompt tokens | read s | tree s | plan s | total s | peak RSS GiB "
-          "| groups | prefill saving |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("| requests | prompt tokens | read s | tree s | plan s | total s | CPU s "
+          "| peak RSS GiB | groups | prefill saving | load |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in results:
         s = r["stats"]
         print(f"| {r['requests']:,} | {s['prompt_tokens']:,} | {r['read_s']:.2f} | "
-              f"{r['tree_s']:.2f} | {r['plan_s']:.2f} | {r['total_s']:.2f} | "
-              f"{r['peak_rss_gib']:.2f} | {s['groups']:,} | {s['expected_prefill_saving']:.1%} |")
+              f"{r['tree_s']:.2f} | {r['plan_s']:.2f} | {r['total_s']:.2f} | {r['cpu_s']:.1f} | "
+              f"{r['peak_rss_gib']:.2f} | {s['groups']:,} | {s['expected_prefill_saving']:.1%} | "
+              f"{r['load_before']:.1f} |")
     for a, b in zip(results, results[1:], strict=False):
         grow = math.log(b["total_s"] / a["total_s"]) / math.log(b["requests"] / a["requests"])
         print(f"time grows as n^{grow:.2f} from {a['requests']:,} to {b['requests']:,} requests")
