@@ -1,0 +1,11 @@
+"""batchrun's vLLM attention backend: shared-prefix (Hydragen-style) attention inside the
+engine, registered by the ``vllm.general_plugins`` entry point ``plugin.register``.
+
+This package's top level stays free of vLLM and torch imports: vLLM imports the plugin in
+every process, and the runner reads the counters without touching the engine.
+"""
+
+from .mode import get_mode, set_mode
+from .stats import read_attention_stats, reset_attention_stats
+
+__all__ = ["get_mode", "read_attention_stats", "reset_attention_stats", "set_mode"]

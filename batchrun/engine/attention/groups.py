@@ -1,0 +1,157 @@
+"""Find the groups of running sequences that share prefix KV blocks, once per engine step.
+
+With prefix caching, requests that share a prompt prefix point at the same physical blocks at
+the start of their block tables. A *shared prefix* is a set of >= 2 sequences whose first
+``num_blocks`` block ids are identical. Attention over those blocks can then be computed for
+all members' queries at once (Hydragen), and merged exactly with each member's attention over
+the rest of its keys, provided every query token sees the whole prefix. So only full blocks
+that lie entirely before a sequence's first query token count (a block this step is still
+writing for one sequence may already be mapped by another).
+
+Pure numpy on host copies: the same code plans the CPU and the CUDA backends.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from itertools import pairwise
+
+import numpy as np
+
+# Measured on the 2-core EPYC CI machine, SmolLM2 shapes (3 KV heads, head 64, fp32), one layer
+# (benchmarks/bench_attention_cpu.py --micro, README "Attention plugin (CPU)"): the shared-prefix
+# path's fixed cost (Python and small torch ops) is repaid once a group saves about this many
+# key reads per KV head, i.e. (members - 1) * prefix tokens.
+MIN_SAVED_KEYS = 2048
+# A member's queries are stacked into the prefix matmul and its suffix is attended in torch;
+# long prefill chunks gain nothing from sharing (their own queries already amortise the
+# prefix reads) and would make the suffix score matrix large, so they stay on the stock path.
+MAX_MEMBER_QUERY_LEN = 64
+
+
+@dataclass(frozen=True)
+class SharedPrefix:
+    """Batch rows ``seq_ids`` (ascending) whose first ``num_blocks`` KV blocks are the same."""
+
+    seq_ids: np.ndarray
+    num_blocks: int
+
+    @property
+    def num_members(self) -> int:
+        return int(self.seq_ids.size)
+
+    def saved_keys(self, block_size: int) -> int:
+        """Key reads per KV head that one shared pass saves against per-sequence attention."""
+        return (self.num_members - 1) * self.num_blocks * block_size
+
+
+@dataclass(frozen=True)
+class PrefixPolicy:
+    """Which sequences may join a group, and which groups are worth the shared-prefix path."""
+
+    min_saved_keys: int = MIN_SAVED_KEYS
+    max_member_query_len: int = MAX_MEMBER_QUERY_LEN
+
+    @classmethod
+    def for_mode(cls, mode: str) -> PrefixPolicy:
+        """``prefix`` takes every group; ``auto`` only the ones that pay."""
+        return cls(min_saved_keys=1 if mode == "prefix" else MIN_SAVED_KEYS)
+
+    def eligible_blocks(self, query_lens: np.ndarray, seq_lens: np.ndarray,
+                        block_size: int) -> np.ndarray:
+        """Leading blocks each sequence may share: full blocks wholly before its first query
+        token; none for padding rows and long prefill chunks."""
+        blocks = (seq_lens - query_lens) // block_size
+        blocks[(query_lens <= 0) | (query_lens > self.max_member_query_len)] = 0
+        return blocks
+
+    def split(self, groups: list[SharedPrefix],
+              block_size: int) -> tuple[list[SharedPrefix], list[SharedPrefix]]:
+        """(groups that pay, groups left to the stock path)."""
+        kept = [g for g in groups if g.saved_keys(block_size) >= self.min_saved_keys]
+        return kept, [g for g in groups if g.saved_keys(block_size) < self.min_saved_keys]
+
+
+@dataclass(frozen=True)
+class StepGroups:
+    """The groups one step will use, and its attention work in (query, key) pairs."""
+
+    groups: list[SharedPrefix]
+    skipped: int  # groups found but not worth the shared-prefix path
+    query_key_pairs: int
+    prefix_query_key_pairs: int  # served by the groups' shared prefixes
+
+
+def plan_step(policy: PrefixPolicy, query_lens: np.ndarray, seq_lens: np.ndarray,
+              block_size: int, read_block_table: Callable[[int], np.ndarray]) -> StepGroups:
+    """Group the step's sequences. ``read_block_table(width)`` returns the host block table's
+    first ``width`` columns (on a GPU only those are copied to the host)."""
+    eligible = policy.eligible_blocks(query_lens, seq_lens, block_size)
+    width = int(eligible.max(initial=0))
+    found = find_shared_prefixes(read_block_table(width), eligible) if width else []
+    kept, skipped = policy.split(found, block_size)
+    prefix_pairs = sum(int(query_lens[g.seq_ids].sum()) * g.num_blocks * block_size
+                       for g in kept)
+    return StepGroups(kept, len(skipped), causal_pairs(query_lens, seq_lens), prefix_pairs)
+
+
+def find_shared_prefixes(block_table: np.ndarray, eligible_blocks: np.ndarray) -> list[
+        SharedPrefix]:
+    """Partition the rows that share leading block ids into groups of >= 2 rows.
+
+    ``block_table`` is ``[num_seqs, >= max(eligible_blocks)]``; only each row's first
+    ``eligible_blocks[row]`` entries are compared. Rows sorted by block ids form a prefix tree;
+    among the ways to cut it into groups (a group's prefix is the longest run common to all
+    its members), this picks the one that saves the most prefix key reads,
+    ``sum((members - 1) * prefix)``, preferring fewer, larger groups on ties.
+    """
+    width = int(eligible_blocks.max(initial=0))
+    rows = np.flatnonzero(eligible_blocks > 0)
+    if width == 0 or rows.size < 2:
+        return []
+    table = block_table[rows, :width].astype(np.int64)
+    # Entries past a row's eligible blocks must match nothing: give each row its own negatives.
+    beyond = np.arange(width)[None, :] >= eligible_blocks[rows, None]
+    table = np.where(beyond, -1 - rows[:, None], table)
+    order = np.lexsort(table.T[::-1])  # lexicographic by column 0, then 1, ...
+    table, rows = table[order], rows[order]
+    equal = table[1:] == table[:-1]
+    lcp = np.where(equal.all(axis=1), width, equal.argmin(axis=1))  # adjacent common blocks
+    return [SharedPrefix(np.sort(rows[lo:hi]), num_blocks)
+            for lo, hi, num_blocks in _best_cut(lcp)]
+
+
+def _best_cut(lcp: np.ndarray) -> list[tuple[int, int, int]]:
+    """Runs ``(lo, hi, prefix_blocks)`` of sorted rows maximising ``sum((hi - lo - 1) * prefix)``.
+
+    A run's prefix is the minimum adjacent LCP inside it; a run either stays whole or splits
+    where that minimum occurs (its children in the prefix tree). Evaluated bottom-up with an
+    explicit stack: nesting can be as deep as the batch is large.
+    """
+    best: dict[tuple[int, int], tuple[int, list[tuple[int, int, int]]]] = {}
+    stack: list[tuple[int, int, bool]] = [(0, lcp.size + 1, False)]
+    while stack:
+        lo, hi, children_done = stack.pop()
+        inner = lcp[lo:hi - 1]
+        prefix = int(inner.min())
+        bounds = [lo, *(lo + 1 + np.flatnonzero(inner == prefix)).tolist(), hi]
+        children = [(a, b) for a, b in pairwise(bounds) if b - a >= 2]
+        if not children_done:
+            stack.append((lo, hi, True))
+            stack.extend((a, b, False) for a, b in children)
+            continue
+        split_value = sum(best[c][0] for c in children)
+        whole_value = (hi - lo - 1) * prefix
+        if prefix > 0 and whole_value >= split_value:
+            best[(lo, hi)] = (whole_value, [(lo, hi, prefix)])
+        else:
+            best[(lo, hi)] = (split_value, [run for c in children for run in best[c][1]])
+    return best[(0, lcp.size + 1)][1]
+
+
+def causal_pairs(query_lens: np.ndarray, seq_lens: np.ndarray) -> int:
+    """(query, key) pairs of causal attention: query ``i`` of a sequence sees its context plus
+    queries ``0..i``."""
+    context = seq_lens - query_lens
+    return int((query_lens * context + query_lens * (query_lens + 1) // 2).sum())

