@@ -145,27 +145,46 @@ class StreamingExecutor:
         self._used_blocks = 0
         self._in_flight: dict[str, tuple[int, _GroupState, int]] = {}  # id -> (req, group, blocks)
         self._leaders: dict[str, _GroupState] = {}
+        self._started: set[str] = set()  # in flight and past their first step (prefilled)
+        self._draining = False
         self.aborted: list[int] = []
 
     def run(self) -> None:
         """Run until every request finished, or until a stop request's grace period ends."""
+        try:
+            self._run()
+        except BaseException:
+            # Interrupted, an engine failure, a write error: requests left in a shared engine
+            # would come back as results of the next job run on it.
+            with contextlib.suppress(Exception):
+                self._abort(list(self._in_flight))
+            raise
+
+    def _run(self) -> None:
         while self._pending or self._in_flight:
             if self._stop.requested:
-                self._pending.clear()
+                if not self._draining:
+                    # Stop admitting: requests the engine holds but has not started are not
+                    # in flight yet, and draining them could outlast any grace period.
+                    self._draining = True
+                    self._pending.clear()
+                    self._abort([rid for rid in self._in_flight if rid not in self._started])
                 if time.monotonic() - self._stop.at > self._grace_s:
-                    self._abort_in_flight()
+                    self._abort(list(self._in_flight))
                     break
             else:
                 self._admit()
             if not self._in_flight:
                 break
             step = self.engine.step()
+            self._started.update(step.prefilled)
             for rid in step.prefilled:
                 if (state := self._leaders.pop(rid, None)) is not None:
                     state.leader_ready = True
             done = []
             for result in step.finished:
                 req, state, blocks = self._in_flight.pop(result.request_id)
+                self._started.discard(result.request_id)
                 self._used_blocks -= blocks
                 state.in_flight -= 1
                 if state.in_flight == 0 and state.next_member >= len(state.group.members):
@@ -224,9 +243,9 @@ class StreamingExecutor:
         state.in_flight += 1
         return request.request_id
 
-    def _abort_in_flight(self) -> None:
-        ids = list(self._in_flight)
-        if ids:
-            self.engine.abort(ids)
-        self.aborted = [req for req, _, _ in self._in_flight.values()]
-        self._in_flight.clear()
+    def _abort(self, request_ids: list[str]) -> None:
+        if request_ids:
+            self.engine.abort(request_ids)
+        for rid in request_ids:
+            self.aborted.append(self._in_flight.pop(rid)[0])
+            self._started.discard(rid)

@@ -1,0 +1,125 @@
+"""Drive batchrun the way cron and Airflow do (a subprocess running the CLI) and inspect what
+it leaves on disk: the checkpoint journals, the output, the summary."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from batchrun.io.results import Checkpoint, partial_dir_for
+
+REPO = Path(__file__).resolve().parents[2]
+KILL_AT = Path(__file__).with_name("kill_at.py")
+
+
+@dataclass
+class Tally:
+    """Counts across the suite (printed by conftest.py): every SIGKILL a run survived, every
+    input row missing from or repeated in a final output, every fuzz case tried."""
+
+    kills: int = 0
+    rows_lost: int = 0
+    rows_duplicated: int = 0
+    fuzz_cases: int = 0
+
+    @property
+    def touched(self) -> bool:
+        return bool(self.kills or self.fuzz_cases or self.rows_lost or self.rows_duplicated)
+
+
+TALLY = Tally()
+
+
+def cli_env(fake_engine: dict[str, Any] | None = None) -> dict[str, str]:
+    """The environment of a CLI run: the fake engine's knobs, nothing inherited that changes
+    how errors are shown."""
+    env = {k: v for k, v in os.environ.items() if k not in ("BATCHRUN_DEBUG",)}
+    env["BATCHRUN_FAKE_ENGINE"] = json.dumps(fake_engine or {})
+    env["PYTHONPATH"] = str(REPO)
+    return env
+
+
+def batchrun(*args: str | Path, fake_engine: dict[str, Any] | None = None,
+             timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """`python -m batchrun ARGS` to completion."""
+    return subprocess.run([sys.executable, "-m", "batchrun", *map(str, args)], cwd=REPO,
+                          env=cli_env(fake_engine), capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def start_batchrun(*args: str | Path, fake_engine: dict[str, Any] | None = None,
+                   kill_at: str | None = None) -> subprocess.Popen[str]:
+    """`python -m batchrun ARGS` in the background; with kill_at ("module:attr [after]"),
+    the process SIGKILLs itself when that function is called (see kill_at.py)."""
+    prefix = [str(KILL_AT), *kill_at.split(), "--"] if kill_at else ["-m", "batchrun"]
+    return subprocess.Popen([sys.executable, *prefix, *map(str, args)], cwd=REPO,
+                            env=cli_env(fake_engine), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def journaled_rows(output: Path) -> list[int]:
+    """Row numbers in the checkpoint's journals as a resume would read them: every complete
+    batch, in every journal, repeats included (a row journaled twice is a bug)."""
+    ckpt = Checkpoint(partial_dir_for(output))
+    rows: list[int] = []
+    for journal in ckpt.journals():
+        try:
+            with pa.OSFile(str(journal), "rb") as f, pa.ipc.open_stream(f) as reader:
+                for batch in reader:
+                    rows.extend(batch.column("row").to_pylist())
+        except (pa.ArrowInvalid, OSError):
+            pass  # a batch cut short by the kill
+    return rows
+
+
+def wait_for_rows(output: Path, proc: subprocess.Popen[str], at_least: int,
+                  timeout: float = 120) -> int:
+    """Poll the journals until `at_least` rows are in them or the process ended."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        n = len(journaled_rows(output))
+        if n >= at_least or proc.poll() is not None:
+            return n
+        time.sleep(0.02)
+    raise AssertionError(f"no {at_least} rows journaled in {timeout} s")
+
+
+def kill9(proc: subprocess.Popen[str]) -> bool:
+    """SIGKILL the run; True when it was still running (a kill that really happened)."""
+    alive = proc.poll() is None
+    if alive:
+        proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=30)
+    return alive
+
+
+def check_output(output: Path, ids: list[str]) -> pa.Table:
+    """The output holds every input row exactly once, in input order: counted in TALLY."""
+    table = pq.read_table(output)
+    got = table["id"].to_pylist()
+    lost = set(ids) - set(got)
+    repeated = len(got) - len(set(got))
+    TALLY.rows_lost += len(lost)
+    TALLY.rows_duplicated += repeated
+    assert not lost and not repeated, f"lost {sorted(lost)[:10]}, {repeated} repeated"
+    assert got == ids and table["row"].to_pylist() == list(range(len(ids)))
+    return table
+
+
+def write_rows(path: Path, n: int, **extra: Any) -> list[str]:
+    """n JSONL rows sharing a few prefixes; returns their ids."""
+    with open(path, "w") as f:
+        for i in range(n):
+            prompt = f"Family {i % 5}: " + "shared context " * 8 + f"question {i}"
+            f.write(json.dumps({"id": f"q{i}", "prompt": prompt, **extra}) + "\n")
+    return [f"q{i}" for i in range(n)]

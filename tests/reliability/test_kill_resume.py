@@ -1,0 +1,154 @@
+"""kill -9 at any moment loses at most the requests in flight, and `--resume` finishes the job
+with every input row exactly once. Runs are real CLI processes, as cron starts them."""
+
+from __future__ import annotations
+
+import random
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+
+from batchrun.engine.fake import FakeEngine
+from batchrun.io.results import Checkpoint, ResultJournal, partial_dir_for
+from batchrun.io.schema import RESULT_SCHEMA
+from batchrun.runner import EXIT_OK, run_job
+from tests.helpers import job
+from tests.reliability.harness import (
+    TALLY,
+    batchrun,
+    check_output,
+    journaled_rows,
+    kill9,
+    start_batchrun,
+    write_rows,
+)
+
+# Slow enough that a run takes a few seconds, so that kills land at every stage of it.
+SLOW = {"step_delay_s": 0.02, "max_num_seqs": 16}
+# Any engine step fails: a run that passes with it generated nothing.
+NO_GENERATION = {"die_after_steps": 0}
+
+
+def killed_itself(proc: subprocess.Popen[str]) -> None:
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == -signal.SIGKILL, stderr
+    TALLY.kills += 1
+
+
+def test_random_kills_then_resume_gives_every_row_exactly_once(tmp_path: Path) -> None:
+    ids = write_rows(tmp_path / "in.jsonl", 400)
+    out = tmp_path / "out.parquet"
+    args = ("run", tmp_path / "in.jsonl", "-o", out, "--engine", "fake", "--max-tokens", "12",
+            "--resume", "--log-lines")
+    rng = random.Random(20240611)
+    kills, journaled = 0, 0
+    while kills < 6:
+        proc = start_batchrun(*args, fake_engine=SLOW)
+        # From before the checkpoint exists (start-up takes ~1 s) to the end of the run.
+        time.sleep(rng.uniform(0.2, 2.5))
+        before = journaled_rows(out)
+        if not kill9(proc):
+            break  # it finished first: fine, the checks below still hold
+        kills += 1
+        after = journaled_rows(out)
+        # Nothing that was journaled before the kill is lost by it, and no row twice.
+        assert set(before) <= set(after) and len(after) == len(set(after))
+        assert len(after) >= journaled  # each resume added to what the last one saved
+        journaled = len(after)
+    done = batchrun(*args)
+    assert done.returncode == EXIT_OK, done.stderr
+    assert "Traceback" not in done.stderr
+    check_output(out, ids)
+    assert not partial_dir_for(out).exists()
+    TALLY.kills += kills
+
+
+@pytest.mark.parametrize("kill_at, leaves", [
+    # Output renamed into place, checkpoint not yet removed.
+    ("batchrun.io.results:Checkpoint.remove", "output and a finished checkpoint"),
+    # Output written under its temporary name, not yet renamed.
+    ("pyarrow.parquet:write_table after", "a complete temp file, no output"),
+    # The checkpoint folder made, its manifest not yet written.
+    ("batchrun.io.results:os.replace", "a checkpoint without a manifest"),
+])
+def test_kill_at_the_worst_moments(tmp_path: Path, kill_at: str, leaves: str) -> None:
+    ids = write_rows(tmp_path / "in.jsonl", 40)
+    out = tmp_path / "out.parquet"
+    args = ("run", tmp_path / "in.jsonl", "-o", out, "--engine", "fake", "--max-tokens", "4")
+    killed_itself(start_batchrun(*args, kill_at=kill_at))
+    # The same cron line again (with --resume) finishes the job without generating anything
+    # twice, and cleans up what the kill left behind.
+    again = batchrun(*args, "--resume",
+                     fake_engine=NO_GENERATION if "manifest" not in leaves else None)
+    assert again.returncode == EXIT_OK, again.stderr
+    check_output(out, ids)
+    assert not partial_dir_for(out).exists()
+    assert [p.name for p in tmp_path.iterdir() if ".tmp-" in p.name] == []
+
+
+def test_a_kill_before_the_manifest_does_not_block_a_run_without_resume(
+        tmp_path: Path) -> None:
+    ids = write_rows(tmp_path / "in.jsonl", 10)
+    out = tmp_path / "out.parquet"
+    args = ("run", tmp_path / "in.jsonl", "-o", out, "--engine", "fake")
+    killed_itself(start_batchrun(*args, kill_at="batchrun.io.results:os.replace"))
+    assert partial_dir_for(out).is_dir()
+    again = batchrun(*args)
+    assert again.returncode == EXIT_OK, again.stderr
+    check_output(out, ids)
+
+
+BATCHES = [range(0, 5), range(5, 12), range(12, 15)]  # rows of three engine steps
+
+
+def _journal_bytes(tmp_path: Path) -> tuple[bytes, list[int]]:
+    """A journal of BATCHES as a kill leaves it (never closed), and where each batch ends."""
+    path = tmp_path / "journal-00000.arrows"
+    journal = ResultJournal(path)
+    ends = []
+    for rows in BATCHES:
+        n = len(rows)
+        journal.append(pa.table({
+            "row": list(rows), "id": [f"q{i}" for i in rows], "text": ["t"] * n,
+            "finish_reason": ["stop"] * n, "prompt_tokens": [3] * n,
+            "completion_tokens": [1] * n, "cached_tokens": [0] * n, "error": [None] * n,
+        }, schema=RESULT_SCHEMA))
+        ends.append(path.stat().st_size)
+    return path.read_bytes(), ends
+
+
+def test_a_journal_cut_at_any_byte_keeps_exactly_its_complete_batches(tmp_path: Path) -> None:
+    data, ends = _journal_bytes(tmp_path)
+    ckpt = Checkpoint(tmp_path / "cut.partial")
+    ckpt.path.mkdir()
+    cut = ckpt.path / "journal-00000.arrows"
+    # Every byte of the last batch (all its message parts), and a stride through the ones
+    # before it: each read costs milliseconds.
+    for size in [*range(0, ends[-2], 16), *range(ends[-2], len(data) + 1)]:
+        cut.write_bytes(data[:size])
+        whole = [r for rows, end in zip(BATCHES, ends, strict=True) if end <= size for r in rows]
+        assert ckpt.read_done()["row"].to_pylist() == whole, f"cut at byte {size}"
+
+
+def test_resume_from_a_cut_journal_runs_only_the_missing_rows(tmp_path: Path) -> None:
+    ids = write_rows(tmp_path / "in.jsonl", 60)
+    cfg = job(tmp_path, tmp_path / "in.jsonl", max_tokens=12)
+    first = run_job(cfg, engine_kind="fake", engine=FakeEngine(die_after_steps=5),
+                    interactive=False, handle_signals=False)
+    journal = Checkpoint(partial_dir_for(cfg.output)).journals()[0]
+    saved = journaled_rows(cfg.output)
+    assert 0 < len(saved) < 60, first.message
+    journal.write_bytes(journal.read_bytes()[:-9])  # the kill cut the last write short
+    kept = journaled_rows(cfg.output)
+    assert set(kept) < set(saved)
+    engine = FakeEngine()
+    resumed = run_job(cfg, engine_kind="fake", engine=engine, resume=True, interactive=False,
+                      handle_signals=False)
+    assert resumed.exit_code == EXIT_OK
+    check_output(cfg.output, ids)
+    # Only the rows missing from the checkpoint ran again.
+    assert sorted(engine.admission_order) == sorted(set(ids) - {f"q{r}" for r in kept})

@@ -1,0 +1,146 @@
+"""SIGTERM / SIGINT: stop admitting, let in-flight requests finish for the grace period, save,
+exit 4; a second signal stops at once. Either way `--resume` finishes the job exactly once.
+Also: the handler's Interrupted landing inside an engine step or a journal write leaves a
+checkpoint a resume can trust."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from batchrun.engine.base import StepOutput
+from batchrun.engine.fake import FakeEngine
+from batchrun.io.results import ResultJournal, partial_dir_for
+from batchrun.runner import EXIT_INTERRUPTED, EXIT_OK, run_job
+from tests.helpers import job
+from tests.reliability.harness import (
+    batchrun,
+    check_output,
+    journaled_rows,
+    start_batchrun,
+    wait_for_rows,
+    write_rows,
+)
+
+SLOW = {"step_delay_s": 0.05, "max_num_seqs": 8}
+
+
+def run_args(tmp_path: Path, *extra: str) -> tuple[str | Path, ...]:
+    return ("run", tmp_path / "in.jsonl", "-o", tmp_path / "out.parquet", "--engine", "fake",
+            "--max-tokens", "16", "--log-lines", *extra)
+
+
+def finish(proc: subprocess.Popen[str], timeout: float) -> tuple[float, str]:
+    t0 = time.monotonic()
+    _, stderr = proc.communicate(timeout=timeout)
+    return time.monotonic() - t0, stderr
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["TERM", "INT"])
+def test_a_signal_drains_saves_and_exits_4_then_resume_finishes(
+        tmp_path: Path, signum: signal.Signals) -> None:
+    ids = write_rows(tmp_path / "in.jsonl", 200)
+    out = tmp_path / "out.parquet"
+    proc = start_batchrun(*run_args(tmp_path, "--grace-period", "10"), fake_engine=SLOW)
+    assert wait_for_rows(out, proc, at_least=1) < len(ids)
+    proc.send_signal(signum)
+    took, stderr = finish(proc, timeout=20)
+    assert proc.returncode == EXIT_INTERRUPTED, stderr
+    assert "Traceback" not in stderr and "--resume" in stderr
+    assert f"{signum.name}: finishing requests in flight" in stderr
+    # In-flight requests (at most 8, 16 steps of 50 ms) finished well within the grace period.
+    assert took < 5
+    assert not out.exists() and 0 < len(journaled_rows(out)) < len(ids)
+    resumed = batchrun(*run_args(tmp_path, "--resume"))
+    assert resumed.returncode == EXIT_OK, resumed.stderr
+    check_output(out, ids)
+
+
+def test_a_second_signal_stops_at_once_and_is_still_resumable(tmp_path: Path) -> None:
+    ids = write_rows(tmp_path / "in.jsonl", 200)
+    out = tmp_path / "out.parquet"
+    # Requests that take 16 steps of 0.3 s: draining them would take ~5 s.
+    proc = start_batchrun(*run_args(tmp_path, "--grace-period", "60"),
+                          fake_engine={"step_delay_s": 0.3, "max_num_seqs": 8})
+    wait_for_rows(out, proc, at_least=1)
+    proc.send_signal(signal.SIGTERM)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    took, stderr = finish(proc, timeout=20)
+    assert proc.returncode == EXIT_INTERRUPTED, stderr
+    assert took < 2 and "second SIGINT" in stderr and "Traceback" not in stderr
+    resumed = batchrun(*run_args(tmp_path, "--resume"))
+    assert resumed.returncode == EXIT_OK, resumed.stderr
+    check_output(out, ids)
+
+
+def test_a_signal_while_reading_the_input_exits_4_without_starting_the_engine(
+        tmp_path: Path) -> None:
+    # A large input: reading and tokenizing it takes a moment, and any engine step would die.
+    write_rows(tmp_path / "in.jsonl", 60_000)
+    proc = start_batchrun(*run_args(tmp_path), fake_engine={"die_after_steps": 0})
+    while not partial_dir_for(tmp_path / "out.parquet").exists() and proc.poll() is None:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = finish(proc, timeout=60)
+    assert proc.returncode == EXIT_INTERRUPTED, stderr
+    assert "interrupted by a signal" in stderr and "died" not in stderr
+
+
+class SignalledEngine(FakeEngine):
+    """A fake engine that gets SIGTERM twice while its step `at_step` runs: the second
+    signal's Interrupted is raised inside the step, as it would be inside vLLM's."""
+
+    def __init__(self, at_step: int, **kwargs: object) -> None:
+        super().__init__(**kwargs)
+        self._at_step = at_step
+
+    def step(self) -> StepOutput:
+        if self.steps + 1 == self._at_step:
+            os.kill(os.getpid(), signal.SIGTERM)  # handled at once: drain mode
+            threading.Timer(0.01, os.kill, (os.getpid(), signal.SIGTERM)).start()
+            time.sleep(1)  # the step is busy when the second one lands
+        return super().step()
+
+
+def test_interrupted_inside_an_engine_step_or_a_journal_write_keeps_a_clean_checkpoint(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    ids = write_rows(tmp_path / "in.jsonl", 80)
+    cfg = job(tmp_path, tmp_path / "in.jsonl", max_tokens=10)
+
+    def run(engine: FakeEngine, **kwargs: bool) -> int:
+        return run_job(cfg, engine_kind="fake", engine=engine, interactive=False,
+                       **kwargs).exit_code
+
+    assert run(SignalledEngine(at_step=6, max_num_seqs=8)) == EXIT_INTERRUPTED
+    saved = journaled_rows(cfg.output)
+    assert 0 < len(saved) < len(ids) and len(set(saved)) == len(saved)
+
+    # Now the second signal lands right after a journal write returns, inside on_results.
+    real_append = ResultJournal.append
+    appends = 0
+
+    def append_then_signal(self: ResultJournal, table: object) -> None:
+        nonlocal appends
+        real_append(self, table)
+        appends += 1
+        if appends == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(ResultJournal, "append", append_then_signal)
+    assert run(FakeEngine(max_num_seqs=8), resume=True) == EXIT_INTERRUPTED
+    monkeypatch.undo()
+    again = journaled_rows(cfg.output)
+    assert set(saved) < set(again) and len(set(again)) == len(again)
+
+    engine = FakeEngine()
+    assert run(engine, resume=True, handle_signals=False) == EXIT_OK
+    check_output(cfg.output, ids)
+    assert sorted(engine.admission_order) == sorted(set(ids) - {f"q{r}" for r in again})
