@@ -17,12 +17,13 @@ def _text(rng: random.Random, n_words: int) -> str:
     return " ".join(rng.choice(_WORDS) for _ in range(n_words)) + "."
 
 
-def fewshot_rows(rng: random.Random, *, templates: int = 8, rows: int = 160) -> list[dict]:
-    """Classification: each row is one of a few long few-shot templates + a short input."""
+def fewshot_rows(rng: random.Random, *, templates: int = 16, rows: int = 192) -> list[dict]:
+    """Classification: each row is one of 16 long few-shot templates + a short input. The
+    templates together (~9k tokens) do not fit a 256MiB KV cache (~5.8k tokens)."""
     heads = []
     for t in range(templates):
         shots = "\n".join(f"Text: {_text(rng, 28)}\nLabel: {rng.choice(['yes', 'no'])}"
-                          for _ in range(8))
+                          for _ in range(12))
         heads.append(f"Task {t}: decide whether the text mentions a place.\n{shots}\n")
     return [{"prompt": f"{heads[i % templates]}Text: {_text(rng, 12)}\nLabel:",
              "max_tokens": 4} for i in range(rows)]
