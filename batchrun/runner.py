@@ -22,6 +22,7 @@ import pyarrow.parquet as pq
 
 from . import __version__
 from .config import ConfigError, JobConfig
+from .engine.attention.stats import read_attention_stats, reset_attention_stats
 from .engine.base import Engine, EngineDiedError, GenerationRequest, GenerationResult
 from .executor import Interrupted, RunGroup, StopFlag, StreamingExecutor, install_signal_handlers
 from .io.readers import RequestSet, read_request_set
@@ -367,6 +368,8 @@ def _run_job(config: JobConfig, stop: StopFlag, *, engine_kind: str, engine: Eng
             if own_engine:
                 engine = start_engine(config, engine_kind, new_tokens)
             info = engine.info
+            if info.name.startswith("vllm"):
+                reset_attention_stats()  # a shared engine's counters count this job's steps
             progress = ProgressReporter(job.rows, already_done=books.succeeded + books.failed,
                                         interactive=interactive)
             groups, plan_figures = make_groups(job, info.block_size, info.kv_capacity_tokens)
@@ -404,6 +407,8 @@ def _run_job(config: JobConfig, stop: StopFlag, *, engine_kind: str, engine: Eng
             engine.close()
 
     summary = _summary(config, job, books, engine, plan_figures, time.monotonic() - t0, status)
+    if engine is not None and engine.info.name.startswith("vllm"):
+        summary["attention"] = read_attention_stats()
     if status != "ok":
         summary["checkpoint"] = str(ckpt.path)
         _write_summary(output, summary)
