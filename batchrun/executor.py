@@ -183,6 +183,8 @@ class StreamingExecutor:
                     state.leader_ready = True
             done = []
             for result in step.finished:
+                if result.request_id not in self._in_flight:
+                    continue  # aborted on a stop signal (an engine may still report it once)
                 req, state, blocks = self._in_flight.pop(result.request_id)
                 self._started.discard(result.request_id)
                 self._used_blocks -= blocks

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from batchrun.engine.base import StepOutput
+from batchrun.engine.base import GenerationResult, StepOutput
 from batchrun.engine.fake import FakeEngine
-from batchrun.io.results import ResultJournal, partial_dir_for
+from batchrun.io.results import Checkpoint, ResultJournal, partial_dir_for
 from batchrun.runner import EXIT_INTERRUPTED, EXIT_OK, run_job
 from tests.helpers import job
 from tests.reliability.harness import (
@@ -144,3 +144,39 @@ def test_interrupted_inside_an_engine_step_or_a_journal_write_keeps_a_clean_chec
     assert run(engine, resume=True, handle_signals=False) == EXIT_OK
     check_output(cfg.output, ids)
     assert sorted(engine.admission_order) == sorted(set(ids) - {f"q{r}" for r in again})
+
+
+class ReportsAbortedRequests(FakeEngine):
+    """Reports a result for requests aborted since its last step, as VllmEngine does for a
+    request it rejected when it was added. SIGTERM arrives at step 3."""
+
+    def __init__(self, **kwargs: object) -> None:
+        super().__init__(**kwargs)
+        self._late: list[str] = []
+
+    def abort(self, request_ids: list[str]) -> None:
+        super().abort(request_ids)
+        self._late += request_ids
+
+    def step(self) -> StepOutput:
+        if self.steps + 1 == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        out = super().step()
+        out.finished += [GenerationResult(rid, None, None, 1, 0, 0, error="rejected")
+                         for rid in self._late]
+        self._late = []
+        return out
+
+
+def test_requests_aborted_at_a_stop_are_not_journaled_even_if_reported(tmp_path: Path) -> None:
+    ids = write_rows(tmp_path / "in.jsonl", 60)
+    cfg = job(tmp_path, tmp_path / "in.jsonl", max_tokens=10)
+    engine = ReportsAbortedRequests(max_num_seqs=4)
+    stopped = run_job(cfg, engine_kind="fake", engine=engine, interactive=False)
+    assert stopped.exit_code == EXIT_INTERRUPTED
+    saved = Checkpoint(partial_dir_for(cfg.output)).read_done()
+    assert saved.num_rows and saved["error"].null_count == saved.num_rows
+    assert run_job(cfg, engine_kind="fake", engine=FakeEngine(), resume=True, interactive=False,
+                   handle_signals=False).exit_code == EXIT_OK
+    check_output(cfg.output, ids)
+
