@@ -347,8 +347,13 @@ def _run_job(config: JobConfig, stop: StopFlag, *, engine_kind: str, engine: Eng
     if done.num_rows:
         books.count(done)
 
-    job = prepare_job(config, engine_kind=engine_kind, done_rows=done_rows,
-                      engine_max_model_len=engine.info.max_model_len if engine else None)
+    try:
+        job = prepare_job(config, engine_kind=engine_kind, done_rows=done_rows,
+                          engine_max_model_len=engine.info.max_model_len if engine else None)
+    except BaseException:
+        if not done.num_rows:  # an unusable input or model: leave no empty checkpoint behind
+            ckpt.remove()
+        raise
 
     new_tokens = int(job.max_tokens.sum())
     own_engine = engine is None
