@@ -222,18 +222,6 @@ class _PrefixHashes:
         return np.where(has, tokens, 0)
 
 
-def _on_all_cores(fn, *columns: np.ndarray) -> np.ndarray:
-    """fn(*columns), computed row-slice by row-slice on every core: numpy releases the GIL
-    in its gathers and compares, and these are bound by memory latency."""
-    n, workers = len(columns[0]), os.cpu_count() or 1
-    if workers == 1 or n < _BLOCK * workers:
-        return fn(*columns)
-    cuts = np.linspace(0, n, workers + 1).astype(int)
-    with ThreadPoolExecutor(workers) as pool:
-        return np.concatenate(list(pool.map(
-            lambda s, e: fn(*(c[s:e] for c in columns)), cuts[:-1], cuts[1:])))
-
-
 def _windows(values: np.ndarray) -> np.ndarray:
     """values[p : p + CHUNK] as one 64-byte item per start p, without copying.
 
@@ -286,7 +274,7 @@ def _sort(hashes: _PrefixHashes) -> tuple[np.ndarray, np.ndarray]:
         length = hashes.lengths[members]
         longest = np.flatnonzero(length == np.maximum.reduceat(length, group_at)[group])
         pivot = members[longest[np.unique(group[longest], return_index=True)[1]]][group]
-        branch = _on_all_cores(hashes.lcp, pivot, members, known[group])
+        branch = hashes.lcp(pivot, members, known[group])
         token = hashes.token_keys(members, branch)
         side = np.sign(token - hashes.token_keys(pivot, branch))  # -1 below, 0 the pivot, +1 above
         place = np.where(side < 0, branch, np.where(side > 0, _MAX_LEN - branch, 0))
