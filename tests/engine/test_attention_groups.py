@@ -154,7 +154,7 @@ def test_cpu_shared_prefix_attention_matches_the_stock_kernel(dtype_name):
     step = plan_step(PrefixPolicy.for_mode("prefix"), np.array(query_lens), lens, block,
                      lambda width: bt[:, :width])
     assert as_sets(step.groups) == {((0, 1, 2, 3, 4), 4), ((5, 6), 2)}
-    plan = build_cpu_plan(step.groups, qsl, lens, bt, block)
+    plan = build_cpu_plan(step.groups, qsl, lens, bt, block, kv_heads, per_kv)
     key_t, value = split_kv_cache(kv_cache)
     out = attend_grouped(query, key_t, value, plan, scale)
     tol = 2e-5 if dtype == torch.float32 else 2e-2

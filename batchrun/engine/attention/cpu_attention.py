@@ -36,72 +36,85 @@ def split_kv_cache(kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 @dataclass
 class SuffixBatch:
-    """Members attended together over their own keys after their prefix, padded to
-    ``Q`` query rows and ``L`` keys each (decode rows are batched apart from short prefill
-    chunks so that padding stays small)."""
+    """Members attended together over their own keys after their prefix, padded to ``Q``
+    query rows and ``B`` blocks each (decode rows are batched apart from short prefill chunks
+    so that padding stays small). A prefix is whole blocks, so suffixes start at a block."""
 
     query_rows: torch.Tensor  # [S, Q] rows of the grouped order (padding repeats a real row)
     out_rows: torch.Tensor  # [valid] grouped-order rows of the valid (member, query) pairs
     valid: torch.Tensor  # [S * Q] bool
-    key_blocks: torch.Tensor  # [S, L] physical block of each suffix key
-    key_offsets: torch.Tensor  # [S, L] slot inside that block
-    bias: torch.Tensor  # [S, 1, Q, 1, L] fp32, 0 where the key is visible, -inf elsewhere
+    blocks: torch.Tensor  # [S * B] the members' suffix blocks (padding repeats a real one)
+    bias: torch.Tensor  # [S, 1, Q, 1, B * block] fp32, 0 where the key is visible, else -inf
+    scores: torch.Tensor  # [S, kv_heads, Q * q_heads_per_kv, B * block] fp32 workspace
+
+
+@dataclass
+class PrefixPass:
+    """One group's prefix: its blocks and the grouped-order rows of its members' queries."""
+
+    blocks: torch.Tensor
+    rows: slice
+    scores: torch.Tensor  # [kv_heads, rows * q_heads_per_kv, prefix] fp32 workspace
 
 
 @dataclass
 class CpuPrefixPlan:
     """One step's shared-prefix work, shared by every layer. The *grouped order* lists the
-    query tokens of group 0's members, then group 1's, ..."""
+    query tokens of group 0's members, then group 1's, ... Score workspaces are allocated
+    here once per step: fresh multi-MB tensors in every layer would page-fault each time."""
 
     grouped_tokens: torch.Tensor  # [grouped tokens] rows of the step's query tensor
-    group_bounds: list[int]  # group g owns grouped rows [bounds[g], bounds[g + 1])
-    prefix_blocks: list[torch.Tensor]  # per group, its prefix's block ids
+    prefixes: list[PrefixPass]
     suffix_batches: list[SuffixBatch]
 
 
 def build_cpu_plan(groups: Sequence[SharedPrefix], query_start_loc: np.ndarray,
-                   seq_lens: np.ndarray, block_table: np.ndarray,
-                   block_size: int) -> CpuPrefixPlan:
-    """Index tensors for ``attend_grouped``, built once per step from host copies."""
+                   seq_lens: np.ndarray, block_table: np.ndarray, block_size: int,
+                   num_kv_heads: int, num_queries_per_kv: int) -> CpuPrefixPlan:
+    """Index tensors and workspaces for ``attend_grouped``, built once per step from host
+    copies."""
     query_lens = np.diff(query_start_loc)
     members = np.concatenate([g.seq_ids for g in groups])
-    prefix_lens = np.concatenate(
-        [np.full(g.num_members, g.num_blocks * block_size) for g in groups])
+    prefix_blocks = np.concatenate([np.full(g.num_members, g.num_blocks) for g in groups])
     member_q = query_lens[members]
     starts = np.cumsum(member_q) - member_q  # each member's first row in the grouped order
     rows = np.arange(int(member_q.sum()))
     grouped_tokens = rows + np.repeat(query_start_loc[members] - starts, member_q)
     member_bounds = np.cumsum([0] + [g.num_members for g in groups])
-    group_bounds = [int(b) for b in np.append(starts, rows.size)[member_bounds]]
+    bounds = np.append(starts, rows.size)[member_bounds].tolist()
 
+    prefixes = []
+    for g, (lo, hi) in zip(groups, pairwise(bounds), strict=True):
+        scores = torch.empty(num_kv_heads, (hi - lo) * num_queries_per_kv,
+                             g.num_blocks * block_size)
+        blocks = torch.from_numpy(block_table[g.seq_ids[0], :g.num_blocks].astype(np.int64))
+        prefixes.append(PrefixPass(blocks, slice(lo, hi), scores))
     decode = member_q == 1
     batches = [
-        _suffix_batch(members[pick], prefix_lens[pick], starts[pick], query_lens, seq_lens,
-                      block_table, block_size)
+        _suffix_batch(members[pick], prefix_blocks[pick], starts[pick], query_lens, seq_lens,
+                      block_table, block_size, num_kv_heads, num_queries_per_kv)
         for pick in (decode, ~decode) if pick.any()
     ]
-    return CpuPrefixPlan(
-        grouped_tokens=torch.from_numpy(grouped_tokens),
-        group_bounds=group_bounds,
-        prefix_blocks=[torch.from_numpy(block_table[g.seq_ids[0], :g.num_blocks].astype(np.int64))
-                       for g in groups],
-        suffix_batches=batches,
-    )
+    return CpuPrefixPlan(torch.from_numpy(grouped_tokens), prefixes, batches)
 
 
-def _suffix_batch(seqs: np.ndarray, prefix_lens: np.ndarray, starts: np.ndarray,
+def _suffix_batch(seqs: np.ndarray, prefix_blocks: np.ndarray, starts: np.ndarray,
                   query_lens: np.ndarray, seq_lens: np.ndarray, block_table: np.ndarray,
-                  block_size: int) -> SuffixBatch:
+                  block_size: int, num_kv_heads: int,
+                  num_queries_per_kv: int) -> SuffixBatch:
     q_lens = query_lens[seqs]
-    key_lens = seq_lens[seqs] - prefix_lens  # keys after the prefix, this step's included
-    first_query = seq_lens[seqs] - q_lens - prefix_lens  # first query's position among them
+    key_lens = seq_lens[seqs] - prefix_blocks * block_size  # keys after the prefix
+    first_query = key_lens - q_lens  # the first query's position among them
+    num_blocks = -(-key_lens // block_size)
     i = np.arange(q_lens.max())
-    j = np.arange(key_lens.max())
+    b = np.arange(num_blocks.max())
+    j = np.arange(b.size * block_size)
     valid = i[None, :] < q_lens[:, None]
     query_rows = starts[:, None] + np.minimum(i[None, :], q_lens[:, None] - 1)
-    positions = prefix_lens[:, None] + np.minimum(j[None, :], key_lens[:, None] - 1)
-    key_blocks = block_table[seqs[:, None], positions // block_size]
-    # Causal inside the suffix; padded query rows see key 0 so no row is all -inf.
+    columns = prefix_blocks[:, None] + np.minimum(b[None, :], num_blocks[:, None] - 1)
+    # Causal inside the suffix; padded query rows see key 0 so no row is all -inf. Masked
+    # keys may be stale slots, but vLLM zero-fills the cache, so every slot holds finite
+    # values and contributes exactly 0.
     visible = ((j[None, None, :] <= first_query[:, None, None] + i[None, :, None])
                & (j[None, None, :] < key_lens[:, None, None]))
     bias = np.where(visible, 0.0, -np.inf).astype(np.float32)
@@ -109,9 +122,9 @@ def _suffix_batch(seqs: np.ndarray, prefix_lens: np.ndarray, starts: np.ndarray,
         query_rows=torch.from_numpy(query_rows.astype(np.int64)),
         out_rows=torch.from_numpy((starts[:, None] + i[None, :])[valid].astype(np.int64)),
         valid=torch.from_numpy(valid.reshape(-1)),
-        key_blocks=torch.from_numpy(key_blocks.astype(np.int64)),
-        key_offsets=torch.from_numpy((positions % block_size).astype(np.int64)),
+        blocks=torch.from_numpy(block_table[seqs[:, None], columns].reshape(-1).astype(np.int64)),
         bias=torch.from_numpy(bias[:, None, :, None, :]),
+        scores=torch.empty(seqs.size, num_kv_heads, i.size * num_queries_per_kv, j.size),
     )
 
 
@@ -120,25 +133,29 @@ def attend_grouped(query: torch.Tensor, key_t: torch.Tensor, value: torch.Tensor
     """Causal attention of the grouped tokens over all their keys, ``[grouped, q_heads, head]``
     fp32 in the grouped order. ``query`` is ``[tokens, q_heads, head]``; ``key_t`` and ``value``
     come from ``split_kv_cache`` and already hold this step's keys."""
-    num_kv_heads, head_size = key_t.shape[1], key_t.shape[2]
+    _, num_kv_heads, head_size, block_size = key_t.shape
     q = query.index_select(0, plan.grouped_tokens).float().mul_(scale)
     num_rows, num_heads, _ = q.shape
     per_kv = num_heads // num_kv_heads
 
     out_prefix = q.new_empty(q.shape)
     lse_prefix = q.new_empty(q.shape[:2])
-    for blocks, (lo, hi) in zip(plan.prefix_blocks, pairwise(plan.group_bounds), strict=True):
+    for prefix in plan.prefixes:
+        rows = prefix.rows.stop - prefix.rows.start
         # [kv_heads, head, prefix]: one copy of the prefix per layer, shared by all members.
-        k = key_t.index_select(0, blocks).permute(1, 2, 0, 3).reshape(num_kv_heads, head_size, -1)
-        v = value.index_select(0, blocks).permute(1, 0, 2, 3).reshape(num_kv_heads, -1, head_size)
+        k = key_t.index_select(0, prefix.blocks).permute(1, 2, 0, 3) \
+            .reshape(num_kv_heads, head_size, -1)
+        v = value.index_select(0, prefix.blocks).permute(1, 0, 2, 3) \
+            .reshape(num_kv_heads, -1, head_size)
         # [kv_heads, tokens * q_heads_per_kv, head]: the stacked query matrix of the group.
-        stacked = q[lo:hi].view(hi - lo, num_kv_heads, per_kv, head_size).transpose(0, 1)
-        scores = torch.matmul(stacked.reshape(num_kv_heads, -1, head_size), k.float())
+        stacked = q[prefix.rows].view(rows, num_kv_heads, per_kv, head_size).transpose(0, 1) \
+            .reshape(num_kv_heads, rows * per_kv, head_size)
+        scores = torch.matmul(stacked, k.float(), out=prefix.scores)
         out, lse = _softmax_matmul(scores, v.float())
-        out_prefix[lo:hi] = out.view(num_kv_heads, hi - lo, per_kv, head_size).transpose(0, 1) \
-            .reshape(hi - lo, num_heads, head_size)
-        lse_prefix[lo:hi] = lse.view(num_kv_heads, hi - lo, per_kv).transpose(0, 1) \
-            .reshape(hi - lo, num_heads)
+        out_prefix[prefix.rows] = out.view(num_kv_heads, rows, per_kv, head_size) \
+            .transpose(0, 1).reshape(rows, num_heads, head_size)
+        lse_prefix[prefix.rows] = lse.view(num_kv_heads, rows, per_kv).transpose(0, 1) \
+            .reshape(rows, num_heads)
 
     out_suffix = q.new_empty(q.shape)
     lse_suffix = q.new_empty(q.shape[:2])
@@ -147,10 +164,13 @@ def attend_grouped(query: torch.Tensor, key_t: torch.Tensor, value: torch.Tensor
         stacked = q.index_select(0, batch.query_rows.view(-1)) \
             .view(num_seqs, q_rows, num_kv_heads, per_kv, head_size).permute(0, 2, 1, 3, 4) \
             .reshape(num_seqs, num_kv_heads, q_rows * per_kv, head_size)
-        # Advanced indices around a slice put the index dims first: [S, L, kv_heads, head].
-        k = key_t[batch.key_blocks, :, :, batch.key_offsets].permute(0, 2, 3, 1)
-        v = value[batch.key_blocks, :, batch.key_offsets, :].transpose(1, 2)
-        scores = torch.matmul(stacked, k.float())
+        k = key_t.index_select(0, batch.blocks).view(num_seqs, -1, num_kv_heads, head_size,
+                                                     block_size)
+        k = k.permute(0, 2, 3, 1, 4).reshape(num_seqs, num_kv_heads, head_size, -1)
+        v = value.index_select(0, batch.blocks).view(num_seqs, -1, num_kv_heads, block_size,
+                                                     head_size)
+        v = v.transpose(1, 2).reshape(num_seqs, num_kv_heads, -1, head_size)
+        scores = torch.matmul(stacked, k.float(), out=batch.scores)
         scores.view(num_seqs, num_kv_heads, q_rows, per_kv, -1).add_(batch.bias)
         out, lse = _softmax_matmul(scores, v.float())
         out = out.view(num_seqs, num_kv_heads, q_rows, per_kv, head_size).permute(0, 2, 1, 3, 4) \
@@ -168,7 +188,10 @@ def attend_grouped(query: torch.Tensor, key_t: torch.Tensor, value: torch.Tensor
 
 def _softmax_matmul(scores: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor,
                                                                        torch.Tensor]:
-    """``(softmax(scores) @ value, logsumexp(scores))``; overwrites ``scores``."""
-    lse = torch.logsumexp(scores, dim=-1)
-    probs = scores.sub_(lse.unsqueeze(-1)).exp_()
-    return torch.matmul(probs, value), lse
+    """``(softmax(scores) @ value, logsumexp(scores))``, in place in ``scores``: one exp per
+    score and no score-sized temporaries (each would be a fresh, page-faulting allocation)."""
+    peak = scores.amax(dim=-1, keepdim=True)
+    probs = scores.sub_(peak).exp_()
+    total = probs.sum(dim=-1, keepdim=True)
+    out = torch.matmul(probs, value).div_(total)
+    return out, total.log_().add_(peak).squeeze(-1)

