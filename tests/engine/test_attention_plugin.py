@@ -102,3 +102,29 @@ def test_stats_reach_another_process_through_the_dump_file(tmp_path: Path, monke
     assert read_attention_stats() == dumped
     monkeypatch.delenv(attention_stats.STATS_ENV_VAR)
     assert read_attention_stats()["forward_calls"] == 0
+
+
+def test_register_follows_batchrun_attention(monkeypatch):
+    from vllm.v1.attention.backends import registry
+
+    from batchrun.engine.attention import plugin
+    from batchrun.engine.attention.cpu_backend import BatchrunCPUAttentionBackend
+
+    cpu_attn = registry.AttentionBackendEnum.CPU_ATTN
+    saved = dict(registry._ATTN_OVERRIDES)
+    try:
+        registry._ATTN_OVERRIDES.pop(cpu_attn, None)
+        for value in ("default", ""):
+            monkeypatch.setenv("BATCHRUN_ATTENTION", value)
+            plugin.register()
+            assert not cpu_attn.is_overridden()
+        for value in ("prefix", "auto"):
+            monkeypatch.setenv("BATCHRUN_ATTENTION", value)
+            plugin.register()
+            assert cpu_attn.get_class() is BatchrunCPUAttentionBackend
+        monkeypatch.setenv("BATCHRUN_ATTENTION", "fast")
+        with pytest.raises(ValueError, match="BATCHRUN_ATTENTION"):
+            plugin.register()
+    finally:
+        registry._ATTN_OVERRIDES.clear()
+        registry._ATTN_OVERRIDES.update(saved)
