@@ -37,7 +37,7 @@ class RunGroup:
     prefix_id: int = -1  # groups cut from one prefix's requests (to fit the KV cache) share it
 
 
-@dataclass
+@dataclass(eq=False)  # identity: a field-wise == compares numpy arrays (ValueError)
 class _GroupState:
     group: RunGroup
     next_member: int = 0

@@ -14,7 +14,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
@@ -104,6 +104,9 @@ def invoke(*args: str | Path) -> Any:
 @settings(max_examples=150, deadline=None, database=None,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 @given(data=hostile_files)
+# Found by this test: a later group admitted before an earlier one of the same size compared
+# the two with == (numpy arrays inside): ValueError, exit 1.
+@example(data=b'{"prompt": "quest"}\n{"prompt": "quest ino"}\n{"prompt": " eiqstu"}')
 def test_run_and_validate_agree_on_any_file(folder: Path, data: bytes) -> None:
     TALLY.fuzz_cases += 1
     n = next(files)
