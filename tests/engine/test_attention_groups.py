@@ -108,11 +108,7 @@ def test_plan_step_counts_work_and_applies_the_threshold():
 def test_cpu_shared_prefix_attention_matches_the_stock_kernel(dtype_name):
     torch = pytest.importorskip("torch")
     ops = pytest.importorskip("vllm._custom_ops")
-    from batchrun.engine.attention.cpu_attention import (
-        attend_grouped,
-        build_cpu_plan,
-        split_kv_cache,
-    )
+    from batchrun.engine.attention.cpu_attention import attend_grouped, build_cpu_plan
 
     dtype = getattr(torch, dtype_name)
     gen = torch.Generator().manual_seed(0)
@@ -155,7 +151,6 @@ def test_cpu_shared_prefix_attention_matches_the_stock_kernel(dtype_name):
                      lambda width: bt[:, :width])
     assert as_sets(step.groups) == {((0, 1, 2, 3, 4), 4), ((5, 6), 2)}
     plan = build_cpu_plan(step.groups, qsl, lens, bt, block, kv_heads, per_kv)
-    key_t, value = split_kv_cache(kv_cache)
-    out = attend_grouped(query, key_t, value, plan, scale)
+    out = attend_grouped(query, kv_cache, plan, scale)
     tol = 2e-5 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(out, stock[plan.grouped_tokens].float(), atol=tol, rtol=tol)

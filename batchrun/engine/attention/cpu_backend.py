@@ -30,7 +30,7 @@ from vllm.v1.attention.backends.cpu_attn import (
 from vllm.v1.kv_cache_interface import AttentionSpec, CrossAttentionSpec, EncoderOnlyAttentionSpec
 
 from . import stats
-from .cpu_attention import CpuPrefixPlan, attend_grouped, build_cpu_plan, split_kv_cache
+from .cpu_attention import CpuPrefixPlan, attend_grouped, build_cpu_plan
 from .groups import PrefixPolicy, causal_pairs, plan_step
 from .mode import get_mode, load_mode_from_env
 
@@ -163,8 +163,7 @@ class BatchrunCPUAttentionImpl(CPUAttentionBackendImpl):
             raise NotImplementedError("fused output quantization is not supported on CPU")
 
         plan = attn_metadata.plan
-        key_t, value_cache = split_kv_cache(kv_cache)
-        grouped = attend_grouped(query, key_t, value_cache, plan, self.scale)
+        grouped = attend_grouped(query, kv_cache, plan, self.scale)
         output.index_copy_(0, plan.grouped_tokens, grouped.to(output.dtype))
         rest = attn_metadata.rest
         if rest is not None:

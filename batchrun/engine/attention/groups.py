@@ -23,7 +23,7 @@ import numpy as np
 # (benchmarks/bench_attention_cpu.py --micro, README "Attention plugin (CPU)"): the shared-prefix
 # path's fixed cost (Python and small torch ops) is repaid once a group saves about this many
 # key reads per KV head, i.e. (members - 1) * prefix tokens.
-MIN_SAVED_KEYS = 2048
+MIN_SAVED_KEYS = 32768
 # A member's queries are stacked into the prefix matmul and its suffix is attended in torch;
 # long prefill chunks gain nothing from sharing (their own queries already amortise the
 # prefix reads) and would make the suffix score matrix large, so they stay on the stock path.
