@@ -120,11 +120,33 @@ def parse_size(text: str | int) -> int:
     return int(float(m.group(1)) * _UNITS[(m.group(2) or "").lower()])
 
 
-def _build(cls: type, data: dict[str, Any], where: str) -> Any:
-    known = {f.name for f in fields(cls)}
-    unknown = sorted(set(data) - known)
+# What a TOML value may be for each annotation used above (annotations are strings here).
+_TOML_TYPES: dict[str, tuple[type, ...]] = {
+    "int": (int,), "int | None": (int,), "float": (int, float), "str": (str,),
+    "str | None": (str,), "bool | None": (bool,), "bool": (bool,), "Path": (str, Path),
+    "Path | None": (str, Path), "tuple[str, ...]": (list, tuple),
+}
+
+
+def _check(cls: type, data: Any, where: str) -> None:
+    """Unknown keys and values of the wrong type, each with a message that names the fix."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where} must be a table (a [section] of keys), not {data!r}")
+    known = {f.name: f.type for f in fields(cls)}
+    unknown = sorted(set(data) - set(known))
     if unknown:
         raise ConfigError(f"{where}: unknown key(s) {unknown}; known keys are {sorted(known)}")
+    for key, value in data.items():
+        allowed = _TOML_TYPES.get(known[key])
+        # bool is an int in Python, but `max_tokens = true` is a mistake, not a 1.
+        wrong_bool = isinstance(value, bool) and bool not in (allowed or ())
+        if allowed and (not isinstance(value, allowed) or wrong_bool):
+            raise ConfigError(f"{where}: `{key}` must be {known[key].replace(' | None', '')}, "
+                              f"not {value!r}")
+
+
+def _build(cls: type, data: dict[str, Any], where: str) -> Any:
+    _check(cls, data, where)
     return cls(**data)
 
 
@@ -144,6 +166,12 @@ def load_job_file(path: Path) -> JobConfig:
     for required in ("input", "output"):
         if required not in raw:
             raise ConfigError(f"job file {path} has no `{required} = \"...\"` line")
+    for section in ("columns", "sampling", "engine"):
+        if not isinstance(raw.get(section, {}), dict):
+            raise ConfigError(f"[{section}] in {path} must be a table of keys, not "
+                              f"{raw[section]!r}")
+    _check(JobConfig, {k: v for k, v in raw.items()
+                       if k not in ("columns", "sampling", "engine")}, f"job file {path}")
     columns = dict(raw.pop("columns", {}))
     if "passthrough" in columns:
         columns["passthrough"] = tuple(columns["passthrough"])
@@ -152,7 +180,7 @@ def load_job_file(path: Path) -> JobConfig:
         sampling["stop"] = tuple([sampling["stop"]] if isinstance(sampling["stop"], str)
                                  else sampling["stop"])
     engine = dict(raw.pop("engine", {}))
-    if "kv_cache_memory" in engine:
+    if isinstance(engine.get("kv_cache_memory"), str):
         engine["kv_cache_memory"] = parse_size(engine["kv_cache_memory"])
     raw["input"] = resolve(raw["input"])
     raw["output"] = resolve(raw["output"])
