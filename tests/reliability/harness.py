@@ -9,13 +9,18 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+from click.testing import Result
+from typer.testing import CliRunner
 
+from batchrun.cli import app
 from batchrun.io.results import Checkpoint, partial_dir_for
 
 REPO = Path(__file__).resolve().parents[2]
@@ -67,6 +72,15 @@ def start_batchrun(*args: str | Path, fake_engine: dict[str, Any] | None = None,
                             stderr=subprocess.PIPE, text=True)
 
 
+def cli(*args: str | Path) -> Result:
+    """`batchrun ARGS` in this process (typer's CliRunner): for many fast runs. Fails the
+    test if anything but a clean exit (typer.Exit) came out of the command."""
+    result = CliRunner().invoke(app, [str(a) for a in args])
+    assert result.exception is None or isinstance(result.exception, SystemExit), \
+        f"{type(result.exception).__name__}: {result.exception}\n{result.stderr}"
+    return result
+
+
 def journaled_rows(output: Path) -> list[int]:
     """Row numbers in the checkpoint's journals as a resume would read them: every complete
     batch, in every journal, repeats included (a row journaled twice is a bug)."""
@@ -101,6 +115,21 @@ def kill9(proc: subprocess.Popen[str]) -> bool:
         proc.send_signal(signal.SIGKILL)
     proc.communicate(timeout=30)
     return alive
+
+
+@contextmanager
+def fails_instead_of_hanging(seconds: int) -> Iterator[None]:
+    """Turns a hang of the code inside into a test failure after `seconds`."""
+    def hung(*_: object) -> None:
+        raise AssertionError(f"still running after {seconds} s: hung")
+
+    previous = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 def check_output(output: Path, ids: list[str]) -> pa.Table:

