@@ -90,11 +90,12 @@ CASES = [
     Case("folder-input.toml", 'input = "."\noutput = "o.parquet"\n', EXIT_USAGE,
          says="is a directory"),
 ]
-# Values of the wrong type in a job file: config.py does not check types yet, and they end in
-# a TypeError (exit 1, a traceback from `validate`). Reported; strict, so fixing it shows here.
+# Values of the wrong type in a job file (they were TypeErrors: exit 1, a traceback).
 TYPE_CASES = [
-    Case("string-max-tokens.toml", toml('[sampling]\nmax_tokens = "ten"\n'), EXIT_USAGE),
-    Case("table-is-a-number.toml", toml("sampling = 3\n"), EXIT_USAGE),
+    Case("string-max-tokens.toml", toml('[sampling]\nmax_tokens = "ten"\n'), EXIT_USAGE,
+         says="`max_tokens` must be int"),
+    Case("table-is-a-number.toml", toml("sampling = 3\n"), EXIT_USAGE,
+         says="must be a table of keys"),
 ]
 
 
