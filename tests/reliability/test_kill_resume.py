@@ -15,7 +15,7 @@ import pytest
 from batchrun.engine.fake import FakeEngine
 from batchrun.io.results import Checkpoint, ResultJournal, partial_dir_for
 from batchrun.io.schema import RESULT_SCHEMA
-from batchrun.runner import EXIT_OK, run_job
+from batchrun.runner import EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, run_job
 from tests.helpers import job
 from tests.reliability.harness import (
     TALLY,
@@ -88,6 +88,34 @@ def test_kill_at_the_worst_moments(tmp_path: Path, kill_at: str, leaves: str) ->
     check_output(out, ids)
     assert not partial_dir_for(out).exists()
     assert [p.name for p in tmp_path.iterdir() if ".tmp-" in p.name] == []
+
+
+@pytest.mark.parametrize("change, says", [
+    ("input", "the input file changed"),
+    ("sampling", "the model or sampling settings changed"),
+])
+def test_a_changed_job_is_not_resumed_and_a_finished_one_not_rerun(
+        tmp_path: Path, change: str, says: str) -> None:
+    ids = write_rows(tmp_path / "in.jsonl", 100)
+    out = tmp_path / "out.parquet"
+    args = ["run", tmp_path / "in.jsonl", "-o", out, "--engine", "fake", "--max-tokens", "8"]
+    died = batchrun(*args, fake_engine={"die_after_steps": 6})
+    assert died.returncode == EXIT_INTERRUPTED and journaled_rows(out)
+    if change == "input":
+        ids = write_rows(tmp_path / "in.jsonl", 101)  # upstream rewrote the file
+    else:
+        args[-1] = "5"  # --max-tokens 5, not 8
+    refused = batchrun(*args, "--resume")
+    assert refused.returncode == EXIT_USAGE
+    assert f"cannot resume: {says}" in refused.stderr and "--overwrite" in refused.stderr
+    assert "Traceback" not in refused.stderr
+    assert batchrun(*args, "--overwrite").returncode == EXIT_OK
+    check_output(out, ids)
+    # Run again (cron with --resume): says it is done and touches nothing.
+    written = out.stat().st_mtime_ns
+    again = batchrun(*args, "--resume")
+    assert again.returncode == EXIT_OK and "nothing to do" in again.stderr
+    assert out.stat().st_mtime_ns == written
 
 
 def test_a_kill_before_the_manifest_does_not_block_a_run_without_resume(
