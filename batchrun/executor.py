@@ -26,7 +26,7 @@ import numpy as np
 from .engine.base import Engine, EngineDiedError, GenerationRequest, GenerationResult
 
 
-@dataclass
+@dataclass(eq=False)  # identity: groups hold arrays, and a deque removes by ==
 class RunGroup:
     """Requests that run together because they share a prefix (prefix_len 0: they share none)."""
 

@@ -68,3 +68,13 @@ def test_stop_flag_drains_then_aborts_after_the_grace_period():
     stop.request()
     done, ex = run(engine, reqs, [group([0, 1, 2, 3], 0)], stop=stop, grace_s=0.0)
     assert done == {} and ex.aborted == []  # stopped before admitting anything
+
+
+def test_a_group_finishing_admission_while_an_earlier_one_waits_for_its_leader():
+    engine = FakeEngine(block_size=4)
+    reqs = requests(6, PREFIX) + [GenerationRequest("lone", [7, 7, 7], max_tokens=2)]
+    done, _ = run(engine, reqs, [group([0, 1, 2], 32, prefix_id=1),
+                                 group([3, 4, 5], 32, prefix_id=1), group([6], 0)])
+    assert len(done) == 7
+    # The unshared request started while the prefix group still waited for its leader.
+    assert engine.admission_order[:2] == ["q0", "lone"]
