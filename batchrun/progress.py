@@ -54,11 +54,12 @@ class ProgressReporter:
     def line(self) -> str:
         elapsed = time.monotonic() - self._t0
         rate = (self.done - self._start_done) / max(elapsed, 1e-9)
-        eta = (self.total - self.done) / rate if rate > 0 else float("nan")
+        left = self.total - self.done
+        eta = "0s" if left <= 0 else f"{left / rate:,.0f}s" if rate > 0 else "unknown"
         pct = 100.0 * self.done / max(self.total, 1)
         return (f"batchrun: {self.done}/{self.total} rows ({pct:.1f}%), "
                 f"{self._tokens / max(elapsed, 1e-9):,.0f} tok/s, elapsed {elapsed:,.0f}s, "
-                f"eta {eta:,.0f}s")
+                f"eta {eta}")
 
     def close(self) -> None:
         if self._bar is not None:
