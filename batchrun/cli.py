@@ -143,7 +143,9 @@ def run(
         help="Eager mode starts fast; compiled runs faster. Default: by job size.")] = None,
     tensor_parallel_size: Annotated[int | None, typer.Option(help="GPUs per model.")] = None,
     attention: Annotated[Attention | None, typer.Option(
-        help="'prefix': batchrun's shared-prefix attention; 'default': vLLM's own.")] = None,
+        help="'auto' (default): batchrun's shared-prefix attention where it pays (GPUs; on "
+             "CPU vLLM's kernel measured faster); 'prefix': always; 'default': vLLM's own.")]
+    = None,
     plan: Annotated[bool, typer.Option(
         "--plan/--no-plan", help="--no-plan runs rows in file order (for comparisons).")]
     = True,

@@ -1,8 +1,9 @@
 """Stream planned requests through an engine: bounded window, prefix computed once per group.
 
 The executor admits requests in plan order while the in-flight KV estimate fits the engine's
-KV cache (a group's shared prefix counted once, not per member), and holds a group's other
-members back until its first member (the leader) has computed its prompt: from then on the
+KV cache (a shared prefix counted once, not per member nor again for a nested prefix), and
+holds a group's other members back until its first member (the leader) has computed its
+prompt: from then on the
 shared prefix is in vLLM's prefix cache and every sibling reuses all of it. (vLLM does let
 requests scheduled in the same step reuse each other's blocks, but only the part of the
 prompt that fits the step's token budget: a chunked prefill leaves siblings recomputing the
@@ -33,8 +34,16 @@ class RunGroup:
     members: np.ndarray  # request indices in run order
     prefix_len: int
     prefix_blocks: int
-    suffix_blocks: np.ndarray  # KV blocks each member needs beyond the shared prefix
+    suffix_blocks: np.ndarray  # KV blocks each member adds: beyond the prefix and its elders'
     prefix_id: int = -1  # groups cut from one prefix's requests (to fit the KV cache) share it
+    parent_id: int = -1  # prefix_id of the shared prefix this group's prefix extends, if any
+    # Of each member's suffix blocks, those no other member uses: free when it finishes (the
+    # rest when the group does). None: all of them.
+    private_blocks: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        if self.private_blocks is None:
+            self.private_blocks = self.suffix_blocks
 
 
 @dataclass(eq=False)  # identity: a field-wise == compares numpy arrays (ValueError)
@@ -43,6 +52,7 @@ class _GroupState:
     next_member: int = 0
     leader_ready: bool = False
     in_flight: int = 0
+    kept_blocks: int = 0  # suffix blocks of started members that other members may still use
     # A group cut from the same prefix as an earlier one has no leader of its own: it waits
     # for the first one's, since two leaders would compute the same prefix twice.
     leader_group: _GroupState | None = None
@@ -50,6 +60,53 @@ class _GroupState:
     @property
     def ready(self) -> bool:
         return (self.leader_group or self).leader_ready
+
+
+@dataclass
+class _HeldPrefix:
+    blocks: int  # the whole prefix
+    cost: int  # what holding it added to the budget: the blocks beyond the outer prefix
+    outer_id: int | None  # the enclosing prefix it keeps held, if that one was held
+    groups: int = 1  # groups in flight that hold it (their own, or a nested one's)
+
+
+class PrefixReservations:
+    """The KV blocks of the shared prefixes in flight, each block counted once.
+
+    A prefix is held while a group using it is in flight. A prefix nested in one already
+    held (system prompt > document) costs only its extra blocks, and keeps the outer one
+    held: its members' block tables start with the outer prefix's blocks."""
+
+    def __init__(self) -> None:
+        self._held: dict[int, _HeldPrefix] = {}
+
+    def cost(self, prefix_id: int, blocks: int, parent_id: int) -> int:
+        """Blocks that acquiring this prefix would add now."""
+        if prefix_id in self._held:
+            return 0
+        outer = self._held.get(parent_id)
+        return blocks - (outer.blocks if outer else 0)
+
+    def acquire(self, prefix_id: int, blocks: int, parent_id: int) -> int:
+        """Hold the prefix for one more group; returns the blocks that added."""
+        if (held := self._held.get(prefix_id)) is not None:
+            held.groups += 1
+            return 0
+        cost = self.cost(prefix_id, blocks, parent_id)
+        outer_id = parent_id if parent_id in self._held else None
+        if outer_id is not None:
+            self._held[outer_id].groups += 1
+        self._held[prefix_id] = _HeldPrefix(blocks, cost, outer_id)
+        return cost
+
+    def release(self, prefix_id: int) -> int:
+        """One group no longer holds the prefix; returns the blocks that freed."""
+        held = self._held[prefix_id]
+        held.groups -= 1
+        if held.groups:
+            return 0
+        del self._held[prefix_id]
+        return held.cost + (0 if held.outer_id is None else self.release(held.outer_id))
 
 
 @dataclass
@@ -132,6 +189,8 @@ class StreamingExecutor:
         for g in groups:
             if not len(g.members):
                 continue
+            if g.prefix_len > 0 and g.prefix_id < 0:
+                raise ValueError("a group with a shared prefix needs a prefix_id")
             state = _GroupState(g, leader_group=first_of_prefix.get(g.prefix_id))
             if g.prefix_id >= 0:
                 first_of_prefix.setdefault(g.prefix_id, state)
@@ -143,11 +202,17 @@ class StreamingExecutor:
         self._max_in_flight = max_in_flight
         self._budget_blocks = max(engine.info.kv_capacity_tokens // engine.info.block_size, 1)
         self._used_blocks = 0
+        self._prefixes = PrefixReservations()
         self._in_flight: dict[str, tuple[int, _GroupState, int]] = {}  # id -> (req, group, blocks)
         self._leaders: dict[str, _GroupState] = {}
         self._started: set[str] = set()  # in flight and past their first step (prefilled)
         self._draining = False
         self.aborted: list[int] = []
+
+    @property
+    def reserved_blocks(self) -> int:
+        """KV blocks the requests and prefixes in flight are counted for now."""
+        return self._used_blocks
 
     def run(self) -> None:
         """Run until every request finished, or until a stop request's grace period ends."""
@@ -189,8 +254,10 @@ class StreamingExecutor:
                 self._started.discard(result.request_id)
                 self._used_blocks -= blocks
                 state.in_flight -= 1
-                if state.in_flight == 0 and state.next_member >= len(state.group.members):
-                    self._used_blocks -= state.group.prefix_blocks
+                g = state.group
+                if state.in_flight == 0 and state.next_member >= len(g.members):
+                    self._used_blocks -= state.kept_blocks + (
+                        self._prefixes.release(g.prefix_id) if g.prefix_len else 0)
                 if self._leaders.pop(result.request_id, None) is not None:
                     state.leader_ready = True
                 done.append((req, result))
@@ -214,11 +281,17 @@ class StreamingExecutor:
                 # Reserve the whole group (prefix once + every member's suffix) before its
                 # leader starts, so its members can follow the leader at once: a member left
                 # waiting for room could find the leader gone and its prefix evicted.
-                cost = (g.prefix_blocks + int(g.suffix_blocks.sum()) if reserved
-                        else int(g.suffix_blocks[0]))
-                if not self._fits(cost):
-                    return
-                self._used_blocks += cost
+                if reserved:
+                    members = int(g.suffix_blocks.sum())
+                    if not self._fits(members + self._prefixes.cost(
+                            g.prefix_id, g.prefix_blocks, g.parent_id)):
+                        return
+                    self._used_blocks += members + self._prefixes.acquire(
+                        g.prefix_id, g.prefix_blocks, g.parent_id)
+                else:
+                    if not self._fits(int(g.suffix_blocks[0])):
+                        return
+                    self._used_blocks += int(g.suffix_blocks[0])
                 rid = self._start(state, 0)
                 if reserved and len(g.members) > 1 and state.leader_group is None:
                     self._leaders[rid] = state
@@ -239,8 +312,9 @@ class StreamingExecutor:
         req_index = int(state.group.members[k])
         request = self._make_request(req_index)
         self.engine.add(request)
-        self._in_flight[request.request_id] = (req_index, state,
-                                               int(state.group.suffix_blocks[k]))
+        private = int(state.group.private_blocks[k])
+        self._in_flight[request.request_id] = (req_index, state, private)
+        state.kept_blocks += int(state.group.suffix_blocks[k]) - private
         state.next_member = k + 1
         state.in_flight += 1
         return request.request_id

@@ -136,9 +136,13 @@ def make_groups(job: PreparedJob, block_size: int, kv_capacity_tokens: int | Non
         return [RunGroup(order, 0, 0, blocks)], {"planned": False}
     plan = plan_schedule(toks.values, toks.offsets, job.max_tokens, block_size=block_size,
                          kv_capacity_tokens=kv_capacity_tokens)
-    groups = [RunGroup(plan.order[g.start:g.end], g.prefix_len, g.prefix_blocks,
-                       plan.suffix_blocks[plan.order[g.start:g.end]], g.prefix_id)
-              for g in plan.groups]
+    groups = []
+    for g in plan.groups:
+        members = plan.order[g.start:g.end]
+        groups.append(RunGroup(members, g.prefix_len, g.prefix_blocks,
+                               plan.suffix_blocks[members], g.prefix_id,
+                               plan.groups[g.parent].prefix_id if g.parent >= 0 else -1,
+                               plan.private_blocks[members]))
     return groups, {"planned": True, **plan.stats.to_dict()}
 
 

@@ -4,7 +4,11 @@ End to end (default): one in-process, eager engine with the plugin registered; e
 with ``set_mode("default")`` (the stock CPU_ATTN forward) and ``set_mode("prefix")``
 alternately (``--repeats`` rounds, prefix cache reset before each run), and the greedy outputs
 of the two paths are compared. The best wall time of each path is reported (the box is shared:
-the minimum is the least disturbed run).
+the minimum is the least disturbed run). The job is one long prefix shared by every request
+(where the plugin pays most).
+
+``--jobs fewshot,rag,multiturn``: the same comparison on the planner benchmark's synthetic
+jobs (``synthetic.py``), each run by ``run_job`` (planned, KV cache ``--kv-cache-memory``).
 
 ``--micro``: one attention layer on a synthetic paged cache (SmolLM2 shapes: 3 KV heads,
 9 query heads, head 64, fp32, block 32): the stock kernel vs the shared-prefix path for
@@ -14,6 +18,7 @@ is calibrated on.
     python benchmarks/bench_attention_cpu.py                       # end to end
     python benchmarks/bench_attention_cpu.py --prefix-tokens 2048 --requests 32
     python benchmarks/bench_attention_cpu.py --micro
+    python benchmarks/bench_attention_cpu.py --jobs fewshot,rag,multiturn --kv-cache-memory 256MiB
 """
 
 from __future__ import annotations
@@ -82,7 +87,7 @@ def micro(sizes: list[int], prefixes: list[int], suffix: int, repeats: int) -> N
             lens_np, qsl_np, table_np = lens.numpy().astype(np.int64), qsl.numpy(), table.numpy()
 
             def plan(lens_np=lens_np, qsl_np=qsl_np, table_np=table_np):
-                step = plan_step(PrefixPolicy.for_mode("prefix"), np.diff(qsl_np), lens_np,
+                step = plan_step(PrefixPolicy(), np.diff(qsl_np), lens_np,
                                  BLOCK, lambda width: table_np[:, :width])
                 return build_cpu_plan(step.groups, qsl_np.astype(np.int64), lens_np, table_np,
                                       BLOCK, KV_HEADS, PER_KV)
@@ -94,6 +99,59 @@ def micro(sizes: list[int], prefixes: list[int], suffix: int, repeats: int) -> N
             plan_ms = best_ms(plan, repeats)
             print(f"{size:>4} {prefix:>5} {(size - 1) * prefix:>8} {stock_ms:>9.3f} "
                   f"{prefix_ms:>9.3f} {plan_ms:>8.3f} {stock_ms / prefix_ms:>6.2f}", flush=True)
+
+
+def planner_jobs(args: argparse.Namespace) -> None:
+    """run_job on the planner benchmark's jobs, stock attention vs shared-prefix attention."""
+    import tempfile
+
+    import pyarrow.parquet as pq
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from synthetic import write_job
+
+    from batchrun.config import EngineOptions, JobConfig, parse_size
+    from batchrun.engine.attention import reset_attention_stats, set_mode
+    from batchrun.engine.vllm_engine import VllmEngine
+    from batchrun.model import default_model_dir
+    from batchrun.runner import run_job
+
+    options = EngineOptions(kv_cache_memory=parse_size(args.kv_cache_memory), max_model_len=4096,
+                            enforce_eager=True, attention="prefix")
+    engine = VllmEngine(default_model_dir(), options, enforce_eager=True)
+    modes = ("default", *args.modes.split(","))
+    print(f"{'job':<10} {'rows':>5} {'mode':>7} {'wall s':>7} {'speedup':>7} "
+          f"{'prefix calls':>14} {'share':>6} {'same':>7}")
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.jobs.split(","):
+            cfg = JobConfig(input=write_job(name, Path(tmp)),
+                            output=Path(tmp) / f"{name}.parquet", engine=options)
+            walls: dict[str, list[float]] = {mode: [] for mode in modes}
+            texts, stats = {}, {}
+            for _ in range(args.repeats):
+                for mode in modes:
+                    set_mode(mode)
+                    engine.reset_prefix_cache()
+                    reset_attention_stats()
+                    t0 = time.perf_counter()
+                    outcome = run_job(cfg, engine=engine, interactive=False,
+                                      handle_signals=False, overwrite=True)
+                    walls[mode].append(time.perf_counter() - t0)
+                    texts[mode] = pq.read_table(cfg.output, columns=["text"])["text"].to_pylist()
+                    stats[mode] = outcome.summary["attention"]
+            best = {mode: min(w) for mode, w in walls.items()}
+            for mode in modes:
+                same = sum(a == b for a, b in zip(texts["default"], texts[mode], strict=True))
+                st = stats[mode]
+                print(f"{name:<10} {len(texts[mode]):>5} {mode:>7} {best[mode]:>7.2f} "
+                      f"{best['default'] / best[mode]:>6.2f}x "
+                      f"{st['prefix_calls']:>6}/{st['forward_calls']:<7} "
+                      f"{st['prefix_share']:>6.2f} {same:>3}/{len(texts[mode]):<3}", flush=True)
+    set_mode("prefix")
+    engine.close()
+    print(f"best of {args.repeats} alternating rounds each; speedup = default / mode; share = "
+          "attention (query, key) pairs served by the shared-prefix path; same = identical "
+          f"greedy outputs; load average {os.getloadavg()[0]:.1f}")
 
 
 def end_to_end(args: argparse.Namespace) -> None:
@@ -119,55 +177,66 @@ def end_to_end(args: argparse.Namespace) -> None:
           f"{args.prefix_tokens} tokens + {args.unique_tokens} own, {args.new_tokens} new "
           f"tokens each, {args.repeats} rounds", flush=True)
 
-    def run(mode: str, tag: str) -> tuple[float, dict[str, str], dict]:
+    def run(mode: str, tag: str) -> tuple[float, float, dict[str, str], dict]:
         set_mode(mode)
         engine.reset_prefix_cache()
         reset_attention_stats()
-        t = time.perf_counter()
+        t, cpu = time.perf_counter(), time.process_time()
         for i, unique in enumerate(uniques):
             engine.add(GenerationRequest(f"{tag}-{i}", shared + unique, args.new_tokens))
         texts = {}
         while engine.num_unfinished():
             for result in engine.step().finished:
                 texts[result.request_id.split("-", 1)[1]] = result.text or ""
-        return time.perf_counter() - t, texts, read_attention_stats()
+        return (time.perf_counter() - t, time.process_time() - cpu, texts,
+                read_attention_stats())
 
     walls: dict[str, list[float]] = {"default": [], "prefix": []}
+    cpus: dict[str, list[float]] = {"default": [], "prefix": []}
     outputs: dict[str, dict[str, str]] = {}
     for round_ in range(args.repeats):
         for mode in ("default", "prefix"):
-            wall, texts, stats = run(mode, f"{mode}{round_}")
+            wall, cpu, texts, stats = run(mode, f"{mode}{round_}")
             walls[mode].append(wall)
+            cpus[mode].append(cpu)
             outputs.setdefault(mode, texts)
-            print(f"  round {round_} {mode:>7}: {wall:6.2f} s  prefix_calls "
+            print(f"  round {round_} {mode:>7}: {wall:6.2f} s wall, {cpu:6.2f} s CPU, "
+                  f"load {os.getloadavg()[0]:.1f}; prefix_calls "
                   f"{stats['prefix_calls']}/{stats['forward_calls']}, prefix share "
                   f"{stats['prefix_share']:.2f}, max group {stats['max_group_size']}", flush=True)
     set_mode("prefix")
     same = sum(outputs["default"][k] == outputs["prefix"][k] for k in outputs["default"])
     best = {mode: min(w) for mode, w in walls.items()}
-    tokens = args.requests * args.new_tokens
-    print(f"default {best['default']:.2f} s ({tokens / best['default']:.1f} tok/s), prefix "
-          f"{best['prefix']:.2f} s ({tokens / best['prefix']:.1f} tok/s): speedup "
-          f"{best['default'] / best['prefix']:.2f}x; identical greedy outputs "
-          f"{same}/{len(outputs['default'])}; load average {os.getloadavg()[0]:.1f}")
+    best_cpu = {mode: min(c) for mode, c in cpus.items()}
+    print(f"best wall: default {best['default']:.2f} s, prefix {best['prefix']:.2f} s, "
+          f"speedup {best['default'] / best['prefix']:.2f}x; best CPU: default "
+          f"{best_cpu['default']:.2f} s, prefix {best_cpu['prefix']:.2f} s, ratio "
+          f"{best_cpu['default'] / best_cpu['prefix']:.2f}x; identical greedy outputs "
+          f"{same}/{len(outputs['default'])}")
     engine.close()
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--micro", action="store_true", help="one layer, synthetic cache")
+    parser.add_argument("--jobs", help="planner benchmark jobs, e.g. fewshot,rag,multiturn")
+    parser.add_argument("--modes", default="auto,prefix",
+                        help="--jobs: attention modes to compare with 'default'")
     parser.add_argument("--prefix-tokens", type=int, default=1536)
     parser.add_argument("--unique-tokens", type=int, default=24)
     parser.add_argument("--requests", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--kv-cache-memory", default="1GiB")
+    parser.add_argument("--kv-cache-memory", default="1GiB",
+                        help="KV cache (--jobs: the planner benchmark's 256MiB is a good match)")
     parser.add_argument("--sizes", default="2,4,8,16,32,64", help="--micro group sizes")
     parser.add_argument("--prefixes", default="256,512,1024,2048", help="--micro prefixes")
     args = parser.parse_args()
     if args.micro:
         micro([int(s) for s in args.sizes.split(",")], [int(p) for p in args.prefixes.split(",")],
               suffix=args.unique_tokens, repeats=max(args.repeats, 10))
+    elif args.jobs:
+        planner_jobs(args)
     else:
         end_to_end(args)
 

@@ -1,10 +1,11 @@
 """batchrun vs plain vLLM on synthetic jobs, side by side in one run on one engine.
 
-Plain vLLM is what `LLM.generate(rows)` does: every request added in file order, prefix
-caching on, the engine's scheduler left to itself. batchrun is `run_job` (prefix tree, plan,
-KV-sized window, one prefix computation per group). Both run on the same started engine
-(same settings); the prefix cache is reset before each contender. The KV cache is small on
-purpose (`--kv-cache-memory`, default 256MiB): real jobs are far larger than the cache.
+Plain vLLM is what `LLM.generate(rows)` does: the file read and tokenized, every request
+added in file order, prefix caching on, the engine's scheduler left to itself. batchrun is
+`run_job` (prefix tree, plan, KV-sized window, one prefix computation per group). Both run
+on the same started engine (same settings); the prefix cache is reset before each
+contender. The KV cache is small on purpose (`--kv-cache-memory`, default 256MiB): real
+jobs are far larger than the cache.
 
     python benchmarks/bench_planner_e2e.py                    # all jobs
     python benchmarks/bench_planner_e2e.py --jobs rag,unshared --kv-cache-memory 1GiB
@@ -29,12 +30,14 @@ from synthetic import JOBS, write_job  # noqa: E402
 from batchrun.config import EngineOptions, JobConfig, parse_size  # noqa: E402
 
 
-def run_plain(engine, job) -> dict:
-    """All requests in file order, as LLM.generate would add them."""
-    from batchrun.runner import request_factory
+def run_plain(engine, cfg) -> dict:
+    """All requests in file order, as LLM.generate would add them. Reading the file and
+    tokenizing it count, as they do for batchrun: LLM.generate tokenizes its prompts too."""
+    from batchrun.runner import prepare_job, request_factory
 
-    make = request_factory(job)
     t0 = time.perf_counter()
+    job = prepare_job(cfg)
+    make = request_factory(job)
     for i in range(len(job.tokens.positions)):
         engine.add(make(i))
     prompt = cached = completion = 0
@@ -89,7 +92,7 @@ def main() -> None:
             runs: dict[str, list[dict]] = {"plain": [], "ours": []}
             for contender in ("plain", "ours", "ours", "plain")[:4 if args.repeat else 2]:
                 engine.reset_prefix_cache()
-                runs[contender].append(run_plain(engine, job) if contender == "plain"
+                runs[contender].append(run_plain(engine, cfg) if contender == "plain"
                                        else run_batchrun(engine, cfg))
             plain, ours = (dict(r[0], wall=sum(x["wall"] for x in r) / len(r))
                            for r in (runs["plain"], runs["ours"]))

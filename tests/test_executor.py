@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from batchrun.engine.base import GenerationRequest
 from batchrun.engine.fake import FakeEngine
-from batchrun.executor import RunGroup, StopFlag, StreamingExecutor
+from batchrun.executor import PrefixReservations, RunGroup, StopFlag, StreamingExecutor
 
 PREFIX = list(range(100, 132))  # 8 blocks of 4 tokens
 
@@ -15,9 +16,10 @@ def requests(n: int, prefix: list[int]) -> list[GenerationRequest]:
     return [GenerationRequest(f"q{i}", prefix + [i, i + 1000], max_tokens=3) for i in range(n)]
 
 
-def group(members: list[int], prefix_len: int, prefix_id: int = -1) -> RunGroup:
+def group(members: list[int], prefix_len: int, prefix_id: int = 1, parent_id: int = -1
+          ) -> RunGroup:
     return RunGroup(np.array(members), prefix_len, prefix_len // 4,
-                    np.full(len(members), 2), prefix_id)
+                    np.full(len(members), 2), prefix_id if prefix_len else -1, parent_id)
 
 
 def run(engine: FakeEngine, reqs: list[GenerationRequest], groups: list[RunGroup], **kw):
@@ -78,3 +80,37 @@ def test_a_group_finishing_admission_while_an_earlier_one_waits_for_its_leader()
     assert len(done) == 7
     # The unshared request started while the prefix group still waited for its leader.
     assert engine.admission_order[:2] == ["q0", "lone"]
+
+
+def test_a_nested_prefix_costs_only_its_extra_blocks_while_the_outer_one_is_held():
+    prefixes = PrefixReservations()
+    assert prefixes.acquire(1, blocks=8, parent_id=-1) == 8  # system prompt
+    assert prefixes.cost(2, blocks=12, parent_id=1) == 4  # a document under it
+    assert prefixes.acquire(2, blocks=12, parent_id=1) == 4
+    assert prefixes.acquire(2, blocks=12, parent_id=1) == 0  # a second group cut from it
+    # The system prompt's own group ends first: its blocks stay, the document's groups use them.
+    assert prefixes.release(1) == 0
+    assert prefixes.release(2) == 0
+    assert prefixes.release(2) == 4 + 8  # the last holder frees both
+    assert prefixes.cost(2, blocks=12, parent_id=1) == 12  # nothing held any more
+
+
+def test_nested_groups_run_side_by_side_in_a_window_that_fits_them_counted_once():
+    # Outer prefix 8 blocks, nested prefix 12 blocks (the outer 8 + 4), 2 members each with
+    # 2 blocks of their own: 8 + 4 + 4 + 4 = 20 blocks together; 28 if each prefix counted
+    # in full. A 20-block cache runs all four requests at once.
+    engine = FakeEngine(block_size=4, kv_capacity_tokens=80)
+    outer, inner = PREFIX, PREFIX + list(range(200, 216))
+    reqs = requests(2, outer) + [GenerationRequest(f"n{i}", inner + [i], max_tokens=3)
+                                 for i in range(2)]
+    done, ex = run(engine, reqs, [group([0, 1], 32, prefix_id=1),
+                                  group([2, 3], 48, prefix_id=2, parent_id=1)])
+    assert len(done) == 4 and engine.max_running_seen == 4
+    assert ex.reserved_blocks == 0  # every reservation was given back
+
+
+def test_a_shared_group_without_a_prefix_id_is_refused():
+    with pytest.raises(ValueError, match="prefix_id"):
+        StreamingExecutor(FakeEngine(block_size=4),
+                          [RunGroup(np.arange(2), 32, 8, np.full(2, 2))],
+                          lambda i: None, lambda batch: None)

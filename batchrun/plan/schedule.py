@@ -32,9 +32,12 @@ tree order at every level. A group whose members sit on both sides of a nested g
 out as several PrefixGroups with one prefix_id; the prefix stays cached in between.
 
 Memory. Each request needs ceil((prompt + max_tokens) / block_size) KV blocks; within its
-group the shared prefix blocks are counted once (`suffix_blocks` is the rest). Given
-`kv_capacity_tokens`, a group whose KV does not fit is cut into consecutive groups with the
-same prefix, so that each fits; the cache keeps the prefix across them.
+group the shared prefix blocks are counted once, and so are the blocks a member shares
+beyond it with the member before it (a chat's turns extend each other): `suffix_blocks` is
+the rest. Of those, `private_blocks` are shared with no other member (its own last prompt
+block and its decode): they are free once it finishes, the others once its group does.
+Given `kv_capacity_tokens`, a group whose KV does not fit is cut into consecutive groups
+with the same prefix, so that each fits; the cache keeps the prefix across them.
 """
 
 from __future__ import annotations
@@ -89,11 +92,13 @@ class PlanStats:
 
 @dataclass(frozen=True)
 class Plan:
-    """Run `order` group by group; size the in-flight window with `suffix_blocks`."""
+    """Run `order` group by group; size the in-flight window with `suffix_blocks` and
+    `private_blocks`."""
 
     order: np.ndarray  # int64 [n]: request indices in run order, each exactly once
     groups: list[PrefixGroup]  # contiguous, non-overlapping slices of order, covering it
-    suffix_blocks: np.ndarray  # int64 [n] by request index: KV blocks beyond its group's prefix
+    suffix_blocks: np.ndarray  # int64 [n] by request index: KV blocks no earlier member holds
+    private_blocks: np.ndarray  # int64 [n] by request index: its suffix blocks no member shares
     stats: PlanStats
 
 
@@ -126,13 +131,19 @@ def plan_schedule(
 
     order = tree.order[run]
     group, prefix, lengths, decode = group[run], prefix[run], lengths[run], decode[run]
-    suffix = -(-(lengths + decode) // block_size) - prefix // block_size
+    need = -(-(lengths + decode) // block_size)  # KV blocks of each request alone
+    # Blocks shared with the previous member: neighbours in the tree, same group.
+    link = blocks.lcp[run] // block_size
+    link[1:] *= (np.diff(run) == 1) & (np.diff(group) == 0)
+    link[:1] = 0
     capacity = None if kv_capacity_tokens is None else kv_capacity_tokens // block_size
-    groups = _make_groups(group, prefix, lengths, decode, suffix, group_parent, block_size,
-                          capacity)
+    groups, suffix, private = _make_groups(group, prefix, lengths, decode, need, link,
+                                           group_parent, block_size, capacity)
 
     suffix_blocks = np.empty(n, dtype=np.int64)
     suffix_blocks[order] = suffix
+    private_blocks = np.empty(n, dtype=np.int64)
+    private_blocks[order] = private
     kv = np.array([g.kv_blocks for g in groups], dtype=np.int64) * block_size
     sharing = {}  # prefix_id -> (prefix_len, requests), over the groups a prefix was cut into
     for g in groups:
@@ -156,7 +167,7 @@ def plan_schedule(
         over_capacity_groups=0 if capacity is None else int((kv > capacity * block_size).sum()),
         block_size=block_size,
     )
-    return Plan(order, groups, suffix_blocks, stats)
+    return Plan(order, groups, suffix_blocks, private_blocks, stats)
 
 
 def _choose_prefixes(blocks: PrefixTree) -> tuple[np.ndarray, np.ndarray]:
@@ -307,27 +318,36 @@ def _lay_out(parent_at: np.ndarray, within: np.ndarray, size: np.ndarray,
 
 
 def _make_groups(group: np.ndarray, prefix: np.ndarray, lengths: np.ndarray,
-                 decode: np.ndarray, suffix: np.ndarray, group_parent: np.ndarray,
-                 block_size: int, capacity: int | None) -> list[PrefixGroup]:
+                 decode: np.ndarray, need: np.ndarray, link: np.ndarray,
+                 group_parent: np.ndarray, block_size: int, capacity: int | None
+                 ) -> tuple[list[PrefixGroup], np.ndarray, np.ndarray]:
     """Cut the run order (arrays in run order) into PrefixGroups: one per run of a shared
-    prefix or of unshared requests, cut further where a group's KV exceeds `capacity`."""
+    prefix or of unshared requests, cut further where a group's KV exceeds `capacity`.
+    Returns them, and each request's suffix and private blocks (in run order)."""
     n = len(group)
     starts = np.flatnonzero(np.diff(group, prepend=-1))
     ends = np.append(starts[1:], n)[: len(starts)]
-    prefix_blocks = prefix[starts] // block_size
-    suffix_sum = np.concatenate(([0], np.cumsum(suffix)))
+    held = np.maximum(prefix // block_size, link)  # blocks an earlier member holds already
+    suffix_sum = np.concatenate(([0], np.cumsum(need - held)))
     if capacity is not None:
-        room = capacity - prefix_blocks
+        room = capacity - prefix[starts] // block_size
+        lost = held - prefix // block_size  # what a member leading a cut group computes again
         cuts = []
         for s, e, r in zip(starts.tolist(), ends.tolist(), room.tolist(), strict=True):
-            while suffix_sum[e] - suffix_sum[s] > r and e - s > 1:
+            while suffix_sum[e] - suffix_sum[s] + lost[s] > r and e - s > 1:
                 # As many members as fit next to the prefix; at least one.
-                cut = int(np.searchsorted(suffix_sum, suffix_sum[s] + r, side="right")) - 1
+                cut = int(np.searchsorted(suffix_sum, suffix_sum[s] + r - lost[s],
+                                          side="right")) - 1
                 s = min(max(cut, s + 1), e)
                 cuts.append(s)
         starts = np.sort(np.concatenate((starts, np.array(cuts, dtype=np.int64))))
         ends = np.append(starts[1:], n)[: len(starts)]
-        prefix_blocks = prefix[starts] // block_size
+        link = link.copy()
+        link[starts] = 0
+        held = np.maximum(prefix // block_size, link)
+        suffix_sum = np.concatenate(([0], np.cumsum(need - held)))
+    prefix_blocks = prefix[starts] // block_size
+    private = need - np.maximum(held, np.append(link[1:], 0))
     node = group[starts]
     first_of = np.full(len(group_parent), -1, dtype=np.int64)  # first group of each prefix
     first_of[node[::-1]] = np.arange(len(node))[::-1]
@@ -344,4 +364,4 @@ def _make_groups(group: np.ndarray, prefix: np.ndarray, lengths: np.ndarray,
         for s, e, p, b, k, r, i, q in zip(
             starts.tolist(), ends.tolist(), prefix[starts].tolist(), prefix_blocks.tolist(),
             kv.tolist(), ratio.tolist(), node.tolist(), parent.tolist(), strict=True)
-    ]
+    ], need - held, private

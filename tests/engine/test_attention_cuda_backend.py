@@ -12,6 +12,7 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("triton")
 cuda_backend = pytest.importorskip("batchrun.engine.attention.cuda_backend")
+from batchrun.engine.attention.groups import PrefixPolicy  # noqa: E402
 
 BLOCK, KV_HEADS, PER_KV, HEAD = 16, 2, 2, 32
 
@@ -29,8 +30,8 @@ def batch():
 def test_plan_kernel_step_builds_the_kernel_metadata_for_the_groups():
     table, seq_lens, qsl = batch()
     step, shared = cuda_backend.plan_kernel_step(
-        "prefix", qsl, seq_lens, lambda width: table[:, :width], block_size=BLOCK,
-        num_queries_per_kv=PER_KV, head_size=HEAD, device="cpu")
+        PrefixPolicy.for_mode("prefix", "cuda"), qsl, seq_lens, lambda width: table[:, :width],
+        block_size=BLOCK, num_queries_per_kv=PER_KV, head_size=HEAD, device="cpu")
     assert [(g.seq_ids.tolist(), g.num_blocks) for g in step.groups] == [([0, 1, 3], 2)]
     assert shared.num_shared_groups == 1
     assert shared.group_prefix_len.tolist() == [32, 0]  # plus the kernels' ungrouped batch
@@ -38,8 +39,8 @@ def test_plan_kernel_step_builds_the_kernel_metadata_for_the_groups():
     assert shared.seq_prefix_len.tolist() == [32, 32, 0, 32, 0]
     assert step.prefix_query_key_pairs == (1 + 1 + 3) * 32
     step, shared = cuda_backend.plan_kernel_step(
-        "auto", qsl, seq_lens, lambda width: table[:, :width], block_size=BLOCK,
-        num_queries_per_kv=PER_KV, head_size=HEAD, device="cpu")
+        PrefixPolicy.for_mode("auto", "cuda"), qsl, seq_lens, lambda width: table[:, :width],
+        block_size=BLOCK, num_queries_per_kv=PER_KV, head_size=HEAD, device="cpu")
     assert shared is None and step.skipped == 1  # 2 * 32 saved keys do not pay
 
 
@@ -52,7 +53,7 @@ def test_triton_impl_forward_matches_paged_attention():
     kv_cache = torch.randn(13, KV_HEADS, BLOCK, 2 * HEAD, generator=gen)
     query = torch.randn(int(qsl[-1]), KV_HEADS * PER_KV, HEAD, generator=gen)
     _, shared = cuda_backend.plan_kernel_step(
-        "prefix", qsl, seq_lens, lambda width: table[:, :width], block_size=BLOCK,
+        PrefixPolicy(), qsl, seq_lens, lambda width: table[:, :width], block_size=BLOCK,
         num_queries_per_kv=PER_KV, head_size=HEAD, device="cpu")
     block_table = torch.from_numpy(table)
     metadata = SimpleNamespace(shared_prefix=shared, block_table=block_table,

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from batchrun.engine.attention.groups import (
-    MIN_SAVED_KEYS,
+    AUTO_MIN_SAVED_KEYS,
     PrefixPolicy,
     causal_pairs,
     find_shared_prefixes,
@@ -83,19 +83,22 @@ def test_random_tables_give_valid_disjoint_groups():
 
 
 def test_policy_eligibility_and_threshold():
-    policy = PrefixPolicy(min_saved_keys=MIN_SAVED_KEYS, max_member_query_len=64)
+    policy = PrefixPolicy(max_member_query_len=64)
     query_lens = np.array([1, 1, 65, 0, 10])
     seq_lens = np.array([100, 31, 300, 64, 74])
     assert policy.eligible_blocks(query_lens, seq_lens, 32).tolist() == [3, 0, 0, 0, 2]
-    assert PrefixPolicy.for_mode("prefix").min_saved_keys == 1
-    assert PrefixPolicy.for_mode("auto").min_saved_keys == MIN_SAVED_KEYS
+    for platform in ("cpu", "cuda"):
+        assert PrefixPolicy.for_mode("prefix", platform).min_saved_keys == 1
+        assert PrefixPolicy.for_mode("default", platform) is None
+    # auto on CPU: the stock kernel, measured faster at every size (groups.py, benchmarks/).
+    assert PrefixPolicy.for_mode("auto", "cpu") is None
+    assert PrefixPolicy.for_mode("auto", "cuda").min_saved_keys == AUTO_MIN_SAVED_KEYS["cuda"]
 
 
 def test_plan_step_counts_work_and_applies_the_threshold():
     bt = table([1, 2, 3], [1, 2, 4], [5, 6, 7])
     query_lens, seq_lens = np.array([1, 2, 1]), np.array([70, 80, 65])
-    step = plan_step(PrefixPolicy.for_mode("prefix"), query_lens, seq_lens, 32,
-                     lambda width: bt[:, :width])
+    step = plan_step(PrefixPolicy(), query_lens, seq_lens, 32, lambda width: bt[:, :width])
     assert as_sets(step.groups) == {((0, 1), 2)} and step.skipped == 0
     assert step.query_key_pairs == causal_pairs(query_lens, seq_lens) == 70 + (79 + 80) + 65
     assert step.prefix_query_key_pairs == (1 + 2) * 64
@@ -147,7 +150,7 @@ def test_cpu_shared_prefix_attention_matches_the_stock_kernel(dtype_name):
     ops.cpu_attention_with_kv_cache(query, stock_k, stock_v, stock, qsl_t, lens_t, scale, True,
                                     None, -1, torch.from_numpy(bt), 0.0, scheduler, None)
 
-    step = plan_step(PrefixPolicy.for_mode("prefix"), np.array(query_lens), lens, block,
+    step = plan_step(PrefixPolicy(), np.array(query_lens), lens, block,
                      lambda width: bt[:, :width])
     assert as_sets(step.groups) == {((0, 1, 2, 3, 4), 4), ((5, 6), 2)}
     plan = build_cpu_plan(step.groups, qsl, lens, bt, block, kv_heads, per_kv)

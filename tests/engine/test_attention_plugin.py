@@ -78,6 +78,20 @@ def test_prefix_path_gives_the_stock_greedy_outputs(vllm_engine, tokenizer, atte
     assert stats["prefix_share"] > 0.5
 
 
+def test_auto_on_cpu_keeps_the_stock_kernel_even_for_a_shared_prefix(vllm_engine, tokenizer,
+                                                                       attention_mode):
+    # Measured: on CPU the stock kernel beats the shared-prefix path at every group size
+    # (groups.AUTO_MIN_SAVED_KEYS), so `auto`, the job default, does not even look for groups.
+    system = tokenizer.encode([SYSTEM + " Catalogue notes: " + "aisle, shelf and volume. " * 22])[0]
+    prompts = [system + q for q in tokenizer.encode_rendered(
+        [f" Question {i}: where is volume {7 * i + 3}?" for i in range(4)])]
+    attention_mode("auto")
+    generate(vllm_engine, prompts, "auto")
+    stats = read_attention_stats()
+    assert stats["backend"] == "batchrun-cpu" and stats["mode"] == "auto"
+    assert stats["forward_calls"] > 0 and stats["prefix_calls"] == 0 and stats["groups"] == 0
+
+
 def test_plugin_stays_out_of_the_way_when_nothing_is_shared(vllm_engine, tokenizer):
     prompts = tokenizer.encode(
         [f"Request {i}. " + f"Topic {i} of the catalogue, in detail. " * 12 for i in range(4)])

@@ -49,6 +49,25 @@ def test_a_system_prompt_and_its_documents():
     assert plan.stats.block_ideal_computed_tokens == 12 * 17 - 8 * 16 - 2 * 8
 
 
+def test_a_chat_whose_turns_extend_each_other_counts_each_turn_once():
+    # Rows of one chat: system prompt (2 blocks) + the first k turns (a block each) + a
+    # unique last token. Row k's prompt is a prefix of row k+1's (but for the last token).
+    prompts, turns = [], []
+    for k in range(4):
+        turns += tokens(100 * (k + 1), 4)
+        prompts.append(tokens(0, 8) + turns + [900 + k])
+    plan = plan_of(prompts, [4] * 4)
+    (chat,) = plan.groups
+    assert chat.prefix_len == 12 and members(plan) == [[3, 2, 1, 0]]  # tree order
+    # Alone the rows need 8, 7, 6 and 5 blocks. Together: the 6 distinct prompt blocks of
+    # the longest row, plus each row's last prompt block and decode (2 blocks each).
+    assert chat.kv_blocks == 6 + 4 * 2
+    assert plan.suffix_blocks[[3, 2, 1, 0]].tolist() == [8 - 3, 2, 2, 2]
+    # Row 3's fourth turn is its own: it is freed when row 3 finishes, the shared turns
+    # when the last row that uses them does.
+    assert plan.private_blocks[[3, 2, 1, 0]].tolist() == [3, 2, 2, 2]
+
+
 def test_decode_heavy_work_goes_first_but_a_system_prompt_stays_together():
     # System A's documents decode 8 and 512 tokens, system B's 384 and 256. B decodes more
     # in all, so B runs first; A's 512 document does not jump ahead of B: it would split A
@@ -136,10 +155,20 @@ def test_every_plan_keeps_its_invariants(case):
         # Every member has the prefix and at least one token past it.
         assert all(p[: g.prefix_len] == inside[0][: g.prefix_len] for p in inside)
         assert all(len(p) > g.prefix_len for p in inside)
-        need = [-(-(len(prompts[i]) + budget[i]) // block) for i in plan.order[g.start: g.end]]
-        assert plan.suffix_blocks[plan.order[g.start: g.end]].tolist() == [
-            b - g.prefix_blocks for b in need]
-        assert g.kv_blocks == g.prefix_blocks + sum(need) - g.prefix_blocks * g.size
+        ids = plan.order[g.start: g.end]
+        suffix, private = plan.suffix_blocks[ids], plan.private_blocks[ids]
+        assert g.kv_blocks == g.prefix_blocks + suffix.sum()
+        # Never below what the members really hold together in a block-granular cache:
+        # every distinct full prompt block once (a request's last token is never cached),
+        # and the rest of each request (last prompt block, decode) on its own.
+        cacheable = [(len(prompts[i]) - 1) // block for i in ids]
+        need = [-(-(len(prompts[i]) + budget[i]) // block) for i in ids]
+        distinct = {tuple(prompts[i][: k * block]) for i, c in zip(ids, cacheable, strict=True)
+                    for k in range(1, c + 1)}
+        assert g.kv_blocks >= len(distinct) + sum(need) - sum(cacheable)
+        # What a member frees when it finishes is its own: never a cacheable block it shares.
+        assert (private <= suffix).all()
+        assert (private >= np.array(need) - np.array(cacheable)).all()
         if capacity is not None and g.size > 1:
             assert g.kv_blocks * block <= capacity
         if g.parent >= 0:

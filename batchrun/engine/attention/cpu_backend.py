@@ -83,14 +83,14 @@ class BatchrunCPUMetadataBuilder(CPUAttentionMetadataBuilder):
         query_start_loc = query_start_loc.astype(np.int64)
         seq_lens = common_attn_metadata.seq_lens[:num_reqs].numpy().astype(np.int64)
         query_lens = np.diff(query_start_loc)
-        mode = get_mode()
-        if mode == "default" or not self.shared_prefix_ok or base.causal is not True:
+        policy = PrefixPolicy.for_mode(get_mode(), "cpu")
+        if policy is None or not self.shared_prefix_ok or base.causal is not True:
             metadata.query_key_pairs = causal_pairs(query_lens, seq_lens)
             stats.record_step([], 0)
             return metadata
 
         block_table = common_attn_metadata.block_table_tensor[:num_reqs].numpy()
-        step = plan_step(PrefixPolicy.for_mode(mode), query_lens, seq_lens, self.block_size,
+        step = plan_step(policy, query_lens, seq_lens, self.block_size,
                          lambda width: block_table[:, :width])
         stats.record_step([(g.num_members, g.num_blocks * self.block_size) for g in step.groups],
                           step.skipped)

@@ -53,15 +53,14 @@ class BatchrunTritonMetadata(TritonAttentionMetadata):
     prefix_query_key_pairs: int = 0
 
 
-def plan_kernel_step(mode: str, query_start_loc: np.ndarray, seq_lens: np.ndarray,
+def plan_kernel_step(policy: PrefixPolicy, query_start_loc: np.ndarray, seq_lens: np.ndarray,
                      read_block_table: Callable[[int], np.ndarray], *, block_size: int,
                      num_queries_per_kv: int, head_size: int,
                      device: torch.device | str) -> tuple[StepGroups, SharedPrefixMetadata | None]:
     """The step's groups and, when some pay, the kernels' metadata for them. Host arrays in;
     ``read_block_table(width)`` copies only the block-table columns the groups can span."""
     query_lens = np.diff(query_start_loc)
-    step = plan_step(PrefixPolicy.for_mode(mode), query_lens, seq_lens, block_size,
-                     read_block_table)
+    step = plan_step(policy, query_lens, seq_lens, block_size, read_block_table)
     if not step.groups:
         return step, None
     groups = [PrefixGroup(g.seq_ids.tolist(), g.num_blocks * block_size) for g in step.groups]
@@ -94,8 +93,8 @@ class BatchrunTritonMetadataBuilder(TritonAttentionMetadataBuilder):
         query_start_loc = cm.query_start_loc_cpu[:num_reqs + 1].numpy().astype(np.int64)
         # Exact without speculative decoding (excluded above); no device sync.
         seq_lens = cm.seq_lens_cpu_upper_bound[:num_reqs].numpy().astype(np.int64)
-        mode = get_mode()
-        if (mode == "default" or not self.shared_prefix_ok or cm.causal is not True
+        policy = PrefixPolicy.for_mode(get_mode(), "cuda")
+        if (policy is None or not self.shared_prefix_ok or cm.causal is not True
                 or cm.mm_req_doc_ranges is not None):
             metadata.query_key_pairs = causal_pairs(np.diff(query_start_loc), seq_lens)
             stats.record_step([], 0)
@@ -103,7 +102,7 @@ class BatchrunTritonMetadataBuilder(TritonAttentionMetadataBuilder):
 
         # The block table lives on the GPU: copying its first columns is this step's one sync.
         step, shared = plan_kernel_step(
-            mode, query_start_loc, seq_lens,
+            policy, query_start_loc, seq_lens,
             lambda width: cm.block_table_tensor[:num_reqs, :width].cpu().numpy(),
             block_size=self.block_size, num_queries_per_kv=self.num_heads_q // self.num_heads_kv,
             head_size=self.headdim, device=self.device)

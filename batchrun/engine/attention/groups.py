@@ -19,11 +19,18 @@ from itertools import pairwise
 
 import numpy as np
 
-# Measured on the 2-core EPYC CI machine, SmolLM2 shapes (3 KV heads, head 64, fp32), one layer
-# (benchmarks/bench_attention_cpu.py --micro, README "Attention plugin (CPU)"): the shared-prefix
-# path's fixed cost (Python and small torch ops) is repaid once a group saves about this many
-# key reads per KV head, i.e. (members - 1) * prefix tokens.
-MIN_SAVED_KEYS = 32768
+# `auto` takes a group when it saves at least this many key reads per KV head, i.e.
+# (members - 1) * prefix tokens; None: never (no group search at all).
+# - cpu: never. Measured on the 2-core EPYC dev machine, idle, SmolLM2 shapes (benchmarks/
+#   README.md, "Attention plugin (CPU)"): per layer the torch path ran at 0.08x-0.51x the
+#   stock kernel's speed for 2-64 decoding sequences sharing 256-2,048 tokens, and end to end
+#   at 0.76x with 32 requests sharing 1,536 tokens. The stock kernel finds the shared blocks
+#   in the CPU cache anyway, so sharing saves it little, and the same FLOPs cost more as
+#   torch ops.
+# - cuda: an estimate, NOT measured (no GPU that could run vLLM was available): the
+#   kernels save (members - 1) * prefix key and value reads from HBM; below ~32k keys a head
+#   the saving is under the cost of the extra kernel launches for SmolLM2-sized heads.
+AUTO_MIN_SAVED_KEYS: dict[str, int | None] = {"cpu": None, "cuda": 32768}
 # A member's queries are stacked into the prefix matmul and its suffix is attended in torch;
 # long prefill chunks gain nothing from sharing (their own queries already amortise the
 # prefix reads) and would make the suffix score matrix large, so they stay on the stock path.
@@ -50,13 +57,17 @@ class SharedPrefix:
 class PrefixPolicy:
     """Which sequences may join a group, and which groups are worth the shared-prefix path."""
 
-    min_saved_keys: int = MIN_SAVED_KEYS
+    min_saved_keys: int = 1
     max_member_query_len: int = MAX_MEMBER_QUERY_LEN
 
     @classmethod
-    def for_mode(cls, mode: str) -> PrefixPolicy:
-        """``prefix`` takes every group; ``auto`` only the ones that pay."""
-        return cls(min_saved_keys=1 if mode == "prefix" else MIN_SAVED_KEYS)
+    def for_mode(cls, mode: str, platform: str) -> PrefixPolicy | None:
+        """``prefix`` takes every group; ``auto`` only the ones that pay on ``platform``
+        (``cpu`` or ``cuda``). None: the stock path for every step, without a group search."""
+        if mode == "prefix":
+            return cls(min_saved_keys=1)
+        threshold = AUTO_MIN_SAVED_KEYS[platform] if mode == "auto" else None
+        return None if threshold is None else cls(min_saved_keys=threshold)
 
     def eligible_blocks(self, query_lens: np.ndarray, seq_lens: np.ndarray,
                         block_size: int) -> np.ndarray:
