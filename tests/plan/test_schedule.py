@@ -27,16 +27,23 @@ def members(plan: Plan) -> list[list[int]]:
     return [plan.order[g.start: g.end].tolist() for g in plan.groups]
 
 
-def test_a_system_prompt_and_its_documents():
-    # Two system prompts (8 tokens), two documents under each (8 tokens), three questions
-    # per document. The first system prompt's documents decode much more.
+def systems_with_documents(doc_budgets: list[tuple[int, ...]]) -> tuple[list, list]:
+    """System prompt s (8 tokens) > its documents (8 tokens, max_tokens doc_budgets[s][d])
+    > three unique one-token questions each."""
     prompts, budget = [], []
-    for s, doc_budgets in enumerate([(512, 256), (64, 8)]):
-        for d, mt in enumerate(doc_budgets):
+    for s, budgets in enumerate(doc_budgets):
+        for d, mt in enumerate(budgets):
             for _ in range(3):
                 prompts.append(tokens(1000 * s, 8) + tokens(1000 * s + 100 * d + 10, 8)
                                + [9000 + len(prompts)])
                 budget.append(mt)
+    return prompts, budget
+
+
+def test_a_system_prompt_and_its_documents():
+    # Two system prompts (8 tokens), two documents under each (8 tokens), three questions
+    # per document. The first system prompt's documents decode much more.
+    prompts, budget = systems_with_documents([(512, 256), (64, 8)])
     plan = plan_of(prompts, budget)
     # A group per document, sharing system prompt + document: 16 tokens, 4 blocks.
     assert [g.prefix_len for g in plan.groups] == [16] * 4
@@ -72,13 +79,7 @@ def test_decode_heavy_work_goes_first_but_a_system_prompt_stays_together():
     # System A's documents decode 8 and 512 tokens, system B's 384 and 256. B decodes more
     # in all, so B runs first; A's 512 document does not jump ahead of B: it would split A
     # and compute A's system prompt twice. Within each system the heavier document leads.
-    prompts, budget = [], []
-    for s, doc_budgets in enumerate([(8, 512), (384, 256)]):
-        for d, mt in enumerate(doc_budgets):
-            for _ in range(3):
-                prompts.append(tokens(1000 * s, 8) + tokens(1000 * s + 100 * d + 10, 8)
-                               + [9000 + len(prompts)])
-                budget.append(mt)
+    prompts, budget = systems_with_documents([(8, 512), (384, 256)])
     plan = plan_of(prompts, budget)
     assert [budget[g[0]] for g in members(plan)] == [384, 256, 512, 8]
     # decode_first=False: plain depth-first tree order.
