@@ -40,6 +40,11 @@ def test_jsonl_chat_job_greedy_and_order_independent(tmp_path, vllm_engine):
     # The three families' prompts share long prefixes: most prompt tokens came from cache.
     assert summary["tokens"]["cached"] > 0.5 * summary["tokens"]["prompt"]
     assert summary["engine"]["block_size"] == 32 and summary["engine"]["dtype"] == "float32"
+    # The session engine runs batchrun's attention backend in "prefix" mode: the families'
+    # decodes went through the shared-prefix path, and the summary says how much.
+    attention = summary["attention"]
+    assert attention["backend"] == "batchrun-cpu" and attention["prefix_calls"] > 0
+    assert 0 < attention["prefix_share"] < 1
 
 
 def test_planned_and_unplanned_runs_give_identical_greedy_outputs(tmp_path, vllm_engine):
