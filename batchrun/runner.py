@@ -29,6 +29,7 @@ from .io.readers import RequestSet, read_request_set
 from .io.results import (
     Checkpoint,
     CheckpointError,
+    JobLock,
     ResultJournal,
     file_fingerprint,
     partial_dir_for,
@@ -318,8 +319,11 @@ def run_job(
     stop = StopFlag()
     restore = install_signal_handlers(stop) if handle_signals else (lambda: None)
     try:
-        return _run_job(config, stop, engine_kind=engine_kind, engine=engine, resume=resume,
-                        overwrite=overwrite, interactive=interactive, grace_s=grace_s)
+        check_output_paths(config)
+        with JobLock(config.output):
+            return _run_job(config, stop, engine_kind=engine_kind, engine=engine,
+                            resume=resume, overwrite=overwrite, interactive=interactive,
+                            grace_s=grace_s)
     except Interrupted as e:
         return JobOutcome(EXIT_INTERRUPTED, {"status": "interrupted", "output": str(config.output)},
                           f"{e}; finished rows are saved. Re-run with --resume")
@@ -332,7 +336,6 @@ def _run_job(config: JobConfig, stop: StopFlag, *, engine_kind: str, engine: Eng
              grace_s: float) -> JobOutcome:
     t0 = time.monotonic()
     output = config.output
-    check_output_paths(config)
     if output.exists() and not overwrite:
         leftover = Checkpoint(partial_dir_for(output))
         if leftover.is_complete():  # a kill came between writing the output and this cleanup

@@ -3,6 +3,7 @@ with every input row exactly once. Runs are real CLI processes, as cron starts t
 
 from __future__ import annotations
 
+import os
 import random
 import signal
 import subprocess
@@ -13,7 +14,13 @@ import pyarrow as pa
 import pytest
 
 from batchrun.engine.fake import FakeEngine
-from batchrun.io.results import Checkpoint, ResultJournal, partial_dir_for
+from batchrun.io.results import (
+    Checkpoint,
+    CheckpointError,
+    JobLock,
+    ResultJournal,
+    partial_dir_for,
+)
 from batchrun.io.schema import RESULT_SCHEMA
 from batchrun.runner import EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, run_job
 from tests.helpers import job
@@ -24,6 +31,7 @@ from tests.reliability.harness import (
     journaled_rows,
     kill9,
     start_batchrun,
+    wait_for_rows,
     write_rows,
 )
 
@@ -180,3 +188,39 @@ def test_resume_from_a_cut_journal_runs_only_the_missing_rows(tmp_path: Path) ->
     check_output(cfg.output, ids)
     # Only the rows missing from the checkpoint ran again.
     assert sorted(engine.admission_order) == sorted(set(ids) - {f"q{r}" for r in kept})
+
+
+def test_a_second_run_of_a_running_job_is_refused_and_the_first_one_finishes(
+        tmp_path: Path) -> None:
+    # Last night's run overran into tonight's cron slot: two runs must not share a journal.
+    ids = write_rows(tmp_path / "in.jsonl", 60)
+    out = tmp_path / "out.parquet"
+    args = ("run", tmp_path / "in.jsonl", "-o", out, "--engine", "fake", "--resume")
+    first = start_batchrun(*args, fake_engine={"step_delay_s": 0.05})
+    wait_for_rows(out, first, at_least=1)
+    second = batchrun(*args)
+    assert second.returncode == EXIT_USAGE and "Traceback" not in second.stderr
+    assert f"another batchrun is running this job (pid {first.pid}" in second.stderr
+    first.communicate(timeout=120)
+    assert first.returncode == EXIT_OK
+    check_output(out, ids)
+    assert not JobLock(out).path.exists()  # released and removed with the run
+    # A run killed with -9 leaves its lock file, but no lock: the kernel dropped it with the
+    # process, and the next run goes ahead.
+    out.unlink()
+    third = start_batchrun(*args, fake_engine={"step_delay_s": 0.05})
+    wait_for_rows(out, third, at_least=1)
+    assert kill9(third) and JobLock(out).path.exists()
+    TALLY.kills += 1
+    assert batchrun(*args).returncode == EXIT_OK
+    check_output(out, ids)
+
+
+def test_a_job_lock_is_one_holder_at_a_time(tmp_path: Path) -> None:
+    out = tmp_path / "out.parquet"
+    with JobLock(out) as held:
+        assert held.path.read_text() == str(os.getpid())
+        with pytest.raises(CheckpointError, match="another batchrun is running this job"):
+            JobLock(out).__enter__()
+    with JobLock(out):  # free again once released
+        pass
