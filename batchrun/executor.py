@@ -3,12 +3,11 @@
 The executor admits requests in plan order while the in-flight KV estimate fits the engine's
 KV cache (a shared prefix counted once, not per member nor again for a nested prefix), and
 holds a group's other members back until its first member (the leader) has computed its
-prompt: from then on the
-shared prefix is in vLLM's prefix cache and every sibling reuses all of it. (vLLM does let
-requests scheduled in the same step reuse each other's blocks, but only the part of the
-prompt that fits the step's token budget: a chunked prefill leaves siblings recomputing the
-rest.) Leaders of many groups prefill together, and later groups go on starting while a
-group waits, so a hold costs the group one step, not the engine.
+prompt: from then on the shared prefix is in vLLM's prefix cache and every sibling reuses
+all of it. (vLLM does let requests scheduled in the same step reuse each other's blocks,
+but only the part of the prompt that fits the step's token budget: a chunked prefill leaves
+siblings recomputing the rest.) Leaders of many groups prefill together, and later groups
+go on starting while a group waits, so a hold costs the group one step, not the engine.
 """
 
 from __future__ import annotations
