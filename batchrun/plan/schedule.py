@@ -332,11 +332,18 @@ def _make_groups(group: np.ndarray, prefix: np.ndarray, lengths: np.ndarray,
     n = len(group)
     starts = np.flatnonzero(np.diff(group, prepend=-1))
     ends = np.append(starts[1:], n)[: len(starts)]
-    held = np.maximum(prefix // block_size, link)  # blocks an earlier member holds already
-    suffix_sum = np.concatenate(([0], np.cumsum(need - held)))
+    prefix_blocks = prefix // block_size
+
+    def added(link: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Blocks an earlier member (or the prefix) holds already, and the running sum of
+        the blocks each member adds."""
+        held = np.maximum(prefix_blocks, link)
+        return held, np.concatenate(([0], np.cumsum(need - held)))
+
+    held, suffix_sum = added(link)
     if capacity is not None:
-        room = capacity - prefix[starts] // block_size
-        lost = held - prefix // block_size  # what a member leading a cut group computes again
+        room = capacity - prefix_blocks[starts]
+        lost = held - prefix_blocks  # what a member leading a cut group computes again
         cuts = []
         for s, e, r in zip(starts.tolist(), ends.tolist(), room.tolist(), strict=True):
             while suffix_sum[e] - suffix_sum[s] + lost[s] > r and e - s > 1:
@@ -349,9 +356,7 @@ def _make_groups(group: np.ndarray, prefix: np.ndarray, lengths: np.ndarray,
         ends = np.append(starts[1:], n)[: len(starts)]
         link = link.copy()
         link[starts] = 0
-        held = np.maximum(prefix // block_size, link)
-        suffix_sum = np.concatenate(([0], np.cumsum(need - held)))
-    prefix_blocks = prefix[starts] // block_size
+        held, suffix_sum = added(link)
     private = need - np.maximum(held, np.append(link[1:], 0))
     node = group[starts]
     first_of = np.full(len(group_parent), -1, dtype=np.int64)  # first group of each prefix
@@ -362,11 +367,12 @@ def _make_groups(group: np.ndarray, prefix: np.ndarray, lengths: np.ndarray,
     size = ends - starts
     computed = prefix[starts] + length_sum[ends] - length_sum[starts] - prefix[starts] * size
     ratio = (decode_sum[ends] - decode_sum[starts]) / np.maximum(computed, 1)
-    kv = prefix_blocks + suffix_sum[ends] - suffix_sum[starts]
+    kv = prefix_blocks[starts] + suffix_sum[ends] - suffix_sum[starts]
     return [
         PrefixGroup(start=s, end=e, prefix_len=p, prefix_blocks=b, kv_blocks=k, decode_ratio=r,
                     prefix_id=i if i else -1, parent=q)
         for s, e, p, b, k, r, i, q in zip(
-            starts.tolist(), ends.tolist(), prefix[starts].tolist(), prefix_blocks.tolist(),
-            kv.tolist(), ratio.tolist(), node.tolist(), parent.tolist(), strict=True)
+            starts.tolist(), ends.tolist(), prefix[starts].tolist(),
+            prefix_blocks[starts].tolist(), kv.tolist(), ratio.tolist(), node.tolist(),
+            parent.tolist(), strict=True)
     ], need - held, private
