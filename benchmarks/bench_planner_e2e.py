@@ -9,6 +9,7 @@ jobs are far larger than the cache.
 
     python benchmarks/bench_planner_e2e.py                    # all jobs
     python benchmarks/bench_planner_e2e.py --jobs rag,unshared --kv-cache-memory 1GiB
+    python benchmarks/bench_planner_e2e.py --jobs unshared --rounds 3   # parity needs rounds
 """
 
 from __future__ import annotations
@@ -70,6 +71,9 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--repeat", action=argparse.BooleanOptionalAction, default=True,
                     help="run A-B-B-A and average (default) instead of A-B once")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="repeat the A-B-B-A this many times; the spread column shows the "
+                         "lowest and highest speedup of a single round")
     args = ap.parse_args()
 
     from batchrun.engine.vllm_engine import VllmEngine
@@ -80,8 +84,8 @@ def main() -> None:
                             max_model_len=4096, enforce_eager=True, attention="default")
     engine = VllmEngine(default_model_dir(), options, enforce_eager=True)
     print(f"engine: {engine.info.settings}  KV capacity {engine.info.kv_capacity_tokens} tokens")
-    header = (f"{'job':<10} {'rows':>5} {'prompt':>8} {'ideal':>7} {'plain':>7} {'batchrun':>8} "
-              f"{'br/ideal':>8} {'plain/ideal':>11} {'speedup':>7}")
+    header = (f"{'job':<15} {'rows':>5} {'prompt':>8} {'ideal':>7} {'plain':>7} {'batchrun':>8} "
+              f"{'br/ideal':>8} {'plain/ideal':>11} {'speedup':>7} {'spread':>11}")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.jobs.split(","):
@@ -90,20 +94,28 @@ def main() -> None:
             job = prepare_job(cfg)
             # A-B-B-A: the machine is shared and its speed drifts; alternating cancels a drift.
             runs: dict[str, list[dict]] = {"plain": [], "ours": []}
-            for contender in ("plain", "ours", "ours", "plain")[:4 if args.repeat else 2]:
-                engine.reset_prefix_cache()
-                runs[contender].append(run_plain(engine, cfg) if contender == "plain"
-                                       else run_batchrun(engine, cfg))
+            ratios = []
+            for _ in range(args.rounds):
+                walls = {"plain": 0.0, "ours": 0.0}
+                for contender in ("plain", "ours", "ours", "plain")[:4 if args.repeat else 2]:
+                    engine.reset_prefix_cache()
+                    run = (run_plain(engine, cfg) if contender == "plain"
+                           else run_batchrun(engine, cfg))
+                    runs[contender].append(run)
+                    walls[contender] += run["wall"]
+                ratios.append(walls["plain"] / walls["ours"])
             plain, ours = (dict(r[0], wall=sum(x["wall"] for x in r) / len(r))
                            for r in (runs["plain"], runs["ours"]))
             rows.append((name, job.rows, plain, ours))
             print(header if len(rows) == 1 else "", end="\n" if len(rows) == 1 else "")
-            print(f"{name:<10} {job.rows:>5} {ours['prompt']:>8} {ours['ideal']:>7} "
+            print(f"{name:<15} {job.rows:>5} {ours['prompt']:>8} {ours['ideal']:>7} "
                   f"{plain['computed']:>7} {ours['computed']:>8} "
                   f"{ours['computed'] / ours['ideal']:>8.3f} "
                   f"{plain['computed'] / ours['ideal']:>11.3f} "
-                  f"{plain['wall'] / ours['wall']:>6.2f}x", flush=True)
+                  f"{plain['wall'] / ours['wall']:>6.2f}x "
+                  f"{min(ratios):>6.2f}-{max(ratios):.2f}", flush=True)
     print("\nspeedup = plain wall time / batchrun wall time (same engine, same rows, one run); "
+          "spread = the lowest and highest speedup of one round; "
           "computed = prompt tokens not served from the prefix cache; ideal = block-granular "
           "ideal (each request reuses its longest shared prefix, rounded down to the block)")
     engine.close()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import random
+from functools import partial
 from pathlib import Path
 
 _WORDS = ("river stone market ledger cobalt harbor signal orchard copper meadow lantern "
@@ -43,8 +44,10 @@ def rag_rows(rng: random.Random, *, documents: int = 16) -> list[dict]:
     return rows
 
 
-def multiturn_rows(rng: random.Random, *, chats: int = 12, turns: int = 8) -> list[dict]:
-    """Multi-turn chats: row k of a chat holds its first k turns, so rows share histories."""
+def multiturn_rows(rng: random.Random, *, chats: int = 36, turns: int = 8) -> list[dict]:
+    """Multi-turn chats: row k of a chat holds its first k turns, so rows share histories.
+    36 chats: a block ideal of ~22k tokens, ~3.8x a 256MiB cache, like the issue's example
+    job (22,428); `multiturn-small` (12 chats, ~1.3x the cache) shows the small-job case."""
     rows = []
     for _ in range(chats):
         history: list[dict] = [{"role": "system", "content": "You are a patient tutor."}]
@@ -62,7 +65,7 @@ def unshared_rows(rng: random.Random, *, rows: int = 96) -> list[dict]:
 
 
 JOBS = {"fewshot": fewshot_rows, "rag": rag_rows, "multiturn": multiturn_rows,
-        "unshared": unshared_rows}
+        "multiturn-small": partial(multiturn_rows, chats=12), "unshared": unshared_rows}
 
 
 def write_job(name: str, folder: Path, seed: int = 0) -> Path:

@@ -39,8 +39,9 @@ block and its decode): they are free once it finishes, the others once its group
 Members start together after the first, so a member relies on vLLM reusing, within a step,
 the blocks the member before it is computing; where a chunked prefill defeats that, the
 estimate runs short and vLLM preempts (recomputes) rather than overflows. Holding each
-member back until the one before it was cached was measured: the multiturn benchmark ran
-10% slower and computed no fewer prompt tokens, so members are not held.
+member back until the one before it was cached was measured: the 12-chat multiturn
+benchmark (`multiturn-small`) ran 10% slower and computed no fewer prompt tokens, so
+members are not held.
 Given `kv_capacity_tokens`, a group whose KV does not fit is cut into consecutive groups
 with the same prefix, so that each fits; the cache keeps the prefix across them.
 """
