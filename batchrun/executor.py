@@ -190,7 +190,9 @@ class StreamingExecutor:
                 continue
             if g.prefix_len > 0 and g.prefix_id < 0:
                 raise ValueError("a group with a shared prefix needs a prefix_id")
-            state = _GroupState(g, leader_group=first_of_prefix.get(g.prefix_id))
+            # A group that shares no prefix has no leader to wait for.
+            state = _GroupState(g, leader_ready=g.prefix_len == 0,
+                                leader_group=first_of_prefix.get(g.prefix_id))
             if g.prefix_id >= 0:
                 first_of_prefix.setdefault(g.prefix_id, state)
             self._pending.append(state)
@@ -276,23 +278,19 @@ class StreamingExecutor:
         for state in list(self._pending):
             g = state.group
             reserved = g.prefix_len > 0  # a shared group's KV is reserved whole, up front
-            if state.next_member == 0 and (state.leader_group is None or state.ready):
+            if reserved and state.next_member == 0 and (state.leader_group is None
+                                                         or state.ready):
                 # Reserve the whole group (prefix once + every member's suffix) before its
                 # leader starts, so its members can follow the leader at once: a member left
                 # waiting for room could find the leader gone and its prefix evicted.
-                if reserved:
-                    members = int(g.suffix_blocks.sum())
-                    if not self._fits(members + self._prefixes.cost(
-                            g.prefix_id, g.prefix_blocks, g.parent_id)):
-                        return
-                    self._used_blocks += members + self._prefixes.acquire(
-                        g.prefix_id, g.prefix_blocks, g.parent_id)
-                else:
-                    if not self._fits(int(g.suffix_blocks[0])):
-                        return
-                    self._used_blocks += int(g.suffix_blocks[0])
+                members = int(g.suffix_blocks.sum())
+                if not self._fits(members + self._prefixes.cost(
+                        g.prefix_id, g.prefix_blocks, g.parent_id)):
+                    return
+                self._used_blocks += members + self._prefixes.acquire(
+                    g.prefix_id, g.prefix_blocks, g.parent_id)
                 rid = self._start(state, 0)
-                if reserved and len(g.members) > 1 and state.leader_group is None:
+                if len(g.members) > 1 and state.leader_group is None:
                     self._leaders[rid] = state
                     continue
                 state.leader_ready = True
