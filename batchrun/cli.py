@@ -107,10 +107,10 @@ def _internal_error(e: Exception, verbose: bool) -> None:
           "please report it)", EXIT_INTERNAL)
 
 
-def _quiet_engine_logs(verbose: bool) -> None:
+def _quiet_engine_logs(verbose: bool, *, to_log_file: bool = False) -> None:
     # stdout is for --json; vLLM logs to stdout unless told otherwise.
     os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
-    if not verbose:
+    if not verbose and not to_log_file:  # a log file keeps vLLM's INFO lines
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
@@ -132,10 +132,14 @@ def run(
     openai_output: Annotated[Path | None, typer.Option(
         help="Also write results as OpenAI Batch API output JSONL here.")] = None,
     kv_cache_memory: Annotated[str | None, typer.Option(
-        help="KV-cache size for vLLM, e.g. 256MiB or 4GiB (default: vLLM's).")] = None,
+        help="KV-cache size for vLLM, e.g. 256MiB or 4GiB. Default on CPU: sized from the "
+             "job (its plan's peak window + 25%, at most 40% of free memory); on GPU: "
+             "vLLM's.")] = None,
     block_size: Annotated[int | None, typer.Option(
         help="KV block size (default: 32 on CPU, 16 on GPU).")] = None,
-    max_model_len: Annotated[int | None, typer.Option(help="Context length cap.")] = None,
+    max_model_len: Annotated[int | None, typer.Option(
+        help="Context length cap. Default: the job's longest request (prompt + max_tokens), "
+             "within the model's context.")] = None,
     dtype: Annotated[str | None, typer.Option(help="float32 (CPU default), bfloat16, ...")]
     = None,
     enforce_eager: Annotated[bool | None, typer.Option(
@@ -162,7 +166,10 @@ def run(
         help="Seconds in-flight requests get to finish after SIGTERM/SIGINT.")] = 30.0,
     json_summary: Annotated[bool, typer.Option(
         "--json", help="Print the summary as JSON on stdout.")] = False,
-    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show vLLM's logs.")] = False,
+    verbose: Annotated[bool, typer.Option(
+        "--verbose", "-v",
+        help="Show vLLM's and torch's logs live (default: in <output>.log, path in the "
+             "summary).")] = False,
 ) -> None:
     """Run a job: read, plan, generate, and write one Parquet row per input row.
 
@@ -173,7 +180,7 @@ def run(
       batchrun run batch_input.jsonl -o out.parquet --openai-output out.jsonl
       batchrun run jobs/nightly.toml --resume      # cron: continue after a kill
     """
-    _quiet_engine_logs(verbose)
+    _quiet_engine_logs(verbose, to_log_file=True)
     from .io.readers import InputError
     from .io.results import CheckpointError
     from .model import ModelError
@@ -193,7 +200,7 @@ def run(
                           "columns.prompt": prompt_column, "columns.id": id_column,
                           "columns.passthrough": passthrough})
         outcome = run_job(cfg, engine_kind=engine.value, resume=resume, overwrite=overwrite,
-                          interactive=progress, grace_s=grace_period)
+                          interactive=progress, grace_s=grace_period, engine_log=not verbose)
     except (ConfigError, InputError, CheckpointError, ModelError) as e:
         _fail(str(e))
     except KeyboardInterrupt:  # Ctrl-C before the job's own signal handling started
@@ -220,6 +227,8 @@ def _print_outcome(summary: dict[str, Any], message: str, as_json: bool) -> None
             f"prefix-cache hit rate {summary['prefix_cache_hit_rate']:.1%}  "
             f"wall {summary['wall_time_s']:.1f}s  {summary['tokens_per_s']:,.0f} tok/s",
         ]
+        if "engine_log" in summary:
+            lines.append(f"engine log: {summary['engine_log']}")
         for line in lines:
             typer.echo(line, err=True)
     if message:
@@ -297,7 +306,8 @@ def plan_command(
     block_size: Annotated[int | None, typer.Option(
         help="KV block size to plan for (default: the platform's, 32 on CPU).")] = None,
     kv_cache_memory: Annotated[str | None, typer.Option(
-        help="KV-cache size the run will have, e.g. 256MiB: groups are split to fit it.")]
+        help="KV-cache size the run will have, e.g. 256MiB: groups are split to fit it "
+             "(default: the size a run would choose).")]
     = None,
     engine: EngineOpt = EngineKind.vllm,
     json_out: Annotated[bool, typer.Option("--json", help="Print the plan as one JSON object.")]

@@ -1,18 +1,26 @@
-"""Stream planned requests through an engine: bounded window, prefix computed once per group.
+"""Stream planned requests through an engine: a KV-sized window, each shared prefix computed once.
 
-The executor admits requests in plan order while the in-flight KV estimate fits the engine's
-KV cache (a shared prefix counted once, not per member nor again for a nested prefix), and
-holds a group's other members back until its first member (the leader) has computed its
-prompt: from then on the shared prefix is in vLLM's prefix cache and every sibling reuses
-all of it. (vLLM does let requests scheduled in the same step reuse each other's blocks,
-but only the part of the prompt that fits the step's token budget: a chunked prefill leaves
-siblings recomputing the rest.) Leaders of many groups prefill together, and later groups
-go on starting while a group waits, so a hold costs the group one step, not the engine.
+The executor admits requests in plan order while the KV they are expected to hold fits the
+engine's KV cache (`KvBudget`): a shared prefix counted once, not per member nor again for a
+nested prefix, each request's prompt blocks in full, and its decode blocks as many as
+requests with the same reservation turned out to use (learned as the run goes; half of
+them before any finished). Requests are admitted one by one, so short requests fill the
+room long decodes leave, as in vLLM's own scheduling; should the estimate run short, vLLM
+preempts a request and recomputes it later from the prefix cache.
+
+A group's first member (its leader) computes the group's prefix; the others are held back
+until it has, and from then on find all of it in vLLM's prefix cache. (vLLM does let
+requests scheduled in the same step reuse each other's blocks, but only the part of the
+prompt that fits the step's token budget: a chunked prefill leaves siblings recomputing the
+rest.) A prefix stays held while any group using it is in flight; a later group with the
+same prefix that finds it released elects a leader of its own. Leaders of many groups
+prefill together, and later groups go on starting while a group waits for its leader.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import signal
 import threading
@@ -24,6 +32,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .engine.base import Engine, EngineDiedError, GenerationRequest, GenerationResult
+from .terminal import terminal_fd
 
 
 @dataclass(eq=False)  # identity: groups hold arrays, and a deque removes by ==
@@ -39,26 +48,31 @@ class RunGroup:
     # Of each member's suffix blocks, those no other member uses: free when it finishes (the
     # rest when the group does). None: all of them.
     private_blocks: np.ndarray | None = None
+    # Of each member's private blocks, those its max_tokens of decoding would fill. None: 0.
+    decode_blocks: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         if self.private_blocks is None:
             self.private_blocks = self.suffix_blocks
+        if self.decode_blocks is None:
+            self.decode_blocks = np.zeros_like(self.suffix_blocks)
 
 
 @dataclass(eq=False)  # identity: a field-wise == compares numpy arrays (ValueError)
 class _GroupState:
     group: RunGroup
     next_member: int = 0
-    leader_ready: bool = False
+    holds_prefix: bool = False
     in_flight: int = 0
     kept_blocks: int = 0  # suffix blocks of started members that other members may still use
-    # A group cut from the same prefix as an earlier one has no leader of its own: it waits
-    # for the first one's, since two leaders would compute the same prefix twice.
-    leader_group: _GroupState | None = None
 
     @property
-    def ready(self) -> bool:
-        return (self.leader_group or self).leader_ready
+    def shared(self) -> bool:
+        return self.group.prefix_len > 0
+
+    @property
+    def all_started(self) -> bool:
+        return self.next_member >= len(self.group.members)
 
 
 @dataclass
@@ -98,6 +112,9 @@ class PrefixReservations:
         self._held[prefix_id] = _HeldPrefix(blocks, cost, outer_id)
         return cost
 
+    def holds(self, prefix_id: int) -> bool:
+        return prefix_id in self._held
+
     def release(self, prefix_id: int) -> int:
         """One group no longer holds the prefix; returns the blocks that freed."""
         held = self._held[prefix_id]
@@ -106,6 +123,84 @@ class PrefixReservations:
             return 0
         del self._held[prefix_id]
         return held.cost + (0 if held.outer_id is None else self.release(held.outer_id))
+
+
+class DecodeEstimate:
+    """How many of its reserved decode blocks a request will fill: the share used by the
+    finished requests that had the same reservation, starting from a prior of half."""
+
+    PRIOR_SHARE = 0.5
+    PRIOR_WEIGHT = 2.0  # the prior counts as this many finished requests
+
+    def __init__(self) -> None:
+        self._used: dict[int, float] = {}  # reserved decode blocks -> blocks used, summed
+        self._seen: dict[int, int] = {}
+
+    def blocks(self, reserved: int) -> int:
+        if reserved <= 0:
+            return 0
+        used = self._used.get(reserved, 0.0) + self.PRIOR_SHARE * self.PRIOR_WEIGHT * reserved
+        share = used / ((self._seen.get(reserved, 0) + self.PRIOR_WEIGHT) * reserved)
+        return min(reserved, max(1, math.ceil(reserved * share - 1e-9)))
+
+    def observe(self, reserved: int, used: int) -> None:
+        if reserved > 0:
+            self._used[reserved] = self._used.get(reserved, 0.0) + min(used, reserved)
+            self._seen[reserved] = self._seen.get(reserved, 0) + 1
+
+
+class KvBudget:
+    """The KV blocks the requests and prefixes in flight are expected to hold, against the
+    engine's capacity. Changed only through its methods."""
+
+    def __init__(self, capacity_blocks: int, block_size: int) -> None:
+        self.capacity = max(capacity_blocks, 1)
+        self.block_size = block_size
+        self.used = 0
+        self.prefixes = PrefixReservations()
+        self.decode = DecodeEstimate()
+        self._prefix_ready: set[int] = set()  # held prefixes a leader has computed
+
+    def fits(self, blocks: int, nothing_in_flight: bool) -> bool:
+        # Always let one request in, however large, so a job can never stall.
+        return nothing_in_flight or self.used + blocks <= self.capacity
+
+    def member_cost(self, group: RunGroup, k: int) -> int:
+        """Blocks member k is expected to hold: its share of the suffix, with its decode
+        blocks as the estimate says."""
+        decode = int(group.decode_blocks[k])
+        return int(group.suffix_blocks[k]) - decode + self.decode.blocks(decode)
+
+    def prefix_cost(self, group: RunGroup) -> int:
+        return self.prefixes.cost(group.prefix_id, group.prefix_blocks, group.parent_id)
+
+    def hold_prefix(self, group: RunGroup) -> None:
+        self.used += self.prefixes.acquire(group.prefix_id, group.prefix_blocks,
+                                           group.parent_id)
+
+    def release_prefix(self, group: RunGroup) -> None:
+        self.used -= self.prefixes.release(group.prefix_id)
+        if not self.prefixes.holds(group.prefix_id):
+            self._prefix_ready.discard(group.prefix_id)  # the cache may evict it from now on
+
+    def prefix_computed(self, prefix_id: int) -> None:
+        self._prefix_ready.add(prefix_id)
+
+    def prefix_ready(self, prefix_id: int) -> bool:
+        return prefix_id in self._prefix_ready
+
+    def take(self, blocks: int) -> None:
+        self.used += blocks
+
+    def give_back(self, blocks: int) -> None:
+        self.used -= blocks
+
+    def finished(self, decode_reserved: int, prompt_tokens: int, completion_tokens: int
+                 ) -> None:
+        """Learn from a finished request how many of its decode blocks it filled."""
+        bs = self.block_size
+        used = -(-(prompt_tokens + completion_tokens) // bs) - -(-prompt_tokens // bs)
+        self.decode.observe(decode_reserved, used)
 
 
 @dataclass
@@ -145,7 +240,7 @@ def _say(message: str) -> None:
     # os.write, not print or logging: a handler may run while the main thread is inside
     # either. A closed stderr must not turn a signal into a write error.
     with contextlib.suppress(OSError):
-        os.write(2, message.encode())
+        os.write(terminal_fd(), message.encode())
 
 
 def install_signal_handlers(stop: StopFlag) -> Callable[[], None]:
@@ -184,28 +279,23 @@ class StreamingExecutor:
     ) -> None:
         self.engine = engine
         self._pending: deque[_GroupState] = deque()
-        first_of_prefix: dict[int, _GroupState] = {}
         for g in groups:
             if not len(g.members):
                 continue
             if g.prefix_len > 0 and g.prefix_id < 0:
                 raise ValueError("a group with a shared prefix needs a prefix_id")
-            # A group that shares no prefix has no leader to wait for.
-            state = _GroupState(g, leader_ready=g.prefix_len == 0,
-                                leader_group=first_of_prefix.get(g.prefix_id))
-            if g.prefix_id >= 0:
-                first_of_prefix.setdefault(g.prefix_id, state)
-            self._pending.append(state)
+            self._pending.append(_GroupState(g))
         self._make_request = make_request
         self._on_results = on_results
         self._stop = stop or StopFlag()
         self._grace_s = grace_s
         self._max_in_flight = max_in_flight
-        self._budget_blocks = max(engine.info.kv_capacity_tokens // engine.info.block_size, 1)
-        self._used_blocks = 0
-        self._prefixes = PrefixReservations()
-        self._in_flight: dict[str, tuple[int, _GroupState, int]] = {}  # id -> (req, group, blocks)
-        self._leaders: dict[str, _GroupState] = {}
+        info = engine.info
+        self._budget = KvBudget(info.kv_capacity_tokens // info.block_size, info.block_size)
+        # id -> (request index, group, blocks it holds, decode blocks reserved)
+        self._in_flight: dict[str, tuple[int, _GroupState, int, int]] = {}
+        self._leaders: dict[str, _GroupState] = {}  # leader id -> its group
+        self._computing: set[int] = set()  # prefixes a leader in flight is computing
         self._started: set[str] = set()  # in flight and past their first step (prefilled)
         self._draining = False
         self.aborted: list[int] = []
@@ -213,7 +303,7 @@ class StreamingExecutor:
     @property
     def reserved_blocks(self) -> int:
         """KV blocks the requests and prefixes in flight are counted for now."""
-        return self._used_blocks
+        return self._budget.used
 
     def run(self) -> None:
         """Run until every request finished, or until a stop request's grace period ends."""
@@ -245,23 +335,10 @@ class StreamingExecutor:
             step = self.engine.step()
             self._started.update(step.prefilled)
             for rid in step.prefilled:
-                if (state := self._leaders.pop(rid, None)) is not None:
-                    state.leader_ready = True
-            done = []
-            for result in step.finished:
-                if result.request_id not in self._in_flight:
-                    continue  # aborted on a stop signal (an engine may still report it once)
-                req, state, blocks = self._in_flight.pop(result.request_id)
-                self._started.discard(result.request_id)
-                self._used_blocks -= blocks
-                state.in_flight -= 1
-                g = state.group
-                if state.in_flight == 0 and state.next_member >= len(g.members):
-                    self._used_blocks -= state.kept_blocks + (
-                        self._prefixes.release(g.prefix_id) if g.prefix_len else 0)
-                if self._leaders.pop(result.request_id, None) is not None:
-                    state.leader_ready = True
-                done.append((req, result))
+                self._leader_done(rid)
+            done = [self._finish(result) for result in step.finished
+                    # an engine may report a request aborted at a stop once more: not ours
+                    if result.request_id in self._in_flight]
             if done:
                 self._on_results(done)
             if self._in_flight and not self.engine.num_unfinished():
@@ -269,49 +346,68 @@ class StreamingExecutor:
                 raise EngineDiedError(
                     f"the engine dropped {len(self._in_flight)} request(s) without a result")
 
+    def _leader_done(self, rid: str) -> None:
+        """The leader prefilled (or finished): its prefix is cached, its group may follow."""
+        if (state := self._leaders.pop(rid, None)) is not None:
+            self._computing.discard(state.group.prefix_id)
+            self._budget.prefix_computed(state.group.prefix_id)
+
+    def _finish(self, result: GenerationResult) -> tuple[int, GenerationResult]:
+        req, state, blocks, decode = self._in_flight.pop(result.request_id)
+        self._started.discard(result.request_id)
+        self._leader_done(result.request_id)
+        self._budget.give_back(blocks)
+        self._budget.finished(decode, result.prompt_tokens, result.completion_tokens)
+        state.in_flight -= 1
+        if state.in_flight == 0 and state.all_started:
+            self._budget.give_back(state.kept_blocks)
+            if state.holds_prefix:
+                self._budget.release_prefix(state.group)
+        return req, result
+
     def _fits(self, blocks: int) -> bool:
-        # Always let one request in, however large, so a job can never stall.
-        return not self._in_flight or (self._used_blocks + blocks <= self._budget_blocks
-                                       and len(self._in_flight) < self._max_in_flight)
+        return self._budget.fits(blocks, not self._in_flight) and \
+            len(self._in_flight) < self._max_in_flight
 
     def _admit(self) -> None:
+        """Start requests in plan order while they fit; a group waiting for its leader lets
+        the groups after it go ahead."""
         for state in list(self._pending):
             g = state.group
-            reserved = g.prefix_len > 0  # a shared group's KV is reserved whole, up front
-            if reserved and state.next_member == 0 and (state.leader_group is None
-                                                         or state.ready):
-                # Reserve the whole group (prefix once + every member's suffix) before its
-                # leader starts, so its members can follow the leader at once: a member left
-                # waiting for room could find the leader gone and its prefix evicted.
-                members = int(g.suffix_blocks.sum())
-                if not self._fits(members + self._prefixes.cost(
-                        g.prefix_id, g.prefix_blocks, g.parent_id)):
+            if state.shared and not state.holds_prefix:
+                if not self._fits(self._budget.prefix_cost(g) + self._budget.member_cost(g, 0)):
                     return
-                self._used_blocks += members + self._prefixes.acquire(
-                    g.prefix_id, g.prefix_blocks, g.parent_id)
-                rid = self._start(state, 0)
-                if len(g.members) > 1 and state.leader_group is None:
-                    self._leaders[rid] = state
-                    continue
-                state.leader_ready = True
-            if not state.ready:
+                self._budget.hold_prefix(g)
+                state.holds_prefix = True
+            if state.shared and not self._budget.prefix_ready(g.prefix_id):
+                if g.prefix_id in self._computing:
+                    continue  # a leader (this group's or another's) is computing it
+                leader = self._start_member(state)
+                if leader is None:
+                    return
+                self._computing.add(g.prefix_id)
+                self._leaders[leader] = state
+                if state.all_started:
+                    self._pending.remove(state)
                 continue
-            while state.next_member < len(g.members):
-                if not reserved:
-                    cost = int(g.suffix_blocks[state.next_member])
-                    if not self._fits(cost):
-                        return
-                    self._used_blocks += cost
-                self._start(state, state.next_member)
+            while not state.all_started:
+                if self._start_member(state) is None:
+                    return
             self._pending.remove(state)
 
-    def _start(self, state: _GroupState, k: int) -> str:
-        req_index = int(state.group.members[k])
-        request = self._make_request(req_index)
+    def _start_member(self, state: _GroupState) -> str | None:
+        """Start the group's next member if its KV fits; its request id, else None."""
+        g, k = state.group, state.next_member
+        cost = self._budget.member_cost(g, k)
+        if not self._fits(cost):
+            return None
+        self._budget.take(cost)
+        request = self._make_request(int(g.members[k]))
         self.engine.add(request)
-        private = int(state.group.private_blocks[k])
-        self._in_flight[request.request_id] = (req_index, state, private)
-        state.kept_blocks += int(state.group.suffix_blocks[k]) - private
+        shared_with_others = int(g.suffix_blocks[k]) - int(g.private_blocks[k])
+        self._in_flight[request.request_id] = (int(g.members[k]), state,
+                                               cost - shared_with_others, int(g.decode_blocks[k]))
+        state.kept_blocks += shared_with_others
         state.next_member = k + 1
         state.in_flight += 1
         return request.request_id

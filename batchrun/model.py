@@ -96,6 +96,12 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def model_context_length(model_dir: Path) -> int:
+    """The model's context length, from config.json."""
+    cfg = json.loads((model_dir / "config.json").read_text())
+    return int(cfg.get("max_position_embeddings") or cfg.get("n_positions") or 2048)
+
+
 def kv_bytes_per_token(model_dir: Path, dtype: str) -> int:
     """KV-cache bytes one token takes in every layer (keys + values), from config.json."""
 

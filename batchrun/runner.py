@@ -12,7 +12,8 @@ import logging
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,21 @@ import pyarrow.parquet as pq
 from . import __version__
 from .config import ConfigError, JobConfig
 from .engine.attention.stats import read_attention_stats, reset_attention_stats
-from .engine.base import Engine, EngineDiedError, GenerationRequest, GenerationResult
+from .engine.base import (
+    Engine,
+    EngineDiedError,
+    EngineInfo,
+    GenerationRequest,
+    GenerationResult,
+)
+from .engine.sizing import (
+    DEFAULT_MAX_NUM_SEQS,
+    EngineSizing,
+    LongestRequest,
+    longest_request,
+    peak_window_tokens,
+    size_engine,
+)
 from .executor import Interrupted, RunGroup, StopFlag, StreamingExecutor, install_signal_handlers
 from .io.readers import RequestSet, read_request_set
 from .io.results import (
@@ -40,7 +55,11 @@ from .io.results import (
 from .io.schema import RESULT_SCHEMA
 from .model import kv_bytes_per_token
 from .plan import plan_schedule
+from .plan.decode_first import decode_heavy_first
+from .plan.dedupe import find_duplicates, is_deterministic
+from .plan.prefix_tree import PrefixTree
 from .progress import ProgressReporter
+from .terminal import engine_log_path, output_to_log, terminal
 from .tokenize import (
     ByteTokenizer,
     HFTokenizer,
@@ -75,11 +94,23 @@ class PreparedJob:
     max_tokens: np.ndarray  # per tokenized request, after row values and clamping
     max_model_len: int
     done: np.ndarray  # bool per row: finished in an earlier, interrupted run
+    # Request index -> row positions of identical deterministic rows its result also serves.
+    copies: dict[int, list[int]] = field(default_factory=dict)
 
 
     @property
     def rows(self) -> int:
         return self.requests.requests.num_rows
+
+    @cached_property
+    def prefix_tree(self) -> PrefixTree:
+        """Built once: sizing the engine and planning the run both read it."""
+        return PrefixTree.build(self.tokens.values, self.tokens.offsets)
+
+    def longest_request(self) -> LongestRequest | None:
+        ids = self.requests.requests["id"]
+        return longest_request(self.tokens.lengths(), self.max_tokens,
+                               lambda i: ids[int(self.tokens.positions[i])].as_py())
 
     def request_errors(self) -> dict[int, str]:
         """Row position -> error, for rows not done yet that cannot run."""
@@ -89,11 +120,6 @@ class PreparedJob:
         return errors
 
 
-def model_context_length(model_dir: Path) -> int:
-    cfg = json.loads((model_dir / "config.json").read_text())
-    return int(cfg.get("max_position_embeddings") or cfg.get("n_positions") or 2048)
-
-
 def load_tokenizer(config: JobConfig, engine_kind: str,
                    engine_max_model_len: int | None = None) -> tuple[PromptTokenizer, int]:
     """The tokenizer and context length, without starting an engine (or with the context
@@ -101,7 +127,7 @@ def load_tokenizer(config: JobConfig, engine_kind: str,
     caps = [c for c in (config.engine.max_model_len, engine_max_model_len) if c]
     if engine_kind == "fake":
         return ByteTokenizer(), min(caps or [2048])
-    from .model import resolve_model
+    from .model import model_context_length, resolve_model
 
     model_dir = resolve_model(config.model)
     return HFTokenizer(model_dir), min([model_context_length(model_dir), *caps])
@@ -124,48 +150,89 @@ def prepare_job(config: JobConfig, *, engine_kind: str = "vllm",
         wanted = row_max[pos] or config.sampling.max_tokens
         # Generation stops at the context's end anyway; planning with the real room is exact.
         max_tokens[i] = max(1, min(wanted, max_model_len - int(lengths[i])))
-    return PreparedJob(config, requests, tokens, max_tokens, max_model_len, skip)
+    job = PreparedJob(config, requests, tokens, max_tokens, max_model_len, skip)
+    return _without_duplicates(job) if config.plan else job
+
+
+def _without_duplicates(job: PreparedJob) -> PreparedJob:
+    """The job with identical deterministic requests run once (see plan/dedupe.py)."""
+    sampling = row_sampling(job)
+    keys = []
+    for i, pos in enumerate(job.tokens.positions.tolist()):
+        temperature, top_p, seed, stop = sampling(pos)
+        keys.append((int(job.max_tokens[i]), temperature, top_p, seed, stop)
+                    if is_deterministic(temperature, seed) else None)
+    found = find_duplicates(job.tokens.values, job.tokens.offsets, keys)
+    if not found.copies:
+        return job
+    renumber = {int(r): k for k, r in enumerate(found.runs)}
+    positions = job.tokens.positions
+    copies = {renumber[r]: [int(positions[c]) for c in cs] for r, cs in found.copies.items()}
+    return replace(job, tokens=job.tokens.take(found.runs),
+                   max_tokens=job.max_tokens[found.runs], copies=copies)
 
 
 def make_groups(job: PreparedJob, block_size: int, kv_capacity_tokens: int | None) -> tuple[
         list[RunGroup], dict[str, Any]]:
     """The plan as the executor needs it, and the plan's figures for the summary."""
     toks = job.tokens
+    lengths = toks.lengths()
+    # Blocks a request's decoding adds beyond its prompt's, were it to use all its max_tokens.
+    decode = -(-(lengths + job.max_tokens) // block_size) - -(-lengths // block_size)
     if not job.config.plan or len(toks.positions) == 0:
-        blocks = -(-(toks.lengths() + job.max_tokens) // block_size)
+        blocks = -(-(lengths + job.max_tokens) // block_size)
         order = np.arange(len(toks.positions))
-        return [RunGroup(order, 0, 0, blocks)], {"planned": False}
+        return [RunGroup(order, 0, 0, blocks, decode_blocks=decode)], {"planned": False}
     plan = plan_schedule(toks.values, toks.offsets, job.max_tokens, block_size=block_size,
-                         kv_capacity_tokens=kv_capacity_tokens)
+                         kv_capacity_tokens=kv_capacity_tokens, tree=job.prefix_tree)
     groups = []
     for g in plan.groups:
         members = plan.order[g.start:g.end]
         groups.append(RunGroup(members, g.prefix_len, g.prefix_blocks,
                                plan.suffix_blocks[members], g.prefix_id,
                                plan.groups[g.parent].prefix_id if g.parent >= 0 else -1,
-                               plan.private_blocks[members]))
-    return groups, {"planned": True, **plan.stats.to_dict()}
+                               plan.private_blocks[members], decode[members]))
+    return decode_heavy_first(groups, job.max_tokens), {"planned": True,
+                                                        **plan.stats.to_dict()}
+
+
+def engine_sizing(job: PreparedJob, engine_kind: str = "vllm") -> EngineSizing:
+    """The engine settings this job gets (see engine/sizing.py), without starting it."""
+    opts = job.config.engine
+    if engine_kind == "fake":
+        block_size, per_token, cpu = opts.block_size or 4, 0, False
+    else:
+        from .engine.vllm_engine import default_block_size, default_dtype, on_cpu
+        from .model import resolve_model
+
+        block_size, cpu = opts.block_size or default_block_size(), on_cpu()
+        per_token = kv_bytes_per_token(resolve_model(job.config.model),
+                                       opts.dtype or default_dtype())
+    size_kv = cpu and not opts.kv_cache_memory
+    window = 0
+    if size_kv and len(job.tokens.positions):
+        groups, _ = make_groups(job, block_size, None)
+        window = peak_window_tokens(
+            np.concatenate([g.suffix_blocks for g in groups]),
+            np.repeat(np.arange(len(groups)), [len(g.members) for g in groups]),
+            np.array([g.prefix_blocks for g in groups], dtype=np.int64),
+            opts.max_num_seqs or DEFAULT_MAX_NUM_SEQS, block_size)
+    return size_engine(longest=job.longest_request(), context=job.max_model_len,
+                       block_size=block_size, kv_bytes_per_token=per_token,
+                       user_kv_cache_memory=opts.kv_cache_memory, size_kv_from_job=size_kv,
+                       window_tokens=window)
 
 
 def describe_plan(job: PreparedJob, engine_kind: str = "vllm") -> dict[str, Any]:
     """The plan's figures for `batchrun plan`, computed without starting an engine."""
-    opts = job.config.engine
-    if engine_kind == "fake":
-        block_size, dtype, model_dir = opts.block_size or 4, "float32", None
-    else:
-        from .engine.vllm_engine import default_block_size, default_dtype
-        from .model import resolve_model
-
-        block_size = opts.block_size or default_block_size()
-        dtype, model_dir = opts.dtype or default_dtype(), resolve_model(job.config.model)
-    per_token = kv_bytes_per_token(model_dir, dtype) if model_dir else 0
-    capacity = opts.kv_cache_memory // per_token if opts.kv_cache_memory and per_token else None
-    _, figures = make_groups(job, block_size, capacity)
+    sizing = engine_sizing(job, engine_kind)
+    _, figures = make_groups(job, sizing.block_size, sizing.kv_capacity_tokens)
     figures = {"rows": job.rows, "requests": len(job.tokens.positions),
                "rows_with_errors": len(job.request_errors()), **figures}
     figures.pop("planned", None)
-    if per_token:
-        figures["kv_bytes_per_token"] = per_token
+    if sizing.kv_bytes_per_token:
+        figures["kv_bytes_per_token"] = sizing.kv_bytes_per_token
+    figures["engine_sizing"] = sizing.to_dict()
     return figures
 
 
@@ -186,6 +253,7 @@ class _Books:
     prompt_tokens: int = 0
     cached_tokens: int = 0
     completion_tokens: int = 0
+    duplicates: int = 0  # rows served by an identical row's generation
     finish_reasons: dict[str, int] = field(default_factory=dict)
 
     def count(self, table: pa.Table) -> None:
@@ -193,6 +261,7 @@ class _Books:
         n_err = sum(e is not None for e in errors)
         self.failed += n_err
         self.succeeded += table.num_rows - n_err
+        self.duplicates += table.num_rows - table["duplicate_of"].null_count
         ok = table.filter(table["error"].is_null())
         self.prompt_tokens += int(np.sum(ok["prompt_tokens"].to_numpy(zero_copy_only=False)))
         self.cached_tokens += int(np.sum(ok["cached_tokens"].to_numpy(zero_copy_only=False)))
@@ -214,13 +283,22 @@ def _error_results(job: PreparedJob, errors: dict[int, str]) -> pa.Table:
         "prompt_tokens": pa.nulls(n, pa.int64()), "completion_tokens": pa.nulls(n, pa.int64()),
         "cached_tokens": pa.nulls(n, pa.int64()),
         "error": pa.array([errors[p] for p in positions], pa.string()),
+        "duplicate_of": pa.nulls(n, pa.string()),
     }, schema=RESULT_SCHEMA)
 
 
 def _results_table(job: PreparedJob, done: list[tuple[int, GenerationResult]]) -> pa.Table:
+    """Result rows for finished requests, and for the identical rows each one also serves
+    (their prompt counted as cached: the engine computed none of it for them)."""
     table = job.requests.requests
-    positions = [int(job.tokens.positions[i]) for i, _ in done]
-    rs = [r for _, r in done]
+    entries: list[tuple[int, GenerationResult, str | None]] = []
+    for i, r in done:
+        pos = int(job.tokens.positions[i])
+        entries.append((pos, r, None))
+        served = replace(r, cached_tokens=r.prompt_tokens)
+        entries.extend((copy, served, r.request_id) for copy in job.copies.get(i, ()))
+    positions = [p for p, _, _ in entries]
+    rs = [r for _, r, _ in entries]
     return pa.table({
         "row": pa.array([table["row"][p].as_py() for p in positions], pa.int64()),
         "id": pa.array([table["id"][p].as_py() for p in positions], pa.string()),
@@ -230,35 +308,45 @@ def _results_table(job: PreparedJob, done: list[tuple[int, GenerationResult]]) -
         "completion_tokens": pa.array([r.completion_tokens for r in rs], pa.int64()),
         "cached_tokens": pa.array([r.cached_tokens for r in rs], pa.int64()),
         "error": pa.array([r.error for r in rs], pa.string()),
+        "duplicate_of": pa.array([d for _, _, d in entries], pa.string()),
     }, schema=RESULT_SCHEMA)
+
+
+def row_sampling(job: PreparedJob) -> Callable[[int], tuple[float, float, int | None,
+                                                            tuple[str, ...]]]:
+    """A row position's (temperature, top_p, seed, stop): its own values, else the job's."""
+    table, s = job.requests.requests, job.config.sampling
+    temperature, top_p, seed, stop = (table[c].to_pylist()
+                                      for c in ("temperature", "top_p", "seed", "stop"))
+
+    def at(pos: int) -> tuple[float, float, int | None, tuple[str, ...]]:
+        return (s.temperature if temperature[pos] is None else temperature[pos],
+                s.top_p if top_p[pos] is None else top_p[pos],
+                s.seed if seed[pos] is None else seed[pos],
+                s.stop if stop[pos] is None else tuple(stop[pos]))
+
+    return at
 
 
 def request_factory(job: PreparedJob) -> Callable[[int], GenerationRequest]:
     """Builds the engine request of tokenized request i (row values win over defaults)."""
-    table = job.requests.requests
-    temperature = table["temperature"].to_pylist()
-    top_p = table["top_p"].to_pylist()
-    seed = table["seed"].to_pylist()
-    stop = table["stop"].to_pylist()
-    ids = table["id"].to_pylist()
-    s = job.config.sampling
+    ids = job.requests.requests["id"].to_pylist()
+    sampling = row_sampling(job)
 
     def make(i: int) -> GenerationRequest:
         pos = int(job.tokens.positions[i])
-        return GenerationRequest(
-            request_id=ids[pos],
-            prompt_token_ids=job.tokens.tokens(i),
-            max_tokens=int(job.max_tokens[i]),
-            temperature=s.temperature if temperature[pos] is None else temperature[pos],
-            top_p=s.top_p if top_p[pos] is None else top_p[pos],
-            seed=s.seed if seed[pos] is None else seed[pos],
-            stop=s.stop if stop[pos] is None else tuple(stop[pos]),
-        )
+        temperature, top_p, seed, stop = sampling(pos)
+        return GenerationRequest(request_id=ids[pos], prompt_token_ids=job.tokens.tokens(i),
+                                 max_tokens=int(job.max_tokens[i]), temperature=temperature,
+                                 top_p=top_p, seed=seed, stop=stop)
 
     return make
 
 
-def start_engine(config: JobConfig, engine_kind: str, new_tokens: int) -> Engine:
+def start_engine(config: JobConfig, engine_kind: str, new_tokens: int,
+                 sizing: EngineSizing) -> Engine:
+    """Start the job's engine with its sized settings. Settings vLLM refuses are the user's to
+    fix (ConfigError, exit 2); any other failure to start is an engine failure (exit 4)."""
     if engine_kind == "fake":
         from .engine.fake import FakeEngine
 
@@ -269,14 +357,25 @@ def start_engine(config: JobConfig, engine_kind: str, new_tokens: int) -> Engine
     eager = config.engine.enforce_eager
     if eager is None:
         eager = on_cpu() and new_tokens < EAGER_BELOW_NEW_TOKENS
-    model_dir = resolve_model(config.model)
+    options = replace(config.engine, max_model_len=sizing.max_model_len,
+                      kv_cache_memory=sizing.kv_cache_memory)
     try:
-        return VllmEngine(model_dir, config.engine, enforce_eager=eager)
-    except Exception as e:  # vLLM fails to start with anything: ValueError (KV cache smaller
-        # than one max_model_len sequence), RuntimeError, torch's OutOfMemoryError, ...
+        return VllmEngine(resolve_model(config.model), options, enforce_eager=eager)
+    except ValueError as e:  # vLLM's verdict on its settings (too small a KV cache, ...)
+        cause = " ".join(str(e).split()) or "no details"
+        raise ConfigError(
+            f"the vLLM engine refused its settings: {cause} (engine settings: "
+            f"max_model_len {sizing.max_model_len:,}, kv_cache_memory "
+            f"{_mib(sizing.kv_cache_memory)}); change them in the job file's [engine] "
+            "section or with the matching flag") from e
+    except Exception as e:  # RuntimeError, torch's OutOfMemoryError, a dead worker, ...
         cause = " ".join(str(e).split()) or "no details"
         raise EngineDiedError(f"the vLLM engine failed to start: {type(e).__name__}: {cause}") \
             from e
+
+
+def _mib(size: int | None) -> str:
+    return "the engine's default" if size is None else f"{size / 2**20:,.0f}MiB"
 
 
 def check_output_paths(config: JobConfig) -> None:
@@ -309,21 +408,28 @@ def run_job(
     interactive: bool | None = None,
     grace_s: float = 30.0,
     handle_signals: bool = True,
+    engine_log: bool = False,
 ) -> JobOutcome:
     """Run a job to its output file. `engine` lets a caller (tests, benchmarks) share one
     started engine between jobs; otherwise one is started here and closed at the end.
+    `engine_log`: what vLLM, torch and other libraries print goes to `<output>.log`
+    instead of the terminal (batchrun's own progress still reaches the terminal).
 
     Signals are handled from reading the input to writing the output: a first SIGTERM/SIGINT
     lets the job wind down, a second raises Interrupted wherever it lands. Either way every
     result finished by then is in the checkpoint."""
     stop = StopFlag()
     restore = install_signal_handlers(stop) if handle_signals else (lambda: None)
+    log_path = engine_log_path(config.output) if engine_log else None
     try:
         check_output_paths(config)
-        with JobLock(config.output):
-            return _run_job(config, stop, engine_kind=engine_kind, engine=engine,
-                            resume=resume, overwrite=overwrite, interactive=interactive,
-                            grace_s=grace_s)
+        with JobLock(config.output), output_to_log(log_path):
+            outcome = _run_job(config, stop, engine_kind=engine_kind, engine=engine,
+                               resume=resume, overwrite=overwrite, interactive=interactive,
+                               grace_s=grace_s)
+        if log_path is not None and "rows" in outcome.summary:
+            outcome.summary["engine_log"] = str(log_path)
+        return outcome
     except Interrupted as e:
         return JobOutcome(EXIT_INTERRUPTED, {"status": "interrupted", "output": str(config.output)},
                           f"{e}; finished rows are saved. Re-run with --resume")
@@ -354,16 +460,25 @@ def _run_job(config: JobConfig, stop: StopFlag, *, engine_kind: str, engine: Eng
     if done.num_rows:
         books.count(done)
 
+    own_engine = engine is None
+    sizing: EngineSizing | None = None
+    start_failure: EngineDiedError | None = None
     try:
         job = prepare_job(config, engine_kind=engine_kind, done_rows=done_rows,
                           engine_max_model_len=engine.info.max_model_len if engine else None)
+        # No engine when nothing is left to generate (a resume after a failed final write,
+        # only error rows) or a signal came while reading: starting vLLM takes a minute.
+        needs_engine = len(job.tokens.positions) > 0 and not stop.requested
+        if own_engine and needs_engine:
+            sizing = engine_sizing(job, engine_kind)
+            engine = start_engine(config, engine_kind, int(job.max_tokens.sum()), sizing)
+    except EngineDiedError as e:
+        start_failure = e  # not the input's or the settings' fault: exit 4 below, resumable
     except BaseException:
-        if not done.num_rows:  # an unusable input or model: leave no empty checkpoint behind
+        if not done.num_rows:  # an unusable input, model or setting: leave no empty checkpoint
             ckpt.remove()
         raise
 
-    new_tokens = int(job.max_tokens.sum())
-    own_engine = engine is None
     journal: ResultJournal | None = None
     progress: ProgressReporter | None = None
     status, message, plan_figures = "ok", "", {}
@@ -374,24 +489,23 @@ def _run_job(config: JobConfig, stop: StopFlag, *, engine_kind: str, engine: Eng
             err_table = _error_results(job, errors)
             journal.append(err_table)
             books.count(err_table)
-        # No engine when nothing is left to generate (a resume after a failed final write,
-        # only error rows) or a signal came while reading: starting vLLM takes a minute.
-        if len(job.tokens.positions) and not stop.requested:
-            if own_engine:
-                engine = start_engine(config, engine_kind, new_tokens)
+        if needs_engine:
+            if start_failure is not None:  # reported like an engine failure mid-run
+                raise start_failure
             info = engine.info
             if info.name.startswith("vllm"):
                 reset_attention_stats()  # a shared engine's counters count this job's steps
+            terminal().write(_start_line(job, info) + "\n")
             progress = ProgressReporter(job.rows, already_done=books.succeeded + books.failed,
-                                        interactive=interactive)
+                                        interactive=interactive, stream=terminal())
             groups, plan_figures = make_groups(job, info.block_size, info.kv_capacity_tokens)
 
             def on_results(batch: list[tuple[int, GenerationResult]]) -> None:
                 table = _results_table(job, batch)
                 journal.append(table)
                 books.count(table)
-                progress.advance(len(batch), sum(r.prompt_tokens + r.completion_tokens
-                                                 for _, r in batch))
+                progress.advance(table.num_rows, sum(r.prompt_tokens + r.completion_tokens
+                                                     for _, r in batch))
 
             executor = StreamingExecutor(engine, groups, request_factory(job), on_results,
                                          stop=stop, grace_s=grace_s)
@@ -419,6 +533,8 @@ def _run_job(config: JobConfig, stop: StopFlag, *, engine_kind: str, engine: Eng
             engine.close()
 
     summary = _summary(config, job, books, engine, plan_figures, time.monotonic() - t0, status)
+    if sizing is not None:
+        summary["engine_sizing"] = sizing.to_dict()
     if engine is not None and engine.info.name.startswith("vllm"):
         summary["attention"] = read_attention_stats()
     if status != "ok":
@@ -453,6 +569,15 @@ def _run_job(config: JobConfig, stop: StopFlag, *, engine_kind: str, engine: Eng
     return JobOutcome(code, summary, f"wrote {output}")
 
 
+def _start_line(job: PreparedJob, info: EngineInfo) -> str:
+    requests = len(job.tokens.positions)
+    copies = sum(len(c) for c in job.copies.values())
+    kv = f", KV cache {info.kv_capacity_tokens:,} tokens" if info.kv_capacity_tokens else ""
+    shared = f" ({copies:,} served by an identical row)" if copies else ""
+    return (f"batchrun: {requests + copies:,} of {job.rows:,} rows to run{shared} on "
+            f"{info.name}{kv}, context {info.max_model_len:,} tokens")
+
+
 def _summary(config: JobConfig, job: PreparedJob, books: _Books, engine: Engine | None,
              plan_figures: dict[str, Any], wall_s: float, status: str) -> dict[str, Any]:
     computed = books.prompt_tokens - books.cached_tokens
@@ -466,6 +591,7 @@ def _summary(config: JobConfig, job: PreparedJob, books: _Books, engine: Engine 
         "succeeded": books.succeeded,
         "failed": books.failed,
         "finish_reasons": books.finish_reasons,
+        "duplicate_rows": books.duplicates,
         "tokens": {
             "prompt": books.prompt_tokens,
             "cached": books.cached_tokens,

@@ -73,6 +73,16 @@ class TokenizedRequests:
     def lengths(self) -> np.ndarray:
         return np.diff(self.offsets)
 
+    def take(self, requests: np.ndarray) -> TokenizedRequests:
+        """Only these requests (indices, ascending), renumbered 0..len-1."""
+        lengths = self.lengths()[requests]
+        offsets = np.zeros(len(requests) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        starts = self.offsets[requests]
+        gather = np.repeat(starts - offsets[:-1], lengths) + np.arange(offsets[-1])
+        return TokenizedRequests(self.positions[requests], self.values[gather], offsets,
+                                 self.errors)
+
 
 def tokenize_requests(
     requests: pa.Table, tokenizer: PromptTokenizer, *, max_model_len: int,

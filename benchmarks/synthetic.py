@@ -8,6 +8,9 @@ import random
 from functools import partial
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.parquet as pq
+
 _WORDS = ("river stone market ledger cobalt harbor signal orchard copper meadow lantern "
           "quarry velvet summit engine thistle canyon beacon saddle marble falcon prism "
           "tundra willow garnet ember glacier hollow juniper kettle mosaic nectar opal "
@@ -64,16 +67,62 @@ def unshared_rows(rng: random.Random, *, rows: int = 96) -> list[dict]:
             for i in range(rows)]
 
 
+def prefix_rows(rng: random.Random, *, systems: int = 4, rows: int = 244) -> list[dict]:
+    """Pre-tokenized (`prompt_token_ids`): 4 long shared system prefixes (~320 tokens), each
+    row adding its own 20-150 tokens, and 1 row in 40 a long document (up to ~1,000
+    tokens in all). Like the file a tokenizing upstream step hands over."""
+    heads = [[rng.randrange(100, 40_000) for _ in range(rng.randint(280, 360))]
+             for _ in range(systems)]
+    out = []
+    for i in range(rows):
+        own = rng.randint(500, 640) if i % 40 == 0 else rng.randint(20, 150)
+        out.append({"prompt_token_ids": heads[i % systems]
+                    + [rng.randrange(100, 40_000) for _ in range(own)], "max_tokens": 16})
+    return out
+
+
+def mixed_rows(rng: random.Random, *, systems: int = 4, rows: int = 240) -> list[dict]:
+    """Mixed output lengths: 4 shared system texts (~70 tokens); 85% of rows ask for a
+    one-word answer (max_tokens 8), 15% for an essay (max_tokens 192, and a prompt that
+    makes the model talk)."""
+    heads = [f"System {s}: you are a helpful assistant for the {_text(rng, 40)}"
+             for s in range(systems)]
+    out = []
+    for i in range(rows):
+        if rng.random() < 0.15:
+            ask = (f"Write a long, detailed essay about the {rng.choice(_WORDS)} and the "
+                   f"{rng.choice(_WORDS)}, in many paragraphs.")
+            out.append({"prompt": f"{heads[i % systems]}\n{ask}", "max_tokens": 192})
+        else:
+            ask = (f"Answer with one word, yes or no: is a {rng.choice(_WORDS)} bigger than a "
+                   f"{rng.choice(_WORDS)}?")
+            out.append({"prompt": f"{heads[i % systems]}\n{ask}", "max_tokens": 8})
+    return out
+
+
+def duplicates_rows(rng: random.Random, *, rows: int = 192, share: float = 0.25) -> list[dict]:
+    """A quarter of the rows repeat an earlier row exactly (same prompt, same sampling):
+    a pipeline that re-sends items, or the same question asked by many users."""
+    base = rag_rows(rng, documents=8)
+    distinct = base[: int(rows * (1 - share))]
+    return distinct + [dict(rng.choice(distinct)) for _ in range(rows - len(distinct))]
+
+
 JOBS = {"fewshot": fewshot_rows, "rag": rag_rows, "multiturn": multiturn_rows,
-        "multiturn-small": partial(multiturn_rows, chats=12), "unshared": unshared_rows}
+        "multiturn-small": partial(multiturn_rows, chats=12), "unshared": unshared_rows,
+        "prefix": prefix_rows, "mixed": mixed_rows, "duplicates": duplicates_rows}
 
 
-def write_job(name: str, folder: Path, seed: int = 0) -> Path:
+def write_job(name: str, folder: Path, seed: int = 0, fmt: str = "jsonl") -> Path:
     rng = random.Random(seed)
     rows = JOBS[name](rng)
     for i, row in enumerate(rows):
         row["id"] = f"{name}-{i}"
     rng.shuffle(rows)
+    if fmt == "parquet":
+        path = folder / f"{name}.parquet"
+        pq.write_table(pa.Table.from_pylist(rows), path)
+        return path
     path = folder / f"{name}.jsonl"
     with open(path, "w") as f:
         for row in rows:

@@ -12,7 +12,8 @@ Requests: one row per input row, in input order, whatever the input format was.
     error      null for a usable row; else what is wrong with it and how to fix it
 
 Results: one row per input row.
-    id, text, finish_reason, prompt_tokens, completion_tokens, cached_tokens, error
+    id, text, finish_reason, prompt_tokens, completion_tokens, cached_tokens, error,
+    duplicate_of (the id of the identical deterministic row whose generation served this one)
 """
 
 from __future__ import annotations
@@ -49,5 +50,6 @@ RESULT_SCHEMA = pa.schema(
         pa.field("completion_tokens", pa.int64()),
         pa.field("cached_tokens", pa.int64()),
         pa.field("error", pa.string()),
+        pa.field("duplicate_of", pa.string()),
     ]
 )

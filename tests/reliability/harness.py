@@ -108,13 +108,22 @@ def wait_for_rows(output: Path, proc: subprocess.Popen[str], at_least: int,
     raise AssertionError(f"no {at_least} rows journaled in {timeout} s")
 
 
-def kill9(proc: subprocess.Popen[str]) -> bool:
-    """SIGKILL the run; True when it was still running (a kill that really happened)."""
+@dataclass
+class Killed:
+    alive: bool  # it was still running: the kill really happened
+    stderr: str  # what the run printed to its stderr (the user's terminal) until then
+
+    def __bool__(self) -> bool:
+        return self.alive
+
+
+def kill9(proc: subprocess.Popen[str]) -> Killed:
+    """SIGKILL the run; true when it was still running (a kill that really happened)."""
     alive = proc.poll() is None
     if alive:
         proc.send_signal(signal.SIGKILL)
-    proc.communicate(timeout=30)
-    return alive
+    _, stderr = proc.communicate(timeout=30)
+    return Killed(alive, stderr)
 
 
 @contextmanager

