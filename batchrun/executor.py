@@ -125,6 +125,29 @@ class PrefixReservations:
         return held.cost + (0 if held.outer_id is None else self.release(held.outer_id))
 
 
+class StepTrace:
+    """The running batch of every engine step, for the summary: its mean over the run and
+    over the run's last 10% of time (the tail, where a bad order leaves long decodes alone)."""
+
+    TAIL = 0.1
+
+    def __init__(self) -> None:
+        self._times: list[float] = []
+        self._sizes: list[int] = []
+
+    def record(self, batch_size: int) -> None:
+        self._times.append(time.monotonic())
+        self._sizes.append(batch_size)
+
+    def figures(self) -> dict[str, float]:
+        if not self._sizes:
+            return {"steps": 0, "mean_batch": 0.0, "tail_batch": 0.0}
+        times, sizes = np.array(self._times), np.array(self._sizes, dtype=np.float64)
+        tail = sizes[times >= times[-1] - self.TAIL * (times[-1] - times[0])]
+        return {"steps": len(sizes), "mean_batch": round(float(sizes.mean()), 2),
+                "tail_batch": round(float(tail.mean()), 2)}
+
+
 class DecodeEstimate:
     """How many of its reserved decode blocks a request will fill: the share used by the
     finished requests that had the same reservation, starting from a prior of half."""
@@ -299,6 +322,7 @@ class StreamingExecutor:
         self._started: set[str] = set()  # in flight and past their first step (prefilled)
         self._draining = False
         self.aborted: list[int] = []
+        self.trace = StepTrace()
 
     @property
     def reserved_blocks(self) -> int:
@@ -333,6 +357,7 @@ class StreamingExecutor:
             if not self._in_flight:
                 break
             step = self.engine.step()
+            self.trace.record(step.batch_size)
             self._started.update(step.prefilled)
             for rid in step.prefilled:
                 self._leader_done(rid)

@@ -481,7 +481,7 @@ def _run_job(config: JobConfig, stop: StopFlag, *, engine_kind: str, engine: Eng
 
     journal: ResultJournal | None = None
     progress: ProgressReporter | None = None
-    status, message, plan_figures = "ok", "", {}
+    status, message, plan_figures, step_figures = "ok", "", {}, {}
     try:
         journal = ckpt.new_journal()
         errors = job.request_errors()
@@ -509,7 +509,10 @@ def _run_job(config: JobConfig, stop: StopFlag, *, engine_kind: str, engine: Eng
 
             executor = StreamingExecutor(engine, groups, request_factory(job), on_results,
                                          stop=stop, grace_s=grace_s)
-            executor.run()
+            try:
+                executor.run()
+            finally:
+                step_figures = executor.trace.figures()
         if stop.requested and books.succeeded + books.failed < job.rows:
             status = "interrupted"
             message = ("interrupted by a signal; finished rows are saved. Run the same command "
@@ -533,6 +536,7 @@ def _run_job(config: JobConfig, stop: StopFlag, *, engine_kind: str, engine: Eng
             engine.close()
 
     summary = _summary(config, job, books, engine, plan_figures, time.monotonic() - t0, status)
+    summary["batch"] = step_figures
     if sizing is not None:
         summary["engine_sizing"] = sizing.to_dict()
     if engine is not None and engine.info.name.startswith("vllm"):

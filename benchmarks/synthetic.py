@@ -83,15 +83,15 @@ def prefix_rows(rng: random.Random, *, systems: int = 4, rows: int = 244) -> lis
 
 def mixed_rows(rng: random.Random, *, systems: int = 4, rows: int = 240) -> list[dict]:
     """Mixed output lengths: 4 shared system texts (~70 tokens); 85% of rows ask for a
-    one-word answer (max_tokens 8), 15% for an essay (max_tokens 192, and a prompt that
-    makes the model talk)."""
+    one-word answer (max_tokens 8), 15% for a long list (max_tokens 192, and a prompt the
+    model keeps answering until max_tokens)."""
     heads = [f"System {s}: you are a helpful assistant for the {_text(rng, 40)}"
              for s in range(systems)]
     out = []
     for i in range(rows):
         if rng.random() < 0.15:
-            ask = (f"Write a long, detailed essay about the {rng.choice(_WORDS)} and the "
-                   f"{rng.choice(_WORDS)}, in many paragraphs.")
+            ask = (f"Here is a numbered list of 150 facts about the {rng.choice(_WORDS)} and "
+                   f"the {rng.choice(_WORDS)}, one per line:\n1.")
             out.append({"prompt": f"{heads[i % systems]}\n{ask}", "max_tokens": 192})
         else:
             ask = (f"Answer with one word, yes or no: is a {rng.choice(_WORDS)} bigger than a "

@@ -50,6 +50,7 @@ class StepOutput:
     # Requests whose prompt was fully computed in this step (they produced a first token):
     # from now on their prompt's full blocks are in the prefix cache.
     prefilled: list[str] = field(default_factory=list)
+    batch_size: int = 0  # requests the step advanced (the running batch)
 
 
 class EngineDiedError(RuntimeError):

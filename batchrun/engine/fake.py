@@ -115,7 +115,7 @@ class FakeEngine:
         while self._waiting and len(self._running) < self._max_num_seqs:
             self._admit(self._waiting.pop(0))
         self.max_running_seen = max(self.max_running_seen, len(self._running))
-        out = StepOutput()
+        out = StepOutput(batch_size=len(self._running))
         for rid, run in list(self._running.items()):
             run.produced += 1
             if run.produced == 1:

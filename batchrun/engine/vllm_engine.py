@@ -140,6 +140,7 @@ class VllmEngine:
             outputs = self._engine.step()
         except Exception as e:  # vLLM raises EngineDeadError and friends; none is row-specific
             raise EngineDiedError(f"the vLLM engine failed: {type(e).__name__}: {e}") from e
+        step.batch_size = len(outputs)
         for out in outputs:
             if out.request_id not in self._started:
                 self._started.add(out.request_id)
