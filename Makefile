@@ -36,7 +36,7 @@ lint: setup
 	$(BIN)/ruff check batchrun kernels tests benchmarks
 
 bench: setup
-	$(BIN)/python benchmarks/bench_planner_e2e.py
+	$(BIN)/python benchmarks/bench_e2e.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

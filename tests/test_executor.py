@@ -114,3 +114,44 @@ def test_a_shared_group_without_a_prefix_id_is_refused():
         StreamingExecutor(FakeEngine(block_size=4),
                           [RunGroup(np.arange(2), 32, 8, np.full(2, 2))],
                           lambda i: None, lambda batch: None)
+
+
+def test_decode_blocks_are_reserved_as_the_finished_requests_used_them():
+    # 20 blocks; each request: 1 prompt block + 4 blocks should it decode all 16 max_tokens.
+    # Counted in full only 4 would run at once; at the prior (half) 6 do. These requests
+    # stop after 1-24 tokens (the fake engine's natural lengths), so the estimate falls.
+    engine = FakeEngine(block_size=4, kv_capacity_tokens=80)
+    reqs = [GenerationRequest(f"d{i}", [i, 1, 2], max_tokens=16) for i in range(12)]
+    heavy = RunGroup(np.arange(12), 0, 0, np.full(12, 5), decode_blocks=np.full(12, 4))
+    done, ex = run(engine, reqs, [heavy])
+    assert len(done) == 12 and engine.max_running_seen >= 6
+    assert ex.reserved_blocks == 0
+
+
+def test_the_decode_estimate_learns_from_finished_requests():
+    from batchrun.executor import DecodeEstimate
+
+    estimate = DecodeEstimate()
+    assert estimate.blocks(8) == 4  # nothing finished yet: half
+    for _ in range(10):
+        estimate.observe(8, 8)  # every one used all its blocks
+    assert estimate.blocks(8) == 8
+    assert estimate.blocks(2) == 1  # another reservation has its own history
+    for _ in range(40):
+        estimate.observe(2, 0)
+    assert estimate.blocks(2) == 1  # never below one block: a request decodes at least once
+
+
+def test_a_later_cut_of_a_released_prefix_elects_a_new_leader():
+    # The first cut finishes (its prefix released) before the second starts: the second
+    # computes the prefix once (its leader) and its other members hit the cache again.
+    engine = FakeEngine(block_size=4, kv_capacity_tokens=48)  # 12 blocks: one cut at a time
+    reqs = requests(6, PREFIX)
+    first, second = group([0, 1, 2], 32, prefix_id=3), group([3, 4, 5], 32, prefix_id=3)
+    blocker = RunGroup(np.array([6]), 0, 0, np.array([12]))
+    reqs.append(GenerationRequest("wall", list(range(500, 540)), max_tokens=2))
+    done, _ = run(engine, reqs, [first, blocker, second])
+    order = engine.admission_order
+    assert order.index("wall") == 3 and order.index("q3") == 4
+    # "wall" pushed the prefix out of the cache: q3 computed it again, q4 and q5 reused it.
+    assert [done[i].cached_tokens for i in (3, 4, 5)] == [0, 32, 32]
