@@ -157,6 +157,7 @@ def run(
       batchrun run prompts.jsonl -o out.parquet --max-tokens 64 --kv-cache-memory 1GiB
       batchrun run batch_input.jsonl -o out.parquet --openai-output out.jsonl
       batchrun run jobs/nightly.toml --resume      # cron: continue after a kill
+      batchrun run 's3://bucket/in/*.parquet' -o s3://bucket/out.parquet
     """
     _quiet_engine_logs(verbose)
     from .runner import EXIT_INTERRUPTED

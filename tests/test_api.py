@@ -134,3 +134,20 @@ def test_generate_rejects_what_it_cannot_take() -> None:
         batchrun.generate(pl.DataFrame({"prompt": ["x"]}), engine="fake", output="o.parquet")
     bad = batchrun.generate(pl.DataFrame({"prompt": ["x", ""]}), engine="fake")
     assert bad["error"].to_list()[0] is None and "non-empty" in bad["error"].to_list()[1]
+
+
+def test_work_dir_holds_the_checkpoint_of_a_local_output(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    ids = write_rows(tmp_path / "in.jsonl", 40)
+    out, work = tmp_path / "out" / "o.parquet", tmp_path / "work"
+    monkeypatch.setenv("BATCHRUN_FAKE_ENGINE", '{"die_after_steps": 3}')
+    with pytest.raises(batchrun.JobInterrupted):
+        batchrun.run(tmp_path / "in.jsonl", output=out, work_dir=work, engine="fake",
+                     max_tokens=8)
+    assert (work / "o.parquet.partial").is_dir() and not out.with_name("o.parquet.partial")\
+        .exists()
+    monkeypatch.delenv("BATCHRUN_FAKE_ENGINE")
+    done = batchrun.run(tmp_path / "in.jsonl", output=out, work_dir=work, engine="fake",
+                        max_tokens=8, resume=True)
+    assert done.ok and pq.read_table(out)["id"].to_pylist() == ids
+    assert not (work / "o.parquet.partial").exists()
