@@ -11,7 +11,10 @@ PIP := $(BIN)/python -m pip --disable-pip-version-check
 HAS_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1)
 ENGINE_EXTRA := $(if $(HAS_GPU),gpu,cpu)
 
-.PHONY: setup demo test lint bench clean
+AIRFLOW_VENV := .venv-airflow
+AIRFLOW_STAMP := $(AIRFLOW_VENV)/.batchrun-ready
+
+.PHONY: setup airflow-venv demo test lint bench clean
 
 setup: $(STAMP)
 
@@ -26,10 +29,21 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -c "import vllm, batchrun; print('vllm', vllm.__version__, 'ok')"
 	@touch $(STAMP)
 
+# Airflow in a venv of its own (in .venv it would change vLLM's dependencies), for the
+# BatchrunOperator tests: apache-airflow plus what `batchrun --engine fake` needs; batchrun
+# itself comes from the checkout (PYTHONPATH). Installing takes about 2 minutes.
+airflow-venv: $(AIRFLOW_STAMP)
+
+$(AIRFLOW_STAMP): Makefile
+	@test -x $(AIRFLOW_VENV)/bin/python || $(PY) -m venv $(AIRFLOW_VENV)
+	$(AIRFLOW_VENV)/bin/python -m pip install -q --disable-pip-version-check $(FIND_LINKS) \
+		apache-airflow==3.3.2 pyarrow numpy polars typer rich
+	@touch $(AIRFLOW_STAMP)
+
 demo: setup
 	$(BIN)/batchrun run jobs/example.toml --overwrite
 
-test: setup
+test: setup airflow-venv
 	$(BIN)/python -m pytest tests -q
 
 lint: setup
@@ -39,4 +53,4 @@ bench: setup
 	$(BIN)/python benchmarks/bench_e2e.py
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) $(AIRFLOW_VENV) build *.egg-info

@@ -11,7 +11,9 @@ from typing import Annotated, Any
 
 import typer
 
-from .config import ConfigError, JobConfig, load_job_file, parse_size, with_overrides
+from .api import build_config, quiet_engine_logs, run_config
+from .config import JobConfig, parse_size
+from .errors import JobInterrupted, UsageError
 
 EXIT_CODES_HELP = """\
 Exit codes: 0 every row succeeded (or the job had already finished);
@@ -51,11 +53,13 @@ class EngineKind(str, Enum):
     fake = "fake"
 
 
-JobArg = Annotated[Path, typer.Argument(
-    help="A job file (jobs/*.toml) or an input file (.jsonl, .parquet, OpenAI batch .jsonl).",
+JobArg = Annotated[str, typer.Argument(
+    help="A job file (jobs/*.toml) or an input: a file (.jsonl, .parquet, OpenAI batch "
+         ".jsonl), a folder or glob of them; local or a URI (s3://bucket/in.jsonl).",
     show_default=False)]
-OutputOpt = Annotated[Path | None, typer.Option(
-    "--output", "-o", help="Output Parquet file (required when JOB is an input file).")]
+OutputOpt = Annotated[str | None, typer.Option(
+    "--output", "-o", help="Output Parquet file, local or a URI (required when JOB is an "
+                           "input).")]
 ModelOpt = Annotated[str | None, typer.Option(
     help="Local Hugging Face model folder, or 'default' (SmolLM2-135M-Instruct, shipped).")]
 FormatOpt = Annotated[InputFormat | None, typer.Option(
@@ -63,33 +67,15 @@ FormatOpt = Annotated[InputFormat | None, typer.Option(
 PromptColOpt = Annotated[str | None, typer.Option(help="Input column holding the prompt text.")]
 IdColOpt = Annotated[str | None, typer.Option(help="Input column holding each row's id.")]
 PassOpt = Annotated[list[str] | None, typer.Option(
-    "--passthrough", help="Input column to copy into the output (repeatable).")]
+    "--passthrough", help="Input column to copy into the output (repeatable); "
+                          "source_file: the file each row came from.")]
 EngineOpt = Annotated[EngineKind, typer.Option(
     help="'fake' is a deterministic stand-in with no model, for testing pipelines.")]
 
 
-def _config(job: Path, output: Path | None, **overrides: Any) -> JobConfig:
-    if not job.exists():
-        raise ConfigError(f"{job} does not exist; give a job file (.toml) or an input file")
-    if job.suffix == ".toml":
-        cfg = load_job_file(job)
-    else:
-        if output is None:
-            raise ConfigError(f"{job} is an input file: say where results go with -o out.parquet")
-        cfg = JobConfig(input=job.resolve(), output=output.resolve())
-    if output is not None:
-        overrides["output"] = output.resolve()
-    columns = {k.split(".", 1)[1]: v for k, v in list(overrides.items())
-               if k.startswith("columns.") and v}
-    overrides = {k: v for k, v in overrides.items() if not k.startswith("columns.")}
-    if columns:
-        from dataclasses import replace
-
-        if "passthrough" in columns:
-            columns["passthrough"] = tuple(columns["passthrough"])
-        cfg = replace(cfg, columns=replace(cfg.columns, **columns))
-    return with_overrides(cfg, **{k: (v.value if isinstance(v, Enum) else v)
-                                  for k, v in overrides.items()})
+def _config(job: str, output: str | None, **overrides: Any) -> JobConfig:
+    """Flags -> JobConfig: the same code as batchrun.run()'s (batchrun.api.build_config)."""
+    return build_config(job, output, **overrides)
 
 
 def _fail(message: str, code: int = 2) -> None:
@@ -108,11 +94,7 @@ def _internal_error(e: Exception, verbose: bool) -> None:
 
 
 def _quiet_engine_logs(verbose: bool, *, to_log_file: bool = False) -> None:
-    # stdout is for --json; vLLM logs to stdout unless told otherwise.
-    os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
-    if not verbose and not to_log_file:  # a log file keeps vLLM's INFO lines
-        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
-        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    quiet_engine_logs(verbose, to_log_file=to_log_file)
 
 
 @app.command()
@@ -129,8 +111,11 @@ def run(
     prompt_column: PromptColOpt = None,
     id_column: IdColOpt = None,
     passthrough: PassOpt = None,
-    openai_output: Annotated[Path | None, typer.Option(
+    openai_output: Annotated[str | None, typer.Option(
         help="Also write results as OpenAI Batch API output JSONL here.")] = None,
+    work_dir: Annotated[Path | None, typer.Option(
+        help="Local folder for the checkpoint (default: next to a local output; for a remote "
+             "output, a cache folder per output URI).")] = None,
     kv_cache_memory: Annotated[str | None, typer.Option(
         help="KV-cache size for vLLM, e.g. 256MiB or 4GiB. Default on CPU: sized from the "
              "job (its plan's peak window + 25%, at most 40% of free memory); on GPU: "
@@ -179,37 +164,39 @@ def run(
       batchrun run prompts.jsonl -o out.parquet --max-tokens 64 --kv-cache-memory 1GiB
       batchrun run batch_input.jsonl -o out.parquet --openai-output out.jsonl
       batchrun run jobs/nightly.toml --resume      # cron: continue after a kill
+      batchrun run 's3://bucket/in/*.parquet' -o s3://bucket/out.parquet
     """
     _quiet_engine_logs(verbose, to_log_file=True)
-    from .io.readers import InputError
-    from .io.results import CheckpointError
-    from .model import ModelError
-    from .runner import EXIT_INTERRUPTED, run_job
+    from .runner import EXIT_INTERRUPTED
 
     try:
         cfg = _config(
             job, output, model=model, input_format=input_format, openai_output=openai_output,
-            plan=plan, **{"sampling.max_tokens": max_tokens, "sampling.temperature": temperature,
-                          "sampling.top_p": top_p, "sampling.seed": seed,
-                          "engine.kv_cache_memory": parse_size(kv_cache_memory)
-                          if kv_cache_memory else None,
-                          "engine.block_size": block_size, "engine.max_model_len": max_model_len,
-                          "engine.dtype": dtype, "engine.enforce_eager": enforce_eager,
-                          "engine.tensor_parallel_size": tensor_parallel_size,
-                          "engine.attention": attention,
-                          "columns.prompt": prompt_column, "columns.id": id_column,
-                          "columns.passthrough": passthrough})
-        outcome = run_job(cfg, engine_kind=engine.value, resume=resume, overwrite=overwrite,
-                          interactive=progress, grace_s=grace_period, engine_log=not verbose)
-    except (ConfigError, InputError, CheckpointError, ModelError) as e:
+            plan=plan, work_dir=work_dir,
+            **{"sampling.max_tokens": max_tokens, "sampling.temperature": temperature,
+               "sampling.top_p": top_p, "sampling.seed": seed,
+               "engine.kv_cache_memory": parse_size(kv_cache_memory)
+               if kv_cache_memory else None,
+               "engine.block_size": block_size, "engine.max_model_len": max_model_len,
+               "engine.dtype": dtype, "engine.enforce_eager": enforce_eager,
+               "engine.tensor_parallel_size": tensor_parallel_size,
+               "engine.attention": attention,
+               "columns.prompt": prompt_column, "columns.id": id_column,
+               "columns.passthrough": passthrough})
+        done = run_config(cfg, engine=engine.value, resume=resume, overwrite=overwrite,
+                          progress=progress, grace_period=grace_period, handle_signals=True,
+                          engine_log=not verbose)
+    except JobInterrupted as e:
+        done = e.summary
+    except UsageError as e:
         _fail(str(e))
     except KeyboardInterrupt:  # Ctrl-C before the job's own signal handling started
         _fail("interrupted before the job started; nothing was lost. Run the same command "
               "(with --resume) to start it", EXIT_INTERRUPTED)
     except Exception as e:
         _internal_error(e, verbose)
-    _print_outcome(outcome.summary, outcome.message, json_summary)
-    raise typer.Exit(outcome.exit_code)
+    _print_outcome(done.details, done.message, json_summary)
+    raise typer.Exit(done.exit_code)
 
 
 def _print_outcome(summary: dict[str, Any], message: str, as_json: bool) -> None:
@@ -255,16 +242,14 @@ def validate(
       batchrun validate jobs/example.toml
     """
     _quiet_engine_logs(False)
-    from .io.readers import InputError
-    from .model import ModelError
     from .runner import EXIT_OK, EXIT_ROW_ERRORS, prepare_job
 
     try:
-        cfg = _config(job, output or Path("validate.parquet"), model=model,
+        cfg = _config(job, output or "validate.parquet", model=model,
                       input_format=input_format,
                       **{"columns.prompt": prompt_column, "columns.id": id_column})
         prepared = prepare_job(cfg, engine_kind=engine.value)
-    except (ConfigError, InputError, ModelError) as e:
+    except UsageError as e:
         _fail(str(e))
     except Exception as e:
         _internal_error(e, False)
@@ -322,17 +307,15 @@ def plan_command(
       batchrun plan prompts.jsonl --json | jq .distinct_prompt_tokens
     """
     _quiet_engine_logs(False)
-    from .io.readers import InputError
-    from .model import ModelError
     from .runner import describe_plan, prepare_job
 
     try:
-        cfg = _config(job, output or Path("plan.parquet"), model=model, input_format=input_format,
+        cfg = _config(job, output or "plan.parquet", model=model, input_format=input_format,
                       **{"columns.prompt": prompt_column, "engine.block_size": block_size,
                          "engine.kv_cache_memory": parse_size(kv_cache_memory)
                          if kv_cache_memory else None})
         figures = describe_plan(prepare_job(cfg, engine_kind=engine.value), engine.value)
-    except (ConfigError, InputError, ModelError) as e:
+    except UsageError as e:
         _fail(str(e))
     if json_out:
         typer.echo(json.dumps(figures, indent=2, sort_keys=True))

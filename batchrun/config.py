@@ -28,12 +28,15 @@ from typing import Any
 
 import tomllib
 
+from .errors import UsageError
+from .io.storage import Location, is_uri, parent, read_text, to_location
+
 DEFAULT_MODEL = "default"
 INPUT_FORMATS = ("auto", "jsonl", "parquet", "openai")
 ATTENTION_CHOICES = ("auto", "prefix", "default")
 
 
-class ConfigError(ValueError):
+class ConfigError(UsageError, ValueError):
     """A job file or flag a user can fix; the message says how."""
 
 
@@ -82,15 +85,21 @@ class EngineOptions:
 
 @dataclass(frozen=True)
 class JobConfig:
-    input: Path
-    output: Path
+    """A job. input/output/openai_output are local Paths or URI strings (s3://, gs://, ...);
+    the input may be a folder or a glob (a dataset)."""
+
+    input: Location
+    output: Location
     model: str = DEFAULT_MODEL
     input_format: str = "auto"
     columns: ColumnMap = field(default_factory=ColumnMap)
     sampling: SamplingDefaults = field(default_factory=SamplingDefaults)
     engine: EngineOptions = field(default_factory=EngineOptions)
-    openai_output: Path | None = None  # also write OpenAI-batch-style JSONL here
+    openai_output: Location | None = None  # also write OpenAI-batch-style JSONL here
     plan: bool = True  # False: run in file order (what plain vLLM would do)
+    # Where the checkpoint (and, for a remote output, the staged file) lives; None: next to
+    # a local output, or a cache folder for a remote one (batchrun.runner.output_paths).
+    work_dir: Path | None = None
 
     def fingerprint_settings(self) -> dict[str, Any]:
         """Settings that change results: a resumed job must match them."""
@@ -124,8 +133,10 @@ def parse_size(text: str | int) -> int:
 _TOML_TYPES: dict[str, tuple[type, ...]] = {
     "int": (int,), "int | None": (int,), "float": (int, float), "str": (str,),
     "str | None": (str,), "bool | None": (bool,), "bool": (bool,), "Path": (str, Path),
-    "Path | None": (str, Path), "tuple[str, ...]": (list, tuple),
+    "Path | None": (str, Path), "tuple[str, ...]": (list, tuple), "Location": (str, Path),
+    "Location | None": (str, Path),
 }
+_TYPE_WORDS = {"Location": "Path (a local path or a URI)"}
 
 
 def _check(cls: type, data: Any, where: str) -> None:
@@ -141,7 +152,8 @@ def _check(cls: type, data: Any, where: str) -> None:
         # bool is an int in Python, but `max_tokens = true` is a mistake, not a 1.
         wrong_bool = isinstance(value, bool) and bool not in (allowed or ())
         if allowed and (not isinstance(value, allowed) or wrong_bool):
-            raise ConfigError(f"{where}: `{key}` must be {known[key].replace(' | None', '')}, "
+            kind = known[key].replace(" | None", "")
+            raise ConfigError(f"{where}: `{key}` must be {_TYPE_WORDS.get(kind, kind)}, "
                               f"not {value!r}")
 
 
@@ -150,18 +162,19 @@ def _build(cls: type, data: dict[str, Any], where: str) -> Any:
     return cls(**data)
 
 
-def load_job_file(path: Path) -> JobConfig:
-    """Read a job TOML file. Raises ConfigError with a message that names the fix."""
+def load_job_file(path: Location) -> JobConfig:
+    """Read a job TOML file (a local path or a URI). Raises ConfigError with a message that
+    names the fix."""
     try:
-        raw = tomllib.loads(path.read_text())
+        raw = tomllib.loads(read_text(path))
     except FileNotFoundError:
         raise ConfigError(f"job file {path} does not exist") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"job file {path} is not valid TOML: {e}") from None
-    base = path.parent
+    base = parent(path)
 
-    def resolve(p: str | None) -> Path | None:
-        return None if p is None else (base / p).resolve()
+    def resolve(p: str | None) -> Location | None:
+        return None if p is None else to_location(p, base)
 
     for required in ("input", "output"):
         if required not in raw:
@@ -186,7 +199,13 @@ def load_job_file(path: Path) -> JobConfig:
     raw["output"] = resolve(raw["output"])
     if "openai_output" in raw:
         raw["openai_output"] = resolve(raw["openai_output"])
-    if "model" in raw and raw["model"] != DEFAULT_MODEL and (base / raw["model"]).exists():
+    if "work_dir" in raw:
+        if is_uri(raw["work_dir"]):
+            raise ConfigError(f"job file {path}: `work_dir` must be a local folder, not "
+                              f"{raw['work_dir']!r}")
+        raw["work_dir"] = to_location(raw["work_dir"], None if is_uri(base) else base)
+    if ("model" in raw and raw["model"] != DEFAULT_MODEL and isinstance(base, Path)
+            and (base / raw["model"]).exists()):
         raw["model"] = str((base / raw["model"]).resolve())
     cfg = _build(JobConfig, raw, f"job file {path}")
     cfg = replace(

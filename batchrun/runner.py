@@ -40,6 +40,7 @@ from .engine.sizing import (
     size_engine,
 )
 from .executor import Interrupted, RunGroup, StopFlag, StreamingExecutor, install_signal_handlers
+from .io import storage
 from .io.readers import RequestSet, read_request_set
 from .io.results import (
     Checkpoint,
@@ -53,7 +54,7 @@ from .io.results import (
     write_openai_jsonl,
 )
 from .io.schema import RESULT_SCHEMA
-from .model import kv_bytes_per_token
+from .model import cache_root, kv_bytes_per_token
 from .plan import plan_schedule
 from .plan.decode_first import decode_heavy_first
 from .plan.dedupe import find_duplicates, is_deterministic
@@ -378,22 +379,72 @@ def _mib(size: int | None) -> str:
     return "the engine's default" if size is None else f"{size / 2**20:,.0f}MiB"
 
 
+@dataclass(frozen=True)
+class OutputPaths:
+    """Where a job's files go. `dest` is the output the user named (a local path or a URI);
+    `local` is where this machine writes the Parquet file: `dest` itself, or for a remote
+    output a staging file in the work dir, uploaded once complete. The checkpoint
+    (`<base>.partial/`) and the lock (`.<base name>.lock`) derive from `base`, which is
+    `<work dir>/<output name>`: for a local output and no work dir, the output itself."""
+
+    dest: storage.Location
+    local: Path
+    base: Path
+    openai_dest: storage.Location | None = None
+    openai_local: Path | None = None
+
+    @property
+    def remote(self) -> bool:
+        return storage.is_uri(self.dest)
+
+
+def default_work_dir(uri: str) -> Path:
+    """The local folder of a remote output's checkpoint: one per output URI, in the cache."""
+    import hashlib
+
+    return cache_root() / "work" / hashlib.sha256(uri.encode()).hexdigest()[:16]
+
+
+def output_paths(config: JobConfig) -> OutputPaths:
+    dest = config.output
+    if storage.is_uri(dest):
+        work = config.work_dir or default_work_dir(str(dest))
+        base = local = work / storage.name(dest)
+    else:
+        work = config.work_dir or dest.parent
+        base, local = work / dest.name, dest
+    openai_local = None
+    if config.openai_output is not None:
+        openai_local = (work / f"openai-{storage.name(config.openai_output)}"
+                        if storage.is_uri(config.openai_output) else config.openai_output)
+    return OutputPaths(dest, local, base, config.openai_output, openai_local)
+
+
+def _same_location(a: storage.Location, b: storage.Location) -> bool:
+    if isinstance(a, Path) and isinstance(b, Path):
+        return a.resolve() == b.resolve()
+    return str(a) == str(b)
+
+
 def check_output_paths(config: JobConfig) -> None:
     """Refuse output paths where writing (or declaring the job done) would be wrong."""
     for path in filter(None, (config.output, config.openai_output)):
-        if path.is_dir():
-            raise ConfigError(f"output {path} is a folder; name a file, e.g. "
-                              f"{path / 'results.parquet'}")
-        if path.resolve() == config.input.resolve():
+        if storage.is_dir(path):
+            example = (path / "results.parquet" if isinstance(path, Path)
+                       else storage.join(str(path), "results.parquet"))
+            raise ConfigError(f"output {path} is a folder; name a file, e.g. {example}")
+        if _same_location(path, config.input):
             raise ConfigError(f"output {path} is the input file; write results elsewhere")
-    if config.output.exists() and not _is_batchrun_output(config.output):
+    if storage.is_uri(config.work_dir):
+        raise ConfigError(f"work_dir must be a local folder, not {config.work_dir}")
+    if storage.exists(config.output) and not _is_batchrun_output(config.output):
         raise ConfigError(f"{config.output} exists but is not a batchrun output; move it away, "
                           "choose another output path, or use --overwrite to replace it")
 
 
-def _is_batchrun_output(path: Path) -> bool:
+def _is_batchrun_output(path: storage.Location) -> bool:
     try:
-        return b"batchrun" in (pq.read_schema(path).metadata or {})
+        return b"batchrun" in (pq.read_schema(storage.open_random(path)).metadata or {})
     except (OSError, pa.ArrowException):
         return False
 
@@ -420,10 +471,10 @@ def run_job(
     result finished by then is in the checkpoint."""
     stop = StopFlag()
     restore = install_signal_handlers(stop) if handle_signals else (lambda: None)
-    log_path = engine_log_path(config.output) if engine_log else None
+    log_path = engine_log_path(output_paths(config).base) if engine_log else None
     try:
         check_output_paths(config)
-        with JobLock(config.output), output_to_log(log_path):
+        with JobLock(output_paths(config).base), output_to_log(log_path):
             outcome = _run_job(config, stop, engine_kind=engine_kind, engine=engine,
                                resume=resume, overwrite=overwrite, interactive=interactive,
                                grace_s=grace_s)
@@ -441,19 +492,21 @@ def _run_job(config: JobConfig, stop: StopFlag, *, engine_kind: str, engine: Eng
              resume: bool, overwrite: bool, interactive: bool | None,
              grace_s: float) -> JobOutcome:
     t0 = time.monotonic()
-    output = config.output
-    if output.exists() and not overwrite:
-        leftover = Checkpoint(partial_dir_for(output))
+    paths = output_paths(config)
+    output = paths.dest
+    if storage.exists(output) and not overwrite:
+        leftover = Checkpoint(partial_dir_for(paths.base))
         if leftover.is_complete():  # a kill came between writing the output and this cleanup
             leftover.remove()
+            _remove_staged(paths)
         msg = (f"{output} already exists: this job has finished before, nothing to do. "
                "Use --overwrite to run it again")
         return JobOutcome(EXIT_OK, {"status": "already_done", "output": str(output)}, msg)
     manifest = {"batchrun": __version__, "input": file_fingerprint(config.input),
                 "settings": config.fingerprint_settings()}
     if overwrite:
-        Checkpoint(partial_dir_for(output)).remove()
-    ckpt = Checkpoint.open(output, manifest, resume=resume)
+        Checkpoint(partial_dir_for(paths.base)).remove()
+    ckpt = Checkpoint.open(paths.base, manifest, resume=resume)
     done = ckpt.read_done()
     done_rows = set(done["row"].to_pylist())
     books = _Books()
@@ -543,7 +596,7 @@ def _run_job(config: JobConfig, stop: StopFlag, *, engine_kind: str, engine: Eng
         summary["attention"] = read_attention_stats()
     if status != "ok":
         summary["checkpoint"] = str(ckpt.path)
-        _write_summary(output, summary)
+        _write_summary(paths.local, summary)
         return JobOutcome(EXIT_INTERRUPTED, summary, message)
 
     results = ckpt.read_done()
@@ -556,19 +609,25 @@ def _run_job(config: JobConfig, stop: StopFlag, *, engine_kind: str, engine: Eng
         ckpt.mark_complete()
         results = results.sort_by("row")
         # The OpenAI file first: the Parquet output appearing is what marks the job done.
-        if config.openai_output:
+        if paths.openai_local is not None:
             endpoints = job.requests.requests["endpoint"].take(results["row"])
             write_openai_jsonl(results.append_column("endpoint", endpoints),
-                               config.openai_output, model=config.model)
-        write_final_parquet(results, job.requests.passthrough, output, meta)
-    except OSError as e:
+                               paths.openai_local, model=config.model)
+            if storage.is_uri(paths.openai_dest):
+                storage.upload(paths.openai_local, str(paths.openai_dest))
+        write_final_parquet(results, job.requests.passthrough, paths.local, meta)
+        if paths.remote:  # the object appears at the output key only once complete
+            storage.upload(paths.local, str(output))
+    except (OSError, pa.ArrowException) as e:
         summary["status"], summary["checkpoint"] = "write_failed", str(ckpt.path)
-        _write_summary(output, summary)
+        _write_summary(paths.local, summary)
+        reason = getattr(e, "strerror", None) or " ".join(str(e).split())[:300]
         return JobOutcome(EXIT_INTERRUPTED, summary, (
-            f"cannot write the output ({e.strerror or e}): {ckpt.path} holds every row; "
+            f"cannot write the output ({reason}): {ckpt.path} holds every row; "
             "free space and re-run with --resume"))
     ckpt.remove()
-    _write_summary(output, summary)
+    _remove_staged(paths)
+    _write_summary(paths.local, summary)
     code = EXIT_OK if books.failed == 0 else EXIT_ROW_ERRORS
     return JobOutcome(code, summary, f"wrote {output}")
 
@@ -613,6 +672,14 @@ def _summary(config: JobConfig, job: PreparedJob, books: _Books, engine: Engine 
         "plan": plan_figures,
     }
     return out
+
+
+def _remove_staged(paths: OutputPaths) -> None:
+    """The local copies of remote outputs, once uploaded."""
+    if paths.remote:
+        paths.local.unlink(missing_ok=True)
+    if paths.openai_local is not None and storage.is_uri(paths.openai_dest):
+        paths.openai_local.unlink(missing_ok=True)
 
 
 def _write_summary(output: Path, summary: dict[str, Any]) -> None:

@@ -1,17 +1,29 @@
-"""Airflow DAG running a batchrun job nightly.
+"""Airflow 3 DAG running a batchrun job nightly, one dated output per run.
 
-Exit codes: 0 ok; 3 finished but some rows failed -> a *soft* failure (task marked skipped,
-downstream tasks that tolerate it still run); 4 interrupted -> Airflow retries, and --resume
-continues where the killed attempt stopped; 1 / 2 fail the task.
+Needs `pip install 'batchrun[airflow]'` in Airflow's environment (for the operator); the job
+runs in batchrun's own environment (BATCHRUN_HOME/.venv, with vLLM). BatchrunOperator maps
+batchrun's exit codes:
+  0  success;
+  3  finished, but some rows failed: the task is skipped (their `error` column says why;
+     row_errors="warn" makes it a success with a warning, "fail" a failure);
+  4  interrupted (signal, engine failure, full disk): failed and retried; the retry runs with
+     --resume and continues where the attempt stopped;
+  1  a bug, 2  a usage error or unreadable input: failed without retry.
+On execution_timeout Airflow stops the task: the operator sends batchrun SIGTERM and waits
+for it to save its checkpoint; the task is marked failed and retried, and the retry resumes.
+Nothing finished is lost.
 """
 
 from __future__ import annotations
 
-import pendulum
-from airflow import DAG
-from airflow.operators.bash import BashOperator
+import os
 
-BATCHRUN = "cd /srv/batchrun && .venv/bin/batchrun"
+import pendulum
+from airflow.sdk import DAG
+
+from batchrun.airflow import BatchrunOperator
+
+BATCHRUN_HOME = os.environ.get("BATCHRUN_HOME", "/srv/batchrun")
 
 with DAG(
     dag_id="batchrun_example",
@@ -20,12 +32,13 @@ with DAG(
     catchup=False,
     default_args={"retries": 3, "retry_delay": pendulum.duration(minutes=5)},
 ) as dag:
-    BashOperator(
+    BatchrunOperator(
         task_id="run_example_job",
-        bash_command=f"{BATCHRUN} run jobs/example.toml --resume --log-lines",
-        # Airflow marks the task skipped (not failed) on this exit code: rows with errors are
-        # in the output's `error` column, and the rest of the pipeline can go on.
-        skip_on_exit_code=3,
-        # SIGTERM on timeout: batchrun drains for its grace period, saves, and exits 4.
+        job=f"{BATCHRUN_HOME}/jobs/example.toml",
+        # A dated output: each night writes its own file (a fixed path would make every run
+        # after the first an "already exists, nothing to do" success).
+        output_path=BATCHRUN_HOME + "/out/example-{{ ds }}.parquet",
+        batchrun=f"{BATCHRUN_HOME}/.venv/bin/batchrun",
+        row_errors="skip",
         execution_timeout=pendulum.duration(hours=6),
     )

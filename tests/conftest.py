@@ -35,3 +35,36 @@ def vllm_engine():
     engine = VllmEngine(default_model_dir(), TEST_ENGINE_OPTIONS, enforce_eager=True)
     yield engine
     engine.close()
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real local S3 endpoint (moto's server mode on 127.0.0.1, a free port), never AWS.
+    Yields the environment a batchrun process needs to reach it (AWS_ENDPOINT_URL, ...)."""
+    moto_server = pytest.importorskip("moto.server", reason="moto[s3,server] is a dev extra")
+    import logging
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # a line per request otherwise
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    env = {"AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "testing",
+           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+    yield env
+    server.stop()
+
+
+@pytest.fixture
+def s3(s3_server, monkeypatch, request):
+    """A fresh bucket on the local S3 endpoint, with this process pointed at it. Yields
+    (bucket URI prefix `s3://NAME`, pyarrow S3FileSystem)."""
+    from pyarrow import fs
+
+    for key, value in s3_server.items():
+        monkeypatch.setenv(key, value)
+    filesystem = fs.S3FileSystem(endpoint_override=s3_server["AWS_ENDPOINT_URL"],
+                                 scheme="http", region="us-east-1", access_key="testing",
+                                 secret_key="testing", allow_bucket_creation=True)
+    bucket = "b-" + "".join(c for c in request.node.name.lower() if c.isalnum())[:40]
+    filesystem.create_dir(bucket)
+    yield f"s3://{bucket}", filesystem

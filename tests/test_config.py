@@ -11,12 +11,16 @@ from batchrun.config import ConfigError, load_job_file, parse_size, with_overrid
 REPO = Path(__file__).resolve().parents[1]
 
 
-def test_the_example_job_file_resolves_paths_against_its_folder():
+def test_the_example_job_file_resolves_paths_against_its_folder(tmp_path):
     cfg = load_job_file(REPO / "jobs" / "example.toml")
     assert cfg.input == REPO / "examples" / "prompts.jsonl"
     assert cfg.output == REPO / "out" / "example.parquet"
     assert cfg.columns.passthrough == ("topic",)
-    assert cfg.engine.kv_cache_memory == 512 << 20
+    assert cfg.engine.kv_cache_memory is None  # sized from the job when it runs
+    sized = tmp_path / "sized.toml"
+    sized.write_text('input = "in.jsonl"\noutput = "out.parquet"\n[engine]\n'
+                     'kv_cache_memory = "512MiB"\n')
+    assert load_job_file(sized).engine.kv_cache_memory == 512 << 20
 
 
 def test_flags_override_the_file():

@@ -16,7 +16,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
 from operator import itemgetter
-from pathlib import Path
 from typing import Any, BinaryIO, NamedTuple
 
 import pyarrow as pa
@@ -32,6 +31,7 @@ from batchrun.io.rows import (
     show,
 )
 from batchrun.io.schema import ENDPOINT_CHAT, ENDPOINT_COMPLETION
+from batchrun.io.storage import Location, open_binary
 
 MAX_LINE_BYTES = 8 * 2**20
 CHUNK_ROWS = 65_536
@@ -185,9 +185,12 @@ def _cyclic_gc_paused() -> Iterator[None]:
             gc.enable()
 
 
-def read_jsonl(path: Path, columns: ColumnMap, input_format: str) -> JsonlRows:
+def read_jsonl(path: Location, columns: ColumnMap, input_format: str,
+               first_row: int = 0) -> JsonlRows:
     """Read `path` as JSONL. input_format: "jsonl", "openai", or "auto" (OpenAI-batch when the
-    first JSON object on a line has `custom_id` and `body`). Raises InputError."""
+    first JSON object on a line has `custom_id` and `body`). Rows are numbered from
+    `first_row` (a file of a dataset continues the numbering of the files before it).
+    Raises InputError."""
     out = JsonlRows(passthrough={name: [] for name in columns.passthrough},
                     input_format=input_format)
     formats = {"jsonl": _plain_format(columns), "openai": _OPENAI_FORMAT}
@@ -195,7 +198,7 @@ def read_jsonl(path: Path, columns: ColumnMap, input_format: str) -> JsonlRows:
     keep = list(out.passthrough)  # passthrough column names, once each
     none_kept = (None,) * len(keep)
     pending: list[tuple] = []
-    row = objects = 0
+    row, objects = first_row, 0
 
     def flush() -> None:
         transposed = zip(*pending, strict=True)
@@ -204,13 +207,13 @@ def read_jsonl(path: Path, columns: ColumnMap, input_format: str) -> JsonlRows:
         out.batches.append(pa.RecordBatch.from_arrays(arrays, schema=DRAFT_SCHEMA))
         pending.clear()
 
-    with open(path, "rb") as f, _cyclic_gc_paused():
+    with open_binary(path) as f, _cyclic_gc_paused():
         for line in iter(partial(f.readline, MAX_LINE_BYTES + 1), b""):
             too_long = len(line) > MAX_LINE_BYTES and not line.endswith(b"\n")
             if too_long:
                 size = len(line) + _skip_rest_of_line(f)
                 line = b""  # let go of it
-            elif row == 0:  # nothing but blank lines so far
+            elif row == first_row:  # nothing but blank lines so far
                 line = line.removeprefix(_BOM)
                 if line.lstrip()[:1] == b"[":
                     raise InputError(f"{path}: this is a JSON array; "
@@ -244,7 +247,8 @@ def read_jsonl(path: Path, columns: ColumnMap, input_format: str) -> JsonlRows:
                 flush()
     if pending:
         flush()
-    if row and not objects:
-        raise InputError(f"{path}: none of its {row} lines is a JSON object (is it binary, or "
-                         "another format?); write one JSON object per line (JSONL) or use Parquet")
+    if row > first_row and not objects:
+        raise InputError(f"{path}: none of its {row - first_row} lines is a JSON object (is it "
+                         "binary, or another format?); write one JSON object per line (JSONL) "
+                         "or use Parquet")
     return out

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -32,6 +31,7 @@ from batchrun.io.rows import (
     sources_problem,
 )
 from batchrun.io.schema import ENDPOINT_CHAT, ENDPOINT_COMPLETION
+from batchrun.io.storage import Location, open_random
 
 BATCH_ROWS = 65_536
 
@@ -180,11 +180,12 @@ def _draft_batch(batch: pa.RecordBatch, start: int, labels: dict[str, str]) -> p
         [rows, ids, endpoint, *values, pa.array(error, pa.string())], schema=DRAFT_SCHEMA)
 
 
-def read_parquet(path: Path, columns: ColumnMap) -> ParquetRows:
-    """Read `path` as Parquet into draft batches plus the passthrough columns. Raises
-    InputError when the file cannot be opened or read, or holds no prompt column."""
+def read_parquet(path: Location, columns: ColumnMap, first_row: int = 0) -> ParquetRows:
+    """Read `path` as Parquet into draft batches plus the passthrough columns, rows numbered
+    from `first_row`. Raises InputError when the file cannot be opened or read, or holds no
+    prompt column."""
     try:
-        parquet = pq.ParquetFile(path)
+        parquet = pq.ParquetFile(open_random(path))
         names = parquet.schema_arrow.names
     except (pa.ArrowException, OSError) as e:
         raise InputError(f"{path}: cannot be opened as Parquet ({_one_line(e)}); "
@@ -198,7 +199,7 @@ def read_parquet(path: Path, columns: ColumnMap) -> ParquetRows:
                          "in the job file")
     read = [c for c in dict.fromkeys([*labels.values(), *columns.passthrough]) if c in names]
     out = ParquetRows()
-    start = 0
+    start = first_row
     try:
         for batch in parquet.iter_batches(batch_size=BATCH_ROWS, columns=read):
             batch.validate(full=True)  # catches invalid UTF-8 in a corrupt file
@@ -210,7 +211,8 @@ def read_parquet(path: Path, columns: ColumnMap) -> ParquetRows:
                     for name in columns.passthrough}))
             start += batch.num_rows
     except (pa.ArrowException, OSError) as e:
-        raise InputError(f"{path}: cannot be read after row {start} ({_one_line(e)}); the file "
+        raise InputError(f"{path}: cannot be read after row {start - first_row} "
+                         f"({_one_line(e)}); the file "
                          "is cut short or corrupt: write it again") from None
     return out
 

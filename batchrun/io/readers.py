@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import itertools
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -42,8 +42,15 @@ from batchrun.io.jsonl_reader import read_jsonl
 from batchrun.io.parquet_reader import read_parquet
 from batchrun.io.rows import DRAFT_SCHEMA, InputError, show
 from batchrun.io.schema import REQUEST_SCHEMA
+from batchrun.io.storage import Location, expand, is_dir, is_uri, open_binary, size
 
-__all__ = ["InputError", "RequestSet", "read_request_set", "read_requests", "validate_summary"]
+__all__ = ["FILENAME_COLUMN", "InputError", "RequestSet", "read_request_set", "read_requests",
+           "validate_summary"]
+
+# `--passthrough source_file`: the file each row came from (its path or URI). The name is
+# reserved: it means this, whatever the input's own columns are. (Not pyarrow's `__filename`:
+# a Parquet column of that name breaks pyarrow.parquet.read_table on the output.)
+FILENAME_COLUMN = "source_file"
 
 PARQUET_MAGIC = b"PAR1"
 _DEFAULT_COLUMNS = ColumnMap()
@@ -66,45 +73,109 @@ class RequestSet:
     input_format: str
 
 
-def read_requests(path: Path | str, columns: ColumnMap = _DEFAULT_COLUMNS,
+def read_requests(path: Location, columns: ColumnMap = _DEFAULT_COLUMNS,
                   input_format: str = "auto") -> pa.Table:
     """The request table of `path` (see read_request_set)."""
     return read_request_set(path, columns, input_format).requests
 
 
-def read_request_set(path: Path | str, columns: ColumnMap = _DEFAULT_COLUMNS,
+def read_request_set(path: Location, columns: ColumnMap = _DEFAULT_COLUMNS,
                      input_format: str = "auto") -> RequestSet:
-    """Read and check every row of `path`. input_format: "auto", "jsonl", "openai" or
-    "parquet". Raises InputError for a file that cannot be used at all; bad rows become
-    error rows."""
-    path = Path(path)
+    """Read and check every row of `path`: a file, a folder of data files or a glob (a
+    dataset: its files in sorted path order, rows numbered across them), local or a URI.
+    input_format: "auto", "jsonl", "openai" or "parquet" (with "auto", each file of a dataset
+    is detected on its own). Raises InputError for an input that cannot be used at all; bad
+    rows become error rows."""
+    if isinstance(path, str) and not is_uri(path):
+        path = Path(path)
     if input_format not in INPUT_FORMATS:
         raise InputError(f"{path}: unknown input format {input_format!r}; "
                          f"use one of {', '.join(INPUT_FORMATS)}")
+    files = expand(path)
+    dataset = files != [path]
+    inner = replace(columns, passthrough=tuple(c for c in columns.passthrough
+                                               if c != FILENAME_COLUMN))
+    batches: list[pa.RecordBatch] = []
+    passthroughs: list[pa.Table] = []
+    formats: list[str] = []
+    first_row = 0
+    for file in files:
+        try:
+            if dataset and size(file) == 0:
+                continue  # an empty part file holds no rows
+            one_batches, passthrough, found = _read_file(file, inner, input_format, first_row)
+        except InputError as e:
+            if not dataset:
+                raise
+            what = "is a directory, read as a dataset" if is_dir(path) else "is a dataset"
+            raise InputError(f"{path}: {what}; {e}") from None
+        rows = sum(b.num_rows for b in one_batches)
+        if FILENAME_COLUMN in columns.passthrough:
+            names = pa.array([str(file)] * rows, pa.string())
+            passthrough = (passthrough.append_column(FILENAME_COLUMN, names)
+                           if passthrough.num_columns else pa.table({FILENAME_COLUMN: names}))
+        batches.extend(one_batches)
+        passthroughs.append(passthrough)
+        formats.append(found)
+        first_row += rows
+    draft = pa.Table.from_batches(batches, schema=DRAFT_SCHEMA)
+    if not draft.num_rows:
+        raise InputError(f"{path}: holds no rows; write at least one request")
+    passthrough = _concat_passthrough(passthroughs, columns.passthrough)
+    return RequestSet(_finish(draft), passthrough, "+".join(sorted(set(formats))))
+
+
+def _read_file(path: Location, columns: ColumnMap, input_format: str,
+               first_row: int) -> tuple[list[pa.RecordBatch], pa.Table, str]:
+    """One file's draft batches (rows numbered from first_row), passthrough, format."""
     head = _head(path)
     if input_format == "parquet" and head != PARQUET_MAGIC:
         raise InputError(f'{path}: is not a Parquet file (it does not start with "PAR1"); '
                          'set input_format to "auto" or write the file as Parquet')
     if head == PARQUET_MAGIC and input_format in ("auto", "parquet"):
-        parquet = read_parquet(path, columns)
-        batches, found = parquet.batches, "parquet"
-        passthrough = pa.Table.from_batches(parquet.passthrough) if parquet.passthrough \
-            else pa.table({})
-    else:
-        if head == PARQUET_MAGIC:
-            raise InputError(f'{path}: is a Parquet file, but input_format is "{input_format}"; '
-                             'set input_format to "parquet" or "auto"')
-        for magic, kind in _COMPRESSED.items():
-            if head.startswith(magic):
-                raise InputError(f"{path}: is {kind}-compressed; decompress it first")
-        jsonl = read_jsonl(path, columns, input_format)
-        batches, found = jsonl.batches, jsonl.input_format
-        passthrough = pa.table({name: _passthrough_column(values)
-                                for name, values in jsonl.passthrough.items()})
-    draft = pa.Table.from_batches(batches, schema=DRAFT_SCHEMA)
-    if not draft.num_rows:
-        raise InputError(f"{path}: holds no rows; write at least one request")
-    return RequestSet(_finish(draft), passthrough, found)
+        parquet = read_parquet(path, columns, first_row)
+        rows = sum(b.num_rows for b in parquet.batches)
+        if parquet.passthrough:
+            passthrough = pa.Table.from_batches(parquet.passthrough)
+        else:
+            passthrough = pa.table({name: pa.nulls(rows, pa.string())
+                                    for name in columns.passthrough})
+        return parquet.batches, passthrough, "parquet"
+    if head == PARQUET_MAGIC:
+        raise InputError(f'{path}: is a Parquet file, but input_format is "{input_format}"; '
+                         'set input_format to "parquet" or "auto"')
+    for magic, kind in _COMPRESSED.items():
+        if head.startswith(magic):
+            raise InputError(f"{path}: is {kind}-compressed; decompress it first")
+    jsonl = read_jsonl(path, columns, input_format, first_row)
+    passthrough = pa.table({name: _passthrough_column(values)
+                            for name, values in jsonl.passthrough.items()})
+    return jsonl.batches, passthrough, jsonl.input_format
+
+
+def _concat_passthrough(tables: list[pa.Table], names: tuple[str, ...]) -> pa.Table:
+    """The files' passthrough columns as one table, columns in the order the user named them.
+    Where files disagree on a column's type, the column becomes text (as in JSONL)."""
+    if not names:
+        return pa.table({})
+    names = tuple(dict.fromkeys(names))
+    if len(tables) == 1:
+        return tables[0].select(list(names))
+    columns = {}
+    for name_ in names:
+        parts = [t[name_] for t in tables]
+        types = {p.type for p in parts if not pa.types.is_null(p.type) and p.null_count < len(p)}
+        if len(types) <= 1:
+            target = next(iter(types), pa.string())
+            try:
+                columns[name_] = pa.chunked_array([p.cast(target) for p in parts], target)
+                continue
+            except (pa.ArrowException, ValueError):
+                pass
+        values = [v for p in parts for v in p.to_pylist()]
+        columns[name_] = _passthrough_column(
+            [v if v is None or type(v) is str else json.dumps(v, default=str) for v in values])
+    return pa.table(columns)
 
 
 def validate_summary(requests: pa.Table, max_errors: int = 10) -> dict[str, Any]:
@@ -118,16 +189,16 @@ def validate_summary(requests: pa.Table, max_errors: int = 10) -> dict[str, Any]
     }
 
 
-def _head(path: Path) -> bytes:
+def _head(path: Location) -> bytes:
     try:
-        with open(path, "rb") as f:
+        with open_binary(path) as f:
             head = f.read(len(PARQUET_MAGIC))
     except FileNotFoundError:
         raise InputError(f"{path}: no such file; check the input path") from None
     except IsADirectoryError:
         raise InputError(f"{path}: is a directory; point the input at one file") from None
     except OSError as e:
-        raise InputError(f"{path}: cannot be read ({e.strerror}); check its permissions") \
+        raise InputError(f"{path}: cannot be read ({e.strerror or e}); check its permissions") \
             from None
     if not head:
         raise InputError(f"{path}: is empty; write at least one request")

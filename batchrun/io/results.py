@@ -28,8 +28,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from ..errors import UsageError
 from .rows import InputError
 from .schema import RESULT_SCHEMA
+from .storage import Location, expand, remote_fingerprint
 
 MANIFEST = "manifest.json"
 # Written once every row is done, just before the output is renamed into place: a checkpoint
@@ -38,7 +40,7 @@ COMPLETE = "complete"
 ROW_GROUP_SIZE = 65_536
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UsageError, RuntimeError):
     """The checkpoint cannot be used as asked; the message says what to do instead."""
 
 
@@ -94,8 +96,18 @@ def partial_dir_for(output: Path) -> Path:
     return output.with_name(output.name + ".partial")
 
 
-def file_fingerprint(path: Path) -> dict[str, Any]:
-    """Content hash of the input, so a resume never mixes results of two different inputs."""
+def file_fingerprint(path: Location) -> dict[str, Any]:
+    """What identifies the input's content, so a resume never mixes results of two inputs:
+    a content hash of each local file; size and modification time of each remote object (a
+    hash would download it). A dataset lists every file it reads."""
+    files = expand(path)
+    if files == [path] and isinstance(path, Path):
+        return _local_fingerprint(path)
+    return {"path": str(path), "files": [_local_fingerprint(f) if isinstance(f, Path)
+                                         else remote_fingerprint(f) for f in files]}
+
+
+def _local_fingerprint(path: Path) -> dict[str, Any]:
     h = hashlib.blake2b(digest_size=16)
     try:
         with open(path, "rb") as f:

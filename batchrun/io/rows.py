@@ -21,6 +21,7 @@ from typing import Any
 
 import pyarrow as pa
 
+from batchrun.errors import UsageError
 from batchrun.io.schema import ENDPOINT_CHAT, ENDPOINT_COMPLETION, REQUEST_SCHEMA
 
 INT32_MAX = 2**31 - 1
@@ -37,7 +38,7 @@ FIELDS = ("prompt", "messages", "prompt_token_ids",
 PROMPT_SOURCES = 3
 
 
-class InputError(Exception):
+class InputError(UsageError):
     """The input file as a whole cannot be read (the CLI exits with code 2). The message is one
     line that names the file and the fix."""
 

@@ -1,0 +1,180 @@
+"""Inputs, outputs and job files in object storage, against a real local S3 endpoint (moto's
+server mode on 127.0.0.1, started by the `s3` fixture; never AWS). Runs are CLI processes with
+the fake engine, as cron or Airflow would start them."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from pyarrow import fs
+
+from batchrun.io import storage
+from batchrun.runner import EXIT_OK, EXIT_USAGE, default_work_dir
+from tests.reliability.harness import (
+    TALLY,
+    batchrun,
+    check_output,
+    journaled_rows,
+    kill9,
+    start_batchrun,
+    wait_for_rows,
+    write_rows,
+)
+
+SLOW = {"step_delay_s": 0.02, "max_num_seqs": 16}
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The default work dir of a remote output is under the cache: keep it in this test.
+    monkeypatch.setenv("BATCHRUN_CACHE_DIR", str(tmp_path / "cache"))
+
+
+def put(filesystem: fs.FileSystem, uri: str, local: Path) -> None:
+    fs.copy_files(str(local), uri.removeprefix("s3://"), destination_filesystem=filesystem)
+
+
+def get_table(filesystem: fs.FileSystem, uri: str) -> pa.Table:
+    with filesystem.open_input_file(uri.removeprefix("s3://")) as f:
+        return pq.read_table(f)
+
+
+def key_exists(filesystem: fs.FileSystem, uri: str) -> bool:
+    return filesystem.get_file_info(uri.removeprefix("s3://")).type != fs.FileType.NotFound
+
+
+def test_s3_input_and_output_give_the_rows_of_a_local_run(s3, tmp_path: Path) -> None:
+    bucket, filesystem = s3
+    ids = write_rows(tmp_path / "in.jsonl", 60)
+    put(filesystem, f"{bucket}/in.jsonl", tmp_path / "in.jsonl")
+    local = batchrun("run", tmp_path / "in.jsonl", "-o", tmp_path / "local.parquet",
+                     "--engine", "fake", "--max-tokens", "8")
+    remote = batchrun("run", f"{bucket}/in.jsonl", "-o", f"{bucket}/out.parquet",
+                      "--engine", "fake", "--max-tokens", "8", "--json")
+    assert local.returncode == EXIT_OK and remote.returncode == EXIT_OK, remote.stderr
+    assert f"wrote {bucket}/out.parquet" in remote.stderr
+    got = get_table(filesystem, f"{bucket}/out.parquet")
+    assert got.to_pylist() == pq.read_table(tmp_path / "local.parquet").to_pylist()
+    assert got["id"].to_pylist() == ids
+    summary = json.loads(remote.stdout)
+    assert summary["input"] == f"{bucket}/in.jsonl" and summary["output"] == f"{bucket}/out.parquet"
+    # The staged file and the checkpoint are gone from the work dir; its summary stays.
+    work = default_work_dir(f"{bucket}/out.parquet")
+    assert sorted(p.name for p in work.iterdir()) == ["out.parquet.summary.json"]
+    again = batchrun("run", f"{bucket}/in.jsonl", "-o", f"{bucket}/out.parquet",
+                     "--engine", "fake", "--max-tokens", "8")
+    assert again.returncode == EXIT_OK and "already exists" in again.stderr
+
+
+def test_a_job_file_in_s3_resolves_relative_paths_against_its_folder(s3, tmp_path: Path) -> None:
+    bucket, filesystem = s3
+    ids = write_rows(tmp_path / "in.jsonl", 12)
+    put(filesystem, f"{bucket}/data/in.jsonl", tmp_path / "in.jsonl")
+    (tmp_path / "job.toml").write_text('input = "../data/in.jsonl"\noutput = "../out/r.parquet"\n'
+                                       "[sampling]\nmax_tokens = 4\n")
+    put(filesystem, f"{bucket}/jobs/job.toml", tmp_path / "job.toml")
+    done = batchrun("run", f"{bucket}/jobs/job.toml", "--engine", "fake",
+                    "--work-dir", tmp_path / "work")
+    assert done.returncode == EXIT_OK, done.stderr
+    assert get_table(filesystem, f"{bucket}/out/r.parquet")["id"].to_pylist() == ids
+
+
+def test_s3_dataset_glob_and_missing_objects(s3, tmp_path: Path) -> None:
+    bucket, filesystem = s3
+    for day, n in (("2026-01-02", 3), ("2026-01-01", 2)):
+        pq.write_table(pa.table({"prompt": [f"{day} q{i}" for i in range(n)]}),
+                       tmp_path / f"{day}.parquet")
+        put(filesystem, f"{bucket}/in/day={day}/part-0.parquet", tmp_path / f"{day}.parquet")
+    put(filesystem, f"{bucket}/in/_SUCCESS", tmp_path / "2026-01-01.parquet")
+    for source in (f"{bucket}/in", f"{bucket}/in/day=*/*.parquet"):
+        done = batchrun("run", source, "-o", f"{bucket}/o.parquet", "--engine", "fake",
+                        "--passthrough", "source_file", "--overwrite")
+        assert done.returncode == EXIT_OK, done.stderr
+        table = get_table(filesystem, f"{bucket}/o.parquet")
+        assert table["row"].to_pylist() == list(range(5))
+        assert table["source_file"].to_pylist() == (
+            [f"{bucket}/in/day=2026-01-01/part-0.parquet"] * 2
+            + [f"{bucket}/in/day=2026-01-02/part-0.parquet"] * 3)
+    missing = batchrun("run", f"{bucket}/nope.jsonl", "-o", f"{bucket}/o2.parquet",
+                       "--engine", "fake")
+    assert missing.returncode == EXIT_USAGE and "does not exist" in missing.stderr
+    no_match = batchrun("run", f"{bucket}/in/*.jsonl", "-o", f"{bucket}/o2.parquet",
+                        "--engine", "fake")
+    assert no_match.returncode == EXIT_USAGE and "matches no files" in no_match.stderr
+    assert "Traceback" not in missing.stderr + no_match.stderr
+
+
+def test_killed_and_resumed_s3_job_loses_nothing_and_never_shows_a_partial_object(
+        s3, tmp_path: Path) -> None:
+    bucket, filesystem = s3
+    ids = write_rows(tmp_path / "in.jsonl", 300)
+    put(filesystem, f"{bucket}/in.jsonl", tmp_path / "in.jsonl")
+    out = f"{bucket}/out.parquet"
+    args = ("run", f"{bucket}/in.jsonl", "-o", out, "--engine", "fake", "--max-tokens", "12",
+            "--resume", "--log-lines")
+    staged = default_work_dir(out) / "out.parquet"  # the checkpoint's base, on local disk
+    kills = 0
+    for at_least in (40, 120):
+        proc = start_batchrun(*args, fake_engine=SLOW)
+        wait_for_rows(staged, proc, at_least)
+        seen_while_running = key_exists(filesystem, out)
+        assert kill9(proc), "the run finished before the kill"
+        kills += 1
+        assert not seen_while_running and not key_exists(filesystem, out)
+        saved = journaled_rows(staged)
+        assert len(saved) >= at_least and len(saved) == len(set(saved))
+    # Killed after the output was staged locally, before (or during) the upload.
+    proc = start_batchrun(*args, fake_engine={}, kill_at="batchrun.io.storage:upload")
+    proc.communicate(timeout=60)
+    kills += 1
+    assert staged.exists() and not key_exists(filesystem, out)
+    # Polled while the last run finishes: the key appears once, whole.
+    proc = start_batchrun(*args, fake_engine={})
+    sizes = set()
+    while proc.poll() is None:
+        info = filesystem.get_file_info(out.removeprefix("s3://"))
+        if info.type == fs.FileType.File:
+            sizes.add(info.size)
+        time.sleep(0.01)
+    assert proc.returncode == EXIT_OK, proc.stderr.read()
+    final = get_table(filesystem, out)
+    with filesystem.open_input_file(out.removeprefix("s3://")) as f:
+        assert sizes <= {f.size()}
+    local = tmp_path / "out.parquet"
+    local.write_bytes(filesystem.open_input_file(out.removeprefix("s3://")).read())
+    check_output(local, ids)
+    assert final.num_rows == len(ids)
+    assert not staged.exists() and not storage.exists(staged.with_name("out.parquet.partial"))
+    TALLY.kills += kills
+
+
+def test_kill_between_upload_and_cleanup_then_rerun_is_done(s3, tmp_path: Path) -> None:
+    bucket, filesystem = s3
+    ids = write_rows(tmp_path / "in.jsonl", 20)
+    put(filesystem, f"{bucket}/in.jsonl", tmp_path / "in.jsonl")
+    out = f"{bucket}/out.parquet"
+    args = ("run", f"{bucket}/in.jsonl", "-o", out, "--engine", "fake", "--resume")
+    proc = start_batchrun(*args, kill_at="batchrun.io.storage:upload after")
+    proc.communicate(timeout=60)
+    TALLY.kills += 1
+    assert key_exists(filesystem, out)
+    again = batchrun(*args)
+    assert again.returncode == EXIT_OK and "already exists" in again.stderr
+    work = default_work_dir(out)
+    assert not (work / "out.parquet").exists() and not (work / "out.parquet.partial").exists()
+    assert get_table(filesystem, out)["id"].to_pylist() == ids
+
+
+def test_endpoint_comes_from_aws_endpoint_url(s3, monkeypatch: pytest.MonkeyPatch) -> None:
+    bucket, filesystem = s3
+    with filesystem.open_output_stream(f"{bucket.removeprefix('s3://')}/x.txt") as f:
+        f.write(b"hello")
+    storage._filesystem.cache_clear()
+    assert storage.read_text(f"{bucket}/x.txt") == "hello"
+    assert os.environ["AWS_ENDPOINT_URL"].startswith("http://127.0.0.1:")
