@@ -128,3 +128,10 @@ def test_cli_runs_the_example_job_in_a_subprocess(tmp_path):
     assert table.num_rows == rows_in == summary["rows"] == summary["succeeded"]
     assert "topic" in table.column_names
     assert json.loads(out.with_name(out.name + ".summary.json").read_text())["rows"] == rows_in
+
+
+def test_the_engine_schedules_like_vllms_offline_llm_class(vllm_engine):
+    # The bare LLMEngine's defaults (128 sequences, 2,048 tokens a step on CPU) would run
+    # half the batch a user of vllm.LLM gets.
+    scheduler = vllm_engine._engine.vllm_config.scheduler_config
+    assert (scheduler.max_num_seqs, scheduler.max_num_batched_tokens) == (256, 4096)

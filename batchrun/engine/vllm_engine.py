@@ -91,9 +91,13 @@ class VllmEngine:
             # batchrun's graceful drain instead of killing a child engine process first.
             os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         from vllm import EngineArgs, LLMEngine
+        from vllm.usage.usage_lib import UsageContext
 
         self._args = engine_args(model_dir, options, enforce_eager=enforce_eager)
-        self._engine = LLMEngine.from_engine_args(EngineArgs(**self._args))
+        # The offline LLM class's scheduler defaults (on CPU 256 sequences and 4,096 tokens a
+        # step; the bare engine's are 128 and 2,048): batchrun is an offline LLM user.
+        self._engine = LLMEngine.from_engine_args(EngineArgs(**self._args),
+                                                  usage_context=UsageContext.LLM_CLASS)
         self._watch = wake_on_engine_death(self._engine.engine_core)
         cfg = self._engine.vllm_config
         block_size = cfg.cache_config.block_size
