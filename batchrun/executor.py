@@ -12,9 +12,12 @@ A group's first member (its leader) computes the group's prefix; the others are 
 until it has, and from then on find all of it in vLLM's prefix cache. (vLLM does let
 requests scheduled in the same step reuse each other's blocks, but only the part of the
 prompt that fits the step's token budget: a chunked prefill leaves siblings recomputing the
-rest.) A prefix stays held while any group using it is in flight; a later group with the
-same prefix that finds it released elects a leader of its own. Leaders of many groups
-prefill together, and later groups go on starting while a group waits for its leader.
+rest.) A prefix is held, and counted once in the budget, from the start of the first group
+cut from it until the last such group finishes (so the cache has room to keep it between
+cuts); a group whose prefix was released and is needed again elects a leader of its own.
+Leaders of many groups prefill together, and later groups go on starting while a group waits
+for its leader; but a group behind others starts its leader only when all its members fit
+too: a prefix computed long before its members run would be evicted by then.
 """
 
 from __future__ import annotations
@@ -302,12 +305,16 @@ class StreamingExecutor:
     ) -> None:
         self.engine = engine
         self._pending: deque[_GroupState] = deque()
+        self._cuts: dict[int, list[_GroupState]] = {}  # prefix_id -> its groups
         for g in groups:
             if not len(g.members):
                 continue
             if g.prefix_len > 0 and g.prefix_id < 0:
                 raise ValueError("a group with a shared prefix needs a prefix_id")
-            self._pending.append(_GroupState(g))
+            state = _GroupState(g)
+            self._pending.append(state)
+            if state.shared:
+                self._cuts.setdefault(g.prefix_id, []).append(state)
         self._make_request = make_request
         self._on_results = on_results
         self._stop = stop or StopFlag()
@@ -397,13 +404,16 @@ class StreamingExecutor:
     def _admit(self) -> None:
         """Start requests in plan order while they fit; a group waiting for its leader lets
         the groups after it go ahead."""
-        for state in list(self._pending):
+        for position, state in enumerate(list(self._pending)):
             g = state.group
+            needs_leader = state.shared and not self._budget.prefix_ready(g.prefix_id) and \
+                g.prefix_id not in self._computing
+            if needs_leader and position > 0 and not self._fits(self._whole_cost(state)):
+                return
             if state.shared and not state.holds_prefix:
                 if not self._fits(self._budget.prefix_cost(g) + self._budget.member_cost(g, 0)):
                     return
-                self._budget.hold_prefix(g)
-                state.holds_prefix = True
+                self._hold_prefix(g.prefix_id)
             if state.shared and not self._budget.prefix_ready(g.prefix_id):
                 if g.prefix_id in self._computing:
                     continue  # a leader (this group's or another's) is computing it
@@ -419,6 +429,20 @@ class StreamingExecutor:
                 if self._start_member(state) is None:
                     return
             self._pending.remove(state)
+
+    def _whole_cost(self, state: _GroupState) -> int:
+        """Blocks the group's prefix and all its members not started yet would take now."""
+        g = state.group
+        members = range(state.next_member, len(g.members))
+        return self._budget.prefix_cost(g) + sum(self._budget.member_cost(g, k) for k in members)
+
+    def _hold_prefix(self, prefix_id: int) -> None:
+        """Hold a prefix for every group cut from it, started or not: it stays counted in
+        the budget (so the cache has room to keep it) until the last of them finishes."""
+        for state in self._cuts[prefix_id]:
+            if not state.holds_prefix:
+                self._budget.hold_prefix(state.group)
+                state.holds_prefix = True
 
     def _start_member(self, state: _GroupState) -> str | None:
         """Start the group's next member if its KV fits; its request id, else None."""

@@ -142,16 +142,34 @@ def test_the_decode_estimate_learns_from_finished_requests():
     assert estimate.blocks(2) == 1  # never below one block: a request decodes at least once
 
 
-def test_a_later_cut_of_a_released_prefix_elects_a_new_leader():
-    # The first cut finishes (its prefix released) before the second starts: the second
-    # computes the prefix once (its leader) and its other members hit the cache again.
-    engine = FakeEngine(block_size=4, kv_capacity_tokens=48)  # 12 blocks: one cut at a time
+def test_cuts_of_one_prefix_keep_it_counted_until_the_last_one_finishes():
+    # Room for one cut at a time (prefix 8 blocks + 3 members x 2): between the cuts the
+    # prefix stays counted in the budget, so the cache has room to keep it, and the second
+    # cut follows without a leader of its own.
+    engine = FakeEngine(block_size=4, kv_capacity_tokens=60)  # 15 blocks
     reqs = requests(6, PREFIX)
-    first, second = group([0, 1, 2], 32, prefix_id=3), group([3, 4, 5], 32, prefix_id=3)
-    blocker = RunGroup(np.array([6]), 0, 0, np.array([12]))
-    reqs.append(GenerationRequest("wall", list(range(500, 540)), max_tokens=2))
-    done, _ = run(engine, reqs, [first, blocker, second])
+    reserved_after: dict[int, int] = {}
+    ex = StreamingExecutor(engine, [group([0, 1, 2], 32, prefix_id=3),
+                                    group([3, 4, 5], 32, prefix_id=3)], lambda i: reqs[i],
+                           lambda batch: reserved_after.update(
+                               {i: ex.reserved_blocks for i, _ in batch}))
+    ex.run()
+    first_cut_done = max(reserved_after[i] for i in (0, 1, 2))
+    assert first_cut_done >= 8  # the prefix, still held for the second cut
+    assert ex.reserved_blocks == 0 and engine.admission_order[0] == "q0"
+    assert sorted(engine.admission_order) == [f"q{i}" for i in range(6)]
+    assert len(reserved_after) == 6
+
+
+def test_a_group_behind_others_starts_its_leader_only_when_its_members_fit_too():
+    # The first group fills the cache; the second's leader would compute its prefix long
+    # before its members could run (and the cache would have evicted it by then).
+    engine = FakeEngine(block_size=4, kv_capacity_tokens=64)  # 16 blocks
+    first = requests(4, PREFIX)
+    other = [GenerationRequest(f"o{i}", list(range(300, 332)) + [i], max_tokens=3)
+             for i in range(4)]
+    done, _ = run(engine, first + other, [group([0, 1, 2, 3], 32, prefix_id=1),
+                                          group([4, 5, 6, 7], 32, prefix_id=2)])
     order = engine.admission_order
-    assert order.index("wall") == 3 and order.index("q3") == 4
-    # "wall" pushed the prefix out of the cache: q3 computed it again, q4 and q5 reused it.
-    assert [done[i].cached_tokens for i in (3, 4, 5)] == [0, 32, 32]
+    assert order.index("o0") > max(order.index(f"q{i}") for i in range(4))
+    assert sum(done[i].cached_tokens == 0 for i in range(8)) == 2  # each prefix once
