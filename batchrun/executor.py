@@ -431,10 +431,10 @@ class StreamingExecutor:
             self._pending.remove(state)
 
     def _whole_cost(self, state: _GroupState) -> int:
-        """Blocks the group's prefix and all its members not started yet would take now."""
+        """Blocks the group's prefix and all its members not started yet would take, their
+        decode counted in full (a bound, cheap for groups of any size)."""
         g = state.group
-        members = range(state.next_member, len(g.members))
-        return self._budget.prefix_cost(g) + sum(self._budget.member_cost(g, k) for k in members)
+        return self._budget.prefix_cost(g) + int(g.suffix_blocks[state.next_member:].sum())
 
     def _hold_prefix(self, prefix_id: int) -> None:
         """Hold a prefix for every group cut from it, started or not: it stays counted in
