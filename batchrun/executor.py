@@ -1,12 +1,12 @@
 """Stream planned requests through an engine: a KV-sized window, each shared prefix computed once.
 
-The executor admits requests in plan order while the KV they are expected to hold fits the
-engine's KV cache (`KvBudget`): a shared prefix counted once, not per member nor again for a
-nested prefix, each request's prompt blocks in full, and its decode blocks as many as
-requests with the same reservation turned out to use (learned as the run goes; half of
-them before any finished). Requests are admitted one by one, so short requests fill the
-room long decodes leave, as in vLLM's own scheduling; should the estimate run short, vLLM
-preempts a request and recomputes it later from the prefix cache.
+The executor admits requests in plan order while their prompts' KV fits the engine's KV
+cache (`KvBudget`): a shared prefix counted once, not per member nor again for a nested
+prefix. Decode blocks are not reserved, as vLLM's own scheduler admits: when decodes outgrow
+the cache, vLLM preempts the latest-admitted request, whose blocks stay in the prefix cache,
+so it resumes cheaply, where a reservation for decoding that may never happen keeps the
+batch small. Requests are admitted one by one, so short requests fill the room long decodes
+leave; the plan puts decode-heavy requests first, so vLLM preempts short ones, not them.
 
 A group's first member (its leader) computes the group's prefix; the others are held back
 until it has, and from then on find all of it in vLLM's prefix cache. (vLLM does let
@@ -23,7 +23,6 @@ too: a prefix computed long before its members run would be evicted by then.
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 import signal
 import threading
@@ -151,51 +150,25 @@ class StepTrace:
                 "tail_batch": round(float(tail.mean()), 2)}
 
 
-class DecodeEstimate:
-    """How many of its reserved decode blocks a request will fill: the share used by the
-    finished requests that had the same reservation, starting from a prior of half."""
-
-    PRIOR_SHARE = 0.5
-    PRIOR_WEIGHT = 2.0  # the prior counts as this many finished requests
-
-    def __init__(self) -> None:
-        self._used: dict[int, float] = {}  # reserved decode blocks -> blocks used, summed
-        self._seen: dict[int, int] = {}
-
-    def blocks(self, reserved: int) -> int:
-        if reserved <= 0:
-            return 0
-        used = self._used.get(reserved, 0.0) + self.PRIOR_SHARE * self.PRIOR_WEIGHT * reserved
-        share = used / ((self._seen.get(reserved, 0) + self.PRIOR_WEIGHT) * reserved)
-        return min(reserved, max(1, math.ceil(reserved * share - 1e-9)))
-
-    def observe(self, reserved: int, used: int) -> None:
-        if reserved > 0:
-            self._used[reserved] = self._used.get(reserved, 0.0) + min(used, reserved)
-            self._seen[reserved] = self._seen.get(reserved, 0) + 1
-
-
 class KvBudget:
     """The KV blocks the requests and prefixes in flight are expected to hold, against the
     engine's capacity. Changed only through its methods."""
 
-    def __init__(self, capacity_blocks: int, block_size: int) -> None:
+    def __init__(self, capacity_blocks: int) -> None:
         self.capacity = max(capacity_blocks, 1)
-        self.block_size = block_size
         self.used = 0
         self.prefixes = PrefixReservations()
-        self.decode = DecodeEstimate()
         self._prefix_ready: set[int] = set()  # held prefixes a leader has computed
 
     def fits(self, blocks: int, nothing_in_flight: bool) -> bool:
         # Always let one request in, however large, so a job can never stall.
         return nothing_in_flight or self.used + blocks <= self.capacity
 
-    def member_cost(self, group: RunGroup, k: int) -> int:
-        """Blocks member k is expected to hold: its share of the suffix, with its decode
-        blocks as the estimate says."""
-        decode = int(group.decode_blocks[k])
-        return int(group.suffix_blocks[k]) - decode + self.decode.blocks(decode)
+    @staticmethod
+    def member_cost(group: RunGroup, k: int) -> int:
+        """Blocks member k's prompt adds (its decode blocks are not reserved: see the module
+        notes)."""
+        return int(group.suffix_blocks[k]) - int(group.decode_blocks[k])
 
     def prefix_cost(self, group: RunGroup) -> int:
         return self.prefixes.cost(group.prefix_id, group.prefix_blocks, group.parent_id)
@@ -221,12 +194,6 @@ class KvBudget:
     def give_back(self, blocks: int) -> None:
         self.used -= blocks
 
-    def finished(self, decode_reserved: int, prompt_tokens: int, completion_tokens: int
-                 ) -> None:
-        """Learn from a finished request how many of its decode blocks it filled."""
-        bs = self.block_size
-        used = -(-(prompt_tokens + completion_tokens) // bs) - -(-prompt_tokens // bs)
-        self.decode.observe(decode_reserved, used)
 
 
 @dataclass
@@ -321,9 +288,9 @@ class StreamingExecutor:
         self._grace_s = grace_s
         self._max_in_flight = max_in_flight
         info = engine.info
-        self._budget = KvBudget(info.kv_capacity_tokens // info.block_size, info.block_size)
-        # id -> (request index, group, blocks it holds, decode blocks reserved)
-        self._in_flight: dict[str, tuple[int, _GroupState, int, int]] = {}
+        self._budget = KvBudget(info.kv_capacity_tokens // info.block_size)
+        # id -> (request index, group, blocks it holds)
+        self._in_flight: dict[str, tuple[int, _GroupState, int]] = {}
         self._leaders: dict[str, _GroupState] = {}  # leader id -> its group
         self._computing: set[int] = set()  # prefixes a leader in flight is computing
         self._started: set[str] = set()  # in flight and past their first step (prefilled)
@@ -385,11 +352,10 @@ class StreamingExecutor:
             self._budget.prefix_computed(state.group.prefix_id)
 
     def _finish(self, result: GenerationResult) -> tuple[int, GenerationResult]:
-        req, state, blocks, decode = self._in_flight.pop(result.request_id)
+        req, state, blocks = self._in_flight.pop(result.request_id)
         self._started.discard(result.request_id)
         self._leader_done(result.request_id)
         self._budget.give_back(blocks)
-        self._budget.finished(decode, result.prompt_tokens, result.completion_tokens)
         state.in_flight -= 1
         if state.in_flight == 0 and state.all_started:
             self._budget.give_back(state.kept_blocks)
@@ -455,7 +421,7 @@ class StreamingExecutor:
         self.engine.add(request)
         shared_with_others = int(g.suffix_blocks[k]) - int(g.private_blocks[k])
         self._in_flight[request.request_id] = (int(g.members[k]), state,
-                                               cost - shared_with_others, int(g.decode_blocks[k]))
+                                               cost - shared_with_others)
         state.kept_blocks += shared_with_others
         state.next_member = k + 1
         state.in_flight += 1
