@@ -63,7 +63,7 @@ def run_batchrun(job: Path, out: Path, kv: str) -> dict:
 def run_plain(job: Path, out: Path, kv: str, order: str, max_model_len: int) -> dict:
     wall, rss, stdout = timed([*PLAIN, str(job), str(out), "--order", order, "--kv-cache-memory",
                                kv, "--max-model-len", str(max_model_len)])
-    s = json.loads(stdout)
+    s = json.loads(stdout.strip().splitlines()[-1])
     return {"wall": wall, "rss": rss, "computed": s["computed_prompt"],
             "completion": s["completion"], "tail": s["tail_batch"]}
 
