@@ -96,6 +96,10 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def num_layers(model_dir: Path) -> int:
+    return int(json.loads((model_dir / "config.json").read_text())["num_hidden_layers"])
+
+
 def kv_bytes_per_token(model_dir: Path, dtype: str) -> int:
     """KV-cache bytes one token takes in every layer (keys + values), from config.json."""
 
