@@ -12,10 +12,10 @@
 #
 # kernels: the kernel benchmark (benchmarks/kernels/) on the target shape (batch 512, 4k
 #   shared prefix), tests/kernels compiled on the GPU, then the benchmark's default sweep
-#   while the budget (default 450 s, under 8 minutes in all) lasts; prints each shape's faster shared
-#   kernel with its ratios to per-sequence attention and its % of the HBM roofline, and the
-#   targets (>= 10x, >= 70%). Needs no vLLM, no network and no install: kernels/ is imported as
-#   batchrun_kernels through a link in a temporary folder.
+#   while the budget (default 450 s, under 8 minutes in all) lasts; prints each shape's
+#   faster shared kernel with its ratios to per-sequence attention and its % of the HBM
+#   roofline, and the targets (>= 10x, >= 70%). Needs no vLLM, no network and no install:
+#   kernels/ is imported as batchrun_kernels through a link in a temporary folder.
 # e2e: the planner benchmark's jobs end to end (benchmarks/bench_planner_e2e.py) with
 #   --attention default, prefix and auto, compiled, on vLLM's multi-process engine (the
 #   default on GPUs, so the attention counters cross the process boundary as in production).
@@ -33,7 +33,7 @@ while [ $# -gt 0 ]; do
     --dry-run) DRY=1 ;;
     --out) OUT_DIR=$2; shift ;;
     --budget) BUDGET=$2; shift ;;
-    -h|--help) sed -n '2,25p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,23p' "$0"; exit 0 ;;
     *) echo "gpu_check: unknown argument $1 (try --help)" >&2; exit 2 ;;
   esac
   shift
