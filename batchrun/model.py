@@ -103,6 +103,10 @@ def model_context_length(model_dir: Path) -> int:
     return int(cfg.get("max_position_embeddings") or cfg.get("n_positions") or 2048)
 
 
+def num_layers(model_dir: Path) -> int:
+    return int(json.loads((model_dir / "config.json").read_text())["num_hidden_layers"])
+
+
 def kv_bytes_per_token(model_dir: Path, dtype: str) -> int:
     """KV-cache bytes one token takes in every layer (keys + values), from config.json."""
 

@@ -23,7 +23,15 @@ import pyarrow.parquet as pq
 
 from . import __version__
 from .config import ConfigError, JobConfig
-from .engine.attention.stats import read_attention_stats, reset_attention_stats
+from .engine.attention.selection import (
+    DEFAULT_CONCURRENCY,
+    AttentionChoice,
+    SharingFigures,
+    attention_summary,
+    choose_attention,
+    sharing_figures,
+)
+from .engine.attention.stats import diff_attention_stats, reset_attention_stats
 from .engine.base import (
     Engine,
     EngineDiedError,
@@ -54,7 +62,7 @@ from .io.results import (
     write_openai_jsonl,
 )
 from .io.schema import RESULT_SCHEMA
-from .model import cache_root, kv_bytes_per_token
+from .model import cache_root, kv_bytes_per_token, num_layers
 from .plan import plan_schedule
 from .plan.decode_first import decode_heavy_first
 from .plan.dedupe import find_duplicates, is_deterministic
@@ -237,6 +245,50 @@ def describe_plan(job: PreparedJob, engine_kind: str = "vllm") -> dict[str, Any]
     return figures
 
 
+def job_sharing(job: PreparedJob, *, block_size: int, kv_bytes_per_token: int,
+                concurrency: int = DEFAULT_CONCURRENCY) -> SharingFigures:
+    """The plan's shared-prefix figures (``selection.SharingFigures``), computed before an
+    engine exists: planned at ``block_size`` without a KV capacity (the groups' prefixes do
+    not depend on it)."""
+    toks = job.tokens
+    plan = plan_schedule(toks.values, toks.offsets, job.max_tokens, block_size=block_size)
+    n = len(toks.positions)
+    prefix_ids = np.full(n, -1, dtype=np.int64)
+    prefix_lens = np.zeros(n, dtype=np.int64)
+    for g in plan.groups:
+        if g.prefix_len:
+            members = plan.order[g.start:g.end]
+            prefix_ids[members], prefix_lens[members] = g.prefix_id, g.prefix_len
+    return sharing_figures(toks.lengths(), job.max_tokens, prefix_ids, prefix_lens,
+                           kv_bytes_per_token=kv_bytes_per_token, concurrency=concurrency)
+
+
+def choose_job_attention(job: PreparedJob) -> AttentionChoice:
+    """The attention backend this job asks vLLM for (``selection.choose_attention``). Only
+    ``auto`` on CUDA depends on the job, and only it plans here, before the engine starts."""
+    from .engine.vllm_engine import (
+        default_block_size,
+        default_dtype,
+        kernels_available,
+        platform_name,
+    )
+    from .model import resolve_model
+
+    opts = job.config.engine
+    platform, kernels = platform_name(), kernels_available()
+    sharing = None
+    if opts.attention == "auto" and platform == "cuda" and kernels and len(job.tokens.positions):
+        model_dir = resolve_model(job.config.model)
+        per_token = kv_bytes_per_token(model_dir, opts.dtype or default_dtype())
+        # Per layer and per GPU: tensor parallelism splits the KV heads.
+        per_gpu_layer = per_token // num_layers(model_dir) // max(1, opts.tensor_parallel_size)
+        sharing = job_sharing(job, block_size=opts.block_size or default_block_size(),
+                              kv_bytes_per_token=per_gpu_layer,
+                              concurrency=opts.max_num_seqs or DEFAULT_CONCURRENCY)
+    return choose_attention(opts.attention, platform, kernels_available=kernels,
+                            sharing=sharing)
+
+
 @dataclass
 class JobOutcome:
     exit_code: int
@@ -345,9 +397,10 @@ def request_factory(job: PreparedJob) -> Callable[[int], GenerationRequest]:
 
 
 def start_engine(config: JobConfig, engine_kind: str, new_tokens: int,
-                 sizing: EngineSizing) -> Engine:
-    """Start the job's engine with its sized settings. Settings vLLM refuses are the user's to
-    fix (ConfigError, exit 2); any other failure to start is an engine failure (exit 4)."""
+                 sizing: EngineSizing, job: PreparedJob | None = None) -> Engine:
+    """Start the job's engine with its sized settings and the attention backend the job asks
+    for. Settings vLLM refuses are the user's to fix (ConfigError, exit 2); any other
+    failure to start is an engine failure (exit 4)."""
     if engine_kind == "fake":
         from .engine.fake import FakeEngine
 
@@ -361,7 +414,9 @@ def start_engine(config: JobConfig, engine_kind: str, new_tokens: int,
     options = replace(config.engine, max_model_len=sizing.max_model_len,
                       kv_cache_memory=sizing.kv_cache_memory)
     try:
-        return VllmEngine(resolve_model(config.model), options, enforce_eager=eager)
+        attention = choose_job_attention(job) if job is not None else None
+        return VllmEngine(resolve_model(config.model), options, enforce_eager=eager,
+                          attention=attention)
     except ValueError as e:  # vLLM's verdict on its settings (too small a KV cache, ...)
         cause = " ".join(str(e).split()) or "no details"
         raise ConfigError(
@@ -524,7 +579,7 @@ def _run_job(config: JobConfig, stop: StopFlag, *, engine_kind: str, engine: Eng
         needs_engine = len(job.tokens.positions) > 0 and not stop.requested
         if own_engine and needs_engine:
             sizing = engine_sizing(job, engine_kind)
-            engine = start_engine(config, engine_kind, int(job.max_tokens.sum()), sizing)
+            engine = start_engine(config, engine_kind, int(job.max_tokens.sum()), sizing, job)
     except EngineDiedError as e:
         start_failure = e  # not the input's or the settings' fault: exit 4 below, resumable
     except BaseException:
@@ -535,6 +590,7 @@ def _run_job(config: JobConfig, stop: StopFlag, *, engine_kind: str, engine: Eng
     journal: ResultJournal | None = None
     progress: ProgressReporter | None = None
     status, message, plan_figures, step_figures = "ok", "", {}, {}
+    attention_before: dict[str, Any] | None = None
     try:
         journal = ckpt.new_journal()
         errors = job.request_errors()
@@ -546,8 +602,11 @@ def _run_job(config: JobConfig, stop: StopFlag, *, engine_kind: str, engine: Eng
             if start_failure is not None:  # reported like an engine failure mid-run
                 raise start_failure
             info = engine.info
-            if info.name.startswith("vllm"):
-                reset_attention_stats()  # a shared engine's counters count this job's steps
+            if hasattr(engine, "attention_stats"):
+                # This job's attention calls: a shared engine counted earlier jobs' too, in
+                # this process (reset) or in its own processes (subtracted at the end).
+                reset_attention_stats()
+                attention_before = engine.attention_stats()
             terminal().write(_start_line(job, info) + "\n")
             progress = ProgressReporter(job.rows, already_done=books.succeeded + books.failed,
                                         interactive=interactive, stream=terminal())
@@ -592,8 +651,11 @@ def _run_job(config: JobConfig, stop: StopFlag, *, engine_kind: str, engine: Eng
     summary["batch"] = step_figures
     if sizing is not None:
         summary["engine_sizing"] = sizing.to_dict()
-    if engine is not None and engine.info.name.startswith("vllm"):
-        summary["attention"] = read_attention_stats()
+    if attention_before is not None:
+        # Read after close: an engine's own processes have written their last counts then.
+        summary["attention"] = attention_summary(
+            getattr(engine, "attention", None),
+            diff_attention_stats(engine.attention_stats(), attention_before))
     if status != "ok":
         summary["checkpoint"] = str(ckpt.path)
         _write_summary(paths.local, summary)

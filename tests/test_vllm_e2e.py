@@ -115,11 +115,15 @@ def test_bad_rows_do_not_stop_the_job(tmp_path, vllm_engine):
 
 
 def test_cli_runs_the_example_job_in_a_subprocess(tmp_path):
+    # vLLM's multi-process engine (its default on GPUs): the model, and so batchrun's
+    # attention backend, runs in vLLM's engine-core and worker processes, and the counters
+    # reach the summary through the engine's stats folder.
     out = tmp_path / "example.parquet"
-    env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+    env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "1",
+           "BATCHRUN_ATTENTION_STATS_INTERVAL_S": "100000"}  # only the first and exit dumps
     proc = subprocess.run(
         [sys.executable, "-m", "batchrun", "run", str(REPO / "jobs" / "example.toml"),
-         "-o", str(out), "--max-tokens", "8", "--log-lines", "--json"],
+         "-o", str(out), "--max-tokens", "8", "--log-lines", "--json", "--attention", "prefix"],
         capture_output=True, text=True, env=env, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads(proc.stdout)
@@ -128,6 +132,11 @@ def test_cli_runs_the_example_job_in_a_subprocess(tmp_path):
     assert table.num_rows == rows_in == summary["rows"] == summary["succeeded"]
     assert "topic" in table.column_names
     assert json.loads(out.with_name(out.name + ".summary.json").read_text())["rows"] == rows_in
+    attention = summary["attention"]
+    assert attention["backend"] == attention["selected"] == "batchrun-cpu"
+    assert attention["processes"] == 1 and attention["prefix_calls"] > 0
+    # Every step's 30 layer calls, the last ones from the worker's exit dump.
+    assert attention["forward_calls"] == 30 * attention["steps"]
 
 
 def test_the_engine_schedules_like_vllms_offline_llm_class(vllm_engine):

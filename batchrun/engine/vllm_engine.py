@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+import contextlib
+import importlib.util
 import logging
 import os
+import shutil
+import tempfile
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from ..config import EngineOptions
+from .attention.mode import ENV_VAR as ATTENTION_ENV_VAR
+from .attention.selection import AttentionChoice, choose_attention
+from .attention.stats import STATS_ENV_VAR, read_attention_stats
 from .base import EngineDiedError, EngineInfo, GenerationRequest, GenerationResult, StepOutput
 
 log = logging.getLogger(__name__)
@@ -20,10 +28,42 @@ CPU_DEFAULTS = {"dtype": "float32", "block_size": 32}
 GPU_DEFAULTS = {"dtype": "auto", "block_size": 16}
 
 
-def on_cpu() -> bool:
+def current_platform() -> Any:
+    """vLLM's platform of this machine (one place, so tests can stand in a CUDA one)."""
     from vllm.platforms import current_platform
 
-    return current_platform.is_cpu()
+    return current_platform
+
+
+def on_cpu() -> bool:
+    return current_platform().is_cpu()
+
+
+def platform_name() -> str:
+    """``cpu``, ``cuda``, or vLLM's name for another device."""
+    platform = current_platform()
+    if platform.is_cpu():
+        return "cpu"
+    return "cuda" if platform.is_cuda() else str(platform.device_name)
+
+
+def kernels_available() -> bool:
+    """batchrun's Triton kernels can be imported (installed with batchrun, need triton)."""
+    return all(importlib.util.find_spec(name) is not None
+               for name in ("triton", "batchrun_kernels"))
+
+
+def engine_attention(options: EngineOptions,
+                     choice: AttentionChoice | None = None) -> AttentionChoice:
+    """The job's choice when it made one (the runner does, from its plan); else the choice
+    for ``options.attention`` without plan figures (``auto`` on CUDA then keeps vLLM's)."""
+    return choice or choose_attention(options.attention, platform_name(),
+                                      kernels_available=kernels_available())
+
+
+def attention_backend_args(choice: AttentionChoice) -> dict[str, Any]:
+    """EngineArgs keywords that select the attention backend: none when vLLM chooses."""
+    return {"attention_backend": choice.vllm_backend} if choice.vllm_backend else {}
 
 
 def default_block_size() -> int:
@@ -34,8 +74,10 @@ def default_dtype() -> str:
     return (CPU_DEFAULTS if on_cpu() else GPU_DEFAULTS)["dtype"]
 
 
-def engine_args(model_dir: Path, options: EngineOptions, *, enforce_eager: bool) -> dict[str, Any]:
-    """vLLM EngineArgs keywords for these options; None options take the platform's defaults."""
+def engine_args(model_dir: Path, options: EngineOptions, *, enforce_eager: bool,
+                attention: AttentionChoice | None = None) -> dict[str, Any]:
+    """vLLM EngineArgs keywords for these options; None options take the platform's defaults.
+    ``attention``: the job's attention choice (see ``engine_attention``)."""
     defaults = CPU_DEFAULTS if on_cpu() else GPU_DEFAULTS
     args: dict[str, Any] = {
         "model": str(model_dir),
@@ -54,7 +96,23 @@ def engine_args(model_dir: Path, options: EngineOptions, *, enforce_eager: bool)
         args["max_num_seqs"] = options.max_num_seqs
     if not on_cpu():
         args["gpu_memory_utilization"] = options.gpu_memory_utilization
+    args.update(attention_backend_args(engine_attention(options, attention)))
     return args
+
+
+@contextlib.contextmanager
+def environment(name: str, value: str) -> Iterator[None]:
+    """``name=value`` in this process's environment for the block (processes started in it
+    inherit it), then as before."""
+    old = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = old
 
 
 def wake_on_engine_death(client: Any) -> threading.Event | None:
@@ -82,10 +140,12 @@ def wake_on_engine_death(client: Any) -> threading.Event | None:
 class VllmEngine:
     """vLLM's LLMEngine behind batchrun's Engine interface."""
 
-    def __init__(self, model_dir: Path, options: EngineOptions, *, enforce_eager: bool) -> None:
+    def __init__(self, model_dir: Path, options: EngineOptions, *, enforce_eager: bool,
+                 attention: AttentionChoice | None = None) -> None:
+        self.attention = engine_attention(options, attention)
         # The attention-backend plugin runs in every vLLM process and reads its choice from
         # the environment, so it must be set before the engine (and its workers) start.
-        os.environ["BATCHRUN_ATTENTION"] = options.attention
+        os.environ[ATTENTION_ENV_VAR] = self.attention.engine_mode
         if on_cpu():
             # In-process engine core on CPU: starts ~3x faster, and SIGTERM/SIGINT reach
             # batchrun's graceful drain instead of killing a child engine process first.
@@ -93,11 +153,22 @@ class VllmEngine:
         from vllm import EngineArgs, LLMEngine
         from vllm.usage.usage_lib import UsageContext
 
-        self._args = engine_args(model_dir, options, enforce_eager=enforce_eager)
-        # The offline LLM class's scheduler defaults (on CPU 256 sequences and 4,096 tokens a
-        # step; the bare engine's are 128 and 2,048): batchrun is an offline LLM user.
-        self._engine = LLMEngine.from_engine_args(EngineArgs(**self._args),
-                                                  usage_context=UsageContext.LLM_CLASS)
+        self._args = engine_args(model_dir, options, enforce_eager=enforce_eager,
+                                 attention=self.attention)
+        # Engine-core and worker processes dump their attention counters here (stats.py);
+        # this process keeps counting in memory.
+        self._stats_dir = Path(tempfile.mkdtemp(prefix="batchrun-attention-"))
+        self._final_stats: dict[str, Any] | None = None
+        try:
+            with environment(STATS_ENV_VAR, str(self._stats_dir)):
+                # The offline LLM class's scheduler defaults (on CPU 256 sequences and 4,096
+                # tokens a step; the bare engine's are 128 and 2,048): batchrun is an
+                # offline LLM user.
+                self._engine = LLMEngine.from_engine_args(
+                    EngineArgs(**self._args), usage_context=UsageContext.LLM_CLASS)
+        except BaseException:
+            shutil.rmtree(self._stats_dir, ignore_errors=True)
+            raise
         self._watch = wake_on_engine_death(self._engine.engine_core)
         cfg = self._engine.vllm_config
         block_size = cfg.cache_config.block_size
@@ -174,9 +245,19 @@ class VllmEngine:
         """Forget every cached prefix (benchmarks: each contender starts cold)."""
         self._engine.reset_prefix_cache()
 
+    def attention_stats(self) -> dict[str, Any]:
+        """The attention counters of every process of this engine (stats.py), the final ones
+        once it is closed."""
+        if self._final_stats is not None:
+            return self._final_stats
+        return read_attention_stats(self._stats_dir)
+
     def close(self) -> None:
         if self._watch is not None:
             self._watch.set()
         shutdown = getattr(self._engine.engine_core, "shutdown", None)
         if shutdown is not None:
-            shutdown()
+            shutdown()  # the engine's processes have exited: their last dumps are written
+        if self._final_stats is None:
+            self._final_stats = read_attention_stats(self._stats_dir)
+            shutil.rmtree(self._stats_dir, ignore_errors=True)

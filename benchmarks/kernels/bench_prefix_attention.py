@@ -13,7 +13,8 @@ sequences share one each), and every sequence has its own suffix of --suffix tok
 
 GB/s counts the bytes each algorithm must move at least (shared: every distinct KV block once;
 per-sequence: each sequence's whole KV) plus Q and the output; % HBM is against --peak-gbps
-(H100 SXM: 3350). Needs only torch + triton and a CUDA GPU:
+(default: the device's spec sheet, H200 4800, H100 SXM 3350). Needs only torch + triton and a
+CUDA GPU:
 
     python benchmarks/kernels/bench_prefix_attention.py
     python benchmarks/kernels/bench_prefix_attention.py --smoke   # tiny, CPU interpreter
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
 import os
 import sys
 import time
@@ -33,6 +35,15 @@ import torch
 
 REPO = Path(__file__).resolve().parents[2]
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+# Spec-sheet HBM bandwidth (GB/s) by device name, for the % HBM column; the first match wins.
+PEAK_GBPS = (("H200", 4800.0), ("H100 PCIe", 2000.0), ("H100", 3350.0), ("H800", 3350.0),
+             ("A100-SXM4-80GB", 2039.0), ("A100 80GB PCIe", 1935.0), ("A100", 1555.0),
+             ("L40S", 864.0), ("L4", 300.0))
+DEFAULT_PEAK_GBPS = 3350.0  # H100 SXM
+
+
+def peak_gbps(device_name: str) -> float:
+    return next((gbps for name, gbps in PEAK_GBPS if name in device_name), DEFAULT_PEAK_GBPS)
 
 
 def import_kernels():
@@ -60,7 +71,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--gqa", type=int, default=8, help="query heads per KV head")
     parser.add_argument("--block-size", type=int, default=16)
     parser.add_argument("--dtype", choices=DTYPES, default="bf16")
-    parser.add_argument("--peak-gbps", type=float, default=3350.0)
+    parser.add_argument("--peak-gbps", type=float, default=None,
+                        help="HBM bandwidth for %% HBM (default: by device name, "
+                             f"else {DEFAULT_PEAK_GBPS:.0f})")
+    parser.add_argument("--json", type=Path, default=None,
+                        help="also write every measured row to this file (JSON lines)")
     parser.add_argument("--sdpa-max-gb", type=float, default=None,
                         help="skip SDPA above this dense-KV size (default: 40%% of free memory)")
     parser.add_argument("--smoke", action="store_true",
@@ -97,7 +112,8 @@ def sdpa_inputs(batch, query_len: int) -> tuple[torch.Tensor, torch.Tensor, torc
     return q, k.transpose(1, 2), v.transpose(1, 2)
 
 
-def bench_one(args, kernels, num_seqs: int, prefix: int, suffix: int, device: str) -> None:
+def bench_one(args, kernels, num_seqs: int, prefix: int, suffix: int,
+              device: str) -> list[dict]:
     from batchrun_kernels.synthetic import GroupSpec, SeqSpec, make_paged_batch
 
     on_gpu = device == "cuda"
@@ -154,6 +170,7 @@ def bench_one(args, kernels, num_seqs: int, prefix: int, suffix: int, device: st
     if "sdpa" not in runs:
         print(f"  sdpa skipped: dense K/V would take {dense_gb:.1f} GB (> {budget_gb:.1f} GB)")
     print("  (vs X: time of X / time of this; max|diff|: against paged)")
+    records = []
     print(f"  {'impl':<6} {'ms':>9} {'GB/s':>9} {'%HBM':>6} {'vs paged':>9} {'vs sdpa':>8}"
           f" {'max|diff|':>10}")
     for name, (ms, nbytes, error) in results.items():
@@ -162,6 +179,13 @@ def bench_one(args, kernels, num_seqs: int, prefix: int, suffix: int, device: st
         vs_sdpa = f"{results['sdpa'][0] / ms:7.2f}x" if "sdpa" in results else f"{'-':>8}"
         print(f"  {name:<6} {ms:9.3f} {gbps:9.1f} {100 * gbps / args.peak_gbps:5.1f}%"
               f" {vs_paged:8.2f}x {vs_sdpa} {error:10.2e}")
+        records.append({
+            "batch": num_seqs, "prefix": prefix, "suffix": suffix,
+            "query_len": args.query_len, "groups": len(groups), "impl": name, "ms": ms,
+            "gbps": gbps, "hbm_pct": 100 * gbps / args.peak_gbps, "vs_paged": vs_paged,
+            "vs_sdpa": results["sdpa"][0] / ms if "sdpa" in results else None,
+            "max_diff": error})
+    return records
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -175,12 +199,21 @@ def main(argv: list[str] | None = None) -> None:
     device = "cuda" if on_gpu else "cpu"
     name = (torch.cuda.get_device_name() if on_gpu
             else "CPU, Triton interpreter (smoke run: the timings mean nothing)")
+    if args.peak_gbps is None:
+        args.peak_gbps = peak_gbps(name)
     print(f"{name}, {args.dtype}, head_size={args.head_size}, kv_heads={args.num_kv_heads}, "
           f"gqa={args.gqa}, block_size={args.block_size}, peak {args.peak_gbps:.0f} GB/s")
+    if args.json:
+        args.json.write_text("")
     for num_seqs in args.batch:
         for prefix in args.prefix:
             for suffix in args.suffix:
-                bench_one(args, kernels, num_seqs, prefix, suffix, device)
+                records = bench_one(args, kernels, num_seqs, prefix, suffix, device)
+                if args.json:  # row by row: a run cut short keeps what it measured
+                    with args.json.open("a") as f:
+                        for record in records:
+                            f.write(json.dumps({"device": name, "dtype": args.dtype,
+                                                "peak_gbps": args.peak_gbps, **record}) + "\n")
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ cuda_backend = pytest.importorskip("batchrun.engine.attention.cuda_backend")
 from batchrun.engine.attention.groups import PrefixPolicy  # noqa: E402
 
 BLOCK, KV_HEADS, PER_KV, HEAD = 16, 2, 2, 32
+KV_BYTES = 2 * KV_HEADS * HEAD * 2  # bf16 K and V of one token in one layer
 
 
 def batch():
@@ -39,9 +40,18 @@ def test_plan_kernel_step_builds_the_kernel_metadata_for_the_groups():
     assert shared.seq_prefix_len.tolist() == [32, 32, 0, 32, 0]
     assert step.prefix_query_key_pairs == (1 + 1 + 3) * 32
     step, shared = cuda_backend.plan_kernel_step(
-        PrefixPolicy.for_mode("auto", "cuda"), qsl, seq_lens, lambda width: table[:, :width],
-        block_size=BLOCK, num_queries_per_kv=PER_KV, head_size=HEAD, device="cpu")
+        PrefixPolicy.for_mode("auto", "cuda", KV_BYTES), qsl, seq_lens,
+        lambda width: table[:, :width], block_size=BLOCK, num_queries_per_kv=PER_KV,
+        head_size=HEAD, device="cpu")
     assert shared is None and step.skipped == 1  # 2 * 32 saved keys do not pay
+
+
+def test_kv_bytes_per_token_from_vllms_cache_spec():
+    from vllm.v1.kv_cache_interface import FullAttentionSpec
+
+    spec = FullAttentionSpec(block_size=BLOCK, num_kv_heads=KV_HEADS, head_size=HEAD,
+                             dtype=torch.bfloat16)
+    assert cuda_backend.kv_bytes_per_token(spec) == KV_BYTES == spec.page_size_bytes // BLOCK
 
 
 def test_triton_impl_forward_matches_paged_attention():

@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 
 from batchrun.engine.attention.groups import (
-    AUTO_MIN_SAVED_KEYS,
     PrefixPolicy,
     causal_pairs,
     find_shared_prefixes,
@@ -92,7 +91,12 @@ def test_policy_eligibility_and_threshold():
         assert PrefixPolicy.for_mode("default", platform) is None
     # auto on CPU: the stock kernel, measured faster at every size (groups.py, benchmarks/).
     assert PrefixPolicy.for_mode("auto", "cpu") is None
-    assert PrefixPolicy.for_mode("auto", "cuda").min_saved_keys == AUTO_MIN_SAVED_KEYS["cuda"]
+    # auto on CUDA: 24 MiB of saved KV reads per layer (selection.py), in keys for the cache's
+    # bytes per token and layer: 32k keys for SmolLM2 in bf16, 6k for 8 x 128-wide KV heads.
+    assert PrefixPolicy.for_mode("auto", "cuda", 768).min_saved_keys == 32768
+    assert PrefixPolicy.for_mode("auto", "cuda", 4096).min_saved_keys == 6144
+    with pytest.raises(ValueError, match="KV bytes"):
+        PrefixPolicy.for_mode("auto", "cuda")
 
 
 def test_plan_step_counts_work_and_applies_the_threshold():

@@ -81,7 +81,7 @@ def test_prefix_path_gives_the_stock_greedy_outputs(vllm_engine, tokenizer, atte
 def test_auto_on_cpu_keeps_the_stock_kernel_even_for_a_shared_prefix(vllm_engine, tokenizer,
                                                                        attention_mode):
     # Measured: on CPU the stock kernel beats the shared-prefix path at every group size
-    # (groups.AUTO_MIN_SAVED_KEYS), so `auto`, the job default, does not even look for groups.
+    # (groups.AUTO_MIN_SAVED_BYTES), so `auto`, the job default, does not even look for groups.
     system = tokenizer.encode([SYSTEM + " Catalogue notes: " + "aisle, shelf and volume. " * 22])[0]
     prompts = [system + q for q in tokenizer.encode_rendered(
         [f" Question {i}: where is volume {7 * i + 3}?" for i in range(4)])]
@@ -101,21 +101,23 @@ def test_plugin_stays_out_of_the_way_when_nothing_is_shared(vllm_engine, tokeniz
     assert stats["prefix_calls"] == 0 and stats["groups"] == 0
 
 
-def test_stats_reach_another_process_through_the_dump_file(tmp_path: Path, monkeypatch):
-    path = tmp_path / "attention.json"
-    monkeypatch.setenv(attention_stats.STATS_ENV_VAR, str(path))
+def test_stats_dump_is_read_back_and_merged(tmp_path: Path):
     reset_attention_stats()
     attention_stats.record_step([(3, 64)], skipped=1)
-    attention_stats.record_forward(100, 60)
-    attention_stats.dump_attention_stats(path)
+    attention_stats.record_forward("batchrun-cpu", 100, 60)
+    path = attention_stats.dump_attention_stats(tmp_path)
     dumped = json.loads(path.read_text())
     assert dumped["prefix_calls"] == 1 and dumped["prefix_share"] == 0.6
     assert dumped["last_groups"] == [[3, 64]] and dumped["skipped_groups"] == 1
-    # A process that ran no step (the front end of a multi-process engine) reads the dump.
+    # This process's own dump is not counted twice; another process's is added.
+    assert read_attention_stats(tmp_path)["forward_calls"] == 1
+    path.rename(tmp_path / "1.json")
+    merged = read_attention_stats(tmp_path)
+    assert merged["forward_calls"] == 2 and merged["processes"] == 2
     reset_attention_stats()
-    assert read_attention_stats() == dumped
-    monkeypatch.delenv(attention_stats.STATS_ENV_VAR)
-    assert read_attention_stats()["forward_calls"] == 0
+    assert read_attention_stats(tmp_path)["forward_calls"] == 1
+    own = read_attention_stats()
+    assert own["forward_calls"] == 0 and own["backend"] is None
 
 
 def test_register_follows_batchrun_attention(monkeypatch):

@@ -6,6 +6,8 @@ every process, and the runner reads the counters without touching the engine.
 """
 
 from .mode import get_mode, set_mode
+from .selection import AttentionChoice, attention_summary, choose_attention
 from .stats import read_attention_stats, reset_attention_stats
 
-__all__ = ["get_mode", "read_attention_stats", "reset_attention_stats", "set_mode"]
+__all__ = ["AttentionChoice", "attention_summary", "choose_attention", "get_mode",
+           "read_attention_stats", "reset_attention_stats", "set_mode"]

@@ -37,6 +37,7 @@ from .mode import get_mode, load_mode_from_env
 # Cache layouts whose K^T / V block interiors ``split_kv_cache`` reads (checked against
 # ``cpu_attn_reshape_and_cache``); AMX, NEON and the other ISAs pack blocks differently.
 SUPPORTED_ISAS = ("vec", "vec16")
+BACKEND_NAME = "batchrun-cpu"  # what the summary's attention.backend says when this ran
 
 
 @dataclass
@@ -65,6 +66,7 @@ class BatchrunCPUMetadataBuilder(CPUAttentionMetadataBuilder):
         # One builder per engine: the engine's BATCHRUN_ATTENTION is current now, even when
         # this process loaded the plugin for an earlier engine.
         load_mode_from_env()
+        stats.note_tp_rank()
         layers = get_layers_from_vllm_config(vllm_config, Attention, layer_names)
         self.shared_prefix_ok = (
             self.isa in SUPPORTED_ISAS
@@ -157,7 +159,7 @@ class BatchrunCPUAttentionImpl(CPUAttentionBackendImpl):
             super().forward(layer, query, key, value, kv_cache, attn_metadata, output,
                             output_scale, output_block_scale)
             if attn_metadata is not None:
-                stats.record_forward(attn_metadata.query_key_pairs, 0)
+                stats.record_forward(BACKEND_NAME, attn_metadata.query_key_pairs, 0)
             return output
         if output_scale is not None or output_block_scale is not None:
             raise NotImplementedError("fused output quantization is not supported on CPU")
@@ -191,7 +193,7 @@ class BatchrunCPUAttentionImpl(CPUAttentionBackendImpl):
                 kv_cache_dtype=self.kv_cache_dtype,
             )
             output.index_copy_(0, rest.tokens, rest_out)
-        stats.record_forward(attn_metadata.query_key_pairs,
+        stats.record_forward(BACKEND_NAME, attn_metadata.query_key_pairs,
                              attn_metadata.prefix_query_key_pairs)
         return output
 

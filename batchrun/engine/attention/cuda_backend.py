@@ -45,6 +45,8 @@ from . import stats
 from .groups import PrefixPolicy, StepGroups, causal_pairs, plan_step
 from .mode import get_mode, load_mode_from_env
 
+BACKEND_NAME = "batchrun-triton"  # what the summary's attention.backend says when this ran
+
 
 @dataclass
 class BatchrunTritonMetadata(TritonAttentionMetadata):
@@ -69,6 +71,12 @@ def plan_kernel_step(policy: PrefixPolicy, query_start_loc: np.ndarray, seq_lens
         num_queries_per_kv=num_queries_per_kv, head_size=head_size, device=device)
 
 
+def kv_bytes_per_token(spec: AttentionSpec) -> int:
+    """KV bytes of one token in one layer on this GPU (its KV heads, K and V): what a shared
+    prefix saves per member and token."""
+    return spec.num_kv_heads * spec.state_content_size_bytes
+
+
 class BatchrunTritonMetadataBuilder(TritonAttentionMetadataBuilder):
     _cudagraph_support: ClassVar[AttentionCGSupport] = AttentionCGSupport.NEVER
 
@@ -76,6 +84,8 @@ class BatchrunTritonMetadataBuilder(TritonAttentionMetadataBuilder):
                  vllm_config: VllmConfig, device: torch.device) -> None:
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
         load_mode_from_env()  # this engine's BATCHRUN_ATTENTION (see cpu_backend)
+        stats.note_tp_rank()
+        self.kv_bytes_per_token = kv_bytes_per_token(kv_cache_spec)
         layers = get_layers_from_vllm_config(vllm_config, Attention, layer_names)
         # Speculative decoding makes the host seq_lens optimistic; R-SWA changes visibility.
         self.shared_prefix_ok = (
@@ -93,7 +103,7 @@ class BatchrunTritonMetadataBuilder(TritonAttentionMetadataBuilder):
         query_start_loc = cm.query_start_loc_cpu[:num_reqs + 1].numpy().astype(np.int64)
         # Exact without speculative decoding (excluded above); no device sync.
         seq_lens = cm.seq_lens_cpu_upper_bound[:num_reqs].numpy().astype(np.int64)
-        policy = PrefixPolicy.for_mode(get_mode(), "cuda")
+        policy = PrefixPolicy.for_mode(get_mode(), "cuda", self.kv_bytes_per_token)
         if (policy is None or not self.shared_prefix_ok or cm.causal is not True
                 or cm.mm_req_doc_ranges is not None):
             metadata.query_key_pairs = causal_pairs(np.diff(query_start_loc), seq_lens)
@@ -133,7 +143,7 @@ class BatchrunTritonAttentionImpl(TritonAttentionImpl):
             super().forward(layer, query, key, value, kv_cache, attn_metadata, output,
                             output_scale, output_block_scale)
             if attn_metadata is not None:
-                stats.record_forward(attn_metadata.query_key_pairs, 0)
+                stats.record_forward(BACKEND_NAME, attn_metadata.query_key_pairs, 0)
             return output
         if output_block_scale is not None:
             raise NotImplementedError("fused block-scale output quantization is not supported")
@@ -144,7 +154,8 @@ class BatchrunTritonAttentionImpl(TritonAttentionImpl):
         shared_prefix_attention(query[:tokens], key_cache, value_cache,
                                 attn_metadata.block_table, shared, self.scale,
                                 out=output[:tokens])
-        stats.record_forward(attn_metadata.query_key_pairs, attn_metadata.prefix_query_key_pairs)
+        stats.record_forward(BACKEND_NAME, attn_metadata.query_key_pairs,
+                             attn_metadata.prefix_query_key_pairs)
         return output
 
 

