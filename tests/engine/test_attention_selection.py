@@ -241,7 +241,7 @@ def stub_llm_engine(calls: int, seen: dict):
     """LLMEngine.from_engine_args that starts a real engine-core process (spawned, as vLLM
     does on CUDA) and records the EngineArgs it was given."""
 
-    def from_engine_args(engine_args):
+    def from_engine_args(engine_args, usage_context=None):
         seen["args"] = engine_args
         ctx = multiprocessing.get_context("spawn")
         go, done = ctx.Event(), ctx.Event()
