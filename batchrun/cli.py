@@ -71,6 +71,24 @@ PassOpt = Annotated[list[str] | None, typer.Option(
                           "source_file: the file each row came from.")]
 EngineOpt = Annotated[EngineKind, typer.Option(
     help="'fake' is a deterministic stand-in with no model, for testing pipelines.")]
+SchemaOpt = Annotated[Path | None, typer.Option(
+    "--json-schema", help="Default constraint: a JSON Schema file every row's output must "
+    "match (rows may set their own `json_schema`, `choices`, `regex` or `response_format`).")]
+ChoiceOpt = Annotated[list[str] | None, typer.Option(
+    "--choice", help="Default constraint: the output is exactly one of these (repeat: "
+    "--choice POSITIVE --choice NEGATIVE).")]
+RegexOpt = Annotated[str | None, typer.Option(
+    "--regex", help="Default constraint: the output fully matches this regular expression.")]
+
+
+def _constraint_overrides(json_schema: Path | None, choice: list[str] | None,
+                          regex: str | None) -> dict[str, Any]:
+    """Constraint flags as sampling overrides. A flag replaces the job file's default
+    constraint, whichever kind that was."""
+    if json_schema is None and not choice and regex is None:
+        return {}
+    return {"sampling.json_schema": str(json_schema.resolve()) if json_schema else "",
+            "sampling.choices": tuple(choice or ()), "sampling.regex": regex or ""}
 
 
 def _config(job: str, output: str | None, **overrides: Any) -> JobConfig:
@@ -107,6 +125,15 @@ def run(
     = None,
     top_p: Annotated[float | None, typer.Option(help="Default nucleus sampling top_p.")] = None,
     seed: Annotated[int | None, typer.Option(help="Default per-row sampling seed.")] = None,
+    json_schema: SchemaOpt = None,
+    choice: ChoiceOpt = None,
+    regex: RegexOpt = None,
+    logprobs: Annotated[bool | None, typer.Option(
+        "--logprobs/--no-logprobs", help="Return each output token's log-probability "
+        "(output column `logprobs`; rows may set their own).")] = None,
+    top_logprobs: Annotated[int | None, typer.Option(
+        help="With each token, the log-probabilities of the N (0-20) likeliest tokens at its "
+             "position; turns --logprobs on.")] = None,
     input_format: FormatOpt = None,
     prompt_column: PromptColOpt = None,
     id_column: IdColOpt = None,
@@ -163,6 +190,9 @@ def run(
       batchrun run jobs/example.toml
       batchrun run prompts.jsonl -o out.parquet --max-tokens 64 --kv-cache-memory 1GiB
       batchrun run batch_input.jsonl -o out.parquet --openai-output out.jsonl
+      batchrun run reviews.jsonl -o labels.parquet --choice POSITIVE --choice NEGATIVE \
+          --top-logprobs 2
+      batchrun run docs.jsonl -o fields.parquet --json-schema schemas/invoice.json
       batchrun run jobs/nightly.toml --resume      # cron: continue after a kill
       batchrun run 's3://bucket/in/*.parquet' -o s3://bucket/out.parquet
     """
@@ -175,6 +205,8 @@ def run(
             plan=plan, work_dir=work_dir,
             **{"sampling.max_tokens": max_tokens, "sampling.temperature": temperature,
                "sampling.top_p": top_p, "sampling.seed": seed,
+               "sampling.logprobs": logprobs, "sampling.top_logprobs": top_logprobs,
+               **_constraint_overrides(json_schema, choice, regex),
                "engine.kv_cache_memory": parse_size(kv_cache_memory)
                if kv_cache_memory else None,
                "engine.block_size": block_size, "engine.max_model_len": max_model_len,
@@ -230,6 +262,9 @@ def validate(
     input_format: FormatOpt = None,
     prompt_column: PromptColOpt = None,
     id_column: IdColOpt = None,
+    json_schema: SchemaOpt = None,
+    choice: ChoiceOpt = None,
+    regex: RegexOpt = None,
     engine: EngineOpt = EngineKind.vllm,
     max_errors: Annotated[int, typer.Option(help="How many row problems to list.")] = 20,
     json_out: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
@@ -247,7 +282,8 @@ def validate(
     try:
         cfg = _config(job, output or "validate.parquet", model=model,
                       input_format=input_format,
-                      **{"columns.prompt": prompt_column, "columns.id": id_column})
+                      **{"columns.prompt": prompt_column, "columns.id": id_column,
+                         **_constraint_overrides(json_schema, choice, regex)})
         prepared = prepare_job(cfg, engine_kind=engine.value)
     except UsageError as e:
         _fail(str(e))
@@ -262,6 +298,8 @@ def validate(
         "ok": prepared.rows - len(errors),
         "errors": len(errors),
         "max_model_len": prepared.max_model_len,
+        "constrained": prepared.constrained_counts(),
+        "logprobs_rows": sum(k is not None for k in prepared.logprobs),
         "prompt_tokens": {"total": int(lengths.sum()),
                           "max": int(lengths.max()) if len(lengths) else 0,
                           "mean": float(lengths.mean()) if len(lengths) else 0.0},
@@ -274,6 +312,11 @@ def validate(
                    f"{report['ok']} ok, {report['errors']} with problems")
         typer.echo(f"prompt tokens: total {report['prompt_tokens']['total']:,}, max "
                    f"{report['prompt_tokens']['max']:,} (context {report['max_model_len']:,})")
+        constrained = report["constrained"]
+        kinds = ", ".join(f"{n:,} {kind}" for kind, n in constrained.items())
+        typer.echo(f"constrained outputs: {sum(constrained.values()):,} rows"
+                   + (f" ({kinds})" if kinds else "")
+                   + f"; logprobs: {report['logprobs_rows']:,} rows")
         for line in report["first_errors"]:
             typer.echo(f"  {line}")
     raise typer.Exit(EXIT_OK if not errors else EXIT_ROW_ERRORS)
@@ -294,6 +337,9 @@ def plan_command(
         help="KV-cache size the run will have, e.g. 256MiB: groups are split to fit it "
              "(default: the size a run would choose).")]
     = None,
+    json_schema: SchemaOpt = None,
+    choice: ChoiceOpt = None,
+    regex: RegexOpt = None,
     engine: EngineOpt = EngineKind.vllm,
     json_out: Annotated[bool, typer.Option("--json", help="Print the plan as one JSON object.")]
     = False,
@@ -312,6 +358,7 @@ def plan_command(
     try:
         cfg = _config(job, output or "plan.parquet", model=model, input_format=input_format,
                       **{"columns.prompt": prompt_column, "engine.block_size": block_size,
+                         **_constraint_overrides(json_schema, choice, regex),
                          "engine.kv_cache_memory": parse_size(kv_cache_memory)
                          if kv_cache_memory else None})
         figures = describe_plan(prepare_job(cfg, engine_kind=engine.value), engine.value)

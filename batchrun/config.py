@@ -14,6 +14,8 @@ line or an Airflow task can run it from any working directory::
     [sampling]                   # defaults; a row's own max_tokens / temperature / ... win
     max_tokens = 64
     temperature = 0.0
+    choices = ["POSITIVE", "NEGATIVE"]   # or json_schema = "schemas/x.json", or regex = "..."
+    top_logprobs = 3             # log-probabilities of each token and its 3 likeliest rivals
 
     [engine]
     kv_cache_memory = "256MiB"
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import asdict, dataclass, field, fields, replace
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +33,17 @@ import tomllib
 
 from .errors import UsageError
 from .io.storage import Location, is_uri, parent, read_text, to_location
+from .structured import (
+    CHOICE,
+    JSON_SCHEMA,
+    MAX_TOP_LOGPROBS,
+    REGEX,
+    Constraint,
+    ConstraintError,
+    choices_text,
+    regex_text,
+    schema_text,
+)
 
 DEFAULT_MODEL = "default"
 INPUT_FORMATS = ("auto", "jsonl", "parquet", "openai")
@@ -53,18 +67,33 @@ class ColumnMap:
     top_p: str = "top_p"
     seed: str = "seed"
     stop: str = "stop"
+    logprobs: str = "logprobs"
+    top_logprobs: str = "top_logprobs"
+    response_format: str = "response_format"
+    choices: str = "choices"
+    regex: str = "regex"
+    json_schema: str = "json_schema"
     passthrough: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
 class SamplingDefaults:
-    """Sampling for rows that do not set their own. temperature 0 is greedy."""
+    """Sampling for rows that do not set their own. temperature 0 is greedy.
+
+    At most one of json_schema (a JSON Schema file; relative paths resolve against the job
+    file), choices and regex: the constraint of every row that does not give its own.
+    top_logprobs (0-20) turns logprobs on."""
 
     max_tokens: int = 128
     temperature: float = 0.0
     top_p: float = 1.0
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    json_schema: str | None = None
+    choices: tuple[str, ...] = ()
+    regex: str | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = None
 
 
 @dataclass(frozen=True)
@@ -103,11 +132,14 @@ class JobConfig:
 
     def fingerprint_settings(self) -> dict[str, Any]:
         """Settings that change results: a resumed job must match them."""
+        default = default_constraint(self.sampling)
         return {
             "model": self.model,
             "input_format": self.input_format,
             "columns": asdict(self.columns),
             "sampling": asdict(self.sampling),
+            # the schema file's content, not only its path
+            "constraint": None if default is None else [default.kind, default.spec],
             "max_model_len": self.engine.max_model_len,
             "dtype": self.engine.dtype,
         }
@@ -192,6 +224,10 @@ def load_job_file(path: Location) -> JobConfig:
     if "stop" in sampling:
         sampling["stop"] = tuple([sampling["stop"]] if isinstance(sampling["stop"], str)
                                  else sampling["stop"])
+    if isinstance(sampling.get("choices"), list):
+        sampling["choices"] = tuple(sampling["choices"])
+    if isinstance(sampling.get("json_schema"), str):
+        sampling["json_schema"] = str(resolve(sampling["json_schema"]))
     engine = dict(raw.pop("engine", {}))
     if isinstance(engine.get("kv_cache_memory"), str):
         engine["kv_cache_memory"] = parse_size(engine["kv_cache_memory"])
@@ -226,18 +262,59 @@ def validate_config(cfg: JobConfig) -> None:
             f"attention must be one of {ATTENTION_CHOICES}, not {cfg.engine.attention!r}")
     c = cfg.columns
     named = [c.id, c.prompt, c.messages, c.prompt_token_ids, c.max_tokens, c.temperature,
-             c.top_p, c.seed, c.stop]
+             c.top_p, c.seed, c.stop, c.logprobs, c.top_logprobs, c.response_format, c.choices,
+             c.regex, c.json_schema]
     if len(set(named)) != len(named):
         twice = sorted({n for n in named if named.count(n) > 1})
         raise ConfigError(f"[columns] maps two fields to the same input column {twice}; "
                           "give each field its own column")
     s = cfg.sampling
+    if s.top_logprobs is not None and not 0 <= s.top_logprobs <= MAX_TOP_LOGPROBS:
+        raise ConfigError(f"sampling.top_logprobs must be from 0 to {MAX_TOP_LOGPROBS}, "
+                          f"not {s.top_logprobs}")
+    default_constraint(s)  # raises ConfigError for a bad schema, regex or choice list
     if s.max_tokens < 1:
         raise ConfigError(f"sampling.max_tokens must be >= 1, not {s.max_tokens}")
     if s.temperature < 0:
         raise ConfigError(f"sampling.temperature must be >= 0, not {s.temperature}")
     if not 0 < s.top_p <= 1:
         raise ConfigError(f"sampling.top_p must be in (0, 1], not {s.top_p}")
+
+
+def default_constraint(sampling: SamplingDefaults) -> Constraint | None:
+    """The job's default constraint (json_schema, choices or regex), checked and read; None
+    when it has none. Raises ConfigError: a bad default is the whole job's problem."""
+    given = [name for name in ("json_schema", "choices", "regex") if getattr(sampling, name)]
+    if not given:
+        return None
+    if len(given) > 1:
+        raise ConfigError(f"[sampling] sets {' and '.join(given)}; give only one default "
+                          "constraint (rows can still set their own)")
+    return _default_constraint(sampling.json_schema, sampling.choices, sampling.regex)
+
+
+@lru_cache(maxsize=8)
+def _default_constraint(json_schema: str | None, choices: tuple[str, ...],
+                        regex: str | None) -> Constraint:
+    try:
+        if json_schema:
+            try:
+                text = Path(json_schema).read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as e:
+                reason = getattr(e, "strerror", None) or e
+                raise ConfigError(f"sampling.json_schema: cannot read {json_schema} "
+                                  f"({reason}); check the path (relative paths resolve "
+                                  "against the job file)") from None
+            try:
+                return Constraint(JSON_SCHEMA, schema_text(text))
+            except ConstraintError as e:
+                raise ConfigError(f"sampling.json_schema: {json_schema} {e}") from None
+        if choices:
+            return Constraint(CHOICE, choices_text(list(choices)))
+        return Constraint(REGEX, regex_text(regex))
+    except ConstraintError as e:
+        name = "choices" if choices else "regex"
+        raise ConfigError(f"sampling.{name} {e}") from None
 
 
 def with_overrides(cfg: JobConfig, **overrides: Any) -> JobConfig:
@@ -252,6 +329,9 @@ def with_overrides(cfg: JobConfig, **overrides: Any) -> JobConfig:
         section, _, name = key.rpartition(".")
         {"": top, "sampling": sampling, "engine": engine}[section][name] = value
     cfg = replace(cfg, **top)
+    for name in ("json_schema", "regex"):  # "": a flag that clears the job file's default
+        if sampling.get(name) == "":
+            sampling[name] = None
     if sampling:
         cfg = replace(cfg, sampling=replace(cfg.sampling, **sampling))
     if engine:

@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from . import __version__
-from .config import ConfigError, JobConfig
+from .config import ConfigError, JobConfig, default_constraint
 from .engine.attention.selection import (
     DEFAULT_CONCURRENCY,
     AttentionChoice,
@@ -68,6 +68,7 @@ from .plan.decode_first import decode_heavy_first
 from .plan.dedupe import find_duplicates, is_deterministic
 from .plan.prefix_tree import PrefixTree
 from .progress import ProgressReporter
+from .structured import TEXT, Constraint, max_choice_tokens, output_problem
 from .terminal import engine_log_path, output_to_log, terminal
 from .tokenize import (
     ByteTokenizer,
@@ -105,7 +106,18 @@ class PreparedJob:
     done: np.ndarray  # bool per row: finished in an earlier, interrupted run
     # Request index -> row positions of identical deterministic rows its result also serves.
     copies: dict[int, list[int]] = field(default_factory=dict)
+    # Per tokenized request, after row values and job defaults: the structured-output
+    # constraint (None: free text) and how many top logprobs to return (None: no logprobs).
+    constraints: list[Constraint | None] = field(default_factory=list)
+    logprobs: list[int | None] = field(default_factory=list)
 
+    def constrained_counts(self) -> dict[str, int]:
+        """Requests per constraint kind, for `plan`, `validate` and the summary."""
+        counts: dict[str, int] = {}
+        for c in self.constraints:
+            if c is not None:
+                counts[c.kind] = counts.get(c.kind, 0) + 1
+        return dict(sorted(counts.items()))
 
     @property
     def rows(self) -> int:
@@ -152,14 +164,21 @@ def prepare_job(config: JobConfig, *, engine_kind: str = "vllm",
     skip = np.zeros(table.num_rows, dtype=bool)
     skip[list(done_rows)] = True  # row numbers are table positions: one row per input row
     tokens = tokenize_requests(table, tokenizer, max_model_len=max_model_len, skip=skip)
+    constraints = _constraints(table, tokens.positions, config)
+    logprobs = _logprobs(table, tokens.positions, config)
     row_max = table["max_tokens"].to_pylist()
     lengths = tokens.lengths()
     max_tokens = np.empty(len(tokens.positions), dtype=np.int64)
     for i, pos in enumerate(tokens.positions):
         wanted = row_max[pos] or config.sampling.max_tokens
+        # A choice takes no more tokens than its longest choice has bytes (plus the end of
+        # sequence): asking for more would only reserve KV cache it never uses.
+        if constraints[i] is not None and (bound := max_choice_tokens(constraints[i])):
+            wanted = min(wanted, bound)
         # Generation stops at the context's end anyway; planning with the real room is exact.
         max_tokens[i] = max(1, min(wanted, max_model_len - int(lengths[i])))
-    job = PreparedJob(config, requests, tokens, max_tokens, max_model_len, skip)
+    job = PreparedJob(config, requests, tokens, max_tokens, max_model_len, skip,
+                      constraints=constraints, logprobs=logprobs)
     return _without_duplicates(job) if config.plan else job
 
 
@@ -169,7 +188,9 @@ def _without_duplicates(job: PreparedJob) -> PreparedJob:
     keys = []
     for i, pos in enumerate(job.tokens.positions.tolist()):
         temperature, top_p, seed, stop = sampling(pos)
-        keys.append((int(job.max_tokens[i]), temperature, top_p, seed, stop)
+        # Everything that shapes the output: a constraint or logprobs make rows differ too.
+        keys.append((int(job.max_tokens[i]), temperature, top_p, seed, stop,
+                     job.constraints[i], job.logprobs[i])
                     if is_deterministic(temperature, seed) else None)
     found = find_duplicates(job.tokens.values, job.tokens.offsets, keys)
     if not found.copies:
@@ -177,8 +198,55 @@ def _without_duplicates(job: PreparedJob) -> PreparedJob:
     renumber = {int(r): k for k, r in enumerate(found.runs)}
     positions = job.tokens.positions
     copies = {renumber[r]: [int(positions[c]) for c in cs] for r, cs in found.copies.items()}
+    runs = found.runs.tolist()
     return replace(job, tokens=job.tokens.take(found.runs),
-                   max_tokens=job.max_tokens[found.runs], copies=copies)
+                   max_tokens=job.max_tokens[found.runs], copies=copies,
+                   constraints=[job.constraints[r] for r in runs],
+                   logprobs=[job.logprobs[r] for r in runs])
+
+
+def _constraints(table: pa.Table, positions: np.ndarray,
+                 config: JobConfig) -> list[Constraint | None]:
+    """Each request's constraint: its row's own, else the job's default; "text" rows none."""
+    default = default_constraint(config.sampling)
+    if table["constraint"].null_count == table.num_rows:
+        return [default] * len(positions)
+    kinds = table["constraint"].to_pylist()
+    specs = table["constraint_spec"].to_pylist()
+    seen: dict[tuple[str, str | None], Constraint] = {}  # one object per distinct constraint
+    out: list[Constraint | None] = []
+    for pos in positions.tolist():
+        kind = kinds[pos]
+        if kind is None:
+            out.append(default)
+        elif kind == TEXT:
+            out.append(None)
+        else:
+            key = (kind, specs[pos])
+            out.append(seen.get(key) or seen.setdefault(key, Constraint(kind, specs[pos])))
+    return out
+
+
+def _logprobs(table: pa.Table, positions: np.ndarray, config: JobConfig) -> list[int | None]:
+    """Each request's top-logprobs count (None: no logprobs). A row's logprobs/top_logprobs
+    win over the job's; top_logprobs alone turns logprobs on."""
+    s = config.sampling
+    default = None
+    if s.logprobs or s.top_logprobs is not None:
+        default = s.top_logprobs or 0
+    n = table.num_rows
+    if table["logprobs"].null_count == n and table["top_logprobs"].null_count == n:
+        return [default] * len(positions)
+    asked, top = table["logprobs"].to_pylist(), table["top_logprobs"].to_pylist()
+    out: list[int | None] = []
+    for pos in positions.tolist():
+        if asked[pos] is False:
+            out.append(None)
+        elif asked[pos] is None and top[pos] is None:
+            out.append(default)
+        else:
+            out.append(top[pos] if top[pos] is not None else s.top_logprobs or 0)
+    return out
 
 
 def make_groups(job: PreparedJob, block_size: int, kv_capacity_tokens: int | None) -> tuple[
@@ -237,7 +305,8 @@ def describe_plan(job: PreparedJob, engine_kind: str = "vllm") -> dict[str, Any]
     sizing = engine_sizing(job, engine_kind)
     _, figures = make_groups(job, sizing.block_size, sizing.kv_capacity_tokens)
     figures = {"rows": job.rows, "requests": len(job.tokens.positions),
-               "rows_with_errors": len(job.request_errors()), **figures}
+               "rows_with_errors": len(job.request_errors()),
+               "constrained_rows": sum(job.constrained_counts().values()), **figures}
     figures.pop("planned", None)
     if sizing.kv_bytes_per_token:
         figures["kv_bytes_per_token"] = sizing.kv_bytes_per_token
@@ -337,23 +406,53 @@ def _error_results(job: PreparedJob, errors: dict[int, str]) -> pa.Table:
         "cached_tokens": pa.nulls(n, pa.int64()),
         "error": pa.array([errors[p] for p in positions], pa.string()),
         "duplicate_of": pa.nulls(n, pa.string()),
+        "logprobs": pa.nulls(n, RESULT_SCHEMA.field("logprobs").type),
+        "cumulative_logprob": pa.nulls(n, pa.float64()),
     }, schema=RESULT_SCHEMA)
+
+
+def _output_error(job: PreparedJob, i: int, row: int, result: GenerationResult) -> str | None:
+    """A constrained request's output that does not keep to its constraint: decoding stopped
+    before the constraint was complete. The row's error says why and what to change."""
+    constraint = job.constraints[i] if job.constraints else None
+    if constraint is None or result.error is not None or result.text is None:
+        return result.error
+    problem = output_problem(constraint, result.text)
+    if problem is None:
+        return None
+    if result.finish_reason == "length":
+        fix = (f"it stopped at max_tokens ({int(job.max_tokens[i])} tokens) before it was "
+               "complete; raise max_tokens")
+    else:
+        fix = ("a stop string or the end of the context cut it short; drop the stop strings "
+               "or shorten the prompt")
+    return f"row {row}: {problem}: {fix}"
+
+
+def _logprob_rows(r: GenerationResult) -> list[dict[str, Any]] | None:
+    if r.logprobs is None:
+        return None
+    return [{"token": t.token, "logprob": t.logprob,
+             "top_logprobs": [{"token": tok, "logprob": lp} for tok, lp in t.top]}
+            for t in r.logprobs]
 
 
 def _results_table(job: PreparedJob, done: list[tuple[int, GenerationResult]]) -> pa.Table:
     """Result rows for finished requests, and for the identical rows each one also serves
     (their prompt counted as cached: the engine computed none of it for them)."""
     table = job.requests.requests
+    row_of = table["row"]
     entries: list[tuple[int, GenerationResult, str | None]] = []
     for i, r in done:
         pos = int(job.tokens.positions[i])
+        r = replace(r, error=_output_error(job, i, row_of[pos].as_py(), r))
         entries.append((pos, r, None))
         served = replace(r, cached_tokens=r.prompt_tokens)
         entries.extend((copy, served, r.request_id) for copy in job.copies.get(i, ()))
     positions = [p for p, _, _ in entries]
     rs = [r for _, r, _ in entries]
     return pa.table({
-        "row": pa.array([table["row"][p].as_py() for p in positions], pa.int64()),
+        "row": pa.array([row_of[p].as_py() for p in positions], pa.int64()),
         "id": pa.array([table["id"][p].as_py() for p in positions], pa.string()),
         "text": pa.array([r.text for r in rs], pa.string()),
         "finish_reason": pa.array([r.finish_reason for r in rs], pa.string()),
@@ -362,6 +461,11 @@ def _results_table(job: PreparedJob, done: list[tuple[int, GenerationResult]]) -
         "cached_tokens": pa.array([r.cached_tokens for r in rs], pa.int64()),
         "error": pa.array([r.error for r in rs], pa.string()),
         "duplicate_of": pa.array([d for _, _, d in entries], pa.string()),
+        "logprobs": pa.array([_logprob_rows(r) for r in rs],
+                             RESULT_SCHEMA.field("logprobs").type),
+        "cumulative_logprob": pa.array(
+            [None if r.logprobs is None else sum(t.logprob for t in r.logprobs) for r in rs],
+            pa.float64()),
     }, schema=RESULT_SCHEMA)
 
 
@@ -391,7 +495,9 @@ def request_factory(job: PreparedJob) -> Callable[[int], GenerationRequest]:
         temperature, top_p, seed, stop = sampling(pos)
         return GenerationRequest(request_id=ids[pos], prompt_token_ids=job.tokens.tokens(i),
                                  max_tokens=int(job.max_tokens[i]), temperature=temperature,
-                                 top_p=top_p, seed=seed, stop=stop)
+                                 top_p=top_p, seed=seed, stop=stop,
+                                 constraint=job.constraints[i] if job.constraints else None,
+                                 logprobs=job.logprobs[i] if job.logprobs else None)
 
     return make
 
@@ -591,6 +697,7 @@ def _run_job(config: JobConfig, stop: StopFlag, *, engine_kind: str, engine: Eng
     progress: ProgressReporter | None = None
     status, message, plan_figures, step_figures = "ok", "", {}, {}
     attention_before: dict[str, Any] | None = None
+    backends_before: dict[str, int] = {}
     try:
         journal = ckpt.new_journal()
         errors = job.request_errors()
@@ -608,6 +715,7 @@ def _run_job(config: JobConfig, stop: StopFlag, *, engine_kind: str, engine: Eng
                 reset_attention_stats()
                 attention_before = engine.attention_stats()
             terminal().write(_start_line(job, info) + "\n")
+            backends_before = dict(getattr(engine, "structured_backends", {}))
             progress = ProgressReporter(job.rows, already_done=books.succeeded + books.failed,
                                         interactive=interactive, stream=terminal())
             groups, plan_figures = make_groups(job, info.block_size, info.kv_capacity_tokens)
@@ -656,6 +764,10 @@ def _run_job(config: JobConfig, stop: StopFlag, *, engine_kind: str, engine: Eng
         summary["attention"] = attention_summary(
             getattr(engine, "attention", None),
             diff_attention_stats(engine.attention_stats(), attention_before))
+    if summary["structured_outputs"]["constrained_rows"]:
+        backends = {name: n - backends_before.get(name, 0)
+                    for name, n in getattr(engine, "structured_backends", {}).items()}
+        summary["structured_outputs"]["backends"] = {k: v for k, v in backends.items() if v}
     if status != "ok":
         summary["checkpoint"] = str(ckpt.path)
         _write_summary(paths.local, summary)
@@ -732,6 +844,10 @@ def _summary(config: JobConfig, job: PreparedJob, books: _Books, engine: Engine 
         "completion_tokens_per_s": books.completion_tokens / max(wall_s, 1e-9),
         "engine": engine.info.settings if engine else {},
         "plan": plan_figures,
+        "structured_outputs": {
+            "constrained_rows": job.constrained_counts(),
+            "logprobs_rows": sum(k is not None for k in job.logprobs),
+        },
     }
     return out
 

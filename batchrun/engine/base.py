@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from ..structured import Constraint
+
 
 @dataclass(frozen=True)
 class GenerationRequest:
@@ -19,6 +21,20 @@ class GenerationRequest:
     top_p: float = 1.0
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    constraint: Constraint | None = None  # structured output; None: free text
+    logprobs: int | None = None  # None: none; k: each token's logprob and its k likeliest rivals
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One generated token: its text, its log-probability, and the `k` likeliest tokens at
+    its position as (text, logprob) pairs, likeliest first. A constrained row's
+    log-probabilities are those of the constrained distribution (vLLM applies the grammar's
+    mask before it computes them); a token the constraint forbade has LOGPROB_FLOOR."""
+
+    token: str
+    logprob: float
+    top: tuple[tuple[str, float], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -30,6 +46,7 @@ class GenerationResult:
     completion_tokens: int
     cached_tokens: int  # prompt tokens served from the prefix cache
     error: str | None = None
+    logprobs: tuple[TokenLogprob, ...] | None = None  # one per completion token, if asked
 
 
 @dataclass(frozen=True)

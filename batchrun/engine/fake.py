@@ -5,6 +5,11 @@ one token per step, and a block-granular LRU prefix cache reports `cached_tokens
 vLLM's num_cached_tokens does. Its text is a pure function of the prompt and sampling, so
 outputs do not depend on order or batching. Never used by `batchrun run` unless asked.
 
+Constrained rows: a choice row answers one of its choices, a JSON row the smallest instance of
+its schema (`{}` for json_object), four characters a token, cut short at max_tokens as a real
+engine's would be. It does not follow regexes: a regex row answers free text (which the
+runner's output check then fails). Logprobs are made up, but shaped like vLLM's.
+
 `batchrun run --engine fake` reads extra constructor arguments from the environment variable
 BATCHRUN_FAKE_ENGINE, a JSON object, so that CLI-level tests can slow the engine down (to kill
 or signal a run mid-way) or inject failures without a model:
@@ -25,7 +30,15 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..config import ConfigError
-from .base import EngineDiedError, EngineInfo, GenerationRequest, GenerationResult, StepOutput
+from ..structured import CHOICE, JSON_OBJECT, JSON_SCHEMA
+from .base import (
+    EngineDiedError,
+    EngineInfo,
+    GenerationRequest,
+    GenerationResult,
+    StepOutput,
+    TokenLogprob,
+)
 
 ENV_VAR = "BATCHRUN_FAKE_ENGINE"
 
@@ -34,6 +47,7 @@ ENV_VAR = "BATCHRUN_FAKE_ENGINE"
 class _Running:
     request: GenerationRequest
     cached: int
+    target: int  # tokens it will produce: its natural length, capped by max_tokens
     produced: int = 0
 
 
@@ -103,7 +117,8 @@ class FakeEngine:
         # Blocks become reusable once computed, i.e. after this step: siblings admitted in the
         # same step recompute the prefix, as they do in vLLM.
         self._computed.extend(hashes)
-        self._running[request.request_id] = _Running(request, hits * self.info.block_size)
+        target = min(request.max_tokens, self._natural_length(request))
+        self._running[request.request_id] = _Running(request, hits * self.info.block_size, target)
         self.admission_order.append(request.request_id)
 
     def step(self) -> StepOutput:
@@ -120,11 +135,10 @@ class FakeEngine:
             run.produced += 1
             if run.produced == 1:
                 out.prefilled.append(rid)
-            target = min(run.request.max_tokens, self._natural_length(run.request))
-            if run.produced < target:
+            if run.produced < run.target:
                 continue
             del self._running[rid]
-            out.finished.append(self._result(run, target))
+            out.finished.append(self._result(run, run.target))
         for h in self._computed:
             self._cache[h] = None
             self._cache.move_to_end(h)
@@ -139,8 +153,22 @@ class FakeEngine:
         key = repr((request.prompt_token_ids, request.temperature, request.top_p, request.seed))
         return hashlib.sha256(key.encode()).hexdigest()
 
+    def _tokens(self, request: GenerationRequest) -> list[str]:
+        """The whole completion the request would get with no max_tokens, token by token."""
+        digest = self._digest(request)
+        c = request.constraint
+        if c is not None and c.kind in (CHOICE, JSON_OBJECT, JSON_SCHEMA):
+            if c.kind == CHOICE:
+                choices = c.choices()
+                text = choices[int(digest[:4], 16) % len(choices)]
+            else:
+                text = json.dumps(_instance(json.loads(c.spec)) if c.kind == JSON_SCHEMA else {})
+            return [text[i:i + 4] for i in range(0, len(text), 4)] or [""]
+        n = 1 + int(digest[:4], 16) % 24
+        return [f"{' ' if i else ''}w{digest[i % 60:i % 60 + 4]}" for i in range(n)]
+
     def _natural_length(self, request: GenerationRequest) -> int:
-        return 1 + int(self._digest(request)[:4], 16) % 24
+        return len(self._tokens(request))
 
     def _result(self, run: _Running, length: int) -> GenerationResult:
         r = run.request
@@ -148,10 +176,19 @@ class FakeEngine:
         if r.request_id in self._fail:
             return GenerationResult(r.request_id, None, None, prompt_tokens, 0, run.cached,
                                     error="engine error: injected failure for this request")
-        natural = self._natural_length(r)
-        text = " ".join(f"w{self._digest(r)[i % 60:i % 60 + 4]}" for i in range(length))
-        reason = "stop" if length == natural else "length"
-        return GenerationResult(r.request_id, text, reason, prompt_tokens, length, run.cached)
+        tokens = self._tokens(r)
+        reason = "stop" if length == len(tokens) else "length"
+        tokens = tokens[:length]
+        logprobs = None
+        if r.logprobs is not None:
+            digest = self._digest(r)
+            logprobs = tuple(
+                TokenLogprob(t, -int(digest[i % 64], 16) / 8,
+                             tuple((t if j == 0 else f"alt{j}",
+                                    -int(digest[i % 64], 16) / 8 - j) for j in range(r.logprobs)))
+                for i, t in enumerate(tokens))
+        return GenerationResult(r.request_id, "".join(tokens), reason, prompt_tokens, length,
+                                run.cached, logprobs=logprobs)
 
     def num_unfinished(self) -> int:
         return len(self._waiting) + len(self._running)
@@ -165,3 +202,31 @@ class FakeEngine:
     def close(self) -> None:
         self._waiting.clear()
         self._running.clear()
+
+
+def _instance(schema: dict) -> object:
+    """A small value valid against a simple JSON schema (the fake engine's JSON answer)."""
+    if not isinstance(schema, dict):
+        return None
+    if "const" in schema:
+        return schema["const"]
+    if schema.get("enum"):
+        return schema["enum"][0]
+    for key in ("anyOf", "oneOf"):
+        if schema.get(key):
+            return _instance(schema[key][0])
+    kind = schema.get("type", "object" if "properties" in schema else "null")
+    kind = kind[0] if isinstance(kind, list) and kind else kind
+    if kind == "object":
+        required = set(schema.get("required", ()))
+        return {k: _instance(v) for k, v in schema.get("properties", {}).items()
+                if k in required}
+    if kind == "array":
+        return [_instance(schema.get("items", {}))] * schema.get("minItems", 0)
+    if kind == "string":
+        return "x" * schema.get("minLength", 1)
+    if kind in ("integer", "number"):
+        return schema.get("minimum", 0)
+    if kind == "boolean":
+        return True
+    return None

@@ -14,10 +14,18 @@ from pathlib import Path
 from typing import Any
 
 from ..config import EngineOptions
+from ..structured import LOGPROB_FLOOR, clamp_logprob, one_line, vllm_structured_outputs
 from .attention.mode import ENV_VAR as ATTENTION_ENV_VAR
 from .attention.selection import AttentionChoice, choose_attention
 from .attention.stats import STATS_ENV_VAR, read_attention_stats
-from .base import EngineDiedError, EngineInfo, GenerationRequest, GenerationResult, StepOutput
+from .base import (
+    EngineDiedError,
+    EngineInfo,
+    GenerationRequest,
+    GenerationResult,
+    StepOutput,
+    TokenLogprob,
+)
 
 log = logging.getLogger(__name__)
 
@@ -137,6 +145,26 @@ def wake_on_engine_death(client: Any) -> threading.Event | None:
     return done
 
 
+def token_logprobs(token_ids: Any, positions: Any, k: int | None) -> tuple[TokenLogprob, ...] \
+        | None:
+    """vLLM's per-position {token id: Logprob(logprob, rank, decoded_token)} -> one
+    TokenLogprob per generated token. A position holds the k likeliest tokens (rank 1..k) and
+    the sampled one, also when it is not among them."""
+    if k is None or positions is None:
+        return None
+    out = []
+    for token_id, position in zip(token_ids, positions, strict=False):
+        chosen = position.get(token_id)
+        top = sorted((lp for lp in position.values() if lp.rank is not None and lp.rank <= k),
+                     key=lambda lp: lp.rank)
+        out.append(TokenLogprob(
+            token=(chosen.decoded_token or "") if chosen is not None else "",
+            logprob=clamp_logprob(chosen.logprob) if chosen is not None else LOGPROB_FLOOR,
+            top=tuple((lp.decoded_token or "", clamp_logprob(lp.logprob)) for lp in top[:k]),
+        ))
+    return tuple(out)
+
+
 class VllmEngine:
     """vLLM's LLMEngine behind batchrun's Engine interface."""
 
@@ -185,26 +213,43 @@ class VllmEngine:
         )
         self._rejected: list[GenerationResult] = []
         self._started: set[str] = set()  # requests that have produced a token
+        self._logprobs_k: dict[str, int] = {}  # requests that asked for logprobs: how many top
+        # Constrained requests per structured-output backend (xgrammar, guidance), for the
+        # summary: vLLM's "auto" picks one per request.
+        self.structured_backends: dict[str, int] = {}
 
     def add(self, request: GenerationRequest) -> None:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
-        params = SamplingParams(
-            max_tokens=request.max_tokens,
-            temperature=request.temperature,
-            top_p=request.top_p,
-            seed=request.seed,
-            stop=list(request.stop) or None,
-        )
         try:
+            structured = vllm_structured_outputs(request.constraint) \
+                if request.constraint is not None else None
+            if structured is not None:
+                from vllm.sampling_params import StructuredOutputsParams
+
+                structured = StructuredOutputsParams(**structured)
+            params = SamplingParams(
+                max_tokens=request.max_tokens,
+                temperature=request.temperature,
+                top_p=request.top_p,
+                seed=request.seed,
+                stop=list(request.stop) or None,
+                logprobs=request.logprobs,
+                structured_outputs=structured,
+            )
             self._engine.add_request(
                 request.request_id, TokensPrompt(prompt_token_ids=request.prompt_token_ids), params
             )
+            if request.logprobs is not None:
+                self._logprobs_k[request.request_id] = request.logprobs
+            if structured is not None:  # vLLM's "auto" wrote down the backend it chose
+                backend = getattr(structured, "_backend", None) or "auto"
+                self.structured_backends[backend] = self.structured_backends.get(backend, 0) + 1
         except Exception as e:  # vLLM's verdict on this one request (validation, params)
             self._rejected.append(GenerationResult(
                 request.request_id, None, None, len(request.prompt_token_ids), 0, 0,
-                error=f"rejected by the engine: {str(e).splitlines()[0]}"))
+                error=f"rejected by the engine: {one_line(str(e), 300)}"))
 
     def step(self) -> StepOutput:
         step = StepOutput(finished=self._rejected)
@@ -231,6 +276,8 @@ class VllmEngine:
                 prompt_tokens=len(out.prompt_token_ids or ()),
                 completion_tokens=len(completion.token_ids),
                 cached_tokens=int(out.num_cached_tokens or 0),
+                logprobs=token_logprobs(completion.token_ids, completion.logprobs,
+                                        self._logprobs_k.pop(out.request_id, None)),
             ))
         return step
 
@@ -240,6 +287,8 @@ class VllmEngine:
     def abort(self, request_ids: list[str]) -> None:
         self._engine.abort_request(request_ids)
         self._started.difference_update(request_ids)
+        for rid in request_ids:
+            self._logprobs_k.pop(rid, None)
 
     def reset_prefix_cache(self) -> None:
         """Forget every cached prefix (benchmarks: each contender starts cold)."""

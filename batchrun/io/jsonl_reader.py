@@ -22,6 +22,7 @@ import pyarrow as pa
 
 from batchrun.config import ColumnMap
 from batchrun.io.rows import (
+    CONSTRAINT_FIELDS,
     DRAFT_SCHEMA,
     FIELDS,
     InputError,
@@ -39,7 +40,8 @@ CHUNK_ROWS = 65_536
 _BOM = b"\xef\xbb\xbf"
 # The escapes \ud800..\udfff; only lines holding one can decode to an unpaired surrogate.
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
-_NO_REQUEST = (None,) * (1 + len(FIELDS))  # endpoint and fields of a row with an error
+# endpoint, fields, constraint and spec of a row with an error
+_NO_REQUEST = (None,) * (1 + len(FIELDS) + 2)
 
 OPENAI_URLS = {"/v1/chat/completions": ENDPOINT_CHAT, "/v1/completions": ENDPOINT_COMPLETION}
 
@@ -62,23 +64,26 @@ class _Format(NamedTuple):
 
 
 def _plain_format(columns: ColumnMap) -> _Format:
-    keys = [getattr(columns, f) for f in FIELDS]
-    # A merge onto all-None defaults plus one itemgetter beats eight dict.get calls per row.
+    keys = [getattr(columns, f) for f in FIELDS + CONSTRAINT_FIELDS]
+    # A merge onto all-None defaults plus one itemgetter beats 14 dict.get calls per row.
     absent, pick = dict.fromkeys(keys), itemgetter(*keys)
     return _Format(columns.id, lambda obj: parse_request(pick({**absent, **obj}), keys))
 
 
-def _openai_labels(endpoint: str, max_key: str) -> tuple[str | None, ...]:
-    """Names of the request fields in a body; None for a prompt source the url cannot hold."""
+def _openai_labels(endpoint: str, max_key: str, top_key: str) -> tuple[str | None, ...]:
+    """Names of the request fields in a body; None for a field the url cannot hold."""
     prompt = "body.prompt" if endpoint == ENDPOINT_COMPLETION else None
     messages = "body.messages" if endpoint == ENDPOINT_CHAT else None
     return (prompt, messages, prompt, f"body.{max_key}",
-            "body.temperature", "body.top_p", "body.seed", "body.stop")
+            "body.temperature", "body.top_p", "body.seed", "body.stop", "body.logprobs",
+            f"body.{top_key}", "body.response_format", None, None, None)
 
 
-_OPENAI_LABELS = {(url, max_key): _openai_labels(endpoint, max_key)
+# /v1/completions takes `logprobs` as a number: how many top tokens to return per position.
+_OPENAI_LABELS = {(url, max_key, top_key): _openai_labels(endpoint, max_key, top_key)
                   for url, endpoint in OPENAI_URLS.items()
-                  for max_key in ("max_tokens", "max_completion_tokens")}
+                  for max_key in ("max_tokens", "max_completion_tokens")
+                  for top_key in ("top_logprobs", "logprobs")}
 
 
 def _openai_prompt(prompt: Any) -> tuple[Any, Any]:
@@ -106,13 +111,18 @@ def _openai_request(obj: dict) -> list[Any]:
     # max_completion_tokens is OpenAI's newer name for max_tokens.
     max_key = ("max_completion_tokens" if body.get("max_completion_tokens") is not None
                else "max_tokens")
+    logprobs, top_logprobs, top_key = body.get("logprobs"), body.get("top_logprobs"), \
+        "top_logprobs"
     if OPENAI_URLS[url] == ENDPOINT_CHAT:
         sources = (None, body.get("messages"), None)
     else:
         text, token_ids = _openai_prompt(body.get("prompt"))
         sources = (text, None, token_ids)
-    raw = (*sources, body.get(max_key), *map(body.get, FIELDS[4:]))
-    return parse_request(raw, _OPENAI_LABELS[url, max_key])
+        if logprobs is not None and type(logprobs) is not bool:  # a count, as OpenAI has it
+            logprobs, top_logprobs, top_key = True, logprobs, "logprobs"
+    raw = (*sources, body.get(max_key), *map(body.get, FIELDS[4:8]), logprobs, top_logprobs,
+           body.get("response_format"), None, None, None)
+    return parse_request(raw, _OPENAI_LABELS[url, max_key, top_key])
 
 
 _OPENAI_FORMAT = _Format("custom_id", _openai_request)

@@ -11,14 +11,17 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from batchrun import structured
 from batchrun.config import ColumnMap
 from batchrun.io.rows import (
+    CONSTRAINT_FIELDS,
     DRAFT_SCHEMA,
     FIELDS,
     INT32_MAX,
@@ -27,10 +30,12 @@ from batchrun.io.rows import (
     PROMPT_SOURCES,
     InputError,
     RowError,
+    logprobs_problem,
+    parse_constraint,
     parse_field,
     sources_problem,
 )
-from batchrun.io.schema import ENDPOINT_CHAT, ENDPOINT_COMPLETION
+from batchrun.io.schema import DICTIONARY_STRING, ENDPOINT_CHAT, ENDPOINT_COMPLETION
 from batchrun.io.storage import Location, open_random
 
 BATCH_ROWS = 65_536
@@ -118,6 +123,10 @@ def _fast_stop(arr: pa.Array) -> pa.Array | None:
     return None
 
 
+def _fast_bool(arr: pa.Array) -> pa.Array | None:
+    return arr if pa.types.is_boolean(arr.type) else None
+
+
 _FAST: dict[str, Callable[[pa.Array], pa.Array | None]] = {
     "id": _fast_id,
     "prompt": _fast_prompt,
@@ -127,6 +136,8 @@ _FAST: dict[str, Callable[[pa.Array], pa.Array | None]] = {
     "top_p": _fast_number(lambda x: pc.and_(pc.greater(x, 0), pc.less_equal(x, 1))),
     "seed": _fast_integer(INT64_MIN, INT64_MAX),
     "stop": _fast_stop,
+    "logprobs": _fast_bool,
+    "top_logprobs": _fast_integer(0, structured.MAX_TOP_LOGPROBS),
 }
 _TYPES = {name: DRAFT_SCHEMA.field(name).type for name in ("id", *FIELDS)}
 
@@ -172,12 +183,57 @@ def _draft_batch(batch: pa.RecordBatch, start: int, labels: dict[str, str]) -> p
         for i, message in column_errors.items():
             errors.setdefault(i, message)
 
+    logprobs, top_logprobs = values[FIELDS.index("logprobs")], values[FIELDS.index("top_logprobs")]
+    if top_logprobs.null_count < n and pc.any(pc.equal(logprobs, False)).as_py():
+        pair = (labels["logprobs"], labels["top_logprobs"])
+        for i, (lp, top) in enumerate(zip(logprobs.to_pylist(), top_logprobs.to_pylist(),
+                                          strict=True)):
+            if (problem := logprobs_problem(lp, top, pair)) is not None:
+                errors.setdefault(i, problem)
+    constraint, spec = _constraints(raw, labels, errors)
+
     endpoint = pc.if_else(raw["messages"].is_valid(), ENDPOINT_CHAT, ENDPOINT_COMPLETION)
     error = [None] * n
     for i, message in errors.items():
         error[i] = f"row {start + i}: {message}"
     return pa.RecordBatch.from_arrays(
-        [rows, ids, endpoint, *values, pa.array(error, pa.string())], schema=DRAFT_SCHEMA)
+        [rows, ids, endpoint, *values, constraint, spec, pa.array(error, pa.string())],
+        schema=DRAFT_SCHEMA)
+
+
+def _without_nulls(value: Any) -> Any:
+    """A Parquet struct as JSON: a struct column holds every key of every row, null where a
+    row lacks it, and a schema must not gain keys it never had."""
+    if type(value) is dict:
+        return {k: _without_nulls(v) for k, v in value.items() if v is not None}
+    if type(value) is list:
+        return [_without_nulls(v) for v in value]
+    return value
+
+
+def _constraints(raw: dict[str, pa.Array], labels: dict[str, str],
+                 errors: dict[int, str]) -> tuple[pa.Array, pa.Array]:
+    """The constraint and spec columns of a batch; a bad value's message goes to `errors`."""
+    columns = [raw[name] for name in CONSTRAINT_FIELDS]
+    n = len(columns[0])
+    if all(c.null_count == n for c in columns):
+        return pa.nulls(n, DICTIONARY_STRING), pa.nulls(n, DICTIONARY_STRING)
+    values = []
+    for c in columns:
+        if pa.types.is_dictionary(c.type):
+            c = c.dictionary_decode()
+        nested = pa.types.is_nested(c.type) and not pa.types.is_list(c.type)
+        values.append([_without_nulls(v) for v in c.to_pylist()] if nested else c.to_pylist())
+    names = [labels[name] for name in CONSTRAINT_FIELDS]
+    kinds, specs = [None] * n, [None] * n
+    for i, row in enumerate(zip(*values, strict=True)):
+        if row.count(None) == len(row):
+            continue
+        try:
+            kinds[i], specs[i] = parse_constraint(row, names)
+        except RowError as e:
+            errors.setdefault(i, str(e))
+    return pa.array(kinds, DICTIONARY_STRING), pa.array(specs, DICTIONARY_STRING)
 
 
 def read_parquet(path: Location, columns: ColumnMap, first_row: int = 0) -> ParquetRows:
@@ -190,7 +246,7 @@ def read_parquet(path: Location, columns: ColumnMap, first_row: int = 0) -> Parq
     except (pa.ArrowException, OSError) as e:
         raise InputError(f"{path}: cannot be opened as Parquet ({_one_line(e)}); "
                          "the file is cut short or corrupt: write it again") from None
-    labels = {name: getattr(columns, name) for name in ("id", *FIELDS)}
+    labels = {name: getattr(columns, name) for name in ("id", *FIELDS, *CONSTRAINT_FIELDS)}
     sources = [labels[f] for f in FIELDS[:PROMPT_SOURCES]]
     if not set(sources) & set(names):
         wanted = ", ".join(f'"{s}"' for s in sources)

@@ -6,8 +6,12 @@ Formats, told apart by content rather than by file name:
   * JSONL: anything else.
 In JSONL and Parquet a row has an optional id, exactly one of prompt (text), messages (a chat
 list, or that list as JSON text) or prompt_token_ids, and optional max_tokens, temperature,
-top_p, seed and stop (a string or a list of strings); ColumnMap names the columns. A null value
-is the same as a missing one.
+top_p, seed, stop (a string or a list of strings), logprobs (a bool), top_logprobs (0-20) and
+at most one output constraint: response_format (OpenAI's shape), choices (a list of strings),
+regex, or json_schema (an object or its JSON text); ColumnMap names the columns. In OpenAI
+files the body's response_format, logprobs and top_logprobs are read (/v1/completions takes
+logprobs as a count). A null value is the same as a missing one. A bad schema or regex is the
+row's error (batchrun.structured checks each distinct one once).
 
 Rows are numbered from 0 in input order. Blank (whitespace-only) JSONL lines are not rows;
 every other line is exactly one row, whatever it holds.

@@ -21,6 +21,7 @@ from typing import Any
 
 import pyarrow as pa
 
+from batchrun import structured
 from batchrun.errors import UsageError
 from batchrun.io.schema import ENDPOINT_CHAT, ENDPOINT_COMPLETION, REQUEST_SCHEMA
 
@@ -34,8 +35,11 @@ DRAFT_SCHEMA = REQUEST_SCHEMA.set(1, pa.field("id", pa.string()))
 # The request fields a row may set, in REQUEST_SCHEMA order. The first three are the prompt
 # sources, of which a row gives exactly one.
 FIELDS = ("prompt", "messages", "prompt_token_ids",
-          "max_tokens", "temperature", "top_p", "seed", "stop")
+          "max_tokens", "temperature", "top_p", "seed", "stop", "logprobs", "top_logprobs")
 PROMPT_SOURCES = 3
+# The fields that constrain the output, of which a row gives at most one. Together they fill
+# the request table's `constraint` and `constraint_spec` columns.
+CONSTRAINT_FIELDS = ("response_format", "choices", "regex", "json_schema")
 
 
 class InputError(UsageError):
@@ -150,6 +154,16 @@ def _stop(value: Any) -> list[str]:
     return value
 
 
+def _logprobs(value: Any) -> bool:
+    if type(value) is not bool:
+        raise _Invalid
+    return value
+
+
+def _top_logprobs(value: Any) -> int:
+    return _integer(value, 0, structured.MAX_TOP_LOGPROBS)
+
+
 def _id(value: Any) -> str:
     if type(value) is str:
         return value
@@ -169,6 +183,9 @@ _PARSERS: dict[str, tuple[Callable[[Any], Any], str]] = {
     "top_p": (_top_p, "must be a number in (0, 1]"),
     "seed": (_seed, "must be a 64-bit integer"),
     "stop": (_stop, "must be a string or a list of strings"),
+    "logprobs": (_logprobs, "must be true or false"),
+    "top_logprobs": (_top_logprobs, "must be an integer from 0 to "
+                                    f"{structured.MAX_TOP_LOGPROBS}"),
 }
 _FIELD_PARSERS = tuple(_PARSERS[name][0] for name in FIELDS)
 
@@ -199,17 +216,68 @@ def sources_problem(given: Sequence[int], labels: Sequence[str | None]) -> str:
     return f"give only one of {', '.join(names)}, not {both}"
 
 
+def logprobs_problem(logprobs: bool | None, top_logprobs: int | None,
+                     labels: Sequence[str | None]) -> str | None:
+    """Why a row's logprobs and top_logprobs contradict each other (as OpenAI refuses them).
+    `labels`: the names of the two fields."""
+    if logprobs is False and top_logprobs is not None:
+        return (f'"{labels[1]}" needs "{labels[0]}": true; set it, or drop '
+                f'"{labels[1]}"')
+    return None
+
+
+def parse_constraint(raw: Sequence[Any], labels: Sequence[str | None]) -> tuple[Any, Any]:
+    """One row's constraint as (kind, spec), (None, None) when it gives none. `raw` holds the
+    input values in CONSTRAINT_FIELDS order; a None label marks a field the format cannot
+    hold. Raises RowError."""
+    given = [i for i, value in enumerate(raw) if value is not None]
+    if not given:
+        return None, None
+    if len(given) > 1:
+        names = ", ".join(f'"{label}"' for label in labels if label)
+        both = " and ".join(f'"{labels[i]}"' for i in given)
+        raise RowError(f"give only one of {names}, not {both}")
+    i = given[0]
+    value, label = raw[i], labels[i]
+    try:
+        if i == 0:
+            constraint = structured.response_format(value, label)
+        elif i == 1:
+            constraint = structured.Constraint(structured.CHOICE, structured.choices_text(value))
+        elif i == 2:
+            constraint = structured.Constraint(structured.REGEX, structured.regex_text(value))
+        else:
+            constraint = structured.Constraint(structured.JSON_SCHEMA,
+                                               structured.schema_text(value))
+    except structured.ConstraintError as e:
+        message = str(e)  # response_format's parts name themselves
+        raise RowError(message if message.startswith('"') else f'"{label}" {message}') \
+            from None
+    return constraint.kind, constraint.spec
+
+
 def parse_request(raw: Sequence[Any], labels: Sequence[str | None]) -> list[Any]:
-    """One row's request values as the request table stores them: the endpoint, then FIELDS.
-    `raw` holds the input values in FIELDS order. Raises RowError."""
+    """One row's request values as the request table stores them: the endpoint, FIELDS, then
+    the constraint and its spec. `raw` holds the input values in FIELDS + CONSTRAINT_FIELDS
+    order. Raises RowError."""
     if (raw[0] is None) + (raw[1] is None) + (raw[2] is None) != PROMPT_SOURCES - 1:
         given = [i for i in range(PROMPT_SOURCES) if raw[i] is not None]
         raise RowError(sources_problem(given, labels))
-    request = [ENDPOINT_COMPLETION if raw[1] is None else ENDPOINT_CHAT, *raw]
-    for i, value in enumerate(raw):
+    n = len(FIELDS)
+    request = [ENDPOINT_COMPLETION if raw[1] is None else ENDPOINT_CHAT, *raw[:n]]
+    for i in range(n):
+        value = raw[i]
         if value is not None:
             try:  # the parser directly: this runs per field per row
                 request[i + 1] = _FIELD_PARSERS[i](value)
             except _Invalid:
                 parse_field(FIELDS[i], value, labels[i])  # raises RowError, worded
+    if request[n - 1] is not None or request[n] is not None:
+        problem = logprobs_problem(request[n - 1], request[n], labels[n - 2:n])
+        if problem:
+            raise RowError(problem)
+    if raw[n] is None and raw[n + 1] is None and raw[n + 2] is None and raw[n + 3] is None:
+        request += (None, None)
+    else:
+        request += parse_constraint(raw[n:], labels[n:])
     return request

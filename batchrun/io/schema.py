@@ -9,11 +9,20 @@ Requests: one row per input row, in input order, whatever the input format was.
     messages   the chat list as a JSON string, or null
     prompt_token_ids  pre-tokenized prompt (no tokenizer runs for the row), or null
     max_tokens, temperature, top_p, seed, stop: the row's own sampling values, or null
+    logprobs, top_logprobs: the row's own log-probability request, or null
+    constraint       the row's own structured-output constraint: "json_schema", "json_object",
+                     "choice", "regex", "text" (free text, said explicitly), or null (not given:
+                     the job's default applies)
+    constraint_spec  its spec (batchrun.structured): schema or choices as JSON text, or the regex
     error      null for a usable row; else what is wrong with it and how to fix it
+The two constraint columns are dictionary-encoded: an OpenAI batch file repeats one schema on
+every line, and it is held once per batch of rows, not once per row.
 
 Results: one row per input row.
     id, text, finish_reason, prompt_tokens, completion_tokens, cached_tokens, error,
     duplicate_of (the id of the identical deterministic row whose generation served this one)
+    logprobs (per completion token: token, logprob, top_logprobs; null where not asked),
+    cumulative_logprob (their sum: exp() of it is the probability of the whole completion)
 """
 
 from __future__ import annotations
@@ -22,6 +31,7 @@ import pyarrow as pa
 
 ENDPOINT_COMPLETION = "completion"
 ENDPOINT_CHAT = "chat"
+DICTIONARY_STRING = pa.dictionary(pa.int32(), pa.string())
 
 REQUEST_SCHEMA = pa.schema(
     [
@@ -36,9 +46,20 @@ REQUEST_SCHEMA = pa.schema(
         pa.field("top_p", pa.float64()),
         pa.field("seed", pa.int64()),
         pa.field("stop", pa.list_(pa.string())),
+        pa.field("logprobs", pa.bool_()),
+        pa.field("top_logprobs", pa.int64()),
+        pa.field("constraint", DICTIONARY_STRING),
+        pa.field("constraint_spec", DICTIONARY_STRING),
         pa.field("error", pa.string()),
     ]
 )
+
+TOKEN_LOGPROB = pa.struct([pa.field("token", pa.string()), pa.field("logprob", pa.float64())])
+LOGPROBS_TYPE = pa.list_(pa.struct([
+    pa.field("token", pa.string()),
+    pa.field("logprob", pa.float64()),
+    pa.field("top_logprobs", pa.list_(TOKEN_LOGPROB)),
+]))
 
 RESULT_SCHEMA = pa.schema(
     [
@@ -51,5 +72,7 @@ RESULT_SCHEMA = pa.schema(
         pa.field("cached_tokens", pa.int64()),
         pa.field("error", pa.string()),
         pa.field("duplicate_of", pa.string()),
+        pa.field("logprobs", LOGPROBS_TYPE),
+        pa.field("cumulative_logprob", pa.float64()),
     ]
 )

@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 from batchrun.config import ColumnMap
 from batchrun.io.parquet_reader import column_values
 from batchrun.io.readers import InputError, read_request_set, validate_summary
-from batchrun.io.rows import FIELDS, RowError, parse_field
+from batchrun.io.rows import CONSTRAINT_FIELDS, FIELDS, RowError, parse_field
 from batchrun.io.schema import ENDPOINT_CHAT, REQUEST_SCHEMA
 
 CASES_TRIED: Counter[str] = Counter()
@@ -99,13 +99,18 @@ json_values = st.recursive(
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner,
                                                                  max_size=4),
     max_leaves=8)
-field_names = st.sampled_from(["id", *FIELDS, "meta", "custom_id", "body", "url", "method"])
+field_names = st.sampled_from(["id", *FIELDS, *CONSTRAINT_FIELDS, "meta", "custom_id", "body",
+                               "url", "method"])
 # Values a request field is likely to meet: right, nearly right, and wrong.
 field_values = (json_values | st.integers(-3, 2**40) | st.floats(-2, 2)
                 | st.lists(st.integers(-2, 2**32), max_size=5)
                 | st.lists(st.fixed_dictionaries({"role": json_scalars, "content": json_scalars}),
                            max_size=3)
-                | st.sampled_from(["", "x", "/v1/completions", "/v1/chat/completions", "POST"]))
+                | st.sampled_from(["", "x", "/v1/completions", "/v1/chat/completions", "POST",
+                                   "[a-z]+", "((", '{"type": "object"}', "{"])
+                | st.fixed_dictionaries({"type": st.sampled_from(
+                    ["text", "json_object", "json_schema", "xml"])},
+                    optional={"json_schema": json_values}))
 request_like = st.dictionaries(field_names, field_values, max_size=6)
 valid_requests = st.fixed_dictionaries(
     {"prompt": st.text(min_size=1, max_size=30)},
@@ -130,12 +135,15 @@ def arrow_values(t: pa.DataType) -> st.SearchStrategy:
                 | st.sampled_from([0.0, -0.0, 0.5, 1.0, 3.0]))
     if pa.types.is_string(t) or pa.types.is_large_string(t):
         return st.none() | st.text(max_size=5)
+    if pa.types.is_boolean(t):
+        return st.none() | st.booleans()
     return st.none() | st.lists(arrow_values(t.value_type), max_size=4)
 
 
 arrow_types = st.sampled_from([
     pa.int8(), pa.uint64(), pa.int64(), pa.float32(), pa.float64(), pa.string(),
-    pa.large_string(), pa.list_(pa.int64()), pa.large_list(pa.int32()), pa.list_(pa.string())])
+    pa.large_string(), pa.list_(pa.int64()), pa.large_list(pa.int32()), pa.list_(pa.string()),
+    pa.bool_()])
 arrow_columns = st.tuples(
     st.sampled_from(FIELDS + ("id",)),
     arrow_types.flatmap(lambda t: st.tuples(st.just(t), st.lists(arrow_values(t), max_size=8))))
@@ -235,7 +243,8 @@ def test_truncated_parquet(folder: Path, rows: list[dict], cut: float) -> None:
 def test_random_parquet_columns(folder: Path, data: st.DataObject, rows: int) -> None:
     """Parquet files whose columns have any of many types and hostile values."""
     CASES_TRIED["random Parquet columns"] += 1
-    names = data.draw(st.sets(st.sampled_from(("id", *FIELDS, "meta")), min_size=1))
+    names = data.draw(st.sets(st.sampled_from(("id", *FIELDS, *CONSTRAINT_FIELDS, "meta")),
+                              min_size=1))
     columns = {}
     for name in sorted(names):
         arrow_type = data.draw(arrow_types)
