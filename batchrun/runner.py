@@ -111,12 +111,16 @@ class PreparedJob:
     constraints: list[Constraint | None] = field(default_factory=list)
     logprobs: list[int | None] = field(default_factory=list)
 
+    def rows_served(self, i: int) -> int:
+        """Rows request i's result fills: its own, and its identical copies'."""
+        return 1 + len(self.copies.get(i, ()))
+
     def constrained_counts(self) -> dict[str, int]:
-        """Requests per constraint kind, for `plan`, `validate` and the summary."""
+        """Rows per constraint kind, for `plan`, `validate` and the summary."""
         counts: dict[str, int] = {}
-        for c in self.constraints:
+        for i, c in enumerate(self.constraints):
             if c is not None:
-                counts[c.kind] = counts.get(c.kind, 0) + 1
+                counts[c.kind] = counts.get(c.kind, 0) + self.rows_served(i)
         return dict(sorted(counts.items()))
 
     @property
@@ -846,7 +850,8 @@ def _summary(config: JobConfig, job: PreparedJob, books: _Books, engine: Engine 
         "plan": plan_figures,
         "structured_outputs": {
             "constrained_rows": job.constrained_counts(),
-            "logprobs_rows": sum(k is not None for k in job.logprobs),
+            "logprobs_rows": sum(job.rows_served(i) for i, k in enumerate(job.logprobs)
+                                 if k is not None),
         },
     }
     return out
