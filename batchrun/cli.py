@@ -190,8 +190,7 @@ def run(
       batchrun run jobs/example.toml
       batchrun run prompts.jsonl -o out.parquet --max-tokens 64 --kv-cache-memory 1GiB
       batchrun run batch_input.jsonl -o out.parquet --openai-output out.jsonl
-      batchrun run reviews.jsonl -o labels.parquet --choice POSITIVE --choice NEGATIVE \
-          --top-logprobs 2
+      batchrun run reviews.jsonl -o labels.parquet --choice YES --choice NO --top-logprobs 2
       batchrun run docs.jsonl -o fields.parquet --json-schema schemas/invoice.json
       batchrun run jobs/nightly.toml --resume      # cron: continue after a kill
       batchrun run 's3://bucket/in/*.parquet' -o s3://bucket/out.parquet

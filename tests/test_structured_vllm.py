@@ -15,11 +15,11 @@ from batchrun.runner import run_job
 from tests.helpers import job, read_output, write_jsonl
 from tests.test_structured import check_openai_output
 
-# Two KV blocks long (72 tokens with the chat template): each row computes only its question.
+# The shared part is two KV blocks long (64 tokens, as a chat system message and as the
+# completion rows' preamble): each row computes only its own question.
 SYSTEM = ("You are the assistant of Northwind Outdoor Gear, a shop for tents, backpacks, stoves "
           "and sleeping bags in Oslo, Bergen and Tromso. Customers ask about products, prices, "
-          "shipping and returns. Answer the customer's question briefly and exactly in the form "
-          "asked, with no greeting and no explanation.")
+          "shipping and returns. Answer briefly and exactly in the form asked, with no greeting.")
 LABELS = ["POSITIVE", "NEGATIVE", "MIXED"]
 STARS = {"type": "object", "properties": {"stars": {"type": "integer", "minimum": 1,
                                                     "maximum": 5}},
@@ -27,8 +27,7 @@ STARS = {"type": "object", "properties": {"stars": {"type": "integer", "minimum"
 CITY = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 12}},
         "required": ["city"], "additionalProperties": False}
 REGEXES = [r"[0-9]{4}", r"(yes|no)", r"[A-Z][a-z]{2,8}"]
-QUESTIONS = ["the Alpine 2 tent", "the Trail 40 backpack", "the Blaze stove",
-             "the Polar sleeping bag"]
+QUESTIONS = ["the Alpine tent", "the Trail backpack", "the Blaze stove", "the Polar bag"]
 
 
 def mixed_rows(n: int = 208) -> list[dict]:
@@ -39,20 +38,22 @@ def mixed_rows(n: int = 208) -> list[dict]:
         kind = ("free", "choice", "regex", "json", "free", "choice", "regex", "choice")[i % 8]
         row: dict = {"id": f"{kind}-{i}"}
         if kind == "free":
-            question, row["max_tokens"] = f"Describe {thing} in a few words.", 4
+            question, row["max_tokens"] = f"#{i}: describe {thing}.", 4
             if i % 8 == 0:
                 row["logprobs"] = True
         elif kind == "choice":
-            question = f"Review of {thing} #{i}: good value, but heavy. Sentiment?"
+            question = f"#{i}: {thing} is good value, but heavy. Sentiment?"
             row["choices"], row["top_logprobs"] = LABELS, 2
         elif kind == "regex":
             pattern = REGEXES[(i // 8) % len(REGEXES)]
-            question = f"Question {i} about {thing}: answer with {pattern}."
+            question = f"#{i}: {thing}? " + {REGEXES[0]: "Year launched?",
+                                             REGEXES[1]: "Waterproof, yes or no?",
+                                             REGEXES[2]: "Its colour, one word?"}[pattern]
             row["regex"], row["max_tokens"] = pattern, 8
         else:
             schema = (STARS, CITY)[(i // 8) % 2]
-            question = (f"Rate {thing} (#{i}) from 1 to 5 as JSON." if schema is STARS
-                        else f"Which city ships {thing} (#{i})? Answer as JSON.")
+            question = (f"#{i}: rate {thing} 1-5, as JSON." if schema is STARS
+                        else f"#{i}: city shipping {thing}, as JSON.")
             row["max_tokens"] = 32
             if i % 16 == 3:  # OpenAI's shape, for the same thing
                 row["response_format"] = {"type": "json_schema", "json_schema": {
@@ -60,7 +61,7 @@ def mixed_rows(n: int = 208) -> list[dict]:
             else:
                 row["json_schema"] = schema
         if i % 5 == 0:  # a completion (no chat template) now and then
-            row["prompt"] = f"{SYSTEM}\n\nQ: {question}\nA:"
+            row["prompt"] = f"{SYSTEM}\n\nQuestion from a customer: {question}\nAnswer:"
         else:
             row["messages"] = [{"role": "system", "content": SYSTEM},
                                {"role": "user", "content": question}]
