@@ -24,7 +24,14 @@ from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .config import ConfigError, JobConfig, load_job_file, parse_size, with_overrides
+from .config import (
+    SECTIONS,
+    ConfigError,
+    JobConfig,
+    load_job_file,
+    parse_size,
+    with_overrides,
+)
 from .errors import BatchrunError, JobInterrupted, UsageError
 from .io import storage
 
@@ -51,6 +58,7 @@ OPTIONS = {
     "max_num_seqs": "engine.max_num_seqs", "attention": "engine.attention",
     "prompt_column": "columns.prompt", "id_column": "columns.id",
     "messages_column": "columns.messages", "passthrough": "columns.passthrough",
+    "replicas": "cluster.replicas", "ray_address": "cluster.ray_address",
 }
 # Keyword arguments that say how to run, not what.
 RUN_OPTIONS = ("resume", "overwrite", "engine", "progress", "grace_period", "handle_signals",
@@ -98,11 +106,11 @@ def _option_key(name: str) -> str:
     if name in OPTIONS:
         return OPTIONS[name]
     section = name.split(".", 1)[0]
-    if "." in name and section in ("sampling", "engine", "columns"):
+    if "." in name and section in SECTIONS:
         return name
     raise ConfigError(f"unknown option {name!r}; known options are "
                       f"{sorted(OPTIONS) + list(RUN_OPTIONS)}, or 'sampling.x', 'engine.x', "
-                      "'columns.x' for any key of a job file's sections")
+                      "'columns.x', 'cluster.x' for any key of a job file's sections")
 
 
 def _as_tuple(value: str | Iterable[str]) -> tuple[str, ...]:
