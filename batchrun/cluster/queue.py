@@ -2,15 +2,16 @@
 
 Shards go out largest first (by rows), each to the next replica that frees up. A shard bigger
 than a fair share of the work still to do ((queued + in-flight rows) / replicas) would leave
-the other replicas idle at the tail, so the replica pulling it gets a piece of about one
-share and the rest goes back into the queue. Early pieces are big, late ones small, as in guided
-self-scheduling: a replica's last piece is never more than its share of what was left.
+the other replicas idle at the tail, so the replica pulling it gets a piece of at most one
+share and the rest goes back into the queue. Early pieces are big, late ones small, as in
+guided self-scheduling: a replica's last piece is never more than its share of what was left.
 
 A piece is a run of the shard's rows in prefix order (lexicographic by token ids, so rows
 that share a prefix are neighbours). Cutting between two neighbours costs exactly the whole
 KV blocks they share: the second piece's engine computes them again. So the cut goes where
-the fewest blocks are shared within half a share of the target (ideally between two prefix
-families, where it costs nothing), nearest the target among equals.
+the fewest blocks are shared among the cuts that leave the piece between half a share and a
+share (ideally between two prefix families, where it costs nothing), nearest a share among
+equals.
 
 Nothing here knows about Ray: the driver (cluster/replicas.py) and the fleet simulation
 (benchmarks/bench_replicas.py) run this same code.
@@ -160,14 +161,14 @@ class Work:
 
 
 def _cheapest_cut(before: np.ndarray, shared_blocks: np.ndarray, target: int) -> int | None:
-    """The position k (0 < k < n) to cut at: the head (positions < k) holds between half and
-    one and a half `target` rows, and each side at least MIN_PIECE_ROWS; among those, fewest
+    """The position k (0 < k < n) to cut at: the head (positions < k) holds between half the
+    `target` rows and all of them, and each side at least MIN_PIECE_ROWS; among those, fewest
     blocks shared across the cut, then nearest the target. before[k]: rows left before k."""
     n = len(shared_blocks)
     k = np.arange(1, n)
     head = before[1:n]
     lo = max(MIN_PIECE_ROWS, target // 2)
-    hi = min(target + target // 2, int(before[n]) - MIN_PIECE_ROWS)
+    hi = min(target, int(before[n]) - MIN_PIECE_ROWS)
     ok = (head >= lo) & (head <= hi)
     if not ok.any():
         return None

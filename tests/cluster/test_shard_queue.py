@@ -32,8 +32,8 @@ def hand_out_all(queue: ShardQueue, in_flight: int = 0) -> list:
 
 
 def test_a_shard_splits_between_prefix_families_where_the_cut_costs_nothing():
-    # 30 rows share one 64-token prefix, 10 rows another; shuffled in the shard.
-    prompts = family([1] * 64, 30) + family([2] * 64, 10, first_row=30)
+    # 20 rows share one 64-token prefix, 28 rows another; shuffled in the shard.
+    prompts = family([1] * 64, 20) + family([2] * 64, 28, first_row=20)
     random.Random(0).shuffle(prompts)
     shard = TableShard(request_table(prompts))
     queue = ShardQueue([shard], replicas=2, orders=PrefixOrders(BLOCK))
@@ -41,8 +41,10 @@ def test_a_shard_splits_between_prefix_families_where_the_cut_costs_nothing():
     first = queue.take()
     second = queue.take(in_flight_rows=first.rows)
     assert queue.take() is None
-    # A share is 20 rows; the cut goes to the family boundary (30 | 10), not into a family.
-    assert sorted([first.rows, second.rows]) == [10, 30]
+    # A share is 24 rows; the cut goes to the family boundary (20 | 28), not into a family
+    # (which would recompute its 64-token prefix); the 28 then go whole (less than a share +
+    # MIN_PIECE_ROWS).
+    assert [first.rows, second.rows] == [20, 28]
     tables = [w.table(queue.orders) for w in (first, second)]
     assert {len({p[0] for p in prompts_of(t)}) for t in tables} == {1}
     assert sum(block_ideal(prompts_of(t)) for t in tables) == block_ideal(prompts)
