@@ -117,13 +117,19 @@ class Work:
 
     shard: ShardRef
     rows: int  # rows left to run
+    shard_number: int = 0  # the shard's place in the job's token order
     start: int = 0
     stop: int | None = None  # None: the whole shard, as stored (never sorted)
     done: frozenset[int] = field(default_factory=frozenset)  # global row numbers
 
     @classmethod
-    def whole(cls, shard: ShardRef) -> Work:
-        return cls(shard, shard.rows)
+    def whole(cls, shard: ShardRef, shard_number: int = 0) -> Work:
+        return cls(shard, shard.rows, shard_number)
+
+    @property
+    def token_order(self) -> tuple[int, int]:
+        """Sorts pieces in the job's token order (shards are consecutive ranges of it)."""
+        return self.shard_number, self.start
 
     def table(self, orders: PrefixOrders) -> pa.Table:
         """The rows to run: REQUEST_SCHEMA, global row numbers."""
@@ -187,9 +193,9 @@ class ShardQueue:
         self._seq = itertools.count()  # ties: first in, first out
         self.queued_rows = 0
         self.pieces_cut = 0
-        for shard in shards:
+        for number, shard in enumerate(shards):
             if shard.rows:
-                self.put_back(Work.whole(shard))
+                self.put_back(Work.whole(shard, number))
 
     def __len__(self) -> int:
         return len(self._heap)

@@ -24,6 +24,7 @@ import queue
 import signal
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -47,7 +48,7 @@ RAY_MISSING = ("--replicas and --ray-address run engines on Ray, which is not in
                "pip install 'batchrun[ray]' (on every node of the cluster)")
 # Environment the engines read (vLLM's settings, batchrun's cache and fake-engine options),
 # passed on to replicas: on another node they would not inherit it.
-_PASSED_ENV = ("VLLM_", "BATCHRUN_", "TRITON_", "HF_", "OMP_")
+_PASSED_ENV = ("VLLM_", "BATCHRUN_", "TRITON_", "HF_")
 # Result tables a replica may have sent that the driver has not read yet: bounds the
 # driver's memory when replicas finish rows faster than it journals them.
 _UNREAD_RESULTS = 8
@@ -91,9 +92,24 @@ class ReplicaStats:
 
 
 @dataclass(frozen=True)
-class PieceDone:
-    """A replica's last message for a piece: how long its engine worked on it."""
+class ReplicaJob:
+    """What every replica knows about the job: how to start its engine and prepare pieces."""
 
+    config: JobConfig
+    engine_kind: str
+    sizing: EngineSizing  # the job's, sized by the driver from its first shard
+    new_tokens: int  # this replica's share of the job's max_tokens (eager or compiled)
+    input_format: str
+    max_model_len: int
+    grace_s: float
+
+
+@dataclass(frozen=True)
+class PieceDone:
+    """A replica's last message for a piece: what running it produced beyond its results
+    (runner.ShardRun), and how long its engine worked on it."""
+
+    shard_run: Any
     busy_s: float
 
 
@@ -102,16 +118,12 @@ class ReplicaActor:
     of its own, from start to close: the actor's methods run on Ray's threads, and a piece's
     results must stream out while the engine still runs it."""
 
-    def __init__(self, config: JobConfig, engine_kind: str, sizing: EngineSizing,
-                 new_tokens: int) -> None:
-        from ..runner import start_engine
-
-        self._config = config
+    def __init__(self, job: ReplicaJob) -> None:
+        self._job = job
         self._stop = StopFlag()
         self._engine_thread = ThreadPoolExecutor(1, thread_name_prefix="batchrun-engine")
         self._engine = None
-        self._starting = self._engine_thread.submit(start_engine, config, engine_kind,
-                                                    new_tokens, sizing)
+        self._starting = self._engine_thread.submit(_start_engine, job)
 
     def ready(self) -> dict[str, Any]:
         """Wait for the engine to start; where it runs. A failure names the node."""
@@ -124,19 +136,23 @@ class ReplicaActor:
         return {"node": node, "pid": os.getpid(), "engine": info.name,
                 "kv_capacity_tokens": info.kv_capacity_tokens, "block_size": info.block_size}
 
-    def run(self, shard: pa.Table) -> Iterator[pa.Table | PieceDone]:
-        """Run one piece; yield its results as they finish, then a PieceDone."""
+    def run(self, piece: pa.Table) -> Iterator[pa.Table | PieceDone]:
+        """Run one piece (REQUEST_SCHEMA rows of a shard); yield its results as they finish,
+        then a PieceDone."""
         results: queue.Queue[pa.Table] = queue.Queue(maxsize=_UNREAD_RESULTS)
-        running = self._engine_thread.submit(self._run, shard, results.put)
+        running = self._engine_thread.submit(self._run, piece, results.put)
         yield from _drain(results, running)
-        yield PieceDone(running.result())
+        yield running.result()
 
-    def _run(self, shard: pa.Table, on_results: Callable[[pa.Table], None]) -> float:
-        from ..runner import run_shard
+    def _run(self, piece: pa.Table, on_results: Callable[[pa.Table], None]) -> PieceDone:
+        from ..runner import prepare_shard, run_shard
 
+        job = self._job
         t0 = time.monotonic()
-        run_shard(self._config, shard, self._engine, on_results, stop=self._stop)
-        return time.monotonic() - t0
+        prepared = prepare_shard(job.config, piece, job.input_format, job.max_model_len)
+        shard_run = run_shard(prepared, self._engine, on_results, stop=self._stop,
+                              grace_s=job.grace_s)
+        return PieceDone(shard_run, time.monotonic() - t0)
 
     def stop(self) -> None:
         """Stop admitting requests; those in flight finish (the job is stopping)."""
@@ -146,6 +162,18 @@ class ReplicaActor:
         if self._engine is not None:
             self._engine_thread.submit(self._engine.close).result()
         self._engine_thread.shutdown()
+
+
+def _start_engine(job: ReplicaJob) -> Any:
+    from ..runner import start_engine
+
+    if job.engine_kind != "fake":
+        from ..model import resolve_model
+
+        # The driver found the model on its own node; this node must see it too. Asked
+        # first, so that a missing model is a ModelError, not an engine failure.
+        resolve_model(job.config.model)
+    return start_engine(job.config, job.engine_kind, job.new_tokens, job.sizing)
 
 
 def _drain(results: queue.Queue[pa.Table], running: Future) -> Iterator[pa.Table]:
@@ -246,16 +274,16 @@ class Fleet:
         self.replicas = replicas
 
     @classmethod
-    def start(cls, ray: Any, config: JobConfig, engine_kind: str, sizing: EngineSizing,
-              new_tokens: int) -> Fleet:
-        n = config.cluster.replicas
-        options = {**_replica_resources(ray, n, config.engine.tensor_parallel_size),
-                   "runtime_env": {"env_vars": _replica_env(config.cluster.ray_address is None)},
-                   "max_restarts": 0}
+    def start(cls, ray: Any, job: ReplicaJob) -> Fleet:
+        cluster = job.config.cluster
+        options = {**_replica_resources(ray, cluster.replicas,
+                                        job.config.engine.tensor_parallel_size),
+                   "runtime_env": {"env_vars": _replica_env(cluster.ray_address is None)}}
         actor_class = _actor_class(ray)
-        fleet = cls(ray, [Replica(actor_class.options(name=f"batchrun-replica-{i}", **options)
-                                  .remote(config, engine_kind, sizing, -(-new_tokens // n)),
-                                  ReplicaStats(i)) for i in range(n)])
+        tag = uuid.uuid4().hex[:8]  # names stay unique while a previous job's actors die
+        fleet = cls(ray, [Replica(actor_class.options(name=f"batchrun-{tag}-replica-{i}",
+                                                      **options).remote(job), ReplicaStats(i))
+                          for i in range(cluster.replicas)])
         try:
             fleet._wait_ready()
         except BaseException:
@@ -343,6 +371,7 @@ class Dispatcher:
         self._idle = list(fleet.alive)
         self._running: dict[Any, _Running] = {}  # streaming generator -> its piece
         self._stopping = False
+        self.shard_runs: list[tuple[tuple[int, int], Any]] = []  # (token order, ShardRun)
 
     def run(self) -> None:
         ray = self.fleet.ray
@@ -397,6 +426,7 @@ class Dispatcher:
         if isinstance(message, PieceDone):
             stats.busy_s += message.busy_s
             stats.pieces += 1
+            self.shard_runs.append((running.work.token_order, message.shard_run))
             return
         self.on_results(message)
         stats.count(message)
@@ -416,20 +446,30 @@ class Dispatcher:
             raise EngineDiedError(f"every engine replica is gone; the last: {reason}")
 
 
-def run_on_replicas(config: JobConfig, shards: Sequence[ShardRef], *, engine_kind: str,
-                    sizing: EngineSizing, new_tokens: int,
-                    on_results: Callable[[pa.Table], None],
-                    stop: StopFlag) -> list[ReplicaStats]:
-    """Run every shard on `config.cluster.replicas` engine replicas; `on_results` gets each
-    result table once (global row numbers). Raises EngineDiedError (exit 4, resumable) when
-    every replica is gone; returns each replica's figures."""
-    with ray_session(config.cluster) as ray:
-        fleet = Fleet.start(ray, config, engine_kind, sizing, new_tokens)
-        work = ShardQueue(shards, len(fleet.alive), PrefixOrders(sizing.block_size))
+@dataclass
+class FleetRun:
+    """What the replicas did: each replica's figures, and the runner.ShardRun of every
+    piece they finished, in the job's token order (as the runner adds up a plan's
+    figures)."""
+
+    replicas: list[ReplicaStats]
+    shard_runs: list[Any]
+
+
+def run_on_replicas(job: ReplicaJob, shards: Sequence[ShardRef],
+                    on_results: Callable[[pa.Table], None], stop: StopFlag) -> FleetRun:
+    """Run every shard on `job.config.cluster.replicas` engine replicas; `on_results` gets
+    each result table once (global row numbers). Raises EngineDiedError (exit 4, resumable)
+    when every replica is gone, UsageError when a replica cannot start its engine."""
+    with ray_session(job.config.cluster) as ray:
+        fleet = Fleet.start(ray, job)
+        work = ShardQueue(shards, len(fleet.alive), PrefixOrders(job.sizing.block_size))
+        dispatcher = Dispatcher(fleet, work, on_results, stop)
         try:
-            Dispatcher(fleet, work, on_results, stop).run()
+            dispatcher.run()
         except BaseException:  # a second signal, a bug: nothing more to wait for
             fleet.kill()
             raise
         fleet.close()
-        return [r.stats for r in fleet.replicas]
+    shard_runs = [run for _, run in sorted(dispatcher.shard_runs, key=lambda r: r[0])]
+    return FleetRun([r.stats for r in fleet.replicas], shard_runs)
