@@ -64,6 +64,10 @@ ModelOpt = Annotated[str | None, typer.Option(
     help="Local Hugging Face model folder, or 'default' (SmolLM2-135M-Instruct, shipped).")]
 FormatOpt = Annotated[InputFormat | None, typer.Option(
     "--input-format", help="Input format; 'auto' detects Parquet, JSONL and OpenAI batch.")]
+MemoryBudgetOpt = Annotated[str | None, typer.Option(
+    help="Memory batchrun itself may use for rows, token ids, plans and results (not the "
+         "engine's), e.g. 2GiB. Past it the job is cut into prefix shards on disk under "
+         "<output>.partial/. Default 4GiB.")]
 PromptColOpt = Annotated[str | None, typer.Option(help="Input column holding the prompt text.")]
 IdColOpt = Annotated[str | None, typer.Option(help="Input column holding each row's id.")]
 PassOpt = Annotated[list[str] | None, typer.Option(
@@ -149,6 +153,7 @@ def run(
              "vLLM's.")] = None,
     block_size: Annotated[int | None, typer.Option(
         help="KV block size (default: 32 on CPU, 16 on GPU).")] = None,
+    memory_budget: MemoryBudgetOpt = None,
     max_model_len: Annotated[int | None, typer.Option(
         help="Context length cap. Default: the job's longest request (prompt + max_tokens), "
              "within the model's context.")] = None,
@@ -216,6 +221,7 @@ def run(
                "engine.kv_cache_memory": parse_size(kv_cache_memory)
                if kv_cache_memory else None,
                "engine.block_size": block_size, "engine.max_model_len": max_model_len,
+               "engine.memory_budget": parse_size(memory_budget) if memory_budget else None,
                "engine.dtype": dtype, "engine.enforce_eager": enforce_eager,
                "engine.tensor_parallel_size": tensor_parallel_size,
                "engine.attention": attention,
@@ -352,6 +358,7 @@ def plan_command(
         help="KV-cache size the run will have, e.g. 256MiB: groups are split to fit it "
              "(default: the size a run would choose).")]
     = None,
+    memory_budget: MemoryBudgetOpt = None,
     json_schema: SchemaOpt = None,
     choice: ChoiceOpt = None,
     regex: RegexOpt = None,
@@ -368,15 +375,17 @@ def plan_command(
       batchrun plan prompts.jsonl --json | jq .distinct_prompt_tokens
     """
     _quiet_engine_logs(False)
-    from .runner import describe_plan, prepare_job
+    from .runner import describe_plan
 
     try:
         cfg = _config(job, output or "plan.parquet", model=model, input_format=input_format,
                       **{"columns.prompt": prompt_column, "engine.block_size": block_size,
+                         "engine.memory_budget": parse_size(memory_budget)
+                         if memory_budget else None,
                          **_constraint_overrides(json_schema, choice, regex),
                          "engine.kv_cache_memory": parse_size(kv_cache_memory)
                          if kv_cache_memory else None})
-        figures = describe_plan(prepare_job(cfg, engine_kind=engine.value), engine.value)
+        figures = describe_plan(cfg, engine.value)
     except UsageError as e:
         _fail(str(e))
     if json_out:

@@ -109,6 +109,8 @@ class EngineOptions:
     max_model_len: int | None = None
     block_size: int | None = None
     kv_cache_memory: int | None = None  # bytes; vLLM's kv_cache_memory_bytes
+    # bytes batchrun itself may hold (rows, token ids, plan, results), not the engine's
+    memory_budget: int = 4 * 2**30
     enforce_eager: bool | None = None
     tensor_parallel_size: int = 1
     gpu_memory_utilization: float = 0.9
@@ -249,8 +251,9 @@ def load_job_file(path: Location) -> JobConfig:
     if isinstance(sampling.get("json_schema"), str):
         sampling["json_schema"] = str(resolve(sampling["json_schema"]))
     engine = dict(raw.pop("engine", {}))
-    if isinstance(engine.get("kv_cache_memory"), str):
-        engine["kv_cache_memory"] = parse_size(engine["kv_cache_memory"])
+    for key in ("kv_cache_memory", "memory_budget"):
+        if isinstance(engine.get(key), str):
+            engine[key] = parse_size(engine[key])
     cluster = dict(raw.pop("cluster", {}))
     raw["input"] = resolve(raw["input"])
     raw["output"] = resolve(raw["output"])

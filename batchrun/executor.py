@@ -269,6 +269,7 @@ class StreamingExecutor:
         stop: StopFlag | None = None,
         grace_s: float = 30.0,
         max_in_flight: int = 4096,
+        trace: StepTrace | None = None,
     ) -> None:
         self.engine = engine
         self._pending: deque[_GroupState] = deque()
@@ -296,7 +297,7 @@ class StreamingExecutor:
         self._started: set[str] = set()  # in flight and past their first step (prefilled)
         self._draining = False
         self.aborted: list[int] = []
-        self.trace = StepTrace()
+        self.trace = trace if trace is not None else StepTrace()
 
     @property
     def reserved_blocks(self) -> int:

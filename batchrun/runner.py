@@ -10,19 +10,20 @@ import contextlib
 import json
 import logging
 import os
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from . import __version__
-from .config import ConfigError, JobConfig, default_constraint
+from .config import ConfigError, JobConfig
 from .engine.attention.selection import (
     DEFAULT_CONCURRENCY,
     AttentionChoice,
@@ -32,24 +33,25 @@ from .engine.attention.selection import (
     sharing_figures,
 )
 from .engine.attention.stats import diff_attention_stats, reset_attention_stats
-from .engine.base import (
-    Engine,
-    EngineDiedError,
-    EngineInfo,
-    GenerationRequest,
-    GenerationResult,
-)
+from .engine.base import Engine, EngineDiedError
 from .engine.sizing import (
     DEFAULT_MAX_NUM_SEQS,
     EngineSizing,
     LongestRequest,
-    longest_request,
     peak_window_tokens,
     size_engine,
 )
-from .executor import Interrupted, RunGroup, StopFlag, StreamingExecutor, install_signal_handlers
+from .executor import (
+    Interrupted,
+    RunGroup,
+    StepTrace,
+    StopFlag,
+    StreamingExecutor,
+    install_signal_handlers,
+)
 from .io import storage
-from .io.readers import RequestSet, read_request_set
+from .io.output import OutputFiles, count_done, write_in_row_order
+from .io.result_rows import error_results, results_table
 from .io.results import (
     Checkpoint,
     CheckpointError,
@@ -58,25 +60,26 @@ from .io.results import (
     file_fingerprint,
     partial_dir_for,
     temp_path,
-    write_final_parquet,
-    write_openai_jsonl,
 )
-from .io.schema import RESULT_SCHEMA
 from .model import cache_root, kv_bytes_per_token, num_layers
 from .plan import plan_schedule
 from .plan.decode_first import decode_heavy_first
-from .plan.dedupe import find_duplicates, is_deterministic
-from .plan.prefix_tree import PrefixTree
-from .progress import ProgressReporter
-from .structured import TEXT, Constraint, max_choice_tokens, output_problem
-from .terminal import engine_log_path, output_to_log, terminal
-from .tokenize import (
-    ByteTokenizer,
-    HFTokenizer,
-    PromptTokenizer,
-    TokenizedRequests,
-    tokenize_requests,
+from .plan.job_figures import JobPlanFigures
+from .prepare import (
+    PreparedJob,
+    ShardedJob,
+    prepare_job,
+    prepare_shard,
+    read_into_shards,
+    request_factory,
 )
+from .progress import ProgressReporter
+from .terminal import engine_log_path, output_to_log, terminal
+
+__all__ = ["EXIT_INTERNAL", "EXIT_INTERRUPTED", "EXIT_OK", "EXIT_ROW_ERRORS", "EXIT_USAGE",
+           "JobOutcome", "PreparedJob", "choose_job_attention", "describe_plan",
+           "engine_sizing", "make_groups", "prepare_job", "request_factory", "run_job",
+           "run_shard"]
 
 log = logging.getLogger(__name__)
 
@@ -92,165 +95,6 @@ EXIT_INTERRUPTED = 4
 # every start) and generates 2.65x faster. Compiling pays off after ~167 s of eager decoding,
 # i.e. ~13k new tokens at the eager rate of ~80 tokens/s.
 EAGER_BELOW_NEW_TOKENS = 13_000
-
-
-@dataclass
-class PreparedJob:
-    """A job read and tokenized: everything but the engine."""
-
-    config: JobConfig
-    requests: RequestSet
-    tokens: TokenizedRequests
-    max_tokens: np.ndarray  # per tokenized request, after row values and clamping
-    max_model_len: int
-    done: np.ndarray  # bool per row: finished in an earlier, interrupted run
-    # Request index -> row positions of identical deterministic rows its result also serves.
-    copies: dict[int, list[int]] = field(default_factory=dict)
-    # Per tokenized request, after row values and job defaults: the structured-output
-    # constraint (None: free text) and how many top logprobs to return (None: no logprobs).
-    constraints: list[Constraint | None] = field(default_factory=list)
-    logprobs: list[int | None] = field(default_factory=list)
-
-    def rows_served(self, i: int) -> int:
-        """Rows request i's result fills: its own, and its identical copies'."""
-        return 1 + len(self.copies.get(i, ()))
-
-    def constrained_counts(self) -> dict[str, int]:
-        """Rows per constraint kind, for `plan`, `validate` and the summary."""
-        counts: dict[str, int] = {}
-        for i, c in enumerate(self.constraints):
-            if c is not None:
-                counts[c.kind] = counts.get(c.kind, 0) + self.rows_served(i)
-        return dict(sorted(counts.items()))
-
-    @property
-    def rows(self) -> int:
-        return self.requests.requests.num_rows
-
-    @cached_property
-    def prefix_tree(self) -> PrefixTree:
-        """Built once: sizing the engine and planning the run both read it."""
-        return PrefixTree.build(self.tokens.values, self.tokens.offsets)
-
-    def longest_request(self) -> LongestRequest | None:
-        ids = self.requests.requests["id"]
-        return longest_request(self.tokens.lengths(), self.max_tokens,
-                               lambda i: ids[int(self.tokens.positions[i])].as_py())
-
-    def request_errors(self) -> dict[int, str]:
-        """Row position -> error, for rows not done yet that cannot run."""
-        errors = {i: e for i, e in enumerate(self.requests.requests["error"].to_pylist())
-                  if e is not None and not self.done[i]}
-        errors.update(self.tokens.errors)
-        return errors
-
-
-def load_tokenizer(config: JobConfig, engine_kind: str,
-                   engine_max_model_len: int | None = None) -> tuple[PromptTokenizer, int]:
-    """The tokenizer and context length, without starting an engine (or with the context
-    length of an engine already started)."""
-    caps = [c for c in (config.engine.max_model_len, engine_max_model_len) if c]
-    if engine_kind == "fake":
-        return ByteTokenizer(), min(caps or [2048])
-    from .model import model_context_length, resolve_model
-
-    model_dir = resolve_model(config.model)
-    return HFTokenizer(model_dir), min([model_context_length(model_dir), *caps])
-
-
-def prepare_job(config: JobConfig, *, engine_kind: str = "vllm",
-                done_rows: set[int] | frozenset[int] = frozenset(),
-                engine_max_model_len: int | None = None) -> PreparedJob:
-    """Read and tokenize the job. Rows already done (a resumed run) are not tokenized."""
-    requests = read_request_set(config.input, config.columns, config.input_format)
-    tokenizer, max_model_len = load_tokenizer(config, engine_kind, engine_max_model_len)
-    table = requests.requests
-    skip = np.zeros(table.num_rows, dtype=bool)
-    skip[list(done_rows)] = True  # row numbers are table positions: one row per input row
-    tokens = tokenize_requests(table, tokenizer, max_model_len=max_model_len, skip=skip)
-    constraints = _constraints(table, tokens.positions, config)
-    logprobs = _logprobs(table, tokens.positions, config)
-    row_max = table["max_tokens"].to_pylist()
-    lengths = tokens.lengths()
-    max_tokens = np.empty(len(tokens.positions), dtype=np.int64)
-    for i, pos in enumerate(tokens.positions):
-        wanted = row_max[pos] or config.sampling.max_tokens
-        # A choice takes no more tokens than its longest choice has bytes (plus the end of
-        # sequence): asking for more would only reserve KV cache it never uses.
-        if constraints[i] is not None and (bound := max_choice_tokens(constraints[i])):
-            wanted = min(wanted, bound)
-        # Generation stops at the context's end anyway; planning with the real room is exact.
-        max_tokens[i] = max(1, min(wanted, max_model_len - int(lengths[i])))
-    job = PreparedJob(config, requests, tokens, max_tokens, max_model_len, skip,
-                      constraints=constraints, logprobs=logprobs)
-    return _without_duplicates(job) if config.plan else job
-
-
-def _without_duplicates(job: PreparedJob) -> PreparedJob:
-    """The job with identical deterministic requests run once (see plan/dedupe.py)."""
-    sampling = row_sampling(job)
-    keys = []
-    for i, pos in enumerate(job.tokens.positions.tolist()):
-        temperature, top_p, seed, stop = sampling(pos)
-        # Everything that shapes the output: a constraint or logprobs make rows differ too.
-        keys.append((int(job.max_tokens[i]), temperature, top_p, seed, stop,
-                     job.constraints[i], job.logprobs[i])
-                    if is_deterministic(temperature, seed) else None)
-    found = find_duplicates(job.tokens.values, job.tokens.offsets, keys)
-    if not found.copies:
-        return job
-    renumber = {int(r): k for k, r in enumerate(found.runs)}
-    positions = job.tokens.positions
-    copies = {renumber[r]: [int(positions[c]) for c in cs] for r, cs in found.copies.items()}
-    runs = found.runs.tolist()
-    return replace(job, tokens=job.tokens.take(found.runs),
-                   max_tokens=job.max_tokens[found.runs], copies=copies,
-                   constraints=[job.constraints[r] for r in runs],
-                   logprobs=[job.logprobs[r] for r in runs])
-
-
-def _constraints(table: pa.Table, positions: np.ndarray,
-                 config: JobConfig) -> list[Constraint | None]:
-    """Each request's constraint: its row's own, else the job's default; "text" rows none."""
-    default = default_constraint(config.sampling)
-    if table["constraint"].null_count == table.num_rows:
-        return [default] * len(positions)
-    kinds = table["constraint"].to_pylist()
-    specs = table["constraint_spec"].to_pylist()
-    seen: dict[tuple[str, str | None], Constraint] = {}  # one object per distinct constraint
-    out: list[Constraint | None] = []
-    for pos in positions.tolist():
-        kind = kinds[pos]
-        if kind is None:
-            out.append(default)
-        elif kind == TEXT:
-            out.append(None)
-        else:
-            key = (kind, specs[pos])
-            out.append(seen.get(key) or seen.setdefault(key, Constraint(kind, specs[pos])))
-    return out
-
-
-def _logprobs(table: pa.Table, positions: np.ndarray, config: JobConfig) -> list[int | None]:
-    """Each request's top-logprobs count (None: no logprobs). A row's logprobs/top_logprobs
-    win over the job's; top_logprobs alone turns logprobs on."""
-    s = config.sampling
-    default = None
-    if s.logprobs or s.top_logprobs is not None:
-        default = s.top_logprobs or 0
-    n = table.num_rows
-    if table["logprobs"].null_count == n and table["top_logprobs"].null_count == n:
-        return [default] * len(positions)
-    asked, top = table["logprobs"].to_pylist(), table["top_logprobs"].to_pylist()
-    out: list[int | None] = []
-    for pos in positions.tolist():
-        if asked[pos] is False:
-            out.append(None)
-        elif asked[pos] is None and top[pos] is None:
-            out.append(default)
-        else:
-            out.append(top[pos] if top[pos] is not None else s.top_logprobs or 0)
-    return out
 
 
 def make_groups(job: PreparedJob, block_size: int, kv_capacity_tokens: int | None) -> tuple[
@@ -277,8 +121,11 @@ def make_groups(job: PreparedJob, block_size: int, kv_capacity_tokens: int | Non
                                                         **plan.stats.to_dict()}
 
 
-def engine_sizing(job: PreparedJob, engine_kind: str = "vllm") -> EngineSizing:
-    """The engine settings this job gets (see engine/sizing.py), without starting it."""
+def engine_sizing(job: PreparedJob, engine_kind: str = "vllm", *,
+                  longest: LongestRequest | None = None) -> EngineSizing:
+    """The engine settings this job gets (see engine/sizing.py), without starting it. A job
+    of several shards is sized by its first shard's plan and the whole job's `longest`
+    request."""
     opts = job.config.engine
     if engine_kind == "fake":
         block_size, per_token, cpu = opts.block_size or 4, 0, False
@@ -298,24 +145,60 @@ def engine_sizing(job: PreparedJob, engine_kind: str = "vllm") -> EngineSizing:
             np.repeat(np.arange(len(groups)), [len(g.members) for g in groups]),
             np.array([g.prefix_blocks for g in groups], dtype=np.int64),
             opts.max_num_seqs or DEFAULT_MAX_NUM_SEQS, block_size)
-    return size_engine(longest=job.longest_request(), context=job.max_model_len,
+    return size_engine(longest=longest or job.longest_request(), context=job.max_model_len,
                        block_size=block_size, kv_bytes_per_token=per_token,
                        user_kv_cache_memory=opts.kv_cache_memory, size_kv_from_job=size_kv,
                        window_tokens=window)
 
 
-def describe_plan(job: PreparedJob, engine_kind: str = "vllm") -> dict[str, Any]:
-    """The plan's figures for `batchrun plan`, computed without starting an engine."""
-    sizing = engine_sizing(job, engine_kind)
-    _, figures = make_groups(job, sizing.block_size, sizing.kv_capacity_tokens)
-    figures = {"rows": job.rows, "requests": len(job.tokens.positions),
-               "rows_with_errors": len(job.request_errors()),
-               "constrained_rows": sum(job.constrained_counts().values()), **figures}
-    figures.pop("planned", None)
-    if sizing.kv_bytes_per_token:
-        figures["kv_bytes_per_token"] = sizing.kv_bytes_per_token
-    figures["engine_sizing"] = sizing.to_dict()
-    return figures
+def describe_plan(config: JobConfig, engine_kind: str = "vllm") -> dict[str, Any]:
+    """The plan's figures for `batchrun plan`, computed without starting an engine: the job
+    read, tokenized, sharded and planned as a run would, in the same memory budget."""
+    with tempfile.TemporaryDirectory(prefix="batchrun-plan-") as tmp:
+        sharded = read_into_shards(config, engine_kind=engine_kind, done=np.zeros(0, np.int64),
+                                   spill_dir=Path(tmp) / "spill")
+        figures = JobPlanFigures()
+        counts = {"requests": 0, "rows_with_errors": 0, "constrained_rows": 0}
+        sizing = None
+        for shard in sharded.shards:
+            job = prepare_shard(config, shard.load(), sharded.input_format,
+                                sharded.max_model_len)
+            if sizing is None:
+                sizing = engine_sizing(job, engine_kind, longest=sharded.longest)
+            _, plan = make_groups(job, sizing.block_size, sizing.kv_capacity_tokens)
+            figures.add(plan, *_first_and_last_prompts(job))
+            counts["requests"] += len(job.tokens.positions)
+            counts["rows_with_errors"] += len(job.request_errors())
+            counts["constrained_rows"] += sum(job.constrained_counts().values())
+    out = {"rows": sharded.rows, **counts, **figures.to_dict()}
+    out.pop("planned", None)
+    out["requests"] = counts["requests"]
+    if sizing is not None:
+        if sizing.kv_bytes_per_token:
+            out["kv_bytes_per_token"] = sizing.kv_bytes_per_token
+        out["engine_sizing"] = sizing.to_dict()
+    out["shards"] = {"count": len(sharded.shards), "spilled_bytes": sharded.spilled_bytes,
+                     "memory_budget": config.engine.memory_budget,
+                     "peak_rss_bytes": peak_rss_bytes()}
+    return out
+
+
+def _first_and_last_prompts(job: PreparedJob) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """The job's first and last prompts in token order (None when it has none)."""
+    toks = job.tokens
+    if not len(toks.positions) or not job.config.plan:
+        return None, None
+    order = job.prefix_tree.order
+    first, last = int(order[0]), int(order[-1])
+    return (toks.values[toks.offsets[first]:toks.offsets[first + 1]],
+            toks.values[toks.offsets[last]:toks.offsets[last + 1]])
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory so far (Linux reports KiB)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def job_sharing(job: PreparedJob, *, block_size: int, kv_bytes_per_token: int,
@@ -370,10 +253,9 @@ class JobOutcome:
 
 
 @dataclass
-class _Books:
-    """Counts kept while the job runs."""
+class Books:
+    """Counts of the results journaled so far (this run's and earlier runs')."""
 
-    results: list[pa.Table] = field(default_factory=list)
     succeeded: int = 0
     failed: int = 0
     prompt_tokens: int = 0
@@ -382,128 +264,56 @@ class _Books:
     duplicates: int = 0  # rows served by an identical row's generation
     finish_reasons: dict[str, int] = field(default_factory=dict)
 
+    @property
+    def rows(self) -> int:
+        return self.succeeded + self.failed
+
     def count(self, table: pa.Table) -> None:
-        errors = table["error"].to_pylist()
-        n_err = sum(e is not None for e in errors)
-        self.failed += n_err
-        self.succeeded += table.num_rows - n_err
-        self.duplicates += table.num_rows - table["duplicate_of"].null_count
         ok = table.filter(table["error"].is_null())
-        self.prompt_tokens += int(np.sum(ok["prompt_tokens"].to_numpy(zero_copy_only=False)))
-        self.cached_tokens += int(np.sum(ok["cached_tokens"].to_numpy(zero_copy_only=False)))
-        self.completion_tokens += int(np.sum(
-            ok["completion_tokens"].to_numpy(zero_copy_only=False)))
-        for reason in ok["finish_reason"].to_pylist():
-            self.finish_reasons[reason] = self.finish_reasons.get(reason, 0) + 1
+        self.failed += table.num_rows - ok.num_rows
+        self.succeeded += ok.num_rows
+        self.duplicates += table.num_rows - table["duplicate_of"].null_count
+        for name in ("prompt_tokens", "cached_tokens", "completion_tokens"):
+            setattr(self, name, getattr(self, name) + (pc.sum(ok[name]).as_py() or 0))
+        for item in pc.value_counts(ok["finish_reason"]).to_pylist():
+            reason = item["values"]
+            self.finish_reasons[reason] = self.finish_reasons.get(reason, 0) + item["counts"]
 
 
-def _error_results(job: PreparedJob, errors: dict[int, str]) -> pa.Table:
-    rows = job.requests.requests["row"].to_pylist()
-    ids = job.requests.requests["id"].to_pylist()
-    positions = sorted(errors)
-    n = len(positions)
-    return pa.table({
-        "row": pa.array([rows[p] for p in positions], pa.int64()),
-        "id": pa.array([ids[p] for p in positions], pa.string()),
-        "text": pa.nulls(n, pa.string()), "finish_reason": pa.nulls(n, pa.string()),
-        "prompt_tokens": pa.nulls(n, pa.int64()), "completion_tokens": pa.nulls(n, pa.int64()),
-        "cached_tokens": pa.nulls(n, pa.int64()),
-        "error": pa.array([errors[p] for p in positions], pa.string()),
-        "duplicate_of": pa.nulls(n, pa.string()),
-        "logprobs": pa.nulls(n, RESULT_SCHEMA.field("logprobs").type),
-        "cumulative_logprob": pa.nulls(n, pa.float64()),
-    }, schema=RESULT_SCHEMA)
+@dataclass
+class ShardRun:
+    """What running one shard produced beyond its results."""
+
+    plan: dict[str, Any]
+    first_prompt: np.ndarray | None
+    last_prompt: np.ndarray | None
+    constrained: dict[str, int]
+    logprobs_rows: int
 
 
-def _output_error(job: PreparedJob, i: int, row: int, result: GenerationResult) -> str | None:
-    """A constrained request's output that does not keep to its constraint: decoding stopped
-    before the constraint was complete. The row's error says why and what to change."""
-    constraint = job.constraints[i] if job.constraints else None
-    if constraint is None or result.error is not None or result.text is None:
-        return result.error
-    problem = output_problem(constraint, result.text)
-    if problem is None:
-        return None
-    if result.finish_reason == "length":
-        fix = (f"it stopped at max_tokens ({int(job.max_tokens[i])} tokens) before it was "
-               "complete; raise max_tokens")
-    else:
-        fix = ("a stop string or the end of the context cut it short; drop the stop strings "
-               "or shorten the prompt")
-    return f"row {row}: {problem}: {fix}"
-
-
-def _logprob_rows(r: GenerationResult) -> list[dict[str, Any]] | None:
-    if r.logprobs is None:
-        return None
-    return [{"token": t.token, "logprob": t.logprob,
-             "top_logprobs": [{"token": tok, "logprob": lp} for tok, lp in t.top]}
-            for t in r.logprobs]
-
-
-def _results_table(job: PreparedJob, done: list[tuple[int, GenerationResult]]) -> pa.Table:
-    """Result rows for finished requests, and for the identical rows each one also serves
-    (their prompt counted as cached: the engine computed none of it for them)."""
-    table = job.requests.requests
-    row_of = table["row"]
-    entries: list[tuple[int, GenerationResult, str | None]] = []
-    for i, r in done:
-        pos = int(job.tokens.positions[i])
-        r = replace(r, error=_output_error(job, i, row_of[pos].as_py(), r))
-        entries.append((pos, r, None))
-        served = replace(r, cached_tokens=r.prompt_tokens)
-        entries.extend((copy, served, r.request_id) for copy in job.copies.get(i, ()))
-    positions = [p for p, _, _ in entries]
-    rs = [r for _, r, _ in entries]
-    return pa.table({
-        "row": pa.array([row_of[p].as_py() for p in positions], pa.int64()),
-        "id": pa.array([table["id"][p].as_py() for p in positions], pa.string()),
-        "text": pa.array([r.text for r in rs], pa.string()),
-        "finish_reason": pa.array([r.finish_reason for r in rs], pa.string()),
-        "prompt_tokens": pa.array([r.prompt_tokens for r in rs], pa.int64()),
-        "completion_tokens": pa.array([r.completion_tokens for r in rs], pa.int64()),
-        "cached_tokens": pa.array([r.cached_tokens for r in rs], pa.int64()),
-        "error": pa.array([r.error for r in rs], pa.string()),
-        "duplicate_of": pa.array([d for _, _, d in entries], pa.string()),
-        "logprobs": pa.array([_logprob_rows(r) for r in rs],
-                             RESULT_SCHEMA.field("logprobs").type),
-        "cumulative_logprob": pa.array(
-            [None if r.logprobs is None else sum(t.logprob for t in r.logprobs) for r in rs],
-            pa.float64()),
-    }, schema=RESULT_SCHEMA)
-
-
-def row_sampling(job: PreparedJob) -> Callable[[int], tuple[float, float, int | None,
-                                                            tuple[str, ...]]]:
-    """A row position's (temperature, top_p, seed, stop): its own values, else the job's."""
-    table, s = job.requests.requests, job.config.sampling
-    temperature, top_p, seed, stop = (table[c].to_pylist()
-                                      for c in ("temperature", "top_p", "seed", "stop"))
-
-    def at(pos: int) -> tuple[float, float, int | None, tuple[str, ...]]:
-        return (s.temperature if temperature[pos] is None else temperature[pos],
-                s.top_p if top_p[pos] is None else top_p[pos],
-                s.seed if seed[pos] is None else seed[pos],
-                s.stop if stop[pos] is None else tuple(stop[pos]))
-
-    return at
-
-
-def request_factory(job: PreparedJob) -> Callable[[int], GenerationRequest]:
-    """Builds the engine request of tokenized request i (row values win over defaults)."""
-    ids = job.requests.requests["id"].to_pylist()
-    sampling = row_sampling(job)
-
-    def make(i: int) -> GenerationRequest:
-        pos = int(job.tokens.positions[i])
-        temperature, top_p, seed, stop = sampling(pos)
-        return GenerationRequest(request_id=ids[pos], prompt_token_ids=job.tokens.tokens(i),
-                                 max_tokens=int(job.max_tokens[i]), temperature=temperature,
-                                 top_p=top_p, seed=seed, stop=stop,
-                                 constraint=job.constraints[i] if job.constraints else None,
-                                 logprobs=job.logprobs[i] if job.logprobs else None)
-
-    return make
+def run_shard(job: PreparedJob, engine: Engine | None,
+              on_results: Callable[[pa.Table], None], *, stop: StopFlag | None = None,
+              grace_s: float = 30.0, trace: StepTrace | None = None) -> ShardRun:
+    """Run a prepared shard (or whole small job) on a started engine: its error rows first,
+    then its plan through the streaming executor. Every result reaches `on_results` as
+    RESULT_SCHEMA rows (row numbers are the input's)."""
+    errors = job.request_errors()
+    if errors:
+        on_results(error_results(job, errors))
+    plan: dict[str, Any] = {"planned": False}
+    if len(job.tokens.positions):
+        if engine is None:
+            raise EngineDiedError("no engine to run the job on")
+        info = engine.info
+        groups, plan = make_groups(job, info.block_size, info.kv_capacity_tokens)
+        executor = StreamingExecutor(
+            engine, groups, request_factory(job),
+            lambda batch: on_results(results_table(job, batch)),
+            stop=stop, grace_s=grace_s, trace=trace)
+        executor.run()
+    logprobs_rows = sum(job.rows_served(i) for i, k in enumerate(job.logprobs) if k is not None)
+    return ShardRun(plan, *_first_and_last_prompts(job), job.constrained_counts(),
+                    logprobs_rows)
 
 
 def start_engine(config: JobConfig, engine_kind: str, new_tokens: int,
@@ -658,177 +468,245 @@ def _run_job(config: JobConfig, stop: StopFlag, *, engine_kind: str, engine: Eng
              grace_s: float) -> JobOutcome:
     t0 = time.monotonic()
     paths = output_paths(config)
-    output = paths.dest
-    if storage.exists(output) and not overwrite:
+    if storage.exists(paths.dest) and not overwrite:
         leftover = Checkpoint(partial_dir_for(paths.base))
         if leftover.is_complete():  # a kill came between writing the output and this cleanup
             leftover.remove()
             _remove_staged(paths)
-        msg = (f"{output} already exists: this job has finished before, nothing to do. "
+        msg = (f"{paths.dest} already exists: this job has finished before, nothing to do. "
                "Use --overwrite to run it again")
-        return JobOutcome(EXIT_OK, {"status": "already_done", "output": str(output)}, msg)
-    manifest = {"batchrun": __version__, "input": file_fingerprint(config.input),
-                "settings": config.fingerprint_settings()}
-    if overwrite:
-        Checkpoint(partial_dir_for(paths.base)).remove()
-    ckpt = Checkpoint.open(paths.base, manifest, resume=resume)
-    done = ckpt.read_done()
-    done_rows = set(done["row"].to_pylist())
-    books = _Books()
-    if done.num_rows:
-        books.count(done)
+        return JobOutcome(EXIT_OK, {"status": "already_done", "output": str(paths.dest)}, msg)
+    run = _JobRun.open(config, paths, engine_kind, engine, resume=resume, overwrite=overwrite,
+                       stop=stop)
+    run.generate(stop, interactive=interactive, grace_s=grace_s)
+    return run.finish(time.monotonic() - t0)
 
-    own_engine = engine is None
+
+@dataclass
+class _JobRun:
+    """One run of a job: opened (checkpoint, input read into shards, engine started),
+    generated (shard by shard), finished (output written, or the reason it was not).
+    Every failure after opening ends in `finish` with a status and the checkpoint kept."""
+
+    config: JobConfig
+    paths: OutputPaths
+    ckpt: Checkpoint
+    books: Books
+    sharded: ShardedJob
+    engine: Engine | None
+    own_engine: bool
     sizing: EngineSizing | None = None
+    first: PreparedJob | None = None  # the first shard, prepared while sizing the engine
     start_failure: EngineDiedError | None = None
-    try:
-        job = prepare_job(config, engine_kind=engine_kind, done_rows=done_rows,
-                          engine_max_model_len=engine.info.max_model_len if engine else None)
-        # No engine when nothing is left to generate (a resume after a failed final write,
-        # only error rows) or a signal came while reading: starting vLLM takes a minute.
-        needs_engine = len(job.tokens.positions) > 0 and not stop.requested
-        if own_engine and needs_engine:
-            sizing = engine_sizing(job, engine_kind)
-            engine = start_engine(config, engine_kind, int(job.max_tokens.sum()), sizing, job)
-    except EngineDiedError as e:
-        start_failure = e  # not the input's or the settings' fault: exit 4 below, resumable
-    except BaseException:
-        if not done.num_rows:  # an unusable input, model or setting: leave no empty checkpoint
-            ckpt.remove()
-        raise
-
-    journal: ResultJournal | None = None
-    progress: ProgressReporter | None = None
-    status, message, plan_figures, step_figures = "ok", "", {}, {}
+    status: str = "ok"
+    message: str = ""
+    plan: JobPlanFigures = field(default_factory=JobPlanFigures)
+    trace: StepTrace = field(default_factory=StepTrace)
+    constrained: dict[str, int] = field(default_factory=dict)
+    logprobs_rows: int = 0
     attention_before: dict[str, Any] | None = None
-    backends_before: dict[str, int] = {}
-    try:
-        journal = ckpt.new_journal()
-        errors = job.request_errors()
-        if errors:
-            err_table = _error_results(job, errors)
-            journal.append(err_table)
-            books.count(err_table)
-        if needs_engine:
-            if start_failure is not None:  # reported like an engine failure mid-run
-                raise start_failure
-            info = engine.info
-            if hasattr(engine, "attention_stats"):
-                # This job's attention calls: a shared engine counted earlier jobs' too, in
-                # this process (reset) or in its own processes (subtracted at the end).
-                reset_attention_stats()
-                attention_before = engine.attention_stats()
-            terminal().write(_start_line(job, info) + "\n")
-            backends_before = dict(getattr(engine, "structured_backends", {}))
-            progress = ProgressReporter(job.rows, already_done=books.succeeded + books.failed,
+    backends_before: dict[str, int] = field(default_factory=dict)
+
+    @classmethod
+    def open(cls, config: JobConfig, paths: OutputPaths, engine_kind: str,
+             engine: Engine | None, *, resume: bool, overwrite: bool,
+             stop: StopFlag) -> _JobRun:
+        manifest = {"batchrun": __version__, "input": file_fingerprint(config.input),
+                    "settings": config.fingerprint_settings()}
+        if overwrite:
+            Checkpoint(partial_dir_for(paths.base)).remove()
+        ckpt = Checkpoint.open(paths.base, manifest, resume=resume)
+        books = Books()
+        done = count_done(ckpt.journals(), books.count)
+        try:
+            sharded = read_into_shards(
+                config, engine_kind=engine_kind, done=done, spill_dir=ckpt.path / "spill",
+                engine_max_model_len=engine.info.max_model_len if engine else None,
+                stop=lambda: stop.requested)
+        except BaseException:
+            if not len(done):  # an unusable input, model or setting: leave no empty checkpoint
+                ckpt.remove()
+            raise
+        run = cls(config, paths, ckpt, books, sharded, engine, own_engine=engine is None)
+        try:
+            run._start_engine(engine_kind, stop)
+        except EngineDiedError as e:
+            run.start_failure = e  # not the input's or the settings' fault: exit 4, resumable
+        except BaseException:
+            if not len(done):
+                ckpt.remove()
+            raise
+        return run
+
+    def _start_engine(self, engine_kind: str, stop: StopFlag) -> None:
+        """Size and start the engine, unless nothing is left to generate (a resume after a
+        failed final write, only error rows) or a signal came while reading: starting vLLM
+        takes a minute."""
+        sharded = self.sharded
+        if not sharded.runnable or stop.requested:
+            return
+        self.first = prepare_shard(self.config, sharded.shards[0].load(),
+                                   sharded.input_format, sharded.max_model_len)
+        if self.own_engine:
+            self.sizing = engine_sizing(self.first, engine_kind, longest=sharded.longest)
+            self.engine = start_engine(self.config, engine_kind, sharded.new_tokens,
+                                       self.sizing, self.first)
+
+    def generate(self, stop: StopFlag, *, interactive: bool | None, grace_s: float) -> None:
+        journal: ResultJournal | None = None
+        progress: ProgressReporter | None = None
+        try:
+            journal = self.ckpt.new_journal()
+            if self.sharded.runnable and not stop.requested:
+                if self.start_failure is not None:  # reported like an engine failure mid-run
+                    raise self.start_failure
+                self._note_engine_counters()
+                terminal().write(self._start_line() + "\n")
+            progress = ProgressReporter(self.sharded.rows, already_done=self.books.rows,
                                         interactive=interactive, stream=terminal())
-            groups, plan_figures = make_groups(job, info.block_size, info.kv_capacity_tokens)
+            self._run_shards(journal, progress, stop, grace_s)
+            if stop.requested and self.books.rows < self.sharded.rows:
+                self.status = "interrupted"
+                self.message = ("interrupted by a signal; finished rows are saved. Run the same "
+                                "command with --resume to continue")
+        except Interrupted as e:
+            self.status = "interrupted"
+            self.message = f"{e}; finished rows are saved. Re-run with --resume"
+        except EngineDiedError as e:
+            self.status, self.message = "engine_failed", (
+                f"{e}. Finished rows are saved in {self.ckpt.path}; fix the cause and re-run "
+                "with --resume")
+        except OSError as e:
+            self.status, self.message = "write_failed", (
+                f"cannot write results ({e.strerror or e}): {self.ckpt.path} holds every row "
+                "finished so far; free space and re-run with --resume")
+        finally:
+            if progress is not None:
+                progress.close()
+            if journal is not None:
+                with contextlib.suppress(OSError):  # the write error itself was caught above
+                    journal.close()
+            if self.own_engine and self.engine is not None:
+                self.engine.close()
 
-            def on_results(batch: list[tuple[int, GenerationResult]]) -> None:
-                table = _results_table(job, batch)
-                journal.append(table)
-                books.count(table)
-                progress.advance(table.num_rows, sum(r.prompt_tokens + r.completion_tokens
-                                                     for _, r in batch))
+    def _run_shards(self, journal: ResultJournal, progress: ProgressReporter, stop: StopFlag,
+                    grace_s: float) -> None:
+        def on_results(table: pa.Table) -> None:
+            journal.append(table)
+            self.books.count(table)
+            tokens = [pc.sum(table[c]).as_py() or 0
+                      for c in ("prompt_tokens", "completion_tokens")]
+            progress.advance(table.num_rows, sum(tokens))
 
-            executor = StreamingExecutor(engine, groups, request_factory(job), on_results,
-                                         stop=stop, grace_s=grace_s)
-            try:
-                executor.run()
-            finally:
-                step_figures = executor.trace.figures()
-        if stop.requested and books.succeeded + books.failed < job.rows:
-            status = "interrupted"
-            message = ("interrupted by a signal; finished rows are saved. Run the same command "
-                       "with --resume to continue")
-    except Interrupted as e:
-        status, message = "interrupted", f"{e}; finished rows are saved. Re-run with --resume"
-    except EngineDiedError as e:
-        status, message = "engine_failed", (f"{e}. Finished rows are saved in {ckpt.path}; "
-                                            "fix the cause and re-run with --resume")
-    except OSError as e:
-        status, message = "write_failed", (f"cannot write results ({e.strerror or e}): "
-                                           f"{ckpt.path} holds every row finished so far; "
-                                           "free space and re-run with --resume")
-    finally:
-        if progress is not None:
-            progress.close()
-        if journal is not None:
-            with contextlib.suppress(OSError):  # the write error itself was caught above
-                journal.close()
-        if own_engine and engine is not None:
-            engine.close()
+        for shard in self.sharded.shards:
+            if stop.requested:
+                break
+            job, self.first = self.first, None  # the first shard was prepared at the start
+            if job is None:
+                job = prepare_shard(self.config, shard.load(), self.sharded.input_format,
+                                    self.sharded.max_model_len)
+            done = run_shard(job, self.engine, on_results, stop=stop, grace_s=grace_s,
+                             trace=self.trace)
+            self.plan.add(done.plan, done.first_prompt, done.last_prompt)
+            for kind, n in done.constrained.items():
+                self.constrained[kind] = self.constrained.get(kind, 0) + n
+            self.logprobs_rows += done.logprobs_rows
 
-    summary = _summary(config, job, books, engine, plan_figures, time.monotonic() - t0, status)
-    summary["batch"] = step_figures
-    if sizing is not None:
-        summary["engine_sizing"] = sizing.to_dict()
-    if attention_before is not None:
-        # Read after close: an engine's own processes have written their last counts then.
-        summary["attention"] = attention_summary(
-            getattr(engine, "attention", None),
-            diff_attention_stats(engine.attention_stats(), attention_before))
-    if summary["structured_outputs"]["constrained_rows"]:
-        backends = {name: n - backends_before.get(name, 0)
-                    for name, n in getattr(engine, "structured_backends", {}).items()}
-        summary["structured_outputs"]["backends"] = {k: v for k, v in backends.items() if v}
-    if status != "ok":
-        summary["checkpoint"] = str(ckpt.path)
-        _write_summary(paths.local, summary)
+    def _note_engine_counters(self) -> None:
+        """This job's attention calls and structured-output backends: a shared engine
+        counted earlier jobs' too, in this process (reset) or in its own processes
+        (subtracted at the end)."""
+        engine = self.engine
+        if hasattr(engine, "attention_stats"):
+            reset_attention_stats()
+            self.attention_before = engine.attention_stats()
+        self.backends_before = dict(getattr(engine, "structured_backends", {}))
+
+    def _start_line(self) -> str:
+        info, sharded = self.engine.info, self.sharded
+        kv = f", KV cache {info.kv_capacity_tokens:,} tokens" if info.kv_capacity_tokens else ""
+        shards = f", in {len(sharded.shards)} prefix shards" if len(sharded.shards) > 1 else ""
+        return (f"batchrun: {sharded.requests:,} of {sharded.rows:,} rows to run on "
+                f"{info.name}{kv}, context {info.max_model_len:,} tokens{shards}")
+
+    def finish(self, wall_s: float) -> JobOutcome:
+        summary = self._summary(wall_s)
+        if self.status != "ok":
+            return self._stopped(summary, self.message)
+        if self.books.rows != self.sharded.rows:
+            raise CheckpointError(f"internal: {self.books.rows} results for "
+                                  f"{self.sharded.rows} rows")
+        try:
+            self.ckpt.mark_complete()
+            self._write_output()
+        except (OSError, pa.ArrowException) as e:
+            summary["status"] = "write_failed"
+            reason = getattr(e, "strerror", None) or " ".join(str(e).split())[:300]
+            return self._stopped(summary, (
+                f"cannot write the output ({reason}): {self.ckpt.path} holds every row; "
+                "free space and re-run with --resume"))
+        self.ckpt.remove()
+        _remove_staged(self.paths)
+        _write_summary(self.paths.local, summary)
+        code = EXIT_OK if self.books.failed == 0 else EXIT_ROW_ERRORS
+        return JobOutcome(code, summary, f"wrote {self.paths.dest}")
+
+    def _stopped(self, summary: dict[str, Any], message: str) -> JobOutcome:
+        summary["checkpoint"] = str(self.ckpt.path)
+        self.sharded.remove_spill()
+        _write_summary(self.paths.local, summary)
         return JobOutcome(EXIT_INTERRUPTED, summary, message)
 
-    results = ckpt.read_done()
-    if results.num_rows != job.rows:
-        raise CheckpointError(f"internal: {results.num_rows} results for {job.rows} rows")
-    meta = {"batchrun_version": __version__, "model": config.model,
-            "sampling": config.fingerprint_settings()["sampling"],
-            "engine": engine.info.settings if engine else {}}
-    try:
-        ckpt.mark_complete()
-        results = results.sort_by("row")
+    def _write_output(self) -> None:
+        config, paths = self.config, self.paths
+        meta = {"batchrun_version": __version__, "model": config.model,
+                "sampling": config.fingerprint_settings()["sampling"],
+                "engine": self.engine.info.settings if self.engine else {}}
+        files = OutputFiles(paths.local, paths.openai_local, config.model)
+        write_in_row_order(self.ckpt.journals(), self.sharded.rows, self.sharded.columns,
+                           files, meta, range_bytes=config.engine.memory_budget // 8,
+                           scratch=self.sharded.spill_dir)
         # The OpenAI file first: the Parquet output appearing is what marks the job done.
-        if paths.openai_local is not None:
-            endpoints = job.requests.requests["endpoint"].take(results["row"])
-            write_openai_jsonl(results.append_column("endpoint", endpoints),
-                               paths.openai_local, model=config.model)
-            if storage.is_uri(paths.openai_dest):
-                storage.upload(paths.openai_local, str(paths.openai_dest))
-        write_final_parquet(results, job.requests.passthrough, paths.local, meta)
+        if paths.openai_local is not None and storage.is_uri(paths.openai_dest):
+            storage.upload(paths.openai_local, str(paths.openai_dest))
         if paths.remote:  # the object appears at the output key only once complete
-            storage.upload(paths.local, str(output))
-    except (OSError, pa.ArrowException) as e:
-        summary["status"], summary["checkpoint"] = "write_failed", str(ckpt.path)
-        _write_summary(paths.local, summary)
-        reason = getattr(e, "strerror", None) or " ".join(str(e).split())[:300]
-        return JobOutcome(EXIT_INTERRUPTED, summary, (
-            f"cannot write the output ({reason}): {ckpt.path} holds every row; "
-            "free space and re-run with --resume"))
-    ckpt.remove()
-    _remove_staged(paths)
-    _write_summary(paths.local, summary)
-    code = EXIT_OK if books.failed == 0 else EXIT_ROW_ERRORS
-    return JobOutcome(code, summary, f"wrote {output}")
+            storage.upload(paths.local, str(paths.dest))
+
+    def _summary(self, wall_s: float) -> dict[str, Any]:
+        summary = job_summary(self.config, self.sharded.rows, self.books, self.engine,
+                              self.plan.to_dict(), wall_s, self.status)
+        summary["batch"] = self.trace.figures()
+        summary["structured_outputs"] = {"constrained_rows": dict(sorted(
+            self.constrained.items())), "logprobs_rows": self.logprobs_rows}
+        summary["shards"] = {"count": len(self.sharded.shards),
+                             "spilled_bytes": self.sharded.spilled_bytes,
+                             "memory_budget": self.config.engine.memory_budget,
+                             "peak_rss_bytes": peak_rss_bytes()}
+        if self.sizing is not None:
+            summary["engine_sizing"] = self.sizing.to_dict()
+        engine = self.engine
+        if self.attention_before is not None:
+            # Read after close: an engine's own processes have written their last counts then.
+            summary["attention"] = attention_summary(
+                getattr(engine, "attention", None),
+                diff_attention_stats(engine.attention_stats(), self.attention_before))
+        if self.constrained:
+            backends = {name: n - self.backends_before.get(name, 0)
+                        for name, n in getattr(engine, "structured_backends", {}).items()}
+            summary["structured_outputs"]["backends"] = {k: v for k, v in backends.items() if v}
+        return summary
 
 
-def _start_line(job: PreparedJob, info: EngineInfo) -> str:
-    requests = len(job.tokens.positions)
-    copies = sum(len(c) for c in job.copies.values())
-    kv = f", KV cache {info.kv_capacity_tokens:,} tokens" if info.kv_capacity_tokens else ""
-    shared = f" ({copies:,} served by an identical row)" if copies else ""
-    return (f"batchrun: {requests + copies:,} of {job.rows:,} rows to run{shared} on "
-            f"{info.name}{kv}, context {info.max_model_len:,} tokens")
-
-
-def _summary(config: JobConfig, job: PreparedJob, books: _Books, engine: Engine | None,
-             plan_figures: dict[str, Any], wall_s: float, status: str) -> dict[str, Any]:
+def job_summary(config: JobConfig, rows: int, books: Books, engine: Engine | None,
+                plan_figures: dict[str, Any], wall_s: float, status: str) -> dict[str, Any]:
     computed = books.prompt_tokens - books.cached_tokens
     distinct = plan_figures.get("distinct_prompt_tokens")
-    out: dict[str, Any] = {
+    return {
         "status": status,
         "input": str(config.input),
         "output": str(config.output),
         "model": config.model,
-        "rows": job.rows,
+        "rows": rows,
         "succeeded": books.succeeded,
         "failed": books.failed,
         "finish_reasons": books.finish_reasons,
@@ -848,13 +726,7 @@ def _summary(config: JobConfig, job: PreparedJob, books: _Books, engine: Engine 
         "completion_tokens_per_s": books.completion_tokens / max(wall_s, 1e-9),
         "engine": engine.info.settings if engine else {},
         "plan": plan_figures,
-        "structured_outputs": {
-            "constrained_rows": job.constrained_counts(),
-            "logprobs_rows": sum(job.rows_served(i) for i, k in enumerate(job.logprobs)
-                                 if k is not None),
-        },
     }
-    return out
 
 
 def _remove_staged(paths: OutputPaths) -> None:

@@ -80,7 +80,7 @@ def test_a_job_with_one_long_row_gets_that_rows_context(tmp_path: Path) -> None:
     assert sized.max_model_len == -(-longest.tokens // 32) * 32 < 1024
     assert sized.kv_capacity_tokens >= sized.max_model_len
     # `batchrun plan` shows the same sizes the run would get.
-    assert describe_plan(prepared)["engine_sizing"] == sized.to_dict()
+    assert describe_plan(prepared.config)["engine_sizing"] == sized.to_dict()
 
 
 def test_a_row_larger_than_the_kv_cache_is_refused_before_the_engine_starts(

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import itertools
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -273,3 +274,36 @@ def _give_free_ids(rows: pa.Array, ids: pa.Array) -> pa.Array:
         candidates = pc.if_else(clash, pc.binary_join_element_wise(base, f"~{k}", ""),
                                 candidates)
     return pc.replace_with_mask(ids, missing, candidates)
+
+
+@dataclass(frozen=True)
+class RequestBatch:
+    """Consecutive rows of the input: requests (REQUEST_SCHEMA) and pass-through columns."""
+
+    requests: pa.Table
+    passthrough: pa.Table
+
+
+class RequestStream:
+    """The input's rows batch by batch, in input order. (Stand-in: reads the whole input,
+    then hands it out in batches.)"""
+
+    def __init__(self, path: Location, columns: ColumnMap, input_format: str,
+                 batch_rows: int) -> None:
+        self._read = read_request_set(path, columns, input_format)
+        self.input_format = self._read.input_format
+        self.batch_rows = batch_rows
+
+    def __iter__(self) -> Iterator[RequestBatch]:
+        table, passthrough = self._read.requests, self._read.passthrough
+        for start in range(0, table.num_rows, self.batch_rows):
+            n = min(self.batch_rows, table.num_rows - start)
+            extra = (passthrough.slice(start, n) if passthrough.num_columns
+                     else pa.table({"_": pa.nulls(n)}).drop(["_"]))
+            yield RequestBatch(table.slice(start, self.batch_rows), extra)
+
+
+def open_request_stream(path: Location, columns: ColumnMap = _DEFAULT_COLUMNS,
+                        input_format: str = "auto", *,
+                        batch_rows: int = 65_536) -> RequestStream:
+    return RequestStream(path, columns, input_format, batch_rows)

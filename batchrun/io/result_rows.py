@@ -1,0 +1,90 @@
+"""Result rows (RESULT_SCHEMA) for a prepared job's finished requests and its error rows."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any
+
+import pyarrow as pa
+
+from ..engine.base import GenerationResult
+from ..prepare import PreparedJob
+from ..structured import output_problem
+from .schema import RESULT_SCHEMA
+
+
+def error_results(job: PreparedJob, errors: dict[int, str]) -> pa.Table:
+    rows = job.requests.requests["row"].to_pylist()
+    ids = job.requests.requests["id"].to_pylist()
+    positions = sorted(errors)
+    n = len(positions)
+    return pa.table({
+        "row": pa.array([rows[p] for p in positions], pa.int64()),
+        "id": pa.array([ids[p] for p in positions], pa.string()),
+        "text": pa.nulls(n, pa.string()), "finish_reason": pa.nulls(n, pa.string()),
+        "prompt_tokens": pa.nulls(n, pa.int64()), "completion_tokens": pa.nulls(n, pa.int64()),
+        "cached_tokens": pa.nulls(n, pa.int64()),
+        "error": pa.array([errors[p] for p in positions], pa.string()),
+        "duplicate_of": pa.nulls(n, pa.string()),
+        "logprobs": pa.nulls(n, RESULT_SCHEMA.field("logprobs").type),
+        "cumulative_logprob": pa.nulls(n, pa.float64()),
+    }, schema=RESULT_SCHEMA)
+
+
+def _output_error(job: PreparedJob, i: int, row: int, result: GenerationResult) -> str | None:
+    """A constrained request's output that does not keep to its constraint: decoding stopped
+    before the constraint was complete. The row's error says why and what to change."""
+    constraint = job.constraints[i] if job.constraints else None
+    if constraint is None or result.error is not None or result.text is None:
+        return result.error
+    problem = output_problem(constraint, result.text)
+    if problem is None:
+        return None
+    if result.finish_reason == "length":
+        fix = (f"it stopped at max_tokens ({int(job.max_tokens[i])} tokens) before it was "
+               "complete; raise max_tokens")
+    else:
+        fix = ("a stop string or the end of the context cut it short; drop the stop strings "
+               "or shorten the prompt")
+    return f"row {row}: {problem}: {fix}"
+
+
+def _logprob_rows(r: GenerationResult) -> list[dict[str, Any]] | None:
+    if r.logprobs is None:
+        return None
+    return [{"token": t.token, "logprob": t.logprob,
+             "top_logprobs": [{"token": tok, "logprob": lp} for tok, lp in t.top]}
+            for t in r.logprobs]
+
+
+def results_table(job: PreparedJob, done: list[tuple[int, GenerationResult]]) -> pa.Table:
+    """Result rows for finished requests, and for the identical rows each one also serves
+    (their prompt counted as cached: the engine computed none of it for them)."""
+    table = job.requests.requests
+    row_of = table["row"]
+    entries: list[tuple[int, GenerationResult, str | None]] = []
+    for i, r in done:
+        pos = int(job.tokens.positions[i])
+        r = replace(r, error=_output_error(job, i, row_of[pos].as_py(), r))
+        entries.append((pos, r, None))
+        served = replace(r, cached_tokens=r.prompt_tokens)
+        entries.extend((copy, served, r.request_id) for copy in job.copies.get(i, ()))
+    positions = [p for p, _, _ in entries]
+    rs = [r for _, r, _ in entries]
+    return pa.table({
+        "row": pa.array([row_of[p].as_py() for p in positions], pa.int64()),
+        "id": pa.array([table["id"][p].as_py() for p in positions], pa.string()),
+        "text": pa.array([r.text for r in rs], pa.string()),
+        "finish_reason": pa.array([r.finish_reason for r in rs], pa.string()),
+        "prompt_tokens": pa.array([r.prompt_tokens for r in rs], pa.int64()),
+        "completion_tokens": pa.array([r.completion_tokens for r in rs], pa.int64()),
+        "cached_tokens": pa.array([r.cached_tokens for r in rs], pa.int64()),
+        "error": pa.array([r.error for r in rs], pa.string()),
+        "duplicate_of": pa.array([d for _, _, d in entries], pa.string()),
+        "logprobs": pa.array([_logprob_rows(r) for r in rs],
+                             RESULT_SCHEMA.field("logprobs").type),
+        "cumulative_logprob": pa.array(
+            [None if r.logprobs is None else sum(t.logprob for t in r.logprobs) for r in rs],
+            pa.float64()),
+    }, schema=RESULT_SCHEMA)
+

@@ -1,0 +1,363 @@
+"""Stage "prepare": a job's (or one shard's) requests made ready for the planner and the
+engine: token ids, each request's max_tokens, constraint and logprobs, and identical
+deterministic requests folded into one (see plan/dedupe.py).
+
+`tokenized_table` turns a batch of read rows into the shard stage's currency: the request
+table with `prompt_token_ids` filled in for every usable row (prompt and messages dropped)
+and tokenization problems in `error`. `prepare_requests` takes such a table (a shard, or a
+whole small job) to a PreparedJob.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from .config import JobConfig, default_constraint
+from .engine.base import GenerationRequest
+from .engine.sizing import LongestRequest, longest_request
+from .io.output import ENDPOINT, InputColumns
+from .io.readers import RequestSet, open_request_stream, read_request_set
+from .plan.dedupe import find_duplicates, is_deterministic
+from .plan.prefix_tree import PrefixTree
+from .shards import Shard, ShardBuilder
+from .structured import TEXT, Constraint, max_choice_tokens
+from .tokenize import (
+    ByteTokenizer,
+    HFTokenizer,
+    PromptTokenizer,
+    TokenizedRequests,
+    tokenize_requests,
+)
+
+
+@dataclass
+class PreparedJob:
+    """A job read and tokenized: everything but the engine."""
+
+    config: JobConfig
+    requests: RequestSet
+    tokens: TokenizedRequests
+    max_tokens: np.ndarray  # per tokenized request, after row values and clamping
+    max_model_len: int
+    done: np.ndarray  # bool per row: finished in an earlier, interrupted run
+    # Request index -> row positions of identical deterministic rows its result also serves.
+    copies: dict[int, list[int]] = field(default_factory=dict)
+    # Per tokenized request, after row values and job defaults: the structured-output
+    # constraint (None: free text) and how many top logprobs to return (None: no logprobs).
+    constraints: list[Constraint | None] = field(default_factory=list)
+    logprobs: list[int | None] = field(default_factory=list)
+
+    def rows_served(self, i: int) -> int:
+        """Rows request i's result fills: its own, and its identical copies'."""
+        return 1 + len(self.copies.get(i, ()))
+
+    def constrained_counts(self) -> dict[str, int]:
+        """Rows per constraint kind, for `plan`, `validate` and the summary."""
+        counts: dict[str, int] = {}
+        for i, c in enumerate(self.constraints):
+            if c is not None:
+                counts[c.kind] = counts.get(c.kind, 0) + self.rows_served(i)
+        return dict(sorted(counts.items()))
+
+    @property
+    def rows(self) -> int:
+        return self.requests.requests.num_rows
+
+    @cached_property
+    def prefix_tree(self) -> PrefixTree:
+        """Built once: sizing the engine and planning the run both read it."""
+        return PrefixTree.build(self.tokens.values, self.tokens.offsets)
+
+    def longest_request(self) -> LongestRequest | None:
+        ids = self.requests.requests["id"]
+        return longest_request(self.tokens.lengths(), self.max_tokens,
+                               lambda i: ids[int(self.tokens.positions[i])].as_py())
+
+    def request_errors(self) -> dict[int, str]:
+        """Row position -> error, for rows not done yet that cannot run."""
+        errors = {i: e for i, e in enumerate(self.requests.requests["error"].to_pylist())
+                  if e is not None and not self.done[i]}
+        errors.update(self.tokens.errors)
+        return errors
+
+
+def load_tokenizer(config: JobConfig, engine_kind: str,
+                   engine_max_model_len: int | None = None) -> tuple[PromptTokenizer, int]:
+    """The tokenizer and context length, without starting an engine (or with the context
+    length of an engine already started)."""
+    caps = [c for c in (config.engine.max_model_len, engine_max_model_len) if c]
+    if engine_kind == "fake":
+        return ByteTokenizer(), min(caps or [2048])
+    from .model import model_context_length, resolve_model
+
+    model_dir = resolve_model(config.model)
+    return HFTokenizer(model_dir), min([model_context_length(model_dir), *caps])
+
+
+def prepare_job(config: JobConfig, *, engine_kind: str = "vllm",
+                done_rows: set[int] | frozenset[int] = frozenset(),
+                engine_max_model_len: int | None = None) -> PreparedJob:
+    """Read and tokenize a whole job in memory (`batchrun validate`, tests). Rows already
+    done (a resumed run) are not tokenized."""
+    requests = read_request_set(config.input, config.columns, config.input_format)
+    tokenizer, max_model_len = load_tokenizer(config, engine_kind, engine_max_model_len)
+    skip = np.zeros(requests.requests.num_rows, dtype=bool)
+    skip[list(done_rows)] = True  # row numbers are table positions: one row per input row
+    return prepare_requests(config, requests, tokenizer, max_model_len, skip=skip)
+
+
+def prepare_requests(config: JobConfig, requests: RequestSet, tokenizer: PromptTokenizer,
+                     max_model_len: int, *, skip: np.ndarray | None = None) -> PreparedJob:
+    """Tokenize (pre-tokenized rows cost nothing) and fill in each request's settings."""
+    table = requests.requests
+    if skip is None:
+        skip = np.zeros(table.num_rows, dtype=bool)
+    tokens = tokenize_requests(table, tokenizer, max_model_len=max_model_len, skip=skip)
+    constraints = _constraints(table, tokens.positions, config)
+    logprobs = _logprobs(table, tokens.positions, config)
+    max_tokens = _max_tokens(table, tokens, constraints, config, max_model_len)
+    job = PreparedJob(config, requests, tokens, max_tokens, max_model_len, skip,
+                      constraints=constraints, logprobs=logprobs)
+    return _without_duplicates(job) if config.plan else job
+
+
+def _max_tokens(table: pa.Table, tokens: TokenizedRequests, constraints: list[Constraint | None],
+                config: JobConfig, max_model_len: int) -> np.ndarray:
+    """Each request's max_tokens: its row's, else the job's; at most what the context leaves."""
+    row_max = table["max_tokens"].fill_null(config.sampling.max_tokens).to_numpy()
+    wanted = row_max[tokens.positions].astype(np.int64)
+    wanted[wanted <= 0] = config.sampling.max_tokens
+    for i, c in enumerate(constraints):
+        # A choice takes no more tokens than its longest choice has bytes (plus the end of
+        # sequence): asking for more would only reserve KV cache it never uses.
+        if c is not None and (bound := max_choice_tokens(c)):
+            wanted[i] = min(wanted[i], bound)
+    # Generation stops at the context's end anyway; planning with the real room is exact.
+    return np.maximum(1, np.minimum(wanted, max_model_len - tokens.lengths()))
+
+
+def tokenized_table(requests: pa.Table, tokens: TokenizedRequests,
+                    skip: np.ndarray) -> pa.Table:
+    """`requests` without the `skip` rows, as the shard stage keeps them: usable rows carry
+    their token ids (prompt and messages dropped: the ids are all that runs), rows that
+    could not be tokenized carry the reason in `error`."""
+    n = requests.num_rows
+    lengths = np.zeros(n, dtype=np.int64)
+    lengths[tokens.positions] = tokens.lengths()
+    offsets = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    has_tokens = np.zeros(n, dtype=bool)
+    has_tokens[tokens.positions] = True
+    ids = pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)),
+                                   pa.array(tokens.values, pa.int32()),
+                                   mask=pa.array(~has_tokens))
+    errors = requests["error"]
+    if tokens.errors:
+        extra = [None] * n
+        for pos, message in tokens.errors.items():
+            extra[pos] = message
+        errors = pc.coalesce(errors, pa.array(extra, pa.string()))
+    table = (requests.set_column(requests.schema.get_field_index("prompt_token_ids"),
+                                 "prompt_token_ids", ids)
+             .set_column(requests.schema.get_field_index("error"), "error", errors))
+    for name in ("prompt", "messages"):
+        i = table.schema.get_field_index(name)
+        table = table.set_column(i, name, pa.nulls(n, table.schema.field(name).type))
+    return table.filter(pa.array(~skip)) if skip.any() else table
+
+
+def _without_duplicates(job: PreparedJob) -> PreparedJob:
+    """The job with identical deterministic requests run once (see plan/dedupe.py)."""
+    sampling = row_sampling(job)
+    keys = []
+    for i, pos in enumerate(job.tokens.positions.tolist()):
+        temperature, top_p, seed, stop = sampling(pos)
+        # Everything that shapes the output: a constraint or logprobs make rows differ too.
+        keys.append((int(job.max_tokens[i]), temperature, top_p, seed, stop,
+                     job.constraints[i], job.logprobs[i])
+                    if is_deterministic(temperature, seed) else None)
+    found = find_duplicates(job.tokens.values, job.tokens.offsets, keys)
+    if not found.copies:
+        return job
+    renumber = {int(r): k for k, r in enumerate(found.runs)}
+    positions = job.tokens.positions
+    copies = {renumber[r]: [int(positions[c]) for c in cs] for r, cs in found.copies.items()}
+    runs = found.runs.tolist()
+    return replace(job, tokens=job.tokens.take(found.runs),
+                   max_tokens=job.max_tokens[found.runs], copies=copies,
+                   constraints=[job.constraints[r] for r in runs],
+                   logprobs=[job.logprobs[r] for r in runs])
+
+
+def _constraints(table: pa.Table, positions: np.ndarray,
+                 config: JobConfig) -> list[Constraint | None]:
+    """Each request's constraint: its row's own, else the job's default; "text" rows none."""
+    default = default_constraint(config.sampling)
+    if table["constraint"].null_count == table.num_rows:
+        return [default] * len(positions)
+    kinds = table["constraint"].to_pylist()
+    specs = table["constraint_spec"].to_pylist()
+    seen: dict[tuple[str, str | None], Constraint] = {}  # one object per distinct constraint
+    out: list[Constraint | None] = []
+    for pos in positions.tolist():
+        kind = kinds[pos]
+        if kind is None:
+            out.append(default)
+        elif kind == TEXT:
+            out.append(None)
+        else:
+            key = (kind, specs[pos])
+            out.append(seen.get(key) or seen.setdefault(key, Constraint(kind, specs[pos])))
+    return out
+
+
+def _logprobs(table: pa.Table, positions: np.ndarray, config: JobConfig) -> list[int | None]:
+    """Each request's top-logprobs count (None: no logprobs). A row's logprobs/top_logprobs
+    win over the job's; top_logprobs alone turns logprobs on."""
+    s = config.sampling
+    default = None
+    if s.logprobs or s.top_logprobs is not None:
+        default = s.top_logprobs or 0
+    n = table.num_rows
+    if table["logprobs"].null_count == n and table["top_logprobs"].null_count == n:
+        return [default] * len(positions)
+    asked, top = table["logprobs"].to_pylist(), table["top_logprobs"].to_pylist()
+    out: list[int | None] = []
+    for pos in positions.tolist():
+        if asked[pos] is False:
+            out.append(None)
+        elif asked[pos] is None and top[pos] is None:
+            out.append(default)
+        else:
+            out.append(top[pos] if top[pos] is not None else s.top_logprobs or 0)
+    return out
+
+
+def row_sampling(job: PreparedJob) -> Callable[[int], tuple[float, float, int | None,
+                                                            tuple[str, ...]]]:
+    """A row position's (temperature, top_p, seed, stop): its own values, else the job's."""
+    table, s = job.requests.requests, job.config.sampling
+    temperature, top_p, seed, stop = (table[c].to_pylist()
+                                      for c in ("temperature", "top_p", "seed", "stop"))
+
+    def at(pos: int) -> tuple[float, float, int | None, tuple[str, ...]]:
+        return (s.temperature if temperature[pos] is None else temperature[pos],
+                s.top_p if top_p[pos] is None else top_p[pos],
+                s.seed if seed[pos] is None else seed[pos],
+                s.stop if stop[pos] is None else tuple(stop[pos]))
+
+    return at
+
+
+def request_factory(job: PreparedJob) -> Callable[[int], GenerationRequest]:
+    """Builds the engine request of tokenized request i (row values win over defaults)."""
+    ids = job.requests.requests["id"].to_pylist()
+    sampling = row_sampling(job)
+
+    def make(i: int) -> GenerationRequest:
+        pos = int(job.tokens.positions[i])
+        temperature, top_p, seed, stop = sampling(pos)
+        return GenerationRequest(request_id=ids[pos], prompt_token_ids=job.tokens.tokens(i),
+                                 max_tokens=int(job.max_tokens[i]), temperature=temperature,
+                                 top_p=top_p, seed=seed, stop=stop,
+                                 constraint=job.constraints[i] if job.constraints else None,
+                                 logprobs=job.logprobs[i] if job.logprobs else None)
+
+    return make
+
+
+@dataclass
+class ShardedJob:
+    """A job read, tokenized and cut into prefix shards (see shards.py), with what the
+    output needs from the input (`columns`) and what sizing the engine needs (`longest`)."""
+
+    rows: int  # input rows, done or not
+    input_format: str
+    shards: list[Shard]
+    columns: InputColumns
+    spilled_bytes: int
+    max_model_len: int
+    longest: LongestRequest | None
+    spill_dir: Path
+    runnable: int = 0  # requests with token ids (the rest are error rows)
+    new_tokens: int = 0  # the sum of their max_tokens
+
+    @property
+    def requests(self) -> int:
+        """Rows to run or to report as errors in this run (not done before)."""
+        return sum(s.rows for s in self.shards)
+
+    def remove_spill(self) -> None:
+        shutil.rmtree(self.spill_dir, ignore_errors=True)
+
+
+def read_into_shards(config: JobConfig, *, engine_kind: str, done: np.ndarray, spill_dir: Path,
+                     engine_max_model_len: int | None = None,
+                     stop: Callable[[], bool] = lambda: False) -> ShardedJob:
+    """Read the input batch by batch, tokenize each batch, and cut the job into prefix shards
+    in `config.engine.memory_budget`. Rows in `done` (sorted row numbers: finished in an
+    earlier run) are read for their pass-through columns only. `stop()` ends the read early
+    (a signal): the job then has no shards."""
+    tokenizer, max_model_len = load_tokenizer(config, engine_kind, engine_max_model_len)
+    budget = config.engine.memory_budget
+    shutil.rmtree(spill_dir, ignore_errors=True)
+    builder = ShardBuilder(spill_dir, run_bytes=budget // 8, shard_bytes=budget // 8)
+    columns = InputColumns(spill_dir, memory_bytes=budget // 16)
+    longest: LongestRequest | None = None
+    runnable = new_tokens = 0
+    stream = open_request_stream(config.input, config.columns, config.input_format)
+    for batch in stream:
+        table = batch.requests
+        skip = _finished(table["row"].to_numpy(), done)
+        tokens = tokenize_requests(table, tokenizer, max_model_len=max_model_len, skip=skip)
+        builder.add(tokenized_table(table, tokens, skip))
+        columns.append(pa.table({**{n: batch.passthrough[n]
+                                    for n in batch.passthrough.column_names},
+                                 ENDPOINT: table["endpoint"]}))
+        max_tokens = _batch_max_tokens(config, table, tokens, max_model_len)
+        longest = _longer(longest, longest_request(
+            tokens.lengths(), max_tokens,
+            lambda i, ids=table["id"], at=tokens.positions: ids[int(at[i])].as_py()))
+        runnable += len(max_tokens)
+        new_tokens += int(max_tokens.sum())
+        if stop():
+            return ShardedJob(columns.rows, stream.input_format, [], columns, 0, max_model_len,
+                              None, spill_dir)
+    shards = builder.finish()
+    return ShardedJob(columns.rows, stream.input_format, shards, columns, builder.spilled_bytes,
+                      max_model_len, longest, spill_dir, runnable, new_tokens)
+
+
+def _finished(rows: np.ndarray, done: np.ndarray) -> np.ndarray:
+    """Which of `rows` are in `done` (sorted)."""
+    if not len(done):
+        return np.zeros(len(rows), dtype=bool)
+    at = np.minimum(np.searchsorted(done, rows), len(done) - 1)
+    return done[at] == rows
+
+
+def _batch_max_tokens(config: JobConfig, table: pa.Table, tokens: TokenizedRequests,
+                      max_model_len: int) -> np.ndarray:
+    constraints = _constraints(table, tokens.positions, config)
+    return _max_tokens(table, tokens, constraints, config, max_model_len)
+
+
+def _longer(a: LongestRequest | None, b: LongestRequest | None) -> LongestRequest | None:
+    if a is None or (b is not None and b.tokens > a.tokens):
+        return b
+    return a
+
+
+def prepare_shard(config: JobConfig, shard: pa.Table, input_format: str,
+                  max_model_len: int) -> PreparedJob:
+    """A shard's tokenized requests (see tokenized_table) made ready to plan and run."""
+    requests = RequestSet(shard, pa.table({}), input_format)
+    return prepare_requests(config, requests, ByteTokenizer(), max_model_len)

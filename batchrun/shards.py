@@ -1,0 +1,274 @@
+"""Stage "shard": cut a job's tokenized requests into prefix shards that fit in memory.
+
+A shard is a contiguous range of the job's prompts in lexicographic (token id) order. That
+order is the global prefix tree's depth-first order, so:
+  * requests that share a prefix are neighbours, and land in one shard, except at the few
+    places where one shard ends and the next begins: there the prefix the two neighbours
+    share is computed once in each shard (the splitter picks boundaries where that prefix is
+    short);
+  * the global tree's figures are the shards' figures plus a correction at each boundary
+    (`boundary_reuse`), so `distinct_prompt_tokens` and the block ideal stay exact;
+  * identical prompts always land in one shard, so deduplication stays whole-job.
+
+How, in bounded memory: tokenized requests arrive in input order (`add`) and collect in memory.
+While the job fits the budget nothing else happens: a small job is one shard, never written
+to disk. Past the budget's share for one run, the collected rows are sorted (the prefix
+tree's sort) and spilled as a sorted run: an Arrow IPC file of fixed-size record batches,
+keeping in memory only the first prompt of each batch (its head). At the end, splitters are
+chosen from the heads of all runs (a sample of the sorted order, weighted by bytes), and each
+shard is the slice of every run between two splitters, found by binary search and read batch
+by batch.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from .io.schema import REQUEST_SCHEMA
+from .plan.prefix_tree import PrefixTree
+
+RUN_BATCH_ROWS = 4096  # rows per record batch of a sorted run: the unit searched and read back
+
+
+def token_lists(table: pa.Table) -> tuple[np.ndarray, np.ndarray]:
+    """(values, offsets) of a table's prompt_token_ids; a null list is an empty prompt."""
+    col = table["prompt_token_ids"].combine_chunks()
+    if isinstance(col, pa.ChunkedArray):  # an empty table
+        return np.zeros(0, np.int32), np.zeros(1, np.int64)
+    offsets = col.offsets.to_numpy().astype(np.int64)
+    values = col.values.to_numpy(zero_copy_only=False)[offsets[0]:offsets[-1]]
+    return np.ascontiguousarray(values, dtype=np.int32), offsets - offsets[0]
+
+
+def compare(a: np.ndarray, b: np.ndarray) -> int:
+    """-1, 0 or 1 as token sequence a sorts before, with or after b (a prefix sorts first)."""
+    n = min(len(a), len(b))
+    differ = np.flatnonzero(a[:n] != b[:n])
+    if len(differ):
+        k = differ[0]
+        return -1 if a[k] < b[k] else 1
+    return (len(a) > len(b)) - (len(a) < len(b))
+
+
+def shared_prefix(a: np.ndarray, b: np.ndarray) -> int:
+    """Tokens a and b share from the start."""
+    n = min(len(a), len(b))
+    differ = np.flatnonzero(a[:n] != b[:n])
+    return int(differ[0]) if len(differ) else n
+
+
+def boundary_reuse(last: np.ndarray | None, first: np.ndarray, block_size: int) -> tuple[int, int]:
+    """What the global tree shares across a shard boundary that the shards count twice:
+    (distinct tokens, block-ideal tokens). `last` ends one shard, `first` starts the next;
+    the figures follow PrefixTree.distinct_tokens and block_ideal_computed_tokens."""
+    if last is None:
+        return 0, 0
+    lcp = shared_prefix(last, first)
+    return lcp, max(min(lcp, len(first) - 1), 0) // block_size * block_size
+
+
+def lexicographic_order(table: pa.Table) -> np.ndarray:
+    """Row indices of `table` in token order (error rows, with no tokens, first)."""
+    return PrefixTree.build(*token_lists(table)).order
+
+
+@dataclass
+class SortedRun:
+    """Tokenized requests sorted by prompt, in memory (`table`) or spilled (`path`), in
+    batches of `batch_rows` whose first prompts (`heads`) are kept for searching."""
+
+    rows: int
+    nbytes: int
+    heads: list[np.ndarray]
+    batch_rows: int
+    table: pa.Table | None = None
+    path: Path | None = None
+
+    @classmethod
+    def sort(cls, table: pa.Table, spill_to: Path | None,
+             batch_rows: int = RUN_BATCH_ROWS) -> SortedRun:
+        table = table.take(lexicographic_order(table)).combine_chunks()
+        values, offsets = token_lists(table)
+        heads = [values[offsets[i]:offsets[i + 1]].copy()
+                 for i in range(0, table.num_rows, batch_rows)]
+        if spill_to is None:
+            return cls(table.num_rows, table.nbytes, heads, batch_rows, table=table)
+        with pa.OSFile(str(spill_to), "wb") as sink, \
+                pa.ipc.new_file(sink, table.schema) as writer:
+            for start in range(0, table.num_rows, batch_rows):
+                writer.write_table(table.slice(start, batch_rows))
+        return cls(table.num_rows, table.nbytes, heads, batch_rows, path=spill_to)
+
+    def batch(self, i: int) -> pa.Table:
+        """Rows [i * batch_rows, (i + 1) * batch_rows)."""
+        if self.table is not None:
+            return self.table.slice(i * self.batch_rows, self.batch_rows)
+        with pa.OSFile(str(self.path), "rb") as f:
+            return pa.Table.from_batches([pa.ipc.open_file(f).get_batch(i)])
+
+    def lower_bound(self, prompt: np.ndarray | None) -> int:
+        """The first row whose prompt sorts at or after `prompt` (None: past the end)."""
+        if prompt is None:
+            return self.rows
+        before = _count_less(self.heads, prompt)  # batches whose head sorts before prompt
+        if before == 0:
+            return 0
+        values, offsets = token_lists(self.batch(before - 1))
+        rows = [values[offsets[k]:offsets[k + 1]] for k in range(len(offsets) - 1)]
+        return (before - 1) * self.batch_rows + _count_less(rows, prompt)
+
+    def rows_between(self, start: int, stop: int) -> Iterator[pa.Table]:
+        for i in range(start // self.batch_rows, -(-stop // self.batch_rows)):
+            batch = self.batch(i)
+            first = i * self.batch_rows
+            lo, hi = max(start - first, 0), min(stop - first, batch.num_rows)
+            if hi > lo:
+                yield batch.slice(lo, hi - lo)
+
+
+def _count_less(sorted_prompts: list[np.ndarray], prompt: np.ndarray) -> int:
+    """How many of the (sorted) prompts sort before `prompt`: a binary search."""
+    lo, hi = 0, len(sorted_prompts)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if compare(sorted_prompts[mid], prompt) < 0:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo
+
+
+@dataclass(frozen=True)
+class Shard:
+    """One contiguous range of the job's prompts in token order: [low, high) of every run."""
+
+    index: int
+    pieces: tuple[tuple[SortedRun, int, int], ...]  # (run, first row, one past the last)
+
+    @property
+    def rows(self) -> int:
+        return sum(stop - start for _, start, stop in self.pieces)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(run.nbytes * (stop - start) // max(run.rows, 1)
+                   for run, start, stop in self.pieces)
+
+    def load(self) -> pa.Table:
+        """The shard's tokenized requests (REQUEST_SCHEMA), in memory."""
+        parts = [t for run, start, stop in self.pieces for t in run.rows_between(start, stop)]
+        if not parts:
+            return REQUEST_SCHEMA.empty_table()
+        return pa.concat_tables(parts).combine_chunks()
+
+
+@dataclass
+class ShardBuilder:
+    """Collects tokenized requests (REQUEST_SCHEMA tables with prompt_token_ids) and cuts
+    them into shards of about `shard_bytes`, spilling sorted runs of about `run_bytes` under
+    `spill_dir` once the collected rows outgrow `run_bytes`."""
+
+    spill_dir: Path
+    run_bytes: int
+    shard_bytes: int
+    pending: list[pa.Table] = field(default_factory=list)
+    pending_bytes: int = 0
+    runs: list[SortedRun] = field(default_factory=list)
+    rows: int = 0
+
+    @property
+    def spilled_bytes(self) -> int:
+        return sum(r.nbytes for r in self.runs if r.path is not None)
+
+    def add(self, table: pa.Table) -> None:
+        if table.num_rows == 0:
+            return
+        self.pending.append(table)
+        self.pending_bytes += table.nbytes
+        self.rows += table.num_rows
+        if self.pending_bytes > self.run_bytes:
+            self._spill()
+
+    def _spill(self) -> None:
+        self.spill_dir.mkdir(parents=True, exist_ok=True)
+        path = self.spill_dir / f"run-{len(self.runs):05d}.arrow"
+        self.runs.append(self._sorted_run(path))
+        self.pending, self.pending_bytes = [], 0
+
+    def _sorted_run(self, path: Path | None) -> SortedRun:
+        """The pending rows sorted, in batches of about 1/64 of a shard (at most
+        RUN_BATCH_ROWS rows): the heads then place each boundary within 1/64 of a shard."""
+        table = pa.concat_tables(self.pending)
+        per_row = max(table.nbytes // max(table.num_rows, 1), 1)
+        batch_rows = int(np.clip(self.shard_bytes // 64 // per_row, 16, RUN_BATCH_ROWS))
+        return SortedRun.sort(table, path, batch_rows)
+
+    def finish(self) -> list[Shard]:
+        """The shards, in token order. A job that never spilled is one shard, unsorted."""
+        if not self.runs:
+            if not self.pending:
+                return []
+            table = pa.concat_tables(self.pending).combine_chunks()
+            run = SortedRun(table.num_rows, table.nbytes, [], RUN_BATCH_ROWS, table=table)
+            self.pending, self.pending_bytes = [], 0
+            return [Shard(0, ((run, 0, run.rows),))]
+        if self.pending:
+            self.runs.append(self._sorted_run(None))
+            self.pending, self.pending_bytes = [], 0
+        cuts = [None, *choose_splitters(self.runs, self.shard_bytes), None]
+        shards = []
+        for low, high in zip(cuts[:-1], cuts[1:], strict=False):
+            pieces = tuple((run, run.lower_bound(low) if low is not None else 0,
+                            run.lower_bound(high)) for run in self.runs)
+            shard = Shard(len(shards), tuple(p for p in pieces if p[2] > p[1]))
+            if shard.rows:
+                shards.append(shard)
+        return shards
+
+    def remove_spill(self) -> None:
+        shutil.rmtree(self.spill_dir, ignore_errors=True)
+
+
+def choose_splitters(runs: list[SortedRun], shard_bytes: int) -> list[np.ndarray]:
+    """Prompts at which a new shard begins: about every `shard_bytes` of the sorted job, at
+    the nearby head sharing least with its predecessor (the prefix a boundary computes twice).
+
+    The heads of all runs are a sample of the job's sorted order, one per batch of a run,
+    each standing for that batch's bytes."""
+    heads = [h for run in runs for h in run.heads]
+    weights = np.array([run.nbytes * min(run.batch_rows, run.rows - i * run.batch_rows)
+                        // max(run.rows, 1) for run in runs for i in range(len(run.heads))],
+                       dtype=np.int64)
+    total = int(weights.sum())
+    shards = max(1, round(total / max(shard_bytes, 1)))
+    if shards == 1 or len(heads) < 2:
+        return []
+    lengths = np.array([len(h) for h in heads], dtype=np.int64)
+    offsets = np.zeros(len(heads) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    values = np.concatenate(heads) if len(heads) else np.zeros(0, np.int32)
+    tree = PrefixTree.build(values, offsets)
+    before = np.cumsum(weights[tree.order]) - weights[tree.order]  # bytes sorted before it
+    window = max(1, len(heads) // (4 * shards))
+    picked: list[int] = []
+    for k in range(1, shards):
+        at = int(np.searchsorted(before, k * total / shards))
+        lo, hi = max(at - window, 1), min(at + window + 1, len(heads))
+        if lo >= hi:
+            continue
+        best = lo + int(np.argmin(tree.lcp[lo:hi]))
+        if not picked or best > picked[-1]:
+            picked.append(best)
+    # Equal heads would make an empty shard: keep the first of each.
+    out: list[np.ndarray] = []
+    for pos in picked:
+        head = heads[int(tree.order[pos])]
+        if not out or compare(out[-1], head) < 0:
+            out.append(head)
+    return out
