@@ -13,10 +13,11 @@ Each prints its summed computed prompt tokens over the single-engine block ideal
 plan`'s block_ideal_computed_tokens) and its wall time, side by side.
 
 Part 2, a simulated fleet: a 1M-row job whose rows pick one of 20,000 system prompts with
-Zipf popularity (s = 1.1: the most popular prompt holds ~14% of the rows), hashed into
-1,024 shards. The replicas are a cost model, not engines: a piece costs its block-ideal
-computed prompt tokens times the prefill time per token plus its max_tokens times the decode
-time per token, both measured on this machine's vLLM (or given: --prefill-us/--decode-us).
+Zipf popularity (s = 1.1: the most popular prompt holds ~14% of the rows), cut into prefix
+shards by batchrun's own shard builder (batchrun/shards.py) in a 4 GiB budget. The replicas
+are a cost model, not engines: a piece costs its block-ideal computed prompt tokens times
+the prefill time per token plus its max_tokens times the decode time per token, both
+measured on this machine's vLLM (or given: --prefill-us/--decode-us).
 What runs is batchrun's own shard queue (batchrun/cluster/queue.py: largest first, pulled
 as replicas free up, share-sized pieces cut at the cheapest place), the code the Ray
 driver runs. Reported for 8, 16 and 64 replicas: the busiest replica's time over the mean,
@@ -36,6 +37,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,9 +51,11 @@ sys.path.insert(0, str(HERE.parent))
 
 from synthetic import write_job  # noqa: E402
 
-from batchrun.cluster.queue import PrefixOrders, ShardQueue  # noqa: E402
+from batchrun.cluster.queue import PrefixOrder, PrefixOrders, ShardQueue  # noqa: E402
+from batchrun.config import parse_size  # noqa: E402
 from batchrun.io.schema import REQUEST_SCHEMA  # noqa: E402
 from batchrun.plan.prefix_tree import PrefixTree  # noqa: E402
+from batchrun.shards import Shard, ShardBuilder, boundary_reuse  # noqa: E402
 
 BATCHRUN = [sys.executable, "-m", "batchrun"]
 BLOCK = 32  # vLLM's block on CPU (batchrun's default there)
@@ -126,58 +130,23 @@ def real_engines(jobs: list[str], kv: str, replicas: int) -> None:
 
 @dataclass(frozen=True)
 class ZipfJob:
-    """The simulated job's shape: which system prompt each row uses, how long things are."""
+    """The simulated job: each row one of `prompts` system prompts (32-256 tokens), picked
+    with Zipf popularity, then 16-64 tokens of its own; max_tokens 8-128. Rows shuffled."""
 
     rows: int = 1_000_000
     prompts: int = 20_000
     zipf_s: float = 1.1
-    shards: int = 1024
     seed: int = 0
+    batch_rows: int = 65_536  # rows per batch handed to the shard builder, as a reader does
 
-    def families(self) -> tuple[np.ndarray, np.ndarray]:
-        """Rows per system prompt (Zipf popularity) and each prompt's shard (its hash)."""
+    def batches(self) -> Iterator[pa.Table]:
         rng = np.random.default_rng(self.seed)
         weights = 1.0 / np.arange(1, self.prompts + 1) ** self.zipf_s
-        counts = rng.multinomial(self.rows, weights / weights.sum())
-        shard_of = rng.integers(0, self.shards, self.prompts)
-        return counts, shard_of
-
-
-@dataclass(eq=False)
-class ZipfShard:
-    """One shard of the simulated job: its rows are made when loaded (1M rows of token ids
-    would not fit this machine's memory at once; one shard at a time does)."""
-
-    prompt_ids: np.ndarray
-    counts: np.ndarray
-    first_row: int
-    seed: int
-
-    @property
-    def rows(self) -> int:
-        return int(self.counts.sum())
-
-    def load(self) -> pa.Table:
-        n = self.rows
-        heads = [_system_prompt(int(p)) for p in self.prompt_ids]
-        rng = np.random.default_rng([self.seed, self.first_row])
-        family = np.repeat(np.arange(len(heads)), self.counts)
-        rng.shuffle(family)  # a hash shard of a shuffled file
-        own = rng.integers(16, 65, n)
-        lengths = np.array([len(heads[f]) for f in family]) + own
-        offsets = np.concatenate(([0], np.cumsum(lengths)))
-        values = rng.integers(100, 50_000, int(offsets[-1]), dtype=np.int32)
-        for i, f in enumerate(family):  # each row starts with its system prompt
-            values[offsets[i]:offsets[i] + len(heads[f])] = heads[f]
-        rows = np.arange(self.first_row, self.first_row + n)
-        columns = {name: pa.nulls(n, field.type)
-                   for name, field in zip(REQUEST_SCHEMA.names, REQUEST_SCHEMA, strict=True)}
-        columns.update(
-            row=pa.array(rows), id=pa.array(rows.astype(str)),
-            prompt_token_ids=pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)),
-                                                      pa.array(values)),
-            max_tokens=pa.array(rng.integers(8, 129, n)))
-        return pa.table(columns, schema=REQUEST_SCHEMA)
+        heads = [_system_prompt(p) for p in range(self.prompts)]
+        for first in range(0, self.rows, self.batch_rows):
+            n = min(self.batch_rows, self.rows - first)
+            family = rng.choice(self.prompts, size=n, p=weights / weights.sum())
+            yield _rows(rng, [heads[f] for f in family], first)
 
 
 def _system_prompt(prompt_id: int) -> np.ndarray:
@@ -185,15 +154,46 @@ def _system_prompt(prompt_id: int) -> np.ndarray:
     return rng.integers(100, 50_000, int(rng.integers(32, 257)), dtype=np.int32)
 
 
-def zipf_shards(job: ZipfJob) -> list[ZipfShard]:
-    counts, shard_of = job.families()
-    shards, row = [], 0
-    for s in range(job.shards):
-        members = np.flatnonzero((shard_of == s) & (counts > 0))
-        if len(members):
-            shards.append(ZipfShard(members, counts[members], row, job.seed))
-            row += int(counts[members].sum())
-    return shards
+def _rows(rng: np.random.Generator, heads: list[np.ndarray], first_row: int) -> pa.Table:
+    """REQUEST_SCHEMA rows first_row.. (what the tokenize stage hands the shard builder):
+    each row's system prompt, then its own tokens."""
+    n = len(heads)
+    own = [rng.integers(100, 50_000, int(k), dtype=np.int32) for k in rng.integers(16, 65, n)]
+    values = np.concatenate([t for pair in zip(heads, own, strict=True) for t in pair])
+    lengths = np.array([len(h) + len(o) for h, o in zip(heads, own, strict=True)])
+    offsets = np.concatenate(([0], np.cumsum(lengths))).astype(np.int32)
+    rows = np.arange(first_row, first_row + n)
+    columns = {name: pa.nulls(n, field.type)
+               for name, field in zip(REQUEST_SCHEMA.names, REQUEST_SCHEMA, strict=True)}
+    columns.update(row=pa.array(rows), id=pa.array(rows.astype(str)),
+                   prompt_token_ids=pa.ListArray.from_arrays(pa.array(offsets),
+                                                             pa.array(values)),
+                   max_tokens=pa.array(rng.integers(8, 129, n)))
+    return pa.table(columns, schema=REQUEST_SCHEMA)
+
+
+def zipf_shards(job: ZipfJob, spill_dir: Path, memory_budget: int) -> list[Shard]:
+    """The job cut into prefix shards by batchrun's own shard builder, with the run's
+    default memory budget shares (runner: run and shard bytes = budget / 8)."""
+    builder = ShardBuilder(spill_dir, run_bytes=memory_budget // 8,
+                           shard_bytes=memory_budget // 8)
+    for batch in job.batches():
+        builder.add(batch)
+    return builder.finish()
+
+
+def job_block_ideal(shards: list[Shard]) -> int:
+    """The whole job's block ideal: its shards' ideals less what each boundary shares
+    (shards are consecutive ranges of the token order: batchrun/shards.py)."""
+    total, last = 0, None
+    for shard in shards:
+        order = PrefixOrder.of(shard.load(), BLOCK)
+        prompts = order.table["prompt_token_ids"]
+        first = np.asarray(prompts[int(order.order[0])].values)
+        total += computed_tokens(order.table)
+        total -= boundary_reuse(last, first, BLOCK)[1]
+        last = np.asarray(prompts[int(order.order[-1])].values)
+    return total
 
 
 def computed_tokens(table: pa.Table) -> int:
@@ -214,7 +214,7 @@ class Fleet:
     pieces_cut: int
 
 
-def simulate(shards: list[ZipfShard], replicas: int, prefill_s: float, decode_s: float) -> Fleet:
+def simulate(shards: list[Shard], replicas: int, prefill_s: float, decode_s: float) -> Fleet:
     """Replicas pull work from batchrun's ShardQueue whenever they are free; a piece takes
     the cost model's time. In-flight rows (the queue's share needs them) shrink linearly
     while a piece runs, as its results stream back."""
@@ -271,24 +271,29 @@ def measure_costs() -> tuple[float, float]:
     return prefill / (32 * 480), decode / (64 * 64)
 
 
-def simulated_fleet(sizes: list[int], prefill_s: float, decode_s: float) -> None:
+def simulated_fleet(sizes: list[int], prefill_s: float, decode_s: float,
+                    memory_budget: int) -> None:
     job = ZipfJob()
-    shards = zipf_shards(job)
-    top = max(s.counts.max() for s in shards)
-    print(f"part 2: simulated fleet, {job.rows:,} rows, {job.prompts:,} system prompts "
-          f"(Zipf s={job.zipf_s}: the most popular in {top / job.rows:.1%} of rows), "
-          f"{len(shards)} shards; cost model: prefill {prefill_s * 1e6:.1f} us/token, "
-          f"decode {decode_s * 1e6:.1f} us/token")
-    ideal = sum(computed_tokens(s.load()) for s in shards)
-    print(f"block ideal (one engine, the whole job): {ideal:,} computed prompt tokens")
-    print(f"{'replicas':>8} {'busiest/mean':>12} {'computed/ideal':>14} {'pieces':>7} "
-          f"{'cut':>5} {'makespan':>10}")
-    for n in sizes:
+    weights = 1.0 / np.arange(1, job.prompts + 1) ** job.zipf_s
+    with tempfile.TemporaryDirectory(prefix="bench-fleet-") as spill:
         t0 = time.perf_counter()
-        fleet = simulate(shards, n, prefill_s, decode_s)
-        print(f"{n:>8} {fleet.busy_s.max() / fleet.busy_s.mean():>12.3f} "
-              f"{fleet.computed / ideal:>14.4f} {fleet.pieces:>7} {fleet.pieces_cut:>5} "
-              f"{fleet.busy_s.max():>9.0f}s   (simulated in {time.perf_counter() - t0:.0f} s)")
+        shards = zipf_shards(job, Path(spill), memory_budget)
+        print(f"part 2: simulated fleet, {job.rows:,} rows, {job.prompts:,} system prompts "
+              f"(Zipf s={job.zipf_s}: the most popular in {weights[0] / weights.sum():.1%} of "
+              f"rows), {len(shards)} prefix shards ({memory_budget / 2**30:.0f} GiB budget, "
+              f"built in {time.perf_counter() - t0:.0f} s); cost model: prefill "
+              f"{prefill_s * 1e6:.1f} us/token, decode {decode_s * 1e6:.1f} us/token")
+        ideal = job_block_ideal(shards)
+        print(f"block ideal (one engine, the whole job): {ideal:,} computed prompt tokens")
+        print(f"{'replicas':>8} {'busiest/mean':>12} {'computed/ideal':>14} {'pieces':>7} "
+              f"{'cut':>5} {'makespan':>10}")
+        for n in sizes:
+            t0 = time.perf_counter()
+            fleet = simulate(shards, n, prefill_s, decode_s)
+            print(f"{n:>8} {fleet.busy_s.max() / fleet.busy_s.mean():>12.3f} "
+                  f"{fleet.computed / ideal:>14.4f} {fleet.pieces:>7} {fleet.pieces_cut:>5} "
+                  f"{fleet.busy_s.max():>9.0f}s   (simulated in "
+                  f"{time.perf_counter() - t0:.0f} s)")
 
 
 def main() -> None:
@@ -298,6 +303,7 @@ def main() -> None:
     parser.add_argument("--kv", default="256MiB")
     parser.add_argument("--replicas", type=int, default=2)
     parser.add_argument("--fleet", default="8,16,64")
+    parser.add_argument("--memory-budget", default="4GiB", help="the simulated run's budget")
     parser.add_argument("--prefill-us", type=float, help="skip measuring: us per prompt token")
     parser.add_argument("--decode-us", type=float, help="skip measuring: us per decoded token")
     args = parser.parse_args()
@@ -308,7 +314,8 @@ def main() -> None:
             prefill_s, decode_s = args.prefill_us / 1e6, args.decode_us / 1e6
         else:
             prefill_s, decode_s = measure_costs()
-        simulated_fleet([int(n) for n in args.fleet.split(",")], prefill_s, decode_s)
+        simulated_fleet([int(n) for n in args.fleet.split(",")], prefill_s, decode_s,
+                        parse_size(args.memory_budget))
 
 
 if __name__ == "__main__":

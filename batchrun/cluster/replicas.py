@@ -101,7 +101,6 @@ class ReplicaJob:
     new_tokens: int  # this replica's share of the job's max_tokens (eager or compiled)
     input_format: str
     max_model_len: int
-    grace_s: float
 
 
 @dataclass(frozen=True)
@@ -136,22 +135,23 @@ class ReplicaActor:
         return {"node": node, "pid": os.getpid(), "engine": info.name,
                 "kv_capacity_tokens": info.kv_capacity_tokens, "block_size": info.block_size}
 
-    def run(self, piece: pa.Table) -> Iterator[pa.Table | PieceDone]:
+    def run(self, piece: pa.Table, grace_s: float) -> Iterator[pa.Table | PieceDone]:
         """Run one piece (REQUEST_SCHEMA rows of a shard); yield its results as they finish,
         then a PieceDone."""
         results: queue.Queue[pa.Table] = queue.Queue(maxsize=_UNREAD_RESULTS)
-        running = self._engine_thread.submit(self._run, piece, results.put)
+        running = self._engine_thread.submit(self._run, piece, results.put, grace_s)
         yield from _drain(results, running)
         yield running.result()
 
-    def _run(self, piece: pa.Table, on_results: Callable[[pa.Table], None]) -> PieceDone:
+    def _run(self, piece: pa.Table, on_results: Callable[[pa.Table], None],
+             grace_s: float) -> PieceDone:
         from ..runner import prepare_shard, run_shard
 
         job = self._job
         t0 = time.monotonic()
         prepared = prepare_shard(job.config, piece, job.input_format, job.max_model_len)
         shard_run = run_shard(prepared, self._engine, on_results, stop=self._stop,
-                              grace_s=job.grace_s)
+                              grace_s=grace_s)
         return PieceDone(shard_run, time.monotonic() - t0)
 
     def stop(self) -> None:
@@ -272,6 +272,7 @@ class Fleet:
     def __init__(self, ray: Any, replicas: list[Replica]) -> None:
         self.ray = ray
         self.replicas = replicas
+        self.engine = ""  # the replicas' engine, e.g. vllm-cpu (from the first to start)
 
     @classmethod
     def start(cls, ray: Any, job: ReplicaJob) -> Fleet:
@@ -295,7 +296,8 @@ class Fleet:
         failures = []
         for r in self.replicas:
             try:
-                r.stats.node = self.ray.get(r.actor.ready.remote())["node"]
+                ready = self.ray.get(r.actor.ready.remote())
+                r.stats.node, self.engine = ready["node"], self.engine or ready["engine"]
             except UsageError as e:  # every replica would fail alike: the user's to fix
                 raise _usage_error(e, r.stats.replica) from None
             except (self.ray.exceptions.RayError, EngineDiedError) as e:
@@ -363,11 +365,13 @@ class Dispatcher:
     unfinished work of a lost replica back into the queue."""
 
     def __init__(self, fleet: Fleet, work: ShardQueue,
-                 on_results: Callable[[pa.Table], None], stop: StopFlag) -> None:
+                 on_results: Callable[[pa.Table], None], stop: StopFlag,
+                 grace_s: float) -> None:
         self.fleet = fleet
         self.queue = work
         self.on_results = on_results
         self.stop = stop
+        self.grace_s = grace_s
         self._idle = list(fleet.alive)
         self._running: dict[Any, _Running] = {}  # streaming generator -> its piece
         self._stopping = False
@@ -401,7 +405,7 @@ class Dispatcher:
             replica = self._idle.pop()
             gen = replica.actor.run.options(
                 num_returns="streaming",
-                _generator_backpressure_num_objects=_UNREAD_RESULTS).remote(table)
+                _generator_backpressure_num_objects=_UNREAD_RESULTS).remote(table, self.grace_s)
             self._running[gen] = _Running(replica, work, table.num_rows)
 
     def _take(self, gen: Any) -> None:
@@ -446,30 +450,56 @@ class Dispatcher:
             raise EngineDiedError(f"every engine replica is gone; the last: {reason}")
 
 
-@dataclass
-class FleetRun:
-    """What the replicas did: each replica's figures, and the runner.ShardRun of every
-    piece they finished, in the job's token order (as the runner adds up a plan's
-    figures)."""
+def start_replicas(config: JobConfig, engine_kind: str, sizing: EngineSizing,
+                   sharded: Any) -> EngineReplicas:
+    """The replicas of a job read into shards (prepare.ShardedJob), their engines started
+    with the job's `sizing`."""
+    n = config.cluster.replicas
+    return EngineReplicas(ReplicaJob(config, engine_kind, sizing, -(-sharded.new_tokens // n),
+                                     sharded.input_format, sharded.max_model_len))
 
-    replicas: list[ReplicaStats]
-    shard_runs: list[Any]
 
+class EngineReplicas:
+    """The runner's handle on a job's replicas, used as it uses one engine: started with the
+    job's sizing, then run on the job's shards, then closed (Ray too, if it started Ray)."""
 
-def run_on_replicas(job: ReplicaJob, shards: Sequence[ShardRef],
-                    on_results: Callable[[pa.Table], None], stop: StopFlag) -> FleetRun:
-    """Run every shard on `job.config.cluster.replicas` engine replicas; `on_results` gets
-    each result table once (global row numbers). Raises EngineDiedError (exit 4, resumable)
-    when every replica is gone, UsageError when a replica cannot start its engine."""
-    with ray_session(job.config.cluster) as ray:
-        fleet = Fleet.start(ray, job)
-        work = ShardQueue(shards, len(fleet.alive), PrefixOrders(job.sizing.block_size))
-        dispatcher = Dispatcher(fleet, work, on_results, stop)
+    def __init__(self, job: ReplicaJob) -> None:
+        self.job = job
+        self._ray_session = contextlib.ExitStack()
+        ray = self._ray_session.enter_context(ray_session(job.config.cluster))
+        try:
+            self.fleet = Fleet.start(ray, job)
+        except BaseException:
+            self._ray_session.close()
+            raise
+
+    @property
+    def stats(self) -> list[ReplicaStats]:
+        return [r.stats for r in self.fleet.replicas]
+
+    def describe(self) -> str:
+        """E.g. '2 replicas (vllm-cpu) on 10.0.0.1'."""
+        nodes = sorted({r.stats.node for r in self.fleet.alive})
+        return (f"{len(self.fleet.alive)} replicas ({self.fleet.engine}) on "
+                f"{', '.join(nodes)}")
+
+    def run(self, shards: Sequence[ShardRef], on_results: Callable[[pa.Table], None],
+            stop: StopFlag, grace_s: float) -> list[Any]:
+        """Run every shard; `on_results` gets each result table once (global row numbers).
+        Returns the runner.ShardRun of every piece, in the job's token order (as the runner
+        adds up plan figures). Raises EngineDiedError (exit 4, resumable) when every replica
+        is gone."""
+        work = ShardQueue(shards, len(self.fleet.alive), PrefixOrders(self.job.sizing.block_size))
+        dispatcher = Dispatcher(self.fleet, work, on_results, stop, grace_s)
         try:
             dispatcher.run()
         except BaseException:  # a second signal, a bug: nothing more to wait for
-            fleet.kill()
+            self.fleet.kill()
             raise
-        fleet.close()
-    shard_runs = [run for _, run in sorted(dispatcher.shard_runs, key=lambda r: r[0])]
-    return FleetRun([r.stats for r in fleet.replicas], shard_runs)
+        return [run for _, run in sorted(dispatcher.shard_runs, key=lambda r: r[0])]
+
+    def close(self) -> None:
+        try:
+            self.fleet.close()
+        finally:
+            self._ray_session.close()

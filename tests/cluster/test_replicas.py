@@ -22,7 +22,7 @@ import ray
 from batchrun.cluster.replicas import Fleet, ReplicaJob
 from batchrun.config import ClusterOptions, EngineOptions, JobConfig
 from batchrun.engine.sizing import EngineSizing
-from batchrun.io.results import partial_dir_for
+from batchrun.io.results import Checkpoint, partial_dir_for
 from batchrun.model import ModelError
 from batchrun.runner import EXIT_INTERRUPTED, EXIT_OK, run_job
 from tests.helpers import job, read_output, shared_prefix_rows, write_jsonl
@@ -61,7 +61,7 @@ def journaled_ids(cfg: JobConfig) -> set[str]:
     """Ids of the rows in the job's checkpoint journals now (a journal being written ends in
     a cut batch: what comes before it counts)."""
     ids: set[str] = set()
-    for path in sorted(partial_dir_for(cfg.output).glob("journal-*.arrows")):
+    for path in Checkpoint(partial_dir_for(cfg.output)).journals():
         with contextlib.suppress(pa.ArrowInvalid, OSError), pa.ipc.open_stream(path) as rows:
             for batch in rows:
                 ids.update(batch.column("id").to_pylist())
@@ -171,7 +171,7 @@ def test_a_replica_that_cannot_see_the_model_fails_the_job_in_one_line(tmp_path,
                        cluster=ClusterOptions(replicas=2))
     sizing = EngineSizing(32, 512, "test", 64 << 20, "test", 46_080, 0)
     with pytest.raises(ModelError) as failure:
-        Fleet.start(ray, ReplicaJob(config, "vllm", sizing, 100, "jsonl", 512, 30.0))
+        Fleet.start(ray, ReplicaJob(config, "vllm", sizing, 100, "jsonl", 512))
     message = str(failure.value)
     assert "\n" not in message
     assert message.startswith("replica ") and "on node " in message
