@@ -219,8 +219,8 @@ def ray_session(cluster: ClusterOptions) -> Iterator[Any]:
     options: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False,
                                "logging_level": logging.WARNING}
     try:
-        if cluster.ray_address is None:
-            ray.init(num_cpus=len(os.sched_getaffinity(0)), **options)
+        if cluster.ray_address is None:  # a Ray of its own, even where `ray start` ran
+            ray.init(address="local", num_cpus=len(os.sched_getaffinity(0)), **options)
         else:
             ray.init(address=cluster.ray_address, **options)
     except ConnectionError as e:
