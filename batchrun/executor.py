@@ -52,6 +52,10 @@ class RunGroup:
     private_blocks: np.ndarray | None = None
     # Of each member's private blocks, those its max_tokens of decoding would fill. None: 0.
     decode_blocks: np.ndarray | None = None
+    # The nearest shorter prefix this group's prefix shares with other groups (a branching
+    # node of the prefix tree, whether a group or not): -1 if none. The first leader under it
+    # computes it; sibling leaders wait one step instead of computing it again beside it.
+    shared_above_id: int = -1
 
     def __post_init__(self) -> None:
         if self.private_blocks is None:
@@ -183,7 +187,8 @@ class KvBudget:
             self._prefix_ready.discard(group.prefix_id)  # the cache may evict it from now on
 
     def prefix_computed(self, prefix_id: int) -> None:
-        self._prefix_ready.add(prefix_id)
+        if self.prefixes.holds(prefix_id):  # an unheld prefix may be evicted at any time
+            self._prefix_ready.add(prefix_id)
 
     def prefix_ready(self, prefix_id: int) -> bool:
         return prefix_id in self._prefix_ready
@@ -292,8 +297,10 @@ class StreamingExecutor:
         self._budget = KvBudget(info.kv_capacity_tokens // info.block_size)
         # id -> (request index, group, blocks it holds)
         self._in_flight: dict[str, tuple[int, _GroupState, int]] = {}
-        self._leaders: dict[str, _GroupState] = {}  # leader id -> its group
+        # leader id -> its group, and the prefixes it computes
+        self._leaders: dict[str, tuple[_GroupState, list[int]]] = {}
         self._computing: set[int] = set()  # prefixes a leader in flight is computing
+        self._shared_computed: set[int] = set()  # outer prefixes a leader has computed
         self._started: set[str] = set()  # in flight and past their first step (prefilled)
         self._draining = False
         self.aborted: list[int] = []
@@ -346,11 +353,25 @@ class StreamingExecutor:
                 raise EngineDiedError(
                     f"the engine dropped {len(self._in_flight)} request(s) without a result")
 
+    def _computed_by_leader(self, g: RunGroup) -> list[int]:
+        """The prefixes group g's leader computes: its own, and those its prefix extends that
+        no leader has computed yet (sibling groups wait for them rather than compute them
+        again in the same step)."""
+        return [g.prefix_id] + [
+            above for above in dict.fromkeys((g.parent_id, g.shared_above_id))
+            if above >= 0 and above not in self._shared_computed
+            and not self._budget.prefix_ready(above)]
+
     def _leader_done(self, rid: str) -> None:
-        """The leader prefilled (or finished): its prefix is cached, its group may follow."""
-        if (state := self._leaders.pop(rid, None)) is not None:
-            self._computing.discard(state.group.prefix_id)
-            self._budget.prefix_computed(state.group.prefix_id)
+        """The leader prefilled (or finished): its prefixes are cached, its group (and
+        groups under the prefix it extends) may follow."""
+        if (leading := self._leaders.pop(rid, None)) is not None:
+            for prefix_id in leading[1]:
+                self._computing.discard(prefix_id)
+                self._budget.prefix_computed(prefix_id)
+            # Computed once, an outer prefix stays a hint: if the cache evicts it later, the
+            # next leaders compute it again beside each other, as with no hint at all.
+            self._shared_computed.update(leading[1][1:])
 
     def _finish(self, result: GenerationResult) -> tuple[int, GenerationResult]:
         req, state, blocks = self._in_flight.pop(result.request_id)
@@ -382,13 +403,14 @@ class StreamingExecutor:
                     return
                 self._hold_prefix(g.prefix_id)
             if state.shared and not self._budget.prefix_ready(g.prefix_id):
-                if g.prefix_id in self._computing:
-                    continue  # a leader (this group's or another's) is computing it
+                if {g.prefix_id, g.parent_id, g.shared_above_id} & self._computing:
+                    continue  # a leader in flight computes it, or a prefix it extends
                 leader = self._start_member(state)
                 if leader is None:
                     return
-                self._computing.add(g.prefix_id)
-                self._leaders[leader] = state
+                computes = self._computed_by_leader(g)
+                self._computing.update(computes)
+                self._leaders[leader] = (state, computes)
                 if state.all_started:
                     self._pending.remove(state)
                 continue

@@ -27,6 +27,7 @@ from .io.output import ENDPOINT, InputColumns
 from .io.readers import RequestSet, open_request_stream, read_request_set
 from .plan.dedupe import find_duplicates, is_deterministic
 from .plan.prefix_tree import PrefixTree
+from .progress import StageClock
 from .shards import Shard, ShardBuilder
 from .structured import TEXT, Constraint, max_choice_tokens
 from .tokenize import (
@@ -301,39 +302,59 @@ class ShardedJob:
 
 def read_into_shards(config: JobConfig, *, engine_kind: str, done: np.ndarray, spill_dir: Path,
                      engine_max_model_len: int | None = None,
-                     stop: Callable[[], bool] = lambda: False) -> ShardedJob:
+                     stop: Callable[[], bool] = lambda: False,
+                     clock: StageClock | None = None) -> ShardedJob:
     """Read the input batch by batch, tokenize each batch, and cut the job into prefix shards
     in `config.engine.memory_budget`. Rows in `done` (sorted row numbers: finished in an
     earlier run) are read for their pass-through columns only. `stop()` ends the read early
-    (a signal): the job then has no shards."""
+    (a signal): the job then has no shards. `clock` gets the read, tokenize, shard seconds."""
+    clock = clock or StageClock()
     tokenizer, max_model_len = load_tokenizer(config, engine_kind, engine_max_model_len)
     budget = config.engine.memory_budget
     shutil.rmtree(spill_dir, ignore_errors=True)
     builder = ShardBuilder(spill_dir, run_bytes=budget // 8, shard_bytes=budget // 8)
     columns = InputColumns(spill_dir, memory_bytes=budget // 16)
-    longest: LongestRequest | None = None
-    runnable = new_tokens = 0
+    sizes = _RequestSizes()
     stream = open_request_stream(config.input, config.columns, config.input_format)
-    for batch in stream:
+    for batch in clock.timed("read", stream):
         table = batch.requests
         skip = _finished(table["row"].to_numpy(), done)
-        tokens = tokenize_requests(table, tokenizer, max_model_len=max_model_len, skip=skip)
-        builder.add(tokenized_table(table, tokens, skip))
-        columns.append(pa.table({**{n: batch.passthrough[n]
-                                    for n in batch.passthrough.column_names},
-                                 ENDPOINT: table["endpoint"]}))
-        max_tokens = _batch_max_tokens(config, table, tokens, max_model_len)
-        longest = _longer(longest, longest_request(
-            tokens.lengths(), max_tokens,
-            lambda i, ids=table["id"], at=tokens.positions: ids[int(at[i])].as_py()))
-        runnable += len(max_tokens)
-        new_tokens += int(max_tokens.sum())
+        with clock("tokenize"):
+            tokens = tokenize_requests(table, tokenizer, max_model_len=max_model_len, skip=skip)
+            sizes.add(config, table, tokens, max_model_len)
+        with clock("shard"):
+            builder.add(tokenized_table(table, tokens, skip))
+            columns.append(pa.table({**{n: batch.passthrough[n]
+                                        for n in batch.passthrough.column_names},
+                                     ENDPOINT: table["endpoint"]}))
         if stop():
             return ShardedJob(columns.rows, stream.input_format, [], columns, 0, max_model_len,
                               None, spill_dir)
-    shards = builder.finish()
+    with clock("shard"):
+        shards = builder.finish()
     return ShardedJob(columns.rows, stream.input_format, shards, columns, builder.spilled_bytes,
-                      max_model_len, longest, spill_dir, runnable, new_tokens)
+                      max_model_len, sizes.longest, spill_dir, sizes.runnable, sizes.new_tokens)
+
+
+@dataclass
+class _RequestSizes:
+    """What sizing the engine needs to know of the whole job, gathered batch by batch."""
+
+    longest: LongestRequest | None = None
+    runnable: int = 0
+    new_tokens: int = 0
+
+    def add(self, config: JobConfig, table: pa.Table, tokens: TokenizedRequests,
+            max_model_len: int) -> None:
+        constraints = _constraints(table, tokens.positions, config)
+        max_tokens = _max_tokens(table, tokens, constraints, config, max_model_len)
+        ids, at = table["id"], tokens.positions
+        longest = longest_request(tokens.lengths(), max_tokens,
+                                  lambda i: ids[int(at[i])].as_py())
+        if self.longest is None or (longest is not None and longest.tokens > self.longest.tokens):
+            self.longest = longest
+        self.runnable += len(max_tokens)
+        self.new_tokens += int(max_tokens.sum())
 
 
 def _finished(rows: np.ndarray, done: np.ndarray) -> np.ndarray:
@@ -342,18 +363,6 @@ def _finished(rows: np.ndarray, done: np.ndarray) -> np.ndarray:
         return np.zeros(len(rows), dtype=bool)
     at = np.minimum(np.searchsorted(done, rows), len(done) - 1)
     return done[at] == rows
-
-
-def _batch_max_tokens(config: JobConfig, table: pa.Table, tokens: TokenizedRequests,
-                      max_model_len: int) -> np.ndarray:
-    constraints = _constraints(table, tokens.positions, config)
-    return _max_tokens(table, tokens, constraints, config, max_model_len)
-
-
-def _longer(a: LongestRequest | None, b: LongestRequest | None) -> LongestRequest | None:
-    if a is None or (b is not None and b.tokens > a.tokens):
-        return b
-    return a
 
 
 def prepare_shard(config: JobConfig, shard: pa.Table, input_format: str,

@@ -74,7 +74,7 @@ from .prepare import (
     read_into_shards,
     request_factory,
 )
-from .progress import ProgressReporter
+from .progress import ProgressReporter, StageClock
 from .shards import Shard
 from .terminal import engine_log_path, output_to_log, terminal
 
@@ -118,7 +118,8 @@ def make_groups(job: PreparedJob, block_size: int, kv_capacity_tokens: int | Non
         groups.append(RunGroup(members, g.prefix_len, g.prefix_blocks,
                                plan.suffix_blocks[members], g.prefix_id,
                                plan.groups[g.parent].prefix_id if g.parent >= 0 else -1,
-                               plan.private_blocks[members], decode[members]))
+                               plan.private_blocks[members], decode[members],
+                               g.shared_above))
     return decode_heavy_first(groups, job.max_tokens), {"planned": True,
                                                         **plan.stats.to_dict()}
 
@@ -295,7 +296,8 @@ class ShardRun:
 
 def run_shard(job: PreparedJob, engine: Engine | None,
               on_results: Callable[[pa.Table], None], *, stop: StopFlag | None = None,
-              grace_s: float = 30.0, trace: StepTrace | None = None) -> ShardRun:
+              grace_s: float = 30.0, trace: StepTrace | None = None,
+              clock: StageClock | None = None) -> ShardRun:
     """Run a prepared shard (or whole small job) on a started engine: its error rows first,
     then its plan through the streaming executor. Every result reaches `on_results` as
     RESULT_SCHEMA rows (row numbers are the input's)."""
@@ -307,12 +309,15 @@ def run_shard(job: PreparedJob, engine: Engine | None,
         if engine is None:
             raise EngineDiedError("no engine to run the job on")
         info = engine.info
-        groups, plan = make_groups(job, info.block_size, info.kv_capacity_tokens)
+        clock = clock or StageClock()
+        with clock("plan"):
+            groups, plan = make_groups(job, info.block_size, info.kv_capacity_tokens)
         executor = StreamingExecutor(
             engine, groups, request_factory(job),
             lambda batch: on_results(results_table(job, batch)),
             stop=stop, grace_s=grace_s, trace=trace)
-        executor.run()
+        with clock("run"):
+            executor.run()
     logprobs_rows = sum(job.rows_served(i) for i, k in enumerate(job.logprobs) if k is not None)
     return ShardRun(plan, *_first_and_last_prompts(job), job.constrained_counts(),
                     logprobs_rows)
@@ -504,6 +509,7 @@ class _JobRun:
     message: str = ""
     plan: JobPlanFigures = field(default_factory=JobPlanFigures)
     trace: StepTrace = field(default_factory=StepTrace)
+    clock: StageClock = field(default_factory=StageClock)
     constrained: dict[str, int] = field(default_factory=dict)
     logprobs_rows: int = 0
     attention_before: dict[str, Any] | None = None
@@ -521,16 +527,18 @@ class _JobRun:
         ckpt = Checkpoint.open(paths.base, manifest, resume=resume)
         books = Books()
         done = count_done(ckpt.journals(), books.count)
+        clock = StageClock()
         try:
             sharded = read_into_shards(
                 config, engine_kind=engine_kind, done=done, spill_dir=ckpt.path / "spill",
                 engine_max_model_len=engine.info.max_model_len if engine else None,
-                stop=lambda: stop.requested)
+                stop=lambda: stop.requested, clock=clock)
         except BaseException:
             if not len(done):  # an unusable input, model or setting: leave no empty checkpoint
                 ckpt.remove()
             raise
-        run = cls(config, paths, ckpt, books, sharded, engine, own_engine=engine is None)
+        run = cls(config, paths, ckpt, books, sharded, engine, own_engine=engine is None,
+                  clock=clock)
         try:
             run._start_engine(engine_kind, stop)
         except EngineDiedError as e:
@@ -548,8 +556,9 @@ class _JobRun:
         sharded = self.sharded
         if not sharded.runnable or stop.requested:
             return
-        self.first = prepare_shard(self.config, sharded.shards[0].load(),
-                                   sharded.input_format, sharded.max_model_len)
+        with self.clock("plan"):
+            self.first = prepare_shard(self.config, sharded.shards[0].load(),
+                                       sharded.input_format, sharded.max_model_len)
         if self.own_engine:
             self.sizing = engine_sizing(self.first, engine_kind, longest=sharded.longest)
             if self.config.cluster.on_ray:
@@ -621,10 +630,11 @@ class _JobRun:
                    stop: StopFlag, grace_s: float) -> ShardRun:
         job, self.first = self.first, None  # the first shard was prepared at the start
         if job is None:
-            job = prepare_shard(self.config, shard.load(), self.sharded.input_format,
-                                self.sharded.max_model_len)
+            with self.clock("plan"):
+                job = prepare_shard(self.config, shard.load(), self.sharded.input_format,
+                                    self.sharded.max_model_len)
         return run_shard(job, self.engine, on_results, stop=stop, grace_s=grace_s,
-                         trace=self.trace)
+                         trace=self.trace, clock=self.clock)
 
     def _note_engine_counters(self) -> None:
         """This job's attention calls and structured-output backends: a shared engine
@@ -655,7 +665,8 @@ class _JobRun:
                                   f"{self.sharded.rows} rows")
         try:
             self.ckpt.mark_complete()
-            self._write_output()
+            with self.clock("write"):
+                self._write_output()
         except (OSError, pa.ArrowException) as e:
             summary["status"] = "write_failed"
             reason = getattr(e, "strerror", None) or " ".join(str(e).split())[:300]
@@ -664,9 +675,16 @@ class _JobRun:
                 "free space and re-run with --resume"))
         self.ckpt.remove()
         _remove_staged(self.paths)
+        summary["stages"] = self._stage_figures()
         _write_summary(self.paths.local, summary)
         code = EXIT_OK if self.books.failed == 0 else EXIT_ROW_ERRORS
         return JobOutcome(code, summary, f"wrote {self.paths.dest}")
+
+    def _stage_figures(self) -> dict[str, dict[str, float]]:
+        """Seconds and rows/s per stage (rows this run handled)."""
+        rows = self.sharded.requests or self.sharded.rows
+        return {stage: {"seconds": s, "rows_per_s": round(rows / s) if s > 0 else None}
+                for stage, s in self.clock.figures().items()}
 
     def _stopped(self, summary: dict[str, Any], message: str) -> JobOutcome:
         summary["checkpoint"] = str(self.ckpt.path)
@@ -693,6 +711,7 @@ class _JobRun:
         summary = job_summary(self.config, self.sharded.rows, self.books, self.engine,
                               self.plan.to_dict(), wall_s, self.status)
         summary["batch"] = self.trace.figures()
+        summary["stages"] = self._stage_figures()
         summary["structured_outputs"] = {"constrained_rows": dict(sorted(
             self.constrained.items())), "logprobs_rows": self.logprobs_rows}
         summary["shards"] = {"count": len(self.sharded.shards),

@@ -265,10 +265,11 @@ def choose_splitters(runs: list[SortedRun], shard_bytes: int) -> list[np.ndarray
         best = lo + int(np.argmin(tree.lcp[lo:hi]))
         if not picked or best > picked[-1]:
             picked.append(best)
-    # Equal heads would make an empty shard: keep the first of each.
+    # The shortest prompt that sorts after the previous head and not after this one: every
+    # row sharing more than the two heads share stays on one side of the cut.
     out: list[np.ndarray] = []
     for pos in picked:
-        head = heads[int(tree.order[pos])]
-        if not out or compare(out[-1], head) < 0:
-            out.append(head)
+        cut = heads[int(tree.order[pos])][:int(tree.lcp[pos]) + 1]
+        if not out or compare(out[-1], cut) < 0:
+            out.append(cut)
     return out

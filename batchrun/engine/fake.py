@@ -29,9 +29,11 @@ import inspect
 import json
 import os
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from dataclasses import dataclass
 from typing import Any
+
+import numpy as np
 
 from ..config import ConfigError
 from ..structured import CHOICE, JSON_OBJECT, JSON_SCHEMA
@@ -45,6 +47,24 @@ from .base import (
 )
 
 ENV_VAR = "BATCHRUN_FAKE_ENGINE"
+
+
+_RNG = np.random.default_rng(0xFA4E)
+_WEIGHTS = _RNG.integers(1, 2**63, 1024, dtype=np.uint64) | np.uint64(1)
+_MUL = np.uint64(0x9E3779B97F4A7C15)  # odd, so invertible mod 2**64
+_MUL_INV = np.uint64(pow(int(_MUL), -1, 2**64))
+
+
+def _powers(base: np.uint64, n: int) -> np.ndarray:
+    out = np.ones(n, dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        for i in range(1, n):
+            out[i] = out[i - 1] * base
+    return out
+
+
+_MUL_POW = _powers(_MUL, 1 << 15)  # up to 32,768 blocks a prompt
+_MUL_INV_POW = _powers(_MUL_INV, 1 << 15)
 
 
 @dataclass
@@ -71,10 +91,10 @@ class FakeEngine:
         self.info = EngineInfo("fake", "fake", block_size, kv_capacity_tokens, max_model_len,
                                {"engine": "fake", "block_size": block_size})
         self._max_num_seqs = max_num_seqs
-        self._waiting: list[GenerationRequest] = []
+        self._waiting: deque[GenerationRequest] = deque()
         self._running: dict[str, _Running] = {}
-        self._cache: OrderedDict[bytes, None] = OrderedDict()  # block-chain hash -> LRU order
-        self._computed: list[bytes] = []
+        self._cache: OrderedDict[int, None] = OrderedDict()  # block-chain hash -> LRU order
+        self._computed: list[int] = []
         self._fail = fail_request_ids
         self._die_after = die_after_steps
         self._step_delay_s = step_delay_s  # wall time of a step, as a real engine has
@@ -107,13 +127,20 @@ class FakeEngine:
     def add(self, request: GenerationRequest) -> None:
         self._waiting.append(request)
 
-    def _block_hashes(self, tokens: list[int]) -> list[bytes]:
-        bs, h, out = self.info.block_size, b"", []
-        for start in range(0, len(tokens) - len(tokens) % bs, bs):
-            block = repr(tokens[start:start + bs]).encode()
-            h = hashlib.blake2b(h + block, digest_size=16).digest()
-            out.append(h)
-        return out
+    def _block_hashes(self, tokens: list[int]) -> list[int]:
+        """A hash of each full block's whole prefix (block k: tokens [0, (k + 1) * bs)), as
+        vLLM chains block hashes. In numpy: scale-test jobs have millions of prompts."""
+        bs = self.info.block_size
+        full = len(tokens) - len(tokens) % bs
+        if not full:
+            return []
+        blocks = np.asarray(tokens[:full], dtype=np.uint64).reshape(-1, bs)
+        with np.errstate(over="ignore"):  # arithmetic mod 2**64 is the point
+            block = (blocks * _WEIGHTS[:bs]).sum(axis=1)
+            # chain[k] = sum_j block[j] * M**(k - j): a polynomial hash of the block sequence.
+            k = np.arange(len(block), dtype=np.uint64)
+            chain = np.cumsum(block * _MUL_INV_POW[k]) * _MUL_POW[k]
+        return chain.tolist()
 
     def _admit(self, request: GenerationRequest) -> None:
         hashes = self._block_hashes(request.prompt_token_ids)
@@ -138,7 +165,7 @@ class FakeEngine:
         if self._die_after is not None and self.steps > self._die_after:
             raise EngineDiedError("the fake engine died (injected failure)")
         while self._waiting and len(self._running) < self._max_num_seqs:
-            self._admit(self._waiting.pop(0))
+            self._admit(self._waiting.popleft())
         self.max_running_seen = max(self.max_running_seen, len(self._running))
         out = StepOutput(batch_size=len(self._running))
         for rid, run in list(self._running.items()):
@@ -205,7 +232,7 @@ class FakeEngine:
 
     def abort(self, request_ids: list[str]) -> None:
         drop = set(request_ids)
-        self._waiting = [r for r in self._waiting if r.request_id not in drop]
+        self._waiting = deque(r for r in self._waiting if r.request_id not in drop)
         for rid in drop:
             self._running.pop(rid, None)
 

@@ -67,6 +67,8 @@ class PrefixGroup:
     decode_ratio: float  # sum of max_tokens / prompt tokens the group computes (prefix once)
     prefix_id: int  # one id per shared prefix (a group may be cut in several); -1: unshared
     parent: int  # index in Plan.groups of a group holding the enclosing shared prefix, or -1
+    # The prefix tree node of the nearest shorter prefix it shares with other groups, or -1
+    shared_above: int = -1
 
     @property
     def size(self) -> int:
@@ -146,6 +148,9 @@ def plan_schedule(
     groups, suffix, private = _make_groups(group, prefix, lengths, decode, need, link,
                                            group_parent, block_size, capacity)
 
+    for g in groups:
+        if g.prefix_id > 0 and blocks.node_depth[up := blocks.node_parent[g.prefix_id]] > 0:
+            g.shared_above = int(up)
     suffix_blocks = np.empty(n, dtype=np.int64)
     suffix_blocks[order] = suffix
     private_blocks = np.empty(n, dtype=np.int64)

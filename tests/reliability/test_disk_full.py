@@ -80,9 +80,8 @@ def test_a_full_disk_while_writing_the_output_keeps_the_finished_checkpoint(
     ids = write_rows(tmp_path / "in.jsonl", 30)
     cfg = job(tmp_path, tmp_path / "in.jsonl", max_tokens=4)
 
-    def half_written(table: pa.Table, where: Path, **_: Any) -> None:
-        Path(where).write_bytes(b"PAR1" + b"\0" * 100)
-        raise no_space()
+    def half_written(writer: pq.ParquetWriter, table: pa.Table, **_: Any) -> None:
+        raise no_space()  # the writer's file holds its header only: a cut-short file
 
     real_write_text = Path.write_text
 
@@ -91,7 +90,7 @@ def test_a_full_disk_while_writing_the_output_keeps_the_finished_checkpoint(
             raise no_space()
         return real_write_text(self, *args, **kwargs)
 
-    monkeypatch.setattr(pq, "write_table", half_written)
+    monkeypatch.setattr(pq.ParquetWriter, "write_table", half_written)
     monkeypatch.setattr(Path, "write_text", summary_too)  # the disk is still full after it
     full = run_fake(cfg)
     monkeypatch.undo()
