@@ -31,8 +31,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from ..config import ClusterOptions, ConfigError, JobConfig
 from ..engine.base import EngineDiedError
@@ -79,9 +79,8 @@ class ReplicaStats:
 
     def count(self, results: pa.Table) -> None:
         ok = results.filter(results["error"].is_null())
-        prompt, cached, completion = (
-            int(np.sum(ok[name].to_numpy(zero_copy_only=False)))
-            for name in ("prompt_tokens", "cached_tokens", "completion_tokens"))
+        prompt, cached, completion = (pc.sum(ok[name]).as_py() or 0 for name in (
+            "prompt_tokens", "cached_tokens", "completion_tokens"))
         self.rows += results.num_rows
         self.prompt_tokens += prompt
         self.computed_prompt_tokens += prompt - cached
@@ -131,9 +130,7 @@ class ReplicaActor:
             self._engine = self._starting.result()
         except UsageError as e:  # the model is not there, settings vLLM refuses
             raise type(e)(f"on node {node}: {e}") from None
-        info = self._engine.info
-        return {"node": node, "pid": os.getpid(), "engine": info.name,
-                "kv_capacity_tokens": info.kv_capacity_tokens, "block_size": info.block_size}
+        return {"node": node, "engine": self._engine.info.name}
 
     def run(self, piece: pa.Table, grace_s: float) -> Iterator[pa.Table | PieceDone]:
         """Run one piece (REQUEST_SCHEMA rows of a shard); yield its results as they finish,
