@@ -27,7 +27,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +36,12 @@ import pyarrow.compute as pc
 
 from ..config import ClusterOptions, ConfigError, JobConfig
 from ..engine.base import EngineDiedError
-from ..engine.sizing import EngineSizing
+from ..engine.sizing import (
+    MAX_SHARE_OF_FREE_MEMORY,
+    EngineSizing,
+    memory_available,
+    round_up,
+)
 from ..errors import UsageError
 from ..executor import StopFlag
 from ..model import ModelError
@@ -452,8 +457,27 @@ def start_replicas(config: JobConfig, engine_kind: str, sizing: EngineSizing,
     """The replicas of a job read into shards (prepare.ShardedJob), their engines started
     with the job's `sizing`."""
     n = config.cluster.replicas
-    return EngineReplicas(ReplicaJob(config, engine_kind, sizing, -(-sharded.new_tokens // n),
-                                     sharded.input_format, sharded.max_model_len))
+    return EngineReplicas(ReplicaJob(config, engine_kind, replica_sizing(config, sizing),
+                                     -(-sharded.new_tokens // n), sharded.input_format,
+                                     sharded.max_model_len))
+
+
+def replica_sizing(config: JobConfig, sizing: EngineSizing) -> EngineSizing:
+    """A KV cache sized from the job (on CPU, none set by the user) is at most a share of the
+    memory free at start (engine/sizing.py). Replicas on this machine start together, so
+    they split that share; elsewhere each node's replica has its node's memory."""
+    n = config.cluster.replicas
+    local = config.cluster.ray_address is None
+    if n == 1 or not local or config.engine.kv_cache_memory or not sizing.kv_cache_memory:
+        return sizing
+    block_bytes = sizing.kv_bytes_per_token * sizing.block_size
+    share = int(memory_available() * MAX_SHARE_OF_FREE_MEMORY / n) // block_bytes * block_bytes
+    longest = round_up(sizing.max_model_len, sizing.block_size) * sizing.kv_bytes_per_token
+    if sizing.kv_cache_memory <= share:
+        return sizing
+    return replace(sizing, kv_cache_memory=max(share, longest), kv_cache_reason=(
+        f"{sizing.kv_cache_reason}; {n} replicas on this machine: 1/{n} of "
+        f"{MAX_SHARE_OF_FREE_MEMORY:.0%} of the memory free at start each"))
 
 
 class EngineReplicas:
