@@ -286,14 +286,32 @@ def simulated_fleet(sizes: list[int], prefill_s: float, decode_s: float,
         ideal = job_block_ideal(shards)
         print(f"block ideal (one engine, the whole job): {ideal:,} computed prompt tokens")
         print(f"{'replicas':>8} {'busiest/mean':>12} {'computed/ideal':>14} {'pieces':>7} "
-              f"{'cut':>5} {'makespan':>10}")
+              f"{'cut':>5} {'makespan':>10} | {'blocks: computed/ideal':>22}")
         for n in sizes:
             t0 = time.perf_counter()
             fleet = simulate(shards, n, prefill_s, decode_s)
+            blocks = contiguous_blocks_computed(job, n)
             print(f"{n:>8} {fleet.busy_s.max() / fleet.busy_s.mean():>12.3f} "
                   f"{fleet.computed / ideal:>14.4f} {fleet.pieces:>7} {fleet.pieces_cut:>5} "
-                  f"{fleet.busy_s.max():>9.0f}s   (simulated in "
+                  f"{fleet.busy_s.max():>9.0f}s | {blocks / ideal:>22.3f}   (simulated in "
                   f"{time.perf_counter() - t0:.0f} s)")
+
+
+def contiguous_blocks_computed(job: ZipfJob, replicas: int) -> int:
+    """Ray Data's way for comparison: the rows in input order cut into `replicas` contiguous
+    blocks, each block's block ideal (one engine per block, planned as well as batchrun
+    plans a shard)."""
+    size = -(-job.rows // replicas)
+    total, block = 0, []
+    for batch in job.batches():
+        while batch.num_rows:
+            take = min(batch.num_rows, size - sum(t.num_rows for t in block))
+            block.append(batch.slice(0, take))
+            batch = batch.slice(take)
+            if sum(t.num_rows for t in block) == size:
+                total += computed_tokens(pa.concat_tables(block))
+                block = []
+    return total + (computed_tokens(pa.concat_tables(block)) if block else 0)
 
 
 def main() -> None:
