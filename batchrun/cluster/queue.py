@@ -1,17 +1,20 @@
 """Which replica runs what: the queue of prefix shards that replicas pull from.
 
-Shards go out largest first (by rows), each to the next replica that frees up. A shard bigger
-than a fair share of the work still to do ((queued + in-flight rows) / replicas) would leave
-the other replicas idle at the tail, so the replica pulling it gets a piece of at most one
-share and the rest goes back into the queue. Early pieces are big, late ones small, as in
-guided self-scheduling: a replica's last piece is never more than its share of what was left.
+Shards go out largest first (by rows), each to the next replica that frees up. A shard
+bigger than half a replica's fair share of the work still to do ((queued + in-flight rows) /
+replicas) is cut: the replica pulling it gets a piece of at most that size, and the rest goes
+back into the queue. So pieces shrink as the job nears its end, and a replica's last piece is
+never more than half its share of what was left: the others finish within that of it. Half,
+not a whole share, because rows are not equal work (a row of a rare prefix computes that
+prefix too, a row of a popular one does not), and the queue counts rows: the simulated fleet
+in benchmarks/bench_replicas.py shows what each choice leaves at the tail.
 
 A piece is a run of the shard's rows in prefix order (lexicographic by token ids, so rows
 that share a prefix are neighbours). Cutting between two neighbours costs exactly the whole
 KV blocks they share: the second piece's engine computes them again. So the cut goes where
-the fewest blocks are shared among the cuts that leave the piece between half a share and a
-share (ideally between two prefix families, where it costs nothing), nearest a share among
-equals.
+the fewest blocks are shared among the cuts that leave the piece between half its target
+size and its target size (ideally between two prefix families, where it costs nothing),
+nearest the target among equals.
 
 Nothing here knows about Ray: the driver (cluster/replicas.py) and the fleet simulation
 (benchmarks/bench_replicas.py) run this same code.
@@ -26,6 +29,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import math
 from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
@@ -37,9 +41,9 @@ import pyarrow.compute as pc
 
 from ..plan.prefix_tree import PrefixTree
 
-# Never cut a piece smaller than this, nor a shard that is less than this over its share:
-# such a cut saves less tail time than its replica spends on the cut prefix and the round
-# trip.
+# Never cut a piece smaller than this, nor a shard that is less than this over its target,
+# nor aim below twice this: such a cut saves less tail time than its replica spends on the
+# cut prefix and the round trip.
 MIN_PIECE_ROWS = 8
 
 
@@ -207,15 +211,16 @@ class ShardQueue:
         self.queued_rows += work.rows
 
     def take(self, in_flight_rows: int = 0) -> Work | None:
-        """The next work for a replica that is free: the largest, or a share-sized piece of
-        it. `in_flight_rows`: rows handed out and not yet returned."""
+        """The next work for a replica that is free: the largest, or a piece of it of at most
+        half a fair share. `in_flight_rows`: rows handed out and not yet returned."""
         if not self._heap:
             return None
-        share = -(-(self.queued_rows + in_flight_rows) // self.replicas)
+        fair_share = (self.queued_rows + in_flight_rows) / self.replicas
+        target = max(math.ceil(fair_share / 2), 2 * MIN_PIECE_ROWS)
         _, _, work = heapq.heappop(self._heap)
         self.queued_rows -= work.rows
-        if work.rows >= share + MIN_PIECE_ROWS:
-            pieces = work.split(share, self.orders)
+        if work.rows >= target + MIN_PIECE_ROWS:
+            pieces = work.split(target, self.orders)
             if pieces is not None:
                 work, rest = pieces
                 self.put_back(rest)

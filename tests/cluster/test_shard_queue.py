@@ -32,44 +32,44 @@ def hand_out_all(queue: ShardQueue, in_flight: int = 0) -> list:
 
 
 def test_a_shard_splits_between_prefix_families_where_the_cut_costs_nothing():
-    # 20 rows share one 64-token prefix, 28 rows another; shuffled in the shard.
-    prompts = family([1] * 64, 20) + family([2] * 64, 28, first_row=20)
+    # Three families of 10, 14 and 12 rows, each sharing its own 64-token prefix; shuffled.
+    prompts = (family([1] * 64, 10) + family([2] * 64, 14, first_row=10)
+               + family([3] * 64, 12, first_row=24))
     random.Random(0).shuffle(prompts)
-    shard = TableShard(request_table(prompts))
-    queue = ShardQueue([shard], replicas=2, orders=PrefixOrders(BLOCK))
+    queue = ShardQueue([TableShard(request_table(prompts))], replicas=2,
+                       orders=PrefixOrders(BLOCK))
 
-    first = queue.take()
-    second = queue.take(in_flight_rows=first.rows)
-    assert queue.take() is None
-    # A share is 24 rows; the cut goes to the family boundary (20 | 28), not into a family
-    # (which would recompute its 64-token prefix); the 28 then go whole (less than a share +
-    # MIN_PIECE_ROWS).
-    assert [first.rows, second.rows] == [20, 28]
-    tables = [w.table(queue.orders) for w in (first, second)]
-    assert {len({p[0] for p in prompts_of(t)}) for t in tables} == {1}
+    pieces, in_flight = [], 0
+    while (work := queue.take(in_flight)) is not None:
+        pieces.append(work)
+        in_flight += work.rows
+    # Each piece may hold 8 to 16 rows (half a fair share, at least twice MIN_PIECE_ROWS):
+    # every cut goes to a family boundary, none into a family (which would compute its
+    # 64-token prefix twice); the last family (12 rows) goes whole.
+    assert [w.rows for w in pieces] == [10, 14, 12]
+    tables = [w.table(queue.orders) for w in pieces]
+    assert [{p[0] for p in prompts_of(t)} for t in tables] == [{1}, {2}, {3}]
     assert sum(block_ideal(prompts_of(t)) for t in tables) == block_ideal(prompts)
 
 
-def test_largest_shard_first_and_pieces_about_a_fair_share():
+def test_largest_shard_first_and_no_piece_above_half_a_fair_share():
     sizes = [6, 90, 12, 20]
     shards = [TableShard(request_table(family([k] * 32, n, first_row=100 * k), first_row=100 * k))
               for k, n in enumerate(sizes, start=1)]
     queue = ShardQueue(shards, replicas=4, orders=PrefixOrders(BLOCK))
-    work = queue.take()
-    assert work.shard is shards[1]  # the 90-row shard
-    # 128 rows / 4 replicas: 32 a share. Inside one family every cut costs the same blocks,
-    # so the piece is the share itself.
-    assert work.rows == 32 and queue.pieces_cut == 1
-    in_flight, handed = work.rows, [work.rows]
-    while (work := queue.take(in_flight)) is not None:
-        share = -(-(queue.queued_rows + work.rows + in_flight) // 4)
-        assert work.rows <= share * 3 // 2 or work.rows < share + 8
+    in_flight, handed = 0, []
+    while True:
+        half_share = -(-(queue.queued_rows + in_flight) // 8)
+        if (work := queue.take(in_flight)) is None:
+            break
+        # A piece cut from a shard is at most half a fair share (or twice MIN_PIECE_ROWS);
+        # a shard less than MIN_PIECE_ROWS over that goes whole.
+        assert work.rows <= max(half_share, 16) or work.rows == work.shard.rows < half_share + 8
         in_flight += work.rows
-        handed.append(work.rows)
-    assert sum(handed) == sum(sizes)
-    # The big shard in three pieces (32 + 32 + 26: the last less than a share + 8 over a
-    # share), then the others whole, largest first.
-    assert handed == [32, 32, 26, 20, 12, 6]
+        handed.append((sizes[shards.index(work.shard)], work.rows))
+    # The largest shard first, in pieces of 128 rows / 4 replicas / 2; the others whole,
+    # largest first, the 90-row shard's last 10 rows among them by size.
+    assert handed == [(90, 16)] * 5 + [(20, 20), (12, 12), (90, 10), (6, 6)]
 
 
 def test_every_row_is_handed_out_exactly_once():
