@@ -79,7 +79,7 @@ def test_random_kills_then_resume_gives_every_row_exactly_once(tmp_path: Path) -
     # Output renamed into place, checkpoint not yet removed.
     ("batchrun.io.results:Checkpoint.remove", "output and a finished checkpoint"),
     # Output written under its temporary name, not yet renamed.
-    ("pyarrow.parquet:write_table after", "a complete temp file, no output"),
+    ("pyarrow.parquet:ParquetWriter.close after", "a complete temp file, no output"),
     # The checkpoint folder made, its manifest not yet written.
     ("batchrun.io.results:os.replace", "a checkpoint without a manifest"),
 ])
