@@ -5,15 +5,19 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import replace
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from .api import build_config, quiet_engine_logs, run_config
 from .config import JobConfig, parse_size
 from .errors import JobInterrupted, UsageError
+
+if TYPE_CHECKING:
+    from .io.readers import ValidationReport
 
 EXIT_CODES_HELP = """\
 Exit codes: 0 every row succeeded (or the job had already finished);
@@ -282,33 +286,29 @@ def validate(
       batchrun validate jobs/example.toml
     """
     _quiet_engine_logs(False)
-    from .runner import EXIT_OK, EXIT_ROW_ERRORS, prepare_job
+    from .runner import EXIT_OK, EXIT_ROW_ERRORS
 
     try:
         cfg = _config(job, output or "validate.parquet", model=model,
                       input_format=input_format,
                       **{"columns.prompt": prompt_column, "columns.id": id_column,
                          **_constraint_overrides(json_schema, choice, regex)})
-        prepared = prepare_job(cfg, engine_kind=engine.value)
+        found, input_format_found, max_model_len = _validate_input(cfg, engine.value,
+                                                                   max_errors)
     except UsageError as e:
         _fail(str(e))
     except Exception as e:
         _internal_error(e, False)
-    errors = prepared.request_errors()
-    lengths = prepared.tokens.lengths()
+    counts = found.summary()
     report = {
         "input": str(cfg.input),
-        "format": prepared.requests.input_format,
-        "rows": prepared.rows,
-        "ok": prepared.rows - len(errors),
-        "errors": len(errors),
-        "max_model_len": prepared.max_model_len,
-        "constrained": prepared.constrained_counts(),
-        "logprobs_rows": sum(k is not None for k in prepared.logprobs),
-        "prompt_tokens": {"total": int(lengths.sum()),
-                          "max": int(lengths.max()) if len(lengths) else 0,
-                          "mean": float(lengths.mean()) if len(lengths) else 0.0},
-        "first_errors": [errors[p] for p in sorted(errors)[:max_errors]],
+        "format": input_format_found,
+        "rows": counts["rows"],
+        "ok": counts["ok"],
+        "errors": counts["errors"],
+        "max_model_len": max_model_len,
+        **found.prompt_summary(),
+        "first_errors": counts["first_errors"],
     }
     if json_out:
         typer.echo(json.dumps(report, indent=2))
@@ -324,7 +324,32 @@ def validate(
                    + f"; logprobs: {report['logprobs_rows']:,} rows")
         for line in report["first_errors"]:
             typer.echo(f"  {line}")
-    raise typer.Exit(EXIT_OK if not errors else EXIT_ROW_ERRORS)
+    raise typer.Exit(EXIT_OK if not report["errors"] else EXIT_ROW_ERRORS)
+
+
+def _validate_input(cfg: JobConfig, engine_kind: str, max_errors: int) -> tuple[
+        ValidationReport, str, int]:
+    """The job's input checked batch by batch, as `run` would read and tokenize it (memory
+    does not grow with the input): the report, the input's format, and the context length
+    the checks used."""
+    from .io.readers import ValidationReport, open_request_stream
+    from .runner import _constraints, _logprobs, load_tokenizer
+    from .tokenize import tokenize_requests
+
+    # Passthrough columns are copied, never checked: not read at all here.
+    stream = open_request_stream(cfg.input, replace(cfg.columns, passthrough=()),
+                                 cfg.input_format)
+    tokenizer, max_model_len = load_tokenizer(cfg, engine_kind)
+    report = ValidationReport(max_errors)
+    for batch in stream:
+        requests = batch.requests
+        tokens = tokenize_requests(requests, tokenizer, max_model_len=max_model_len)
+        report.add_rows(requests, tokens.errors)
+        report.add_prompts(tokens.lengths(),
+                           [c.kind if c else None
+                            for c in _constraints(requests, tokens.positions, cfg)],
+                           _logprobs(requests, tokens.positions, cfg))
+    return report, stream.input_format, max_model_len
 
 
 
