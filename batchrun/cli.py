@@ -333,7 +333,7 @@ def _validate_input(cfg: JobConfig, engine_kind: str, max_errors: int) -> tuple[
     does not grow with the input): the report, the input's format, and the context length
     the checks used."""
     from .io.readers import ValidationReport, open_request_stream
-    from .runner import _constraints, _logprobs, load_tokenizer
+    from .prepare import load_tokenizer, request_constraints, request_logprobs
     from .tokenize import tokenize_requests
 
     # Passthrough columns are copied, never checked: not read at all here.
@@ -347,8 +347,8 @@ def _validate_input(cfg: JobConfig, engine_kind: str, max_errors: int) -> tuple[
         report.add_rows(requests, tokens.errors)
         report.add_prompts(tokens.lengths(),
                            [c.kind if c else None
-                            for c in _constraints(requests, tokens.positions, cfg)],
-                           _logprobs(requests, tokens.positions, cfg))
+                            for c in request_constraints(requests, tokens.positions, cfg)],
+                           request_logprobs(requests, tokens.positions, cfg))
     return report, stream.input_format, max_model_len
 
 

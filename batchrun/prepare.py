@@ -122,8 +122,8 @@ def prepare_requests(config: JobConfig, requests: RequestSet, tokenizer: PromptT
     if skip is None:
         skip = np.zeros(table.num_rows, dtype=bool)
     tokens = tokenize_requests(table, tokenizer, max_model_len=max_model_len, skip=skip)
-    constraints = _constraints(table, tokens.positions, config)
-    logprobs = _logprobs(table, tokens.positions, config)
+    constraints = request_constraints(table, tokens.positions, config)
+    logprobs = request_logprobs(table, tokens.positions, config)
     max_tokens = _max_tokens(table, tokens, constraints, config, max_model_len)
     job = PreparedJob(config, requests, tokens, max_tokens, max_model_len, skip,
                       constraints=constraints, logprobs=logprobs)
@@ -198,7 +198,7 @@ def _without_duplicates(job: PreparedJob) -> PreparedJob:
                    logprobs=[job.logprobs[r] for r in runs])
 
 
-def _constraints(table: pa.Table, positions: np.ndarray,
+def request_constraints(table: pa.Table, positions: np.ndarray,
                  config: JobConfig) -> list[Constraint | None]:
     """Each request's constraint: its row's own, else the job's default; "text" rows none."""
     default = default_constraint(config.sampling)
@@ -220,7 +220,7 @@ def _constraints(table: pa.Table, positions: np.ndarray,
     return out
 
 
-def _logprobs(table: pa.Table, positions: np.ndarray, config: JobConfig) -> list[int | None]:
+def request_logprobs(table: pa.Table, positions: np.ndarray, config: JobConfig) -> list[int | None]:
     """Each request's top-logprobs count (None: no logprobs). A row's logprobs/top_logprobs
     win over the job's; top_logprobs alone turns logprobs on."""
     s = config.sampling
@@ -346,7 +346,7 @@ class _RequestSizes:
 
     def add(self, config: JobConfig, table: pa.Table, tokens: TokenizedRequests,
             max_model_len: int) -> None:
-        constraints = _constraints(table, tokens.positions, config)
+        constraints = request_constraints(table, tokens.positions, config)
         max_tokens = _max_tokens(table, tokens, constraints, config, max_model_len)
         ids, at = table["id"], tokens.positions
         longest = longest_request(tokens.lengths(), max_tokens,
