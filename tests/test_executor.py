@@ -9,7 +9,9 @@ import pytest
 
 from batchrun.engine.base import GenerationRequest, StepOutput
 from batchrun.engine.fake import FakeEngine
-from batchrun.executor import PrefixReservations, RunGroup, StopFlag, StreamingExecutor
+from batchrun.executor import RunGroup, StreamingExecutor
+from batchrun.kv_budget import PrefixReservations
+from batchrun.lifecycle import StopFlag
 
 PREFIX = list(range(100, 132))  # 8 blocks of 4 tokens
 
