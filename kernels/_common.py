@@ -52,8 +52,9 @@ class LaunchConfig:
 
 
 def launch_config(head_size: int, dtype: torch.dtype, block_m: int) -> LaunchConfig:
-    """Fixed per-shape launch settings. Autotuning is avoided on purpose: vLLM captures CUDA
-    graphs, and a first-call tuning sweep inside a capture is not allowed."""
+    """Fixed per-shape launch settings, not autotuned: a tuning sweep would run at the first
+    call of every new shape, in the middle of a job (grids and key lengths change every
+    engine step), and Triton's interpreter, which the CPU tests use, runs one config only."""
     if interpreting():
         return LaunchConfig(block_n=64, num_warps=4, num_stages=1, upcast=True,
                             dot_precision="ieee")

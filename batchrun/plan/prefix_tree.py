@@ -225,7 +225,8 @@ class _PrefixHashes:
 def _windows(values: np.ndarray) -> np.ndarray:
     """values[p : p + CHUNK] as one 64-byte item per start p, without copying.
 
-    Gathering whole 64-byte items is ~6x faster than fancy-indexing 16 int32 per row.
+    Gathering whole 64-byte items is several times faster than fancy-indexing 16 int32 per
+    row (benchmarks/README.md, "Planner scale").
     """
     count = max(len(values) - CHUNK + 1, 0)
     return np.ndarray((count,), dtype=f"V{4 * CHUNK}", buffer=values, strides=(4,))

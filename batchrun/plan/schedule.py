@@ -25,7 +25,8 @@ cache can share. Four steps, each a function below with a worked example:
 Members start together after the leader, relying on vLLM reusing, within a step, the blocks
 the member before is computing; where a chunked prefill defeats that, the estimate runs short
 and vLLM preempts (recomputes) rather than overflows. Members are not held back one by one
-(see benchmarks/README.md, "Planner": it was slower and computed no fewer tokens).
+until the member before is cached: that was slower and computed no fewer tokens
+(benchmarks/README.md, "End to end: batchrun vs plain vLLM").
 """
 
 from __future__ import annotations

