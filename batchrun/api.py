@@ -116,11 +116,13 @@ def build_config(job: str | Path | JobConfig, output: str | Path | None = None,
 
 
 def _engine(engine: str | Engine) -> tuple[str, Engine | None]:
+    from .engine.factory import ENGINE_KINDS, engine_kind
+
     if isinstance(engine, str):
-        if engine not in ("vllm", "fake"):
+        if engine not in ENGINE_KINDS:
             raise ConfigError(f"engine must be 'vllm' or 'fake', not {engine!r}")
         return engine, None
-    return ("fake" if engine.info.name == "fake" else "vllm"), engine
+    return engine_kind(engine), engine
 
 
 def run_config(cfg: JobConfig, *, resume: bool = False, overwrite: bool = False,

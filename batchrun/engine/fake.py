@@ -38,6 +38,7 @@ from ..structured import CHOICE, JSON_OBJECT, JSON_SCHEMA
 from .base import (
     EngineDiedError,
     EngineInfo,
+    EngineStats,
     GenerationRequest,
     GenerationResult,
     StepOutput,
@@ -208,6 +209,10 @@ class FakeEngine:
         self._waiting = [r for r in self._waiting if r.request_id not in drop]
         for rid in drop:
             self._running.pop(rid, None)
+
+    def stats(self, *, new_job: bool = False) -> EngineStats:
+        """Nothing to count: no attention backend, no structured-output backends."""
+        return EngineStats()
 
     def close(self) -> None:
         self._waiting.clear()
