@@ -111,8 +111,8 @@ class EngineOptions:
     dtype: str | None = None
     max_model_len: int | None = None
     block_size: int | None = None
-    kv_cache_memory: int | None = field(default=None, metadata=_SIZE)  # bytes (vLLM's
-    # kv_cache_memory_bytes)
+    # Bytes; vLLM's kv_cache_memory_bytes.
+    kv_cache_memory: int | None = field(default=None, metadata=_SIZE)
     enforce_eager: bool | None = None
     tensor_parallel_size: int = 1
     gpu_memory_utilization: float = 0.9

@@ -85,21 +85,23 @@ def test_planned_and_unplanned_runs_give_identical_greedy_outputs(tmp_path, vllm
 
 
 def test_per_row_sampling_settings_reach_vllm(tmp_path, vllm_engine):
-    prompt = "Write one sentence about the sea."
-    rows = [{"id": "greedy", "prompt": prompt},
-            {"id": "seed1", "prompt": prompt, "temperature": 1.5, "seed": 1},
-            {"id": "seed2", "prompt": prompt, "temperature": 1.5, "seed": 2},
+    chat = [{"role": "user", "content": "Describe the sea in two sentences."}]
+    rows = [{"id": "greedy", "messages": chat},
+            {"id": "seed1", "messages": chat, "temperature": 1.5, "seed": 1},
+            {"id": "seed2", "messages": chat, "temperature": 1.5, "seed": 2},
             # top_p this small keeps only the likeliest token: greedy, despite temperature.
-            {"id": "narrow", "prompt": prompt, "temperature": 1.5, "top_p": 1e-6, "seed": 3}]
+            {"id": "narrow", "messages": chat, "temperature": 1.5, "top_p": 1e-6, "seed": 3}]
     first = job(tmp_path / "a", write_jsonl(tmp_path / "a.jsonl", rows), max_tokens=16)
     assert run_real(first, vllm_engine).exit_code == EXIT_OK
     out = {r["id"]: r for r in read_output(first)}
-    assert out["seed1"]["text"] != out["seed2"]["text"]  # sampled, each by its own seed
-    assert out["narrow"]["text"] == out["greedy"]["text"]
     greedy = out["greedy"]["text"]
-    cut = greedy.split()[3]  # a word in the middle of the greedy answer
-    again = [{"id": "seed1", "prompt": prompt, "temperature": 1.5, "seed": 1},
-             {"id": "stopped", "prompt": prompt, "stop": [cut]}]
+    words = greedy.split()
+    assert len(words) >= 3, greedy
+    assert out["seed1"]["text"] != out["seed2"]["text"]  # sampled, each by its own seed
+    assert out["narrow"]["text"] == greedy
+    cut = words[len(words) // 2]  # a word in the middle of the greedy answer
+    again = [{"id": "seed1", "messages": chat, "temperature": 1.5, "seed": 1},
+             {"id": "stopped", "messages": chat, "stop": [cut]}]
     second = job(tmp_path / "b", write_jsonl(tmp_path / "b.jsonl", again), max_tokens=16)
     assert run_real(second, vllm_engine).exit_code == EXIT_OK
     out2 = {r["id"]: r for r in read_output(second)}
