@@ -6,15 +6,15 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import replace
-from enum import Enum
+from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from .api import build_config, quiet_engine_logs, run_config
-from .config import JobConfig, parse_size
-from .errors import JobInterrupted, UsageError
+from .config import JobConfig
+from .errors import EXIT_INTERNAL, EXIT_INTERRUPTED, JobInterrupted, UsageError
 
 if TYPE_CHECKING:
     from .io.readers import ValidationReport
@@ -39,20 +39,20 @@ app = typer.Typer(
 )
 
 
-class InputFormat(str, Enum):
+class InputFormat(StrEnum):
     auto = "auto"
     jsonl = "jsonl"
     parquet = "parquet"
     openai = "openai"
 
 
-class Attention(str, Enum):
+class Attention(StrEnum):
     auto = "auto"
     prefix = "prefix"
     default = "default"
 
 
-class EngineKind(str, Enum):
+class EngineKind(StrEnum):
     vllm = "vllm"
     fake = "fake"
 
@@ -92,11 +92,11 @@ RegexOpt = Annotated[str | None, typer.Option(
 def _constraint_overrides(json_schema: Path | None, choice: list[str] | None,
                           regex: str | None) -> dict[str, Any]:
     """Constraint flags as sampling overrides. A flag replaces the job file's default
-    constraint, whichever kind that was."""
+    constraint, whichever kind that was ('' and () clear the other kinds)."""
     if json_schema is None and not choice and regex is None:
         return {}
-    return {"sampling.json_schema": str(json_schema.resolve()) if json_schema else "",
-            "sampling.choices": tuple(choice or ()), "sampling.regex": regex or ""}
+    return {"json_schema": str(json_schema.resolve()) if json_schema else "",
+            "choices": tuple(choice or ()), "regex": regex or ""}
 
 
 def _config(job: str, output: str | None, **overrides: Any) -> JobConfig:
@@ -111,8 +111,6 @@ def _fail(message: str, code: int = 2) -> None:
 
 def _internal_error(e: Exception, verbose: bool) -> None:
     """A bug: say so in one line, details only when asked."""
-    from .runner import EXIT_INTERNAL
-
     if verbose or os.environ.get("BATCHRUN_DEBUG"):
         raise e
     _fail(f"internal error: {type(e).__name__}: {e} (re-run with -v for details; "
@@ -205,25 +203,16 @@ def run(
       batchrun run 's3://bucket/in/*.parquet' -o s3://bucket/out.parquet
     """
     _quiet_engine_logs(verbose, to_log_file=True)
-    from .runner import EXIT_INTERRUPTED
-
     try:
         cfg = _config(
             job, output, model=model, input_format=input_format, openai_output=openai_output,
-            plan=plan, work_dir=work_dir,
-            **{"sampling.max_tokens": max_tokens, "sampling.temperature": temperature,
-               "sampling.top_p": top_p, "sampling.seed": seed,
-               "sampling.logprobs": logprobs, "sampling.top_logprobs": top_logprobs,
-               **_constraint_overrides(json_schema, choice, regex),
-               "engine.kv_cache_memory": parse_size(kv_cache_memory)
-               if kv_cache_memory else None,
-               "engine.block_size": block_size, "engine.max_model_len": max_model_len,
-               "engine.memory_budget": parse_size(memory_budget) if memory_budget else None,
-               "engine.dtype": dtype, "engine.enforce_eager": enforce_eager,
-               "engine.tensor_parallel_size": tensor_parallel_size,
-               "engine.attention": attention,
-               "columns.prompt": prompt_column, "columns.id": id_column,
-               "columns.passthrough": passthrough})
+            plan=plan, work_dir=work_dir, max_tokens=max_tokens, temperature=temperature,
+            top_p=top_p, seed=seed, logprobs=logprobs, top_logprobs=top_logprobs,
+            kv_cache_memory=kv_cache_memory, memory_budget=memory_budget,
+            block_size=block_size, max_model_len=max_model_len, dtype=dtype,
+            enforce_eager=enforce_eager, tensor_parallel_size=tensor_parallel_size,
+            attention=attention, prompt_column=prompt_column, id_column=id_column,
+            passthrough=passthrough, **_constraint_overrides(json_schema, choice, regex))
         done = run_config(cfg, engine=engine.value, resume=resume, overwrite=overwrite,
                           progress=progress, grace_period=grace_period, handle_signals=True,
                           engine_log=not verbose)
@@ -388,15 +377,14 @@ def plan_command(
 
     try:
         cfg = _config(job, output or "plan.parquet", model=model, input_format=input_format,
-                      **{"columns.prompt": prompt_column, "engine.block_size": block_size,
-                         "engine.memory_budget": parse_size(memory_budget)
-                         if memory_budget else None,
-                         **_constraint_overrides(json_schema, choice, regex),
-                         "engine.kv_cache_memory": parse_size(kv_cache_memory)
-                         if kv_cache_memory else None})
+                      prompt_column=prompt_column, block_size=block_size,
+                      kv_cache_memory=kv_cache_memory, memory_budget=memory_budget,
+                      **_constraint_overrides(json_schema, choice, regex))
         figures = describe_plan(cfg, engine.value)
     except UsageError as e:
         _fail(str(e))
+    except Exception as e:
+        _internal_error(e, False)
     if json_out:
         typer.echo(json.dumps(figures, indent=2, sort_keys=True))
         return

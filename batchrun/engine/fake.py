@@ -16,6 +16,10 @@ or signal a run mid-way) or inject failures without a model:
 
     BATCHRUN_FAKE_ENGINE='{"step_delay_s": 0.02, "die_after_steps": 40}' \
         batchrun run prompts.jsonl -o out.parquet --engine fake
+
+`admitted_log` names a file that gets one line per request the engine admits (its request
+id), written as it happens: a test of a CLI run, in another process and perhaps killed, reads
+from it what that run generated (a resume must not admit a row that had finished).
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ from ..structured import CHOICE, JSON_OBJECT, JSON_SCHEMA
 from .base import (
     EngineDiedError,
     EngineInfo,
+    EngineStats,
     GenerationRequest,
     GenerationResult,
     StepOutput,
@@ -82,6 +87,7 @@ class FakeEngine:
         fail_request_ids: frozenset[str] = frozenset(),
         die_after_steps: int | None = None,
         step_delay_s: float = 0.0,
+        admitted_log: str | None = None,
     ) -> None:
         self.info = EngineInfo("fake", "fake", block_size, kv_capacity_tokens, max_model_len,
                                {"engine": "fake", "block_size": block_size})
@@ -96,6 +102,9 @@ class FakeEngine:
         self.steps = 0
         self.admission_order: list[str] = []
         self.max_running_seen = 0
+        # Unbuffered appends: a line written is in the file even if the process is killed.
+        self._admitted_fd = None if admitted_log is None else os.open(
+            admitted_log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
 
     @classmethod
     def from_env(cls, **defaults: Any) -> FakeEngine:
@@ -147,6 +156,8 @@ class FakeEngine:
         target = min(request.max_tokens, self._natural_length(request))
         self._running[request.request_id] = _Running(request, hits * self.info.block_size, target)
         self.admission_order.append(request.request_id)
+        if self._admitted_fd is not None:
+            os.write(self._admitted_fd, f"{request.request_id}\n".encode())
 
     def step(self) -> StepOutput:
         self.steps += 1
@@ -226,9 +237,16 @@ class FakeEngine:
         for rid in drop:
             self._running.pop(rid, None)
 
+    def stats(self, *, new_job: bool = False) -> EngineStats:
+        """Nothing to count: no attention backend, no structured-output backends."""
+        return EngineStats()
+
     def close(self) -> None:
         self._waiting.clear()
         self._running.clear()
+        if self._admitted_fd is not None:
+            os.close(self._admitted_fd)
+            self._admitted_fd = None
 
 
 def _instance(schema: dict) -> object:
