@@ -100,7 +100,7 @@ class KvBudget:
                                              group.parent_id)
 
     def prefix_computed(self, prefix_id: int) -> None:
-        if self.prefixes.holds(prefix_id):  # an unheld prefix may be evicted at any time
+        if self._prefixes.holds(prefix_id):  # an unheld prefix may be evicted at any time
             self._prefix_ready.add(prefix_id)
 
     def prefix_ready(self, prefix_id: int) -> bool:
