@@ -73,6 +73,16 @@ class PreparedJob:
         return self.requests.requests.num_rows
 
     @cached_property
+    def row_numbers(self) -> np.ndarray:
+        """Input row number of each row position."""
+        return self.requests.requests["row"].to_numpy()
+
+    @cached_property
+    def row_ids(self) -> list[str]:
+        """Id of each row position."""
+        return self.requests.requests["id"].to_pylist()
+
+    @cached_property
     def prefix_tree(self) -> PrefixTree:
         """Built once: sizing the engine and planning the run both read it."""
         return PrefixTree.build(self.tokens.values, self.tokens.offsets)
@@ -260,13 +270,14 @@ def row_sampling(job: PreparedJob) -> Callable[[int], tuple[float, float, int | 
 
 def request_factory(job: PreparedJob) -> Callable[[int], GenerationRequest]:
     """Builds the engine request of tokenized request i (row values win over defaults)."""
-    ids = job.requests.requests["id"].to_pylist()
+    ids = job.row_ids
     sampling = row_sampling(job)
 
     def make(i: int) -> GenerationRequest:
         pos = int(job.tokens.positions[i])
         temperature, top_p, seed, stop = sampling(pos)
-        return GenerationRequest(request_id=ids[pos], prompt_token_ids=job.tokens.tokens(i),
+        return GenerationRequest(request_id=ids[pos], prompt_token_ids=job.tokens.values[
+                                     job.tokens.offsets[i]:job.tokens.offsets[i + 1]],
                                  max_tokens=int(job.max_tokens[i]), temperature=temperature,
                                  top_p=top_p, seed=seed, stop=stop,
                                  constraint=job.constraints[i] if job.constraints else None,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -88,15 +89,20 @@ def test_window_never_exceeds_the_kv_budget_but_always_admits_one():
     assert engine.max_running_seen == 2
 
 
-class Endless(FakeEngine):
+class ToMaxTokens(FakeEngine):
+    """Decodes every request to its max_tokens."""
+
+    @staticmethod
+    def _target(request: GenerationRequest, tokens: list[str]) -> int:
+        return request.max_tokens
+
+
+class Endless(ToMaxTokens):
     """Decodes every request to its max_tokens; stops the run when its step `stop_at` ends."""
 
     def __init__(self, stop: StopFlag, stop_at: int, **kwargs: object) -> None:
         super().__init__(**kwargs)
         self._stop, self._stop_at = stop, stop_at
-
-    def _natural_length(self, request: GenerationRequest) -> int:
-        return request.max_tokens
 
     def step(self) -> StepOutput:
         out = super().step()
@@ -149,10 +155,12 @@ def test_nested_groups_run_side_by_side_in_a_window_that_fits_them_counted_once(
     # Outer prefix 8 blocks, nested prefix 12 blocks (the outer 8 + 4), 2 members each with
     # 2 blocks of their own: 8 + 4 + 4 + 4 = 20 blocks together; 28 if each prefix counted
     # in full. A 20-block cache runs all four requests at once.
-    engine = FakeEngine(block_size=4, kv_capacity_tokens=80)
+    # Each request decodes all its 4 tokens: the two leaders (the inner one waits a step for
+    # the outer prefix its own extends) and both followers overlap.
+    engine = ToMaxTokens(block_size=4, kv_capacity_tokens=80)
     outer, inner = PREFIX, PREFIX + list(range(200, 216))
-    reqs = requests(2, outer) + [GenerationRequest(f"n{i}", inner + [i], max_tokens=3)
-                                 for i in range(2)]
+    reqs = [GenerationRequest(f"q{i}", outer + [i, i + 1000], max_tokens=4) for i in range(2)]
+    reqs += [GenerationRequest(f"n{i}", inner + [i], max_tokens=4) for i in range(2)]
     done, ex = run(engine, reqs, [group([0, 1], 32, prefix_id=1),
                                   group([2, 3], 48, prefix_id=2, parent_id=1)])
     assert len(done) == 4 and engine.max_running_seen == 4
@@ -209,3 +217,23 @@ def test_a_group_behind_others_starts_its_leader_only_when_its_members_fit_too()
     order = engine.admission_order
     assert order.index("o0") > max(order.index(f"q{i}") for i in range(4))
     assert sum(done[i].cached_tokens == 0 for i in range(8)) == 2  # each prefix once
+
+
+def test_sibling_leaders_wait_for_the_prefix_they_share_instead_of_computing_it_twice():
+    # A system prompt (8 blocks) that the planner chose as no group of its own, and two
+    # document groups below it (prefix tree node 1 above both): the first leader computes the
+    # system prompt, the second starts a step later and finds it cached.
+    docs = [list(range(200, 216)), list(range(300, 316))]
+    reqs = [GenerationRequest(f"d{d}m{m}", PREFIX + docs[d] + [m, 9], max_tokens=2)
+            for d in range(2) for m in range(2)]
+
+    def computed(shared_above_id: int) -> int:
+        groups = [replace(group([0, 1], 48, prefix_id=2), shared_above_id=shared_above_id),
+                  replace(group([2, 3], 48, prefix_id=3), shared_above_id=shared_above_id)]
+        done, _ = run(FakeEngine(block_size=4, kv_capacity_tokens=4096), reqs, groups)
+        return sum(r.prompt_tokens - r.cached_tokens for r in done.values())
+
+    # The system prompt once, each document once, each member's own last block.
+    assert computed(1) == len(PREFIX) + 2 * 16 + 4 * 2
+    # Without the shared node, both leaders start in one step and both compute it.
+    assert computed(-1) == computed(1) + len(PREFIX)

@@ -6,6 +6,7 @@ interface is vLLM's request-level one (LLMEngine.add_request / step), not `gener
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -15,7 +16,9 @@ from ..structured import Constraint
 @dataclass(frozen=True)
 class GenerationRequest:
     request_id: str
-    prompt_token_ids: list[int]
+    # A list, or a numpy view into the job's token buffer (no Python int per token until
+    # an engine needs one: vLLM's prompt takes a list, the fake engine an array).
+    prompt_token_ids: Sequence[int]
     max_tokens: int
     temperature: float = 0.0
     top_p: float = 1.0

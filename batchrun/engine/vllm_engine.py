@@ -9,9 +9,11 @@ import os
 import shutil
 import tempfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from ..config import EngineOptions
 from ..structured import LOGPROB_FLOOR, clamp_logprob, one_line, vllm_structured_outputs
@@ -253,9 +255,8 @@ class VllmEngine:
                 logprobs=request.logprobs,
                 structured_outputs=structured,
             )
-            self._engine.add_request(
-                request.request_id, TokensPrompt(prompt_token_ids=request.prompt_token_ids), params
-            )
+            prompt = TokensPrompt(prompt_token_ids=_as_list(request.prompt_token_ids))
+            self._engine.add_request(request.request_id, prompt, params)
             if request.logprobs is not None:
                 self._logprobs_k[request.request_id] = request.logprobs
             if structured is not None:  # vLLM's "auto" wrote down the backend it chose
@@ -332,3 +333,7 @@ class VllmEngine:
         if self._final_stats is None:
             self._final_stats = read_attention_stats(self._stats_dir)
             shutil.rmtree(self._stats_dir, ignore_errors=True)
+
+
+def _as_list(tokens: Sequence[int]) -> list[int]:
+    return tokens.tolist() if isinstance(tokens, np.ndarray) else list(tokens)
