@@ -18,9 +18,7 @@ from __future__ import annotations
 import os
 import tempfile
 import threading
-from collections.abc import Iterable
-from dataclasses import dataclass, field, replace
-from enum import Enum
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -29,10 +27,10 @@ from .config import (
     ConfigError,
     JobConfig,
     load_job_file,
-    parse_size,
+    option_keys,
     with_overrides,
 )
-from .errors import BatchrunError, JobInterrupted, UsageError
+from .errors import EXIT_INTERRUPTED, BatchrunError, JobInterrupted, UsageError
 from .io import storage
 
 if TYPE_CHECKING:
@@ -44,22 +42,8 @@ if TYPE_CHECKING:
 __all__ = ["BatchrunError", "JobInterrupted", "Summary", "UsageError", "build_config",
            "generate", "run", "run_config"]
 
-# Keyword arguments of run() / generate() -> the JobConfig field they set.
-OPTIONS = {
-    "output": "output", "model": "model", "input_format": "input_format",
-    "openai_output": "openai_output", "plan": "plan", "work_dir": "work_dir",
-    "max_tokens": "sampling.max_tokens", "temperature": "sampling.temperature",
-    "top_p": "sampling.top_p", "seed": "sampling.seed", "stop": "sampling.stop",
-    "kv_cache_memory": "engine.kv_cache_memory", "block_size": "engine.block_size",
-    "max_model_len": "engine.max_model_len", "dtype": "engine.dtype",
-    "enforce_eager": "engine.enforce_eager",
-    "tensor_parallel_size": "engine.tensor_parallel_size",
-    "gpu_memory_utilization": "engine.gpu_memory_utilization",
-    "max_num_seqs": "engine.max_num_seqs", "attention": "engine.attention",
-    "prompt_column": "columns.prompt", "id_column": "columns.id",
-    "messages_column": "columns.messages", "passthrough": "columns.passthrough",
-    "replicas": "cluster.replicas", "ray_address": "cluster.ray_address",
-}
+# Keyword arguments of run() / generate() -> the JobConfig field they set (from its fields).
+OPTIONS = option_keys()
 # Keyword arguments that say how to run, not what.
 RUN_OPTIONS = ("resume", "overwrite", "engine", "progress", "grace_period", "handle_signals",
                "engine_log")
@@ -113,10 +97,6 @@ def _option_key(name: str) -> str:
                       "'columns.x', 'cluster.x' for any key of a job file's sections")
 
 
-def _as_tuple(value: str | Iterable[str]) -> tuple[str, ...]:
-    return (value,) if isinstance(value, str) else tuple(value)
-
-
 def build_config(job: str | Path | JobConfig, output: str | Path | None = None,
                  **overrides: Any) -> JobConfig:
     """A JobConfig from a job file or an input (a local path or a URI; an input needs
@@ -136,44 +116,20 @@ def build_config(job: str | Path | JobConfig, output: str | Path | None = None,
                 raise ConfigError(f"{job} is an input file: say where results go with "
                                   "-o out.parquet")
             cfg = JobConfig(input=where, output=storage.to_location(output))
-    keyed: dict[str, Any] = {}
-    for name, value in overrides.items():
-        keyed[_option_key(name)] = value.value if isinstance(value, Enum) else value
+    keyed = {_option_key(name): value for name, value in overrides.items()}
     if output is not None:
         keyed["output"] = output
-    for key in ("output", "openai_output"):
-        if keyed.get(key) is not None:
-            keyed[key] = storage.to_location(keyed[key])
-    if keyed.get("work_dir") is not None:
-        if storage.is_uri(keyed["work_dir"]):
-            raise ConfigError(f"work_dir must be a local folder, not {keyed['work_dir']}")
-        keyed["work_dir"] = storage.to_location(keyed["work_dir"])
-    if keyed.get("engine.kv_cache_memory") is not None:
-        keyed["engine.kv_cache_memory"] = parse_size(keyed["engine.kv_cache_memory"])
-    if keyed.get("sampling.stop") is not None:
-        keyed["sampling.stop"] = _as_tuple(keyed["sampling.stop"])
-    columns = {k.split(".", 1)[1]: v for k, v in keyed.items()
-               if k.startswith("columns.") and v}
-    keyed = {k: v for k, v in keyed.items() if not k.startswith("columns.")}
-    if columns:
-        if "passthrough" in columns:
-            columns["passthrough"] = _as_tuple(columns["passthrough"])
-        try:
-            cfg = replace(cfg, columns=replace(cfg.columns, **columns))
-        except TypeError as e:
-            raise ConfigError(f"unknown [columns] key: {e}") from None
-    try:
-        return with_overrides(cfg, **keyed)
-    except TypeError as e:  # replace() with a key the section does not have
-        raise ConfigError(f"unknown option: {e}") from None
+    return with_overrides(cfg, **keyed)
 
 
 def _engine(engine: str | Engine) -> tuple[str, Engine | None]:
+    from .engine.factory import ENGINE_KINDS, engine_kind
+
     if isinstance(engine, str):
-        if engine not in ("vllm", "fake"):
+        if engine not in ENGINE_KINDS:
             raise ConfigError(f"engine must be 'vllm' or 'fake', not {engine!r}")
         return engine, None
-    return ("fake" if engine.info.name == "fake" else "vllm"), engine
+    return engine_kind(engine), engine
 
 
 def run_config(cfg: JobConfig, *, resume: bool = False, overwrite: bool = False,
@@ -186,7 +142,7 @@ def run_config(cfg: JobConfig, *, resume: bool = False, overwrite: bool = False,
     engine already started (shared between jobs). handle_signals (default: when called from
     the main thread) lets SIGTERM/SIGINT drain and save, as in the CLI. engine_log: what
     vLLM and the libraries under it print goes to `<output>.log`, not the terminal."""
-    from .runner import EXIT_INTERRUPTED, run_job
+    from .runner import run_job
 
     engine_kind, started = _engine(engine)
     if handle_signals is None:

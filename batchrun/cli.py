@@ -5,15 +5,19 @@ from __future__ import annotations
 
 import json
 import os
-from enum import Enum
+from dataclasses import replace
+from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from .api import build_config, quiet_engine_logs, run_config
-from .config import JobConfig, parse_size
-from .errors import JobInterrupted, UsageError
+from .config import JobConfig
+from .errors import EXIT_INTERNAL, EXIT_INTERRUPTED, JobInterrupted, UsageError
+
+if TYPE_CHECKING:
+    from .io.readers import ValidationReport
 
 EXIT_CODES_HELP = """\
 Exit codes: 0 every row succeeded (or the job had already finished);
@@ -35,20 +39,20 @@ app = typer.Typer(
 )
 
 
-class InputFormat(str, Enum):
+class InputFormat(StrEnum):
     auto = "auto"
     jsonl = "jsonl"
     parquet = "parquet"
     openai = "openai"
 
 
-class Attention(str, Enum):
+class Attention(StrEnum):
     auto = "auto"
     prefix = "prefix"
     default = "default"
 
 
-class EngineKind(str, Enum):
+class EngineKind(StrEnum):
     vllm = "vllm"
     fake = "fake"
 
@@ -88,11 +92,11 @@ RegexOpt = Annotated[str | None, typer.Option(
 def _constraint_overrides(json_schema: Path | None, choice: list[str] | None,
                           regex: str | None) -> dict[str, Any]:
     """Constraint flags as sampling overrides. A flag replaces the job file's default
-    constraint, whichever kind that was."""
+    constraint, whichever kind that was ('' and () clear the other kinds)."""
     if json_schema is None and not choice and regex is None:
         return {}
-    return {"sampling.json_schema": str(json_schema.resolve()) if json_schema else "",
-            "sampling.choices": tuple(choice or ()), "sampling.regex": regex or ""}
+    return {"json_schema": str(json_schema.resolve()) if json_schema else "",
+            "choices": tuple(choice or ()), "regex": regex or ""}
 
 
 def _config(job: str, output: str | None, **overrides: Any) -> JobConfig:
@@ -107,8 +111,6 @@ def _fail(message: str, code: int = 2) -> None:
 
 def _internal_error(e: Exception, verbose: bool) -> None:
     """A bug: say so in one line, details only when asked."""
-    from .runner import EXIT_INTERNAL
-
     if verbose or os.environ.get("BATCHRUN_DEBUG"):
         raise e
     _fail(f"internal error: {type(e).__name__}: {e} (re-run with -v for details; "
@@ -208,26 +210,17 @@ def run(
       batchrun run jobs/nightly.toml --replicas 8    # 8 GPUs, one engine each
     """
     _quiet_engine_logs(verbose, to_log_file=True)
-    from .runner import EXIT_INTERRUPTED
-
     try:
         cfg = _config(
             job, output, model=model, input_format=input_format, openai_output=openai_output,
-            plan=plan, work_dir=work_dir,
-            **{"sampling.max_tokens": max_tokens, "sampling.temperature": temperature,
-               "sampling.top_p": top_p, "sampling.seed": seed,
-               "sampling.logprobs": logprobs, "sampling.top_logprobs": top_logprobs,
-               **_constraint_overrides(json_schema, choice, regex),
-               "engine.kv_cache_memory": parse_size(kv_cache_memory)
-               if kv_cache_memory else None,
-               "engine.block_size": block_size, "engine.max_model_len": max_model_len,
-               "engine.memory_budget": parse_size(memory_budget) if memory_budget else None,
-               "engine.dtype": dtype, "engine.enforce_eager": enforce_eager,
-               "engine.tensor_parallel_size": tensor_parallel_size,
-               "engine.attention": attention,
-               "columns.prompt": prompt_column, "columns.id": id_column,
-               "columns.passthrough": passthrough,
-               "cluster.replicas": replicas, "cluster.ray_address": ray_address})
+            plan=plan, work_dir=work_dir, max_tokens=max_tokens, temperature=temperature,
+            top_p=top_p, seed=seed, logprobs=logprobs, top_logprobs=top_logprobs,
+            kv_cache_memory=kv_cache_memory, memory_budget=memory_budget,
+            block_size=block_size, max_model_len=max_model_len, dtype=dtype,
+            enforce_eager=enforce_eager, tensor_parallel_size=tensor_parallel_size,
+            attention=attention, prompt_column=prompt_column, id_column=id_column,
+            passthrough=passthrough, replicas=replicas, ray_address=ray_address,
+            **_constraint_overrides(json_schema, choice, regex))
         done = run_config(cfg, engine=engine.value, resume=resume, overwrite=overwrite,
                           progress=progress, grace_period=grace_period, handle_signals=True,
                           engine_log=not verbose)
@@ -298,33 +291,29 @@ def validate(
       batchrun validate jobs/example.toml
     """
     _quiet_engine_logs(False)
-    from .runner import EXIT_OK, EXIT_ROW_ERRORS, prepare_job
+    from .runner import EXIT_OK, EXIT_ROW_ERRORS
 
     try:
         cfg = _config(job, output or "validate.parquet", model=model,
                       input_format=input_format,
                       **{"columns.prompt": prompt_column, "columns.id": id_column,
                          **_constraint_overrides(json_schema, choice, regex)})
-        prepared = prepare_job(cfg, engine_kind=engine.value)
+        found, input_format_found, max_model_len = _validate_input(cfg, engine.value,
+                                                                   max_errors)
     except UsageError as e:
         _fail(str(e))
     except Exception as e:
         _internal_error(e, False)
-    errors = prepared.request_errors()
-    lengths = prepared.tokens.lengths()
+    counts = found.summary()
     report = {
         "input": str(cfg.input),
-        "format": prepared.requests.input_format,
-        "rows": prepared.rows,
-        "ok": prepared.rows - len(errors),
-        "errors": len(errors),
-        "max_model_len": prepared.max_model_len,
-        "constrained": prepared.constrained_counts(),
-        "logprobs_rows": sum(k is not None for k in prepared.logprobs),
-        "prompt_tokens": {"total": int(lengths.sum()),
-                          "max": int(lengths.max()) if len(lengths) else 0,
-                          "mean": float(lengths.mean()) if len(lengths) else 0.0},
-        "first_errors": [errors[p] for p in sorted(errors)[:max_errors]],
+        "format": input_format_found,
+        "rows": counts["rows"],
+        "ok": counts["ok"],
+        "errors": counts["errors"],
+        "max_model_len": max_model_len,
+        **found.prompt_summary(),
+        "first_errors": counts["first_errors"],
     }
     if json_out:
         typer.echo(json.dumps(report, indent=2))
@@ -340,7 +329,32 @@ def validate(
                    + f"; logprobs: {report['logprobs_rows']:,} rows")
         for line in report["first_errors"]:
             typer.echo(f"  {line}")
-    raise typer.Exit(EXIT_OK if not errors else EXIT_ROW_ERRORS)
+    raise typer.Exit(EXIT_OK if not report["errors"] else EXIT_ROW_ERRORS)
+
+
+def _validate_input(cfg: JobConfig, engine_kind: str, max_errors: int) -> tuple[
+        ValidationReport, str, int]:
+    """The job's input checked batch by batch, as `run` would read and tokenize it (memory
+    does not grow with the input): the report, the input's format, and the context length
+    the checks used."""
+    from .io.readers import ValidationReport, open_request_stream
+    from .prepare import load_tokenizer, request_constraints, request_logprobs
+    from .tokenize import tokenize_requests
+
+    # Passthrough columns are copied, never checked: not read at all here.
+    stream = open_request_stream(cfg.input, replace(cfg.columns, passthrough=()),
+                                 cfg.input_format)
+    tokenizer, max_model_len = load_tokenizer(cfg, engine_kind)
+    report = ValidationReport(max_errors)
+    for batch in stream:
+        requests = batch.requests
+        tokens = tokenize_requests(requests, tokenizer, max_model_len=max_model_len)
+        report.add_rows(requests, tokens.errors)
+        report.add_prompts(tokens.lengths(),
+                           [c.kind if c else None
+                            for c in request_constraints(requests, tokens.positions, cfg)],
+                           request_logprobs(requests, tokens.positions, cfg))
+    return report, stream.input_format, max_model_len
 
 
 
@@ -379,15 +393,14 @@ def plan_command(
 
     try:
         cfg = _config(job, output or "plan.parquet", model=model, input_format=input_format,
-                      **{"columns.prompt": prompt_column, "engine.block_size": block_size,
-                         "engine.memory_budget": parse_size(memory_budget)
-                         if memory_budget else None,
-                         **_constraint_overrides(json_schema, choice, regex),
-                         "engine.kv_cache_memory": parse_size(kv_cache_memory)
-                         if kv_cache_memory else None})
+                      prompt_column=prompt_column, block_size=block_size,
+                      kv_cache_memory=kv_cache_memory, memory_budget=memory_budget,
+                      **_constraint_overrides(json_schema, choice, regex))
         figures = describe_plan(cfg, engine.value)
     except UsageError as e:
         _fail(str(e))
+    except Exception as e:
+        _internal_error(e, False)
     if json_out:
         typer.echo(json.dumps(figures, indent=2, sort_keys=True))
         return

@@ -28,12 +28,14 @@ line or an Airflow task can run it from any working directory::
 from __future__ import annotations
 
 import re
+import tomllib
+import types
+import typing
 from dataclasses import asdict, dataclass, field, fields, replace
+from enum import Enum
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
-
-import tomllib
 
 from .errors import UsageError
 from .io.storage import Location, is_uri, parent, read_text, to_location
@@ -51,12 +53,17 @@ from .structured import (
 
 DEFAULT_MODEL = "default"
 INPUT_FORMATS = ("auto", "jsonl", "parquet", "openai")
-SECTIONS = ("columns", "sampling", "engine", "cluster")  # a job file's [tables]
 ATTENTION_CHOICES = ("auto", "prefix", "default")
 
 
 class ConfigError(UsageError, ValueError):
     """A job file or flag a user can fix; the message says how."""
+
+
+# How a value given as text is read, for the fields that say so in their metadata: a size
+# ("256MiB", or a number of bytes), or one string for a list of one.
+_SIZE = {"read": "size"}
+_ONE_OR_MANY = {"read": "one_or_many"}
 
 
 @dataclass(frozen=True)
@@ -78,7 +85,7 @@ class ColumnMap:
     choices: str = "choices"
     regex: str = "regex"
     json_schema: str = "json_schema"
-    passthrough: tuple[str, ...] = ()
+    passthrough: tuple[str, ...] = field(default=(), metadata=_ONE_OR_MANY)
 
 
 @dataclass(frozen=True)
@@ -93,7 +100,7 @@ class SamplingDefaults:
     temperature: float = 0.0
     top_p: float = 1.0
     seed: int | None = None
-    stop: tuple[str, ...] = ()
+    stop: tuple[str, ...] = field(default=(), metadata=_ONE_OR_MANY)
     json_schema: str | None = None
     choices: tuple[str, ...] = ()
     regex: str | None = None
@@ -108,15 +115,16 @@ class EngineOptions:
     dtype: str | None = None
     max_model_len: int | None = None
     block_size: int | None = None
-    kv_cache_memory: int | None = None  # bytes; vLLM's kv_cache_memory_bytes
-    # bytes batchrun itself may hold (rows, token ids, plan, results), not the engine's
-    memory_budget: int = 4 * 2**30
+    # Bytes; vLLM's kv_cache_memory_bytes.
+    kv_cache_memory: int | None = field(default=None, metadata=_SIZE)
     enforce_eager: bool | None = None
     tensor_parallel_size: int = 1
     gpu_memory_utilization: float = 0.9
     max_num_seqs: int | None = None
     attention: str = "auto"  # prefix | default | auto (prefix where the platform supports it)
     seed: int = 0
+    # Bytes batchrun itself may hold for a job's rows, tokens and plans (not the engine's).
+    memory_budget: int = field(default=4 << 30, metadata=_SIZE)
 
 
 @dataclass(frozen=True)
@@ -184,37 +192,96 @@ def parse_size(text: str | int) -> int:
     return int(float(m.group(1)) * _UNITS[(m.group(2) or "").lower()])
 
 
-# What a TOML value may be for each annotation used above (annotations are strings here).
-_TOML_TYPES: dict[str, tuple[type, ...]] = {
-    "int": (int,), "int | None": (int,), "float": (int, float), "str": (str,),
-    "str | None": (str,), "bool | None": (bool,), "bool": (bool,), "Path": (str, Path),
-    "Path | None": (str, Path), "tuple[str, ...]": (list, tuple), "Location": (str, Path),
-    "Location | None": (str, Path),
+# The value types of the config's fields: what a job file or an override may give for each,
+# and how a message names it. A field of any other type fails at import (_field_kinds), so a
+# new type cannot go unchecked.
+_KINDS: dict[frozenset[Any], tuple[tuple[type, ...], str]] = {
+    frozenset({int}): ((int,), "int"),
+    frozenset({float}): ((int, float), "float"),
+    frozenset({str}): ((str,), "str"),
+    frozenset({bool}): ((bool,), "bool"),
+    frozenset({Path}): ((str, Path), "Path"),
+    frozenset({Path, str}): ((str, Path), "Path (a local path or a URI)"),  # a Location
+    frozenset({tuple[str, ...]}): ((list, tuple), "a list of strings"),
 }
-_TYPE_WORDS = {"Location": "Path (a local path or a URI)"}
+_LOCATIONS = (frozenset({Path}), frozenset({Path, str}))
 
 
-def _check(cls: type, data: Any, where: str) -> None:
-    """Unknown keys and values of the wrong type, each with a message that names the fix."""
+def _kind_of(hint: Any) -> frozenset[Any]:
+    """The types a field's type hint allows, None left out: {int} for `int | None`, {Path,
+    str} for a Location."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return frozenset(a for a in typing.get_args(hint) if a is not type(None))
+    return frozenset({hint})
+
+
+def _field_kinds(cls: type) -> dict[str, frozenset[Any] | None]:
+    """Field name -> _KINDS key for a config dataclass; sections (dataclasses) map to None."""
+    kinds: dict[str, frozenset[Any] | None] = {}
+    for name, hint in typing.get_type_hints(cls).items():
+        kind = _kind_of(hint)
+        if kind <= set(_SECTION_CLASSES):
+            kinds[name] = None
+        elif kind in _KINDS:
+            kinds[name] = kind
+        else:
+            raise TypeError(f"{cls.__name__}.{name} has type {hint}, which job files and "
+                            "flags cannot check: add it to config._KINDS")
+    return kinds
+
+
+_SECTION_CLASSES = (ColumnMap, SamplingDefaults, EngineOptions, ClusterOptions)
+_SECTIONS: dict[str, type] = {"": JobConfig, "columns": ColumnMap, "sampling": SamplingDefaults,
+                              "engine": EngineOptions, "cluster": ClusterOptions}
+SECTIONS = tuple(name for name in _SECTIONS if name)  # a job file's [tables]
+_FIELDS: dict[type, dict[str, Any]] = {cls: _field_kinds(cls) for cls in _SECTIONS.values()}
+# The fields that may be None, by section: an override of '' clears those of type str.
+_NULLABLE: dict[type, set[str]] = {
+    cls: {name for name, hint in typing.get_type_hints(cls).items()
+          if type(None) in typing.get_args(hint)} for cls in _SECTIONS.values()}
+
+
+def _read(cls: type, name: str, value: Any) -> Any:
+    """A value as the field takes it: a size read from text, one string made a list of one,
+    a list made a tuple; other values as they are."""
+    how = next(f.metadata.get("read") for f in fields(cls) if f.name == name)
+    if how == "size" and isinstance(value, str):
+        return parse_size(value)
+    if how == "one_or_many" and isinstance(value, str):
+        return (value,)
+    if _FIELDS[cls][name] == {tuple[str, ...]} and isinstance(value, list):
+        return tuple(value)
+    return value
+
+
+def _check_value(cls: type, name: str, value: Any, where: str) -> None:
+    """A ConfigError naming the field and the type it takes, when `value` is not of it."""
+    allowed, words = _KINDS[_FIELDS[cls][name]]
+    # bool is an int in Python, but `max_tokens = true` is a mistake, not a 1.
+    wrong_bool = isinstance(value, bool) and bool not in allowed
+    items_ok = not isinstance(value, (list, tuple)) or all(isinstance(v, str) for v in value)
+    if not isinstance(value, allowed) or wrong_bool or not items_ok:
+        raise ConfigError(f"{where}`{name}` must be {words}, not {value!r}")
+
+
+def _check(cls: type, data: Any, where: str) -> dict[str, Any]:
+    """The section's values read and checked: unknown keys and values of the wrong type,
+    each with a message that names the fix."""
     if not isinstance(data, dict):
         raise ConfigError(f"{where} must be a table (a [section] of keys), not {data!r}")
-    known = {f.name: f.type for f in fields(cls)}
+    known = _FIELDS[cls]
     unknown = sorted(set(data) - set(known))
     if unknown:
         raise ConfigError(f"{where}: unknown key(s) {unknown}; known keys are {sorted(known)}")
+    values = {}
     for key, value in data.items():
-        allowed = _TOML_TYPES.get(known[key])
-        # bool is an int in Python, but `max_tokens = true` is a mistake, not a 1.
-        wrong_bool = isinstance(value, bool) and bool not in (allowed or ())
-        if allowed and (not isinstance(value, allowed) or wrong_bool):
-            kind = known[key].replace(" | None", "")
-            raise ConfigError(f"{where}: `{key}` must be {_TYPE_WORDS.get(kind, kind)}, "
-                              f"not {value!r}")
+        values[key] = _read(cls, key, value)
+        _check_value(cls, key, values[key], f"{where}: ")
+    return values
 
 
 def _build(cls: type, data: dict[str, Any], where: str) -> Any:
-    _check(cls, data, where)
-    return cls(**data)
+    return cls(**_check(cls, data, where))
 
 
 def load_job_file(path: Location) -> JobConfig:
@@ -240,20 +307,10 @@ def load_job_file(path: Location) -> JobConfig:
                               f"{raw[section]!r}")
     _check(JobConfig, {k: v for k, v in raw.items() if k not in SECTIONS}, f"job file {path}")
     columns = dict(raw.pop("columns", {}))
-    if "passthrough" in columns:
-        columns["passthrough"] = tuple(columns["passthrough"])
     sampling = dict(raw.pop("sampling", {}))
-    if "stop" in sampling:
-        sampling["stop"] = tuple([sampling["stop"]] if isinstance(sampling["stop"], str)
-                                 else sampling["stop"])
-    if isinstance(sampling.get("choices"), list):
-        sampling["choices"] = tuple(sampling["choices"])
     if isinstance(sampling.get("json_schema"), str):
         sampling["json_schema"] = str(resolve(sampling["json_schema"]))
     engine = dict(raw.pop("engine", {}))
-    for key in ("kv_cache_memory", "memory_budget"):
-        if isinstance(engine.get(key), str):
-            engine[key] = parse_size(engine[key])
     cluster = dict(raw.pop("cluster", {}))
     raw["input"] = resolve(raw["input"])
     raw["output"] = resolve(raw["output"])
@@ -354,27 +411,55 @@ def _default_constraint(json_schema: str | None, choices: tuple[str, ...],
 
 
 def with_overrides(cfg: JobConfig, **overrides: Any) -> JobConfig:
-    """Apply CLI flags (None = not given) on top of a job file. Keys: top-level field names,
-    or 'sampling.x' / 'engine.x' / 'cluster.x'."""
-    top: dict[str, Any] = {}
-    sampling: dict[str, Any] = {}
-    engine: dict[str, Any] = {}
-    cluster: dict[str, Any] = {}
-    by_section = {"": top, "sampling": sampling, "engine": engine, "cluster": cluster}
-    for key, value in overrides.items():
-        if value is None:
-            continue
+    """Flags and run()'s options on top of a job. Keys: a JobConfig field ('output') or
+    'section.field' ('sampling.max_tokens', 'engine.kv_cache_memory', 'columns.prompt');
+    None means not given, and so does an empty [columns] value. A value is read as the same
+    key in a job file is (a size like '256MiB', one stop string or a list), and checked
+    against the field's type. '' clears a `str | None` field: a constraint flag replaces the
+    job file's default constraint, whichever kind that was."""
+    changes: dict[str, dict[str, Any]] = {section: {} for section in _SECTIONS}
+    for key, given in overrides.items():
+        value = given.value if isinstance(given, Enum) else given
         section, _, name = key.rpartition(".")
-        by_section[section][name] = value
-    cfg = replace(cfg, **top)
-    for name in ("json_schema", "regex"):  # "": a flag that clears the job file's default
-        if sampling.get(name) == "":
-            sampling[name] = None
-    if sampling:
-        cfg = replace(cfg, sampling=replace(cfg.sampling, **sampling))
-    if engine:
-        cfg = replace(cfg, engine=replace(cfg.engine, **engine))
-    if cluster:
-        cfg = replace(cfg, cluster=replace(cfg.cluster, **cluster))
+        cls = _SECTIONS.get(section)
+        if cls is None or _FIELDS[cls].get(name) is None or key == "input":
+            raise ConfigError(f"unknown option {key!r}; known options are the keys of a job "
+                              "file: 'output', 'model', ..., 'sampling.x', 'engine.x', "
+                              "'columns.x', 'cluster.x'")
+        if value is None or (section == "columns" and not value):
+            continue
+        kind = _FIELDS[cls][name]
+        if value == "" and kind == {str} and name in _NULLABLE[cls]:
+            value = None
+        elif kind == {str} and isinstance(value, Path):
+            value = str(value)  # a model folder, a schema file
+        elif kind in _LOCATIONS and isinstance(value, (str, Path)):
+            if kind == {Path} and is_uri(value):
+                raise ConfigError(f"{name} must be a local folder, not {value}")
+            value = to_location(value)
+        else:
+            value = _read(cls, name, value)
+            _check_value(cls, name, value, "")
+        changes[section][name] = value
+    cfg = replace(cfg, **changes.pop(""))
+    for section, values in changes.items():
+        if values:
+            cfg = replace(cfg, **{section: replace(getattr(cfg, section), **values)})
     validate_config(cfg)
     return cfg
+
+
+def option_keys() -> dict[str, str]:
+    """run()'s keyword arguments -> the key of the field each sets (`with_overrides`): a
+    top-level field by its name, a [sampling], [engine] or [cluster] key by its own name
+    (`seed` is sampling's; the engine's is 'engine.seed'), a [columns] key as
+    `<name>_column` and `passthrough`."""
+    keys = {f"{name}_column": f"columns.{name}" for name in _FIELDS[ColumnMap]}
+    keys["passthrough"] = "columns.passthrough"
+    keys.update({name: f"engine.{name}" for name in _FIELDS[EngineOptions]})
+    keys.update({name: f"cluster.{name}" for name in _FIELDS[ClusterOptions]})
+    keys.update({name: f"sampling.{name}" for name in _FIELDS[SamplingDefaults]})
+    keys.update({name: name for name, kind in _FIELDS[JobConfig].items()
+                 if kind is not None and name != "input"})
+    del keys["passthrough_column"]
+    return keys

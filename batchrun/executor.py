@@ -23,18 +23,16 @@ too: a prefix computed long before its members run would be evicted by then.
 from __future__ import annotations
 
 import contextlib
-import os
-import signal
-import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
 from .engine.base import Engine, EngineDiedError, GenerationRequest, GenerationResult
-from .terminal import terminal_fd
+from .kv_budget import KvBudget
+from .lifecycle import StopFlag
 
 
 @dataclass(eq=False)  # identity: groups hold arrays, and a deque removes by ==
@@ -81,56 +79,6 @@ class _GroupState:
         return self.next_member >= len(self.group.members)
 
 
-@dataclass
-class _HeldPrefix:
-    blocks: int  # the whole prefix
-    cost: int  # what holding it added to the budget: the blocks beyond the outer prefix
-    outer_id: int | None  # the enclosing prefix it keeps held, if that one was held
-    groups: int = 1  # groups in flight that hold it (their own, or a nested one's)
-
-
-class PrefixReservations:
-    """The KV blocks of the shared prefixes in flight, each block counted once.
-
-    A prefix is held while a group using it is in flight. A prefix nested in one already
-    held (system prompt > document) costs only its extra blocks, and keeps the outer one
-    held: its members' block tables start with the outer prefix's blocks."""
-
-    def __init__(self) -> None:
-        self._held: dict[int, _HeldPrefix] = {}
-
-    def cost(self, prefix_id: int, blocks: int, parent_id: int) -> int:
-        """Blocks that acquiring this prefix would add now."""
-        if prefix_id in self._held:
-            return 0
-        outer = self._held.get(parent_id)
-        return blocks - (outer.blocks if outer else 0)
-
-    def acquire(self, prefix_id: int, blocks: int, parent_id: int) -> int:
-        """Hold the prefix for one more group; returns the blocks that added."""
-        if (held := self._held.get(prefix_id)) is not None:
-            held.groups += 1
-            return 0
-        cost = self.cost(prefix_id, blocks, parent_id)
-        outer_id = parent_id if parent_id in self._held else None
-        if outer_id is not None:
-            self._held[outer_id].groups += 1
-        self._held[prefix_id] = _HeldPrefix(blocks, cost, outer_id)
-        return cost
-
-    def holds(self, prefix_id: int) -> bool:
-        return prefix_id in self._held
-
-    def release(self, prefix_id: int) -> int:
-        """One group no longer holds the prefix; returns the blocks that freed."""
-        held = self._held[prefix_id]
-        held.groups -= 1
-        if held.groups:
-            return 0
-        del self._held[prefix_id]
-        return held.cost + (0 if held.outer_id is None else self.release(held.outer_id))
-
-
 class StepTrace:
     """The running batch of every engine step, for the summary: its mean over the run and
     over the run's last 10% of time (the tail, where a bad order leaves long decodes alone)."""
@@ -152,115 +100,6 @@ class StepTrace:
         tail = sizes[times >= times[-1] - self.TAIL * (times[-1] - times[0])]
         return {"steps": len(sizes), "mean_batch": round(float(sizes.mean()), 2),
                 "tail_batch": round(float(tail.mean()), 2)}
-
-
-class KvBudget:
-    """The KV blocks the requests and prefixes in flight are expected to hold, against the
-    engine's capacity. Changed only through its methods."""
-
-    def __init__(self, capacity_blocks: int) -> None:
-        self.capacity = max(capacity_blocks, 1)
-        self.used = 0
-        self.prefixes = PrefixReservations()
-        self._prefix_ready: set[int] = set()  # held prefixes a leader has computed
-
-    def fits(self, blocks: int, nothing_in_flight: bool) -> bool:
-        # Always let one request in, however large, so a job can never stall.
-        return nothing_in_flight or self.used + blocks <= self.capacity
-
-    @staticmethod
-    def member_cost(group: RunGroup, k: int) -> int:
-        """Blocks member k's prompt adds (its decode blocks are not reserved: see the module
-        notes)."""
-        return int(group.suffix_blocks[k]) - int(group.decode_blocks[k])
-
-    def prefix_cost(self, group: RunGroup) -> int:
-        return self.prefixes.cost(group.prefix_id, group.prefix_blocks, group.parent_id)
-
-    def hold_prefix(self, group: RunGroup) -> None:
-        self.used += self.prefixes.acquire(group.prefix_id, group.prefix_blocks,
-                                           group.parent_id)
-
-    def release_prefix(self, group: RunGroup) -> None:
-        self.used -= self.prefixes.release(group.prefix_id)
-        if not self.prefixes.holds(group.prefix_id):
-            self._prefix_ready.discard(group.prefix_id)  # the cache may evict it from now on
-
-    def prefix_computed(self, prefix_id: int) -> None:
-        if self.prefixes.holds(prefix_id):  # an unheld prefix may be evicted at any time
-            self._prefix_ready.add(prefix_id)
-
-    def prefix_ready(self, prefix_id: int) -> bool:
-        return prefix_id in self._prefix_ready
-
-    def take(self, blocks: int) -> None:
-        self.used += blocks
-
-    def give_back(self, blocks: int) -> None:
-        self.used -= blocks
-
-
-
-@dataclass
-class StopFlag:
-    """Set by the first SIGTERM/SIGINT: stop admitting; the second one aborts at once."""
-
-    requested: bool = False
-    at: float = 0.0
-    signals: int = 0  # how many stop requests came in
-    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
-
-    def request(self) -> bool:
-        """Return True if this was the second request (hard stop)."""
-        with self._lock:
-            self.signals += 1
-            if self.requested:
-                return True
-            self.requested, self.at = True, time.monotonic()
-            return False
-
-
-class Interrupted(BaseException):
-    """The job was stopped by a signal; its checkpoint is resumable.
-
-    A BaseException, like KeyboardInterrupt: it is raised from a signal handler wherever the
-    main thread happens to be, often inside vLLM, whose `except Exception` handlers would
-    otherwise turn it into an engine failure (or swallow it)."""
-
-
-# runner.EXIT_INTERRUPTED (the runner imports this module, not the other way round).
-EXIT_INTERRUPTED = 4
-_ABANDON = ("batchrun: third signal: exiting now; finished rows are saved, "
-            "run again with --resume\n")
-
-
-def _say(message: str) -> None:
-    # os.write, not print or logging: a handler may run while the main thread is inside
-    # either. A closed stderr must not turn a signal into a write error.
-    with contextlib.suppress(OSError):
-        os.write(terminal_fd(), message.encode())
-
-
-def install_signal_handlers(stop: StopFlag) -> Callable[[], None]:
-    """SIGTERM / SIGINT: the first one drains gracefully, the second one raises Interrupted
-    now, a third one (cleanup after the second is taking too long) exits the process at once.
-    Returns a function that restores the previous handlers."""
-
-    def handler(signum: int, _frame: object) -> None:
-        name = signal.Signals(signum).name
-        if not stop.request():
-            _say(f"batchrun: {name}: finishing requests in flight, then saving; send it again "
-                 "to stop at once\n")
-            return
-        if stop.signals > 2:
-            # Every finished row is already in the journal, flushed and readable after a
-            # kill, so leaving without any cleanup loses nothing.
-            _say(_ABANDON)
-            os._exit(EXIT_INTERRUPTED)
-        raise Interrupted(f"second {name}: stopped at once")
-
-    previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
-    return lambda: [signal.signal(s, h) for s, h in previous.items()]
 
 
 class StreamingExecutor:
@@ -377,12 +216,10 @@ class StreamingExecutor:
         req, state, blocks = self._in_flight.pop(result.request_id)
         self._started.discard(result.request_id)
         self._leader_done(result.request_id)
-        self._budget.give_back(blocks)
+        self._budget.member_finished(blocks)
         state.in_flight -= 1
         if state.in_flight == 0 and state.all_started:
-            self._budget.give_back(state.kept_blocks)
-            if state.holds_prefix:
-                self._budget.release_prefix(state.group)
+            self._budget.group_finished(state.group, state.kept_blocks, state.holds_prefix)
         return req, result
 
     def _fits(self, blocks: int) -> bool:
@@ -436,16 +273,13 @@ class StreamingExecutor:
     def _start_member(self, state: _GroupState) -> str | None:
         """Start the group's next member if its KV fits; its request id, else None."""
         g, k = state.group, state.next_member
-        cost = self._budget.member_cost(g, k)
-        if not self._fits(cost):
+        if not self._fits(self._budget.member_cost(g, k)):
             return None
-        self._budget.take(cost)
+        own, kept = self._budget.start_member(g, k)
         request = self._make_request(int(g.members[k]))
         self.engine.add(request)
-        shared_with_others = int(g.suffix_blocks[k]) - int(g.private_blocks[k])
-        self._in_flight[request.request_id] = (int(g.members[k]), state,
-                                               cost - shared_with_others)
-        state.kept_blocks += shared_with_others
+        self._in_flight[request.request_id] = (int(g.members[k]), state, own)
+        state.kept_blocks += kept
         state.next_member = k + 1
         state.in_flight += 1
         return request.request_id

@@ -73,6 +73,16 @@ class PreparedJob:
         return self.requests.requests.num_rows
 
     @cached_property
+    def row_numbers(self) -> np.ndarray:
+        """Input row number of each row position."""
+        return self.requests.requests["row"].to_numpy()
+
+    @cached_property
+    def row_ids(self) -> list[str]:
+        """Id of each row position."""
+        return self.requests.requests["id"].to_pylist()
+
+    @cached_property
     def prefix_tree(self) -> PrefixTree:
         """Built once: sizing the engine and planning the run both read it."""
         return PrefixTree.build(self.tokens.values, self.tokens.offsets)
@@ -122,8 +132,8 @@ def prepare_requests(config: JobConfig, requests: RequestSet, tokenizer: PromptT
     if skip is None:
         skip = np.zeros(table.num_rows, dtype=bool)
     tokens = tokenize_requests(table, tokenizer, max_model_len=max_model_len, skip=skip)
-    constraints = _constraints(table, tokens.positions, config)
-    logprobs = _logprobs(table, tokens.positions, config)
+    constraints = request_constraints(table, tokens.positions, config)
+    logprobs = request_logprobs(table, tokens.positions, config)
     max_tokens = _max_tokens(table, tokens, constraints, config, max_model_len)
     job = PreparedJob(config, requests, tokens, max_tokens, max_model_len, skip,
                       constraints=constraints, logprobs=logprobs)
@@ -198,7 +208,7 @@ def _without_duplicates(job: PreparedJob) -> PreparedJob:
                    logprobs=[job.logprobs[r] for r in runs])
 
 
-def _constraints(table: pa.Table, positions: np.ndarray,
+def request_constraints(table: pa.Table, positions: np.ndarray,
                  config: JobConfig) -> list[Constraint | None]:
     """Each request's constraint: its row's own, else the job's default; "text" rows none."""
     default = default_constraint(config.sampling)
@@ -220,7 +230,7 @@ def _constraints(table: pa.Table, positions: np.ndarray,
     return out
 
 
-def _logprobs(table: pa.Table, positions: np.ndarray, config: JobConfig) -> list[int | None]:
+def request_logprobs(table: pa.Table, positions: np.ndarray, config: JobConfig) -> list[int | None]:
     """Each request's top-logprobs count (None: no logprobs). A row's logprobs/top_logprobs
     win over the job's; top_logprobs alone turns logprobs on."""
     s = config.sampling
@@ -260,13 +270,14 @@ def row_sampling(job: PreparedJob) -> Callable[[int], tuple[float, float, int | 
 
 def request_factory(job: PreparedJob) -> Callable[[int], GenerationRequest]:
     """Builds the engine request of tokenized request i (row values win over defaults)."""
-    ids = job.requests.requests["id"].to_pylist()
+    ids = job.row_ids
     sampling = row_sampling(job)
 
     def make(i: int) -> GenerationRequest:
         pos = int(job.tokens.positions[i])
         temperature, top_p, seed, stop = sampling(pos)
-        return GenerationRequest(request_id=ids[pos], prompt_token_ids=job.tokens.tokens(i),
+        return GenerationRequest(request_id=ids[pos], prompt_token_ids=job.tokens.values[
+                                     job.tokens.offsets[i]:job.tokens.offsets[i + 1]],
                                  max_tokens=int(job.max_tokens[i]), temperature=temperature,
                                  top_p=top_p, seed=seed, stop=stop,
                                  constraint=job.constraints[i] if job.constraints else None,
@@ -346,7 +357,7 @@ class _RequestSizes:
 
     def add(self, config: JobConfig, table: pa.Table, tokens: TokenizedRequests,
             max_model_len: int) -> None:
-        constraints = _constraints(table, tokens.positions, config)
+        constraints = request_constraints(table, tokens.positions, config)
         max_tokens = _max_tokens(table, tokens, constraints, config, max_model_len)
         ids, at = table["id"], tokens.positions
         longest = longest_request(tokens.lengths(), max_tokens,

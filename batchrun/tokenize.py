@@ -3,35 +3,52 @@
 Prompts are encoded the way vLLM encodes a text prompt (with the tokenizer's special tokens);
 chat messages are rendered with the model's chat template (generation prompt added) and then
 encoded without extra special tokens, as vLLM's chat path does. Rows that already carry
-`prompt_token_ids` skip the tokenizer.
+`prompt_token_ids` skip the tokenizer: their tokens come straight from the Arrow list array.
+Works on any request table, a whole job's or one batch of a stream.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 _BATCH = 2048  # prompts per tokenizer call: big enough for the Rust tokenizer's threads
+_COPY_TOKENS = 1 << 20  # tokens per step when rows of several kinds are put in row order
 
 
 class PromptTokenizer(Protocol):
-    def encode(self, texts: list[str]) -> list[list[int]]: ...
+    def encode(self, texts: list[str]) -> list[list[int]]:
+        """Prompts as vLLM encodes a text prompt: with the tokenizer's special tokens."""
 
-    def render_chat(self, messages: list[dict]) -> str: ...
+    def encode_rendered(self, texts: list[str]) -> list[list[int]]:
+        """Chats rendered by render_chat: without extra special tokens (the template has
+        them)."""
+
+    def render_chat(self, messages: list[dict]) -> str:
+        """Chat messages as the model's template renders them, generation prompt added."""
 
 
 class HFTokenizer:
-    """The model's own Hugging Face tokenizer and chat template."""
+    """The model's own Hugging Face tokenizer and chat template, loaded at first use: a job
+    whose prompts are all pre-tokenized never imports transformers (seconds of start-up)."""
 
     def __init__(self, model_dir: Path) -> None:
+        self.model_dir = model_dir
+
+    @cached_property
+    def _tok(self) -> Any:
         from transformers import AutoTokenizer
 
-        self._tok = AutoTokenizer.from_pretrained(model_dir)
+        return AutoTokenizer.from_pretrained(self.model_dir)
 
     def encode(self, texts: list[str]) -> list[list[int]]:
         return self._tok(texts, add_special_tokens=True)["input_ids"]
@@ -75,13 +92,12 @@ class TokenizedRequests:
 
     def take(self, requests: np.ndarray) -> TokenizedRequests:
         """Only these requests (indices, ascending), renumbered 0..len-1."""
-        lengths = self.lengths()[requests]
-        offsets = np.zeros(len(requests) + 1, dtype=np.int64)
-        np.cumsum(lengths, out=offsets[1:])
-        starts = self.offsets[requests]
-        gather = np.repeat(starts - offsets[:-1], lengths) + np.arange(offsets[-1])
-        return TokenizedRequests(self.positions[requests], self.values[gather], offsets,
-                                 self.errors)
+        lengths = self.lengths()
+        kept = np.zeros(len(lengths), dtype=bool)
+        kept[requests] = True
+        # A mask of one byte a token, not an index of eight: the requests stay in order.
+        return TokenizedRequests(self.positions[requests], self.values[np.repeat(kept, lengths)],
+                                 _offsets(lengths[requests]), self.errors)
 
 
 def tokenize_requests(
@@ -90,46 +106,150 @@ def tokenize_requests(
 ) -> TokenizedRequests:
     """Tokenize every row without an error (and not in `skip`, a bool mask). A prompt that
     leaves no room to generate in the model's context becomes an error for its row."""
-    cols = {name: requests.column(name).to_pylist()
-            for name in ("row", "prompt", "messages", "prompt_token_ids", "error")}
-    ids: dict[int, list[int]] = {}
+    usable = ~_is_valid(requests["error"])
+    if skip is not None:
+        usable &= ~skip
+    given = usable & _is_valid(requests["prompt_token_ids"])
+    chat = usable & ~given & _is_valid(requests["messages"])
+    text = usable & ~given & ~chat
+    rows = requests["row"].to_numpy()
     errors: dict[int, str] = {}
-    texts: list[tuple[int, str, bool]] = []  # (position, text, rendered-by-chat-template)
-    for pos, err in enumerate(cols["error"]):
-        if err is not None or (skip is not None and skip[pos]):
-            continue
-        if cols["prompt_token_ids"][pos] is not None:
-            ids[pos] = cols["prompt_token_ids"][pos]
-        elif cols["messages"][pos] is not None:
-            try:
-                texts.append((pos, tokenizer.render_chat(json.loads(cols["messages"][pos])), True))
-            except Exception as e:  # templates raise anything (jinja errors, bad roles, ...)
-                errors[pos] = (f"row {cols['row'][pos]}: the model's chat template rejected "
-                               f"these messages ({type(e).__name__}: {e}); check roles and order")
-        else:
-            texts.append((pos, cols["prompt"][pos], False))
-    for rendered in (False, True):
-        batch = [(p, t) for p, t, r in texts if r is rendered]
-        encode = tokenizer.encode_rendered if rendered else tokenizer.encode
-        for start in range(0, len(batch), _BATCH):
-            chunk = batch[start:start + _BATCH]
-            for (pos, _), tok in zip(chunk, encode([t for _, t in chunk]), strict=True):
-                ids[pos] = tok
-    positions = []
-    for pos in sorted(ids):
-        n = len(ids[pos])
-        if n == 0:
-            errors[pos] = f"row {cols['row'][pos]}: the prompt is empty; give it some text"
-        elif n >= max_model_len:
-            errors[pos] = (f"row {cols['row'][pos]}: the prompt is {n} tokens but the model's "
-                           f"context is {max_model_len} (max_model_len); shorten the prompt "
-                           "or raise engine.max_model_len if the model allows it")
-        else:
+    parts = [_given_tokens(requests["prompt_token_ids"], given),
+             _encoded(tokenizer.encode, np.flatnonzero(text),
+                      requests["prompt"].filter(pa.array(text)).to_pylist())]
+    if chat.any():
+        rendered = _render_chats(tokenizer, requests["messages"], chat, rows, errors)
+        parts.append(_encoded(tokenizer.encode_rendered, *rendered))
+    parts = [p for p in parts if len(p.positions)]
+    for part in parts:
+        for i in np.flatnonzero(~part.fit(max_model_len)):
+            pos, n = int(part.positions[i]), int(part.lengths[i])
+            errors[pos] = _length_problem(int(rows[pos]), n, max_model_len)
+    return _assemble(parts, max_model_len, errors)
+
+
+@dataclass(frozen=True)
+class _Tokens:
+    """Token ids of some rows, in row order: positions (ascending), lengths, values."""
+
+    positions: np.ndarray  # int64
+    lengths: np.ndarray  # int64
+    values: np.ndarray  # int32, the rows' tokens one after another
+
+    def fit(self, max_model_len: int) -> np.ndarray:
+        """Which of these rows leave room to generate."""
+        return (self.lengths > 0) & (self.lengths < max_model_len)
+
+
+def _is_valid(column: pa.ChunkedArray) -> np.ndarray:
+    return column.is_valid().to_numpy()
+
+
+def _given_tokens(column: pa.ChunkedArray, selected: np.ndarray) -> _Tokens:
+    """The selected rows' pre-tokenized prompts, straight from the Arrow list array's values
+    and offsets: no Python object per row or token (and no copy of the values when every row
+    of a one-chunk column is selected)."""
+    positions = np.flatnonzero(selected)
+    if not len(positions):
+        return _Tokens(positions, np.zeros(0, np.int64), np.zeros(0, np.int32))
+    lengths, values = [], []
+    start = 0
+    for chunk in column.chunks:
+        mine = selected[start:start + len(chunk)]
+        start += len(chunk)
+        if not mine.all():
+            chunk = chunk.filter(pa.array(mine))
+        lengths.append(pc.list_value_length(chunk).to_numpy(zero_copy_only=False))
+        values.append(chunk.flatten().to_numpy(zero_copy_only=False))
+    values = values[0] if len(values) == 1 else np.concatenate(values)
+    return _Tokens(positions, np.concatenate(lengths).astype(np.int64, copy=False),
+                   values.astype(np.int32, copy=False))
+
+
+def _encoded(encode: Callable[[list[str]], list[list[int]]], positions: np.ndarray,
+             texts: list[str]) -> _Tokens:
+    """Texts through the tokenizer's batch encode, _BATCH at a time, as flat buffers."""
+    lengths, values = [np.zeros(0, np.int64)], [np.zeros(0, np.int32)]
+    for start in range(0, len(texts), _BATCH):
+        ids = encode(texts[start:start + _BATCH])
+        chunk_lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
+        lengths.append(chunk_lengths)
+        values.append(np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int32,
+                                  count=int(chunk_lengths.sum())))
+    return _Tokens(np.asarray(positions, dtype=np.int64), np.concatenate(lengths),
+                   np.concatenate(values))
+
+
+def _render_chats(tokenizer: PromptTokenizer, column: pa.ChunkedArray, chat: np.ndarray,
+                  rows: np.ndarray, errors: dict[int, str]) -> tuple[np.ndarray, list[str]]:
+    """The chat rows rendered with the model's chat template: (positions, texts). A template
+    that rejects a row's messages is that row's error."""
+    positions, texts = [], []
+    for pos, messages in zip(np.flatnonzero(chat).tolist(),
+                             column.filter(pa.array(chat)).to_pylist(), strict=True):
+        try:
+            texts.append(tokenizer.render_chat(json.loads(messages)))
             positions.append(pos)
-    lengths = np.fromiter((len(ids[p]) for p in positions), dtype=np.int64, count=len(positions))
-    offsets = np.zeros(len(positions) + 1, dtype=np.int64)
-    np.cumsum(lengths, out=offsets[1:])
+        except Exception as e:  # templates raise anything (jinja errors, bad roles, ...)
+            errors[pos] = (f"row {rows[pos]}: the model's chat template rejected "
+                           f"these messages ({type(e).__name__}: {e}); check roles and order")
+    return np.asarray(positions, dtype=np.int64), texts
+
+
+def _length_problem(row: int, n: int, max_model_len: int) -> str:
+    if n == 0:
+        return f"row {row}: the prompt is empty; give it some text"
+    return (f"row {row}: the prompt is {n} tokens but the model's "
+            f"context is {max_model_len} (max_model_len); shorten the prompt "
+            "or raise engine.max_model_len if the model allows it")
+
+
+def _assemble(parts: list[_Tokens], max_model_len: int,
+              errors: dict[int, str]) -> TokenizedRequests:
+    """The rows of all parts that fit, in row order, as one TokenizedRequests."""
+    if not parts:
+        return TokenizedRequests(np.zeros(0, np.int64), np.zeros(0, np.int32),
+                                 np.zeros(1, np.int64), errors)
+    keep = [part.fit(max_model_len) for part in parts]
+    if len(parts) == 1:  # one kind of prompt: its values are in row order already
+        part, fits = parts[0], keep[0]
+        values = part.values if fits.all() else part.values[np.repeat(fits, part.lengths)]
+        return TokenizedRequests(part.positions[fits], values,
+                                 _offsets(part.lengths[fits]), errors)
+    positions = np.concatenate([p.positions[k] for p, k in zip(parts, keep, strict=True)])
+    lengths = np.concatenate([p.lengths[k] for p, k in zip(parts, keep, strict=True)])
+    order = np.argsort(positions, kind="stable")
+    offsets = _offsets(lengths[order])
     values = np.empty(int(offsets[-1]), dtype=np.int32)
-    for i, pos in enumerate(positions):
-        values[offsets[i]:offsets[i + 1]] = ids[pos]
-    return TokenizedRequests(np.asarray(positions, dtype=np.int64), values, offsets, errors)
+    starts = np.empty(len(order), dtype=np.int64)
+    starts[order] = offsets[:-1]  # where each row of `positions` goes
+    done = 0
+    for part, fits in zip(parts, keep, strict=True):
+        n = int(fits.sum())
+        _copy_rows(part, fits, starts[done:done + n], values)
+        done += n
+    return TokenizedRequests(positions[order], values, offsets, errors)
+
+
+def _offsets(lengths: np.ndarray) -> np.ndarray:
+    offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    return offsets
+
+
+def _copy_rows(part: _Tokens, rows: np.ndarray, targets: np.ndarray, out: np.ndarray) -> None:
+    """Copy the tokens of the part's rows selected by `rows` to out[targets[i]:], about
+    _COPY_TOKENS at a time (the index arrays take 16 bytes a token)."""
+    sources = _offsets(part.lengths)[:-1][rows]
+    lengths = part.lengths[rows]
+    ends = np.cumsum(lengths)
+    lo = 0
+    while lo < len(lengths):
+        begin = int(ends[lo] - lengths[lo])
+        hi = max(lo + 1, int(np.searchsorted(ends, begin + _COPY_TOKENS, side="right")))
+        step = lengths[lo:hi]
+        within = np.arange(int(ends[hi - 1]) - begin)  # token index within this step
+        row_start = ends[lo:hi] - step - begin  # each row's first token within the step
+        out[np.repeat(targets[lo:hi] - row_start, step) + within] = \
+            part.values[np.repeat(sources[lo:hi] - row_start, step) + within]
+        lo = hi

@@ -113,6 +113,23 @@ JOBS = {"fewshot": fewshot_rows, "rag": rag_rows, "multiturn": multiturn_rows,
         "prefix": prefix_rows, "mixed": mixed_rows, "duplicates": duplicates_rows}
 
 
+def write_scale_jsonl(path: Path, rows: int, *, systems: int = 2_000, seed: int = 0) -> Path:
+    """A large text job: `rows` JSONL rows of about 700 bytes, each one of `systems` shared
+    system texts (~450 bytes) then a question of its own (~200 bytes), systems in random
+    order. Written a row at a time (1M rows: 0.7 GB, about a minute), never held whole."""
+    rng = random.Random(seed)
+    heads = [f"System {s}: you answer for the {_text(rng, 58)}" for s in range(systems)]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "w") as f:
+        for i in range(rows):
+            question = f"Question {i}: what about the {_text(rng, 26)}"
+            f.write(json.dumps({"id": f"r{i}", "prompt": f"{rng.choice(heads)}\n{question}",
+                                "max_tokens": 16}) + "\n")
+    tmp.rename(path)
+    return path
+
+
 def write_job(name: str, folder: Path, seed: int = 0, fmt: str = "jsonl") -> Path:
     rng = random.Random(seed)
     rows = JOBS[name](rng)

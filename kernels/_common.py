@@ -13,14 +13,10 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 import triton
 import triton.language as tl
-
-if TYPE_CHECKING:
-    from .metadata import SharedPrefixMetadata
 
 LOG2E = math.log2(math.e)
 
@@ -56,8 +52,9 @@ class LaunchConfig:
 
 
 def launch_config(head_size: int, dtype: torch.dtype, block_m: int) -> LaunchConfig:
-    """Fixed per-shape launch settings. Autotuning is avoided on purpose: vLLM captures CUDA
-    graphs, and a first-call tuning sweep inside a capture is not allowed."""
+    """Fixed per-shape launch settings, not autotuned: a tuning sweep would run at the first
+    call of every new shape, in the middle of a job (grids and key lengths change every
+    engine step), and Triton's interpreter, which the CPU tests use, runs one config only."""
     if interpreting():
         return LaunchConfig(block_n=64, num_warps=4, num_stages=1, upcast=True,
                             dot_precision="ieee")
@@ -73,27 +70,60 @@ def launch_config(head_size: int, dtype: torch.dtype, block_m: int) -> LaunchCon
     )
 
 
-def check_inputs(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                 block_table: torch.Tensor, metadata: SharedPrefixMetadata) -> None:
-    """Shape/layout checks shared by every wrapper (cheap, no device sync)."""
-    num_tokens, num_q_heads, head_size = q.shape
-    num_blocks, block_size, num_kv_heads, cache_head_size = k_cache.shape
-    if v_cache.shape != k_cache.shape or v_cache.stride() != k_cache.stride():
-        raise ValueError("key_cache and value_cache must have the same shape and strides")
-    if cache_head_size != head_size or not 16 <= head_size <= 256:
-        raise ValueError(f"head sizes must match and lie in 16..256: q {head_size}, "
-                         f"cache {cache_head_size}")
-    if q.stride(-1) != 1 or k_cache.stride(-1) != 1:
-        raise ValueError("q and the caches need a contiguous head dimension")
-    if num_q_heads != num_kv_heads * metadata.num_queries_per_kv:
-        raise ValueError(f"{num_q_heads} query heads != {num_kv_heads} KV heads x "
-                         f"{metadata.num_queries_per_kv} (metadata's num_queries_per_kv)")
-    if block_size != metadata.block_size:
-        raise ValueError(f"cache block size {block_size} != metadata's {metadata.block_size}")
-    if num_tokens != metadata.num_tokens or block_table.shape[0] < metadata.num_seqs:
-        raise ValueError("q / block_table do not match the metadata's batch")
-    if block_table.dtype != torch.int32 or block_table.stride(-1) != 1:
-        raise ValueError("block_table must be int32 with contiguous rows")
+def new_partials(q: torch.Tensor, num_splits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Empty fp32 partial outputs ``[num_splits, *q.shape]`` and their LSEs
+    ``[num_splits, num_tokens, num_q_heads]``."""
+    return (q.new_empty((num_splits, *q.shape), dtype=torch.float32),
+            q.new_empty((num_splits, *q.shape[:2]), dtype=torch.float32))
+
+
+def partials_for(q: torch.Tensor, num_splits: int, out: torch.Tensor | None,
+                 lse: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The partial buffers a pass writes: ``out`` and ``lse`` where given (a slice of a
+    larger workspace), new ones otherwise; checked either way."""
+    if out is None or lse is None:
+        new_out, new_lse = new_partials(q, num_splits)
+        out = new_out if out is None else out
+        lse = new_lse if lse is None else lse
+    check_partials(out, lse, (num_splits, *q.shape))
+    return out, lse
+
+
+def final_output(q: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+    """The buffer a pass writes final outputs to: ``out`` (checked), or a new one like q."""
+    if out is None:
+        return torch.empty_like(q)
+    if out.shape != q.shape or out.stride(-1) != 1:
+        raise ValueError("out must be shaped like q, with a contiguous head dimension")
+    return out
+
+
+@dataclass(frozen=True)
+class KernelLaunch:
+    """What the launchers of both kernels work out alike from the layer's tensors."""
+
+    num_kv_heads: int
+    head_size: int
+    head_pad: int
+    config: LaunchConfig
+    lse: torch.Tensor  # the LSE buffer; ``out`` (never written) when there is none
+    # q (token, head), cache (block, token, head), block table (row), out (split, token,
+    # head), LSE (split, token): the kernels' stride arguments, in their order.
+    strides: tuple[int, ...]
+
+
+def kernel_launch(q: torch.Tensor, k_cache: torch.Tensor, block_table: torch.Tensor,
+                  out: torch.Tensor, lse: torch.Tensor | None, block_m: int) -> KernelLaunch:
+    """The launch for inputs already checked (``metadata.check_inputs``): ``out`` is
+    [num_splits, tokens, heads, head_size]; ``lse`` is None when ``out`` holds final outputs
+    (the kernel then gets ``out`` with zero strides as its LSE pointer, and writes no LSE)."""
+    num_kv_heads, head_size = k_cache.shape[2], k_cache.shape[3]
+    lse_arg, lse_strides = (out, (0, 0)) if lse is None else (lse, lse.stride()[:2])
+    return KernelLaunch(
+        num_kv_heads, head_size, triton.next_power_of_2(head_size),
+        launch_config(head_size, q.dtype, block_m), lse_arg,
+        (q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+         block_table.stride(0), out.stride(0), out.stride(1), out.stride(2), *lse_strides))
 
 
 def check_partials(out: torch.Tensor, lse: torch.Tensor, shape: tuple[int, ...]) -> None:
@@ -162,13 +192,38 @@ def attend_kv_range(
 
 
 @triton.jit
+def load_query_tile(
+    q_ptr, tok, q_head, row_mask, stride_q_tok, stride_q_head,
+    HEAD_SIZE: tl.constexpr, HEAD_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    """A tile's queries (row r: token ``tok[r]``, head ``q_head[r]``; masked rows 0) as
+    [BLOCK_M, HEAD_PAD], and a fresh online-softmax state for them: ``q, acc, m_i, l_i``."""
+    offs_d = tl.arange(0, HEAD_PAD)
+    q_row_offs = tok.to(tl.int64) * stride_q_tok + q_head * stride_q_head
+    q = tl.load(q_ptr + q_row_offs[:, None] + offs_d[None, :],
+                mask=row_mask[:, None] & (offs_d < HEAD_SIZE)[None, :], other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_PAD], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    return q, acc, m_i, l_i
+
+
+@triton.jit
 def write_attention_output(
     acc, m_i, l_i,
-    out_ptr, out_row_offs, lse_ptr, lse_offs, row_mask,
+    out_ptr, lse_ptr, split, tok, q_head, row_mask,
+    stride_out_split, stride_out_tok, stride_out_head, stride_lse_split, stride_lse_tok,
     HEAD_SIZE: tl.constexpr, HEAD_PAD: tl.constexpr, WRITE_LSE: tl.constexpr,
 ):
-    """Normalise and store a tile of rows (cast to the output's dtype), plus its natural-log
-    LSE when the result is a partial that will be merged."""
+    """Normalise and store a tile of rows (cast to the output's dtype) at split ``split``,
+    token ``tok[r]``, head ``q_head[r]``, plus its natural-log LSE when the result is a
+    partial that will be merged."""
+    out_row_offs = (split.to(tl.int64) * stride_out_split + tok.to(tl.int64) * stride_out_tok
+                    + q_head * stride_out_head)
+    lse_offs = split.to(tl.int64) * stride_lse_split + tok.to(tl.int64) * stride_lse_tok + q_head
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
     out = acc / l_safe[:, None]

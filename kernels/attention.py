@@ -17,6 +17,7 @@ from typing import Literal
 import torch
 import triton
 
+from ._common import new_partials
 from .merge import merge_attention_partials
 from .metadata import SharedPrefixMetadata
 from .prefix_attention import fused_shared_prefix_attention, prefix_attention
@@ -99,8 +100,7 @@ def shared_prefix_attention(
         num_suffix_splits = default_num_splits(seq_programs, metadata.max_suffix_len, q.device)
     # Both passes write into one workspace, so the merge is a single launch over all parts.
     num_parts = num_prefix_splits + num_suffix_splits
-    parts = q.new_empty((num_parts, *q.shape), dtype=torch.float32)
-    lse = q.new_empty((num_parts, *q.shape[:2]), dtype=torch.float32)
+    parts, lse = new_partials(q, num_parts)
     prefix_attention(q, k_cache, v_cache, block_table, metadata, scale,
                      num_splits=num_prefix_splits,
                      out=parts[:num_prefix_splits], lse=lse[:num_prefix_splits])

@@ -202,3 +202,27 @@ def build_shared_prefix_metadata(
         max_suffix_len=int((lens - prefix_of_seq).max(initial=0)),
         max_seq_len=int(lens.max(initial=0)),
     )
+
+
+def check_inputs(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                 block_table: torch.Tensor, metadata: SharedPrefixMetadata) -> None:
+    """Shape/layout checks of one layer's tensors against the step's metadata, shared by
+    every kernel wrapper (cheap, no device sync)."""
+    num_tokens, num_q_heads, head_size = q.shape
+    num_blocks, block_size, num_kv_heads, cache_head_size = k_cache.shape
+    if v_cache.shape != k_cache.shape or v_cache.stride() != k_cache.stride():
+        raise ValueError("key_cache and value_cache must have the same shape and strides")
+    if cache_head_size != head_size or not 16 <= head_size <= 256:
+        raise ValueError(f"head sizes must match and lie in 16..256: q {head_size}, "
+                         f"cache {cache_head_size}")
+    if q.stride(-1) != 1 or k_cache.stride(-1) != 1:
+        raise ValueError("q and the caches need a contiguous head dimension")
+    if num_q_heads != num_kv_heads * metadata.num_queries_per_kv:
+        raise ValueError(f"{num_q_heads} query heads != {num_kv_heads} KV heads x "
+                         f"{metadata.num_queries_per_kv} (metadata's num_queries_per_kv)")
+    if block_size != metadata.block_size:
+        raise ValueError(f"cache block size {block_size} != metadata's {metadata.block_size}")
+    if num_tokens != metadata.num_tokens or block_table.shape[0] < metadata.num_seqs:
+        raise ValueError("q / block_table do not match the metadata's batch")
+    if block_table.dtype != torch.int32 or block_table.stride(-1) != 1:
+        raise ValueError("block_table must be int32 with contiguous rows")

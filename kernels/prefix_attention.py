@@ -21,12 +21,13 @@ import triton.language as tl
 from ._common import (
     LOG2E,
     attend_kv_range,
-    check_inputs,
-    check_partials,
-    launch_config,
+    final_output,
+    kernel_launch,
+    load_query_tile,
+    partials_for,
     write_attention_output,
 )
-from .metadata import SharedPrefixMetadata
+from .metadata import SharedPrefixMetadata, check_inputs
 
 
 @triton.jit
@@ -59,16 +60,8 @@ def _group_attention_kernel(
     row_mask = rows < num_rows
     tok = tl.load(group_tokens_ptr + token_lo + rows // GQA, mask=row_mask, other=0)
     q_head = kv_head * GQA + rows % GQA
-    offs_d = tl.arange(0, HEAD_PAD)
-    q_row_offs = tok.to(tl.int64) * stride_q_tok + q_head * stride_q_head
-    q = tl.load(q_ptr + q_row_offs[:, None] + offs_d[None, :],
-                mask=row_mask[:, None] & (offs_d < HEAD_SIZE)[None, :], other=0.0)
-    if UPCAST:
-        q = q.to(tl.float32)
-
-    acc = tl.zeros([BLOCK_M, HEAD_PAD], dtype=tl.float32)
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    q, acc, m_i, l_i = load_query_tile(q_ptr, tok, q_head, row_mask, stride_q_tok,
+                                       stride_q_head, HEAD_SIZE, HEAD_PAD, BLOCK_M, UPCAST)
 
     # This split's share of the prefix, in whole KV steps. Every row sees every prefix key
     # (a precondition of the metadata), so the prefix needs no mask beyond its length.
@@ -102,11 +95,9 @@ def _group_attention_kernel(
                 stride_cache_block, stride_cache_tok, stride_cache_head, qk_scale,
                 HEAD_SIZE, HEAD_PAD, BLOCK_N, BLOCK_SIZE, True, UPCAST, DOT_PRECISION)
 
-    out_row_offs = (split.to(tl.int64) * stride_out_split + tok.to(tl.int64) * stride_out_tok
-                    + q_head * stride_out_head)
-    lse_offs = split.to(tl.int64) * stride_lse_split + tok.to(tl.int64) * stride_lse_tok + q_head
-    write_attention_output(acc, m_i, l_i, out_ptr, out_row_offs, lse_ptr, lse_offs, row_mask,
-                           HEAD_SIZE, HEAD_PAD, not FUSE_SUFFIX)
+    write_attention_output(acc, m_i, l_i, out_ptr, lse_ptr, split, tok, q_head, row_mask,
+                           stride_out_split, stride_out_tok, stride_out_head,
+                           stride_lse_split, stride_lse_tok, HEAD_SIZE, HEAD_PAD, not FUSE_SUFFIX)
 
 
 def _launch_group_kernel(
@@ -116,29 +107,20 @@ def _launch_group_kernel(
     """``out`` is [num_splits, tokens, heads, head_size]; ``lse`` is None for the fused kernel
     (it writes final outputs), else [num_splits, tokens, heads]."""
     check_inputs(q, k_cache, v_cache, block_table, metadata)
-    num_kv_heads, head_size = k_cache.shape[2], k_cache.shape[3]
+    launch = kernel_launch(q, k_cache, block_table, out, lse, metadata.group_block_m)
     num_tiles = metadata.group_tiles.shape[0]
     if num_tiles == 0:
         return
-    cfg = launch_config(head_size, q.dtype, metadata.group_block_m)
-    fuse_suffix = lse is None
-    # The fused kernel has no LSE to write; hand it `out` with zero strides instead.
-    lse_arg, lse_strides = (out, (0, 0)) if fuse_suffix else (lse, lse.stride()[:2])
-    _group_attention_kernel[(num_tiles, num_kv_heads, out.shape[0])](
-        q, k_cache, v_cache, block_table, out, lse_arg,
+    cfg = launch.config
+    _group_attention_kernel[(num_tiles, launch.num_kv_heads, out.shape[0])](
+        q, k_cache, v_cache, block_table, out, launch.lse,
         metadata.group_tiles, metadata.group_seqs, metadata.group_prefix_len,
         metadata.group_prefix_seq, metadata.group_token_start, metadata.group_tokens,
         metadata.token_seq, metadata.token_pos,
-        q.stride(0), q.stride(1),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        block_table.stride(0),
-        out.stride(0), out.stride(1), out.stride(2),
-        *lse_strides,
-        scale * LOG2E,
-        GQA=metadata.num_queries_per_kv, HEAD_SIZE=head_size,
-        HEAD_PAD=triton.next_power_of_2(head_size), BLOCK_SIZE=metadata.block_size,
-        BLOCK_M=metadata.group_block_m, BLOCK_N=cfg.block_n,
-        FUSE_SUFFIX=fuse_suffix, UPCAST=cfg.upcast, DOT_PRECISION=cfg.dot_precision,
+        *launch.strides, scale * LOG2E,
+        GQA=metadata.num_queries_per_kv, HEAD_SIZE=launch.head_size, HEAD_PAD=launch.head_pad,
+        BLOCK_SIZE=metadata.block_size, BLOCK_M=metadata.group_block_m, BLOCK_N=cfg.block_n,
+        FUSE_SUFFIX=lse is None, UPCAST=cfg.upcast, DOT_PRECISION=cfg.dot_precision,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
 
@@ -163,12 +145,7 @@ def prefix_attention(
     prefix; a split or a token without prefix keys gets output 0 and LSE ``-inf``. Pass
     ``out``/``lse`` to write into a larger workspace (see ``merge_attention_partials``).
     """
-    num_tokens, num_q_heads, head_size = q.shape
-    if out is None:
-        out = q.new_empty((num_splits, num_tokens, num_q_heads, head_size), dtype=torch.float32)
-    if lse is None:
-        lse = q.new_empty((num_splits, num_tokens, num_q_heads), dtype=torch.float32)
-    check_partials(out, lse, (num_splits, num_tokens, num_q_heads, head_size))
+    out, lse = partials_for(q, num_splits, out, lse)
     _launch_group_kernel(q, k_cache, v_cache, block_table, metadata, scale, out, lse)
     return out, lse
 
@@ -190,10 +167,7 @@ def fused_shared_prefix_attention(
     when the tiles alone fill the GPU (many sequences); with few tiles and long prefixes the
     split path of ``shared_prefix_attention`` has more parallelism.
     """
-    if out is None:
-        out = torch.empty_like(q)
-    if out.shape != q.shape or out.stride(-1) != 1:
-        raise ValueError("out must be shaped like q, with a contiguous head dimension")
+    out = final_output(q, out)
     _launch_group_kernel(q, k_cache, v_cache, block_table, metadata, scale, out.unsqueeze(0),
                          None)
     return out

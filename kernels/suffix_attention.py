@@ -22,13 +22,15 @@ import triton.language as tl
 from ._common import (
     LOG2E,
     attend_kv_range,
-    check_inputs,
-    check_partials,
-    launch_config,
+    final_output,
+    kernel_launch,
+    load_query_tile,
+    new_partials,
+    partials_for,
     write_attention_output,
 )
 from .merge import merge_attention_partials
-from .metadata import SharedPrefixMetadata
+from .metadata import SharedPrefixMetadata, check_inputs
 
 
 @triton.jit
@@ -62,16 +64,8 @@ def _seq_attention_kernel(
     tok = q_start + rows // GQA
     row_pos = seq_len - q_len + rows // GQA
     q_head = kv_head * GQA + rows % GQA
-    offs_d = tl.arange(0, HEAD_PAD)
-    q_row_offs = tok.to(tl.int64) * stride_q_tok + q_head * stride_q_head
-    q = tl.load(q_ptr + q_row_offs[:, None] + offs_d[None, :],
-                mask=row_mask[:, None] & (offs_d < HEAD_SIZE)[None, :], other=0.0)
-    if UPCAST:
-        q = q.to(tl.float32)
-
-    acc = tl.zeros([BLOCK_M, HEAD_PAD], dtype=tl.float32)
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    q, acc, m_i, l_i = load_query_tile(q_ptr, tok, q_head, row_mask, stride_q_tok,
+                                       stride_q_head, HEAD_SIZE, HEAD_PAD, BLOCK_M, UPCAST)
 
     # Keys up to the tile's last query position (causal), from the prefix end or from 0,
     # cut into equal chunks of whole KV steps, one per split.
@@ -90,11 +84,9 @@ def _seq_attention_kernel(
         stride_cache_block, stride_cache_tok, stride_cache_head, qk_scale,
         HEAD_SIZE, HEAD_PAD, BLOCK_N, BLOCK_SIZE, True, UPCAST, DOT_PRECISION)
 
-    out_row_offs = (split.to(tl.int64) * stride_out_split + tok.to(tl.int64) * stride_out_tok
-                    + q_head * stride_out_head)
-    lse_offs = split.to(tl.int64) * stride_lse_split + tok.to(tl.int64) * stride_lse_tok + q_head
-    write_attention_output(acc, m_i, l_i, out_ptr, out_row_offs, lse_ptr, lse_offs, row_mask,
-                           HEAD_SIZE, HEAD_PAD, WRITE_LSE)
+    write_attention_output(acc, m_i, l_i, out_ptr, lse_ptr, split, tok, q_head, row_mask,
+                           stride_out_split, stride_out_tok, stride_out_head,
+                           stride_lse_split, stride_lse_tok, HEAD_SIZE, HEAD_PAD, WRITE_LSE)
 
 
 def _launch_seq_kernel(
@@ -105,25 +97,17 @@ def _launch_seq_kernel(
     """``out`` is [num_splits, tokens, heads, head_size]; ``lse`` is None when ``out`` is the
     final output (one split), else [num_splits, tokens, heads]."""
     check_inputs(q, k_cache, v_cache, block_table, metadata)
-    num_kv_heads, head_size = k_cache.shape[2], k_cache.shape[3]
+    launch = kernel_launch(q, k_cache, block_table, out, lse, metadata.seq_block_m)
     num_tiles = metadata.seq_tiles.shape[0]
     if num_tiles == 0:
         return
-    cfg = launch_config(head_size, q.dtype, metadata.seq_block_m)
-    # Final outputs have no LSE to write; hand the kernel `out` with zero strides instead.
-    lse_arg, lse_strides = (out, (0, 0)) if lse is None else (lse, lse.stride()[:2])
-    _seq_attention_kernel[(num_tiles, num_kv_heads, out.shape[0])](
-        q, k_cache, v_cache, block_table, out, lse_arg,
+    cfg = launch.config
+    _seq_attention_kernel[(num_tiles, launch.num_kv_heads, out.shape[0])](
+        q, k_cache, v_cache, block_table, out, launch.lse,
         metadata.seq_tiles, metadata.query_start_loc, metadata.seq_lens, metadata.seq_prefix_len,
-        q.stride(0), q.stride(1),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        block_table.stride(0),
-        out.stride(0), out.stride(1), out.stride(2),
-        *lse_strides,
-        scale * LOG2E,
-        GQA=metadata.num_queries_per_kv, HEAD_SIZE=head_size,
-        HEAD_PAD=triton.next_power_of_2(head_size), BLOCK_SIZE=metadata.block_size,
-        BLOCK_M=metadata.seq_block_m, BLOCK_N=cfg.block_n,
+        *launch.strides, scale * LOG2E,
+        GQA=metadata.num_queries_per_kv, HEAD_SIZE=launch.head_size, HEAD_PAD=launch.head_pad,
+        BLOCK_SIZE=metadata.block_size, BLOCK_M=metadata.seq_block_m, BLOCK_N=cfg.block_n,
         SKIP_PREFIX=skip_prefix, WRITE_LSE=lse is not None,
         UPCAST=cfg.upcast, DOT_PRECISION=cfg.dot_precision,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
@@ -148,12 +132,7 @@ def suffix_attention(
     Returns fp32 ``(out [num_splits, num_tokens, num_q_heads, head_size],
     lse [num_splits, num_tokens, num_q_heads])``, like ``prefix_attention``.
     """
-    num_tokens, num_q_heads, head_size = q.shape
-    if out is None:
-        out = q.new_empty((num_splits, num_tokens, num_q_heads, head_size), dtype=torch.float32)
-    if lse is None:
-        lse = q.new_empty((num_splits, num_tokens, num_q_heads), dtype=torch.float32)
-    check_partials(out, lse, (num_splits, num_tokens, num_q_heads, head_size))
+    out, lse = partials_for(q, num_splits, out, lse)
     _launch_seq_kernel(q, k_cache, v_cache, block_table, metadata, scale, out, lse,
                        skip_prefix=True)
     return out, lse
@@ -174,16 +153,12 @@ def paged_attention(
     groups (every prefix is read once per sequence). The baseline for the benchmarks, and a
     fallback for steps without shared prefixes. ``num_splits > 1`` splits each key range and
     merges the partials (flash-decoding)."""
-    if out is None:
-        out = torch.empty_like(q)
-    if out.shape != q.shape or out.stride(-1) != 1:
-        raise ValueError("out must be shaped like q, with a contiguous head dimension")
+    out = final_output(q, out)
     if num_splits == 1:
         _launch_seq_kernel(q, k_cache, v_cache, block_table, metadata, scale, out.unsqueeze(0),
                            None, skip_prefix=False)
         return out
-    parts = q.new_empty((num_splits, *q.shape), dtype=torch.float32)
-    lse = q.new_empty((num_splits, *q.shape[:2]), dtype=torch.float32)
+    parts, lse = new_partials(q, num_splits)
     _launch_seq_kernel(q, k_cache, v_cache, block_table, metadata, scale, parts, lse,
                        skip_prefix=False)
     return merge_attention_partials(parts, lse, out=out)

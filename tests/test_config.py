@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from batchrun.config import ConfigError, load_job_file, parse_size, with_overrides
+from batchrun.config import (
+    ConfigError,
+    _field_kinds,
+    load_job_file,
+    option_keys,
+    parse_size,
+    with_overrides,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -64,3 +72,51 @@ def test_values_of_the_wrong_type_are_named(tmp_path, body, message):
     path.write_text(body)
     with pytest.raises(ConfigError, match=message):
         load_job_file(path)
+
+
+def test_flags_and_options_are_read_and_checked_like_job_file_keys():
+    cfg = load_job_file(REPO / "jobs" / "example.toml")
+    cfg = with_overrides(cfg, **{"engine.kv_cache_memory": "512MiB", "sampling.stop": "\n",
+                                 "engine.memory_budget": "1GiB", "columns.passthrough": ["a"]})
+    assert cfg.engine.kv_cache_memory == 512 << 20 and cfg.engine.memory_budget == 1 << 30
+    assert cfg.sampling.stop == ("\n",) and cfg.columns.passthrough == ("a",)
+    assert load_job_file(REPO / "jobs" / "example.toml").engine.memory_budget == 4 << 30
+    with pytest.raises(ConfigError, match="`max_tokens` must be int, not 'ten'"):
+        with_overrides(cfg, **{"sampling.max_tokens": "ten"})
+    with pytest.raises(ConfigError, match="`stop` must be a list of strings"):
+        with_overrides(cfg, **{"sampling.stop": [1]})
+    with pytest.raises(ConfigError, match="unknown option 'engine.colour'"):
+        with_overrides(cfg, **{"engine.colour": 1})
+
+
+def test_every_option_name_sets_the_field_of_that_name():
+    keys = option_keys()
+    assert keys["max_tokens"] == "sampling.max_tokens" and keys["seed"] == "sampling.seed"
+    assert keys["kv_cache_memory"] == "engine.kv_cache_memory"
+    assert keys["prompt_column"] == "columns.prompt" and keys["passthrough"] == \
+        "columns.passthrough"
+    assert keys["output"] == "output" and "input" not in keys
+
+
+def test_a_config_field_of_a_type_no_check_knows_fails_at_once():
+    @dataclass(frozen=True)
+    class NewSection:
+        ratio: complex = 1j
+
+    with pytest.raises(TypeError, match=r"NewSection.ratio has type .*add it to config._KINDS"):
+        _field_kinds(NewSection)
+
+
+def test_the_cluster_section_and_its_flags(tmp_path):
+    job = tmp_path / "job.toml"
+    job.write_text('input = "in.jsonl"\noutput = "out.parquet"\n[cluster]\nreplicas = 8\n'
+                   'ray_address = "auto"\n')
+    cfg = load_job_file(job)
+    assert (cfg.cluster.replicas, cfg.cluster.ray_address, cfg.cluster.on_ray) == (8, "auto", True)
+    cfg = with_overrides(cfg, **{option_keys()["replicas"]: 2,
+                                 option_keys()["ray_address"]: "ray://head:10001"})
+    assert (cfg.cluster.replicas, cfg.cluster.ray_address) == (2, "ray://head:10001")
+    for wrong, message in (({"cluster.replicas": 0}, "cluster.replicas must be >= 1"),
+                           ({"cluster.ray_address": "head"}, "is not a Ray address")):
+        with pytest.raises(ConfigError, match=message):
+            with_overrides(cfg, **wrong)

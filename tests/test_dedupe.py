@@ -67,8 +67,10 @@ def test_no_plan_runs_every_row_like_plain_vllm(tmp_path):
 def test_a_killed_job_with_duplicates_resumes_with_every_row_once(tmp_path):
     rows = [{"id": f"r{i}", "prompt": f"Item {i % 10} please."} for i in range(60)]
     cfg = job(tmp_path, write_jsonl(tmp_path / "in.jsonl", rows), max_tokens=20)
+    # 10 distinct prompts, 3 at a time, each done within max_tokens (20) steps: the engine
+    # dies after the first 3 finished and before the last.
     died = run_fake(cfg, FakeEngine(block_size=4, kv_capacity_tokens=8192, max_num_seqs=3,
-                                    die_after_steps=12))
+                                    die_after_steps=21))
     assert died.exit_code == EXIT_INTERRUPTED and 0 < died.summary["succeeded"] < 60
     done = set(read_ids_journaled(cfg))
     resumed_engine = FakeEngine(block_size=4, kv_capacity_tokens=8192)

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import time
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
-from batchrun.engine.base import GenerationRequest
+from batchrun.engine.base import GenerationRequest, StepOutput
 from batchrun.engine.fake import FakeEngine
-from batchrun.executor import PrefixReservations, RunGroup, StopFlag, StreamingExecutor
+from batchrun.executor import RunGroup, StreamingExecutor
+from batchrun.kv_budget import PrefixReservations
+from batchrun.lifecycle import StopFlag
 
 PREFIX = list(range(100, 132))  # 8 blocks of 4 tokens
 
@@ -55,21 +60,72 @@ def test_groups_cut_from_one_prefix_share_one_leader():
     assert sum(done[i].cached_tokens == 0 for i in range(8)) == 1
 
 
+class RunningLog(FakeEngine):
+    """Records the requests running in each step."""
+
+    def __init__(self, **kwargs: object) -> None:
+        super().__init__(**kwargs)
+        self.running: list[set[str]] = []
+
+    def step(self) -> StepOutput:
+        out = super().step()
+        self.running.append(set(self._running) | {r.request_id for r in out.finished})
+        return out
+
+
 def test_window_never_exceeds_the_kv_budget_but_always_admits_one():
-    engine = FakeEngine(block_size=4, kv_capacity_tokens=40)  # 10 blocks
-    reqs = [GenerationRequest(f"u{i}", [i] * 30, max_tokens=2) for i in range(5)]
-    big = RunGroup(np.arange(5), 0, 0, np.full(5, 8))  # 8 blocks each: one at a time
-    done, _ = run(engine, reqs, [big])
-    assert len(done) == 5 and engine.max_running_seen == 1
+    # 10 blocks of KV. Requests of 4 blocks: two fit side by side, a third would not. One
+    # request of 14 blocks needs more than the whole cache: it runs, alone.
+    engine = RunningLog(block_size=4, kv_capacity_tokens=40)
+    reqs = [GenerationRequest(f"u{i}", [i] * 14, max_tokens=2) for i in range(6)]
+    reqs.insert(3, GenerationRequest("huge", [9] * 54, max_tokens=2))
+    blocks = np.array([4, 4, 4, 14, 4, 4, 4])
+    done, ex = run(engine, reqs, [RunGroup(np.arange(7), 0, 0, blocks)])
+    assert len(done) == 7 and ex.reserved_blocks == 0
+    cost = {r.request_id: int(b) for r, b in zip(reqs, blocks, strict=True)}
+    for running in engine.running:
+        assert sum(cost[rid] for rid in running) <= 10 or running == {"huge"}
+    assert {"huge"} in engine.running  # admitted, though over the budget: alone
+    assert engine.max_running_seen == 2
+
+
+class ToMaxTokens(FakeEngine):
+    """Decodes every request to its max_tokens."""
+
+    @staticmethod
+    def _target(request: GenerationRequest, tokens: list[str]) -> int:
+        return request.max_tokens
+
+
+class Endless(ToMaxTokens):
+    """Decodes every request to its max_tokens; stops the run when its step `stop_at` ends."""
+
+    def __init__(self, stop: StopFlag, stop_at: int, **kwargs: object) -> None:
+        super().__init__(**kwargs)
+        self._stop, self._stop_at = stop, stop_at
+
+    def step(self) -> StepOutput:
+        out = super().step()
+        if self.steps == self._stop_at:
+            self._stop.request()
+        return out
 
 
 def test_stop_flag_drains_then_aborts_after_the_grace_period():
-    engine = FakeEngine(block_size=4)
-    reqs = [GenerationRequest(f"s{i}", [i, 1, 2], max_tokens=50) for i in range(4)]
+    # The engine runs two requests at a time; the executor holds four in flight (two of them
+    # waiting in the engine) and two more pending. The stop comes after step 2.
     stop = StopFlag()
-    stop.request()
-    done, ex = run(engine, reqs, [group([0, 1, 2, 3], 0)], stop=stop, grace_s=0.0)
-    assert done == {} and ex.aborted == []  # stopped before admitting anything
+    engine = Endless(stop, stop_at=2, block_size=4, max_num_seqs=2, step_delay_s=0.01)
+    lengths = [3, 10_000, 5, 5, 5, 5]  # s0 finishes while draining, s1 would take minutes
+    reqs = [GenerationRequest(f"s{i}", [i, 1, 2], max_tokens=n) for i, n in enumerate(lengths)]
+    done, ex = run(engine, reqs, [group(list(range(6)), 0)], stop=stop, grace_s=0.3,
+                   max_in_flight=4)
+    assert engine.admission_order == ["s0", "s1"]  # nothing started after the stop
+    # At the stop: the requests the engine had not started are aborted (s2, s3), the pending
+    # ones never sent (s4, s5). The drain lets s0 finish; s1 is aborted when the grace ends.
+    assert list(done) == [0] and ex.aborted == [2, 3, 1]
+    assert engine.steps > 3 and time.monotonic() - stop.at >= 0.3  # it drained, then aborted
+    assert engine.num_unfinished() == 0  # nothing left behind in the engine
 
 
 def test_a_group_finishing_admission_while_an_earlier_one_waits_for_its_leader():
@@ -99,10 +155,12 @@ def test_nested_groups_run_side_by_side_in_a_window_that_fits_them_counted_once(
     # Outer prefix 8 blocks, nested prefix 12 blocks (the outer 8 + 4), 2 members each with
     # 2 blocks of their own: 8 + 4 + 4 + 4 = 20 blocks together; 28 if each prefix counted
     # in full. A 20-block cache runs all four requests at once.
-    engine = FakeEngine(block_size=4, kv_capacity_tokens=80)
+    # Each request decodes all its 4 tokens: the two leaders (the inner one waits a step for
+    # the outer prefix its own extends) and both followers overlap.
+    engine = ToMaxTokens(block_size=4, kv_capacity_tokens=80)
     outer, inner = PREFIX, PREFIX + list(range(200, 216))
-    reqs = requests(2, outer) + [GenerationRequest(f"n{i}", inner + [i], max_tokens=3)
-                                 for i in range(2)]
+    reqs = [GenerationRequest(f"q{i}", outer + [i, i + 1000], max_tokens=4) for i in range(2)]
+    reqs += [GenerationRequest(f"n{i}", inner + [i], max_tokens=4) for i in range(2)]
     done, ex = run(engine, reqs, [group([0, 1], 32, prefix_id=1),
                                   group([2, 3], 48, prefix_id=2, parent_id=1)])
     assert len(done) == 4 and engine.max_running_seen == 4
@@ -159,3 +217,23 @@ def test_a_group_behind_others_starts_its_leader_only_when_its_members_fit_too()
     order = engine.admission_order
     assert order.index("o0") > max(order.index(f"q{i}") for i in range(4))
     assert sum(done[i].cached_tokens == 0 for i in range(8)) == 2  # each prefix once
+
+
+def test_sibling_leaders_wait_for_the_prefix_they_share_instead_of_computing_it_twice():
+    # A system prompt (8 blocks) that the planner chose as no group of its own, and two
+    # document groups below it (prefix tree node 1 above both): the first leader computes the
+    # system prompt, the second starts a step later and finds it cached.
+    docs = [list(range(200, 216)), list(range(300, 316))]
+    reqs = [GenerationRequest(f"d{d}m{m}", PREFIX + docs[d] + [m, 9], max_tokens=2)
+            for d in range(2) for m in range(2)]
+
+    def computed(shared_above_id: int) -> int:
+        groups = [replace(group([0, 1], 48, prefix_id=2), shared_above_id=shared_above_id),
+                  replace(group([2, 3], 48, prefix_id=3), shared_above_id=shared_above_id)]
+        done, _ = run(FakeEngine(block_size=4, kv_capacity_tokens=4096), reqs, groups)
+        return sum(r.prompt_tokens - r.cached_tokens for r in done.values())
+
+    # The system prompt once, each document once, each member's own last block.
+    assert computed(1) == len(PREFIX) + 2 * 16 + 4 * 2
+    # Without the shared node, both leaders start in one step and both compute it.
+    assert computed(-1) == computed(1) + len(PREFIX)

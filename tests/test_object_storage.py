@@ -19,6 +19,7 @@ from batchrun.runner import EXIT_OK, EXIT_USAGE, default_work_dir
 from tests.reliability.harness import (
     TALLY,
     batchrun,
+    check_nothing_finished_ran_again,
     check_output,
     journaled_rows,
     kill9,
@@ -121,21 +122,26 @@ def test_killed_and_resumed_s3_job_loses_nothing_and_never_shows_a_partial_objec
     args = ("run", f"{bucket}/in.jsonl", "-o", out, "--engine", "fake", "--max-tokens", "12",
             "--resume", "--log-lines")
     staged = default_work_dir(out) / "out.parquet"  # the checkpoint's base, on local disk
-    kills = 0
+    kills, saved = 0, []
     for at_least in (40, 120):
-        proc = start_batchrun(*args, fake_engine=SLOW)
+        log = tmp_path / f"admitted-{at_least}.txt"
+        proc = start_batchrun(*args, fake_engine={**SLOW, "admitted_log": str(log)})
         wait_for_rows(staged, proc, at_least)
         seen_while_running = key_exists(filesystem, out)
         assert kill9(proc), "the run finished before the kill"
         kills += 1
         assert not seen_while_running and not key_exists(filesystem, out)
+        check_nothing_finished_ran_again(log, saved)  # a resume runs only unfinished rows
         saved = journaled_rows(staged)
         assert len(saved) >= at_least and len(saved) == len(set(saved))
     # Killed after the output was staged locally, before (or during) the upload.
-    proc = start_batchrun(*args, fake_engine={}, kill_at="batchrun.io.storage:upload")
+    log = tmp_path / "admitted-last.txt"
+    proc = start_batchrun(*args, fake_engine={"admitted_log": str(log)},
+                          kill_at="batchrun.io.storage:upload")
     proc.communicate(timeout=60)
     kills += 1
     assert staged.exists() and not key_exists(filesystem, out)
+    check_nothing_finished_ran_again(log, saved)
     # Polled while the last run finishes: the key appears once, whole.
     proc = start_batchrun(*args, fake_engine={})
     sizes = set()

@@ -11,6 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from batchrun.engine.fake import FakeEngine
+from batchrun.io.results import Checkpoint, partial_dir_for
 from batchrun.runner import EXIT_INTERRUPTED, EXIT_OK, EXIT_ROW_ERRORS, run_job
 from tests.helpers import job, read_output, shared_prefix_rows, write_jsonl
 
@@ -98,6 +99,28 @@ def test_planning_computes_each_shared_prefix_once(tmp_path):
     assert p["tokens"]["computed_prompt"] <= 1.05 * p["plan"]["block_ideal_computed_tokens"]
 
 
+class KeepsRequests(FakeEngine):
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.requests = {}
+
+    def add(self, request):
+        self.requests[request.request_id] = request
+        super().add(request)
+
+
+def test_a_rows_sampling_values_reach_the_engine_over_the_job_defaults(tmp_path):
+    rows = [{"id": "own", "prompt": "a", "temperature": 0.7, "top_p": 0.9, "seed": 5,
+             "stop": ["x", "y"]},
+            {"id": "default", "prompt": "b"}]
+    cfg = job(tmp_path, write_jsonl(tmp_path / "in.jsonl", rows), temperature=0.2, top_p=0.5,
+              seed=1, stop=("z",))
+    engine = KeepsRequests()
+    assert run_fake(cfg, engine=engine).exit_code == EXIT_OK
+    sent = {rid: (r.temperature, r.top_p, r.seed, r.stop) for rid, r in engine.requests.items()}
+    assert sent == {"own": (0.7, 0.9, 5, ("x", "y")), "default": (0.2, 0.5, 1, ("z",))}
+
+
 def test_finished_job_is_not_run_again(tmp_path):
     cfg = job(tmp_path, write_jsonl(tmp_path / "in.jsonl", shared_prefix_rows(3)))
     run_fake(cfg)
@@ -119,10 +142,14 @@ def test_engine_failure_keeps_checkpoint_and_resume_finishes_exactly_once(tmp_pa
     assert 0 < partial_done < 40
     with pytest.raises(Exception, match="--resume"):
         run_fake(cfg)  # an unfinished run is never silently thrown away
-    resumed = run_fake(cfg, resume=True)
+    finished = set(Checkpoint(partial_dir_for(cfg.output)).read_done()["id"].to_pylist())
+    engine = FakeEngine(block_size=4, kv_capacity_tokens=8192)
+    resumed = run_fake(cfg, resume=True, engine=engine)
     assert resumed.exit_code == EXIT_OK
     ids = [r["id"] for r in read_output(cfg)]
     assert ids == [f"r{i}" for i in range(40)]
+    # The resume generated exactly the rows the dead run had not finished.
+    assert sorted(engine.admission_order) == sorted(set(ids) - finished)
 
 
 def test_resume_refuses_a_changed_input(tmp_path):

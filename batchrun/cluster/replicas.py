@@ -35,6 +35,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from ..config import ClusterOptions, ConfigError, JobConfig
+from ..engine.attention.selection import AttentionChoice
 from ..engine.base import EngineDiedError
 from ..engine.sizing import (
     MAX_SHARE_OF_FREE_MEMORY,
@@ -43,7 +44,7 @@ from ..engine.sizing import (
     round_up,
 )
 from ..errors import UsageError
-from ..executor import StopFlag
+from ..lifecycle import StopFlag
 from ..model import ModelError
 from .queue import PrefixOrders, ShardQueue, ShardRef, Work
 
@@ -105,6 +106,7 @@ class ReplicaJob:
     new_tokens: int  # this replica's share of the job's max_tokens (eager or compiled)
     input_format: str
     max_model_len: int
+    attention: AttentionChoice | None = None  # the backend the job asks vLLM for
 
 
 @dataclass(frozen=True)
@@ -167,7 +169,7 @@ class ReplicaActor:
 
 
 def _start_engine(job: ReplicaJob) -> Any:
-    from ..runner import start_engine
+    from ..engine.factory import start_engine
 
     if job.engine_kind != "fake":
         from ..model import resolve_model
@@ -175,7 +177,8 @@ def _start_engine(job: ReplicaJob) -> Any:
         # The driver found the model on its own node; this node must see it too. Asked
         # first, so that a missing model is a ModelError, not an engine failure.
         resolve_model(job.config.model)
-    return start_engine(job.config, job.engine_kind, job.new_tokens, job.sizing)
+    return start_engine(job.engine_kind, job.config, job.sizing, new_tokens=job.new_tokens,
+                        attention=lambda: job.attention)
 
 
 def _drain(results: queue.Queue[pa.Table], running: Future) -> Iterator[pa.Table]:
@@ -452,14 +455,16 @@ class Dispatcher:
             raise EngineDiedError(f"every engine replica is gone; the last: {reason}")
 
 
-def start_replicas(config: JobConfig, engine_kind: str, sizing: EngineSizing,
-                   sharded: Any) -> EngineReplicas:
+def start_replicas(config: JobConfig, engine_kind: str, sizing: EngineSizing, sharded: Any,
+                   attention: Callable[[], AttentionChoice | None]) -> EngineReplicas:
     """The replicas of a job read into shards (prepare.ShardedJob), their engines started
-    with the job's `sizing`."""
+    with the job's `sizing` and the attention backend `attention()` chooses (asked here,
+    once: it may plan the job)."""
     n = config.cluster.replicas
-    return EngineReplicas(ReplicaJob(config, engine_kind, replica_sizing(config, sizing),
-                                     -(-sharded.new_tokens // n), sharded.input_format,
-                                     sharded.max_model_len))
+    return EngineReplicas(ReplicaJob(
+        config, engine_kind, replica_sizing(config, sizing), -(-sharded.new_tokens // n),
+        sharded.input_format, sharded.max_model_len,
+        attention() if engine_kind == "vllm" else None))
 
 
 def replica_sizing(config: JobConfig, sizing: EngineSizing) -> EngineSizing:

@@ -6,6 +6,7 @@ interface is vLLM's request-level one (LLMEngine.add_request / step), not `gener
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -15,7 +16,9 @@ from ..structured import Constraint
 @dataclass(frozen=True)
 class GenerationRequest:
     request_id: str
-    prompt_token_ids: list[int]
+    # A list, or a numpy view into the job's token buffer (no Python int per token until
+    # an engine needs one: vLLM's prompt takes a list, the fake engine an array).
+    prompt_token_ids: Sequence[int]
     max_tokens: int
     temperature: float = 0.0
     top_p: float = 1.0
@@ -70,6 +73,42 @@ class StepOutput:
     batch_size: int = 0  # requests the step advanced (the running batch)
 
 
+@dataclass(frozen=True)
+class EngineStats:
+    """What an engine has counted, for a job's summary; `since(before)` is one job's share on
+    an engine that several jobs share (tests, benchmarks, the Python API).
+
+    structured_backends: constrained requests per structured-output backend (vLLM's "auto"
+        picks one per request). attention: the counters of batchrun's attention backend,
+        merged over the engine's processes (attention/stats.py); None for an engine without
+        one. attention_choice: the backend the engine was started with
+        (selection.AttentionChoice), which the summary reports beside what ran."""
+
+    structured_backends: dict[str, int] = field(default_factory=dict)
+    attention: dict[str, Any] | None = None
+    attention_choice: Any = None
+
+    def since(self, before: EngineStats) -> EngineStats:
+        backends = {name: n - before.structured_backends.get(name, 0)
+                    for name, n in self.structured_backends.items()}
+        attention = self.attention
+        if attention is not None and before.attention is not None:
+            from .attention.stats import diff_attention_stats
+
+            attention = diff_attention_stats(attention, before.attention)
+        return EngineStats({k: v for k, v in backends.items() if v}, attention,
+                           self.attention_choice)
+
+    def attention_summary(self) -> dict[str, Any] | None:
+        """The summary's `attention` section; None for an engine without batchrun's
+        attention backend."""
+        if self.attention is None:
+            return None
+        from .attention.selection import attention_summary
+
+        return attention_summary(self.attention_choice, self.attention)
+
+
 class EngineDiedError(RuntimeError):
     """The engine can no longer run requests (process died, out of memory). Not row-specific."""
 
@@ -86,5 +125,11 @@ class Engine(Protocol):
     def num_unfinished(self) -> int: ...
 
     def abort(self, request_ids: list[str]) -> None: ...
+
+    def stats(self, *, new_job: bool = False) -> EngineStats:
+        """What the engine has counted so far. new_job: a job starts now, so counts this
+        process keeps restart from zero (the ones of other processes are subtracted by
+        `EngineStats.since`; their peaks stay the engine's)."""
+        ...
 
     def close(self) -> None: ...

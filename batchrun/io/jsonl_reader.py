@@ -2,8 +2,8 @@
 
 The file is read in binary so that each line is decoded on its own: invalid UTF-8, bad JSON, a
 line that is too long or a cut-short last line spoil that row only. Rows are gathered as tuples
-and turned into Arrow record batches every CHUNK_ROWS rows, which keeps the Python objects of a
-10-million-row file from piling up.
+and handed on as an Arrow record batch every `batch_rows` rows: the file is never held whole,
+and the Python objects of one batch at most exist at a time.
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ import json
 import re
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from functools import partial
 from operator import itemgetter
 from typing import Any, BinaryIO, NamedTuple
@@ -25,8 +24,10 @@ from batchrun.io.rows import (
     CONSTRAINT_FIELDS,
     DRAFT_SCHEMA,
     FIELDS,
+    DraftBatch,
     InputError,
     RowError,
+    json_text,
     parse_id,
     parse_request,
     show,
@@ -35,7 +36,6 @@ from batchrun.io.schema import ENDPOINT_CHAT, ENDPOINT_COMPLETION
 from batchrun.io.storage import Location, open_binary
 
 MAX_LINE_BYTES = 8 * 2**20
-CHUNK_ROWS = 65_536
 
 _BOM = b"\xef\xbb\xbf"
 # The escapes \ud800..\udfff; only lines holding one can decode to an unpaired surrogate.
@@ -44,16 +44,6 @@ _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 _NO_REQUEST = (None,) * (1 + len(FIELDS) + 2)
 
 OPENAI_URLS = {"/v1/chat/completions": ENDPOINT_CHAT, "/v1/completions": ENDPOINT_COMPLETION}
-
-
-@dataclass
-class JsonlRows:
-    """What reading a JSONL file gives: draft batches, passthrough values per column, and
-    whether the file turned out to be plain JSONL or OpenAI-batch JSONL."""
-
-    batches: list[pa.RecordBatch] = field(default_factory=list)
-    passthrough: dict[str, list[Any]] = field(default_factory=dict)
-    input_format: str = "jsonl"
 
 
 # --- One JSON object -> request values (the endpoint, then FIELDS). Raises RowError. -------
@@ -185,7 +175,8 @@ def _passthrough_value(value: Any) -> Any:
 @contextmanager
 def _cyclic_gc_paused() -> Iterator[None]:
     """Parsing makes millions of small containers and no reference cycles, so the cyclic GC
-    would only rescan them over and over (about a tenth of the read time)."""
+    would only rescan them over and over (about a tenth of the read time). Paused only while
+    a batch is parsed: the caller's code between batches runs with the GC as it was."""
     was_enabled = gc.isenabled()
     gc.disable()
     try:
@@ -195,30 +186,62 @@ def _cyclic_gc_paused() -> Iterator[None]:
             gc.enable()
 
 
-def read_jsonl(path: Location, columns: ColumnMap, input_format: str,
-               first_row: int = 0) -> JsonlRows:
-    """Read `path` as JSONL. input_format: "jsonl", "openai", or "auto" (OpenAI-batch when the
-    first JSON object on a line has `custom_id` and `body`). Rows are numbered from
-    `first_row` (a file of a dataset continues the numbering of the files before it).
-    Raises InputError."""
-    out = JsonlRows(passthrough={name: [] for name in columns.passthrough},
-                    input_format=input_format)
-    formats = {"jsonl": _plain_format(columns), "openai": _OPENAI_FORMAT}
-    fmt = formats.get(input_format)
-    keep = list(out.passthrough)  # passthrough column names, once each
-    none_kept = (None,) * len(keep)
-    pending: list[tuple] = []
-    row, objects = first_row, 0
+def _passthrough_column(values: Sequence[Any]) -> pa.Array:
+    """JSON scalars as Arrow infers them; text for a column whose values share no type."""
+    try:
+        return pa.array(values)
+    except (pa.ArrowException, OverflowError):
+        return json_text(values)
 
-    def flush() -> None:
-        transposed = zip(*pending, strict=True)
+
+class _JsonlFile:
+    """One JSONL file read line by line: where the reading stands between batches."""
+
+    def __init__(self, path: Location, columns: ColumnMap, input_format: str,
+                 first_row: int) -> None:
+        self.path = path
+        self.first_row = first_row
+        self.row = first_row  # the number the next row gets
+        self.objects = 0  # lines that held a JSON object
+        self.keep = list(dict.fromkeys(columns.passthrough))  # passthrough names, once each
+        self.formats = {"jsonl": _plain_format(columns), "openai": _OPENAI_FORMAT}
+        self.input_format = None if input_format == "auto" else input_format
+
+    def batches(self, batch_rows: int) -> Iterator[DraftBatch]:
+        with open_binary(self.path) as f:
+            lines = iter(partial(f.readline, MAX_LINE_BYTES + 1), b"")
+            more = True
+            while more:
+                pending: list[tuple] = []
+                kept: list[tuple] = []
+                with _cyclic_gc_paused():
+                    more = self._parse(f, lines, pending, kept, batch_rows)
+                if pending:
+                    yield self._batch(pending, kept)
+        if self.row > self.first_row and not self.objects:
+            raise InputError(f"{self.path}: none of its {self.row - self.first_row} lines is a "
+                             "JSON object (is it binary, or another format?); write one JSON "
+                             "object per line (JSONL) or use Parquet")
+
+    def _batch(self, pending: list[tuple], kept: list[tuple]) -> DraftBatch:
         arrays = [pa.array(values, type=f.type)
-                  for values, f in zip(transposed, DRAFT_SCHEMA, strict=True)]
-        out.batches.append(pa.RecordBatch.from_arrays(arrays, schema=DRAFT_SCHEMA))
-        pending.clear()
+                  for values, f in zip(zip(*pending, strict=True), DRAFT_SCHEMA, strict=True)]
+        passthrough = pa.table({name: _passthrough_column(values) for name, values in
+                                zip(self.keep, zip(*kept, strict=True), strict=True)})
+        return DraftBatch(pa.RecordBatch.from_arrays(arrays, schema=DRAFT_SCHEMA), passthrough,
+                          self.input_format)
 
-    with open_binary(path) as f, _cyclic_gc_paused():
-        for line in iter(partial(f.readline, MAX_LINE_BYTES + 1), b""):
+    def _parse(self, f: BinaryIO, lines: Iterator[bytes], pending: list[tuple],
+               kept_rows: list[tuple], limit: int) -> bool:
+        """Parse lines into `pending` (draft rows) and `kept_rows` (passthrough values) until
+        `limit` rows; False once the file is at its end. One loop with local names: it runs
+        once per line."""
+        path, first_row, keep = self.path, self.first_row, self.keep
+        row, objects, formats = self.row, self.objects, self.formats
+        fmt = formats.get(self.input_format)
+        none_kept = (None,) * len(keep)
+        more = False
+        for line in lines:
             too_long = len(line) > MAX_LINE_BYTES and not line.endswith(b"\n")
             if too_long:
                 size = len(line) + _skip_rest_of_line(f)
@@ -240,8 +263,8 @@ def read_jsonl(path: Location, columns: ColumnMap, input_format: str,
                 if keep:
                     kept = tuple(_passthrough_value(obj.get(name)) for name in keep)
                 if fmt is None:
-                    out.input_format = "openai" if is_openai_batch(obj) else "jsonl"
-                    fmt = formats[out.input_format]
+                    self.input_format = "openai" if is_openai_batch(obj) else "jsonl"
+                    fmt = formats[self.input_format]
                 claim = parse_id(obj.get(fmt.id_key), fmt.id_key, row)
                 request = fmt.request(obj)
             except RowError as e:
@@ -249,16 +272,20 @@ def read_jsonl(path: Location, columns: ColumnMap, input_format: str,
             except RecursionError:  # a value nested deeper than json.dumps goes
                 error = f"row {row}: JSON nested too deeply; flatten the row"
             pending.append((row, claim, *request, error))
-            if keep:
-                for values, value in zip(out.passthrough.values(), kept, strict=True):
-                    values.append(value)
+            kept_rows.append(kept)
             row += 1
-            if len(pending) == CHUNK_ROWS:
-                flush()
-    if pending:
-        flush()
-    if row > first_row and not objects:
-        raise InputError(f"{path}: none of its {row - first_row} lines is a JSON object (is it "
-                         "binary, or another format?); write one JSON object per line (JSONL) "
-                         "or use Parquet")
-    return out
+            if len(pending) == limit:
+                more = True
+                break
+        self.row, self.objects = row, objects
+        return more
+
+
+def iter_jsonl(path: Location, columns: ColumnMap, input_format: str, first_row: int,
+               batch_rows: int) -> Iterator[DraftBatch]:
+    """Read `path` as JSONL, `batch_rows` rows at a time, lazily. input_format: "jsonl",
+    "openai", or "auto" (OpenAI-batch when the first JSON object on a line has `custom_id`
+    and `body`). Rows are numbered from `first_row` (a file of a dataset continues the
+    numbering of the files before it). Raises InputError: for a JSON array at its first line,
+    for a file without a single JSON object once it has read it all."""
+    return _JsonlFile(path, columns, input_format, first_row).batches(batch_rows)

@@ -22,6 +22,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from .readers import cast_passthrough, unified_passthrough_schema
 from .results import ROW_GROUP_SIZE, _fsync_dir, _write_openai_lines, temp_path
 from .schema import RESULT_SCHEMA
 
@@ -56,15 +57,10 @@ class InputColumns:
         self.rows += table.num_rows
 
     def schema(self) -> pa.Schema:
-        """One schema for all parts: where parts disagree on a column's type, it is text."""
+        """One schema for all parts (the readers' rule for pass-through columns)."""
         if not self.schemas:
             return pa.schema([])
-        out = []
-        for i, f in enumerate(self.schemas[0]):
-            types = {s.field(i).type for s in self.schemas} - {pa.null()}
-            out.append(pa.field(f.name, types.pop() if len(types) == 1 else
-                                (pa.null() if not types else pa.string())))
-        return pa.schema(out)
+        return unified_passthrough_schema(self.schemas, self.schemas[0].names)
 
     def rows_between(self, start: int, stop: int, schema: pa.Schema) -> pa.Table:
         """Rows [start, stop) in `schema`."""
@@ -78,7 +74,7 @@ class InputColumns:
             table = part if isinstance(part, pa.Table) else _read_ipc_file(part)
             lo, hi = max(start - at, 0), min(stop - at, table.num_rows)
             if hi > lo:
-                pieces.append(_conform(table.slice(lo, hi - lo), schema))
+                pieces.append(cast_passthrough(table.slice(lo, hi - lo), schema))
         if not pieces:
             return schema.empty_table()
         return pa.concat_tables(pieces)
@@ -87,21 +83,6 @@ class InputColumns:
 def _read_ipc_file(path: Path) -> pa.Table:
     with pa.OSFile(str(path), "rb") as f:
         return pa.ipc.open_file(f).read_all()
-
-
-def _conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
-    columns = []
-    for f in schema:
-        col = table[f.name]
-        if col.type != f.type:
-            if pa.types.is_string(f.type) and not pa.types.is_null(col.type):
-                col = pa.array([None if v is None else v if isinstance(v, str)
-                                else json.dumps(v, default=str) for v in col.to_pylist()],
-                               pa.string())
-            else:
-                col = col.cast(f.type)
-        columns.append(col)
-    return pa.table(columns, schema=schema)
 
 
 def journal_batches(journals: list[Path]) -> Iterator[pa.RecordBatch]:

@@ -22,19 +22,37 @@ Two kinds of problem:
     InputError, whose one-line message names the file and the fix.
   * One row is bad (bad JSON, invalid UTF-8, over 8 MiB, no prompt, a wrong type or value):
     the row is kept with `error` set and every request field null. The job goes on.
+A stream raises InputError before its first batch wherever the problem shows without reading
+rows (every file of a dataset is opened first: missing, empty, compressed, the wrong format,
+Parquet that cannot be opened or has no prompt column); otherwise at the batch where it is
+found (a JSON array: at its first line; a corrupt Parquet page: at its batch; a file in which
+no line is a JSON object: once it was read to its end).
+
+Passthrough columns are typed per batch (JSONL values as Arrow infers them for that batch);
+unified_passthrough_schema gives the one type each column takes in the output: the type all
+batches agree on, integers and floats as float64, and text (JSON text of non-text values)
+where batches disagree otherwise.
 
 Ids: a row's own id (an int is stored as text; `custom_id` in OpenAI files), or its row number
 when it gives none. Ids must be unique: the first row with an id keeps it, a later row with the
 same id becomes an error row. Rows whose id could not be read (bad JSON, a bad id, a repeated
 id) get their row number as id, or `<row>~<k>` if another row already holds that.
+
+The input is read as a stream of batches (BATCH_ROWS rows; a file of a dataset starts a new
+one), each finished before the next is read, and uniqueness is checked against every id held
+before (batchrun.io.ids). So "another row" in the last rule means a row before it or one in
+its own batch: a row without a readable id may take an id that a row of a LATER batch claims
+as its own. That later row is then the repeat, an error row like any other: ids stay unique
+and no row is lost, and the file order decides, as it does for two rows with the same id.
 """
+
 
 from __future__ import annotations
 
 import itertools
-import json
-from collections.abc import Iterator
-from dataclasses import dataclass, replace
+from collections import Counter
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -43,19 +61,26 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from batchrun.config import INPUT_FORMATS, ColumnMap
-from batchrun.io.jsonl_reader import read_jsonl
-from batchrun.io.parquet_reader import read_parquet
-from batchrun.io.rows import DRAFT_SCHEMA, InputError, show
+from batchrun.io.ids import HeldIds, IdHashes
+from batchrun.io.jsonl_reader import iter_jsonl
+from batchrun.io.parquet_reader import iter_parquet, open_parquet
+from batchrun.io.rows import DraftBatch, InputError, json_text, show
 from batchrun.io.schema import REQUEST_SCHEMA
 from batchrun.io.storage import Location, expand, is_dir, is_uri, open_binary, size
 
-__all__ = ["FILENAME_COLUMN", "InputError", "RequestSet", "read_request_set", "read_requests",
+__all__ = ["BATCH_ROWS", "FILENAME_COLUMN", "InputError", "RequestBatch", "RequestSet",
+           "RequestStream", "ValidationReport", "cast_passthrough", "open_request_stream",
+           "read_request_set", "read_requests", "unified_passthrough_schema",
            "validate_summary"]
 
 # `--passthrough source_file`: the file each row came from (its path or URI). The name is
 # reserved: it means this, whatever the input's own columns are. (Not pyarrow's `__filename`:
 # a Parquet column of that name breaks pyarrow.parquet.read_table on the output.)
 FILENAME_COLUMN = "source_file"
+
+# Rows a batch holds. A batch's Python objects (JSONL) and its Arrow tables are what reading
+# keeps in memory at a time; 64Ki rows of ~700-byte prompts is ~50 MB of Arrow.
+BATCH_ROWS = 65_536
 
 PARQUET_MAGIC = b"PAR1"
 _DEFAULT_COLUMNS = ColumnMap()
@@ -78,19 +103,85 @@ class RequestSet:
     input_format: str
 
 
-def read_requests(path: Location, columns: ColumnMap = _DEFAULT_COLUMNS,
-                  input_format: str = "auto") -> pa.Table:
-    """The request table of `path` (see read_request_set)."""
-    return read_request_set(path, columns, input_format).requests
+@dataclass(frozen=True)
+class RequestBatch:
+    """Consecutive rows of an input, finished: nothing later in the input changes them.
+
+    requests: REQUEST_SCHEMA, ids checked against every row before; `row` numbers the rows of
+        the whole input from 0 in input order, contiguous within the batch.
+    passthrough: the ColumnMap.passthrough columns of the same rows, in the order named, typed
+        for this batch alone (bring batches to one type with unified_passthrough_schema and
+        cast_passthrough); no columns when none are named.
+    """
+
+    requests: pa.Table
+    passthrough: pa.Table
 
 
-def read_request_set(path: Location, columns: ColumnMap = _DEFAULT_COLUMNS,
-                     input_format: str = "auto") -> RequestSet:
-    """Read and check every row of `path`: a file, a folder of data files or a glob (a
+class RequestStream:
+    """An input read batch by batch, in input order. Iterating it again reads it again.
+
+    Memory does not grow with the input, except for the ids it holds (24 bytes an id, see
+    batchrun.io.ids). Raises InputError as the module notes say; "holds no rows" at the end.
+    """
+
+    def __init__(self, path: Location, files: list[tuple[Location, str]], dataset: bool,
+                 columns: ColumnMap, input_format: str, batch_rows: int) -> None:
+        self.path = path
+        self._files = files  # (file, "parquet" or "jsonl"), each checked already
+        self._dataset = dataset
+        self._columns = columns
+        self._input_format = input_format
+        self._batch_rows = batch_rows
+        # What each file turned out to be; a JSONL file with format "auto" tells at its first
+        # JSON object.
+        self._formats = {i: "parquet" if kind == "parquet" else input_format
+                         for i, (_, kind) in enumerate(files)
+                         if kind == "parquet" or input_format != "auto"}
+
+    @property
+    def input_format(self) -> str:
+        """"jsonl", "openai" or "parquet" ("+"-joined for a dataset of several). Known for a
+        file from its first batch on, for Parquet and a given format before any."""
+        return "+".join(sorted(set(self._formats.values())))
+
+    def __iter__(self) -> Iterator[RequestBatch]:
+        names = tuple(dict.fromkeys(self._columns.passthrough))
+        inner = replace(self._columns, passthrough=tuple(n for n in names if n != FILENAME_COLUMN))
+        held = HeldIds()
+        first_row = 0
+        for i, (file, kind) in enumerate(self._files):
+            try:
+                for part in self._read(file, kind, inner, first_row):
+                    if part.input_format:
+                        self._formats[i] = part.input_format
+                    requests = _finish(part.draft, held)
+                    passthrough = _with_file_name(part.passthrough, file, names,
+                                                  requests.num_rows)
+                    first_row += requests.num_rows
+                    yield RequestBatch(requests, passthrough)
+            except InputError as e:
+                if not self._dataset:
+                    raise
+                raise _in_dataset(self.path, e) from None
+        if not first_row:
+            raise InputError(f"{self.path}: holds no rows; write at least one request")
+
+    def _read(self, file: Location, kind: str, columns: ColumnMap,
+              first_row: int) -> Iterator[DraftBatch]:
+        if kind == "parquet":
+            return iter_parquet(file, columns, first_row, self._batch_rows)
+        return iter_jsonl(file, columns, self._input_format, first_row, self._batch_rows)
+
+
+def open_request_stream(path: Location, columns: ColumnMap = _DEFAULT_COLUMNS,
+                        input_format: str = "auto", *,
+                        batch_rows: int = BATCH_ROWS) -> RequestStream:
+    """The rows of `path` as a stream of batches: a file, a folder of data files or a glob (a
     dataset: its files in sorted path order, rows numbered across them), local or a URI.
     input_format: "auto", "jsonl", "openai" or "parquet" (with "auto", each file of a dataset
-    is detected on its own). Raises InputError for an input that cannot be used at all; bad
-    rows become error rows."""
+    is detected on its own). Every file is checked here, before any row is read: InputError
+    for one that cannot be used at all. Bad rows become error rows."""
     if isinstance(path, str) and not is_uri(path):
         path = Path(path)
     if input_format not in INPUT_FORMATS:
@@ -98,100 +189,63 @@ def read_request_set(path: Location, columns: ColumnMap = _DEFAULT_COLUMNS,
                          f"use one of {', '.join(INPUT_FORMATS)}")
     files = expand(path)
     dataset = files != [path]
-    inner = replace(columns, passthrough=tuple(c for c in columns.passthrough
-                                               if c != FILENAME_COLUMN))
-    batches: list[pa.RecordBatch] = []
-    passthroughs: list[pa.Table] = []
-    formats: list[str] = []
-    first_row = 0
+    checked = []
     for file in files:
         try:
             if dataset and size(file) == 0:
                 continue  # an empty part file holds no rows
-            one_batches, passthrough, found = _read_file(file, inner, input_format, first_row)
+            checked.append((file, _file_kind(file, columns, input_format)))
         except InputError as e:
             if not dataset:
                 raise
-            what = "is a directory, read as a dataset" if is_dir(path) else "is a dataset"
-            raise InputError(f"{path}: {what}; {e}") from None
-        rows = sum(b.num_rows for b in one_batches)
-        if FILENAME_COLUMN in columns.passthrough:
-            names = pa.array([str(file)] * rows, pa.string())
-            passthrough = (passthrough.append_column(FILENAME_COLUMN, names)
-                           if passthrough.num_columns else pa.table({FILENAME_COLUMN: names}))
-        batches.extend(one_batches)
-        passthroughs.append(passthrough)
-        formats.append(found)
-        first_row += rows
-    draft = pa.Table.from_batches(batches, schema=DRAFT_SCHEMA)
-    if not draft.num_rows:
-        raise InputError(f"{path}: holds no rows; write at least one request")
-    passthrough = _concat_passthrough(passthroughs, columns.passthrough)
-    return RequestSet(_finish(draft), passthrough, "+".join(sorted(set(formats))))
+            raise _in_dataset(path, e) from None
+    return RequestStream(path, checked, dataset, columns, input_format, batch_rows)
 
 
-def _read_file(path: Location, columns: ColumnMap, input_format: str,
-               first_row: int) -> tuple[list[pa.RecordBatch], pa.Table, str]:
-    """One file's draft batches (rows numbered from first_row), passthrough, format."""
+def read_requests(path: Location, columns: ColumnMap = _DEFAULT_COLUMNS,
+                  input_format: str = "auto") -> pa.Table:
+    """The request table of `path` (see read_request_set)."""
+    return read_request_set(path, columns, input_format).requests
+
+
+def read_request_set(path: Location, columns: ColumnMap = _DEFAULT_COLUMNS,
+                     input_format: str = "auto", *,
+                     batch_rows: int = BATCH_ROWS) -> RequestSet:
+    """Every row of `path` at once: the batches of open_request_stream, concatenated."""
+    stream = open_request_stream(path, columns, input_format, batch_rows=batch_rows)
+    batches = list(stream)
+    requests = pa.concat_tables([b.requests for b in batches])
+    names = tuple(dict.fromkeys(columns.passthrough))
+    passthrough = pa.table({})
+    if names:
+        schema = unified_passthrough_schema([b.passthrough.schema for b in batches], names)
+        passthrough = pa.concat_tables([cast_passthrough(b.passthrough, schema)
+                                        for b in batches])
+    return RequestSet(requests, passthrough, stream.input_format)
+
+
+def _in_dataset(path: Location, error: InputError) -> InputError:
+    what = "is a directory, read as a dataset" if is_dir(path) else "is a dataset"
+    return InputError(f"{path}: {what}; {error}")
+
+
+def _file_kind(path: Location, columns: ColumnMap, input_format: str) -> str:
+    """"parquet" or "jsonl": how to read `path`. Raises InputError for a file that cannot be
+    read as input_format asks, or at all."""
     head = _head(path)
     if input_format == "parquet" and head != PARQUET_MAGIC:
         raise InputError(f'{path}: is not a Parquet file (it does not start with "PAR1"); '
                          'set input_format to "auto" or write the file as Parquet')
     if head == PARQUET_MAGIC and input_format in ("auto", "parquet"):
-        parquet = read_parquet(path, columns, first_row)
-        rows = sum(b.num_rows for b in parquet.batches)
-        if parquet.passthrough:
-            passthrough = pa.Table.from_batches(parquet.passthrough)
-        else:
-            passthrough = pa.table({name: pa.nulls(rows, pa.string())
-                                    for name in columns.passthrough})
-        return parquet.batches, passthrough, "parquet"
+        open_parquet(path, columns).close()
+        return "parquet"
     if head == PARQUET_MAGIC:
         raise InputError(f'{path}: is a Parquet file, but input_format is "{input_format}"; '
                          'set input_format to "parquet" or "auto"')
     for magic, kind in _COMPRESSED.items():
         if head.startswith(magic):
             raise InputError(f"{path}: is {kind}-compressed; decompress it first")
-    jsonl = read_jsonl(path, columns, input_format, first_row)
-    passthrough = pa.table({name: _passthrough_column(values)
-                            for name, values in jsonl.passthrough.items()})
-    return jsonl.batches, passthrough, jsonl.input_format
-
-
-def _concat_passthrough(tables: list[pa.Table], names: tuple[str, ...]) -> pa.Table:
-    """The files' passthrough columns as one table, columns in the order the user named them.
-    Where files disagree on a column's type, the column becomes text (as in JSONL)."""
-    if not names:
-        return pa.table({})
-    names = tuple(dict.fromkeys(names))
-    if len(tables) == 1:
-        return tables[0].select(list(names))
-    columns = {}
-    for name_ in names:
-        parts = [t[name_] for t in tables]
-        types = {p.type for p in parts if not pa.types.is_null(p.type) and p.null_count < len(p)}
-        if len(types) <= 1:
-            target = next(iter(types), pa.string())
-            try:
-                columns[name_] = pa.chunked_array([p.cast(target) for p in parts], target)
-                continue
-            except (pa.ArrowException, ValueError):
-                pass
-        values = [v for p in parts for v in p.to_pylist()]
-        columns[name_] = _passthrough_column(
-            [v if v is None or type(v) is str else json.dumps(v, default=str) for v in values])
-    return pa.table(columns)
-
-
-def validate_summary(requests: pa.Table, max_errors: int = 10) -> dict[str, Any]:
-    """Counts of a request table, and the first `max_errors` row errors, for `validate`."""
-    errors = requests["error"].drop_null()
-    return {
-        "rows": requests.num_rows,
-        "ok": requests.num_rows - len(errors),
-        "errors": len(errors),
-        "first_errors": errors[:max_errors].to_pylist(),
-    }
+    return "jsonl"
 
 
 def _head(path: Location) -> bytes:
@@ -210,48 +264,100 @@ def _head(path: Location) -> bytes:
     return head
 
 
-def _passthrough_column(values: list[Any]) -> pa.Array:
-    """JSON scalars as Arrow infers them; text for a column whose values share no type."""
-    try:
-        column = pa.array(values)
-    except (pa.ArrowException, OverflowError):
-        return pa.array([v if v is None or type(v) is str else json.dumps(v) for v in values],
-                        pa.string())
-    return column.cast(pa.string()) if pa.types.is_null(column.type) else column
+# --- Passthrough columns: typed per batch, one type per column in the output ----------------
+
+def _with_file_name(passthrough: pa.Table, file: Location, names: tuple[str, ...],
+                    rows: int) -> pa.Table:
+    """A batch's passthrough columns in the order named, with FILENAME_COLUMN if named
+    (`rows` long: a batch with no other passthrough column has a table of no rows)."""
+    if not names:
+        return pa.table({})
+    columns = {n: passthrough[n] for n in passthrough.column_names}
+    if FILENAME_COLUMN in names:
+        columns[FILENAME_COLUMN] = pa.repeat(pa.scalar(str(file), pa.string()), rows)
+    return pa.table(columns).select(list(names))
 
 
-def _finish(draft: pa.Table) -> pa.Table:
-    """Draft rows -> REQUEST_SCHEMA: unique ids for all, request fields null on error rows."""
-    rows = draft["row"].combine_chunks()
-    ids, errors = _drop_repeated_ids(rows, draft["id"].combine_chunks(),
-                                     draft["error"].combine_chunks())
-    ids = _give_free_ids(rows, ids)
-    fields = REQUEST_SCHEMA.names[2:-1]
-    values = [draft[name] for name in fields]
+def unified_passthrough_schema(schemas: list[pa.Schema], names: Iterable[str]) -> pa.Schema:
+    """The one type each passthrough column takes across batches with these schemas: the type
+    every batch that has values agrees on; int64 or float64 for integers and floats together
+    (as JSON numbers are); else text. A column no batch has values in is text."""
+    fields = []
+    for name in dict.fromkeys(names):
+        types = {s.field(name).type for s in schemas if name in s.names} - {pa.null()}
+        fields.append(pa.field(name, _common_type(types)))
+    return pa.schema(fields)
+
+
+def _common_type(types: set[pa.DataType]) -> pa.DataType:
+    if len(types) == 1:
+        return next(iter(types))
+    numbers = all(pa.types.is_floating(t) or pa.types.is_signed_integer(t)
+                  or pa.types.is_unsigned_integer(t) and t != pa.uint64() for t in types)
+    if types and numbers:
+        return pa.float64() if any(pa.types.is_floating(t) for t in types) else pa.int64()
+    return pa.string()
+
+
+def cast_passthrough(table: pa.Table, schema: pa.Schema) -> pa.Table:
+    """A batch's passthrough columns in the types of `schema` (unified_passthrough_schema's):
+    values of another type in a text column become their JSON text."""
+    columns = []
+    for f in schema:
+        column = table.column(f.name)
+        if pa.types.is_null(column.type):
+            column = pa.nulls(len(column), f.type)
+        elif column.type != f.type:
+            if pa.types.is_string(f.type):
+                column = json_text(column.to_pylist())
+            else:  # integers to float64, as JSON numbers read: may round beyond 2**53
+                column = column.cast(f.type, safe=False)
+        columns.append(column)
+    return pa.table(columns, schema=schema)
+
+
+# --- Finishing a batch: unique ids, request fields null on error rows ------------------------
+
+def _finish(draft: pa.RecordBatch, held: HeldIds) -> pa.Table:
+    """Draft rows -> REQUEST_SCHEMA: unique ids for all (against `held` too, which then holds
+    this batch's ids), request fields null on error rows."""
+    rows = draft.column("row")
+    ids, errors = _drop_repeated_ids(rows, draft.column("id"), draft.column("error"), held)
+    ids = _give_free_ids(rows, ids, held)
+    held.add(IdHashes.of(ids), rows.to_numpy())
+    values = [draft.column(name) for name in REQUEST_SCHEMA.names[2:-1]]
     if errors.null_count < len(errors):
         ok = errors.is_null()
         values = [pc.if_else(ok, column, pa.scalar(None, column.type)) for column in values]
     return pa.Table.from_arrays([rows, ids, *values, errors], schema=REQUEST_SCHEMA)
 
 
-def _drop_repeated_ids(rows: pa.Array, ids: pa.Array,
-                       errors: pa.Array) -> tuple[pa.Array, pa.Array]:
-    """The first row with an id keeps it; later rows with it lose it and become error rows."""
+def _drop_repeated_ids(rows: pa.Array, ids: pa.Array, errors: pa.Array,
+                       held: HeldIds) -> tuple[pa.Array, pa.Array]:
+    """The first row with an id keeps it, whether in an earlier batch (`held`) or in this
+    one; later rows with it lose it and become error rows."""
     # dictionary_encode numbers the distinct ids in order of first appearance (cheaper than a
-    # group_by), so a row repeats an id exactly when its code is no higher than one before it.
+    # group_by), so a row repeats an id within the batch exactly when its code is no higher
+    # than one before it.
     encoded = pc.dictionary_encode(ids)
-    if len(encoded.dictionary) == len(ids) - ids.null_count:
+    distinct = encoded.dictionary
+    earlier = (held.holders(IdHashes.of(distinct)) if len(held) and len(distinct)
+               else np.full(len(distinct), -1, dtype=np.int64))
+    if len(distinct) == len(ids) - ids.null_count and not (earlier >= 0).any():
         return ids, errors
     codes = encoded.indices.fill_null(-1).to_numpy()
     highest_before = np.maximum.accumulate(np.concatenate([[-1], codes[:-1]]))
-    later = (codes >= 0) & (codes <= highest_before)
-    first_rows = np.flatnonzero((codes >= 0) & ~later)  # by code; positions are row numbers
+    row_numbers = rows.to_numpy()
+    first_in_batch = row_numbers[(codes >= 0) & (codes > highest_before)]  # by code
+    holder = np.where(earlier >= 0, earlier, first_in_batch)  # by code
+    has_id = codes >= 0
+    later = has_id & (holder[np.where(has_id, codes, 0)] != row_numbers)
     where = np.flatnonzero(later)
     messages = [
         f"row {row}: duplicate id {show(id_)} (first at row {first}); ids must be unique "
         "— fix the input or drop the id column to use row numbers"
-        for row, id_, first in zip(rows.take(where).to_pylist(), ids.take(where).to_pylist(),
-                                   first_rows[codes[where]].tolist(), strict=True)]
+        for row, id_, first in zip(row_numbers[where].tolist(), ids.take(where).to_pylist(),
+                                   holder[codes[where]].tolist(), strict=True)]
     mask = pa.array(later)
     repeat_errors = pc.replace_with_mask(pa.nulls(len(rows), pa.string()), mask,
                                          pa.array(messages, pa.string()))
@@ -259,8 +365,9 @@ def _drop_repeated_ids(rows: pa.Array, ids: pa.Array,
     return ids, pc.coalesce(errors, repeat_errors)
 
 
-def _give_free_ids(rows: pa.Array, ids: pa.Array) -> pa.Array:
-    """Fill null ids with the row number, or `<row>~<k>` where another row holds that id."""
+def _give_free_ids(rows: pa.Array, ids: pa.Array, held: HeldIds) -> pa.Array:
+    """Fill null ids with the row number, or `<row>~<k>` where a row of this batch or an
+    earlier one holds that id."""
     missing = ids.is_null()
     if not ids.null_count:
         return ids
@@ -269,6 +376,8 @@ def _give_free_ids(rows: pa.Array, ids: pa.Array) -> pa.Array:
     candidates = base
     for k in itertools.count(1):
         clash = pc.is_in(candidates, value_set=taken)
+        if len(held):
+            clash = pc.or_(clash, pa.array(held.holders(IdHashes.of(candidates)) >= 0))
         if not pc.any(clash).as_py():
             break
         candidates = pc.if_else(clash, pc.binary_join_element_wise(base, f"~{k}", ""),
@@ -276,34 +385,67 @@ def _give_free_ids(rows: pa.Array, ids: pa.Array) -> pa.Array:
     return pc.replace_with_mask(ids, missing, candidates)
 
 
-@dataclass(frozen=True)
-class RequestBatch:
-    """Consecutive rows of the input: requests (REQUEST_SCHEMA) and pass-through columns."""
+# --- What `batchrun validate` reports ---------------------------------------------------------
 
-    requests: pa.Table
-    passthrough: pa.Table
+@dataclass
+class ValidationReport:
+    """`batchrun validate`'s figures, gathered batch by batch (memory does not grow with the
+    input): rows, how many can run, the first `max_errors` problems in row order; and, of the
+    rows that can run, their prompt tokens, output constraints and logprobs requests."""
+
+    max_errors: int = 10
+    rows: int = 0
+    errors: int = 0
+    first_errors: list[str] = field(default_factory=list)
+    prompts: int = 0
+    prompt_tokens: int = 0
+    longest_prompt: int = 0
+    constrained: Counter[str] = field(default_factory=Counter)
+    logprobs_rows: int = 0
+
+    def add_rows(self, requests: pa.Table, more_errors: Mapping[int, str] | None = None) -> None:
+        """Count a batch of rows. more_errors: row position in `requests` -> a problem found
+        after reading (the tokenizer's), for rows without a reader error."""
+        more_errors = more_errors or {}
+        reader_errors = requests["error"]
+        self.rows += requests.num_rows
+        self.errors += len(reader_errors) - reader_errors.null_count + len(more_errors)
+        room = self.max_errors - len(self.first_errors)
+        if room <= 0:
+            return
+        if not more_errors:
+            self.first_errors += reader_errors.drop_null()[:room].to_pylist()
+            return
+        positions = np.flatnonzero(reader_errors.is_valid().to_numpy())[:room]
+        found = dict(zip(positions.tolist(), reader_errors.take(positions).to_pylist(),
+                         strict=True))
+        found.update(more_errors)
+        self.first_errors += [found[p] for p in sorted(found)[:room]]
+
+    def add_prompts(self, lengths: np.ndarray, constraints: Iterable[str | None],
+                    logprobs: Iterable[int | None]) -> None:
+        """Count the prompts of rows that can run: their token counts, constraint kinds (None:
+        free text) and top-logprobs counts (None: no logprobs)."""
+        self.prompts += len(lengths)
+        self.prompt_tokens += int(lengths.sum())
+        self.longest_prompt = max(self.longest_prompt, int(lengths.max(initial=0)))
+        self.constrained.update(kind for kind in constraints if kind is not None)
+        self.logprobs_rows += sum(top is not None for top in logprobs)
+
+    def summary(self) -> dict[str, Any]:
+        return {"rows": self.rows, "ok": self.rows - self.errors, "errors": self.errors,
+                "first_errors": list(self.first_errors)}
+
+    def prompt_summary(self) -> dict[str, Any]:
+        return {"constrained": dict(sorted(self.constrained.items())),
+                "logprobs_rows": self.logprobs_rows,
+                "prompt_tokens": {"total": self.prompt_tokens, "max": self.longest_prompt,
+                                  "mean": self.prompt_tokens / self.prompts
+                                  if self.prompts else 0.0}}
 
 
-class RequestStream:
-    """The input's rows batch by batch, in input order. (Stand-in: reads the whole input,
-    then hands it out in batches.)"""
-
-    def __init__(self, path: Location, columns: ColumnMap, input_format: str,
-                 batch_rows: int) -> None:
-        self._read = read_request_set(path, columns, input_format)
-        self.input_format = self._read.input_format
-        self.batch_rows = batch_rows
-
-    def __iter__(self) -> Iterator[RequestBatch]:
-        table, passthrough = self._read.requests, self._read.passthrough
-        for start in range(0, table.num_rows, self.batch_rows):
-            n = min(self.batch_rows, table.num_rows - start)
-            extra = (passthrough.slice(start, n) if passthrough.num_columns
-                     else pa.table({"_": pa.nulls(n)}).drop(["_"]))
-            yield RequestBatch(table.slice(start, self.batch_rows), extra)
-
-
-def open_request_stream(path: Location, columns: ColumnMap = _DEFAULT_COLUMNS,
-                        input_format: str = "auto", *,
-                        batch_rows: int = 65_536) -> RequestStream:
-    return RequestStream(path, columns, input_format, batch_rows)
+def validate_summary(requests: pa.Table, max_errors: int = 10) -> dict[str, Any]:
+    """Counts of a request table, and the first `max_errors` row errors, for `validate`."""
+    report = ValidationReport(max_errors)
+    report.add_rows(requests)
+    return report.summary()

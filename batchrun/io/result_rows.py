@@ -60,20 +60,21 @@ def _logprob_rows(r: GenerationResult) -> list[dict[str, Any]] | None:
 def results_table(job: PreparedJob, done: list[tuple[int, GenerationResult]]) -> pa.Table:
     """Result rows for finished requests, and for the identical rows each one also serves
     (their prompt counted as cached: the engine computed none of it for them)."""
-    table = job.requests.requests
-    row_of = table["row"]
+    row_of, id_of = job.row_numbers, job.row_ids
     entries: list[tuple[int, GenerationResult, str | None]] = []
     for i, r in done:
         pos = int(job.tokens.positions[i])
-        r = replace(r, error=_output_error(job, i, row_of[pos].as_py(), r))
+        if (error := _output_error(job, i, int(row_of[pos]), r)) != r.error:
+            r = replace(r, error=error)
         entries.append((pos, r, None))
-        served = replace(r, cached_tokens=r.prompt_tokens)
-        entries.extend((copy, served, r.request_id) for copy in job.copies.get(i, ()))
+        if copies := job.copies.get(i):
+            served = replace(r, cached_tokens=r.prompt_tokens)
+            entries.extend((copy, served, r.request_id) for copy in copies)
     positions = [p for p, _, _ in entries]
     rs = [r for _, r, _ in entries]
     return pa.table({
-        "row": pa.array([row_of[p].as_py() for p in positions], pa.int64()),
-        "id": pa.array([table["id"][p].as_py() for p in positions], pa.string()),
+        "row": pa.array(row_of[positions], pa.int64()),
+        "id": pa.array([id_of[p] for p in positions], pa.string()),
         "text": pa.array([r.text for r in rs], pa.string()),
         "finish_reason": pa.array([r.finish_reason for r in rs], pa.string()),
         "prompt_tokens": pa.array([r.prompt_tokens for r in rs], pa.int64()),

@@ -31,9 +31,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from ..errors import UsageError
-from .rows import InputError
 from .schema import RESULT_SCHEMA
-from .storage import Location, expand, remote_fingerprint
+from .storage import Location, expand, reading_input, remote_fingerprint
 
 MANIFEST = "manifest.json"
 # Written once every row is done, just before the output is renamed into place: a checkpoint
@@ -111,17 +110,9 @@ def file_fingerprint(path: Location) -> dict[str, Any]:
 
 def _local_fingerprint(path: Path) -> dict[str, Any]:
     h = hashlib.blake2b(digest_size=16)
-    try:
-        with open(path, "rb") as f:
-            while chunk := f.read(1 << 22):
-                h.update(chunk)
-    except FileNotFoundError:
-        raise InputError(f"{path}: no such file; check the input path") from None
-    except IsADirectoryError:
-        raise InputError(f"{path}: is a directory; point the input at one file") from None
-    except OSError as e:
-        raise InputError(f"{path}: cannot be read ({e.strerror or e}); check its permissions") \
-            from None
+    with reading_input(path), open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
     return {"path": str(path), "bytes": path.stat().st_size, "blake2b": h.hexdigest()}
 
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import pyarrow as pa
 
@@ -40,6 +40,22 @@ PROMPT_SOURCES = 3
 # The fields that constrain the output, of which a row gives at most one. Together they fill
 # the request table's `constraint` and `constraint_spec` columns.
 CONSTRAINT_FIELDS = ("response_format", "choices", "regex", "json_schema")
+
+
+class DraftBatch(NamedTuple):
+    """What a format reader gives for a run of consecutive rows, before ids are checked.
+
+    draft: DRAFT_SCHEMA rows.
+    passthrough: the ColumnMap.passthrough columns of the same rows, as the file types them
+        (a column the file lacks, or a JSONL column null in every row of the batch, is of
+        Arrow's null type: it has no type of its own to agree with other batches on).
+    input_format: what the file is as far as read: "jsonl", "openai", "parquet", or None
+        while no row has told (JSONL with format "auto" and no JSON object yet).
+    """
+
+    draft: pa.RecordBatch
+    passthrough: pa.Table
+    input_format: str | None
 
 
 class InputError(UsageError):
@@ -65,6 +81,13 @@ def show(value: Any, limit: int = 60) -> str:
         text = text[: limit - 3] + "..."
     # A lone surrogate from a "\ud800" escape cannot be stored in an Arrow string.
     return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def json_text(values: Sequence[Any]) -> pa.Array:
+    """Values as a text column: strings as they are, anything else as its JSON text (for a
+    column whose values share no Arrow type)."""
+    return pa.array([v if v is None or type(v) is str else json.dumps(v, default=str)
+                     for v in values], pa.string())
 
 
 def _integer(value: Any, low: float, high: float) -> int:

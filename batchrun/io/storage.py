@@ -14,12 +14,14 @@ a glob (`data/*.parquet`, `s3://bucket/day=*/part-*.parquet`), in sorted path or
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import glob as globlib
 import io
 import os
 import posixpath
 import re
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, BinaryIO, Union
 from urllib.parse import urlsplit
@@ -205,6 +207,21 @@ def open_binary(location: Location) -> BinaryIO:
         return open(location, "rb")  # noqa: SIM115 - the caller closes it
     filesystem_, path = filesystem(location)
     return io.BufferedReader(filesystem_.open_input_stream(path), buffer_size=1 << 20)
+
+
+@contextlib.contextmanager
+def reading_input(location: Location) -> Iterator[None]:
+    """Inside the block, failing to read the input `location` raises the InputError that
+    says how to fix it (a missing file, a folder, no permission)."""
+    try:
+        yield
+    except FileNotFoundError:
+        raise InputError(f"{location}: no such file; check the input path") from None
+    except IsADirectoryError:
+        raise InputError(f"{location}: is a directory; point the input at one file") from None
+    except OSError as e:
+        raise InputError(f"{location}: cannot be read ({e.strerror or e}); check its "
+                         "permissions") from None
 
 
 def open_random(location: Location) -> Any:

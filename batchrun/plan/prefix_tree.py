@@ -225,7 +225,8 @@ class _PrefixHashes:
 def _windows(values: np.ndarray) -> np.ndarray:
     """values[p : p + CHUNK] as one 64-byte item per start p, without copying.
 
-    Gathering whole 64-byte items is ~6x faster than fancy-indexing 16 int32 per row.
+    Gathering whole 64-byte items is several times faster than fancy-indexing 16 int32 per
+    row (benchmarks/README.md, "Planner scale").
     """
     count = max(len(values) - CHUNK + 1, 0)
     return np.ndarray((count,), dtype=f"V{4 * CHUNK}", buffer=values, strides=(4,))
@@ -247,47 +248,37 @@ def _rows(values: np.ndarray, starts: np.ndarray) -> np.ndarray:
 def _sort(hashes: _PrefixHashes) -> tuple[np.ndarray, np.ndarray]:
     """Lexicographic order of all requests (ties by index) and the LCP of each neighbour pair.
 
-    A multikey quicksort on whole prefixes: each group of requests known to share a prefix
-    takes its longest member as pivot and places every member by where it leaves the pivot's
-    path (depth `branch`, token there). Members that leave below the pivot's token come
-    first, shallow branches first; then the pivot and its repeats; then members that leave
-    above it, deep branches first. Members leaving at the same depth with the same token
-    form a sub-group for the next round. All groups of a round are vectorised together.
-    The longest pivot settles a chain of prompts that extend each other (multi-turn chats)
-    in one round.
+    A multikey quicksort on whole prefixes, in rounds. Each round takes every group of
+    requests known to share a prefix (positions [start, end) of `order`, sharing `known`
+    tokens), places each member against the group's pivot (`_place_members`), settles the
+    LCPs that placing decides, and hands on the runs of members still tied as the next
+    round's groups. All groups of a round are vectorised together; rounds are about as many
+    as the levels where requests branch (system prompt, document, question), not tokens.
+
+    E.g. [a b c], [a b d], [a x], [a b c] with pivot [a b c] (a longest member): [a x] leaves
+    at depth 1 with x > b; [a b d] at depth 2 with d > c; the repeat [a b c] stays with the
+    pivot. Order: pivot and repeat (LCP 3 between them), then the deep branch [a b d], then
+    the shallow one [a x]; LCPs 3, 2, 1. Nobody is left tied: one round.
     """
     n = len(hashes.lengths)
     order = np.arange(n, dtype=np.int64)
     lcp = np.zeros(n, dtype=np.int64)
-    # Groups still to sort: positions [start, end) of order, sharing at least `known` tokens.
     start = np.zeros(1 if n > 1 else 0, dtype=np.int64)
     end = np.full(len(start), n, dtype=np.int64)
     known = np.zeros(len(start), dtype=np.int64)
     while len(start):
-        sizes = end - start
-        group_at = np.cumsum(sizes) - sizes  # where each group starts among this round's members
-        first_of_group = np.zeros(int(sizes.sum()), dtype=bool)
-        first_of_group[group_at] = True
-        group = np.cumsum(first_of_group) - 1
-        pos = start[group] + np.arange(len(group)) - group_at[group]
-        members = order[pos]
-        length = hashes.lengths[members]
-        longest = np.flatnonzero(length == np.maximum.reduceat(length, group_at)[group])
-        pivot = members[longest[np.unique(group[longest], return_index=True)[1]]][group]
-        branch = hashes.lcp(pivot, members, known[group])
-        token = hashes.token_keys(members, branch)
-        side = np.sign(token - hashes.token_keys(pivot, branch))  # -1 below, 0 the pivot, +1 above
-        place = np.where(side < 0, branch, np.where(side > 0, _MAX_LEN - branch, 0))
-        key = (group << 33) | ((side + 1) << 31) | place
+        round_ = _Round.of(order, start, end)
+        key, token, branch = _place_members(hashes, round_, known)
         by_key = np.lexsort((token, key))  # stable: repeats stay in request order
         key, token, branch = key[by_key], token[by_key], branch[by_key]
-        order[pos] = members[by_key]
+        pos = round_.positions
+        order[pos] = round_.members[by_key]
         new_run = np.ones(len(key), dtype=bool)
         new_run[1:] = (key[1:] != key[:-1]) | (token[1:] != token[:-1])
         # Two members that leave the pivot's path at different depths share the shallower
         # one; at the same depth they share exactly that depth. A run whose members end at
         # their branch depth is one prompt repeated.
-        settled = np.flatnonzero(new_run & ~first_of_group)
+        settled = np.flatnonzero(new_run & ~round_.first_of_group)
         lcp[pos[settled]] = np.minimum(branch[settled - 1], branch[settled])
         repeats = ~new_run & (token == 0)
         lcp[pos[repeats]] = branch[repeats]
@@ -298,6 +289,50 @@ def _sort(hashes: _PrefixHashes) -> tuple[np.ndarray, np.ndarray]:
         end = start + run_size[goes_on]
         known = branch[run_start[goes_on]] + 1
     return order, lcp
+
+
+@dataclass(frozen=True)
+class _Round:
+    """The members of one sorting round's groups, laid end to end: member j is at position
+    `positions[j]` of the order, request `members[j]`, in group `group[j]`, whose members
+    start at `group_at[group[j]]`. E.g. groups [0, 3) and [5, 7): positions [0 1 2 5 6],
+    group [0 0 0 1 1], group_at [0 3]."""
+
+    positions: np.ndarray
+    members: np.ndarray
+    group: np.ndarray
+    group_at: np.ndarray
+    first_of_group: np.ndarray  # bool per member
+
+    @classmethod
+    def of(cls, order: np.ndarray, start: np.ndarray, end: np.ndarray) -> _Round:
+        sizes = end - start
+        group_at = np.cumsum(sizes) - sizes
+        first_of_group = np.zeros(int(sizes.sum()), dtype=bool)
+        first_of_group[group_at] = True
+        group = np.cumsum(first_of_group) - 1
+        positions = start[group] + np.arange(len(group)) - group_at[group]
+        return cls(positions, order[positions], group, group_at, first_of_group)
+
+
+def _place_members(hashes: _PrefixHashes, round_: _Round,
+                   known: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Each member's place against its group's pivot (the group's longest member): the depth
+    `branch` where it leaves the pivot's path, the sort key of its token there, and a sort
+    key that puts members leaving below the pivot's token first (shallow branches first),
+    then the pivot and its repeats, then members leaving above it (deep branches first).
+    The longest pivot settles a chain of prompts that extend each other (multi-turn chats)
+    in one round."""
+    members, group, group_at = round_.members, round_.group, round_.group_at
+    length = hashes.lengths[members]
+    longest = np.flatnonzero(length == np.maximum.reduceat(length, group_at)[group])
+    pivot = members[longest[np.unique(group[longest], return_index=True)[1]]][group]
+    branch = hashes.lcp(pivot, members, known[group])
+    token = hashes.token_keys(members, branch)
+    side = np.sign(token - hashes.token_keys(pivot, branch))  # -1 below, 0 the pivot, +1 above
+    place = np.where(side < 0, branch, np.where(side > 0, _MAX_LEN - branch, 0))
+    key = (group << 33) | ((side + 1) << 31) | place
+    return key, token, branch
 
 
 def _lcp_intervals(lcp: np.ndarray) -> tuple[np.ndarray, ...]:

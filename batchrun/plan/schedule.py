@@ -1,49 +1,32 @@
 """Plan a job from its global prefix tree: prefix groups, their run order, their KV sizes.
 
-A prefix group is a run of requests that share one prefix: the runner computes that prefix
-once (a warm-up, or its first member), then the others find it in vLLM's prefix cache, and
-the group's KV holds the prefix once instead of once per member. Everything is worked out
+A planned group is a run of requests that share one prefix: the executor computes that
+prefix once (its first member, the leader), then the others find it in vLLM's prefix cache,
+and the group's KV holds the prefix once instead of once per member. Everything is worked out
 on the tree coarsened to whole KV blocks (`PrefixTree.coarsen`): that is all a block-granular
-cache can share.
+cache can share. Four steps, each a function below with a worked example:
 
-Choosing groups (`_choose_prefixes`). The tree has levels (system prompt > document >
-question) and each request joins one group, whose prefix is one node on its path. BatchLLM
-flattens the tree with a dynamic programme that picks, for each subtree, the one level that
-shares the most tokens, where a group of m requests sharing P tokens shares P * (m - 1). We
-maximise the same objective exactly, over a larger family, so we never do worse: a node's
-group holds the requests of its subtree that no deeper group took (in BatchLLM a node's
-group takes its whole subtree or none of it). On a tie the deeper group wins: a request that
-shares a prefix only with requests in deeper groups becomes a group of one under that prefix
-and runs next to them. Requests that share no whole block with any other request are
-"unshared": not thousands of groups of one, but buckets (each maximal run of them in the
-final order is one group with prefix_len 0).
+1. Groups (`sharing.choose_groups`): the prefixes that save the most, sum(P * (members - 1)).
+   Requests that share no whole block with another are "unshared": not thousands of groups
+   of one, but buckets (each maximal run of them in the final order is one group with
+   prefix_len 0).
+2. Order (`_run_order`): depth-first over the block tree, so the requests under every shared
+   prefix run as one stretch and the cache needs to hold only the current path; among
+   siblings, decode-heavy work first (BatchLLM's reordering), so that long decodes overlap
+   the prefills that come later. `decode_first=False` keeps tree order.
+3. Memory (`_run_arrays`, `_kv_blocks`): each request needs ceil((prompt + max_tokens) /
+   block_size) KV blocks; within its group the prefix blocks count once, and so do the
+   blocks a member shares beyond it with the member before it (a chat's turns extend each
+   other): `suffix_blocks` is the rest, `private_blocks` the part no other member shares.
+4. Cuts (`_cut_to_fit`): given `kv_capacity_tokens`, a group whose KV does not fit is cut
+   into consecutive groups with the same prefix (one prefix_id), so that each fits; the
+   cache keeps the prefix across them.
 
-Order (`_run_order`). Depth-first over the block tree, so the requests under every shared
-prefix run as one stretch and the cache needs to hold only the current path: deep groups
-keep their outer sharing (documents under one system prompt run back to back). Within that,
-decode-heavy work goes first, so that its long decode phases overlap the prefills that come
-later (BatchLLM's reordering). At every node the units are the subtrees of its children
-that hold a group, plus its remaining requests as one unit, and they go in decreasing
-estimated decode/prompt ratio: sum of max_tokens over the prompt tokens the unit computes
-given its parent's prefix (each prefix once). At the root the unshared requests are units of
-their own, so they interleave with the system-prompt clusters by ratio. Within a unit,
-requests keep tree order (deeper sharing stays adjacent). Knob: `decode_first=False` keeps
-tree order at every level. A group whose members sit on both sides of a nested group comes
-out as several PrefixGroups with one prefix_id; the prefix stays cached in between.
-
-Memory. Each request needs ceil((prompt + max_tokens) / block_size) KV blocks; within its
-group the shared prefix blocks are counted once, and so are the blocks a member shares
-beyond it with the member before it (a chat's turns extend each other): `suffix_blocks` is
-the rest. Of those, `private_blocks` are shared with no other member (its own last prompt
-block and its decode): they are free once it finishes, the others once its group does.
-Members start together after the first, so a member relies on vLLM reusing, within a step,
-the blocks the member before it is computing; where a chunked prefill defeats that, the
-estimate runs short and vLLM preempts (recomputes) rather than overflows. Holding each
-member back until the one before it was cached was measured: the 12-chat multiturn
-benchmark (`multiturn-small`) ran 10% slower and computed no fewer prompt tokens, so
-members are not held.
-Given `kv_capacity_tokens`, a group whose KV does not fit is cut into consecutive groups
-with the same prefix, so that each fits; the cache keeps the prefix across them.
+Members start together after the leader, relying on vLLM reusing, within a step, the blocks
+the member before is computing; where a chunked prefill defeats that, the estimate runs short
+and vLLM preempts (recomputes) rather than overflows. Members are not held back one by one
+until the member before is cached: that was slower and computed no fewer tokens
+(benchmarks/README.md, "End to end: batchrun vs plain vLLM").
 """
 
 from __future__ import annotations
@@ -53,10 +36,11 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from .prefix_tree import PrefixTree
+from .sharing import choose_groups, node_levels
 
 
 @dataclass(slots=True)  # not frozen: frozen dataclasses are slow to create, and jobs have many
-class PrefixGroup:
+class PlannedGroup:
     """Requests `Plan.order[start:end]`, which share their first `prefix_len` tokens."""
 
     start: int
@@ -104,10 +88,20 @@ class Plan:
     `private_blocks`."""
 
     order: np.ndarray  # int64 [n]: request indices in run order, each exactly once
-    groups: list[PrefixGroup]  # contiguous, non-overlapping slices of order, covering it
+    groups: list[PlannedGroup]  # contiguous, non-overlapping slices of order, covering it
     suffix_blocks: np.ndarray  # int64 [n] by request index: KV blocks no earlier member holds
     private_blocks: np.ndarray  # int64 [n] by request index: its suffix blocks no member shares
     stats: PlanStats
+
+
+def _mark_shared_above(groups: list[PlannedGroup], block_tree: PrefixTree) -> None:
+    """Each shared group's nearest shorter prefix that other groups share too: the branching
+    node above its own (e.g. the system prompt above two documents' groups)."""
+    for g in groups:
+        if g.prefix_id > 0:
+            up = int(block_tree.node_parent[g.prefix_id])
+            if block_tree.node_depth[up] > 0:
+                g.shared_above = up
 
 
 def plan_schedule(
@@ -130,194 +124,164 @@ def plan_schedule(
     max_tokens = np.asarray(max_tokens, dtype=np.int64)
     if max_tokens.shape != (n,):
         raise ValueError(f"max_tokens has shape {max_tokens.shape}, expected ({n},)")
-    blocks = tree.coarsen(block_size)
-    owner, group_parent = _choose_prefixes(blocks)
-    group = owner[blocks.request_node]  # by position: the node whose prefix it shares
-    lengths, decode = tree.lengths[tree.order], max_tokens[tree.order]
-    prefix = blocks.node_depth[group]
-    run = _run_order(blocks, group_parent >= 0, lengths, decode, decode_first)
-
-    order = tree.order[run]
-    group, prefix, lengths, decode = group[run], prefix[run], lengths[run], decode[run]
-    need = -(-(lengths + decode) // block_size)  # KV blocks of each request alone
-    # Blocks shared with the previous member: neighbours in the tree, same group.
-    link = blocks.lcp[run] // block_size
-    link[1:] *= (np.diff(run) == 1) & (np.diff(group) == 0)
-    link[:1] = 0
+    block_tree = tree.coarsen(block_size)
+    owner, group_parent = choose_groups(block_tree, deeper_wins_ties=True)
+    group_node = owner[block_tree.request_node]  # by tree position
+    run = _run_order(block_tree, group_parent >= 0, group_node,
+                     tree.lengths[tree.order], max_tokens[tree.order], decode_first)
+    runs = _run_arrays(tree, block_tree, group_node, run, max_tokens, block_size)
     capacity = None if kv_capacity_tokens is None else kv_capacity_tokens // block_size
-    groups, suffix, private = _make_groups(group, prefix, lengths, decode, need, link,
-                                           group_parent, block_size, capacity)
-
-    for g in groups:
-        if g.prefix_id > 0 and blocks.node_depth[up := blocks.node_parent[g.prefix_id]] > 0:
-            g.shared_above = int(up)
+    starts = np.flatnonzero(np.diff(runs.group_node, prepend=-1))
+    if capacity is not None:
+        starts = _cut_to_fit(runs, starts, capacity)
+    suffix, private = _kv_blocks(runs, starts)
+    groups = _planned_groups(runs, starts, suffix, group_parent)
+    _mark_shared_above(groups, block_tree)
     suffix_blocks = np.empty(n, dtype=np.int64)
-    suffix_blocks[order] = suffix
+    suffix_blocks[runs.order] = suffix
     private_blocks = np.empty(n, dtype=np.int64)
-    private_blocks[order] = private
-    kv = np.array([g.kv_blocks for g in groups], dtype=np.int64) * block_size
-    sharing = {}  # prefix_id -> (prefix_len, requests), over the groups a prefix was cut into
-    for g in groups:
-        if g.prefix_len:
-            sharing[g.prefix_id] = (g.prefix_len, sharing.get(g.prefix_id, (0, 0))[1] + g.size)
-    prompt = tree.prompt_tokens
-    ideal = tree.block_ideal_computed_tokens(block_size)
-    stats = PlanStats(
-        requests=n,
-        prompt_tokens=prompt,
-        distinct_prompt_tokens=tree.distinct_tokens,
-        block_ideal_computed_tokens=ideal,
-        expected_prefill_saving=1 - ideal / prompt if prompt else 0.0,
-        groups=len(groups),
-        shared_groups=sum(1 for g in groups if g.prefix_len),
-        unshared_requests=int((group == 0).sum()),
-        group_shared_tokens=sum(p * (m - 1) for p, m in sharing.values()),
-        kv_tokens_per_group_mean=float(kv.mean()) if len(kv) else 0.0,
-        kv_tokens_per_group_max=int(kv.max(initial=0)),
-        kv_capacity_tokens=kv_capacity_tokens,
-        over_capacity_groups=0 if capacity is None else int((kv > capacity * block_size).sum()),
-        block_size=block_size,
-    )
-    return Plan(order, groups, suffix_blocks, private_blocks, stats)
+    private_blocks[runs.order] = private
+    stats = _plan_stats(tree, groups, runs, block_size, kv_capacity_tokens)
+    return Plan(runs.order, groups, suffix_blocks, private_blocks, stats)
 
 
-def _choose_prefixes(blocks: PrefixTree) -> tuple[np.ndarray, np.ndarray]:
-    """Pick the group prefixes: the nodes whose groups maximise sum(P * (members - 1)).
+def _run_order(block_tree: PrefixTree, chosen: np.ndarray, group_node: np.ndarray,
+               lengths: np.ndarray, decode: np.ndarray, decode_first: bool) -> np.ndarray:
+    """The run order, as a permutation of tree positions: run[k] is the position that runs
+    k-th. Arrays by tree position; `chosen` marks the nodes that hold a group.
 
-    Returns, per node: owner (the nearest chosen node at or above it, 0 = the root: its
-    requests join that node's group), and for chosen nodes the enclosing chosen node (-1
-    for the others).
+    Depth-first over the block tree. The units placed among siblings are the subtrees of
+    the children that hold a group somewhere inside, plus the node's remaining requests as
+    one more unit (at the root: each of them is a unit of its own, so unshared requests
+    interleave with the system-prompt clusters). Siblings go in decreasing ratio of decode
+    tokens to the prompt tokens they compute (given their parent's prefix, each prefix once).
+    Within a unit, requests keep tree order, so deeper sharing stays adjacent.
 
-    The dynamic programme: best(u, Q) is the most sharing inside u's subtree when requests
-    that join no group inside it fall back to an enclosing group with prefix Q:
-        best(u, Q) = max(own(u), sum_c best(c, Q) + Q * direct(u))
-        own(u)     = sum_c best(c, P_u) + P_u * direct(u) - P_u
-    (children c, requests `direct` that end in u). Q only takes the depths of u's ancestors,
-    so each level of the tree is one vectorised step with one column per ancestor.
+    E.g. system prompts S (max_tokens 8 per request) and T (512): T's subtree ranks first
+    at the root; inside S, its documents rank by their own ratios, and so on down.
     """
-    depth, parent = blocks.node_depth, blocks.node_parent
-    m = len(depth)
-    direct = np.bincount(blocks.request_node, minlength=m)
-    level = _levels(parent)
-    by_level = [np.flatnonzero(level == k) for k in range(int(level.max()) + 1)]
-    slot = np.empty(m, dtype=np.int64)  # a node's row among the nodes of its level
-    for nodes in by_level:
-        slot[nodes] = np.arange(len(nodes))
-    # Depths of each node's ancestors, root first: the values Q can take.
-    above = [np.zeros((1, 0), dtype=np.int64)]
-    for nodes in by_level[1:]:
-        up = parent[nodes]
-        above.append(np.hstack([above[-1][slot[up]], depth[up][:, None]]))
-    own, fall_back = [None] * len(by_level), [None] * len(by_level)
-    best_below = None
-    for k in range(len(by_level) - 1, 0, -1):
-        nodes = by_level[k]
-        children = np.zeros((len(nodes), k + 1), dtype=np.int64)
-        if best_below is not None:  # children follow their parents' order (pre-order)
-            up = slot[parent[by_level[k + 1]]]
-            runs = np.flatnonzero(np.diff(up, prepend=-1))
-            children[up[runs]] = np.add.reduceat(best_below, runs, axis=0)
-        p, d = depth[nodes], direct[nodes]
-        own[k] = children[:, k] + p * d - p
-        fall_back[k] = children[:, :k] + above[k] * d[:, None]
-        best_below = np.maximum(own[k][:, None], fall_back[k])
-    owner = np.zeros(m, dtype=np.int64)
-    group_parent = np.full(m, -1, dtype=np.int64)
-    for k in range(1, len(by_level)):
-        nodes = by_level[k]
-        outer = owner[parent[nodes]]
-        # Ties go to the deeper group. A tie at the root is a request that shares u's prefix
-        # only with deeper groups: as a group of u it runs next to them, in the bucket it
-        # would compute the prefix again. (An empty group never ties: it loses P_u.)
-        chosen = own[k] >= fall_back[k][np.arange(len(nodes)), level[outer]]
-        owner[nodes] = np.where(chosen, nodes, outer)
-        group_parent[nodes[chosen]] = outer[chosen]
-    return owner, group_parent
-
-
-def _levels(parent: np.ndarray) -> np.ndarray:
-    """Number of ancestors of each node (root: 0), by pointer jumping."""
-    level = (parent >= 0).astype(np.int64)
-    up = np.maximum(parent, 0)
-    while (up > 0).any():
-        level += level[up]
-        up = up[up]
-    return level
-
-
-def _run_order(blocks: PrefixTree, chosen: np.ndarray, lengths: np.ndarray,
-               decode: np.ndarray, decode_first: bool) -> np.ndarray:
-    """The run order, as a permutation of tree positions (see the module notes).
-
-    Depth-first over the block tree. A node that holds a group somewhere in its subtree
-    is a unit among its siblings; the requests of a node that no such child takes are one
-    more unit (at the root: each of them is one). Units are ranked within their parent,
-    then every unit's offset is its parent's offset plus the sizes of the units before it.
-    """
-    n, m = len(lengths), blocks.num_nodes
+    n = len(lengths)
     if n == 0:
         return np.zeros(0, dtype=np.int64)
-    parent, first = blocks.node_parent, blocks.node_start
-    size = blocks.node_end - first
-    last = np.searchsorted(first, blocks.node_end, side="left")  # subtree: nodes [u, last)
-    chosen_before = np.concatenate(([0], np.cumsum(chosen)))
-    holds = chosen_before[last] > chosen_before[:-1]
-    holds[0] = True
-    level = _levels(parent)
-    holder = np.zeros(m, dtype=np.int64)  # deepest node at or above u that holds a group
-    for k in range(1, int(level.max()) + 1):
-        nodes = np.flatnonzero(level == k)
-        holder[nodes] = np.where(holds[nodes], nodes, holder[parent[nodes]])
-    unit = holder[blocks.request_node]  # by position: the node whose own unit it is in
-    # A unit's ratio: its decode tokens per prompt token it computes with a block cache that
-    # already holds the parent's prefix (and nothing else of its siblings).
-    work = (lengths - blocks.lcp).astype(np.float64)
-    decode_at = np.concatenate(([0.0], np.cumsum(decode, dtype=np.float64)))
-    work_at = np.concatenate(([0.0], np.cumsum(work)))
-    outer = blocks.node_depth[np.maximum(parent, 0)] * (parent >= 0)
-    tree_work = (work_at[blocks.node_end] - work_at[first]
-                 - np.maximum(outer - blocks.lcp[first], 0))
-    tree_ratio = (decode_at[blocks.node_end] - decode_at[first]) / np.maximum(tree_work, 1)
-    own_size = np.bincount(unit, minlength=m)
-    own_work = lengths - np.maximum(blocks.lcp, blocks.node_depth[unit])
-    own_ratio = np.bincount(unit, weights=decode, minlength=m) / np.maximum(
-        np.bincount(unit, weights=own_work, minlength=m), 1)
-    loose = np.flatnonzero(unit == 0)  # the root's own requests: units of one
-    tree_at = np.zeros(m, dtype=np.int64)  # where each holding node's subtree starts
-    own_at = np.zeros(m, dtype=np.int64)  # where each holding node's own unit starts
-    loose_at = np.zeros(n, dtype=np.int64)
-    none = np.zeros(0, dtype=np.int64)
-    for k in range(1, int(level[holds].max()) + 2):
-        # The units at depth k of the tree: subtrees of holding nodes at depth k, own units
-        # of holding nodes at depth k - 1, and (under the root) the loose requests.
-        subtrees = np.flatnonzero(holds & (level == k))
-        owners = np.flatnonzero(holds & (level == k - 1) & (own_size > 0)) if k > 1 else none
-        loners = loose if k == 1 else none
-        at = _lay_out(
-            tree_at,
-            within=np.concatenate((parent[subtrees], owners, np.zeros_like(loners))),
-            size=np.concatenate((size[subtrees], own_size[owners], np.ones_like(loners))),
-            ratio=np.concatenate((tree_ratio[subtrees], own_ratio[owners],
-                                  decode[loners] / np.maximum(work[loners], 1)))
-            if decode_first else None,
-            place=np.concatenate((first[subtrees], first[owners], loners)))
-        tree_at[subtrees], own_at[owners], loose_at[loners] = np.split(
-            at, [len(subtrees), len(subtrees) + len(owners)])
-    # Inside an own unit, requests keep tree order.
+    units = _Units.of(block_tree, chosen)
+    ratios = _UnitRatios.of(block_tree, units, lengths, decode)
+    own_at, root_at = _place_units(block_tree, units, ratios, decode, decode_first)
+    # Inside a node's own unit, requests keep tree order.
+    unit = units.unit
     by_unit = np.argsort(unit, kind="stable")
     rank = np.arange(n) - np.searchsorted(unit[by_unit], unit[by_unit], side="left")
     target = np.empty(n, dtype=np.int64)
     target[by_unit] = own_at[unit[by_unit]] + rank
-    target[loose] = loose_at[loose]
+    target[units.root_requests] = root_at[units.root_requests]
     run = np.empty(n, dtype=np.int64)
     run[target] = np.arange(n)
     return run
 
 
+@dataclass(frozen=True)
+class _Units:
+    """What `_run_order` places. A node *holds* a group if one is chosen in its subtree (the
+    root always does); a request belongs to the own unit of the deepest holding node above
+    it (`unit`, by position), 0 for the root's own requests, each a unit of one.
+
+    E.g. root > S > D, a group chosen at D only: the root, S and D hold; D's requests are in
+    D's own unit, S's other requests in S's own unit, requests under no S in the root's."""
+
+    holds: np.ndarray  # per node
+    level: np.ndarray  # per node: its ancestors
+    unit: np.ndarray  # per position
+    own_size: np.ndarray  # per node: requests in its own unit
+    root_requests: np.ndarray  # positions of the root's own requests
+
+    @classmethod
+    def of(cls, block_tree: PrefixTree, chosen: np.ndarray) -> _Units:
+        first, parent = block_tree.node_start, block_tree.node_parent
+        subtree_end = np.searchsorted(first, block_tree.node_end, side="left")  # [u, end)
+        chosen_before = np.concatenate(([0], np.cumsum(chosen)))
+        holds = chosen_before[subtree_end] > chosen_before[:-1]
+        holds[0] = True
+        level = node_levels(parent)
+        holder = np.zeros(block_tree.num_nodes, dtype=np.int64)
+        for k in range(1, int(level.max()) + 1):
+            nodes = np.flatnonzero(level == k)
+            holder[nodes] = np.where(holds[nodes], nodes, holder[parent[nodes]])
+        unit = holder[block_tree.request_node]
+        return cls(holds, level, unit, np.bincount(unit, minlength=block_tree.num_nodes),
+                   np.flatnonzero(unit == 0))
+
+
+@dataclass(frozen=True)
+class _UnitRatios:
+    """Decode tokens per computed prompt token: of each node's subtree, of each node's own
+    unit, and of each request alone. A unit computes its prompt tokens with a cache that
+    already holds its parent's prefix (and nothing of its siblings): e.g. a subtree of two
+    100-token requests sharing 60 tokens, under a 40-token parent prefix, computes 60 + 40
+    tokens; asking for 50 tokens each, its ratio is 100 / 100 = 1."""
+
+    subtree: np.ndarray  # per node
+    own: np.ndarray  # per node
+    work: np.ndarray  # per position: prompt tokens beyond what it shares with its predecessor
+
+    @classmethod
+    def of(cls, block_tree: PrefixTree, units: _Units, lengths: np.ndarray,
+           decode: np.ndarray) -> _UnitRatios:
+        parent, first, end = block_tree.node_parent, block_tree.node_start, block_tree.node_end
+        depth, lcp = block_tree.node_depth, block_tree.lcp
+        work = (lengths - lcp).astype(np.float64)
+        decode_at = np.concatenate(([0.0], np.cumsum(decode, dtype=np.float64)))
+        work_at = np.concatenate(([0.0], np.cumsum(work)))
+        outer = depth[np.maximum(parent, 0)] * (parent >= 0)
+        subtree_work = work_at[end] - work_at[first] - np.maximum(outer - lcp[first], 0)
+        subtree = (decode_at[end] - decode_at[first]) / np.maximum(subtree_work, 1)
+        m = block_tree.num_nodes
+        own_work = lengths - np.maximum(lcp, depth[units.unit])
+        own = np.bincount(units.unit, weights=decode, minlength=m) / np.maximum(
+            np.bincount(units.unit, weights=own_work, minlength=m), 1)
+        return cls(subtree, own, work)
+
+
+def _place_units(block_tree: PrefixTree, units: _Units, ratios: _UnitRatios,
+                 decode: np.ndarray, decode_first: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Where each unit starts in the run: (own unit start per node, start per root request).
+
+    Level by level from the root: the units at depth k are the subtrees of holding nodes at
+    depth k, the own units of holding nodes at depth k - 1, and (under the root) the root's
+    own requests; each starts where its parent's subtree starts plus the sizes of the
+    siblings ranked before it (`_lay_out`)."""
+    parent, first = block_tree.node_parent, block_tree.node_start
+    size = block_tree.node_end - first
+    holds, level, own_size, loose = units.holds, units.level, units.own_size, units.root_requests
+    m = block_tree.num_nodes
+    subtree_at = np.zeros(m, dtype=np.int64)
+    own_at = np.zeros(m, dtype=np.int64)
+    root_at = np.zeros(len(decode), dtype=np.int64)
+    none = np.zeros(0, dtype=np.int64)
+    for k in range(1, int(level[holds].max()) + 2):
+        subtrees = np.flatnonzero(holds & (level == k))
+        owners = np.flatnonzero(holds & (level == k - 1) & (own_size > 0)) if k > 1 else none
+        root_requests = loose if k == 1 else none
+        at = _lay_out(
+            subtree_at,
+            within=np.concatenate((parent[subtrees], owners, np.zeros_like(root_requests))),
+            size=np.concatenate((size[subtrees], own_size[owners],
+                                 np.ones_like(root_requests))),
+            ratio=np.concatenate((ratios.subtree[subtrees], ratios.own[owners],
+                                  decode[root_requests] / np.maximum(
+                                      ratios.work[root_requests], 1)))
+            if decode_first else None,
+            place=np.concatenate((first[subtrees], first[owners], root_requests)))
+        subtree_at[subtrees], own_at[owners], root_at[root_requests] = np.split(
+            at, [len(subtrees), len(subtrees) + len(owners)])
+    return own_at, root_at
+
+
 def _lay_out(parent_at: np.ndarray, within: np.ndarray, size: np.ndarray,
-            ratio: np.ndarray | None, place: np.ndarray) -> np.ndarray:
+             ratio: np.ndarray | None, place: np.ndarray) -> np.ndarray:
     """Where each unit starts: after its parent's start and the siblings before it, which
-    are ordered by decreasing ratio (if given), then by tree position."""
+    are ordered by decreasing ratio (if given), then by tree position.
+
+    E.g. three units of one parent starting at 10, sizes [4, 2, 3], ratios [1, 5, 3]: the
+    order is 2nd, 3rd, 1st, so they start at [15, 10, 12]."""
     by = np.lexsort((place, within) if ratio is None else (place, -ratio, within))
     before = np.cumsum(size[by]) - size[by]
     first_sibling = np.ones(len(by), dtype=bool)
@@ -328,57 +292,136 @@ def _lay_out(parent_at: np.ndarray, within: np.ndarray, size: np.ndarray,
     return at
 
 
-def _make_groups(group: np.ndarray, prefix: np.ndarray, lengths: np.ndarray,
-                 decode: np.ndarray, need: np.ndarray, link: np.ndarray,
-                 group_parent: np.ndarray, block_size: int, capacity: int | None
-                 ) -> tuple[list[PrefixGroup], np.ndarray, np.ndarray]:
-    """Cut the run order (arrays in run order) into PrefixGroups: one per run of a shared
-    prefix or of unshared requests, cut further where a group's KV exceeds `capacity`.
-    Returns them, and each request's suffix and private blocks (in run order)."""
-    n = len(group)
-    starts = np.flatnonzero(np.diff(group, prepend=-1))
+@dataclass(frozen=True)
+class _RunArrays:
+    """Per request in run order: what cutting groups and sizing their KV need."""
+
+    order: np.ndarray  # the request index
+    group_node: np.ndarray  # the block-tree node whose prefix it shares; 0: none
+    prefix_len: np.ndarray  # that node's depth, tokens
+    prefix_blocks: np.ndarray  # the same in blocks
+    lengths: np.ndarray  # prompt tokens
+    decode: np.ndarray  # max_tokens
+    blocks_alone: np.ndarray  # KV blocks alone: ceil((prompt + max_tokens) / block_size)
+    # Blocks it shares with the request before it, if that one is in its group and its
+    # neighbour in the tree (the next turn of a chat); 0 for a group's first request.
+    shared_with_previous: np.ndarray
+
+
+def _run_arrays(tree: PrefixTree, block_tree: PrefixTree, group_node: np.ndarray,
+                run: np.ndarray, max_tokens: np.ndarray, block_size: int) -> _RunArrays:
+    """The requests' figures in run order (`group_node` and `run` are by tree position).
+
+    E.g. block size 4: a 17-token prompt asking for 8 tokens needs ceil(25 / 4) = 7 blocks
+    alone; run right after a request it shares 12 tokens with, its shared_with_previous is 3.
+    """
+    group = group_node[run]
+    lengths, decode = tree.lengths[tree.order][run], max_tokens[tree.order][run]
+    prefix_len = block_tree.node_depth[group]
+    shared = block_tree.lcp[run] // block_size
+    shared[1:] *= (np.diff(run) == 1) & (np.diff(group) == 0)
+    shared[:1] = 0
+    return _RunArrays(tree.order[run], group, prefix_len, prefix_len // block_size, lengths,
+                      decode, -(-(lengths + decode) // block_size), shared)
+
+
+def _blocks_added(runs: _RunArrays, shared_with_previous: np.ndarray
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """Per request, the blocks its group holds for it already (its prefix, or what it shares
+    with the member before), and the running sum of the blocks each request adds beyond
+    that: the KV of requests [s, e) of one group is prefix + added[e] - added[s]."""
+    held = np.maximum(runs.prefix_blocks, shared_with_previous)
+    return held, np.concatenate(([0], np.cumsum(runs.blocks_alone - held)))
+
+
+def _cut_to_fit(runs: _RunArrays, starts: np.ndarray, capacity: int) -> np.ndarray:
+    """The group starts (positions in the run), with cuts added where a group's KV exceeds
+    `capacity` blocks: each cut holds as many members as fit next to the prefix, at least
+    one. A cut's first member shares nothing with the one before it (the two no longer run
+    together), so it computes again what it shared (`recomputed`).
+
+    E.g. a 4-block prefix, members adding 3 blocks each, capacity 12: 2 members fit next to
+    the prefix (4 + 6), so a group of 5 is cut into 2 + 2 + 1."""
+    n = len(runs.group_node)
     ends = np.append(starts[1:], n)[: len(starts)]
-    prefix_blocks = prefix // block_size
+    held, added = _blocks_added(runs, runs.shared_with_previous)
+    room = capacity - runs.prefix_blocks[starts]
+    recomputed = held - runs.prefix_blocks
+    cuts = []
+    for s, e, r in zip(starts.tolist(), ends.tolist(), room.tolist(), strict=True):
+        while added[e] - added[s] + recomputed[s] > r and e - s > 1:
+            last_fitting = int(np.searchsorted(added, added[s] + r - recomputed[s],
+                                               side="right")) - 1
+            s = min(max(last_fitting, s + 1), e)
+            cuts.append(s)
+    return np.sort(np.concatenate((starts, np.array(cuts, dtype=np.int64))))
 
-    def added(link: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Blocks an earlier member (or the prefix) holds already, and the running sum of
-        the blocks each member adds."""
-        held = np.maximum(prefix_blocks, link)
-        return held, np.concatenate(([0], np.cumsum(need - held)))
 
-    held, suffix_sum = added(link)
-    if capacity is not None:
-        room = capacity - prefix_blocks[starts]
-        lost = held - prefix_blocks  # what a member leading a cut group computes again
-        cuts = []
-        for s, e, r in zip(starts.tolist(), ends.tolist(), room.tolist(), strict=True):
-            while suffix_sum[e] - suffix_sum[s] + lost[s] > r and e - s > 1:
-                # As many members as fit next to the prefix; at least one.
-                cut = int(np.searchsorted(suffix_sum, suffix_sum[s] + r - lost[s],
-                                          side="right")) - 1
-                s = min(max(cut, s + 1), e)
-                cuts.append(s)
-        starts = np.sort(np.concatenate((starts, np.array(cuts, dtype=np.int64))))
-        ends = np.append(starts[1:], n)[: len(starts)]
-        link = link.copy()
-        link[starts] = 0
-        held, suffix_sum = added(link)
-    private = need - np.maximum(held, np.append(link[1:], 0))
-    node = group[starts]
+def _kv_blocks(runs: _RunArrays, starts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each request's suffix blocks (beyond what its group holds for it) and private blocks
+    (of those, the ones the next member does not share), in run order.
+
+    E.g. a chat's turns in one group, prefix 2 blocks: turn 1 (4 blocks alone), turn 2 (5
+    blocks, shares 3 with turn 1): suffix [2, 2]; turn 1's private blocks are 4 - max(2, 3) =
+    1, its others stay until the group finishes, for turn 2."""
+    shared = runs.shared_with_previous.copy()
+    shared[starts] = 0  # a group's first member shares nothing with the one before it
+    held = np.maximum(runs.prefix_blocks, shared)
+    private = runs.blocks_alone - np.maximum(held, np.append(shared[1:], 0))
+    return runs.blocks_alone - held, private
+
+
+def _planned_groups(runs: _RunArrays, starts: np.ndarray, suffix: np.ndarray,
+                    group_parent: np.ndarray) -> list[PlannedGroup]:
+    """The PlannedGroups of run slices [starts[i], starts[i + 1]); the groups cut from one
+    prefix share its node as prefix_id, and `parent` is the first group of the enclosing
+    chosen prefix."""
+    n = len(runs.group_node)
+    ends = np.append(starts[1:], n)[: len(starts)]
+    node = runs.group_node[starts]
     first_of = np.full(len(group_parent), -1, dtype=np.int64)  # first group of each prefix
     first_of[node[::-1]] = np.arange(len(node))[::-1]
     parent = np.where(group_parent[node] > 0, first_of[group_parent[node]], -1)
-    decode_sum = np.concatenate(([0], np.cumsum(decode)))
-    length_sum = np.concatenate(([0], np.cumsum(lengths)))
-    size = ends - starts
-    computed = prefix[starts] + length_sum[ends] - length_sum[starts] - prefix[starts] * size
+    decode_sum = np.concatenate(([0], np.cumsum(runs.decode)))
+    length_sum = np.concatenate(([0], np.cumsum(runs.lengths)))
+    suffix_sum = np.concatenate(([0], np.cumsum(suffix)))
+    prefix = runs.prefix_len[starts]
+    computed = prefix + length_sum[ends] - length_sum[starts] - prefix * (ends - starts)
     ratio = (decode_sum[ends] - decode_sum[starts]) / np.maximum(computed, 1)
-    kv = prefix_blocks[starts] + suffix_sum[ends] - suffix_sum[starts]
+    kv = runs.prefix_blocks[starts] + suffix_sum[ends] - suffix_sum[starts]
     return [
-        PrefixGroup(start=s, end=e, prefix_len=p, prefix_blocks=b, kv_blocks=k, decode_ratio=r,
-                    prefix_id=i if i else -1, parent=q)
+        PlannedGroup(start=s, end=e, prefix_len=p, prefix_blocks=b, kv_blocks=k,
+                     decode_ratio=r, prefix_id=i if i else -1, parent=q)
         for s, e, p, b, k, r, i, q in zip(
-            starts.tolist(), ends.tolist(), prefix[starts].tolist(),
-            prefix_blocks[starts].tolist(), kv.tolist(), ratio.tolist(), node.tolist(),
+            starts.tolist(), ends.tolist(), prefix.tolist(),
+            runs.prefix_blocks[starts].tolist(), kv.tolist(), ratio.tolist(), node.tolist(),
             parent.tolist(), strict=True)
-    ], need - held, private
+    ]
+
+
+def _plan_stats(tree: PrefixTree, groups: list[PlannedGroup], runs: _RunArrays,
+                block_size: int, kv_capacity_tokens: int | None) -> PlanStats:
+    kv = np.array([g.kv_blocks for g in groups], dtype=np.int64) * block_size
+    sharing = {}  # prefix_id -> (prefix_len, requests), over the groups a prefix was cut into
+    for g in groups:
+        if g.prefix_len:
+            sharing[g.prefix_id] = (g.prefix_len, sharing.get(g.prefix_id, (0, 0))[1] + g.size)
+    prompt = tree.prompt_tokens
+    ideal = tree.block_ideal_computed_tokens(block_size)
+    capacity = None if kv_capacity_tokens is None else kv_capacity_tokens // block_size
+    return PlanStats(
+        requests=tree.num_requests,
+        prompt_tokens=prompt,
+        distinct_prompt_tokens=tree.distinct_tokens,
+        block_ideal_computed_tokens=ideal,
+        expected_prefill_saving=1 - ideal / prompt if prompt else 0.0,
+        groups=len(groups),
+        shared_groups=sum(1 for g in groups if g.prefix_len),
+        unshared_requests=int((runs.group_node == 0).sum()),
+        group_shared_tokens=sum(p * (m - 1) for p, m in sharing.values()),
+        kv_tokens_per_group_mean=float(kv.mean()) if len(kv) else 0.0,
+        kv_tokens_per_group_max=int(kv.max(initial=0)),
+        kv_capacity_tokens=kv_capacity_tokens,
+        over_capacity_groups=0 if capacity is None else int((kv > capacity * block_size).sum()),
+        block_size=block_size,
+    )

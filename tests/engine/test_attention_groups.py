@@ -50,18 +50,38 @@ def test_nested_prefixes_take_the_cut_that_saves_most_reads():
     bt = table(long + [20], long + [21], [1, 2, 9, 30], [1, 2, 9, 31], [1, 2, 9, 32])
     eligible = np.array([7, 7, 4, 4, 4])
     assert as_sets(find_shared_prefixes(bt, eligible)) == {((0, 1), 6), ((2, 3, 4), 3)}
-    # Once the short branch shares only the two common blocks, keeping everyone is better:
-    # whole = 4 * 2 = 8 against split = 1 * 6 = 6.
+    # Once the short branch shares only the two common blocks: whole = 4 * 2 = 8; rows 0-1
+    # alone = 1 * 6 = 6; rows 0-1 on their 6 blocks and rows 2-4 on the common 2 = 6 + 2 * 2.
     bt = table(long + [20], long + [21], [1, 2, 40], [1, 2, 41], [1, 2, 42])
     assert as_sets(find_shared_prefixes(bt, np.array([7, 7, 3, 3, 3]))) == {
-        ((0, 1, 2, 3, 4), 2)}
+        ((0, 1), 6), ((2, 3, 4), 2)}
+    # On a tie the fewer, larger groups win: rows 0-1 share 4 blocks, 2-3 only the common
+    # 2: whole = 3 * 2 = 6 = (1 * 4) + (1 * 2).
+    bt = table([1, 2, 3, 4, 20], [1, 2, 3, 4, 21], [1, 2, 40], [1, 2, 41])
+    assert as_sets(find_shared_prefixes(bt, np.array([5, 5, 3, 3]))) == {((0, 1, 2, 3), 2)}
+
+
+def saved(groups) -> int:
+    return sum((g.num_members - 1) * g.num_blocks for g in groups)
 
 
 def test_deep_nesting_does_not_recurse():
-    n = 1200  # deeper than Python's recursion limit
+    # Row i starts with i + 1 blocks of id 1, then its own: rows i < j share i + 1 blocks, a
+    # chain of nested prefixes 1200 deep (deeper than Python's recursion limit). A group is
+    # a run of rows r..s-1 sharing r + 1 blocks: (s - r - 1) * (r + 1) saved reads.
+    n = 1200
     bt = np.array([[1] * (i + 1) + [100 + i] * (n - i) for i in range(n)], dtype=np.int32)
     groups = find_shared_prefixes(bt, np.full(n, n + 1))
-    assert sum(g.num_members for g in groups) <= n
+    # The most a chain can save, by a dynamic programme over where the runs start:
+    # best[r] = a group starting at row r, then any later groups (the last one up to row n).
+    best = np.zeros(n + 1, dtype=np.int64)
+    for r in range(n - 1, -1, -1):
+        s = np.arange(r + 1, n)
+        best[r] = max((n - r - 1) * (r + 1),
+                      int(((s - r - 1) * (r + 1) + best[s]).max(initial=0)))
+    assert saved(groups) == best.max()
+    members = [m for g in groups for m in g.seq_ids.tolist()]
+    assert len(members) == len(set(members))
 
 
 def test_random_tables_give_valid_disjoint_groups():

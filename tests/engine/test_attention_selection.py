@@ -28,6 +28,7 @@ from batchrun.engine.attention.selection import (
     choose_attention,
     sharing_figures,
 )
+from batchrun.engine.base import EngineStats
 from batchrun.engine.fake import FakeEngine
 from batchrun.runner import EXIT_OK, choose_job_attention, prepare_job, run_job
 from tests.helpers import write_jsonl
@@ -243,6 +244,7 @@ def stub_llm_engine(calls: int, seen: dict):
 
     def from_engine_args(engine_args, usage_context=None):
         seen["args"] = engine_args
+        seen["attention_env"] = os.environ.get("BATCHRUN_ATTENTION")
         ctx = multiprocessing.get_context("spawn")
         go, done = ctx.Event(), ctx.Event()
         process = ctx.Process(target=engine_core, args=(None, calls, go, done))
@@ -267,8 +269,9 @@ def test_vllm_engine_collects_its_engine_process_counters(on_cuda, tmp_path, mon
     engine = on_cuda.VllmEngine(model_dir(tmp_path), EngineOptions(attention="prefix"),
                                 enforce_eager=True)
     assert seen["args"].attention_backend == "TRITON_ATTN"
-    assert os.environ["BATCHRUN_ATTENTION"] == "prefix"
-    assert stats.STATS_ENV_VAR not in os.environ  # set for the engine's processes only
+    # Set for the engine's start (its processes inherit them), then as before.
+    assert seen["attention_env"] == "prefix" and os.environ["BATCHRUN_ATTENTION"] == "default"
+    assert stats.STATS_ENV_VAR not in os.environ
     assert engine.attention_stats()["forward_calls"] == 1  # the first dump, while running
     folder = engine._stats_dir
     engine.close()
@@ -291,6 +294,9 @@ class SilentVllm(FakeEngine):
 
     def attention_stats(self) -> dict:
         return dict(stats.read_attention_stats(), registered="batchrun-triton")
+
+    def stats(self, *, new_job: bool = False) -> EngineStats:
+        return EngineStats({}, self.attention_stats(), self.attention)
 
 
 def test_summary_says_when_the_selected_backend_never_ran(tmp_path):

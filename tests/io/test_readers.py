@@ -12,7 +12,6 @@ import pyarrow.parquet as pq
 import pytest
 
 from batchrun.config import ColumnMap
-from batchrun.io import jsonl_reader, parquet_reader
 from batchrun.io.readers import InputError, read_request_set, read_requests, validate_summary
 from batchrun.io.schema import REQUEST_SCHEMA
 
@@ -112,10 +111,9 @@ def test_jsonl_passthrough(tmp_path: Path) -> None:
     assert read_request_set(path).passthrough.num_columns == 0
 
 
-def test_jsonl_chunks_keep_row_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(jsonl_reader, "CHUNK_ROWS", 3)
+def test_jsonl_chunks_keep_row_order(tmp_path: Path) -> None:
     path = write_jsonl(tmp_path / "in.jsonl", [{"prompt": str(i)} for i in range(10)])
-    table = read_requests(path)
+    table = read_request_set(path, batch_rows=3).requests
     assert table["prompt"].to_pylist() == [str(i) for i in range(10)]
     assert table["id"].to_pylist() == [str(i) for i in range(10)]
 
@@ -386,14 +384,13 @@ def test_parquet_and_jsonl_agree(tmp_path: Path, rows: list[dict]) -> None:
     assert from_parquet["error"].null_count < 2
 
 
-def test_parquet_batches(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(parquet_reader, "BATCH_ROWS", 4)
+def test_parquet_batches(tmp_path: Path) -> None:
     n = 10
     path = write_parquet(tmp_path / "in.parquet", {
         "id": [f"q{i % 7}" for i in range(n)],
         "prompt": [f"p{i}" if i != 5 else "" for i in range(n)],
     }, row_group_size=3)
-    table = read_requests(path)
+    table = read_request_set(path, batch_rows=4).requests
     assert table["row"].to_pylist() == list(range(n))
     assert table["error"][5].as_py() == 'row 5: "prompt" must be a non-empty string, got ""'
     assert table["error"][8].as_py().startswith('row 8: duplicate id "q1" (first at row 1)')

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from click.testing import Result
 from typer.testing import CliRunner
@@ -152,6 +153,32 @@ def check_output(output: Path, ids: list[str]) -> pa.Table:
     assert not lost and not repeated, f"lost {sorted(lost)[:10]}, {repeated} repeated"
     assert got == ids and table["row"].to_pylist() == list(range(len(ids)))
     return table
+
+
+def admitted(log: Path) -> list[str]:
+    """Request ids a fake engine started with {"admitted_log": log} admitted, in order."""
+    return log.read_text().split() if log.exists() else []
+
+
+def check_nothing_finished_ran_again(log: Path, finished_rows: list[int]) -> None:
+    """A run's fake engine (its `admitted_log`) admitted no row that had finished before the
+    run (rows of write_rows: id q<row>), and no row twice. The output alone cannot show this:
+    a resume drops the duplicates of finished rows before it writes the Parquet file."""
+    ran = admitted(log)
+    again = sorted(set(ran) & {f"q{r}" for r in finished_rows})
+    assert not again, f"{len(again)} finished row(s) generated again: {again[:10]}"
+    assert len(ran) == len(set(ran)), "a row was admitted twice in one run"
+
+
+def check_summary_tokens(output: Path) -> None:
+    """The job's summary counts the tokens of the output's rows, after any number of
+    resumes: each finished row once, whichever run generated it."""
+    summary = json.loads(output.with_name(output.name + ".summary.json").read_text())
+    ok = pq.read_table(output).filter(pc.is_null(pc.field("error")))
+    for key, column in (("prompt", "prompt_tokens"), ("cached", "cached_tokens"),
+                        ("completion", "completion_tokens")):
+        assert summary["tokens"][key] == pc.sum(ok[column]).as_py(), key
+    assert summary["succeeded"] == ok.num_rows
 
 
 def write_rows(path: Path, n: int, **extra: Any) -> list[str]:

@@ -15,8 +15,11 @@ from batchrun.runner import EXIT_INTERRUPTED, EXIT_OK, run_job
 from tests.helpers import job
 from tests.reliability.harness import (
     batchrun,
+    check_nothing_finished_ran_again,
     check_output,
+    check_summary_tokens,
     fails_instead_of_hanging,
+    journaled_rows,
     write_rows,
 )
 
@@ -31,9 +34,12 @@ def test_engine_death_exits_4_naming_the_cause_then_resume_finishes(tmp_path: Pa
     assert "Traceback" not in died.stderr
     summary = json.loads(out.with_name(out.name + ".summary.json").read_text())
     assert summary["status"] == "engine_failed" and 0 < summary["succeeded"] < 100
-    resumed = batchrun(*args, "--resume")
+    saved, log = journaled_rows(out), tmp_path / "admitted.txt"
+    resumed = batchrun(*args, "--resume", fake_engine={"admitted_log": str(log)})
     assert resumed.returncode == EXIT_OK, resumed.stderr
     check_output(out, ids)
+    check_nothing_finished_ran_again(log, saved)
+    check_summary_tokens(out)
 
 
 class ForgetfulEngine(FakeEngine):

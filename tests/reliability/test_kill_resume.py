@@ -27,7 +27,9 @@ from tests.helpers import job
 from tests.reliability.harness import (
     TALLY,
     batchrun,
+    check_nothing_finished_ran_again,
     check_output,
+    check_summary_tokens,
     journaled_rows,
     kill9,
     start_batchrun,
@@ -53,24 +55,32 @@ def test_random_kills_then_resume_gives_every_row_exactly_once(tmp_path: Path) -
     args = ("run", tmp_path / "in.jsonl", "-o", out, "--engine", "fake", "--max-tokens", "12",
             "--resume", "--log-lines")
     rng = random.Random(20240611)
-    kills, journaled = 0, 0
+    kills, journaled = 0, []
     while kills < 6:
-        proc = start_batchrun(*args, fake_engine=SLOW)
+        log = tmp_path / f"admitted-{kills}.txt"
+        proc = start_batchrun(*args, fake_engine={**SLOW, "admitted_log": str(log)})
         # From before the checkpoint exists (start-up takes ~1 s) to the end of the run.
         time.sleep(rng.uniform(0.2, 2.5))
         before = journaled_rows(out)
-        if not kill9(proc):
+        killed = kill9(proc)
+        # This run generated only rows no earlier run had finished.
+        check_nothing_finished_ran_again(log, journaled)
+        if not killed:
             break  # it finished first: fine, the checks below still hold
         kills += 1
         after = journaled_rows(out)
         # Nothing that was journaled before the kill is lost by it, and no row twice.
         assert set(before) <= set(after) and len(after) == len(set(after))
-        assert len(after) >= journaled  # each resume added to what the last one saved
-        journaled = len(after)
-    done = batchrun(*args)
+        assert len(after) >= len(journaled)  # each resume added to what the last one saved
+        journaled = after
+    assert kills >= 1, "every run finished before its kill: nothing was killed"
+    log = tmp_path / "admitted-last.txt"
+    done = batchrun(*args, fake_engine={"admitted_log": str(log)})
     assert done.returncode == EXIT_OK, done.stderr
     assert "Traceback" not in done.stderr
     check_output(out, ids)
+    check_nothing_finished_ran_again(log, journaled)
+    check_summary_tokens(out)
     assert not partial_dir_for(out).exists()
     TALLY.kills += kills
 
@@ -79,7 +89,7 @@ def test_random_kills_then_resume_gives_every_row_exactly_once(tmp_path: Path) -
     # Output renamed into place, checkpoint not yet removed.
     ("batchrun.io.results:Checkpoint.remove", "output and a finished checkpoint"),
     # Output written under its temporary name, not yet renamed.
-    ("pyarrow.parquet:write_table after", "a complete temp file, no output"),
+    ("pyarrow.parquet:ParquetWriter.close after", "a complete temp file, no output"),
     # The checkpoint folder made, its manifest not yet written.
     ("batchrun.io.results:os.replace", "a checkpoint without a manifest"),
 ])

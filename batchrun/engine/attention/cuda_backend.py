@@ -42,7 +42,7 @@ from vllm.v1.attention.backends.triton_attn import (
 from vllm.v1.kv_cache_interface import AttentionSpec
 
 from . import stats
-from .groups import PrefixPolicy, StepGroups, causal_pairs, plan_step
+from .groups import PrefixPolicy, StepGroups, step_groups
 from .mode import get_mode, load_mode_from_env
 
 BACKEND_NAME = "batchrun-triton"  # what the summary's attention.backend says when this ran
@@ -55,14 +55,14 @@ class BatchrunTritonMetadata(TritonAttentionMetadata):
     prefix_query_key_pairs: int = 0
 
 
-def plan_kernel_step(policy: PrefixPolicy, query_start_loc: np.ndarray, seq_lens: np.ndarray,
-                     read_block_table: Callable[[int], np.ndarray], *, block_size: int,
-                     num_queries_per_kv: int, head_size: int,
+def plan_kernel_step(policy: PrefixPolicy | None, query_start_loc: np.ndarray,
+                     seq_lens: np.ndarray, read_block_table: Callable[[int], np.ndarray], *,
+                     block_size: int, num_queries_per_kv: int, head_size: int,
                      device: torch.device | str) -> tuple[StepGroups, SharedPrefixMetadata | None]:
-    """The step's groups and, when some pay, the kernels' metadata for them. Host arrays in;
-    ``read_block_table(width)`` copies only the block-table columns the groups can span."""
-    query_lens = np.diff(query_start_loc)
-    step = plan_step(policy, query_lens, seq_lens, block_size, read_block_table)
+    """The step's groups (``groups.step_groups``) and, when some pay, the kernels' metadata
+    for them. Host arrays in; ``read_block_table(width)`` copies only the block-table columns
+    the groups can span."""
+    step = step_groups(policy, query_start_loc, seq_lens, block_size, read_block_table)
     if not step.groups:
         return step, None
     groups = [PrefixGroup(g.seq_ids.tolist(), g.num_blocks * block_size) for g in step.groups]
@@ -103,21 +103,16 @@ class BatchrunTritonMetadataBuilder(TritonAttentionMetadataBuilder):
         query_start_loc = cm.query_start_loc_cpu[:num_reqs + 1].numpy().astype(np.int64)
         # Exact without speculative decoding (excluded above); no device sync.
         seq_lens = cm.seq_lens_cpu_upper_bound[:num_reqs].numpy().astype(np.int64)
-        policy = PrefixPolicy.for_mode(get_mode(), "cuda", self.kv_bytes_per_token)
-        if (policy is None or not self.shared_prefix_ok or cm.causal is not True
-                or cm.mm_req_doc_ranges is not None):
-            metadata.query_key_pairs = causal_pairs(np.diff(query_start_loc), seq_lens)
-            stats.record_step([], 0)
-            return metadata
-
+        usable = (self.shared_prefix_ok and cm.causal is True
+                  and cm.mm_req_doc_ranges is None)
+        policy = PrefixPolicy.for_mode(get_mode(), "cuda", self.kv_bytes_per_token) \
+            if usable else None
         # The block table lives on the GPU: copying its first columns is this step's one sync.
         step, shared = plan_kernel_step(
             policy, query_start_loc, seq_lens,
             lambda width: cm.block_table_tensor[:num_reqs, :width].cpu().numpy(),
             block_size=self.block_size, num_queries_per_kv=self.num_heads_q // self.num_heads_kv,
             head_size=self.headdim, device=self.device)
-        stats.record_step([(g.num_members, g.num_blocks * self.block_size) for g in step.groups],
-                          step.skipped)
         metadata.shared_prefix = shared
         metadata.query_key_pairs = step.query_key_pairs
         metadata.prefix_query_key_pairs = step.prefix_query_key_pairs

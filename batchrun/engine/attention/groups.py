@@ -8,30 +8,29 @@ the rest of its keys, provided every query token sees the whole prefix. So only 
 that lie entirely before a sequence's first query token count (a block this step is still
 writing for one sequence may already be mapped by another).
 
-Pure numpy on host copies: the same code plans the CPU and the CUDA backends.
+Numpy on host copies: the same code plans the CPU and the CUDA backends.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from itertools import pairwise
 
 import numpy as np
 
+from ...plan.prefix_tree import PrefixTree
+from ...plan.sharing import choose_groups
+from . import stats
 from .selection import MIN_SAVED_BYTES_PER_LAYER, min_saved_tokens
 
 # `auto` takes a group when it saves at least this many bytes of key/value reads per layer,
 # (members - 1) * prefix tokens * KV bytes per token and layer; None: never (no group search).
-# - cpu: never. Measured on the 2-core EPYC dev machine, idle, SmolLM2 shapes (benchmarks/
-#   README.md, "Attention plugin (CPU)"): per layer the torch path ran at 0.08x-0.51x the
-#   stock kernel's speed for 2-64 decoding sequences sharing 256-2,048 tokens, and end to end
-#   at 0.76x with 32 requests sharing 1,536 tokens. The stock kernel finds the shared blocks
-#   in the CPU cache anyway, so sharing saves it little, and the same FLOPs cost more as
-#   torch ops.
-# - cuda: 24 MiB, an estimate, NOT measured on a GPU: the shared path's fixed cost per layer
-#   call (~7.5 us) at H100 bandwidth. Derived in selection.py, which applies the same rule
-#   to the whole job before the engine starts; 32,768 saved keys for SmolLM2 in bf16.
+# - cpu: never. The stock kernel was faster at every size measured (benchmarks/README.md,
+#   "Attention plugin (CPU)"): it finds the shared blocks in the CPU cache anyway, so sharing
+#   saves it little, and the same FLOPs cost more as torch ops.
+# - cuda: 24 MiB, an estimate (not yet measured on a GPU) of the shared path's fixed cost per
+#   layer call, derived in selection.py, which applies the same rule to the whole job before
+#   the engine starts.
 AUTO_MIN_SAVED_BYTES: dict[str, int | None] = {"cpu": None, "cuda": MIN_SAVED_BYTES_PER_LAYER}
 # A member's queries are stacked into the prefix matmul and its suffix is attended in torch;
 # long prefill chunks gain nothing from sharing (their own queries already amortise the
@@ -102,6 +101,22 @@ class StepGroups:
     prefix_query_key_pairs: int  # served by the groups' shared prefixes
 
 
+def step_groups(policy: PrefixPolicy | None, query_start_loc: np.ndarray,
+                seq_lens: np.ndarray, block_size: int,
+                read_block_table: Callable[[int], np.ndarray]) -> StepGroups:
+    """What a backend's metadata builder does each step (both backends): group the step's
+    sequences and count the step in the attention stats. ``policy`` None: no groups, the
+    stock path for the whole step (the mode, or the layers, rule the shared path out)."""
+    query_lens = np.diff(query_start_loc)
+    if policy is None:
+        stats.record_step([], 0)
+        return StepGroups([], 0, causal_pairs(query_lens, seq_lens), 0)
+    step = plan_step(policy, query_lens, seq_lens, block_size, read_block_table)
+    stats.record_step([(g.num_members, g.num_blocks * block_size) for g in step.groups],
+                      step.skipped)
+    return step
+
+
 def plan_step(policy: PrefixPolicy, query_lens: np.ndarray, seq_lens: np.ndarray,
               block_size: int, read_block_table: Callable[[int], np.ndarray]) -> StepGroups:
     """Group the step's sequences. ``read_block_table(width)`` returns the host block table's
@@ -120,9 +135,9 @@ def find_shared_prefixes(block_table: np.ndarray, eligible_blocks: np.ndarray) -
     """Partition the rows that share leading block ids into groups of >= 2 rows.
 
     ``block_table`` is ``[num_seqs, >= max(eligible_blocks)]``; only each row's first
-    ``eligible_blocks[row]`` entries are compared. Rows sorted by block ids form a prefix tree;
-    among the ways to cut it into groups (a group's prefix is the longest run common to all
-    its members), this picks the one that saves the most prefix key reads,
+    ``eligible_blocks[row]`` entries are compared. Rows sorted by block ids form a prefix tree
+    (neighbours' common blocks are its LCP array), and the groups are the planner's choice on
+    it (``batchrun.plan.sharing.choose_groups``): the most prefix key reads saved,
     ``sum((members - 1) * prefix)``, preferring fewer, larger groups on ties.
     """
     width = int(eligible_blocks.max(initial=0))
@@ -136,37 +151,16 @@ def find_shared_prefixes(block_table: np.ndarray, eligible_blocks: np.ndarray) -
     order = np.lexsort(table.T[::-1])  # lexicographic by column 0, then 1, ...
     table, rows = table[order], rows[order]
     equal = table[1:] == table[:-1]
-    lcp = np.where(equal.all(axis=1), width, equal.argmin(axis=1))  # adjacent common blocks
-    return [SharedPrefix(np.sort(rows[lo:hi]), num_blocks)
-            for lo, hi, num_blocks in _best_cut(lcp)]
-
-
-def _best_cut(lcp: np.ndarray) -> list[tuple[int, int, int]]:
-    """Runs ``(lo, hi, prefix_blocks)`` of sorted rows maximising ``sum((hi - lo - 1) * prefix)``.
-
-    A run's prefix is the minimum adjacent LCP inside it; a run either stays whole or splits
-    where that minimum occurs (its children in the prefix tree). Evaluated bottom-up with an
-    explicit stack: nesting can be as deep as the batch is large.
-    """
-    best: dict[tuple[int, int], tuple[int, list[tuple[int, int, int]]]] = {}
-    stack: list[tuple[int, int, bool]] = [(0, lcp.size + 1, False)]
-    while stack:
-        lo, hi, children_done = stack.pop()
-        inner = lcp[lo:hi - 1]
-        prefix = int(inner.min())
-        bounds = [lo, *(lo + 1 + np.flatnonzero(inner == prefix)).tolist(), hi]
-        children = [(a, b) for a, b in pairwise(bounds) if b - a >= 2]
-        if not children_done:
-            stack.append((lo, hi, True))
-            stack.extend((a, b, False) for a, b in children)
-            continue
-        split_value = sum(best[c][0] for c in children)
-        whole_value = (hi - lo - 1) * prefix
-        if prefix > 0 and whole_value >= split_value:
-            best[(lo, hi)] = (whole_value, [(lo, hi, prefix)])
-        else:
-            best[(lo, hi)] = (split_value, [run for c in children for run in best[c][1]])
-    return best[(0, lcp.size + 1)][1]
+    lcp = np.zeros(rows.size, dtype=np.int64)  # common blocks with the row before
+    lcp[1:] = np.where(equal.all(axis=1), width, equal.argmin(axis=1))
+    tree = PrefixTree.from_lcp(np.arange(rows.size), lcp, eligible_blocks[rows])
+    owner, _ = choose_groups(tree, deeper_wins_ties=False)
+    group = owner[tree.request_node]
+    by_group = np.argsort(group, kind="stable")
+    nodes, starts, sizes = np.unique(group[by_group], return_index=True, return_counts=True)
+    return [SharedPrefix(np.sort(rows[by_group[s:s + m]]), int(tree.node_depth[u]))
+            for u, s, m in zip(nodes.tolist(), starts.tolist(), sizes.tolist(), strict=True)
+            if u != 0 and m >= 2]
 
 
 def causal_pairs(query_lens: np.ndarray, seq_lens: np.ndarray) -> int:

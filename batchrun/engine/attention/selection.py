@@ -22,18 +22,17 @@ bandwidth):
    block-table copy amortised over the layers. At 3.35 TB/s (H100 SXM; an H200's 4.8 TB/s
    only lowers it) 7.5 us is 25 MB: ``MIN_SAVED_BYTES_PER_LAYER`` = 24 MiB. For SmolLM2 in
    bf16 (3 KV heads x 64 x K and V x 2 bytes = 768 bytes per token and layer) that is 32,768
-   saved key reads, the earlier rule of groups.py; for an 8-KV-head, 128-wide model (4 KiB
-   per token and layer) it is 6,144. The CUDA backend applies the same threshold to every
+   saved key reads; for an 8-KV-head, 128-wide model (4 KiB per token and layer) it is
+   6,144. The CUDA backend applies the same threshold to every
    step's groups (``groups.PrefixPolicy.for_mode``), so the engine-level decision and the
    per-step one agree.
 2. *The job pays* when the groups that pay per step remove at least ``MIN_DECODE_SHARE`` of
    the job's decode KV reads. Selecting TRITON_ATTN replaces vLLM's default for every other
    step too (and full decode CUDA graphs: the backend declines them). Assuming TRITON_ATTN
    (plus eager attention) costs ``TRITON_SLOWDOWN`` = 1.25x the default on the same work,
-   the job gains when ``(1 - share) x 1.25 < 1``, i.e. ``share > 0.2``. The 1.25 is NOT
-   measured (no GPU that could run vLLM was available when this was written);
-   ``benchmarks/gpu_check.sh e2e`` measures it (``--attention prefix`` against ``default``
-   on the job that shares nothing) and is the way to set it.
+   the job gains when ``(1 - share) x 1.25 < 1``, i.e. ``share > 0.2``. The 1.25 is an
+   estimate, not a measurement: ``benchmarks/gpu_check.sh e2e`` measures it (``--attention
+   prefix`` against ``default`` on the job that shares nothing) and is the way to set it.
 
 Prefill attention is not counted: it is compute-bound, and long prompts that share a prefix
 are served from the prefix cache anyway.

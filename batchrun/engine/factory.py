@@ -1,0 +1,80 @@
+"""Start the engine a job runs on: vLLM, or the deterministic fake engine for pipeline tests.
+
+The one place that knows which engine kinds exist and what starting each takes; the rest of
+batchrun talks to the `Engine` interface (engine/base.py).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import replace
+from typing import TYPE_CHECKING
+
+from ..config import ConfigError, EngineOptions, JobConfig
+from .base import Engine, EngineDiedError
+
+if TYPE_CHECKING:
+    from .attention.selection import AttentionChoice
+    from .sizing import EngineSizing
+
+ENGINE_KINDS = ("vllm", "fake")
+
+# On CPU, a job asking for fewer new tokens than this runs vLLM eagerly: compiling costs
+# minutes at every start, and only decoding this much wins it back (benchmarks/README.md,
+# "Eager or compiled on CPU").
+EAGER_BELOW_NEW_TOKENS = 13_000
+
+
+def use_eager(options: EngineOptions, new_tokens: int, on_cpu: bool) -> bool:
+    """The job's own choice (--enforce-eager / --compile), else eager on CPU for small jobs;
+    on GPUs vLLM compiles."""
+    if options.enforce_eager is not None:
+        return options.enforce_eager
+    return on_cpu and new_tokens < EAGER_BELOW_NEW_TOKENS
+
+
+def start_engine(kind: str, config: JobConfig, sizing: EngineSizing, *, new_tokens: int,
+                 attention: Callable[[], AttentionChoice | None] | None = None) -> Engine:
+    """Start a `kind` engine ("vllm" or "fake") with the job's sized settings. `new_tokens`:
+    the job's max new tokens in all (the eager/compile choice); `attention`: called to
+    choose the attention backend the job asks vLLM for (it may plan the job: only vLLM
+    calls it). Settings vLLM refuses are the user's to fix (ConfigError, exit 2); any other
+    failure to start is an engine failure (EngineDiedError, exit 4)."""
+    if kind == "fake":
+        from .fake import FakeEngine
+
+        return FakeEngine.from_env(max_model_len=config.engine.max_model_len or 2048)
+    if kind != "vllm":
+        raise ConfigError(f"engine must be one of {ENGINE_KINDS}, not {kind!r}")
+    from ..model import resolve_model
+    from .vllm_engine import VllmEngine, on_cpu
+
+    eager = use_eager(config.engine, new_tokens, on_cpu())
+    options = replace(config.engine, max_model_len=sizing.max_model_len,
+                      kv_cache_memory=sizing.kv_cache_memory)
+    try:
+        choice = attention() if attention is not None else None
+        return VllmEngine(resolve_model(config.model), options, enforce_eager=eager,
+                          attention=choice)
+    except ValueError as e:  # vLLM's verdict on its settings (too small a KV cache, ...)
+        cause = " ".join(str(e).split()) or "no details"
+        raise ConfigError(
+            f"the vLLM engine refused its settings: {cause} (engine settings: "
+            f"max_model_len {sizing.max_model_len:,}, kv_cache_memory "
+            f"{_mib(sizing.kv_cache_memory)}); change them in the job file's [engine] "
+            "section or with the matching flag") from e
+    except Exception as e:  # RuntimeError, torch's OutOfMemoryError, a dead worker, ...
+        cause = " ".join(str(e).split()) or "no details"
+        raise EngineDiedError(f"the vLLM engine failed to start: {type(e).__name__}: {cause}") \
+            from e
+
+
+def engine_kind(engine: Engine) -> str:
+    """The kind of an engine already started (a caller's shared engine)."""
+    from .fake import FakeEngine
+
+    return "fake" if isinstance(engine, FakeEngine) else "vllm"
+
+
+def _mib(size: int | None) -> str:
+    return "the engine's default" if size is None else f"{size / 2**20:,.0f}MiB"
