@@ -156,7 +156,8 @@ class RequestStream:
                     if part.input_format:
                         self._formats[i] = part.input_format
                     requests = _finish(part.draft, held)
-                    passthrough = _with_file_name(part.passthrough, file, names)
+                    passthrough = _with_file_name(part.passthrough, requests.num_rows, file,
+                                                  names)
                     first_row += requests.num_rows
                     yield RequestBatch(requests, passthrough)
             except InputError as e:
@@ -265,14 +266,15 @@ def _head(path: Location) -> bytes:
 
 # --- Passthrough columns: typed per batch, one type per column in the output ----------------
 
-def _with_file_name(passthrough: pa.Table, file: Location,
+def _with_file_name(passthrough: pa.Table, rows: int, file: Location,
                     names: tuple[str, ...]) -> pa.Table:
     """A batch's passthrough columns in the order named, with FILENAME_COLUMN if named."""
     if not names:
         return pa.table({})
     if FILENAME_COLUMN in names:
-        column = pa.repeat(pa.scalar(str(file), pa.string()), passthrough.num_rows)
-        passthrough = passthrough.append_column(FILENAME_COLUMN, column)
+        column = pa.repeat(pa.scalar(str(file), pa.string()), rows)
+        passthrough = (passthrough.append_column(FILENAME_COLUMN, column)
+                       if passthrough.num_columns else pa.table({FILENAME_COLUMN: column}))
     return passthrough.select(list(names))
 
 

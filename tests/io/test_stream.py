@@ -60,6 +60,12 @@ def test_the_batches_are_the_whole_read_cut_in_pieces(tmp_path: Path) -> None:
     assert all(b.passthrough.num_rows == b.requests.num_rows for b in batches)
 
 
+def test_the_file_name_alone_can_pass_through(tmp_path: Path) -> None:
+    path = write_jsonl(tmp_path / "in.jsonl", [{"prompt": "a"}, {"prompt": "b"}])
+    for batch in open_request_stream(path, ColumnMap(passthrough=("source_file",))):
+        assert batch.passthrough.to_pydict() == {"source_file": [str(path)] * 2}
+
+
 def test_a_dataset_streams_file_after_file_with_rows_numbered_across_them(
         tmp_path: Path) -> None:
     write_jsonl(tmp_path / "a.jsonl", [{"prompt": f"a{i}"} for i in range(5)])
