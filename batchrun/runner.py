@@ -149,13 +149,13 @@ def describe_plan(config: JobConfig, engine_kind: str = "vllm") -> dict[str, Any
         for shard in sharded.shards:
             job = prepare_shard(config, shard.load(), sharded.input_format,
                                 sharded.max_model_len)
-            if sizing is None:
-                sizing = engine_sizing(job, engine_kind, longest=sharded.longest)
+            sizing = sizing or engine_sizing(job, engine_kind, longest=sharded.longest)
             _, plan = make_groups(job, sizing.block_size, sizing.kv_capacity_tokens)
             figures.add(plan, *_first_and_last_prompts(job))
             counts["requests"] += len(job.tokens.positions)
             counts["rows_with_errors"] += len(job.request_errors())
             counts["constrained_rows"] += sum(job.constrained_counts().values())
+            del job  # one shard in memory at a time: the next one loads after this is gone
     out = {"rows": sharded.rows, **counts, **figures.to_dict()}
     out.pop("planned", None)
     out["requests"] = counts["requests"]
@@ -176,8 +176,9 @@ def _first_and_last_prompts(job: PreparedJob) -> tuple[np.ndarray | None, np.nda
         return None, None
     order = job.prefix_tree.order
     first, last = int(order[0]), int(order[-1])
-    return (toks.values[toks.offsets[first]:toks.offsets[first + 1]],
-            toks.values[toks.offsets[last]:toks.offsets[last + 1]])
+    # Copies: a view would keep the shard's whole token buffer alive with it.
+    return (toks.values[toks.offsets[first]:toks.offsets[first + 1]].copy(),
+            toks.values[toks.offsets[last]:toks.offsets[last + 1]].copy())
 
 
 def peak_rss_bytes() -> int:
@@ -572,6 +573,7 @@ class _JobRun:
             for kind, n in done.constrained.items():
                 self.constrained[kind] = self.constrained.get(kind, 0) + n
             self.logprobs_rows += done.logprobs_rows
+            del job  # one shard in memory at a time: the next one loads after this is gone
 
     def _run_shard(self, shard: Shard, on_results: Callable[[pa.Table], None],
                    stop: StopFlag, grace_s: float) -> ShardRun:

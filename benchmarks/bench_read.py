@@ -24,7 +24,9 @@ import resource
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 HERE = Path(__file__).resolve().parent
 CACHE = Path("/tmp/batchrun_bench")
@@ -89,10 +91,13 @@ def measure_stages(path: Path) -> dict:
     tokenizer, max_model_len = HFTokenizer(model_dir), model_context_length(model_dir)
     if path.suffix == ".jsonl":
         tokenizer.encode(["load the tokenizer before the clock starts"])
+    def whole_file() -> Iterator[Any]:  # a checkout from before the stream: one batch
+        yield readers.read_request_set(path)
+
     if hasattr(readers, "open_request_stream"):
         batches = iter(readers.open_request_stream(path))
-    else:  # a checkout from before the stream: the whole file is one batch
-        batches = iter([readers.read_request_set(path)])
+    else:
+        batches = whole_file()
     read_s = tokenize_s = 0.0
     rows = tokens = 0
     while True:

@@ -160,3 +160,21 @@ def test_a_pre_tokenized_job_never_imports_transformers(tmp_path: Path) -> None:
     assert outcome == {"exit": 0, "transformers": False}, done.stderr
     report = json.loads(done.stdout)
     assert report["rows"] == 2 and report["prompt_tokens"]["total"] == 5
+
+
+def test_the_model_tokenizer_encodes_as_transformers_does() -> None:
+    from transformers import AutoTokenizer
+
+    from batchrun.model import default_model_dir
+    from batchrun.tokenize import HFTokenizer
+
+    texts = ["Hello, world!", "  leading and trailing spaces  ", "café ☕ naïve 日本語 🙂",
+             "<|im_start|>user\nspecial tokens written as text<|im_end|>", "\n\n\t", "x" * 5000,
+             "The quick brown fox " * 50]
+    ours, theirs = HFTokenizer(default_model_dir()), AutoTokenizer.from_pretrained(
+        default_model_dir())
+    assert ours.encode(texts) == theirs(texts, add_special_tokens=True)["input_ids"]
+    assert ours.encode_rendered(texts) == theirs(texts, add_special_tokens=False)["input_ids"]
+    chat = [{"role": "user", "content": "Hi"}]
+    assert ours.render_chat(chat) == theirs.apply_chat_template(chat, tokenize=False,
+                                                                add_generation_prompt=True)

@@ -156,8 +156,8 @@ class RequestStream:
                     if part.input_format:
                         self._formats[i] = part.input_format
                     requests = _finish(part.draft, held)
-                    passthrough = _with_file_name(part.passthrough, file, names,
-                                                  requests.num_rows)
+                    passthrough = _with_file_name(part.passthrough, requests.num_rows, file,
+                                                  names)
                     first_row += requests.num_rows
                     yield RequestBatch(requests, passthrough)
             except InputError as e:
@@ -266,16 +266,16 @@ def _head(path: Location) -> bytes:
 
 # --- Passthrough columns: typed per batch, one type per column in the output ----------------
 
-def _with_file_name(passthrough: pa.Table, file: Location, names: tuple[str, ...],
-                    rows: int) -> pa.Table:
-    """A batch's passthrough columns in the order named, with FILENAME_COLUMN if named
-    (`rows` long: a batch with no other passthrough column has a table of no rows)."""
+def _with_file_name(passthrough: pa.Table, rows: int, file: Location,
+                    names: tuple[str, ...]) -> pa.Table:
+    """A batch's passthrough columns in the order named, with FILENAME_COLUMN if named."""
     if not names:
         return pa.table({})
-    columns = {n: passthrough[n] for n in passthrough.column_names}
     if FILENAME_COLUMN in names:
-        columns[FILENAME_COLUMN] = pa.repeat(pa.scalar(str(file), pa.string()), rows)
-    return pa.table(columns).select(list(names))
+        column = pa.repeat(pa.scalar(str(file), pa.string()), rows)
+        passthrough = (passthrough.append_column(FILENAME_COLUMN, column)
+                       if passthrough.num_columns else pa.table({FILENAME_COLUMN: column}))
+    return passthrough.select(list(names))
 
 
 def unified_passthrough_schema(schemas: list[pa.Schema], names: Iterable[str]) -> pa.Schema:

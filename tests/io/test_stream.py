@@ -60,6 +60,12 @@ def test_the_batches_are_the_whole_read_cut_in_pieces(tmp_path: Path) -> None:
     assert all(b.passthrough.num_rows == b.requests.num_rows for b in batches)
 
 
+def test_the_file_name_alone_can_pass_through(tmp_path: Path) -> None:
+    path = write_jsonl(tmp_path / "in.jsonl", [{"prompt": "a"}, {"prompt": "b"}])
+    for batch in open_request_stream(path, ColumnMap(passthrough=("source_file",))):
+        assert batch.passthrough.to_pydict() == {"source_file": [str(path)] * 2}
+
+
 def test_a_dataset_streams_file_after_file_with_rows_numbered_across_them(
         tmp_path: Path) -> None:
     write_jsonl(tmp_path / "a.jsonl", [{"prompt": f"a{i}"} for i in range(5)])
@@ -193,3 +199,22 @@ def test_the_validate_report_over_batches_equals_the_report_at_once(tmp_path: Pa
         {0: "row 0: too long", 2: "row 2: too long"})
     assert [e[:6] for e in report.summary()["first_errors"]] == ["row 0:", "row 1:", "row 2:"]
     assert report.summary()["errors"] == 4 and report.summary()["ok"] == 0
+
+
+def test_reading_parquet_holds_one_row_group_at_a_time(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    # Row groups large enough (~7 MB compressed) that one pyarrow reader over the whole file
+    # keeps the bytes of those it has read.
+    groups, rows, tokens = 5, 40_000, 100
+    values = pa.array(rng.integers(0, 32_000, groups * rows * tokens, dtype=np.int32))
+    offsets = pa.array(np.arange(0, groups * rows * tokens + 1, tokens, dtype=np.int32))
+    path = tmp_path / "tokens.parquet"
+    pq.write_table(pa.table({"prompt_token_ids": pa.ListArray.from_arrays(offsets, values)}),
+                   path, row_group_size=rows)
+    group_bytes = pq.ParquetFile(path).metadata.row_group(0).column(0).total_compressed_size
+    held = []
+    for batch in open_request_stream(path, batch_rows=rows):
+        assert batch.requests.num_rows == rows
+        held.append(pa.total_allocated_bytes())
+        del batch
+    assert max(held) - held[0] < group_bytes, [h / group_bytes for h in held]
