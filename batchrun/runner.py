@@ -23,6 +23,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from . import __version__
+from .cluster.replicas import EngineReplicas, start_replicas
 from .config import ConfigError, JobConfig
 from .engine.attention.selection import (
     DEFAULT_CONCURRENCY,
@@ -68,6 +69,7 @@ from .prepare import (
     request_factory,
 )
 from .progress import ProgressReporter, StageClock
+from .shards import Shard
 from .terminal import engine_log_path, output_to_log, terminal
 
 __all__ = ["EXIT_INTERNAL", "EXIT_INTERRUPTED", "EXIT_OK", "EXIT_ROW_ERRORS", "EXIT_USAGE",
@@ -457,6 +459,7 @@ class _JobRun:
     constrained: dict[str, int] = field(default_factory=dict)
     logprobs_rows: int = 0
     stats_before: EngineStats | None = None
+    replicas: EngineReplicas | None = None  # the engines, when on Ray (cluster/replicas.py)
 
     @classmethod
     def open(cls, config: JobConfig, paths: OutputPaths, engine_kind: str,
@@ -503,6 +506,9 @@ class _JobRun:
                                        sharded.input_format, sharded.max_model_len)
         if self.own_engine:
             self.sizing = engine_sizing(self.first, engine_kind, longest=sharded.longest)
+            if self.config.cluster.on_ray:
+                self.replicas = start_replicas(self.config, engine_kind, self.sizing, sharded)
+                return
             first = self.first
             self.engine = start_engine(engine_kind, self.config, self.sizing,
                                        new_tokens=sharded.new_tokens,
@@ -544,6 +550,8 @@ class _JobRun:
                     journal.close()
             if self.own_engine and self.engine is not None:
                 self.engine.close()
+            if self.replicas is not None:
+                self.replicas.close()
 
     def _run_shards(self, journal: ResultJournal, progress: ProgressReporter, stop: StopFlag,
                     grace_s: float) -> None:
@@ -554,27 +562,37 @@ class _JobRun:
                       for c in ("prompt_tokens", "completion_tokens")]
             progress.advance(table.num_rows, sum(tokens))
 
-        for shard in self.sharded.shards:
-            if stop.requested:
-                break
-            job, self.first = self.first, None  # the first shard was prepared at the start
-            if job is None:
-                with self.clock("plan"):
-                    job = prepare_shard(self.config, shard.load(), self.sharded.input_format,
-                                        self.sharded.max_model_len)
-            done = run_shard(job, self.engine, on_results, stop=stop, grace_s=grace_s,
-                             trace=self.trace, clock=self.clock)
+        if self.replicas is not None:
+            shard_runs = self.replicas.run(self.sharded.shards, on_results, stop, grace_s)
+        else:
+            shard_runs = (self._run_shard(shard, on_results, stop, grace_s)
+                          for shard in self.sharded.shards if not stop.requested)
+        for done in shard_runs:
             self.plan.add(done.plan, done.first_prompt, done.last_prompt)
             for kind, n in done.constrained.items():
                 self.constrained[kind] = self.constrained.get(kind, 0) + n
             self.logprobs_rows += done.logprobs_rows
-            del job  # one shard in memory at a time: the next one loads after this is gone
+
+    def _run_shard(self, shard: Shard, on_results: Callable[[pa.Table], None],
+                   stop: StopFlag, grace_s: float) -> ShardRun:
+        job, self.first = self.first, None  # the first shard was prepared at the start
+        if job is None:
+            with self.clock("plan"):
+                job = prepare_shard(self.config, shard.load(), self.sharded.input_format,
+                                    self.sharded.max_model_len)
+        return run_shard(job, self.engine, on_results, stop=stop, grace_s=grace_s,
+                         trace=self.trace, clock=self.clock)
 
     def _note_engine_counters(self) -> None:
-        """What a shared engine counted before this job: the summary reports this job's."""
-        self.stats_before = self.engine.stats(new_job=True)
+        """What a shared engine counted before this job: the summary reports this job's.
+        (Replicas report per replica instead.)"""
+        if self.engine is not None:
+            self.stats_before = self.engine.stats(new_job=True)
 
     def _start_line(self) -> str:
+        if self.replicas is not None:
+            return (f"batchrun: {self.sharded.requests:,} of {self.sharded.rows:,} rows to run "
+                    f"on {self.replicas.describe()}")
         info, sharded = self.engine.info, self.sharded
         kv = f", KV cache {info.kv_capacity_tokens:,} tokens" if info.kv_capacity_tokens else ""
         shards = f", in {len(sharded.shards)} prefix shards" if len(sharded.shards) > 1 else ""
@@ -645,6 +663,8 @@ class _JobRun:
                              "peak_rss_bytes": peak_rss_bytes()}
         if self.sizing is not None:
             summary["engine_sizing"] = self.sizing.to_dict()
+        if self.replicas is not None:
+            summary["replicas"] = [r.to_dict() for r in self.replicas.stats]
         if self.stats_before is not None:
             # Read after close: an engine's own processes have written their last counts then.
             used = self.engine.stats().since(self.stats_before)

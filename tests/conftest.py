@@ -21,6 +21,13 @@ import pytest  # noqa: E402
 
 from batchrun.config import EngineOptions  # noqa: E402
 
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "slow: starts real vLLM engines beyond the session's one (minutes on 2 "
+        "cores); `pytest -m slow` runs only these, `-m 'not slow'` all others")
+
+
 # Small KV cache on purpose: real jobs are larger than the cache, and tests should see that.
 TEST_ENGINE_OPTIONS = EngineOptions(kv_cache_memory=256 << 20, max_model_len=2048,
                                     enforce_eager=True, attention="prefix")

@@ -195,3 +195,19 @@ def test_requests_aborted_at_a_stop_are_not_journaled_even_if_reported(tmp_path:
                    handle_signals=False).exit_code == EXIT_OK
     check_output(cfg.output, ids)
 
+
+
+def test_a_signal_drains_every_replica_and_resume_finishes(tmp_path: Path) -> None:
+    ids = write_rows(tmp_path / "in.jsonl", 200)
+    out = tmp_path / "out.parquet"
+    proc = start_batchrun(*run_args(tmp_path, "--replicas", "2"), fake_engine=SLOW)
+    assert wait_for_rows(out, proc, at_least=1) < len(ids)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = finish(proc, timeout=60)
+    assert proc.returncode == EXIT_INTERRUPTED, stderr
+    assert "Traceback" not in stderr and "SIGTERM: finishing requests in flight" in stderr
+    assert "replica 0 (" in stderr and "replica 1 (" in stderr  # each one's share so far
+    assert not out.exists() and 0 < len(journaled_rows(out)) < len(ids)
+    resumed = batchrun(*run_args(tmp_path, "--replicas", "2", "--resume"), timeout=120)
+    assert resumed.returncode == EXIT_OK, resumed.stderr
+    check_output(out, ids)

