@@ -22,14 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .config import (
-    SECTIONS,
-    ConfigError,
-    JobConfig,
-    load_job_file,
-    option_keys,
-    with_overrides,
-)
+from .config import SECTIONS, ConfigError, JobConfig, load_job_file, option_keys, with_overrides
 from .errors import EXIT_INTERRUPTED, BatchrunError, JobInterrupted, UsageError
 from .io import storage
 

@@ -53,6 +53,7 @@ from .structured import (
 
 DEFAULT_MODEL = "default"
 INPUT_FORMATS = ("auto", "jsonl", "parquet", "openai")
+SECTIONS = ("columns", "sampling", "engine", "cluster")  # a job file's [tables]
 ATTENTION_CHOICES = ("auto", "prefix", "default")
 
 
@@ -233,7 +234,6 @@ def _field_kinds(cls: type) -> dict[str, frozenset[Any] | None]:
 _SECTION_CLASSES = (ColumnMap, SamplingDefaults, EngineOptions, ClusterOptions)
 _SECTIONS: dict[str, type] = {"": JobConfig, "columns": ColumnMap, "sampling": SamplingDefaults,
                               "engine": EngineOptions, "cluster": ClusterOptions}
-SECTIONS = tuple(name for name in _SECTIONS if name)  # a job file's [tables]
 _FIELDS: dict[type, dict[str, Any]] = {cls: _field_kinds(cls) for cls in _SECTIONS.values()}
 # The fields that may be None, by section: an override of '' clears those of type str.
 _NULLABLE: dict[type, set[str]] = {
@@ -457,8 +457,8 @@ def option_keys() -> dict[str, str]:
     keys = {f"{name}_column": f"columns.{name}" for name in _FIELDS[ColumnMap]}
     keys["passthrough"] = "columns.passthrough"
     keys.update({name: f"engine.{name}" for name in _FIELDS[EngineOptions]})
-    keys.update({name: f"cluster.{name}" for name in _FIELDS[ClusterOptions]})
     keys.update({name: f"sampling.{name}" for name in _FIELDS[SamplingDefaults]})
+    keys.update({name: f"cluster.{name}" for name in _FIELDS[ClusterOptions]})
     keys.update({name: name for name, kind in _FIELDS[JobConfig].items()
                  if kind is not None and name != "input"})
     del keys["passthrough_column"]

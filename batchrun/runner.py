@@ -573,7 +573,6 @@ class _JobRun:
             for kind, n in done.constrained.items():
                 self.constrained[kind] = self.constrained.get(kind, 0) + n
             self.logprobs_rows += done.logprobs_rows
-            del job  # one shard in memory at a time: the next one loads after this is gone
 
     def _run_shard(self, shard: Shard, on_results: Callable[[pa.Table], None],
                    stop: StopFlag, grace_s: float) -> ShardRun:
@@ -586,8 +585,9 @@ class _JobRun:
                          trace=self.trace, clock=self.clock)
 
     def _note_engine_counters(self) -> None:
-        """What a shared engine counted before this job: the summary reports this job's."""
-        if self.engine is not None:  # replicas count on engines of their own
+        """What a shared engine counted before this job: the summary reports this job's.
+        (Replicas report per replica instead.)"""
+        if self.engine is not None:
             self.stats_before = self.engine.stats(new_job=True)
 
     def _start_line(self) -> str:

