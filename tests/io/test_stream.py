@@ -212,9 +212,10 @@ def test_reading_parquet_holds_one_row_group_at_a_time(tmp_path: Path) -> None:
     pq.write_table(pa.table({"prompt_token_ids": pa.ListArray.from_arrays(offsets, values)}),
                    path, row_group_size=rows)
     group_bytes = pq.ParquetFile(path).metadata.row_group(0).column(0).total_compressed_size
-    held = []
+    held, seen = [], 0
     for batch in open_request_stream(path, batch_rows=rows):
-        assert batch.requests.num_rows == rows
+        seen += batch.requests.num_rows
         held.append(pa.total_allocated_bytes())
         del batch
+    assert seen == groups * rows
     assert max(held) - held[0] < group_bytes, [h / group_bytes for h in held]
