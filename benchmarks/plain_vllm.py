@@ -39,8 +39,11 @@ def token_ids(rows: list[dict], tokenizer) -> list[list[int]]:
         if row.get("prompt_token_ids") is not None:
             out.append(list(row["prompt_token_ids"]))
         elif row.get("messages") is not None:
-            out.append(tokenizer.apply_chat_template(row["messages"], tokenize=True,
-                                                     add_generation_prompt=True))
+            # Rendered, then encoded without extra special tokens: vLLM's chat path (and
+            # batchrun's). tokenize=True returns a BatchEncoding in recent transformers.
+            text = tokenizer.apply_chat_template(row["messages"], tokenize=False,
+                                                 add_generation_prompt=True)
+            out.append(tokenizer.encode(text, add_special_tokens=False))
         else:
             out.append(tokenizer.encode(row["prompt"], add_special_tokens=False))
     return out
