@@ -22,7 +22,6 @@ by batch.
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,10 +47,8 @@ def token_lists(table: pa.Table) -> tuple[np.ndarray, np.ndarray]:
 
 def compare(a: np.ndarray, b: np.ndarray) -> int:
     """-1, 0 or 1 as token sequence a sorts before, with or after b (a prefix sorts first)."""
-    n = min(len(a), len(b))
-    differ = np.flatnonzero(a[:n] != b[:n])
-    if len(differ):
-        k = differ[0]
+    k = shared_prefix(a, b)
+    if k < min(len(a), len(b)):
         return -1 if a[k] < b[k] else 1
     return (len(a) > len(b)) - (len(a) < len(b))
 
@@ -148,17 +145,11 @@ def _count_less(sorted_prompts: list[np.ndarray], prompt: np.ndarray) -> int:
 class Shard:
     """One contiguous range of the job's prompts in token order: [low, high) of every run."""
 
-    index: int
     pieces: tuple[tuple[SortedRun, int, int], ...]  # (run, first row, one past the last)
 
     @property
     def rows(self) -> int:
         return sum(stop - start for _, start, stop in self.pieces)
-
-    @property
-    def nbytes(self) -> int:
-        return sum(run.nbytes * (stop - start) // max(run.rows, 1)
-                   for run, start, stop in self.pieces)
 
     def load(self) -> pa.Table:
         """The shard's tokenized requests (REQUEST_SCHEMA), in memory."""
@@ -217,7 +208,7 @@ class ShardBuilder:
             table = pa.concat_tables(self.pending).combine_chunks()
             run = SortedRun(table.num_rows, table.nbytes, [], RUN_BATCH_ROWS, table=table)
             self.pending, self.pending_bytes = [], 0
-            return [Shard(0, ((run, 0, run.rows),))]
+            return [Shard(((run, 0, run.rows),))]
         if self.pending:
             self.runs.append(self._sorted_run(None))
             self.pending, self.pending_bytes = [], 0
@@ -226,13 +217,10 @@ class ShardBuilder:
         for low, high in zip(cuts[:-1], cuts[1:], strict=False):
             pieces = tuple((run, run.lower_bound(low) if low is not None else 0,
                             run.lower_bound(high)) for run in self.runs)
-            shard = Shard(len(shards), tuple(p for p in pieces if p[2] > p[1]))
+            shard = Shard(tuple(p for p in pieces if p[2] > p[1]))
             if shard.rows:
                 shards.append(shard)
         return shards
-
-    def remove_spill(self) -> None:
-        shutil.rmtree(self.spill_dir, ignore_errors=True)
 
 
 def choose_splitters(runs: list[SortedRun], shard_bytes: int) -> list[np.ndarray]:

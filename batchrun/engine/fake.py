@@ -57,11 +57,9 @@ _MUL_INV = np.uint64(pow(int(_MUL), -1, 2**64))
 
 
 def _powers(base: np.uint64, n: int) -> np.ndarray:
-    out = np.ones(n, dtype=np.uint64)
-    with np.errstate(over="ignore"):
-        for i in range(1, n):
-            out[i] = out[i - 1] * base
-    return out
+    """base**0 .. base**(n - 1) mod 2**64 (uint64 products wrap)."""
+    return np.cumprod(np.concatenate(([np.uint64(1)], np.full(n - 1, base, np.uint64))),
+                      dtype=np.uint64)
 
 
 _MUL_POW = _powers(_MUL, 1 << 15)  # up to 32,768 blocks a prompt

@@ -23,7 +23,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .readers import cast_passthrough, unified_passthrough_schema
-from .results import ROW_GROUP_SIZE, _fsync_dir, _write_openai_lines, temp_path
+from .results import ROW_GROUP_SIZE, _fsync_dir, _write_openai_lines, journal_batches, temp_path
 from .schema import RESULT_SCHEMA
 
 ENDPOINT = "endpoint"
@@ -83,16 +83,6 @@ class InputColumns:
 def _read_ipc_file(path: Path) -> pa.Table:
     with pa.OSFile(str(path), "rb") as f:
         return pa.ipc.open_file(f).read_all()
-
-
-def journal_batches(journals: list[Path]) -> Iterator[pa.RecordBatch]:
-    """Every complete record batch of the journals, in order."""
-    for journal in journals:
-        try:
-            with pa.OSFile(str(journal), "rb") as f, pa.ipc.open_stream(f) as reader:
-                yield from reader
-        except (pa.ArrowInvalid, OSError):
-            pass  # the tail a kill (or a full disk) cut short; what was read before it stands
 
 
 @dataclass(frozen=True)

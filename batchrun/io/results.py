@@ -28,7 +28,6 @@ from typing import Any, TextIO
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from ..errors import UsageError
 from .schema import RESULT_SCHEMA
@@ -176,16 +175,14 @@ class Checkpoint:
         return sorted(self.path.glob("journal-*.arrows"))
 
     def has_results(self) -> bool:
-        return any(next(_complete_batches(j), None) is not None for j in self.journals())
+        return next(journal_batches(self.journals()), None) is not None
 
     def read_done(self) -> pa.Table:
         """Every result recorded so far (complete batches only), at most once per row."""
-        tables = []
-        for journal in self.journals():
-            tables.extend(_complete_batches(journal))
-        if not tables:
+        batches = list(journal_batches(self.journals()))
+        if not batches:
             return RESULT_SCHEMA.empty_table()
-        done = pa.concat_tables(tables)
+        done = pa.Table.from_batches(batches, schema=RESULT_SCHEMA)
         # A row is journaled once per run; keep the first should a bug ever repeat it.
         first = pc.equal(pc.index_in(done["row"], done["row"]),
                          pa.array(range(done.num_rows), pa.int32()))
@@ -205,13 +202,14 @@ class Checkpoint:
         shutil.rmtree(self.path, ignore_errors=True)
 
 
-def _complete_batches(journal: Path) -> Iterator[pa.Table]:
-    try:
-        with pa.OSFile(str(journal), "rb") as f, pa.ipc.open_stream(f) as reader:
-            for batch in reader:
-                yield pa.Table.from_batches([batch])
-    except (pa.ArrowInvalid, OSError):
-        pass  # the tail that a kill (or a full disk) cut short; what was read before it stands
+def journal_batches(journals: list[Path]) -> Iterator[pa.RecordBatch]:
+    """Every complete record batch of the journals, in order."""
+    for journal in journals:
+        try:
+            with pa.OSFile(str(journal), "rb") as f, pa.ipc.open_stream(f) as reader:
+                yield from reader
+        except (pa.ArrowInvalid, OSError):
+            pass  # the tail a kill (or a full disk) cut short; what was read before it stands
 
 
 class ResultJournal:
@@ -248,47 +246,6 @@ class ResultJournal:
                 os.fsync(self._sink.fileno())
         finally:
             self._sink.close()
-
-
-def write_final_parquet(
-    results: pa.Table, passthrough: pa.Table | None, output: Path, metadata: dict[str, Any]
-) -> pa.Table:
-    """Write results (one per input row, any order) in input order, atomically, and return
-    the table written. Passthrough columns are joined by row position."""
-    table = results.sort_by("row")
-    if passthrough is not None and passthrough.num_columns:
-        extra = passthrough.take(table["row"])
-        for name in extra.column_names:
-            if name not in table.column_names:
-                table = table.append_column(name, extra[name])
-    meta = {b"batchrun": json.dumps(metadata, sort_keys=True, default=str).encode()}
-    table = table.replace_schema_metadata(meta)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_path(output)
-    try:
-        pq.write_table(table, tmp, row_group_size=ROW_GROUP_SIZE, compression="zstd")
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, output)
-        _fsync_dir(output.parent)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return table
-
-
-def write_openai_jsonl(table: pa.Table, path: Path, *, model: str) -> None:
-    """Results in the OpenAI Batch API output format, one line per input row. An `endpoint`
-    column ("chat" / "completion") picks chat.completion or text_completion bodies."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_path(path)
-    try:
-        with open(tmp, "w") as f:
-            _write_openai_lines(f, table, model)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def temp_path(path: Path) -> Path:
