@@ -12,6 +12,7 @@ running batch over the last 10% of each run (the tail), and peak RSS of each pro
 
     python benchmarks/bench_e2e.py                          # the default job list
     python benchmarks/bench_e2e.py --jobs mixed --kv 256MiB,1GiB --rounds 2
+    python benchmarks/bench_e2e.py --large-kv 1GiB   # and batchrun alone at a large cache
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from synthetic import write_job  # noqa: E402
 
 BATCHRUN = [sys.executable, "-m", "batchrun"]
 PLAIN = [sys.executable, str(HERE / "plain_vllm.py")]
-DEFAULT_JOBS = "mixed,duplicates,prefix,fewshot,rag,multiturn,unshared"
+DEFAULT_JOBS = "mixed,reports,duplicates,prefix,fewshot,rag,multiturn,unshared"
 
 
 def timed(cmd: list[str]) -> tuple[float, int, str]:
@@ -76,26 +77,33 @@ def max_model_len_for(job: Path, kv: str) -> int:
     return json.loads(out)["engine_sizing"]["max_model_len"]
 
 
-def bench_job(name: str, kv: str, rounds: int, tmp: Path) -> dict:
+def bench_job(name: str, kv: str, rounds: int, tmp: Path, large_kv: str | None = None) -> dict:
+    """B F S S F B per round at `kv`; with `large_kv`, batchrun also runs at that cache at
+    both ends of each round (B+ ... B+), to show what KV pressure costs it."""
     job = write_job(name, tmp, fmt="parquet" if name == "prefix" else "jsonl")
     context = max_model_len_for(job, kv)
-    runs: dict[str, list[dict]] = {"batchrun": [], "file": [], "sorted": []}
+    runs: dict[str, list[dict]] = {"batchrun": [], "file": [], "sorted": [], "large": []}
+    order = ("batchrun", "file", "sorted", "sorted", "file", "batchrun")
+    if large_kv:
+        order = ("large", *order, "large")
     ratios = []
     for _ in range(rounds):
         walls: dict[str, float] = {k: 0.0 for k in runs}
-        for who in ("batchrun", "file", "sorted", "sorted", "file", "batchrun"):
+        for who in order:
             out = tmp / f"{name}-{who}.parquet"
-            run = (run_batchrun(job, out, kv) if who == "batchrun"
-                   else run_plain(job, out, kv, who, context))
+            if who in ("batchrun", "large"):
+                run = run_batchrun(job, out, large_kv if who == "large" else kv)
+            else:
+                run = run_plain(job, out, kv, who, context)
             runs[who].append(run)
             walls[who] += run["wall"]
         ratios.append(min(walls["file"], walls["sorted"]) / walls["batchrun"])
-    return {"job": name, "kv": kv, "runs": runs, "ratios": ratios}
+    return {"job": name, "kv": kv, "large_kv": large_kv, "runs": runs, "ratios": ratios}
 
 
 def report(result: dict) -> str:
     runs = result["runs"]
-    med = {k: statistics.median(r["wall"] for r in v) for k, v in runs.items()}
+    med = {k: statistics.median(r["wall"] for r in v) if v else 0.0 for k, v in runs.items()}
     b, f, s = (runs[k][0] for k in ("batchrun", "file", "sorted"))
     r = result["ratios"]
     return (f"{result['job']:<11} {result['kv']:>6} {med['batchrun']:>8.1f} {med['file']:>7.1f} "
@@ -103,12 +111,14 @@ def report(result: dict) -> str:
             f"{b['computed']:>8} {f['computed']:>7} {s['computed']:>7} {b['ideal'] or 0:>7} "
             f"{b['tail']:>6.1f} {f['tail']:>6.1f} {s['tail']:>6.1f} {b['duplicates']:>4} "
             f"{max(x['rss'] for x in runs['batchrun']):>6} "
-            f"{max(x['rss'] for x in runs['sorted']):>6}")
+            f"{max(x['rss'] for x in runs['sorted']):>6} {med['large']:>7.1f} "
+            f"{runs['large'][0]['tail'] if runs['large'] else 0:>6.1f}")
 
 
 HEADER = (f"{'job':<11} {'kv':>6} {'batchrun':>8} {'file':>7} {'sorted':>7} {'ratio':>7} "
           f"{'spread':>9} {'computed':>8} {'file':>7} {'sorted':>7} {'ideal':>7} "
-          f"{'tail':>6} {'file':>6} {'sorted':>6} {'dups':>4} {'rss':>6} {'rss-s':>6}")
+          f"{'tail':>6} {'file':>6} {'sorted':>6} {'dups':>4} {'rss':>6} {'rss-s':>6} "
+          f"{'b@large':>7} {'tail':>6}")
 
 
 def main() -> None:
@@ -116,6 +126,7 @@ def main() -> None:
     ap.add_argument("--jobs", default=DEFAULT_JOBS)
     ap.add_argument("--kv", default="256MiB", help="KV cache sizes, comma-separated")
     ap.add_argument("--rounds", type=int, default=1)
+    ap.add_argument("--large-kv", help="also run batchrun alone at this KV cache (e.g. 1GiB)")
     ap.add_argument("--json-out", type=Path, help="also write every run's figures here")
     args = ap.parse_args()
     results = []
@@ -126,7 +137,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.jobs.split(","):
             for kv in args.kv.split(","):
-                result = bench_job(name, kv, args.rounds, Path(tmp))
+                result = bench_job(name, kv, args.rounds, Path(tmp), args.large_kv)
                 results.append(result)
                 print(report(result), flush=True)
     if args.json_out:

@@ -83,10 +83,13 @@ def main() -> None:
                              temperature=0.0) for i in order]
     trace = StepTrace()  # batchrun's own step statistics, for a like-for-like tail figure
     engine_step = llm.llm_engine.step
+    # The in-process engine core's scheduler: LLM.generate returns only finished requests
+    # from a step, so the running batch is read where vLLM keeps it.
+    scheduler = llm.llm_engine.engine_core.engine_core.scheduler
 
     def counted_step():
         outputs = engine_step()
-        trace.record(len(outputs))
+        trace.record(len(scheduler.running) + len(outputs))  # still running + just finished
         return outputs
 
     llm.llm_engine.step = counted_step

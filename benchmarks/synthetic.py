@@ -100,6 +100,28 @@ def mixed_rows(rng: random.Random, *, systems: int = 4, rows: int = 240) -> list
     return out
 
 
+def reports_rows(rng: random.Random, *, documents: int = 16, reports: int = 6,
+                 report_tokens: int = 256) -> list[dict]:
+    """RAG with a few long answers: 16 shared documents (~1.2x a 256MiB cache together),
+    2-20 short questions each (max_tokens 24), and on 6 of the documents one report (a prompt
+    the model keeps answering, max_tokens 256). The reports are the job's critical path and
+    fit the cache together with their documents: wherever sorting or the file puts them,
+    the last one to start decodes alone at the end, unless they start first and overlap
+    the prefills of the rest."""
+    system = "You answer questions using only the document below. " + _text(rng, 30)
+    reported = set(rng.sample(range(documents), reports))
+    rows = []
+    for d in range(documents):
+        head = f"{system}\n\nDocument {d}: {_text(rng, 300)}\n\n"
+        for q in range(rng.randint(2, 20)):
+            rows.append({"prompt": f"{head}Question {q}: what does it say about "
+                                   f"{rng.choice(_WORDS)}?\nAnswer:", "max_tokens": 24})
+        if d in reported:
+            rows.append({"prompt": f"{head}Here is a numbered list of 100 facts from the "
+                                   "document, one per line:\n1.", "max_tokens": report_tokens})
+    return rows
+
+
 def duplicates_rows(rng: random.Random, *, rows: int = 192, share: float = 0.25) -> list[dict]:
     """A quarter of the rows repeat an earlier row exactly (same prompt, same sampling):
     a pipeline that re-sends items, or the same question asked by many users."""
@@ -110,7 +132,8 @@ def duplicates_rows(rng: random.Random, *, rows: int = 192, share: float = 0.25)
 
 JOBS = {"fewshot": fewshot_rows, "rag": rag_rows, "multiturn": multiturn_rows,
         "multiturn-small": partial(multiturn_rows, chats=12), "unshared": unshared_rows,
-        "prefix": prefix_rows, "mixed": mixed_rows, "duplicates": duplicates_rows}
+        "prefix": prefix_rows, "mixed": mixed_rows, "duplicates": duplicates_rows,
+        "reports": reports_rows}
 
 
 def write_scale_jsonl(path: Path, rows: int, *, systems: int = 2_000, seed: int = 0) -> Path:
