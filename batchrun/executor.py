@@ -228,33 +228,43 @@ class StreamingExecutor:
 
     def _admit(self) -> None:
         """Start requests in plan order while they fit; a group waiting for its leader lets
-        the groups after it go ahead."""
+        the groups after it go ahead, but only with room left for its own members: they
+        start the moment the leader has prefilled."""
+        promised = 0  # prompt blocks of members waiting for their group's leader
         for position, state in enumerate(list(self._pending)):
             g = state.group
             needs_leader = state.shared and not self._budget.prefix_ready(g.prefix_id) and \
                 g.prefix_id not in self._computing
-            if needs_leader and position > 0 and not self._fits(self._whole_cost(state)):
+            if needs_leader and position > 0 and \
+                    not self._fits(self._whole_cost(state) + promised):
                 return
             if state.shared and not state.holds_prefix:
                 if not self._fits(self._budget.prefix_cost(g) + self._budget.member_cost(g, 0)):
                     return
                 self._hold_prefix(g.prefix_id)
             if state.shared and not self._budget.prefix_ready(g.prefix_id):
-                if {g.prefix_id, g.parent_id, g.shared_above_id} & self._computing:
-                    continue  # a leader in flight computes it, or a prefix it extends
-                leader = self._start_member(state)
-                if leader is None:
-                    return
-                computes = self._computed_by_leader(g)
-                self._computing.update(computes)
-                self._leaders[leader] = (state, computes)
-                if state.all_started:
-                    self._pending.remove(state)
+                if not {g.prefix_id, g.parent_id, g.shared_above_id} & self._computing:
+                    # No leader in flight computes it, or a prefix it extends: start one.
+                    leader = self._start_member(state)
+                    if leader is None:
+                        return
+                    computes = self._computed_by_leader(g)
+                    self._computing.update(computes)
+                    self._leaders[leader] = (state, computes)
+                    if state.all_started:
+                        self._pending.remove(state)
+                promised += self._waiting_cost(state)
                 continue
             while not state.all_started:
                 if self._start_member(state) is None:
                     return
             self._pending.remove(state)
+
+    def _waiting_cost(self, state: _GroupState) -> int:
+        """Prompt blocks of the group's members not started yet."""
+        g = state.group
+        rest = slice(state.next_member, len(g.members))
+        return int(g.suffix_blocks[rest].sum() - g.decode_blocks[rest].sum())
 
     def _whole_cost(self, state: _GroupState) -> int:
         """Blocks the group's prefix and all its members not started yet would take, their

@@ -219,6 +219,22 @@ def test_a_group_behind_others_starts_its_leader_only_when_its_members_fit_too()
     assert sum(done[i].cached_tokens == 0 for i in range(8)) == 2  # each prefix once
 
 
+def test_a_group_behind_others_leaves_room_for_members_waiting_on_their_leader():
+    # The first group's leader is prefilling; its 7 other members start the moment it has.
+    # Beside the leader alone, the second group would fit (10 + 16 of 32 blocks), beside all
+    # of the first group it does not (24 + 16): started then, its leader would finish while
+    # its members wait, and vLLM may evict a prefix nothing references before they start.
+    engine = FakeEngine(block_size=4, kv_capacity_tokens=128)  # 32 blocks
+    first = requests(8, PREFIX)
+    other = [GenerationRequest(f"o{i}", list(range(300, 332)) + [i], max_tokens=3)
+             for i in range(4)]
+    done, _ = run(engine, first + other, [group(list(range(8)), 32, prefix_id=1),
+                                          group([8, 9, 10, 11], 32, prefix_id=2)])
+    order = engine.admission_order
+    assert order.index("o0") > max(order.index(f"q{i}") for i in range(8))
+    assert sum(done[i].cached_tokens == 0 for i in range(12)) == 2  # each prefix once
+
+
 def test_sibling_leaders_wait_for_the_prefix_they_share_instead_of_computing_it_twice():
     # A system prompt (8 blocks) that the planner chose as no group of its own, and two
     # document groups below it (prefix tree node 1 above both): the first leader computes the
