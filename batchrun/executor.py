@@ -17,7 +17,9 @@ cut from it until the last such group finishes (so the cache has room to keep it
 cuts); a group whose prefix was released and is needed again elects a leader of its own.
 Leaders of many groups prefill together, and later groups go on starting while a group waits
 for its leader; but a group behind others starts its leader only when all its members fit
-too: a prefix computed long before its members run would be evicted by then.
+too, beside the members of earlier groups that wait for their own leaders: a leader that
+finishes before its members start leaves its prefix referenced by no request, and vLLM's
+cache evicts the least recently freed blocks first, held by the budget or not.
 """
 
 from __future__ import annotations
