@@ -255,18 +255,12 @@ class StreamingExecutor:
                     self._leaders[leader] = (state, computes)
                     if state.all_started:
                         self._pending.remove(state)
-                promised += self._waiting_cost(state)
+                promised += self._budget.members_cost(g, state.next_member)
                 continue
             while not state.all_started:
                 if self._start_member(state) is None:
                     return
             self._pending.remove(state)
-
-    def _waiting_cost(self, state: _GroupState) -> int:
-        """Prompt blocks of the group's members not started yet."""
-        g = state.group
-        rest = slice(state.next_member, len(g.members))
-        return int(g.suffix_blocks[rest].sum() - g.decode_blocks[rest].sum())
 
     def _whole_cost(self, state: _GroupState) -> int:
         """Blocks the group's prefix and all its members not started yet would take, their

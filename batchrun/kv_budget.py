@@ -91,6 +91,12 @@ class KvBudget:
         executor's module notes)."""
         return int(group.suffix_blocks[k]) - int(group.decode_blocks[k])
 
+    @staticmethod
+    def members_cost(group: RunGroup, first: int) -> int:
+        """Blocks the prompts of members `first`.. add: member_cost summed."""
+        rest = slice(first, len(group.members))
+        return int(group.suffix_blocks[rest].sum()) - int(group.decode_blocks[rest].sum())
+
     def prefix_cost(self, group: RunGroup) -> int:
         """Blocks holding the group's prefix would add now (0 when it is held already)."""
         return self._prefixes.cost(group.prefix_id, group.prefix_blocks, group.parent_id)
