@@ -20,11 +20,20 @@ for its leader; but a group behind others starts its leader only when all its me
 too, beside the members of earlier groups that wait for their own leaders: a leader that
 finishes before its members start leaves its prefix referenced by no request, and vLLM's
 cache evicts the least recently freed blocks first, held by the budget or not.
+
+The plan ranks work by max_tokens; as the run goes, the first members of each shared prefix
+show how long its requests really answer (`OutputLengths`). A prefix found light (a
+classifier's one-word answers under a ceiling of hundreds of tokens) sends its requests not
+started yet behind the rest of the pending work, whose length is not known yet: if that
+work decodes for long, it starts now and overlaps the light requests, instead of decoding
+alone at the end. The light prefix stays held meanwhile (its members will use it), so only
+prefixes that together hold at most 1/DEFER_SHARE of the cache are deferred at a time.
 """
 
 from __future__ import annotations
 
 import contextlib
+import operator
 import time
 from collections import deque
 from collections.abc import Callable
@@ -35,6 +44,9 @@ import numpy as np
 from .engine.base import Engine, EngineDiedError, GenerationRequest, GenerationResult
 from .kv_budget import KvBudget
 from .lifecycle import StopFlag
+from .output_lengths import OutputLengths
+
+DEFER_SHARE = 16
 
 
 @dataclass(eq=False)  # identity: groups hold arrays, and a deque removes by ==
@@ -83,13 +95,15 @@ class _GroupState:
 
 class StepTrace:
     """The running batch of every engine step, for the summary: its mean over the run and
-    over the run's last 10% of time (the tail, where a bad order leaves long decodes alone)."""
+    over the run's last 10% of time (the tail, where a bad order leaves long decodes alone);
+    and the shared prefixes found light and deferred as the run went."""
 
     TAIL = 0.1
 
     def __init__(self) -> None:
         self._times: list[float] = []
         self._sizes: list[int] = []
+        self.deferred_prefixes = 0
 
     def record(self, batch_size: int) -> None:
         self._times.append(time.monotonic())
@@ -97,11 +111,13 @@ class StepTrace:
 
     def figures(self) -> dict[str, float]:
         if not self._sizes:
-            return {"steps": 0, "mean_batch": 0.0, "tail_batch": 0.0}
+            return {"steps": 0, "mean_batch": 0.0, "tail_batch": 0.0,
+                    "deferred_light_prefixes": self.deferred_prefixes}
         times, sizes = np.array(self._times), np.array(self._sizes, dtype=np.float64)
         tail = sizes[times >= times[-1] - self.TAIL * (times[-1] - times[0])]
         return {"steps": len(sizes), "mean_batch": round(float(sizes.mean()), 2),
-                "tail_batch": round(float(tail.mean()), 2)}
+                "tail_batch": round(float(tail.mean()), 2),
+                "deferred_light_prefixes": self.deferred_prefixes}
 
 
 class StreamingExecutor:
@@ -144,6 +160,8 @@ class StreamingExecutor:
         self._shared_computed: set[int] = set()  # outer prefixes a leader has computed
         self._started: set[str] = set()  # in flight and past their first step (prefilled)
         self._draining = False
+        self._lengths = OutputLengths()
+        self._deferred: dict[int, int] = {}  # light prefixes deferred -> their blocks
         self.aborted: list[int] = []
         self.trace = trace if trace is not None else StepTrace()
 
@@ -222,6 +240,11 @@ class StreamingExecutor:
         state.in_flight -= 1
         if state.in_flight == 0 and state.all_started:
             self._budget.group_finished(state.group, state.kept_blocks, state.holds_prefix)
+        if result.error is not None:
+            self._lengths.failed(result.request_id)
+        elif (light := self._lengths.finished(result.request_id,
+                                              result.completion_tokens)) is not None:
+            self._defer(light)
         return req, result
 
     def _fits(self, blocks: int) -> bool:
@@ -262,6 +285,23 @@ class StreamingExecutor:
                     return
             self._pending.remove(state)
 
+    def _defer(self, prefix_id: int) -> None:
+        """Send a light prefix's groups not started in full behind the rest of the pending
+        work, if the prefixes deferred so far leave room under the cap."""
+        waiting = [s for s in self._cuts[prefix_id] if not s.all_started]
+        at_the_back = list(self._pending)[-len(waiting):] if waiting else []
+        if self._draining or not waiting or all(map(operator.is_, at_the_back, waiting)):
+            return
+        self._deferred = {p: b for p, b in self._deferred.items() if self._budget.holds(p)}
+        blocks = waiting[0].group.prefix_blocks
+        if (sum(self._deferred.values()) + blocks) * DEFER_SHARE > self._budget.capacity:
+            return
+        self._deferred[prefix_id] = blocks
+        for state in waiting:
+            self._pending.remove(state)
+            self._pending.append(state)
+        self.trace.deferred_prefixes += 1
+
     def _whole_cost(self, state: _GroupState) -> int:
         """Blocks the group's prefix and all its members not started yet would take, their
         decode counted in full (a bound, cheap for groups of any size)."""
@@ -284,6 +324,8 @@ class StreamingExecutor:
         own, kept = self._budget.start_member(g, k)
         request = self._make_request(int(g.members[k]))
         self.engine.add(request)
+        if state.shared:
+            self._lengths.started(g.prefix_id, request.request_id, request.max_tokens)
         self._in_flight[request.request_id] = (int(g.members[k]), state, own)
         state.kept_blocks += kept
         state.next_member = k + 1

@@ -105,6 +105,10 @@ class KvBudget:
         self._used += self._prefixes.acquire(group.prefix_id, group.prefix_blocks,
                                              group.parent_id)
 
+    def holds(self, prefix_id: int) -> bool:
+        """Whether a group in flight, or waiting to start, holds the prefix."""
+        return self._prefixes.holds(prefix_id)
+
     def prefix_computed(self, prefix_id: int) -> None:
         if self._prefixes.holds(prefix_id):  # an unheld prefix may be evicted at any time
             self._prefix_ready.add(prefix_id)

@@ -122,6 +122,39 @@ def reports_rows(rng: random.Random, *, documents: int = 16, reports: int = 6,
     return rows
 
 
+def tasks_rows(rng: random.Random, *, labels: int = 200, questions: int = 500,
+               essays: int = 12) -> list[dict]:
+    """A nightly job of three tasks under one max_tokens ceiling (192), each a chat whose
+    shared head (~100-150 tokens) is a system prompt and, for the two classifiers, three
+    worked examples: sentiment labels and yes/no questions (the model answers in a few
+    tokens) and a few essays (the model writes to the ceiling). Nothing in the rows says
+    which task talks: only the outputs do. Sorted by token ids, the essays come last."""
+    def shots(system: str, ask: str, answers: list[str]) -> list[dict]:
+        head = [{"role": "system", "content": system}]
+        for answer in answers:
+            head += [{"role": "user", "content": ask.format(_text(rng, 20))},
+                     {"role": "assistant", "content": answer}]
+        return head
+
+    def chat(head: list[dict], user: str) -> dict:
+        return {"messages": [*head, {"role": "user", "content": user}], "max_tokens": 192}
+
+    label = shots("You label the sentiment of reviews. Reply with one word: positive, negative "
+                  "or neutral.", "Review: {}", ["positive", "negative", "neutral"])
+    yesno = shots("You are a classifier. Answer yes or no, then name the words that decided it.",
+                  "Does this text mention a place? {}",
+                  ["Yes. It names the harbor and the canyon.",
+                   "No. It names a lantern and a ledger, which are things.",
+                   "No. It names pepper and an ember, which are not places."])
+    essay = shots("Write a long, detailed essay of at least 500 words on the notes you are "
+                  "given. Use many paragraphs, give examples, explain every point "
+                  "at length and never stop early: the reader wants every detail.", "", [])
+    return ([chat(label, f"Review: {_text(rng, 30)}") for _ in range(labels)]
+            + [chat(yesno, f"Does this text mention a place? {_text(rng, 30)}")
+               for _ in range(questions)]
+            + [chat(essay, f"Notes: {_text(rng, 36)}") for _ in range(essays)])
+
+
 def duplicates_rows(rng: random.Random, *, rows: int = 192, share: float = 0.25) -> list[dict]:
     """A quarter of the rows repeat an earlier row exactly (same prompt, same sampling):
     a pipeline that re-sends items, or the same question asked by many users."""
@@ -133,7 +166,7 @@ def duplicates_rows(rng: random.Random, *, rows: int = 192, share: float = 0.25)
 JOBS = {"fewshot": fewshot_rows, "rag": rag_rows, "multiturn": multiturn_rows,
         "multiturn-small": partial(multiturn_rows, chats=12), "unshared": unshared_rows,
         "prefix": prefix_rows, "mixed": mixed_rows, "duplicates": duplicates_rows,
-        "reports": reports_rows}
+        "reports": reports_rows, "tasks": tasks_rows}
 
 
 def write_scale_jsonl(path: Path, rows: int, *, systems: int = 2_000, seed: int = 0) -> Path:

@@ -253,3 +253,50 @@ def test_sibling_leaders_wait_for_the_prefix_they_share_instead_of_computing_it_
     assert computed(1) == len(PREFIX) + 2 * 16 + 4 * 2
     # Without the shared node, both leaders start in one step and both compute it.
     assert computed(-1) == computed(1) + len(PREFIX)
+
+
+LIGHT_HEAD, HEAVY_HEAD = [900 + t for t in range(8)], [700 + t for t in range(8)]
+
+
+class AnswersByHead(FakeEngine):
+    """A prompt under LIGHT_HEAD answers in one token (a classifier), any other decodes to
+    its max_tokens (an essay)."""
+
+    @staticmethod
+    def _target(request: GenerationRequest, tokens: list[str]) -> int:
+        return 1 if request.prompt_token_ids[0] == LIGHT_HEAD[0] else request.max_tokens
+
+
+def light_then_heavy(kv_capacity_tokens: int) -> tuple[AnswersByHead, StreamingExecutor]:
+    """40 light requests planned before 3 heavy ones, all asking for 80 tokens; each prompt
+    2 blocks of shared head and 2 of its own (4-token blocks)."""
+    reqs = [GenerationRequest(f"light{i}", LIGHT_HEAD + [i, i + 1000], max_tokens=80)
+            for i in range(40)]
+    reqs += [GenerationRequest(f"heavy{i}", HEAVY_HEAD + [i, i + 1000], max_tokens=80)
+             for i in range(3)]
+    engine = AnswersByHead(block_size=4, kv_capacity_tokens=kv_capacity_tokens)
+    done, ex = run(engine, reqs, [group(list(range(40)), 8, prefix_id=1),
+                                  group([40, 41, 42], 8, prefix_id=2)])
+    assert len(done) == 43
+    return engine, ex
+
+
+def test_a_prefix_whose_first_members_answer_briefly_lets_later_work_start_before_its_rest():
+    # 32 blocks: the light head and 15 members fit at once. Their first 8 answer in one
+    # token: the head is light, and its 25 members not started yet go behind the heavy
+    # group, which starts now instead of after all 40.
+    engine, ex = light_then_heavy(kv_capacity_tokens=128)
+    order = engine.admission_order
+    assert order.index("heavy0") < order.index("light39")
+    assert ex.trace.figures()["deferred_light_prefixes"] == 1
+    # The heavy decodes overlap the light rest: the run takes about their 80 steps.
+    assert engine.steps <= 80 + 8
+
+
+def test_a_light_prefix_too_large_to_hold_aside_keeps_its_place():
+    # 16 blocks: the 2-block light head is over 1/16 of the cache, so holding it while it
+    # waits behind other work would cost the running batch: plan order stands.
+    engine, ex = light_then_heavy(kv_capacity_tokens=64)
+    order = engine.admission_order
+    assert order.index("heavy0") > order.index("light39")
+    assert ex.trace.figures()["deferred_light_prefixes"] == 0
