@@ -252,6 +252,9 @@ def _print_outcome(summary: dict[str, Any], message: str, as_json: bool) -> None
             f"prefix-cache hit rate {summary['prefix_cache_hit_rate']:.1%}  "
             f"wall {summary['wall_time_s']:.1f}s  {summary['tokens_per_s']:,.0f} tok/s",
         ]
+        if deferred := summary.get("batch", {}).get("deferred_light_prefixes"):
+            lines.append(f"order: {deferred} shared prefix(es) found to answer briefly; the "
+                         "rest of their rows ran after work that may decode longer")
         lines.extend(_replica_lines(summary.get("replicas", ())))
         if "engine_log" in summary:
             lines.append(f"engine log: {summary['engine_log']}")

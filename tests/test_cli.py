@@ -29,3 +29,20 @@ def test_a_bug_is_one_line_and_exit_1(tmp_path: Path, monkeypatch: pytest.Monkey
     assert result.exit_code == EXIT_INTERNAL
     assert result.stderr.strip() == ("batchrun: error: internal error: RuntimeError: a bug "
                                      "(re-run with -v for details; please report it)")
+
+
+def test_the_summary_says_when_a_prefix_found_brief_ran_after_the_rest(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The fake engine answers in 1-24 tokens: under a max_tokens of 200, brief. Two shared
+    # heads, more rows each than fit the fake engine's cache at once (64 blocks of 4 tokens,
+    # each row's own tokens 3 blocks).
+    monkeypatch.setenv("BATCHRUN_FAKE_ENGINE", '{"kv_capacity_tokens": 256}')
+    heads = [list(range(100, 112)), list(range(200, 212))]  # 3 blocks of 4 tokens each
+    write_jsonl(tmp_path / "in.jsonl", [
+        {"prompt_token_ids": heads[i % 2] + [1000 * k + i for k in range(1, 13)]}
+        for i in range(120)])
+    result = cli("run", tmp_path / "in.jsonl", "-o", tmp_path / "out.parquet", "--engine",
+                 "fake", "--max-tokens", "200")
+    assert result.exit_code == 0, result.stderr
+    assert "rows: 120  succeeded: 120  failed: 0" in result.stderr
+    assert "order: 1 shared prefix(es) found to answer briefly" in result.stderr

@@ -60,21 +60,31 @@ def steps_in_sorted_order(engine: Engine, rows: list[dict]) -> int:
     return steps
 
 
-def test_long_decodes_start_first_and_the_job_takes_fewer_steps_than_sorted(
-        tmp_path, vllm_engine):
+def run_planned(tmp_path, engine: Engine, rows: list[dict]) -> tuple[dict, list[dict]]:
+    """batchrun's run of the rows on the session's engine, its cache reset first: the
+    job's summary and its output rows."""
+    cfg = job(tmp_path, write_jsonl(tmp_path / "in.jsonl", rows))
+    engine.reset_prefix_cache()
+    outcome = run_job(cfg, engine=engine, interactive=False, handle_signals=False)
+    assert outcome.exit_code == EXIT_OK, outcome.message
+    return outcome.summary, read_output(cfg)
+
+
+def model_tokenizer():
     from transformers import AutoTokenizer
 
     from batchrun.model import default_model_dir
 
-    rows, reports = reports_job(AutoTokenizer.from_pretrained(default_model_dir()))
-    cfg = job(tmp_path, write_jsonl(tmp_path / "reports.jsonl", rows))
-    vllm_engine.reset_prefix_cache()
-    outcome = run_job(cfg, engine=vllm_engine, interactive=False, handle_signals=False)
-    assert outcome.exit_code == EXIT_OK, outcome.message
-    out = read_output(cfg)
+    return AutoTokenizer.from_pretrained(default_model_dir())
+
+
+def test_long_decodes_start_first_and_the_job_takes_fewer_steps_than_sorted(
+        tmp_path, vllm_engine):
+    rows, reports = reports_job(model_tokenizer())
+    summary, out = run_planned(tmp_path, vllm_engine, rows)
     # The premise: the reports really decode for all their max_tokens.
     assert [out[r]["completion_tokens"] for r in reports] == [REPORT_TOKENS] * 2
-    planned = outcome.summary["batch"]["steps"]
+    planned = summary["batch"]["steps"]
     sorted_steps = steps_in_sorted_order(vllm_engine, rows)
     # Sorted, the reports start only once their documents come up: the steps before that
     # come on top of their decoding (measured: 138 steps). Started first, the job takes
@@ -129,21 +139,13 @@ def tasks_job(tokenizer) -> tuple[list[dict], list[int]]:
 
 def test_a_task_found_brief_as_the_run_goes_lets_the_long_one_start_early(
         tmp_path, vllm_engine):
-    from transformers import AutoTokenizer
-
-    from batchrun.model import default_model_dir
-
-    rows, essays = tasks_job(AutoTokenizer.from_pretrained(default_model_dir()))
-    cfg = job(tmp_path, write_jsonl(tmp_path / "tasks.jsonl", rows))
-    vllm_engine.reset_prefix_cache()
-    outcome = run_job(cfg, engine=vllm_engine, interactive=False, handle_signals=False)
-    assert outcome.exit_code == EXIT_OK, outcome.message
-    out = read_output(cfg)
+    rows, essays = tasks_job(model_tokenizer())
+    summary, out = run_planned(tmp_path, vllm_engine, rows)
     # The premise: the essays decode for all their max_tokens, the answers for a few tokens.
     assert [out[r]["completion_tokens"] for r in essays] == [ESSAY_TOKENS] * 2
     answers = [row["completion_tokens"] for i, row in enumerate(out) if i not in essays]
     assert max(answers) * 4 <= ESSAY_TOKENS
-    batch = outcome.summary["batch"]
+    batch = summary["batch"]
     sorted_steps = steps_in_sorted_order(vllm_engine, rows)
     # Sorted (and planned by max_tokens alone), the essays start once every question has:
     # their decoding comes after the questions' steps (measured: 174 sorted, 176 batchrun
