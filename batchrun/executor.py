@@ -103,21 +103,23 @@ class StepTrace:
     def __init__(self) -> None:
         self._times: list[float] = []
         self._sizes: list[int] = []
-        self.deferred_prefixes = 0
+        self._deferred_prefixes = 0
 
     def record(self, batch_size: int) -> None:
         self._times.append(time.monotonic())
         self._sizes.append(batch_size)
 
+    def prefix_deferred(self) -> None:
+        self._deferred_prefixes += 1
+
     def figures(self) -> dict[str, float]:
+        deferred = {"deferred_light_prefixes": self._deferred_prefixes}
         if not self._sizes:
-            return {"steps": 0, "mean_batch": 0.0, "tail_batch": 0.0,
-                    "deferred_light_prefixes": self.deferred_prefixes}
+            return {"steps": 0, "mean_batch": 0.0, "tail_batch": 0.0, **deferred}
         times, sizes = np.array(self._times), np.array(self._sizes, dtype=np.float64)
         tail = sizes[times >= times[-1] - self.TAIL * (times[-1] - times[0])]
         return {"steps": len(sizes), "mean_batch": round(float(sizes.mean()), 2),
-                "tail_batch": round(float(tail.mean()), 2),
-                "deferred_light_prefixes": self.deferred_prefixes}
+                "tail_batch": round(float(tail.mean()), 2), **deferred}
 
 
 class StreamingExecutor:
@@ -289,9 +291,9 @@ class StreamingExecutor:
         """Send a light prefix's groups not started in full behind the rest of the pending
         work, if the prefixes deferred so far leave room under the cap."""
         waiting = [s for s in self._cuts[prefix_id] if not s.all_started]
-        at_the_back = list(self._pending)[-len(waiting):] if waiting else []
-        if self._draining or not waiting or all(map(operator.is_, at_the_back, waiting)):
-            return
+        if self._draining or not waiting or \
+                all(map(operator.is_, list(self._pending)[-len(waiting):], waiting)):
+            return  # nothing left to defer, or it is at the back already
         self._deferred = {p: b for p, b in self._deferred.items() if self._budget.holds(p)}
         blocks = waiting[0].group.prefix_blocks
         if (sum(self._deferred.values()) + blocks) * DEFER_SHARE > self._budget.capacity:
@@ -300,7 +302,7 @@ class StreamingExecutor:
         for state in waiting:
             self._pending.remove(state)
             self._pending.append(state)
-        self.trace.deferred_prefixes += 1
+        self.trace.prefix_deferred()
 
     def _whole_cost(self, state: _GroupState) -> int:
         """Blocks the group's prefix and all its members not started yet would take, their

@@ -16,7 +16,7 @@ shortest of any group, and would call a group of essays with one short answer li
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 SAMPLE = 8
 LIGHT_FACTOR = 4  # as the plan's HEAVY_FACTOR: a quarter of max_tokens or less is light
@@ -25,8 +25,8 @@ MIN_UNUSED_TOKENS = 64
 
 @dataclass
 class _Sample:
-    pending: dict[str, int] = field(default_factory=dict)  # sampled, running -> max_tokens
     started: int = 0
+    running: int = 0
     not_light: bool = False  # a sampled request answered at length, or failed
 
 
@@ -37,35 +37,37 @@ class OutputLengths:
 
     def __init__(self) -> None:
         self._samples: dict[int, _Sample] = {}
-        self._sampled: dict[str, int] = {}  # request id -> prefix id, while it runs
-        self.light: set[int] = set()  # prefixes found light
+        # sampled requests still running -> (their prefix id, their max_tokens)
+        self._sampled: dict[str, tuple[int, int]] = {}
 
     def started(self, prefix_id: int, request_id: str, max_tokens: int) -> None:
-        sample = self._samples.setdefault(prefix_id, _Sample())
+        sample = self._samples.get(prefix_id)
+        if sample is None:
+            sample = self._samples[prefix_id] = _Sample()
         if sample.started < SAMPLE:
             sample.started += 1
-            sample.pending[request_id] = max_tokens
-            self._sampled[request_id] = prefix_id
+            sample.running += 1
+            self._sampled[request_id] = (prefix_id, max_tokens)
 
     def finished(self, request_id: str, completion_tokens: int) -> int | None:
         """Record a finished request; the prefix id if this finish showed its prefix light."""
-        prefix_id = self._sampled.pop(request_id, None)
-        if prefix_id is None:
+        if (sampled := self._sampled.pop(request_id, None)) is None:
             return None
+        prefix_id, max_tokens = sampled
         sample = self._samples[prefix_id]
-        if not _is_brief(completion_tokens, sample.pending.pop(request_id)):
+        sample.running -= 1
+        if not _is_brief(completion_tokens, max_tokens):
             sample.not_light = True
-        if sample.pending or sample.started < SAMPLE or sample.not_light:
+        if sample.running or sample.started < SAMPLE or sample.not_light:
             return None
-        self.light.add(prefix_id)
         return prefix_id
 
     def failed(self, request_id: str) -> None:
         """A request failed: its length says nothing, and a prefix it was sampled for stays
         undecided."""
-        if (prefix_id := self._sampled.pop(request_id, None)) is not None:
-            sample = self._samples[prefix_id]
-            del sample.pending[request_id]
+        if (sampled := self._sampled.pop(request_id, None)) is not None:
+            sample = self._samples[sampled[0]]
+            sample.running -= 1
             sample.not_light = True
 
 
