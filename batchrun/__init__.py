@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
+from .version import __version__
 
 _API = ("run", "generate", "build_config", "Summary")
 _ERRORS = ("BatchrunError", "UsageError", "JobInterrupted")

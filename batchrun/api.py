@@ -30,7 +30,7 @@ if TYPE_CHECKING:
     import polars
 
     from .engine.base import Engine
-    from .runner import JobOutcome
+    from .job.run import JobOutcome
 
 __all__ = ["BatchrunError", "JobInterrupted", "Summary", "UsageError", "build_config",
            "generate", "run", "run_config"]
@@ -135,7 +135,7 @@ def run_config(cfg: JobConfig, *, resume: bool = False, overwrite: bool = False,
     engine already started (shared between jobs). handle_signals (default: when called from
     the main thread) lets SIGTERM/SIGINT drain and save, as in the CLI. engine_log: what
     vLLM and the libraries under it print goes to `<output>.log`, not the terminal."""
-    from .runner import run_job
+    from .job.run import run_job
 
     engine_kind, started = _engine(engine)
     if handle_signals is None:

@@ -17,7 +17,7 @@ from .config import JobConfig
 from .errors import EXIT_INTERNAL, EXIT_INTERRUPTED, JobInterrupted, UsageError
 
 if TYPE_CHECKING:
-    from .io.readers import ValidationReport
+    from .io.input.readers import ValidationReport
 
 EXIT_CODES_HELP = """\
 Exit codes: 0 every row succeeded (or the job had already finished);
@@ -294,7 +294,7 @@ def validate(
       batchrun validate jobs/example.toml
     """
     _quiet_engine_logs(False)
-    from .runner import EXIT_OK, EXIT_ROW_ERRORS
+    from .errors import EXIT_OK, EXIT_ROW_ERRORS
 
     try:
         cfg = _config(job, output or "validate.parquet", model=model,
@@ -340,9 +340,9 @@ def _validate_input(cfg: JobConfig, engine_kind: str, max_errors: int) -> tuple[
     """The job's input checked batch by batch, as `run` would read and tokenize it (memory
     does not grow with the input): the report, the input's format, and the context length
     the checks used."""
-    from .io.readers import ValidationReport, open_request_stream
-    from .prepare import load_tokenizer, request_constraints, request_logprobs
-    from .tokenize import tokenize_requests
+    from .ingest.prepare import load_tokenizer, request_constraints, request_logprobs
+    from .ingest.tokenize import tokenize_requests
+    from .io.input.readers import ValidationReport, open_request_stream
 
     # Passthrough columns are copied, never checked: not read at all here.
     stream = open_request_stream(cfg.input, replace(cfg.columns, passthrough=()),
@@ -392,7 +392,7 @@ def plan_command(
       batchrun plan prompts.jsonl --json | jq .distinct_prompt_tokens
     """
     _quiet_engine_logs(False)
-    from .runner import describe_plan
+    from .job.commands import describe_plan
 
     try:
         cfg = _config(job, output or "plan.parquet", model=model, input_format=input_format,

@@ -158,7 +158,7 @@ class JobConfig:
     openai_output: Location | None = None  # also write OpenAI-batch-style JSONL here
     plan: bool = True  # False: run in file order (what plain vLLM would do)
     # Where the checkpoint (and, for a remote output, the staged file) lives; None: next to
-    # a local output, or a cache folder for a remote one (batchrun.runner.output_paths).
+    # a local output, or a cache folder for a remote one (batchrun.job.paths.output_paths).
     work_dir: Path | None = None
 
     def fingerprint_settings(self) -> dict[str, Any]:

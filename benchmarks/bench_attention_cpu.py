@@ -113,8 +113,8 @@ def planner_jobs(args: argparse.Namespace) -> None:
     from batchrun.config import EngineOptions, JobConfig, parse_size
     from batchrun.engine.attention import reset_attention_stats, set_mode
     from batchrun.engine.vllm_engine import VllmEngine
+    from batchrun.job.run import run_job
     from batchrun.model import default_model_dir
-    from batchrun.runner import run_job
 
     options = EngineOptions(kv_cache_memory=parse_size(args.kv_cache_memory), max_model_len=4096,
                             enforce_eager=True, attention="prefix")

@@ -44,7 +44,7 @@ def run_plain(engine, cfg, *, sort: bool = False) -> dict:
     batchrun: LLM.generate tokenizes its prompts too."""
     from dataclasses import replace
 
-    from batchrun.runner import prepare_job, request_factory
+    from batchrun.ingest.prepare import prepare_job, request_factory
 
     t0 = time.perf_counter()
     job = prepare_job(replace(cfg, plan=False))
@@ -64,7 +64,7 @@ def run_plain(engine, cfg, *, sort: bool = False) -> dict:
 
 
 def run_batchrun(engine, cfg) -> dict:
-    from batchrun.runner import run_job
+    from batchrun.job.run import run_job
 
     t0 = time.perf_counter()
     outcome = run_job(cfg, engine=engine, interactive=False, handle_signals=False,
@@ -91,7 +91,8 @@ def start_engine(options, attention=None):
 def engines_for(mode: str, options, cfgs: dict):
     """(job name, engine) in job order; ``auto`` starts one engine per choice the jobs make
     (at most two: batchrun's backend or vLLM's), each closed when no later job needs it."""
-    from batchrun.runner import choose_job_attention, prepare_job
+    from batchrun.ingest.prepare import prepare_job
+    from batchrun.job.engine_setup import choose_job_attention
 
     if mode != "auto":
         engine = start_engine(options)
@@ -193,7 +194,7 @@ def main() -> None:
     args = ap.parse_args()
     modes = args.attention.split(",")
 
-    from batchrun.runner import prepare_job
+    from batchrun.ingest.prepare import prepare_job
 
     results = {}
     with tempfile.TemporaryDirectory() as tmp:

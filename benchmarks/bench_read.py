@@ -83,9 +83,9 @@ def stages(path: Path, tree: Path) -> dict:
 def measure_stages(path: Path) -> dict:
     """The child process: read and tokenize `path` batch by batch (or at once), each stage
     timed on its own."""
-    from batchrun.io import readers
+    from batchrun.ingest.tokenize import HFTokenizer, tokenize_requests
+    from batchrun.io.input import readers
     from batchrun.model import model_context_length, resolve_model
-    from batchrun.tokenize import HFTokenizer, tokenize_requests
 
     model_dir = resolve_model("default")
     tokenizer, max_model_len = HFTokenizer(model_dir), model_context_length(model_dir)

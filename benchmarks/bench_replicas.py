@@ -53,9 +53,10 @@ from synthetic import write_job  # noqa: E402
 
 from batchrun.cluster.queue import PrefixOrder, PrefixOrders, ShardQueue  # noqa: E402
 from batchrun.config import parse_size  # noqa: E402
+from batchrun.ingest.shards import Shard, ShardBuilder  # noqa: E402
 from batchrun.io.schema import REQUEST_SCHEMA  # noqa: E402
 from batchrun.plan.prefix_tree import PrefixTree  # noqa: E402
-from batchrun.shards import Shard, ShardBuilder, boundary_reuse  # noqa: E402
+from batchrun.plan.prefixes import boundary_reuse  # noqa: E402
 
 BATCHRUN = [sys.executable, "-m", "batchrun"]
 BLOCK = 32  # vLLM's block on CPU (batchrun's default there)

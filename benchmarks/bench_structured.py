@@ -54,7 +54,7 @@ def write_rows(path: Path, copies: int) -> int:
 
 
 def timed(engine, cfg) -> dict:
-    from batchrun.runner import run_job
+    from batchrun.job.run import run_job
 
     engine.reset_prefix_cache()
     t0 = time.perf_counter()
@@ -71,9 +71,9 @@ def timed(engine, cfg) -> dict:
 def one_time_costs(engine) -> None:
     """Latency of single requests (one review) through the engine: free, then constrained."""
     from batchrun.engine.base import GenerationRequest
+    from batchrun.ingest.tokenize import HFTokenizer
     from batchrun.model import default_model_dir
     from batchrun.structured import CHOICE, JSON_SCHEMA, Constraint
-    from batchrun.tokenize import HFTokenizer
 
     tokenizer = HFTokenizer(default_model_dir())
     row = json.loads((REPO / "examples" / "reviews.jsonl").open().readline())

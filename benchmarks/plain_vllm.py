@@ -67,7 +67,7 @@ def main() -> None:
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from batchrun.config import parse_size
-    from batchrun.executor import StepTrace
+    from batchrun.execute.executor import StepTrace
     from batchrun.model import default_model_dir
 
     llm = LLM(model=str(default_model_dir()), dtype="float32", block_size=32,

@@ -14,7 +14,7 @@ import pytest
 import batchrun
 from batchrun.config import ConfigError, JobConfig
 from batchrun.engine.fake import FakeEngine
-from batchrun.io.readers import InputError
+from batchrun.io.input.readers import InputError
 from batchrun.io.schema import RESULT_SCHEMA
 from tests.helpers import write_jsonl
 from tests.reliability.harness import batchrun as batchrun_cli

@@ -15,7 +15,8 @@ from __future__ import annotations
 import random
 
 from batchrun.engine.base import Engine, GenerationRequest
-from batchrun.runner import EXIT_OK, run_job
+from batchrun.errors import EXIT_OK
+from batchrun.job.run import run_job
 from tests.helpers import job, read_output, write_jsonl
 
 REPORT_TOKENS = 96

@@ -11,8 +11,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from batchrun.engine.fake import FakeEngine
+from batchrun.errors import EXIT_INTERRUPTED, EXIT_OK
+from batchrun.job.run import run_job
 from batchrun.plan.dedupe import find_duplicates
-from batchrun.runner import EXIT_INTERRUPTED, EXIT_OK, run_job
 from tests.helpers import job, read_output, write_jsonl
 from tests.reliability.harness import check_output
 
@@ -82,7 +83,7 @@ def test_a_killed_job_with_duplicates_resumes_with_every_row_once(tmp_path):
 
 
 def read_ids_journaled(cfg) -> list[str]:
-    from batchrun.io.results import Checkpoint, partial_dir_for
+    from batchrun.io.output.checkpoint import Checkpoint, partial_dir_for
 
     return Checkpoint(partial_dir_for(cfg.output)).read_done()["id"].to_pylist()
 

@@ -19,8 +19,11 @@ from batchrun.engine.sizing import (
     peak_window_tokens,
     size_engine,
 )
-from batchrun.io.results import partial_dir_for
-from batchrun.runner import EXIT_USAGE, describe_plan, engine_sizing, prepare_job
+from batchrun.errors import EXIT_USAGE
+from batchrun.ingest.prepare import prepare_job
+from batchrun.io.output.checkpoint import partial_dir_for
+from batchrun.job.commands import describe_plan
+from batchrun.job.engine_setup import engine_sizing
 from tests.helpers import job, write_jsonl
 from tests.reliability.harness import batchrun
 

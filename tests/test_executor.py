@@ -10,9 +10,10 @@ import pytest
 
 from batchrun.engine.base import GenerationRequest, StepOutput
 from batchrun.engine.fake import FakeEngine
-from batchrun.executor import RunGroup, StreamingExecutor
-from batchrun.kv_budget import PrefixReservations
-from batchrun.lifecycle import StopFlag
+from batchrun.execute.executor import StreamingExecutor
+from batchrun.execute.kv_budget import PrefixReservations
+from batchrun.execute.stop import StopFlag
+from batchrun.plan.groups import RunGroup
 
 PREFIX = list(range(100, 132))  # 8 blocks of 4 tokens
 

@@ -14,8 +14,9 @@ import pyarrow.parquet as pq
 import pytest
 from pyarrow import fs
 
+from batchrun.errors import EXIT_OK, EXIT_USAGE
 from batchrun.io import storage
-from batchrun.runner import EXIT_OK, EXIT_USAGE, default_work_dir
+from batchrun.job.paths import default_work_dir
 from tests.reliability.harness import (
     TALLY,
     batchrun,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from batchrun.output_lengths import SAMPLE, OutputLengths
+from batchrun.execute.output_lengths import SAMPLE, OutputLengths
 
 
 def start(lengths: OutputLengths, prefix_id: int, n: int, max_tokens: int = 192) -> list[str]:

@@ -11,8 +11,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from batchrun.engine.fake import FakeEngine
-from batchrun.io.results import Checkpoint, partial_dir_for
-from batchrun.runner import EXIT_INTERRUPTED, EXIT_OK, EXIT_ROW_ERRORS, run_job
+from batchrun.errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_ROW_ERRORS
+from batchrun.io.output.checkpoint import Checkpoint, partial_dir_for
+from batchrun.job.run import run_job
 from tests.helpers import job, read_output, shared_prefix_rows, write_jsonl
 
 

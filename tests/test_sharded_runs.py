@@ -10,8 +10,9 @@ from dataclasses import replace
 import pyarrow.parquet as pq
 
 from batchrun.engine.fake import FakeEngine
-from batchrun.io.results import Checkpoint, partial_dir_for
-from batchrun.runner import EXIT_INTERRUPTED, EXIT_OK, run_job
+from batchrun.errors import EXIT_INTERRUPTED, EXIT_OK
+from batchrun.io.output.checkpoint import Checkpoint, partial_dir_for
+from batchrun.job.run import run_job
 from tests.helpers import job, write_jsonl
 
 BUDGET = 200_000  # bytes: a run of ~25 KB, shards of ~25 KB: 300 rows make about 8 shards

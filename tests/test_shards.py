@@ -7,9 +7,10 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
+from batchrun.ingest.shards import ShardBuilder, token_lists
 from batchrun.io.schema import REQUEST_SCHEMA
 from batchrun.plan.prefix_tree import PrefixTree
-from batchrun.shards import ShardBuilder, boundary_reuse, compare, token_lists
+from batchrun.plan.prefixes import boundary_reuse, compare
 
 BLOCK = 4
 

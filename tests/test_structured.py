@@ -18,8 +18,10 @@ from openai.types.chat import ChatCompletion
 
 from batchrun.config import ConfigError, load_job_file, with_overrides
 from batchrun.engine.fake import FakeEngine
-from batchrun.io.readers import read_request_set
-from batchrun.runner import EXIT_OK, EXIT_ROW_ERRORS, prepare_job, run_job
+from batchrun.errors import EXIT_OK, EXIT_ROW_ERRORS
+from batchrun.ingest.prepare import prepare_job
+from batchrun.io.input.readers import read_request_set
+from batchrun.job.run import run_job
 from tests.helpers import job, read_output, write_jsonl
 from tests.reliability.harness import cli
 

@@ -11,7 +11,7 @@ from dataclasses import replace
 
 import jsonschema
 
-from batchrun.runner import run_job
+from batchrun.job.run import run_job
 from tests.helpers import job, read_output, write_jsonl
 from tests.test_structured import check_openai_output
 

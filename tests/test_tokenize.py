@@ -17,9 +17,9 @@ import pyarrow.parquet as pq
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from batchrun import tokenize
+from batchrun.ingest import tokenize
+from batchrun.ingest.tokenize import ByteTokenizer, tokenize_requests
 from batchrun.io.schema import REQUEST_SCHEMA
-from batchrun.tokenize import ByteTokenizer, tokenize_requests
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -165,8 +165,8 @@ def test_a_pre_tokenized_job_never_imports_transformers(tmp_path: Path) -> None:
 def test_the_model_tokenizer_encodes_as_transformers_does() -> None:
     from transformers import AutoTokenizer
 
+    from batchrun.ingest.tokenize import HFTokenizer
     from batchrun.model import default_model_dir
-    from batchrun.tokenize import HFTokenizer
 
     texts = ["Hello, world!", "  leading and trailing spaces  ", "café ☕ naïve 日本語 🙂",
              "<|im_start|>user\nspecial tokens written as text<|im_end|>", "\n\n\t", "x" * 5000,

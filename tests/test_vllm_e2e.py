@@ -14,7 +14,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from batchrun.runner import EXIT_OK, EXIT_ROW_ERRORS, run_job
+from batchrun.errors import EXIT_OK, EXIT_ROW_ERRORS
+from batchrun.job.run import run_job
 from tests.helpers import job, read_output, shared_prefix_rows, write_jsonl
 
 REPO = Path(__file__).resolve().parents[1]

@@ -44,7 +44,7 @@ from ..engine.sizing import (
     round_up,
 )
 from ..errors import UsageError
-from ..lifecycle import StopFlag
+from ..execute.stop import StopFlag
 from ..model import ModelError
 from .queue import PrefixOrders, ShardQueue, ShardRef, Work
 
@@ -149,8 +149,8 @@ class ReplicaActor:
 
     def _run(self, piece: pa.Table, on_results: Callable[[pa.Table], None],
              grace_s: float) -> PieceDone:
-        from ..prepare import prepare_shard
-        from ..runner import run_shard
+        from ..execute.shard import run_shard
+        from ..ingest.prepare import prepare_shard
 
         job = self._job
         t0 = time.monotonic()

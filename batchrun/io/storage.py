@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, BinaryIO, Union
 from urllib.parse import urlsplit
 
-from .rows import InputError
+from .input.rows import InputError
 
 Location = Union[Path, str]  # noqa: UP007 - a runtime alias, also on Python 3.10
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from ..shards import boundary_reuse
+from .prefixes import boundary_reuse
 
 _SUMMED = ("requests", "prompt_tokens", "distinct_prompt_tokens", "block_ideal_computed_tokens",
            "groups", "shared_groups", "unshared_requests", "group_shared_tokens",

@@ -117,6 +117,50 @@ def plan_schedule(
     """Plan the requests `values[offsets[i]:offsets[i + 1]]`, each decoding up to
     `max_tokens[i]` tokens, for an engine with `block_size`-token KV blocks and (if given)
     room for `kv_capacity_tokens` tokens of KV. Pass `tree` if it is built already."""
+    return order_requests(values, offsets, max_tokens, block_size=block_size,
+                          decode_first=decode_first, tree=tree).plan(kv_capacity_tokens)
+
+
+@dataclass(frozen=True)
+class RequestOrder:
+    """The part of a plan that does not depend on the KV cache's size: the groups chosen on
+    the block tree and the run order. `plan(kv_capacity_tokens)` cuts it to a cache, so the
+    engine's sizing (no capacity yet) and the run (the engine's capacity) share one order."""
+
+    tree: PrefixTree
+    block_tree: PrefixTree
+    group_parent: np.ndarray
+    runs: _RunArrays
+    block_size: int
+
+    def plan(self, kv_capacity_tokens: int | None = None) -> Plan:
+        runs, block_size = self.runs, self.block_size
+        capacity = None if kv_capacity_tokens is None else kv_capacity_tokens // block_size
+        starts = np.flatnonzero(np.diff(runs.group_node, prepend=-1))
+        if capacity is not None:
+            starts = _cut_to_fit(runs, starts, capacity)
+        suffix, private = _kv_blocks(runs, starts)
+        groups = _planned_groups(runs, starts, suffix, self.group_parent)
+        _mark_shared_above(groups, self.block_tree)
+        n = self.tree.num_requests
+        suffix_blocks = np.empty(n, dtype=np.int64)
+        suffix_blocks[runs.order] = suffix
+        private_blocks = np.empty(n, dtype=np.int64)
+        private_blocks[runs.order] = private
+        stats = _plan_stats(self.tree, groups, runs, block_size, kv_capacity_tokens)
+        return Plan(runs.order, groups, suffix_blocks, private_blocks, stats)
+
+
+def order_requests(
+    values: np.ndarray,
+    offsets: np.ndarray,
+    max_tokens: np.ndarray,
+    *,
+    block_size: int,
+    decode_first: bool = True,
+    tree: PrefixTree | None = None,
+) -> RequestOrder:
+    """The groups and run order of `plan_schedule`, before any cut to a KV capacity."""
     if block_size < 1:
         raise ValueError("block_size must be at least 1")
     tree = tree if tree is not None else PrefixTree.build(values, offsets)
@@ -130,19 +174,7 @@ def plan_schedule(
     run = _run_order(block_tree, group_parent >= 0, group_node,
                      tree.lengths[tree.order], max_tokens[tree.order], decode_first)
     runs = _run_arrays(tree, block_tree, group_node, run, max_tokens, block_size)
-    capacity = None if kv_capacity_tokens is None else kv_capacity_tokens // block_size
-    starts = np.flatnonzero(np.diff(runs.group_node, prepend=-1))
-    if capacity is not None:
-        starts = _cut_to_fit(runs, starts, capacity)
-    suffix, private = _kv_blocks(runs, starts)
-    groups = _planned_groups(runs, starts, suffix, group_parent)
-    _mark_shared_above(groups, block_tree)
-    suffix_blocks = np.empty(n, dtype=np.int64)
-    suffix_blocks[runs.order] = suffix
-    private_blocks = np.empty(n, dtype=np.int64)
-    private_blocks[runs.order] = private
-    stats = _plan_stats(tree, groups, runs, block_size, kv_capacity_tokens)
-    return Plan(runs.order, groups, suffix_blocks, private_blocks, stats)
+    return RequestOrder(tree, block_tree, group_parent, runs, block_size)
 
 
 def _run_order(block_tree: PrefixTree, chosen: np.ndarray, group_node: np.ndarray,

@@ -11,7 +11,8 @@ from dataclasses import replace
 import pytest
 
 from batchrun.config import ClusterOptions
-from batchrun.runner import EXIT_OK, run_job
+from batchrun.errors import EXIT_OK
+from batchrun.job.run import run_job
 from tests.conftest import TEST_ENGINE_OPTIONS
 from tests.helpers import job, read_output, write_jsonl
 

@@ -22,8 +22,8 @@ NEW_TOKENS = 16
 
 @pytest.fixture(scope="module")
 def tokenizer():
+    from batchrun.ingest.tokenize import HFTokenizer
     from batchrun.model import default_model_dir
-    from batchrun.tokenize import HFTokenizer
 
     return HFTokenizer(default_model_dir())
 

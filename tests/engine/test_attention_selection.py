@@ -30,7 +30,10 @@ from batchrun.engine.attention.selection import (
 )
 from batchrun.engine.base import EngineStats
 from batchrun.engine.fake import FakeEngine
-from batchrun.runner import EXIT_OK, choose_job_attention, prepare_job, run_job
+from batchrun.errors import EXIT_OK
+from batchrun.ingest.prepare import prepare_job
+from batchrun.job.engine_setup import choose_job_attention
+from batchrun.job.run import run_job
 from tests.helpers import write_jsonl
 
 CUDA = SimpleNamespace(is_cpu=lambda: False, is_cuda=lambda: True, device_name="cuda")

@@ -12,9 +12,10 @@ import pytest
 
 from batchrun.config import ColumnMap, JobConfig
 from batchrun.engine.fake import FakeEngine
-from batchrun.io.readers import InputError, read_request_set
-from batchrun.io.results import file_fingerprint
-from batchrun.runner import EXIT_OK, run_job
+from batchrun.errors import EXIT_OK
+from batchrun.io.input.readers import InputError, read_request_set
+from batchrun.io.output.checkpoint import file_fingerprint
+from batchrun.job.run import run_job
 from tests.helpers import write_jsonl
 
 

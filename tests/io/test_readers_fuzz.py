@@ -21,9 +21,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from batchrun.config import ColumnMap
-from batchrun.io.parquet_reader import column_values
-from batchrun.io.readers import InputError, read_request_set, validate_summary
-from batchrun.io.rows import CONSTRAINT_FIELDS, FIELDS, RowError, parse_field
+from batchrun.io.input.parquet import column_values
+from batchrun.io.input.readers import InputError, read_request_set, validate_summary
+from batchrun.io.input.rows import (
+    CONSTRAINT_FIELDS,
+    FIELDS,
+    RowError,
+    parse_field,
+)
 from batchrun.io.schema import ENDPOINT_CHAT, REQUEST_SCHEMA
 
 CASES_TRIED: Counter[str] = Counter()

@@ -16,8 +16,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from batchrun.config import ColumnMap
-from batchrun.io.ids import HeldIds, IdHashes
-from batchrun.io.readers import (
+from batchrun.io.input.ids import HeldIds, IdHashes
+from batchrun.io.input.readers import (
     InputError,
     ValidationReport,
     cast_passthrough,

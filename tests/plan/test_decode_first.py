@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from batchrun.executor import RunGroup
-from batchrun.plan.decode_first import decode_heavy_first
+from batchrun.plan.groups import RunGroup, decode_heavy_first
 
 
 def group(members: list[int], prefix_id: int) -> RunGroup:

@@ -22,7 +22,7 @@ from click.testing import Result
 from typer.testing import CliRunner
 
 from batchrun.cli import app
-from batchrun.io.results import Checkpoint, partial_dir_for
+from batchrun.io.output.checkpoint import Checkpoint, partial_dir_for
 
 REPO = Path(__file__).resolve().parents[2]
 KILL_AT = Path(__file__).with_name("kill_at.py")

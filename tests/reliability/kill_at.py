@@ -5,8 +5,8 @@ purpose.
 
 The process kills itself when the function MODULE.ATTR is called for the Nth time (default 1),
 before the call runs, or right after it returns with `after`. E.g.
-`batchrun.io.results:Checkpoint.remove` kills a run after its output was renamed into place
-but before its checkpoint is removed.
+`batchrun.io.output.checkpoint:Checkpoint.remove` kills a run after its output was renamed
+into place but before its checkpoint is removed.
 """
 
 from __future__ import annotations

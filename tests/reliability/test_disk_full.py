@@ -18,8 +18,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from batchrun.engine.fake import FakeEngine
-from batchrun.io.results import Checkpoint, CheckpointError, partial_dir_for
-from batchrun.runner import EXIT_INTERRUPTED, EXIT_OK, run_job
+from batchrun.errors import EXIT_INTERRUPTED, EXIT_OK
+from batchrun.io.output.checkpoint import Checkpoint, CheckpointError, partial_dir_for
+from batchrun.job.run import run_job
 from tests.helpers import job
 from tests.reliability.harness import batchrun, check_output, journaled_rows, write_rows
 
@@ -60,7 +61,7 @@ def test_a_full_disk_while_journaling_exits_4_and_resume_finishes(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     ids = write_rows(tmp_path / "in.jsonl", 80)
     cfg = job(tmp_path, tmp_path / "in.jsonl", max_tokens=8)
-    monkeypatch.setattr("batchrun.io.results.pa.ipc.new_stream",
+    monkeypatch.setattr("batchrun.io.output.checkpoint.pa.ipc.new_stream",
                         lambda sink, schema: FillingWriter(sink, schema, room=3))
     full = run_fake(cfg)
     monkeypatch.undo()

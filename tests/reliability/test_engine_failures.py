@@ -11,7 +11,8 @@ from types import SimpleNamespace
 from batchrun.engine.base import StepOutput
 from batchrun.engine.fake import FakeEngine
 from batchrun.engine.vllm_engine import wake_on_engine_death
-from batchrun.runner import EXIT_INTERRUPTED, EXIT_OK, run_job
+from batchrun.errors import EXIT_INTERRUPTED, EXIT_OK
+from batchrun.job.run import run_job
 from tests.helpers import job
 from tests.reliability.harness import (
     batchrun,

@@ -17,7 +17,7 @@ from click.testing import Result
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from batchrun.io.results import partial_dir_for
+from batchrun.io.output.checkpoint import partial_dir_for
 from tests.reliability.harness import TALLY, cli
 
 FIELDS = ["id", "prompt", "messages", "prompt_token_ids", "max_tokens", "temperature", "top_p",

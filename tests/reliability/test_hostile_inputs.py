@@ -21,8 +21,8 @@ import pyarrow.parquet as pq
 import pytest
 from click.testing import Result
 
-from batchrun.io.results import partial_dir_for
-from batchrun.runner import EXIT_ROW_ERRORS, EXIT_USAGE
+from batchrun.errors import EXIT_ROW_ERRORS, EXIT_USAGE
+from batchrun.io.output.checkpoint import partial_dir_for
 from tests.reliability.harness import batchrun, cli
 
 GOOD = json.dumps({"prompt": "a fine row"})

@@ -14,7 +14,8 @@ import pyarrow as pa
 import pytest
 
 from batchrun.engine.fake import FakeEngine
-from batchrun.io.results import (
+from batchrun.errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE
+from batchrun.io.output.checkpoint import (
     Checkpoint,
     CheckpointError,
     JobLock,
@@ -22,7 +23,7 @@ from batchrun.io.results import (
     partial_dir_for,
 )
 from batchrun.io.schema import RESULT_SCHEMA
-from batchrun.runner import EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, run_job
+from batchrun.job.run import run_job
 from tests.helpers import job
 from tests.reliability.harness import (
     TALLY,
@@ -94,11 +95,11 @@ def test_random_kills_then_resume_gives_every_row_exactly_once(tmp_path: Path) -
 
 @pytest.mark.parametrize("kill_at, leaves", [
     # Output renamed into place, checkpoint not yet removed.
-    ("batchrun.io.results:Checkpoint.remove", "output and a finished checkpoint"),
+    ("batchrun.io.output.checkpoint:Checkpoint.remove", "output and a finished checkpoint"),
     # Output written under its temporary name, not yet renamed.
     ("pyarrow.parquet:ParquetWriter.close after", "a complete temp file, no output"),
     # The checkpoint folder made, its manifest not yet written.
-    ("batchrun.io.results:os.replace", "a checkpoint without a manifest"),
+    ("batchrun.io.output.checkpoint:os.replace", "a checkpoint without a manifest"),
 ])
 def test_kill_at_the_worst_moments(tmp_path: Path, kill_at: str, leaves: str) -> None:
     ids = write_rows(tmp_path / "in.jsonl", 40)
@@ -148,7 +149,7 @@ def test_a_kill_before_the_manifest_does_not_block_a_run_without_resume(
     ids = write_rows(tmp_path / "in.jsonl", 10)
     out = tmp_path / "out.parquet"
     args = ("run", tmp_path / "in.jsonl", "-o", out, "--engine", "fake")
-    killed_itself(start_batchrun(*args, kill_at="batchrun.io.results:os.replace"))
+    killed_itself(start_batchrun(*args, kill_at="batchrun.io.output.checkpoint:os.replace"))
     assert partial_dir_for(out).is_dir()
     again = batchrun(*args)
     assert again.returncode == EXIT_OK, again.stderr

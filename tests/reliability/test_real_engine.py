@@ -19,16 +19,12 @@ from typing import Any
 import pytest
 
 from batchrun.config import ConfigError, SamplingDefaults
-from batchrun.io.results import partial_dir_for
-from batchrun.runner import (
-    EXIT_INTERRUPTED,
-    EXIT_OK,
-    EXIT_ROW_ERRORS,
-    engine_sizing,
-    prepare_job,
-    run_job,
-)
-from batchrun.terminal import engine_log_path
+from batchrun.errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_ROW_ERRORS
+from batchrun.ingest.prepare import prepare_job
+from batchrun.io.output.checkpoint import partial_dir_for
+from batchrun.job.engine_setup import engine_sizing
+from batchrun.job.run import run_job
+from batchrun.job.terminal import engine_log_path
 from tests.conftest import TEST_ENGINE_OPTIONS
 from tests.helpers import job, write_jsonl
 from tests.reliability.harness import (

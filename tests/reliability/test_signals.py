@@ -16,8 +16,9 @@ import pytest
 
 from batchrun.engine.base import GenerationResult, StepOutput
 from batchrun.engine.fake import FakeEngine
-from batchrun.io.results import Checkpoint, ResultJournal, partial_dir_for
-from batchrun.runner import EXIT_INTERRUPTED, EXIT_OK, run_job
+from batchrun.errors import EXIT_INTERRUPTED, EXIT_OK
+from batchrun.io.output.checkpoint import Checkpoint, ResultJournal, partial_dir_for
+from batchrun.job.run import run_job
 from tests.helpers import job
 from tests.reliability.harness import (
     admitted,

@@ -19,8 +19,10 @@ from typing import Any, BinaryIO, NamedTuple
 
 import pyarrow as pa
 
-from batchrun.config import ColumnMap
-from batchrun.io.rows import (
+from ...config import ColumnMap
+from ..schema import ENDPOINT_CHAT, ENDPOINT_COMPLETION
+from ..storage import Location, open_binary
+from .rows import (
     CONSTRAINT_FIELDS,
     DRAFT_SCHEMA,
     FIELDS,
@@ -32,8 +34,6 @@ from batchrun.io.rows import (
     parse_request,
     show,
 )
-from batchrun.io.schema import ENDPOINT_CHAT, ENDPOINT_COMPLETION
-from batchrun.io.storage import Location, open_binary
 
 MAX_LINE_BYTES = 8 * 2**20
 

@@ -40,7 +40,7 @@ id) get their row number as id, or `<row>~<k>` if another row already holds that
 
 The input is read as a stream of batches (BATCH_ROWS rows; a file of a dataset starts a new
 one), each finished before the next is read, and uniqueness is checked against every id held
-before (batchrun.io.ids). So "another row" in the last rule means a row before it or one in
+before (batchrun.io.input.ids). So "another row" in the last rule means a row before it or one in
 its own batch: a row without a readable id may take an id that a row of a LATER batch claims
 as its own. That later row is then the repeat, an error row like any other: ids stay unique
 and no row is lost, and the file order decides, as it does for two rows with the same id.
@@ -60,13 +60,25 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from batchrun.config import INPUT_FORMATS, ColumnMap
-from batchrun.io.ids import HeldIds, IdHashes
-from batchrun.io.jsonl_reader import iter_jsonl
-from batchrun.io.parquet_reader import iter_parquet, open_parquet
-from batchrun.io.rows import DraftBatch, InputError, json_text, show
-from batchrun.io.schema import REQUEST_SCHEMA
-from batchrun.io.storage import Location, expand, is_dir, is_uri, open_binary, size
+from ...config import INPUT_FORMATS, ColumnMap
+from ..schema import REQUEST_SCHEMA
+from ..storage import (
+    Location,
+    expand,
+    is_dir,
+    is_uri,
+    open_binary,
+    size,
+)
+from .ids import HeldIds, IdHashes
+from .jsonl import iter_jsonl
+from .parquet import iter_parquet, open_parquet
+from .rows import (
+    DraftBatch,
+    InputError,
+    json_text,
+    show,
+)
 
 __all__ = ["BATCH_ROWS", "FILENAME_COLUMN", "InputError", "RequestBatch", "RequestSet",
            "RequestStream", "ValidationReport", "cast_passthrough", "open_request_stream",
@@ -122,7 +134,7 @@ class RequestStream:
     """An input read batch by batch, in input order. Iterating it again reads it again.
 
     Memory does not grow with the input, except for the ids it holds (24 bytes an id, see
-    batchrun.io.ids). Raises InputError as the module notes say; "holds no rows" at the end.
+    batchrun.io.input.ids). Raises InputError as the module notes say; "holds no rows" at the end.
     """
 
     def __init__(self, path: Location, files: list[tuple[Location, str]], dataset: bool,

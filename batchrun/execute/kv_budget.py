@@ -11,10 +11,8 @@ in one already held (system prompt > document) only for its extra blocks
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from .executor import RunGroup
+from ..plan.groups import RunGroup
 
 
 @dataclass

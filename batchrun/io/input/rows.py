@@ -1,7 +1,7 @@
 """What one request row may hold: the checks every input format shares.
 
 InputError (a whole file is unusable) lives here too, so that every reader module can raise it;
-batchrun.io.readers is its public home.
+batchrun.io.input.readers is its public home.
 
 The JSONL, OpenAI-batch and Parquet readers all hand raw Python values to the functions here,
 so a bad value gets the same verdict and the same message whatever file it came from. (The
@@ -21,9 +21,9 @@ from typing import Any, NamedTuple
 
 import pyarrow as pa
 
-from batchrun import structured
-from batchrun.errors import UsageError
-from batchrun.io.schema import ENDPOINT_CHAT, ENDPOINT_COMPLETION, REQUEST_SCHEMA
+from ... import structured
+from ...errors import UsageError
+from ..schema import ENDPOINT_CHAT, ENDPOINT_COMPLETION, REQUEST_SCHEMA
 
 INT32_MAX = 2**31 - 1
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1

@@ -29,9 +29,14 @@ from typing import Any, TextIO
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from ..errors import UsageError
-from .schema import RESULT_SCHEMA
-from .storage import Location, expand, reading_input, remote_fingerprint
+from ...errors import UsageError
+from ..schema import RESULT_SCHEMA
+from ..storage import (
+    Location,
+    expand,
+    reading_input,
+    remote_fingerprint,
+)
 
 MANIFEST = "manifest.json"
 # Written once every row is done, just before the output is renamed into place: a checkpoint

@@ -2,7 +2,7 @@
 
 Each input column chunk first gets a vectorized check: if its Arrow type is the natural one for
 the field and every value in the chunk is valid, it is cast and used as is. Otherwise the chunk
-goes value by value through the shared checks in batchrun.io.rows, which decide what is valid
+goes value by value through the shared checks in batchrun.io.input.rows, which decide what is valid
 and word the errors. So clean files never touch Python per row, and a bad value reads the same
 as it would in JSONL. (Chat messages always take the per-value path: they become JSON text.)
 """
@@ -18,9 +18,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from batchrun import structured
-from batchrun.config import ColumnMap
-from batchrun.io.rows import (
+from ... import structured
+from ...config import ColumnMap
+from ..schema import DICTIONARY_STRING, ENDPOINT_CHAT, ENDPOINT_COMPLETION
+from ..storage import Location, open_random
+from .rows import (
     CONSTRAINT_FIELDS,
     DRAFT_SCHEMA,
     FIELDS,
@@ -36,8 +38,6 @@ from batchrun.io.rows import (
     parse_field,
     sources_problem,
 )
-from batchrun.io.schema import DICTIONARY_STRING, ENDPOINT_CHAT, ENDPOINT_COMPLETION
-from batchrun.io.storage import Location, open_random
 
 # --- Vectorized checks: the cast column if its type fits and all its values pass, else None ---
 

@@ -12,35 +12,14 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import threading
-import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
-from .errors import EXIT_INTERRUPTED
+from ..errors import EXIT_INTERRUPTED
+from ..execute.stop import StopFlag
 from .terminal import terminal_fd
 
 _ABANDON = ("batchrun: third signal: exiting now; finished rows are saved, "
             "run again with --resume\n")
-
-
-@dataclass
-class StopFlag:
-    """Set by the first SIGTERM/SIGINT: stop admitting; the second one aborts at once."""
-
-    requested: bool = False
-    at: float = 0.0
-    signals: int = 0  # how many stop requests came in
-    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
-
-    def request(self) -> bool:
-        """Return True if this was the second request (hard stop)."""
-        with self._lock:
-            self.signals += 1
-            if self.requested:
-                return True
-            self.requested, self.at = True, time.monotonic()
-            return False
 
 
 class Interrupted(BaseException):

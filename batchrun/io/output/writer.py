@@ -22,9 +22,15 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .readers import cast_passthrough, unified_passthrough_schema
-from .results import ROW_GROUP_SIZE, _fsync_dir, _write_openai_lines, journal_batches, temp_path
-from .schema import RESULT_SCHEMA
+from ..input.readers import cast_passthrough, unified_passthrough_schema
+from ..schema import RESULT_SCHEMA
+from .checkpoint import (
+    ROW_GROUP_SIZE,
+    _fsync_dir,
+    _write_openai_lines,
+    journal_batches,
+    temp_path,
+)
 
 ENDPOINT = "endpoint"
 

@@ -15,21 +15,24 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from .config import JobConfig, default_constraint
-from .engine.base import GenerationRequest
-from .engine.sizing import LongestRequest, longest_request
-from .io.output import ENDPOINT, InputColumns
-from .io.readers import RequestSet, open_request_stream, read_request_set
-from .plan.dedupe import find_duplicates, is_deterministic
-from .plan.prefix_tree import PrefixTree
-from .progress import StageClock
+from ..clock import StageClock
+from ..config import JobConfig, default_constraint
+from ..engine.base import GenerationRequest
+from ..engine.sizing import LongestRequest, longest_request
+from ..io.input.readers import RequestSet, open_request_stream, read_request_set
+from ..io.output.writer import ENDPOINT, InputColumns
+from ..plan.dedupe import find_duplicates, is_deterministic
+from ..plan.groups import RunGroup, make_groups
+from ..plan.prefix_tree import PrefixTree
+from ..plan.schedule import RequestOrder, order_requests
+from ..structured import TEXT, Constraint, max_choice_tokens
 from .shards import Shard, ShardBuilder
-from .structured import TEXT, Constraint, max_choice_tokens
 from .tokenize import (
     ByteTokenizer,
     HFTokenizer,
@@ -55,6 +58,7 @@ class PreparedJob:
     # constraint (None: free text) and how many top logprobs to return (None: no logprobs).
     constraints: list[Constraint | None] = field(default_factory=list)
     logprobs: list[int | None] = field(default_factory=list)
+    _orders: dict[int, RequestOrder] = field(default_factory=dict, repr=False)
 
     def rows_served(self, i: int) -> int:
         """Rows request i's result fills: its own, and its identical copies'."""
@@ -84,8 +88,37 @@ class PreparedJob:
 
     @cached_property
     def prefix_tree(self) -> PrefixTree:
-        """Built once: sizing the engine and planning the run both read it."""
         return PrefixTree.build(self.tokens.values, self.tokens.offsets)
+
+    def request_order(self, block_size: int) -> RequestOrder:
+        """The shard's plan before any cut to a KV cache, built once per block size: sizing
+        the engine, choosing its attention and running the shard all read this one."""
+        if block_size not in self._orders:
+            toks = self.tokens
+            self._orders[block_size] = order_requests(
+                toks.values, toks.offsets, self.max_tokens, block_size=block_size,
+                tree=self.prefix_tree)
+        return self._orders[block_size]
+
+    def run_groups(self, block_size: int, kv_capacity_tokens: int | None) -> tuple[
+            list[RunGroup], dict[str, Any]]:
+        """The plan as the executor runs it (plan/groups.py), and its figures."""
+        planned = self.config.plan and len(self.tokens.positions)
+        return make_groups(self.request_order(block_size) if planned else None,
+                           self.tokens.lengths(), self.max_tokens, block_size,
+                           kv_capacity_tokens)
+
+    def first_and_last_prompts(self) -> tuple[np.ndarray | None, np.ndarray | None]:
+        """The first and last prompts in token order (None when it has none): where this
+        shard meets its neighbours (plan/job_figures.py)."""
+        toks = self.tokens
+        if not len(toks.positions) or not self.config.plan:
+            return None, None
+        order = self.prefix_tree.order
+        first, last = int(order[0]), int(order[-1])
+        # Copies: a view would keep the shard's whole token buffer alive with it.
+        return (toks.values[toks.offsets[first]:toks.offsets[first + 1]].copy(),
+                toks.values[toks.offsets[last]:toks.offsets[last + 1]].copy())
 
     def longest_request(self) -> LongestRequest | None:
         ids = self.requests.requests["id"]
@@ -107,7 +140,7 @@ def load_tokenizer(config: JobConfig, engine_kind: str,
     caps = [c for c in (config.engine.max_model_len, engine_max_model_len) if c]
     if engine_kind == "fake":
         return ByteTokenizer(), min(caps or [2048])
-    from .model import model_context_length, resolve_model
+    from ..model import model_context_length, resolve_model
 
     model_dir = resolve_model(config.model)
     return HFTokenizer(model_dir), min([model_context_length(model_dir), *caps])
@@ -205,7 +238,7 @@ def _without_duplicates(job: PreparedJob) -> PreparedJob:
     return replace(job, tokens=job.tokens.take(found.runs),
                    max_tokens=job.max_tokens[found.runs], copies=copies,
                    constraints=[job.constraints[r] for r in runs],
-                   logprobs=[job.logprobs[r] for r in runs])
+                   logprobs=[job.logprobs[r] for r in runs], _orders={})
 
 
 def request_constraints(table: pa.Table, positions: np.ndarray,

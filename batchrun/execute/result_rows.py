@@ -8,9 +8,9 @@ from typing import Any
 import pyarrow as pa
 
 from ..engine.base import GenerationResult
-from ..prepare import PreparedJob
+from ..ingest.prepare import PreparedJob
+from ..io.schema import RESULT_SCHEMA
 from ..structured import output_problem
-from .schema import RESULT_SCHEMA
 
 
 def error_results(job: PreparedJob, errors: dict[int, str]) -> pa.Table:

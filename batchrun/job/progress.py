@@ -5,11 +5,7 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
-from typing import TextIO, TypeVar
-
-T = TypeVar("T")
+from typing import TextIO
 
 
 class ProgressReporter:
@@ -71,35 +67,3 @@ class ProgressReporter:
         else:  # the last word in a log, whatever the interval
             self._stream.write(self.line() + "\n")
             self._stream.flush()
-
-
-class StageClock:
-    """Seconds spent per stage (read, tokenize, shard, plan, run, write), for the summary's
-    rows/s per stage."""
-
-    def __init__(self) -> None:
-        self.seconds: dict[str, float] = {}
-
-    @contextmanager
-    def __call__(self, stage: str) -> Iterator[None]:
-        t0 = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - t0
-
-    def timed(self, stage: str, items: Iterable[T]) -> Iterator[T]:
-        """`items`, with the time spent producing each counted to `stage`."""
-        it = iter(items)
-        while True:
-            with self(stage):
-                item = next(it, _END)
-            if item is _END:
-                return
-            yield item
-
-    def figures(self) -> dict[str, float]:
-        return {k: round(v, 3) for k, v in self.seconds.items()}
-
-
-_END = object()

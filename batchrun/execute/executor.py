@@ -41,39 +41,18 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .engine.base import Engine, EngineDiedError, GenerationRequest, GenerationResult
+from ..engine.base import (
+    Engine,
+    EngineDiedError,
+    GenerationRequest,
+    GenerationResult,
+)
+from ..plan.groups import RunGroup
 from .kv_budget import KvBudget
-from .lifecycle import StopFlag
 from .output_lengths import OutputLengths
+from .stop import StopFlag
 
 DEFER_SHARE = 16
-
-
-@dataclass(eq=False)  # identity: groups hold arrays, and a deque removes by ==
-class RunGroup:
-    """Requests that run together because they share a prefix (prefix_len 0: they share none)."""
-
-    members: np.ndarray  # request indices in run order
-    prefix_len: int
-    prefix_blocks: int
-    suffix_blocks: np.ndarray  # KV blocks each member adds: beyond the prefix and its elders'
-    prefix_id: int = -1  # groups cut from one prefix's requests (to fit the KV cache) share it
-    parent_id: int = -1  # prefix_id of the shared prefix this group's prefix extends, if any
-    # Of each member's suffix blocks, those no other member uses: free when it finishes (the
-    # rest when the group does). None: all of them.
-    private_blocks: np.ndarray | None = None
-    # Of each member's private blocks, those its max_tokens of decoding would fill. None: 0.
-    decode_blocks: np.ndarray | None = None
-    # The nearest shorter prefix this group's prefix shares with other groups (a branching
-    # node of the prefix tree, whether a group or not): -1 if none. The first leader under it
-    # computes it; sibling leaders wait one step instead of computing it again beside it.
-    shared_above_id: int = -1
-
-    def __post_init__(self) -> None:
-        if self.private_blocks is None:
-            self.private_blocks = self.suffix_blocks
-        if self.decode_blocks is None:
-            self.decode_blocks = np.zeros_like(self.suffix_blocks)
 
 
 @dataclass(eq=False)  # identity: a field-wise == compares numpy arrays (ValueError)

@@ -1,0 +1,97 @@
+"""What a job asks of its engine before it starts: the sizing (KV cache, context, batch;
+engine/sizing.py) and the attention backend (engine/attention/selection.py), each read from
+the first shard's plan."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..engine.attention.selection import (
+    DEFAULT_CONCURRENCY,
+    AttentionChoice,
+    SharingFigures,
+    choose_attention,
+    sharing_figures,
+)
+from ..engine.sizing import (
+    DEFAULT_MAX_NUM_SEQS,
+    EngineSizing,
+    LongestRequest,
+    peak_window_tokens,
+    size_engine,
+)
+from ..ingest.prepare import PreparedJob
+from ..model import kv_bytes_per_token, num_layers
+
+
+def engine_sizing(job: PreparedJob, engine_kind: str = "vllm", *,
+                  longest: LongestRequest | None = None) -> EngineSizing:
+    """The engine settings this job gets (see engine/sizing.py), without starting it. A job
+    of several shards is sized by its first shard's plan and the whole job's `longest`
+    request."""
+    opts = job.config.engine
+    if engine_kind == "fake":
+        block_size, per_token, cpu = opts.block_size or 4, 0, False
+    else:
+        from ..engine.vllm_engine import default_block_size, default_dtype, on_cpu
+        from ..model import resolve_model
+
+        block_size, cpu = opts.block_size or default_block_size(), on_cpu()
+        per_token = kv_bytes_per_token(resolve_model(job.config.model),
+                                       opts.dtype or default_dtype())
+    size_kv = cpu and not opts.kv_cache_memory
+    window = 0
+    if size_kv and len(job.tokens.positions):
+        groups, _ = job.run_groups(block_size, None)
+        window = peak_window_tokens(
+            np.concatenate([g.suffix_blocks for g in groups]),
+            np.repeat(np.arange(len(groups)), [len(g.members) for g in groups]),
+            np.array([g.prefix_blocks for g in groups], dtype=np.int64),
+            opts.max_num_seqs or DEFAULT_MAX_NUM_SEQS, block_size)
+    return size_engine(longest=longest or job.longest_request(), context=job.max_model_len,
+                       block_size=block_size, kv_bytes_per_token=per_token,
+                       user_kv_cache_memory=opts.kv_cache_memory, size_kv_from_job=size_kv,
+                       window_tokens=window)
+
+
+def job_sharing(job: PreparedJob, *, block_size: int, kv_bytes_per_token: int,
+                concurrency: int = DEFAULT_CONCURRENCY) -> SharingFigures:
+    """The plan's shared-prefix figures (``selection.SharingFigures``), computed before an
+    engine exists: planned at ``block_size`` without a KV capacity (the groups' prefixes do
+    not depend on it)."""
+    plan = job.request_order(block_size).plan()
+    n = len(job.tokens.positions)
+    prefix_ids = np.full(n, -1, dtype=np.int64)
+    prefix_lens = np.zeros(n, dtype=np.int64)
+    for g in plan.groups:
+        if g.prefix_len:
+            members = plan.order[g.start:g.end]
+            prefix_ids[members], prefix_lens[members] = g.prefix_id, g.prefix_len
+    return sharing_figures(job.tokens.lengths(), job.max_tokens, prefix_ids, prefix_lens,
+                           kv_bytes_per_token=kv_bytes_per_token, concurrency=concurrency)
+
+
+def choose_job_attention(job: PreparedJob) -> AttentionChoice:
+    """The attention backend this job asks vLLM for (``selection.choose_attention``). Only
+    ``auto`` on CUDA depends on the job, and only it plans here, before the engine starts."""
+    from ..engine.vllm_engine import (
+        default_block_size,
+        default_dtype,
+        kernels_available,
+        platform_name,
+    )
+    from ..model import resolve_model
+
+    opts = job.config.engine
+    platform, kernels = platform_name(), kernels_available()
+    sharing = None
+    if opts.attention == "auto" and platform == "cuda" and kernels and len(job.tokens.positions):
+        model_dir = resolve_model(job.config.model)
+        per_token = kv_bytes_per_token(model_dir, opts.dtype or default_dtype())
+        # Per layer and per GPU: tensor parallelism splits the KV heads.
+        per_gpu_layer = per_token // num_layers(model_dir) // max(1, opts.tensor_parallel_size)
+        sharing = job_sharing(job, block_size=opts.block_size or default_block_size(),
+                              kv_bytes_per_token=per_gpu_layer,
+                              concurrency=opts.max_num_seqs or DEFAULT_CONCURRENCY)
+    return choose_attention(opts.attention, platform, kernels_available=kernels,
+                            sharing=sharing)

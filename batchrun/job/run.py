@@ -1,0 +1,352 @@
+"""Run one job end to end: open (checkpoint, input read into shards, engine started),
+generate (shard by shard, on one engine or on Ray replicas), finish (output written, or the
+reason it was not). The stages themselves live in ingest/, plan/, execute/ and io/."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from ..clock import StageClock
+from ..cluster.replicas import EngineReplicas, start_replicas
+from ..config import JobConfig
+from ..engine.base import Engine, EngineDiedError, EngineStats
+from ..engine.factory import start_engine
+from ..engine.sizing import EngineSizing
+from ..errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_ROW_ERRORS
+from ..execute.executor import StepTrace
+from ..execute.shard import ShardRun, run_shard
+from ..execute.stop import StopFlag
+from ..ingest.prepare import PreparedJob, ShardedJob, prepare_shard, read_into_shards
+from ..ingest.shards import Shard
+from ..io import storage
+from ..io.output.checkpoint import (
+    Checkpoint,
+    CheckpointError,
+    JobLock,
+    ResultJournal,
+    file_fingerprint,
+    partial_dir_for,
+)
+from ..io.output.writer import OutputFiles, count_done, write_in_row_order
+from ..plan.job_figures import JobPlanFigures
+from ..version import __version__
+from .engine_setup import choose_job_attention, engine_sizing
+from .paths import OutputPaths, check_output_paths, output_paths, remove_staged
+from .progress import ProgressReporter
+from .signals import Interrupted, install_signal_handlers
+from .summary import ResultCounts, job_summary, peak_rss_bytes, write_summary
+from .terminal import engine_log_path, output_to_log, terminal
+
+
+@dataclass
+class JobOutcome:
+    exit_code: int
+    summary: dict[str, Any]
+    message: str = ""
+
+
+def run_job(
+    config: JobConfig,
+    *,
+    engine_kind: str = "vllm",
+    engine: Engine | None = None,
+    resume: bool = False,
+    overwrite: bool = False,
+    interactive: bool | None = None,
+    grace_s: float = 30.0,
+    handle_signals: bool = True,
+    engine_log: bool = False,
+) -> JobOutcome:
+    """Run a job to its output file. `engine` lets a caller (tests, benchmarks) share one
+    started engine between jobs; otherwise one is started here and closed at the end.
+    `engine_log`: what vLLM, torch and other libraries print goes to `<output>.log`
+    instead of the terminal (batchrun's own progress still reaches the terminal).
+
+    Signals are handled from reading the input to writing the output: a first SIGTERM/SIGINT
+    lets the job wind down, a second raises Interrupted wherever it lands. Either way every
+    result finished by then is in the checkpoint."""
+    stop = StopFlag()
+    restore = install_signal_handlers(stop) if handle_signals else (lambda: None)
+    log_path = engine_log_path(output_paths(config).base) if engine_log else None
+    try:
+        check_output_paths(config)
+        with JobLock(output_paths(config).base), output_to_log(log_path):
+            outcome = _run_job(config, stop, engine_kind=engine_kind, engine=engine,
+                               resume=resume, overwrite=overwrite, interactive=interactive,
+                               grace_s=grace_s)
+        if log_path is not None and "rows" in outcome.summary:
+            outcome.summary["engine_log"] = str(log_path)
+        return outcome
+    except Interrupted as e:
+        return JobOutcome(EXIT_INTERRUPTED, {"status": "interrupted", "output": str(config.output)},
+                          f"{e}; finished rows are saved. Re-run with --resume")
+    finally:
+        restore()
+
+
+def _run_job(config: JobConfig, stop: StopFlag, *, engine_kind: str, engine: Engine | None,
+             resume: bool, overwrite: bool, interactive: bool | None,
+             grace_s: float) -> JobOutcome:
+    t0 = time.monotonic()
+    paths = output_paths(config)
+    if storage.exists(paths.dest) and not overwrite:
+        leftover = Checkpoint(partial_dir_for(paths.base))
+        if leftover.is_complete():  # a kill came between writing the output and this cleanup
+            leftover.remove()
+            remove_staged(paths)
+        msg = (f"{paths.dest} already exists: this job has finished before, nothing to do. "
+               "Use --overwrite to run it again")
+        return JobOutcome(EXIT_OK, {"status": "already_done", "output": str(paths.dest)}, msg)
+    run = _JobRun.open(config, paths, engine_kind, engine, resume=resume, overwrite=overwrite,
+                       stop=stop)
+    run.generate(stop, interactive=interactive, grace_s=grace_s)
+    return run.finish(time.monotonic() - t0)
+
+
+@dataclass
+class _JobRun:
+    """One run of a job: opened (checkpoint, input read into shards, engine started),
+    generated (shard by shard), finished (output written, or the reason it was not).
+    Every failure after opening ends in `finish` with a status and the checkpoint kept."""
+
+    config: JobConfig
+    paths: OutputPaths
+    ckpt: Checkpoint
+    counts: ResultCounts
+    sharded: ShardedJob
+    engine: Engine | None
+    own_engine: bool
+    sizing: EngineSizing | None = None
+    first: PreparedJob | None = None  # the first shard, prepared while sizing the engine
+    start_failure: EngineDiedError | None = None
+    status: str = "ok"
+    message: str = ""
+    plan: JobPlanFigures = field(default_factory=JobPlanFigures)
+    trace: StepTrace = field(default_factory=StepTrace)
+    clock: StageClock = field(default_factory=StageClock)
+    constrained: dict[str, int] = field(default_factory=dict)
+    logprobs_rows: int = 0
+    stats_before: EngineStats | None = None
+    replicas: EngineReplicas | None = None  # the engines, when on Ray (cluster/replicas.py)
+
+    @classmethod
+    def open(cls, config: JobConfig, paths: OutputPaths, engine_kind: str,
+             engine: Engine | None, *, resume: bool, overwrite: bool,
+             stop: StopFlag) -> _JobRun:
+        manifest = {"batchrun": __version__, "input": file_fingerprint(config.input),
+                    "settings": config.fingerprint_settings()}
+        if overwrite:
+            Checkpoint(partial_dir_for(paths.base)).remove()
+        ckpt = Checkpoint.open(paths.base, manifest, resume=resume)
+        counts = ResultCounts()
+        done = count_done(ckpt.journals(), counts.count)
+        clock = StageClock()
+        try:
+            sharded = read_into_shards(
+                config, engine_kind=engine_kind, done=done, spill_dir=ckpt.path / "spill",
+                engine_max_model_len=engine.info.max_model_len if engine else None,
+                stop=lambda: stop.requested, clock=clock)
+        except BaseException:
+            if not len(done):  # an unusable input, model or setting: leave no empty checkpoint
+                ckpt.remove()
+            raise
+        run = cls(config, paths, ckpt, counts, sharded, engine, own_engine=engine is None,
+                  clock=clock)
+        try:
+            run._start_engine(engine_kind, stop)
+        except EngineDiedError as e:
+            run.start_failure = e  # not the input's or the settings' fault: exit 4, resumable
+        except BaseException:
+            if not len(done):
+                ckpt.remove()
+            raise
+        return run
+
+    def _start_engine(self, engine_kind: str, stop: StopFlag) -> None:
+        """Size and start the engine, unless nothing is left to generate (a resume after a
+        failed final write, only error rows) or a signal came while reading: starting vLLM
+        takes a minute."""
+        sharded = self.sharded
+        if not sharded.runnable or stop.requested:
+            return
+        with self.clock("plan"):
+            self.first = prepare_shard(self.config, sharded.shards[0].load(),
+                                       sharded.input_format, sharded.max_model_len)
+        if self.own_engine:
+            self.sizing = engine_sizing(self.first, engine_kind, longest=sharded.longest)
+            first = self.first
+            if self.config.cluster.on_ray:
+                self.replicas = start_replicas(self.config, engine_kind, self.sizing, sharded,
+                                               attention=lambda: choose_job_attention(first))
+                return
+            self.engine = start_engine(engine_kind, self.config, self.sizing,
+                                       new_tokens=sharded.new_tokens,
+                                       attention=lambda: choose_job_attention(first))
+
+    def generate(self, stop: StopFlag, *, interactive: bool | None, grace_s: float) -> None:
+        journal: ResultJournal | None = None
+        progress: ProgressReporter | None = None
+        try:
+            journal = self.ckpt.new_journal()
+            if self.sharded.runnable and not stop.requested:
+                if self.start_failure is not None:  # reported like an engine failure mid-run
+                    raise self.start_failure
+                self._note_engine_counters()
+                terminal().write(self._start_line() + "\n")
+            progress = ProgressReporter(self.sharded.rows, already_done=self.counts.rows,
+                                        interactive=interactive, stream=terminal())
+            self._run_shards(journal, progress, stop, grace_s)
+            if stop.requested and self.counts.rows < self.sharded.rows:
+                self.status = "interrupted"
+                self.message = ("interrupted by a signal; finished rows are saved. Run the same "
+                                "command with --resume to continue")
+        except Interrupted as e:
+            self.status = "interrupted"
+            self.message = f"{e}; finished rows are saved. Re-run with --resume"
+        except EngineDiedError as e:
+            self.status, self.message = "engine_failed", (
+                f"{e}. Finished rows are saved in {self.ckpt.path}; fix the cause and re-run "
+                "with --resume")
+        except OSError as e:
+            self.status, self.message = "write_failed", (
+                f"cannot write results ({e.strerror or e}): {self.ckpt.path} holds every row "
+                "finished so far; free space and re-run with --resume")
+        finally:
+            if progress is not None:
+                progress.close()
+            if journal is not None:
+                with contextlib.suppress(OSError):  # the write error itself was caught above
+                    journal.close()
+            if self.own_engine and self.engine is not None:
+                self.engine.close()
+            if self.replicas is not None:
+                self.replicas.close()
+
+    def _run_shards(self, journal: ResultJournal, progress: ProgressReporter, stop: StopFlag,
+                    grace_s: float) -> None:
+        def on_results(table: pa.Table) -> None:
+            journal.append(table)
+            self.counts.count(table)
+            tokens = [pc.sum(table[c]).as_py() or 0
+                      for c in ("prompt_tokens", "completion_tokens")]
+            progress.advance(table.num_rows, sum(tokens))
+
+        if self.replicas is not None:
+            shard_runs = self.replicas.run(self.sharded.shards, on_results, stop, grace_s)
+        else:
+            shard_runs = (self._run_shard(shard, on_results, stop, grace_s)
+                          for shard in self.sharded.shards if not stop.requested)
+        for done in shard_runs:
+            self.plan.add(done.plan, done.first_prompt, done.last_prompt)
+            for kind, n in done.constrained.items():
+                self.constrained[kind] = self.constrained.get(kind, 0) + n
+            self.logprobs_rows += done.logprobs_rows
+
+    def _run_shard(self, shard: Shard, on_results: Callable[[pa.Table], None],
+                   stop: StopFlag, grace_s: float) -> ShardRun:
+        job, self.first = self.first, None  # the first shard was prepared at the start
+        if job is None:
+            with self.clock("plan"):
+                job = prepare_shard(self.config, shard.load(), self.sharded.input_format,
+                                    self.sharded.max_model_len)
+        return run_shard(job, self.engine, on_results, stop=stop, grace_s=grace_s,
+                         trace=self.trace, clock=self.clock)
+
+    def _note_engine_counters(self) -> None:
+        """What a shared engine counted before this job: the summary reports this job's.
+        (Replicas report per replica instead.)"""
+        if self.engine is not None:
+            self.stats_before = self.engine.stats(new_job=True)
+
+    def _start_line(self) -> str:
+        if self.replicas is not None:
+            return (f"batchrun: {self.sharded.requests:,} of {self.sharded.rows:,} rows to run "
+                    f"on {self.replicas.describe()}")
+        info, sharded = self.engine.info, self.sharded
+        kv = f", KV cache {info.kv_capacity_tokens:,} tokens" if info.kv_capacity_tokens else ""
+        shards = f", in {len(sharded.shards)} prefix shards" if len(sharded.shards) > 1 else ""
+        return (f"batchrun: {sharded.requests:,} of {sharded.rows:,} rows to run on "
+                f"{info.name}{kv}, context {info.max_model_len:,} tokens{shards}")
+
+    def finish(self, wall_s: float) -> JobOutcome:
+        summary = self._summary(wall_s)
+        if self.status != "ok":
+            return self._stopped(summary, self.message)
+        if self.counts.rows != self.sharded.rows:
+            raise CheckpointError(f"internal: {self.counts.rows} results for "
+                                  f"{self.sharded.rows} rows")
+        try:
+            self.ckpt.mark_complete()
+            with self.clock("write"):
+                self._write_output()
+        except (OSError, pa.ArrowException) as e:
+            summary["status"] = "write_failed"
+            reason = getattr(e, "strerror", None) or " ".join(str(e).split())[:300]
+            return self._stopped(summary, (
+                f"cannot write the output ({reason}): {self.ckpt.path} holds every row; "
+                "free space and re-run with --resume"))
+        self.ckpt.remove()
+        remove_staged(self.paths)
+        summary["stages"] = self._stage_figures()
+        write_summary(self.paths.local, summary)
+        code = EXIT_OK if self.counts.failed == 0 else EXIT_ROW_ERRORS
+        return JobOutcome(code, summary, f"wrote {self.paths.dest}")
+
+    def _stage_figures(self) -> dict[str, dict[str, float]]:
+        """Seconds and rows/s per stage (rows this run handled)."""
+        rows = self.sharded.requests or self.sharded.rows
+        return {stage: {"seconds": s, "rows_per_s": round(rows / s) if s > 0 else None}
+                for stage, s in self.clock.figures().items()}
+
+    def _stopped(self, summary: dict[str, Any], message: str) -> JobOutcome:
+        summary["checkpoint"] = str(self.ckpt.path)
+        self.sharded.remove_spill()
+        write_summary(self.paths.local, summary)
+        return JobOutcome(EXIT_INTERRUPTED, summary, message)
+
+    def _write_output(self) -> None:
+        config, paths = self.config, self.paths
+        meta = {"batchrun_version": __version__, "model": config.model,
+                "sampling": config.fingerprint_settings()["sampling"],
+                "engine": self.engine.info.settings if self.engine else {}}
+        files = OutputFiles(paths.local, paths.openai_local, config.model)
+        write_in_row_order(self.ckpt.journals(), self.sharded.rows, self.sharded.columns,
+                           files, meta, range_bytes=config.engine.memory_budget // 8,
+                           scratch=self.sharded.spill_dir)
+        # The OpenAI file first: the Parquet output appearing is what marks the job done.
+        if paths.openai_local is not None and storage.is_uri(paths.openai_dest):
+            storage.upload(paths.openai_local, str(paths.openai_dest))
+        if paths.remote:  # the object appears at the output key only once complete
+            storage.upload(paths.local, str(paths.dest))
+
+    def _summary(self, wall_s: float) -> dict[str, Any]:
+        summary = job_summary(self.config, self.sharded.rows, self.counts, self.engine,
+                              self.plan.to_dict(), wall_s, self.status)
+        summary["batch"] = self.trace.figures()
+        summary["stages"] = self._stage_figures()
+        summary["structured_outputs"] = {"constrained_rows": dict(sorted(
+            self.constrained.items())), "logprobs_rows": self.logprobs_rows}
+        summary["shards"] = {"count": len(self.sharded.shards),
+                             "spilled_bytes": self.sharded.spilled_bytes,
+                             "memory_budget": self.config.engine.memory_budget,
+                             "peak_rss_bytes": peak_rss_bytes()}
+        if self.sizing is not None:
+            summary["engine_sizing"] = self.sizing.to_dict()
+        if self.replicas is not None:
+            summary["replicas"] = [r.to_dict() for r in self.replicas.stats]
+        if self.stats_before is not None:
+            # Read after close: an engine's own processes have written their last counts then.
+            used = self.engine.stats().since(self.stats_before)
+            if (attention := used.attention_summary()) is not None:
+                summary["attention"] = attention
+            if self.constrained:
+                summary["structured_outputs"]["backends"] = used.structured_backends
+        return summary
+
