@@ -257,17 +257,27 @@ def test_cuts_of_one_prefix_keep_it_counted_until_the_last_one_finishes():
 
 
 def test_a_group_behind_others_starts_its_leader_only_when_its_members_fit_too():
-    # The first group fills the cache; the second's leader would compute its prefix long
-    # before its members could run (and the cache would have evicted it by then).
-    engine = FakeEngine(block_size=4, kv_capacity_tokens=64)  # 16 blocks
-    first = requests(4, PREFIX)
-    other = [GenerationRequest(f"o{i}", list(range(300, 332)) + [i], max_tokens=3)
-             for i in range(4)]
-    done, _ = run(engine, first + other, [group([0, 1, 2, 3], 32, prefix_id=1),
-                                          group([4, 5, 6, 7], 32, prefix_id=2)])
-    order = engine.admission_order
-    assert order.index("o0") > max(order.index(f"q{i}") for i in range(4))
-    assert sum(done[i].cached_tokens == 0 for i in range(8)) == 2  # each prefix once
+    # 28 blocks. Each member: its prefix's 8 blocks, then 9 tokens of its own (2 full blocks
+    # and a partial one: 3 blocks). The first group needs 8 + 8 x 3 = 32 blocks: it fills the
+    # cache, its members run in turns. Beside its leader (11 blocks) the second group's
+    # leader (11) would fit; started then, it would compute its prefix long before its
+    # members could run, and the first group's members, computing their own 16 blocks
+    # meanwhile, push that prefix out of the cache (8 + 16 + 16 + 8 blocks > 28).
+    log = EngineLog(FakeEngine(block_size=4, kv_capacity_tokens=112))
+    first = [GenerationRequest(f"q{i}", PREFIX + [1000 + 9 * i + t for t in range(9)],
+                               max_tokens=3) for i in range(8)]
+    other = [GenerationRequest(f"o{i}", list(range(300, 332)) + [5000 + 9 * i + t
+                                                               for t in range(9)],
+                               max_tokens=3) for i in range(4)]
+    done, _ = run(log, first + other, [group(list(range(8)), 32, 1, suffix_blocks=3),
+                                       group([8, 9, 10, 11], 32, 2, suffix_blocks=3)])
+    assert len(done) == 12
+    # The second leader was sent only when all its members could follow it: they were, in
+    # the step its prompt was computed.
+    assert log.sent["o0"] >= max(log.sent_at(*(f"q{i}" for i in range(8))))
+    assert log.sent_at("o1", "o2", "o3") == [log.prefilled["o0"]] * 3
+    # So each prefix was computed once, by its leader, and found whole by every member.
+    assert [done[i].cached_tokens for i in range(12)] == [0] + [32] * 7 + [0] + [32] * 3
 
 
 def test_a_group_behind_others_leaves_room_for_members_waiting_on_their_leader():
