@@ -16,6 +16,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
+from batchrun import output_lengths
 from batchrun.engine.base import GenerationRequest, StepOutput
 from batchrun.engine.fake import FakeEngine
 from batchrun.executor import RunGroup, StreamingExecutor
@@ -343,30 +344,40 @@ class AnswersByHead(FakeEngine):
         return 1 if request.prompt_token_ids[0] == LIGHT_HEAD[0] else request.max_tokens
 
 
-def light_then_heavy(kv_capacity_tokens: int) -> tuple[AnswersByHead, StreamingExecutor]:
-    """40 light requests planned before 3 heavy ones, all asking for 80 tokens; each prompt
-    2 blocks of shared head and 2 of its own (4-token blocks)."""
+def light_then_heavy(kv_capacity_tokens: int, lights: int = 40
+                     ) -> tuple[AnswersByHead, StreamingExecutor]:
+    """`lights` light requests planned before 3 heavy ones, all asking for 80 tokens; each
+    prompt 2 blocks of shared head and 2 of its own (4-token blocks)."""
     reqs = [GenerationRequest(f"light{i}", LIGHT_HEAD + [i, i + 1000], max_tokens=80)
-            for i in range(40)]
+            for i in range(lights)]
     reqs += [GenerationRequest(f"heavy{i}", HEAVY_HEAD + [i, i + 1000], max_tokens=80)
              for i in range(3)]
     engine = AnswersByHead(block_size=4, kv_capacity_tokens=kv_capacity_tokens)
-    done, ex = run(engine, reqs, [group(list(range(40)), 8, prefix_id=1),
-                                  group([40, 41, 42], 8, prefix_id=2)])
-    assert len(done) == 43
+    done, ex = run(engine, reqs, [group(list(range(lights)), 8, prefix_id=1),
+                                  group(list(range(lights, lights + 3)), 8, prefix_id=2)])
+    assert len(done) == lights + 3
     return engine, ex
 
 
-def test_a_prefix_whose_first_members_answer_briefly_lets_later_work_start_before_its_rest():
+def test_a_prefix_whose_first_members_answer_briefly_lets_later_work_start_before_its_rest(
+        monkeypatch: pytest.MonkeyPatch):
     # 32 blocks: the light head and 15 members fit at once. Their first 8 answer in one
-    # token: the head is light, and its 25 members not started yet go behind the heavy
-    # group, which starts now instead of after all 40.
-    engine, ex = light_then_heavy(kv_capacity_tokens=128)
-    order = engine.admission_order
-    assert order.index("heavy0") < order.index("light39")
-    assert ex.trace.figures()["deferred_light_prefixes"] == 1
+    # token: the head is light, and its members not started yet (most of the 200) go behind
+    # the heavy group, which starts now instead of after all 200.
+    engine, ex = light_then_heavy(kv_capacity_tokens=128, lights=200)
     # The heavy decodes overlap the light rest: the run takes about their 80 steps.
     assert engine.steps <= 80 + 8
+    order = engine.admission_order
+    assert order.index("heavy0") < order.index("light199")
+    assert ex.trace.figures()["deferred_light_prefixes"] == 1
+    # Learning nothing (no prefix's sample ever complete), the heavy group waits for all
+    # 200 light requests (about 15 at a time) and then decodes alone: the bound above fails.
+    monkeypatch.setattr(output_lengths, "SAMPLE", 10**9)
+    unlearned, ex = light_then_heavy(kv_capacity_tokens=128, lights=200)
+    assert ex.trace.figures()["deferred_light_prefixes"] == 0
+    assert unlearned.admission_order.index("heavy0") > unlearned.admission_order.index(
+        "light199")
+    assert unlearned.steps > 80 + 8
 
 
 def test_a_light_prefix_too_large_to_hold_aside_keeps_its_place():
