@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from dataclasses import replace
 from itertools import combinations
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
 
 from batchrun.config import ConfigError, EngineOptions
@@ -144,8 +146,30 @@ def test_the_cli_exits_2_naming_the_row_and_setting_and_leaves_nothing_to_resume
     assert not partial_dir_for(cfg.output).exists() and not cfg.output.exists()
 
 
-def test_free_memory_is_read_from_the_system() -> None:
-    assert sizing.memory_available() > 0
+def test_free_memory_is_what_the_system_calls_available_in_bytes(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # psutil (a vLLM dependency) reads the same figure its own way: the memory a new
+    # allocation can get (MemAvailable: free memory plus reclaimable cache), in bytes. Read
+    # just before and after, it brackets ours, give or take what moved in between.
+    slack = 16 << 20
+
+    def brackets(figure: Callable[[], int]) -> None:
+        before = figure()
+        got = sizing.memory_available()
+        after = figure()
+        assert min(before, after) - slack <= got <= max(before, after) + slack
+
+    brackets(lambda: psutil.virtual_memory().available)
+    # Which is not the machine's total memory (the bracket tells the two apart).
+    memory = psutil.virtual_memory()
+    assert memory.total - memory.available > 2 * slack
+
+    # Where /proc/meminfo cannot be read (not Linux): the free pages the OS reports.
+    def no_meminfo(*args: object, **kwargs: object) -> None:
+        raise OSError("no /proc/meminfo here")
+
+    monkeypatch.setattr(sizing, "open", no_meminfo, raising=False)
+    brackets(lambda: psutil.virtual_memory().free)
 
 
 def test_plan_json_reports_the_sizes(tmp_path: Path) -> None:
