@@ -50,11 +50,9 @@ and no row is lost, and the file order decides, as it does for two rows with the
 from __future__ import annotations
 
 import itertools
-from collections import Counter
-from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass, field, replace
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -81,9 +79,8 @@ from .rows import (
 )
 
 __all__ = ["BATCH_ROWS", "FILENAME_COLUMN", "InputError", "RequestBatch", "RequestSet",
-           "RequestStream", "ValidationReport", "cast_passthrough", "open_request_stream",
-           "read_request_set", "read_requests", "unified_passthrough_schema",
-           "validate_summary"]
+           "RequestStream", "cast_passthrough", "open_request_stream", "read_request_set",
+           "read_requests", "unified_passthrough_schema"]
 
 # `--passthrough source_file`: the file each row came from (its path or URI). The name is
 # reserved: it means this, whatever the input's own columns are. (Not pyarrow's `__filename`:
@@ -395,69 +392,3 @@ def _give_free_ids(rows: pa.Array, ids: pa.Array, held: HeldIds) -> pa.Array:
         candidates = pc.if_else(clash, pc.binary_join_element_wise(base, f"~{k}", ""),
                                 candidates)
     return pc.replace_with_mask(ids, missing, candidates)
-
-
-# --- What `batchrun validate` reports ---------------------------------------------------------
-
-@dataclass
-class ValidationReport:
-    """`batchrun validate`'s figures, gathered batch by batch (memory does not grow with the
-    input): rows, how many can run, the first `max_errors` problems in row order; and, of the
-    rows that can run, their prompt tokens, output constraints and logprobs requests."""
-
-    max_errors: int = 10
-    rows: int = 0
-    errors: int = 0
-    first_errors: list[str] = field(default_factory=list)
-    prompts: int = 0
-    prompt_tokens: int = 0
-    longest_prompt: int = 0
-    constrained: Counter[str] = field(default_factory=Counter)
-    logprobs_rows: int = 0
-
-    def add_rows(self, requests: pa.Table, more_errors: Mapping[int, str] | None = None) -> None:
-        """Count a batch of rows. more_errors: row position in `requests` -> a problem found
-        after reading (the tokenizer's), for rows without a reader error."""
-        more_errors = more_errors or {}
-        reader_errors = requests["error"]
-        self.rows += requests.num_rows
-        self.errors += len(reader_errors) - reader_errors.null_count + len(more_errors)
-        room = self.max_errors - len(self.first_errors)
-        if room <= 0:
-            return
-        if not more_errors:
-            self.first_errors += reader_errors.drop_null()[:room].to_pylist()
-            return
-        positions = np.flatnonzero(reader_errors.is_valid().to_numpy())[:room]
-        found = dict(zip(positions.tolist(), reader_errors.take(positions).to_pylist(),
-                         strict=True))
-        found.update(more_errors)
-        self.first_errors += [found[p] for p in sorted(found)[:room]]
-
-    def add_prompts(self, lengths: np.ndarray, constraints: Iterable[str | None],
-                    logprobs: Iterable[int | None]) -> None:
-        """Count the prompts of rows that can run: their token counts, constraint kinds (None:
-        free text) and top-logprobs counts (None: no logprobs)."""
-        self.prompts += len(lengths)
-        self.prompt_tokens += int(lengths.sum())
-        self.longest_prompt = max(self.longest_prompt, int(lengths.max(initial=0)))
-        self.constrained.update(kind for kind in constraints if kind is not None)
-        self.logprobs_rows += sum(top is not None for top in logprobs)
-
-    def summary(self) -> dict[str, Any]:
-        return {"rows": self.rows, "ok": self.rows - self.errors, "errors": self.errors,
-                "first_errors": list(self.first_errors)}
-
-    def prompt_summary(self) -> dict[str, Any]:
-        return {"constrained": dict(sorted(self.constrained.items())),
-                "logprobs_rows": self.logprobs_rows,
-                "prompt_tokens": {"total": self.prompt_tokens, "max": self.longest_prompt,
-                                  "mean": self.prompt_tokens / self.prompts
-                                  if self.prompts else 0.0}}
-
-
-def validate_summary(requests: pa.Table, max_errors: int = 10) -> dict[str, Any]:
-    """Counts of a request table, and the first `max_errors` row errors, for `validate`."""
-    report = ValidationReport(max_errors)
-    report.add_rows(requests)
-    return report.summary()
