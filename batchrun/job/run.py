@@ -29,11 +29,11 @@ from ..io import storage
 from ..io.output.checkpoint import (
     Checkpoint,
     CheckpointError,
-    JobLock,
     ResultJournal,
     file_fingerprint,
     partial_dir_for,
 )
+from ..io.output.lock import JobLock
 from ..io.output.writer import OutputFiles, count_done, write_in_row_order
 from ..plan.job_figures import JobPlanFigures
 from ..version import __version__

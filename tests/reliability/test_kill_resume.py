@@ -18,10 +18,10 @@ from batchrun.errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE
 from batchrun.io.output.checkpoint import (
     Checkpoint,
     CheckpointError,
-    JobLock,
     ResultJournal,
     partial_dir_for,
 )
+from batchrun.io.output.lock import JobLock
 from batchrun.io.schema import RESULT_SCHEMA
 from batchrun.job.run import run_job
 from tests.helpers import job
