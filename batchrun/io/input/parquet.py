@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 from ... import structured
 from ...config import ColumnMap
 from ..schema import DICTIONARY_STRING, ENDPOINT_CHAT, ENDPOINT_COMPLETION
-from ..storage import Location, open_random
+from ..storage import Location
 from .rows import (
     CONSTRAINT_FIELDS,
     DRAFT_SCHEMA,
@@ -232,7 +232,7 @@ def open_parquet(path: Location, columns: ColumnMap) -> pq.ParquetFile:
     """`path` opened as Parquet, its footer read. Raises InputError when it cannot be opened or
     holds no prompt column."""
     try:
-        parquet = pq.ParquetFile(open_random(path))
+        parquet = pq.ParquetFile(path.open_random())
         names = parquet.schema_arrow.names
     except (pa.ArrowException, OSError) as e:
         raise InputError(f"{path}: cannot be opened as Parquet ({_one_line(e)}); "

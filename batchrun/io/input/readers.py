@@ -50,24 +50,18 @@ and no row is lost, and the file order decides, as it does for two rows with the
 from __future__ import annotations
 
 import itertools
+import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, replace
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from ...config import INPUT_FORMATS, ColumnMap
+from ..datasets import expand
 from ..schema import REQUEST_SCHEMA
-from ..storage import (
-    Location,
-    expand,
-    is_dir,
-    is_uri,
-    open_binary,
-    size,
-)
+from ..storage import Location
 from .ids import HeldIds, IdHashes
 from .jsonl import iter_jsonl
 from .parquet import iter_parquet, open_parquet
@@ -183,7 +177,8 @@ class RequestStream:
         return iter_jsonl(file, columns, self._input_format, first_row, self._batch_rows)
 
 
-def open_request_stream(path: Location, columns: ColumnMap = _DEFAULT_COLUMNS,
+def open_request_stream(path: Location | str | os.PathLike[str],
+                        columns: ColumnMap = _DEFAULT_COLUMNS,
                         input_format: str = "auto", *,
                         batch_rows: int = BATCH_ROWS) -> RequestStream:
     """The rows of `path` as a stream of batches: a file, a folder of data files or a glob (a
@@ -191,8 +186,7 @@ def open_request_stream(path: Location, columns: ColumnMap = _DEFAULT_COLUMNS,
     input_format: "auto", "jsonl", "openai" or "parquet" (with "auto", each file of a dataset
     is detected on its own). Every file is checked here, before any row is read: InputError
     for one that cannot be used at all. Bad rows become error rows."""
-    if isinstance(path, str) and not is_uri(path):
-        path = Path(path)
+    path = Location.coerce(path)
     if input_format not in INPUT_FORMATS:
         raise InputError(f"{path}: unknown input format {input_format!r}; "
                          f"use one of {', '.join(INPUT_FORMATS)}")
@@ -201,7 +195,7 @@ def open_request_stream(path: Location, columns: ColumnMap = _DEFAULT_COLUMNS,
     checked = []
     for file in files:
         try:
-            if dataset and size(file) == 0:
+            if dataset and file.size() == 0:
                 continue  # an empty part file holds no rows
             checked.append((file, _file_kind(file, columns, input_format)))
         except InputError as e:
@@ -211,13 +205,14 @@ def open_request_stream(path: Location, columns: ColumnMap = _DEFAULT_COLUMNS,
     return RequestStream(path, checked, dataset, columns, input_format, batch_rows)
 
 
-def read_requests(path: Location, columns: ColumnMap = _DEFAULT_COLUMNS,
+def read_requests(path: Location | str | os.PathLike[str], columns: ColumnMap = _DEFAULT_COLUMNS,
                   input_format: str = "auto") -> pa.Table:
     """The request table of `path` (see read_request_set)."""
     return read_request_set(path, columns, input_format).requests
 
 
-def read_request_set(path: Location, columns: ColumnMap = _DEFAULT_COLUMNS,
+def read_request_set(path: Location | str | os.PathLike[str],
+                     columns: ColumnMap = _DEFAULT_COLUMNS,
                      input_format: str = "auto", *,
                      batch_rows: int = BATCH_ROWS) -> RequestSet:
     """Every row of `path` at once: the batches of open_request_stream, concatenated."""
@@ -234,7 +229,7 @@ def read_request_set(path: Location, columns: ColumnMap = _DEFAULT_COLUMNS,
 
 
 def _in_dataset(path: Location, error: InputError) -> InputError:
-    what = "is a directory, read as a dataset" if is_dir(path) else "is a dataset"
+    what = "is a directory, read as a dataset" if path.is_dir() else "is a dataset"
     return InputError(f"{path}: {what}; {error}")
 
 
@@ -259,7 +254,7 @@ def _file_kind(path: Location, columns: ColumnMap, input_format: str) -> str:
 
 def _head(path: Location) -> bytes:
     try:
-        with open_binary(path) as f:
+        with path.open_binary() as f:
             head = f.read(len(PARQUET_MAGIC))
     except FileNotFoundError:
         raise InputError(f"{path}: no such file; check the input path") from None

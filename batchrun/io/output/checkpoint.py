@@ -13,7 +13,6 @@ next run.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -28,12 +27,6 @@ import pyarrow.compute as pc
 from ...errors import UsageError
 from ..files import fsync_dir
 from ..schema import RESULT_SCHEMA
-from ..storage import (
-    Location,
-    expand,
-    reading_input,
-    remote_fingerprint,
-)
 
 MANIFEST = "manifest.json"
 # Written once every row is done, just before the output is renamed into place: a checkpoint
@@ -48,25 +41,6 @@ class CheckpointError(UsageError, RuntimeError):
 def partial_dir_for(output: Path) -> Path:
     """The checkpoint folder of the job whose output (or staging base) is `output`."""
     return output.with_name(output.name + ".partial")
-
-
-def file_fingerprint(path: Location) -> dict[str, Any]:
-    """What identifies the input's content, so a resume never mixes results of two inputs:
-    a content hash of each local file; size and modification time of each remote object (a
-    hash would download it). A dataset lists every file it reads."""
-    files = expand(path)
-    if files == [path] and isinstance(path, Path):
-        return _local_fingerprint(path)
-    return {"path": str(path), "files": [_local_fingerprint(f) if isinstance(f, Path)
-                                         else remote_fingerprint(f) for f in files]}
-
-
-def _local_fingerprint(path: Path) -> dict[str, Any]:
-    h = hashlib.blake2b(digest_size=16)
-    with reading_input(path), open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            h.update(chunk)
-    return {"path": str(path), "bytes": path.stat().st_size, "blake2b": h.hexdigest()}
 
 
 @dataclass
