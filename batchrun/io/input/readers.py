@@ -61,7 +61,7 @@ import pyarrow.compute as pc
 from ...config import INPUT_FORMATS, ColumnMap
 from ..datasets import expand
 from ..schema import REQUEST_SCHEMA
-from ..storage import Location
+from ..storage import Location, reading_input
 from .ids import HeldIds, IdHashes
 from .jsonl import iter_jsonl
 from .parquet import iter_parquet, open_parquet
@@ -253,16 +253,8 @@ def _file_kind(path: Location, columns: ColumnMap, input_format: str) -> str:
 
 
 def _head(path: Location) -> bytes:
-    try:
-        with path.open_binary() as f:
-            head = f.read(len(PARQUET_MAGIC))
-    except FileNotFoundError:
-        raise InputError(f"{path}: no such file; check the input path") from None
-    except IsADirectoryError:
-        raise InputError(f"{path}: is a directory; point the input at one file") from None
-    except OSError as e:
-        raise InputError(f"{path}: cannot be read ({e.strerror or e}); check its permissions") \
-            from None
+    with reading_input(path), path.open_binary() as f:
+        head = f.read(len(PARQUET_MAGIC))
     if not head:
         raise InputError(f"{path}: is empty; write at least one request")
     return head
