@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from .config import SECTIONS, ConfigError, JobConfig, load_job_file, option_keys, with_overrides
 from .errors import EXIT_INTERRUPTED, BatchrunError, JobInterrupted, UsageError
-from .io import storage
+from .io.storage import Location
 
 if TYPE_CHECKING:
     import polars
@@ -90,8 +90,8 @@ def _option_key(name: str) -> str:
                       "'columns.x', 'cluster.x' for any key of a job file's sections")
 
 
-def build_config(job: str | Path | JobConfig, output: str | Path | None = None,
-                 **overrides: Any) -> JobConfig:
+def build_config(job: str | Path | Location | JobConfig,
+                 output: str | Path | Location | None = None, **overrides: Any) -> JobConfig:
     """A JobConfig from a job file or an input (a local path or a URI; an input needs
     `output`), with overrides on top: run()'s option names (max_tokens=64, ...) or dotted
     keys ('sampling.max_tokens', 'engine.kv_cache_memory', 'columns.prompt'); None means
@@ -99,16 +99,16 @@ def build_config(job: str | Path | JobConfig, output: str | Path | None = None,
     if isinstance(job, JobConfig):
         cfg = job
     else:
-        where = storage.to_location(job)
-        if not (storage.is_glob(where) or storage.exists(where)):
+        where = Location.of(job)
+        if not (where.is_glob() or where.exists()):
             raise ConfigError(f"{job} does not exist; give a job file (.toml) or an input file")
-        if storage.name(where).endswith(".toml"):
+        if where.name.endswith(".toml"):
             cfg = load_job_file(where)
         else:
             if output is None:
                 raise ConfigError(f"{job} is an input file: say where results go with "
                                   "-o out.parquet")
-            cfg = JobConfig(input=where, output=storage.to_location(output))
+            cfg = JobConfig(input=where, output=Location.of(output))
     keyed = {_option_key(name): value for name, value in overrides.items()}
     if output is not None:
         keyed["output"] = output
@@ -149,7 +149,7 @@ def run_config(cfg: JobConfig, *, resume: bool = False, overwrite: bool = False,
     return summary
 
 
-def run(job: str | Path | JobConfig, **options: Any) -> Summary:
+def run(job: str | Path | Location | JobConfig, **options: Any) -> Summary:
     """Run a job: a job file, an input file (with output=...), or a JobConfig; local paths or
     URIs (s3://, gs://, ...). Options are the CLI's flags as keyword arguments:
 

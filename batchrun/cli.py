@@ -5,19 +5,15 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import replace
 from enum import StrEnum
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import Annotated, Any
 
 import typer
 
 from .api import build_config, quiet_engine_logs, run_config
 from .config import JobConfig
 from .errors import EXIT_INTERNAL, EXIT_INTERRUPTED, JobInterrupted, UsageError
-
-if TYPE_CHECKING:
-    from .io.input.readers import ValidationReport
 
 EXIT_CODES_HELP = """\
 Exit codes: 0 every row succeeded (or the job had already finished);
@@ -297,12 +293,14 @@ def validate(
     from .errors import EXIT_OK, EXIT_ROW_ERRORS
 
     try:
+        from .job.commands import validate_input
+
         cfg = _config(job, output or "validate.parquet", model=model,
                       input_format=input_format,
                       **{"columns.prompt": prompt_column, "columns.id": id_column,
                          **_constraint_overrides(json_schema, choice, regex)})
-        found, input_format_found, max_model_len = _validate_input(cfg, engine.value,
-                                                                   max_errors)
+        found, input_format_found, max_model_len = validate_input(cfg, engine.value,
+                                                                  max_errors)
     except UsageError as e:
         _fail(str(e))
     except Exception as e:
@@ -333,33 +331,6 @@ def validate(
         for line in report["first_errors"]:
             typer.echo(f"  {line}")
     raise typer.Exit(EXIT_OK if not report["errors"] else EXIT_ROW_ERRORS)
-
-
-def _validate_input(cfg: JobConfig, engine_kind: str, max_errors: int) -> tuple[
-        ValidationReport, str, int]:
-    """The job's input checked batch by batch, as `run` would read and tokenize it (memory
-    does not grow with the input): the report, the input's format, and the context length
-    the checks used."""
-    from .ingest.prepare import load_tokenizer, request_constraints, request_logprobs
-    from .ingest.tokenize import tokenize_requests
-    from .io.input.readers import ValidationReport, open_request_stream
-
-    # Passthrough columns are copied, never checked: not read at all here.
-    stream = open_request_stream(cfg.input, replace(cfg.columns, passthrough=()),
-                                 cfg.input_format)
-    tokenizer, max_model_len = load_tokenizer(cfg, engine_kind)
-    report = ValidationReport(max_errors)
-    for batch in stream:
-        requests = batch.requests
-        tokens = tokenize_requests(requests, tokenizer, max_model_len=max_model_len)
-        report.add_rows(requests, tokens.errors)
-        report.add_prompts(tokens.lengths(),
-                           [c.kind if c else None
-                            for c in request_constraints(requests, tokens.positions, cfg)],
-                           request_logprobs(requests, tokens.positions, cfg))
-    return report, stream.input_format, max_model_len
-
-
 
 
 @app.command("plan")

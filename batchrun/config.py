@@ -27,6 +27,7 @@ line or an Airflow task can run it from any working directory::
 
 from __future__ import annotations
 
+import os
 import re
 import tomllib
 import types
@@ -37,8 +38,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from .errors import UsageError
-from .io.storage import Location, is_uri, parent, read_text, to_location
+from .errors import ConfigError
+from .io.storage import Location
 from .structured import (
     CHOICE,
     JSON_SCHEMA,
@@ -55,10 +56,6 @@ DEFAULT_MODEL = "default"
 INPUT_FORMATS = ("auto", "jsonl", "parquet", "openai")
 SECTIONS = ("columns", "sampling", "engine", "cluster")  # a job file's [tables]
 ATTENTION_CHOICES = ("auto", "prefix", "default")
-
-
-class ConfigError(UsageError, ValueError):
-    """A job file or flag a user can fix; the message says how."""
 
 
 # How a value given as text is read, for the fields that say so in their metadata: a size
@@ -144,8 +141,10 @@ class ClusterOptions:
 
 @dataclass(frozen=True)
 class JobConfig:
-    """A job. input/output/openai_output are local Paths or URI strings (s3://, gs://, ...);
-    the input may be a folder or a glob (a dataset)."""
+    """A job. input/output/openai_output are Locations: local paths or URIs (s3://, gs://,
+    ...), given from Python as a Location, a Path or a string; the input may be a folder or a
+    glob (a dataset). work_dir is a local folder: a Path (given as a string, a Path or a local
+    Location); a remote one is a ConfigError."""
 
     input: Location
     output: Location
@@ -160,6 +159,15 @@ class JobConfig:
     # Where the checkpoint (and, for a remote output, the staged file) lives; None: next to
     # a local output, or a cache folder for a remote one (batchrun.job.paths.output_paths).
     work_dir: Path | None = None
+
+    def __post_init__(self) -> None:
+        # Values given from Python are kept as given (nothing resolved): only their types change.
+        for name in ("input", "output", "openai_output"):
+            if (value := getattr(self, name)) is not None:
+                object.__setattr__(self, name, Location.coerce(value))
+        if self.work_dir is not None:
+            object.__setattr__(self, "work_dir",
+                               Location.coerce(self.work_dir).require_local("work_dir"))
 
     def fingerprint_settings(self) -> dict[str, Any]:
         """Settings that change results: a resumed job must match them."""
@@ -202,15 +210,15 @@ _KINDS: dict[frozenset[Any], tuple[tuple[type, ...], str]] = {
     frozenset({str}): ((str,), "str"),
     frozenset({bool}): ((bool,), "bool"),
     frozenset({Path}): ((str, Path), "Path"),
-    frozenset({Path, str}): ((str, Path), "Path (a local path or a URI)"),  # a Location
+    frozenset({Location}): ((str, Path, Location), "Path (a local path or a URI)"),
     frozenset({tuple[str, ...]}): ((list, tuple), "a list of strings"),
 }
-_LOCATIONS = (frozenset({Path}), frozenset({Path, str}))
+_LOCATIONS = (frozenset({Path}), frozenset({Location}))
 
 
 def _kind_of(hint: Any) -> frozenset[Any]:
-    """The types a field's type hint allows, None left out: {int} for `int | None`, {Path,
-    str} for a Location."""
+    """The types a field's type hint allows, None left out: {int} for `int | None`,
+    {Location} for `Location | None`."""
     if typing.get_origin(hint) in (typing.Union, types.UnionType):
         return frozenset(a for a in typing.get_args(hint) if a is not type(None))
     return frozenset({hint})
@@ -284,19 +292,20 @@ def _build(cls: type, data: dict[str, Any], where: str) -> Any:
     return cls(**_check(cls, data, where))
 
 
-def load_job_file(path: Location) -> JobConfig:
+def load_job_file(path: Location | str | os.PathLike[str]) -> JobConfig:
     """Read a job TOML file (a local path or a URI). Raises ConfigError with a message that
     names the fix."""
+    path = Location.coerce(path)
     try:
-        raw = tomllib.loads(read_text(path))
+        raw = tomllib.loads(path.read_text())
     except FileNotFoundError:
         raise ConfigError(f"job file {path} does not exist") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"job file {path} is not valid TOML: {e}") from None
-    base = parent(path)
+    base = path.parent
 
     def resolve(p: str | None) -> Location | None:
-        return None if p is None else to_location(p, base)
+        return None if p is None else Location.of(p, base)
 
     for required in ("input", "output"):
         if required not in raw:
@@ -316,14 +325,12 @@ def load_job_file(path: Location) -> JobConfig:
     raw["output"] = resolve(raw["output"])
     if "openai_output" in raw:
         raw["openai_output"] = resolve(raw["openai_output"])
-    if "work_dir" in raw:
-        if is_uri(raw["work_dir"]):
-            raise ConfigError(f"job file {path}: `work_dir` must be a local folder, not "
-                              f"{raw['work_dir']!r}")
-        raw["work_dir"] = to_location(raw["work_dir"], None if is_uri(base) else base)
-    if ("model" in raw and raw["model"] != DEFAULT_MODEL and isinstance(base, Path)
-            and (base / raw["model"]).exists()):
-        raw["model"] = str((base / raw["model"]).resolve())
+    if "work_dir" in raw:  # relative to a local job file's folder, else to the working one
+        work_dir = Location.of(raw["work_dir"], None if base.is_remote else base)
+        raw["work_dir"] = work_dir.require_local(f"job file {path}: `work_dir`")
+    if ("model" in raw and raw["model"] != DEFAULT_MODEL and not base.is_remote
+            and (base.local_path / raw["model"]).exists()):
+        raw["model"] = str((base.local_path / raw["model"]).resolve())
     cfg = _build(JobConfig, raw, f"job file {path}")
     cfg = replace(
         cfg,
@@ -433,10 +440,8 @@ def with_overrides(cfg: JobConfig, **overrides: Any) -> JobConfig:
             value = None
         elif kind == {str} and isinstance(value, Path):
             value = str(value)  # a model folder, a schema file
-        elif kind in _LOCATIONS and isinstance(value, (str, Path)):
-            if kind == {Path} and is_uri(value):
-                raise ConfigError(f"{name} must be a local folder, not {value}")
-            value = to_location(value)
+        elif kind in _LOCATIONS and isinstance(value, (str, Path, Location)):
+            value = Location.of(value)  # a Path field (work_dir): JobConfig requires it local
         else:
             value = _read(cls, name, value)
             _check_value(cls, name, value, "")

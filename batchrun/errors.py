@@ -32,6 +32,10 @@ class UsageError(BatchrunError):
     exit_code = EXIT_USAGE
 
 
+class ConfigError(UsageError, ValueError):
+    """A job file or flag a user can fix; the message says how."""
+
+
 class JobInterrupted(BatchrunError):
     """The job stopped before every row was done (exit code 4); nothing finished is lost.
     `summary` (a batchrun.Summary) counts what was done; run again with resume=True."""

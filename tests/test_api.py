@@ -89,7 +89,7 @@ def test_a_job_file_and_a_config_object(tmp_path: Path) -> None:
     cfg = batchrun.build_config(tmp_path / "job.toml", output=tmp_path / "o2.parquet",
                                 temperature=0.5, kv_cache_memory="1MiB",
                                 **{"engine.max_num_seqs": 4})
-    assert isinstance(cfg, JobConfig) and cfg.output == tmp_path / "o2.parquet"
+    assert isinstance(cfg, JobConfig) and cfg.output.local_path == tmp_path / "o2.parquet"
     assert (cfg.sampling.temperature, cfg.engine.kv_cache_memory, cfg.engine.max_num_seqs) == \
         (0.5, 1 << 20, 4)
     assert batchrun.run(cfg, engine=FakeEngine()).rows == 5

@@ -18,7 +18,7 @@ def broken(*_: object, **__: object) -> None:
 @pytest.mark.parametrize("command, where", [
     ("run", "batchrun.job.run.run_job"),
     ("plan", "batchrun.job.commands.describe_plan"),
-    ("validate", "batchrun.ingest.prepare.load_tokenizer"),
+    ("validate", "batchrun.job.commands.load_tokenizer"),
 ])
 def test_a_bug_is_one_line_and_exit_1(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                       command: str, where: str) -> None:

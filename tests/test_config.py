@@ -21,8 +21,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 def test_the_example_job_file_resolves_paths_against_its_folder(tmp_path):
     cfg = load_job_file(REPO / "jobs" / "example.toml")
-    assert cfg.input == REPO / "examples" / "prompts.jsonl"
-    assert cfg.output == REPO / "out" / "example.parquet"
+    assert cfg.input.local_path == REPO / "examples" / "prompts.jsonl"
+    assert cfg.output.local_path == REPO / "out" / "example.parquet"
     assert cfg.columns.passthrough == ("topic",)
     assert cfg.engine.kv_cache_memory is None  # sized from the job when it runs
     sized = tmp_path / "sized.toml"

@@ -79,13 +79,13 @@ def test_a_killed_job_with_duplicates_resumes_with_every_row_once(tmp_path):
     # The resume sent only prompts whose rows were not finished, each once.
     sent = resumed_engine.admission_order
     assert len(sent) == len(set(sent)) and not set(sent) & done
-    check_output(cfg.output, [r["id"] for r in rows])
+    check_output(cfg.output.local_path, [r["id"] for r in rows])
 
 
 def read_ids_journaled(cfg) -> list[str]:
     from batchrun.io.output.checkpoint import Checkpoint, partial_dir_for
 
-    return Checkpoint(partial_dir_for(cfg.output)).read_done()["id"].to_pylist()
+    return Checkpoint(partial_dir_for(cfg.output.local_path)).read_done()["id"].to_pylist()
 
 
 @settings(max_examples=60, deadline=None)

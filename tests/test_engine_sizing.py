@@ -146,7 +146,7 @@ def test_the_cli_exits_2_naming_the_row_and_setting_and_leaves_nothing_to_resume
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("batchrun: error: row id 'the-long-one'")
     assert "--kv-cache-memory" in lines[0] and "Traceback" not in result.stderr
-    assert not partial_dir_for(cfg.output).exists() and not cfg.output.exists()
+    assert not partial_dir_for(cfg.output.local_path).exists() and not cfg.output.exists()
 
 
 def test_free_memory_is_what_the_system_calls_available_in_bytes(

@@ -159,7 +159,7 @@ def test_killed_and_resumed_s3_job_loses_nothing_and_never_shows_a_partial_objec
     local.write_bytes(filesystem.open_input_file(out.removeprefix("s3://")).read())
     check_output(local, ids)
     assert final.num_rows == len(ids)
-    assert not staged.exists() and not storage.exists(staged.with_name("out.parquet.partial"))
+    assert not staged.exists() and not staged.with_name("out.parquet.partial").exists()
     TALLY.kills += kills
 
 
@@ -185,5 +185,5 @@ def test_endpoint_comes_from_aws_endpoint_url(s3, monkeypatch: pytest.MonkeyPatc
     with filesystem.open_output_stream(f"{bucket.removeprefix('s3://')}/x.txt") as f:
         f.write(b"hello")
     storage._filesystem.cache_clear()
-    assert storage.read_text(f"{bucket}/x.txt") == "hello"
+    assert storage.Location.of(f"{bucket}/x.txt").read_text() == "hello"
     assert os.environ["AWS_ENDPOINT_URL"].startswith("http://127.0.0.1:")

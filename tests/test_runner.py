@@ -125,11 +125,11 @@ def test_a_rows_sampling_values_reach_the_engine_over_the_job_defaults(tmp_path)
 def test_finished_job_is_not_run_again(tmp_path):
     cfg = job(tmp_path, write_jsonl(tmp_path / "in.jsonl", shared_prefix_rows(3)))
     run_fake(cfg)
-    before = cfg.output.stat().st_mtime_ns
+    before = cfg.output.local_path.stat().st_mtime_ns
     outcome = run_fake(cfg)
     assert outcome.exit_code == EXIT_OK and outcome.summary["status"] == "already_done"
     assert "nothing to do" in outcome.message
-    assert cfg.output.stat().st_mtime_ns == before
+    assert cfg.output.local_path.stat().st_mtime_ns == before
     assert run_fake(cfg, overwrite=True).summary["status"] == "ok"
 
 
@@ -143,7 +143,7 @@ def test_engine_failure_keeps_checkpoint_and_resume_finishes_exactly_once(tmp_pa
     assert 0 < partial_done < 40
     with pytest.raises(Exception, match="--resume"):
         run_fake(cfg)  # an unfinished run is never silently thrown away
-    finished = set(Checkpoint(partial_dir_for(cfg.output)).read_done()["id"].to_pylist())
+    finished = set(Checkpoint(partial_dir_for(cfg.output.local_path)).read_done()["id"].to_pylist())
     engine = FakeEngine(block_size=4, kv_capacity_tokens=8192)
     resumed = run_fake(cfg, resume=True, engine=engine)
     assert resumed.exit_code == EXIT_OK

@@ -108,7 +108,7 @@ def test_a_killed_sharded_job_resumes_without_losing_or_repeating_a_row(tmp_path
                        die_after_steps=30)
     first = run_fake(cfg, dying)
     assert first.exit_code == EXIT_INTERRUPTED and "--resume" in first.message
-    finished = set(Checkpoint(partial_dir_for(cfg.output)).read_done()["id"].to_pylist())
+    finished = set(Checkpoint(partial_dir_for(cfg.output.local_path)).read_done()["id"].to_pylist())
     assert 0 < len(finished) == first.summary["succeeded"] < 300
     resumed_engine = FakeEngine(block_size=4, kv_capacity_tokens=4096, max_num_seqs=8)
     second = run_fake(cfg, resumed_engine, resume=True)

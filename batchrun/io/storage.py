@@ -1,7 +1,6 @@
-"""Where job files, inputs and outputs live: a local path, or a URI (`s3://bucket/key`,
+"""Where job files, inputs and outputs live: a `Location`, a local path or a URI (`s3://bucket/key`,
 `gs://bucket/key`, or any scheme pyarrow's file systems or fsspec know).
 
-A location is a `Path` (local) or a `str` holding a URI; `file://` URIs are local paths.
 S3 takes its credentials, region and endpoint from the standard AWS variables:
 AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_SESSION_TOKEN (or ~/.aws), AWS_REGION or
 AWS_DEFAULT_REGION, and AWS_ENDPOINT_URL_S3 or AWS_ENDPOINT_URL (a MinIO, Ceph or test
@@ -9,94 +8,225 @@ endpoint). pyarrow does not read AWS_ENDPOINT_URL itself: it is passed on from h
 
 Inputs may also be datasets: a folder (every `.parquet`, `.jsonl`, `.ndjson` and `.json` file
 in it and its subfolders, skipping names that start with `.` or `_`, like pyarrow datasets) or
-a glob (`data/*.parquet`, `s3://bucket/day=*/part-*.parquet`), in sorted path order.
+a glob (`data/*.parquet`, `s3://bucket/day=*/part-*.parquet`), in sorted path order
+(batchrun.io.datasets).
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
-import glob as globlib
 import io
 import os
 import posixpath
 import re
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, Union
+from typing import Any, BinaryIO
 from urllib.parse import urlsplit
 
+from ..errors import ConfigError
 from .input.rows import InputError
 
-Location = Union[Path, str]  # noqa: UP007 - a runtime alias, also on Python 3.10
-
 _URI = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.\-]*)://")
-_GLOB_CHARS = re.compile(r"[*?\[]")
-DATA_SUFFIXES = (".parquet", ".jsonl", ".ndjson", ".json")
+GLOB_CHARS = re.compile(r"[*?\[]")
 # Object stores where an object appears only once its upload completes.
 _ATOMIC_PUT = ("s3", "gcs")
 
 
-def is_uri(value: object) -> bool:
-    """A remote location: a `scheme://` string other than file://."""
+def _is_uri(value: object) -> bool:
+    """A remote location written as text: a `scheme://` string other than file://."""
     if not isinstance(value, str):
         return False
     m = _URI.match(value)
     return bool(m) and m.group(1).lower() != "file"
 
 
-def _norm(location: Location) -> Location:
-    """A str that is no URI is a local path."""
-    return location if isinstance(location, Path) or is_uri(location) else Path(location)
+@dataclass(frozen=True)
+class Location:
+    """A place a job reads or writes: a local path, or a remote object (or prefix) named by a
+    URI. Every "local or remote?" question is answered here, once. Immutable and hashable;
+    `str()` is the local path or the URI exactly as batchrun prints it (summaries, messages).
 
+    Build one with `Location.of` from what a user wrote, or `Location.coerce` from a value
+    already meant as a location (a Path or a URI string given from Python). A local location
+    is also os.PathLike, so open() and pyarrow take it as they take its Path."""
 
-def to_location(value: str | Path, base: Location | None = None) -> Location:
-    """A location from what a user wrote: URIs stay text (relative paths under a remote base
-    join it), local paths become absolute Paths (relative ones under a local base)."""
-    if isinstance(value, str):
-        if is_uri(value):
+    where: Path | str  # a Path when local; the URI as written when remote
+
+    def __post_init__(self) -> None:
+        if isinstance(self.where, str) and not _is_uri(self.where):
+            raise ValueError(f"{self.where!r} is not a URI; use Location.of or "
+                             "Location.coerce for a local path")
+
+    # --- Making one ----------------------------------------------------------------------
+
+    @classmethod
+    def of(cls, value: str | os.PathLike[str] | Location,
+           base: Location | None = None) -> Location:
+        """What a user wrote (a flag, a job file line, an API argument): a URI stays as
+        written; a local path is made absolute (`~` expanded, a relative one taken against
+        `base`, a job file's folder, or else the working directory). Under a remote base a
+        relative path joins it and an absolute one is local. file:// URIs are local paths."""
+        if isinstance(value, Location):
             return value
-        if _URI.match(value):  # file://
-            value = urlsplit(value).path
-    if is_uri(base):
-        text = str(value)
-        if text.startswith("/"):
-            return Path(text)
-        return join(str(base), text)
-    path = Path(value).expanduser()
-    if base is not None and not path.is_absolute():
-        path = Path(base) / path
-    return path.resolve()
+        given = cls.coerce(value)
+        if isinstance(given.where, str):
+            return given
+        path = given.where
+        if base is not None and base.is_remote:
+            return given if path.is_absolute() else base.join(str(path))
+        path = path.expanduser()
+        if base is not None and not path.is_absolute():
+            path = base.local_path / path
+        return cls(path.resolve())
+
+    @classmethod
+    def coerce(cls, value: str | os.PathLike[str] | Location) -> Location:
+        """A value already meant as a location, kept as given (nothing resolved): a Location,
+        a Path, a URI string, or a string naming a local path (file:// URIs too)."""
+        if isinstance(value, Location):
+            return value
+        if isinstance(value, str):
+            if _is_uri(value):
+                return cls(value)
+            if _URI.match(value):  # file://
+                value = urlsplit(value).path
+        return cls(Path(value))
+
+    # --- What it is ----------------------------------------------------------------------
+
+    @property
+    def is_remote(self) -> bool:
+        """True for a URI (object storage, ...), False for a path on this machine."""
+        return isinstance(self.where, str)
+
+    @property
+    def local_path(self) -> Path:
+        """The Path of a local location; ValueError for a remote one (ask `is_remote`, or
+        `require_local` where a user gave it)."""
+        if isinstance(self.where, str):
+            raise ValueError(f"{self.where} is remote: it has no local path")
+        return self.where
+
+    def require_local(self, what: str) -> Path:
+        """The local Path; ConfigError naming `what` (e.g. "work_dir") when it is remote."""
+        if self.is_remote:
+            raise ConfigError(f"{what} must be a local folder, not {self}")
+        return self.local_path
+
+    @property
+    def name(self) -> str:
+        """The last part of the path or key: `out.parquet`."""
+        if isinstance(self.where, Path):
+            return self.where.name
+        return posixpath.basename(urlsplit(self.where).path.rstrip("/"))
+
+    @property
+    def parent(self) -> Location:
+        """The folder (or key prefix) holding it."""
+        if isinstance(self.where, Path):
+            return Location(self.where.parent)
+        parts = urlsplit(self.where)
+        return Location(f"{parts.scheme}://{parts.netloc}"
+                        f"{posixpath.dirname(parts.path.rstrip('/'))}")
+
+    def join(self, relative: str) -> Location:
+        """A path under (or, with `..`, beside) this one: `s3://b/jobs` + `../data/x` ->
+        `s3://b/data/x`; locally `folder / relative` as written."""
+        if isinstance(self.where, Path):
+            return Location(self.where / relative)
+        parts = urlsplit(self.where)
+        key = posixpath.normpath(posixpath.join(parts.path or "/", relative))
+        return Location(f"{parts.scheme}://{parts.netloc}{key}")
+
+    def same_as(self, other: Location) -> bool:
+        """Whether both name the same file: local paths after resolving links and `..`,
+        URIs as written."""
+        if isinstance(self.where, Path) and isinstance(other.where, Path):
+            return self.where.resolve() == other.where.resolve()
+        return str(self) == str(other)
+
+    def is_glob(self) -> bool:
+        """A pattern, not a path: it holds * ? or [ and names nothing that exists as written."""
+        text = str(self.where) if isinstance(self.where, Path) else urlsplit(self.where).path
+        if not GLOB_CHARS.search(text):
+            return False
+        return not self.exists()
+
+    def __str__(self) -> str:
+        return str(self.where)
+
+    def __repr__(self) -> str:
+        return f"Location({str(self)!r})"
+
+    def __fspath__(self) -> str:
+        if isinstance(self.where, str):
+            raise TypeError(f"{self.where} is remote: it has no local file system path")
+        return str(self.where)
+
+    # --- Reading it ----------------------------------------------------------------------
+
+    def exists(self) -> bool:
+        if isinstance(self.where, Path):
+            return self.where.exists()
+        from pyarrow import fs
+
+        return info(self.where).type != fs.FileType.NotFound
+
+    def is_dir(self) -> bool:
+        if isinstance(self.where, Path):
+            return self.where.is_dir()
+        from pyarrow import fs
+
+        return info(self.where).type == fs.FileType.Directory
+
+    def size(self) -> int:
+        """Bytes."""
+        if isinstance(self.where, Path):
+            return self.where.stat().st_size
+        return int(info(self.where).size or 0)
+
+    def open_binary(self) -> BinaryIO:
+        """A buffered binary reader (readline works as on a local file)."""
+        if isinstance(self.where, Path):
+            return open(self.where, "rb")  # noqa: SIM115 - the caller closes it
+        filesystem_, path = filesystem(self.where)
+        return io.BufferedReader(filesystem_.open_input_stream(path), buffer_size=1 << 20)
+
+    def open_random(self) -> Any:
+        """Something pyarrow.parquet opens: the local path, or a random-access remote file."""
+        if isinstance(self.where, Path):
+            return self.where
+        filesystem_, path = filesystem(self.where)
+        return filesystem_.open_input_file(path)
+
+    def read_text(self) -> str:
+        if isinstance(self.where, Path):
+            return self.where.read_text()
+        with self.open_binary() as f:
+            return f.read().decode()
 
 
-def join(uri: str, relative: str) -> str:
-    """`s3://b/jobs` + `../data/x` -> `s3://b/data/x`."""
-    parts = urlsplit(uri)
-    key = posixpath.normpath(posixpath.join(parts.path or "/", relative))
-    return f"{parts.scheme}://{parts.netloc}{key}"
+@contextlib.contextmanager
+def reading_input(location: Location | Path) -> Iterator[None]:
+    """Inside the block, failing to read the input `location` raises the InputError that
+    says how to fix it (a missing file, a folder, no permission)."""
+    try:
+        yield
+    except FileNotFoundError:
+        raise InputError(f"{location}: no such file; check the input path") from None
+    except IsADirectoryError:
+        raise InputError(f"{location}: is a directory; point the input at one file") from None
+    except OSError as e:
+        raise InputError(f"{location}: cannot be read ({e.strerror or e}); check its "
+                         "permissions") from None
 
 
-def parent(location: Location) -> Location:
-    location = _norm(location)
-    if isinstance(location, Path):
-        return location.parent
-    parts = urlsplit(location)
-    return f"{parts.scheme}://{parts.netloc}{posixpath.dirname(parts.path.rstrip('/'))}"
-
-
-def name(location: Location) -> str:
-    location = _norm(location)
-    if isinstance(location, Path):
-        return location.name
-    return posixpath.basename(urlsplit(location).path.rstrip("/"))
-
-
-def is_glob(location: Location) -> bool:
-    """A pattern, not a path: it holds * ? or [ and names nothing that exists as written."""
-    text = str(location) if isinstance(location, Path) else urlsplit(location).path
-    if not _GLOB_CHARS.search(text):
-        return False
-    return not exists(location)
+def one_line(error: BaseException) -> str:
+    """An error's text on one line, at most 300 characters (Arrow's span several)."""
+    return " ".join(str(error).split())[:300]
 
 
 # --- File systems --------------------------------------------------------------------------
@@ -146,6 +276,7 @@ def _filesystem(scheme: str, netloc: str, env_key: tuple[str | None, ...]) -> An
 
 
 def pa_errors() -> tuple[type[BaseException], ...]:
+    """What a pyarrow file system raises when storage fails (pyarrow imported on first use)."""
     import pyarrow as pa
 
     return (pa.ArrowException, OSError)
@@ -166,90 +297,33 @@ def filesystem(uri: str) -> tuple[Any, str]:
     return fs, path
 
 
-def _info(uri: str) -> Any:
+def info(uri: str) -> Any:
+    """The pyarrow FileInfo of a URI; InputError when its storage cannot be reached."""
     filesystem_, path = filesystem(uri)
     try:
         return filesystem_.get_file_info(path)
     except pa_errors() as e:
-        raise InputError(f"{uri}: cannot be reached ({_one_line(e)}); check the URI, the "
+        raise InputError(f"{uri}: cannot be reached ({one_line(e)}); check the URI, the "
                          "credentials (AWS_* variables) and the endpoint") from None
 
 
-def exists(location: Location) -> bool:
-    location = _norm(location)
-    if isinstance(location, Path):
-        return location.exists()
-    from pyarrow import fs
-
-    return _info(location).type != fs.FileType.NotFound
+def remote_fingerprint(location: Location) -> dict[str, Any]:
+    """What identifies a remote object's content without reading it: size and mtime."""
+    found = info(str(location))
+    mtime = found.mtime.isoformat() if found.mtime is not None else None
+    return {"path": str(location), "bytes": found.size, "mtime": mtime}
 
 
-def is_dir(location: Location) -> bool:
-    location = _norm(location)
-    if isinstance(location, Path):
-        return location.is_dir()
-    from pyarrow import fs
-
-    return _info(location).type == fs.FileType.Directory
-
-
-def size(location: Location) -> int:
-    location = _norm(location)
-    if isinstance(location, Path):
-        return location.stat().st_size
-    return int(_info(location).size or 0)
-
-
-def open_binary(location: Location) -> BinaryIO:
-    """A buffered binary reader (readline works as on a local file)."""
-    location = _norm(location)
-    if isinstance(location, Path):
-        return open(location, "rb")  # noqa: SIM115 - the caller closes it
-    filesystem_, path = filesystem(location)
-    return io.BufferedReader(filesystem_.open_input_stream(path), buffer_size=1 << 20)
-
-
-@contextlib.contextmanager
-def reading_input(location: Location) -> Iterator[None]:
-    """Inside the block, failing to read the input `location` raises the InputError that
-    says how to fix it (a missing file, a folder, no permission)."""
-    try:
-        yield
-    except FileNotFoundError:
-        raise InputError(f"{location}: no such file; check the input path") from None
-    except IsADirectoryError:
-        raise InputError(f"{location}: is a directory; point the input at one file") from None
-    except OSError as e:
-        raise InputError(f"{location}: cannot be read ({e.strerror or e}); check its "
-                         "permissions") from None
-
-
-def open_random(location: Location) -> Any:
-    """Something pyarrow.parquet opens: the local path, or a random-access remote file."""
-    location = _norm(location)
-    if isinstance(location, Path):
-        return location
-    filesystem_, path = filesystem(location)
-    return filesystem_.open_input_file(path)
-
-
-def read_text(location: Location) -> str:
-    location = _norm(location)
-    if isinstance(location, Path):
-        return location.read_text()
-    with open_binary(location) as f:
-        return f.read().decode()
-
-
-def upload(local: Path, uri: str) -> None:
-    """Copy a finished local file to `uri` so that no partial object is ever visible there.
+def upload(local: Path, dest: Location) -> None:
+    """Copy a finished local file to the remote `dest` so that no partial object is ever
+    visible there.
 
     S3 and GCS show an object only once its upload completes (a multipart upload that is
     never completed, e.g. after a kill, leaves nothing at the key). Other file systems get
     a temporary name next to the target, then a rename."""
     from pyarrow import fs
 
-    filesystem_, path = filesystem(uri)
+    filesystem_, path = filesystem(str(dest))
     # One C++ call: a Python signal handler (SIGTERM) cannot interrupt it half-way.
     if filesystem_.type_name in _ATOMIC_PUT:
         fs.copy_files(str(local), path, destination_filesystem=filesystem_)
@@ -259,127 +333,11 @@ def upload(local: Path, uri: str) -> None:
     filesystem_.move(tmp, path)
 
 
-def remove(uri: str) -> None:
-    filesystem_, path = filesystem(uri)
-    filesystem_.delete_file(path)
-
-
-# --- Datasets ------------------------------------------------------------------------------
-
-def _data_file(relative_parts: list[str]) -> bool:
-    if any(p.startswith((".", "_")) for p in relative_parts):
-        return False
-    return relative_parts[-1].lower().endswith(DATA_SUFFIXES)
-
-
-def _glob_regex(pattern: str) -> re.Pattern[str]:
-    """Shell glob -> regex, `*` and `?` within one path segment, `**` across segments."""
-    out, i = [], 0
-    while i < len(pattern):
-        c = pattern[i]
-        if pattern.startswith("**/", i):
-            out.append("(?:.*/)?")
-            i += 3
-        elif pattern.startswith("**", i):
-            out.append(".*")
-            i += 2
-        elif c == "*":
-            out.append("[^/]*")
-            i += 1
-        elif c == "?":
-            out.append("[^/]")
-            i += 1
-        elif c == "[":
-            end = pattern.find("]", i + 1)
-            if end < 0:
-                out.append(re.escape(c))
-                i += 1
-            else:
-                body = pattern[i + 1:end]
-                if body.startswith("!"):
-                    body = "^" + body[1:]
-                out.append(f"[{body}]")
-                i = end + 1
-        else:
-            out.append(re.escape(c))
-            i += 1
-    return re.compile("".join(out) + r"\Z")
-
-
-def expand(location: Location) -> list[Location]:
-    """The files an input names, in sorted path order: itself (a file), the data files in a
-    folder, or the files a glob matches. Raises InputError when it names none."""
-    if is_uri(location):
-        return _expand_remote(str(location))
-    path = Path(location)
-    if path.is_dir():
-        found = []
-        for root, dirs, files in os.walk(path):
-            dirs[:] = [d for d in dirs if not d.startswith((".", "_"))]
-            for f in files:
-                if _data_file([f]):
-                    found.append(Path(root) / f)
-        files_ = sorted(found, key=str)
-        if not files_:
-            raise InputError(f"{path}: is a directory; point the input at one file, or at a "
-                             f"folder of {'/'.join(DATA_SUFFIXES)} files (this one holds none)")
-        return files_
-    if not path.exists() and _GLOB_CHARS.search(str(path)):
-        files_ = sorted((Path(p) for p in globlib.glob(str(path), recursive=True)
-                         if Path(p).is_file()), key=str)
-        if not files_:
-            raise InputError(f"{path}: matches no files; check the pattern")
-        return files_
-    return [path]
-
-
-def _expand_remote(uri: str) -> list[Location]:
-    from pyarrow import fs
-
+def listed(uri: str, path: str) -> Location:
+    """The Location of a file that a listing of `uri`'s file system named `path`."""
+    filesystem_, _ = filesystem(uri)
     parts = urlsplit(uri)
-    prefix = f"{parts.scheme}://{parts.netloc}"
-    filesystem_, path = filesystem(uri)
-    info = _info(uri)
-    if info.type == fs.FileType.File:
-        return [uri]
-    try:
-        if info.type == fs.FileType.Directory:
-            listed = filesystem_.get_file_info(fs.FileSelector(path, recursive=True))
-            found = [i.path for i in listed if i.type == fs.FileType.File
-                     and _data_file(i.path[len(path):].strip("/").split("/"))]
-            if not found:
-                raise InputError(f"{uri}: is a directory; point the input at one file, or at "
-                                 f"a folder of {'/'.join(DATA_SUFFIXES)} files (this one holds "
-                                 "none)")
-        elif _GLOB_CHARS.search(path):
-            static = _GLOB_CHARS.split(path, 1)[0].rsplit("/", 1)[0]
-            regex = _glob_regex(path)
-            listed = filesystem_.get_file_info(
-                fs.FileSelector(static, recursive=True, allow_not_found=True))
-            found = [i.path for i in listed if i.type == fs.FileType.File
-                     and regex.match(i.path)]
-            if not found:
-                raise InputError(f"{uri}: matches no files; check the pattern")
-        else:
-            raise InputError(f"{uri}: no such file; check the input path")
-    except pa_errors() as e:
-        raise InputError(f"{uri}: cannot be listed ({_one_line(e)}); check the URI and the "
-                         "credentials") from None
-    return [_uri_of(prefix, filesystem_, p) for p in sorted(found)]
-
-
-def _uri_of(prefix: str, filesystem_: Any, path: str) -> str:
     if filesystem_.type_name in _ATOMIC_PUT:  # path is bucket/key
-        return f"{prefix.split('://')[0]}://{path}"
-    return f"{prefix}{path if path.startswith('/') else '/' + path}"
-
-
-def remote_fingerprint(uri: str) -> dict[str, Any]:
-    """What identifies a remote object's content without reading it: size and mtime."""
-    info = _info(uri)
-    mtime = info.mtime.isoformat() if info.mtime is not None else None
-    return {"path": uri, "bytes": info.size, "mtime": mtime}
-
-
-def _one_line(error: BaseException) -> str:
-    return " ".join(str(error).split())[:300]
+        return Location(f"{parts.scheme}://{path}")
+    return Location(f"{parts.scheme}://{parts.netloc}"
+                    f"{path if path.startswith('/') else '/' + path}")

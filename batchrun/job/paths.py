@@ -11,7 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..config import ConfigError, JobConfig
-from ..io import storage
+from ..io.storage import Location
 from ..model import cache_root
 
 
@@ -23,15 +23,22 @@ class OutputPaths:
     (`<base>.partial/`) and the lock (`.<base name>.lock`) derive from `base`, which is
     `<work dir>/<output name>`: for a local output and no work dir, the output itself."""
 
-    dest: storage.Location
+    dest: Location
     local: Path
     base: Path
-    openai_dest: storage.Location | None = None
+    openai_dest: Location | None = None
     openai_local: Path | None = None
 
-    @property
-    def remote(self) -> bool:
-        return storage.is_uri(self.dest)
+    def staged(self) -> list[tuple[Path, Location]]:
+        """The files written here for a remote destination, and where each is uploaded once
+        complete: the OpenAI file first, then the Parquet file."""
+        files = []
+        if self.openai_dest is not None and self.openai_local is not None \
+                and self.openai_dest.is_remote:
+            files.append((self.openai_local, self.openai_dest))
+        if self.dest.is_remote:
+            files.append((self.local, self.dest))
+        return files
 
 
 def default_work_dir(uri: str) -> Path:
@@ -41,51 +48,40 @@ def default_work_dir(uri: str) -> Path:
 
 def output_paths(config: JobConfig) -> OutputPaths:
     dest = config.output
-    if storage.is_uri(dest):
+    if dest.is_remote:
         work = config.work_dir or default_work_dir(str(dest))
-        base = local = work / storage.name(dest)
+        base = local = work / dest.name
     else:
-        work = config.work_dir or dest.parent
-        base, local = work / dest.name, dest
-    openai_local = None
-    if config.openai_output is not None:
-        openai_local = (work / f"openai-{storage.name(config.openai_output)}"
-                        if storage.is_uri(config.openai_output) else config.openai_output)
-    return OutputPaths(dest, local, base, config.openai_output, openai_local)
-
-
-def _same_location(a: storage.Location, b: storage.Location) -> bool:
-    if isinstance(a, Path) and isinstance(b, Path):
-        return a.resolve() == b.resolve()
-    return str(a) == str(b)
+        local = dest.local_path
+        work = config.work_dir or local.parent
+        base = work / local.name
+    openai, openai_local = config.openai_output, None
+    if openai is not None:
+        openai_local = work / f"openai-{openai.name}" if openai.is_remote else openai.local_path
+    return OutputPaths(dest, local, base, openai, openai_local)
 
 
 def check_output_paths(config: JobConfig) -> None:
     """Refuse output paths where writing (or declaring the job done) would be wrong."""
-    for path in filter(None, (config.output, config.openai_output)):
-        if storage.is_dir(path):
-            example = (path / "results.parquet" if isinstance(path, Path)
-                       else storage.join(str(path), "results.parquet"))
-            raise ConfigError(f"output {path} is a folder; name a file, e.g. {example}")
-        if _same_location(path, config.input):
-            raise ConfigError(f"output {path} is the input file; write results elsewhere")
-    if storage.is_uri(config.work_dir):
-        raise ConfigError(f"work_dir must be a local folder, not {config.work_dir}")
-    if storage.exists(config.output) and not _is_batchrun_output(config.output):
+    for location in filter(None, (config.output, config.openai_output)):
+        if location.is_dir():
+            raise ConfigError(f"output {location} is a folder; name a file, e.g. "
+                              f"{location.join('results.parquet')}")
+        if location.same_as(config.input):
+            raise ConfigError(f"output {location} is the input file; write results elsewhere")
+    if config.output.exists() and not _is_batchrun_output(config.output):
         raise ConfigError(f"{config.output} exists but is not a batchrun output; move it away, "
                           "choose another output path, or use --overwrite to replace it")
 
 
-def _is_batchrun_output(path: storage.Location) -> bool:
+def _is_batchrun_output(location: Location) -> bool:
     try:
-        return b"batchrun" in (pq.read_schema(storage.open_random(path)).metadata or {})
+        return b"batchrun" in (pq.read_schema(location.open_random()).metadata or {})
     except (OSError, pa.ArrowException):
         return False
 
 
 def remove_staged(paths: OutputPaths) -> None:
     """The local copies of remote outputs, once uploaded."""
-    if paths.remote:
-        paths.local.unlink(missing_ok=True)
-    if paths.openai_local is not None and storage.is_uri(paths.openai_dest):
-        paths.openai_local.unlink(missing_ok=True)
+    for local, _ in paths.staged():
+        local.unlink(missing_ok=True)

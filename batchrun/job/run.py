@@ -26,14 +26,9 @@ from ..execute.stop import StopFlag
 from ..ingest.prepare import PreparedJob, ShardedJob, prepare_shard, read_into_shards
 from ..ingest.shards import Shard
 from ..io import storage
-from ..io.output.checkpoint import (
-    Checkpoint,
-    CheckpointError,
-    JobLock,
-    ResultJournal,
-    file_fingerprint,
-    partial_dir_for,
-)
+from ..io.datasets import input_fingerprint
+from ..io.output.checkpoint import Checkpoint, CheckpointError, ResultJournal, partial_dir_for
+from ..io.output.lock import JobLock
 from ..io.output.writer import OutputFiles, count_done, write_in_row_order
 from ..plan.job_figures import JobPlanFigures
 from ..version import __version__
@@ -96,7 +91,7 @@ def _run_job(config: JobConfig, stop: StopFlag, *, engine_kind: str, engine: Eng
              grace_s: float) -> JobOutcome:
     t0 = time.monotonic()
     paths = output_paths(config)
-    if storage.exists(paths.dest) and not overwrite:
+    if paths.dest.exists() and not overwrite:
         leftover = Checkpoint(partial_dir_for(paths.base))
         if leftover.is_complete():  # a kill came between writing the output and this cleanup
             leftover.remove()
@@ -140,7 +135,7 @@ class _JobRun:
     def open(cls, config: JobConfig, paths: OutputPaths, engine_kind: str,
              engine: Engine | None, *, resume: bool, overwrite: bool,
              stop: StopFlag) -> _JobRun:
-        manifest = {"batchrun": __version__, "input": file_fingerprint(config.input),
+        manifest = {"batchrun": __version__, "input": input_fingerprint(config.input),
                     "settings": config.fingerprint_settings()}
         if overwrite:
             Checkpoint(partial_dir_for(paths.base)).remove()
@@ -320,11 +315,10 @@ class _JobRun:
         write_in_row_order(self.ckpt.journals(), self.sharded.rows, self.sharded.columns,
                            files, meta, range_bytes=config.engine.memory_budget // 8,
                            scratch=self.sharded.spill_dir)
-        # The OpenAI file first: the Parquet output appearing is what marks the job done.
-        if paths.openai_local is not None and storage.is_uri(paths.openai_dest):
-            storage.upload(paths.openai_local, str(paths.openai_dest))
-        if paths.remote:  # the object appears at the output key only once complete
-            storage.upload(paths.local, str(paths.dest))
+        # The OpenAI file first: the Parquet output appearing is what marks the job done (an
+        # object appears at its key only once complete).
+        for local, dest in paths.staged():
+            storage.upload(local, dest)
 
     def _summary(self, wall_s: float) -> dict[str, Any]:
         summary = job_summary(self.config, self.sharded.rows, self.counts, self.engine,

@@ -17,7 +17,7 @@ import pyarrow.compute as pc
 
 from ..config import JobConfig
 from ..engine.base import Engine
-from ..io.output.checkpoint import temp_path
+from ..io.files import temp_path
 
 log = logging.getLogger(__name__)
 

@@ -62,7 +62,7 @@ def journaled_ids(cfg: JobConfig) -> set[str]:
     """Ids of the rows in the job's checkpoint journals now (a journal being written ends in
     a cut batch: what comes before it counts)."""
     ids: set[str] = set()
-    for path in Checkpoint(partial_dir_for(cfg.output)).journals():
+    for path in Checkpoint(partial_dir_for(cfg.output.local_path)).journals():
         with contextlib.suppress(pa.ArrowInvalid, OSError), pa.ipc.open_stream(path) as rows:
             for batch in rows:
                 ids.update(batch.column("id").to_pylist())

@@ -312,5 +312,6 @@ def test_summary_says_when_the_selected_backend_never_ran(tmp_path):
     assert attention["backend"] == "vllm" and not attention["batchrun_backend_ran"]
     assert attention["registered"] == "batchrun-triton" and attention["forward_calls"] == 0
     assert "never" not in attention["reason"] and "ran no attention call" in attention["warning"]
-    written = json.loads(cfg.output.with_name(cfg.output.name + ".summary.json").read_text())
+    summary = cfg.output.local_path.with_name(cfg.output.name + ".summary.json")
+    written = json.loads(summary.read_text())
     assert written["attention"]["backend"] == "vllm"

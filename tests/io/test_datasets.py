@@ -13,8 +13,9 @@ import pytest
 from batchrun.config import ColumnMap, JobConfig
 from batchrun.engine.fake import FakeEngine
 from batchrun.errors import EXIT_OK
+from batchrun.io.datasets import input_fingerprint
 from batchrun.io.input.readers import InputError, read_request_set
-from batchrun.io.output.checkpoint import file_fingerprint
+from batchrun.io.storage import Location
 from batchrun.job.run import run_job
 from tests.helpers import write_jsonl
 
@@ -98,8 +99,8 @@ def test_dataset_problems_name_the_folder_and_the_file(tmp_path: Path) -> None:
 
 def test_the_fingerprint_of_a_dataset_changes_with_any_file(tmp_path: Path) -> None:
     three_parquet_files(tmp_path / "data")
-    before = file_fingerprint(tmp_path / "data")
+    before = input_fingerprint(Location.of(tmp_path / "data"))
     assert [Path(f["path"]).name for f in before["files"]] == [
         "part-0.parquet", "part-1.parquet", "part-2.parquet"]
     pq.write_table(pa.table({"prompt": ["new"]}), tmp_path / "data" / "part-3.parquet")
-    assert file_fingerprint(tmp_path / "data") != before
+    assert input_fingerprint(Location.of(tmp_path / "data")) != before

@@ -16,9 +16,9 @@ from batchrun.io.input.readers import (
     InputError,
     read_request_set,
     read_requests,
-    validate_summary,
 )
 from batchrun.io.schema import REQUEST_SCHEMA
+from batchrun.job.commands import validate_summary
 
 REQUEST_FIELDS = REQUEST_SCHEMA.names[2:-1]  # endpoint .. stop
 

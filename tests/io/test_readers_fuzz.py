@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 
 from batchrun.config import ColumnMap
 from batchrun.io.input.parquet import column_values
-from batchrun.io.input.readers import InputError, read_request_set, validate_summary
+from batchrun.io.input.readers import InputError, read_request_set
 from batchrun.io.input.rows import (
     CONSTRAINT_FIELDS,
     FIELDS,
@@ -30,6 +30,7 @@ from batchrun.io.input.rows import (
     parse_field,
 )
 from batchrun.io.schema import ENDPOINT_CHAT, REQUEST_SCHEMA
+from batchrun.job.commands import validate_summary
 
 CASES_TRIED: Counter[str] = Counter()
 FUZZ = settings(max_examples=200, deadline=None, database=None,

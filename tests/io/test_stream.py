@@ -19,14 +19,13 @@ from batchrun.config import ColumnMap
 from batchrun.io.input.ids import HeldIds, IdHashes
 from batchrun.io.input.readers import (
     InputError,
-    ValidationReport,
     cast_passthrough,
     open_request_stream,
     read_request_set,
     unified_passthrough_schema,
-    validate_summary,
 )
 from batchrun.io.schema import REQUEST_SCHEMA
+from batchrun.job.commands import ValidationReport, validate_summary
 from tests.helpers import write_jsonl
 
 

@@ -68,11 +68,11 @@ def test_a_full_disk_while_journaling_exits_4_and_resume_finishes(
     assert full.exit_code == EXIT_INTERRUPTED and full.summary["status"] == "write_failed"
     assert full.message.startswith("cannot write results (No space left on device)")
     assert "free space and re-run with --resume" in full.message
-    saved = journaled_rows(cfg.output)
+    saved = journaled_rows(cfg.output.local_path)
     assert saved and len(saved) == len(set(saved))  # three whole batches; the cut one is not
     engine = FakeEngine()
     assert run_fake(cfg, engine=engine, resume=True).exit_code == EXIT_OK
-    check_output(cfg.output, ids)
+    check_output(cfg.output.local_path, ids)
     assert sorted(engine.admission_order) == sorted(set(ids) - {f"q{r}" for r in saved})
 
 
@@ -98,11 +98,12 @@ def test_a_full_disk_while_writing_the_output_keeps_the_finished_checkpoint(
     assert full.exit_code == EXIT_INTERRUPTED and full.summary["status"] == "write_failed"
     assert full.message.startswith("cannot write the output (No space left on device)")
     assert not cfg.output.exists()
-    assert [p.name for p in cfg.output.parent.iterdir()] == [cfg.output.name + ".partial"]
+    out = cfg.output.local_path
+    assert [p.name for p in out.parent.iterdir()] == [out.name + ".partial"]
     # Every row is in the checkpoint: the resume writes the output and generates nothing.
     resumed = run_fake(cfg, engine=FakeEngine(die_after_steps=0), resume=True)
     assert resumed.exit_code == EXIT_OK, resumed.message
-    check_output(cfg.output, ids)
+    check_output(cfg.output.local_path, ids)
 
 
 def test_no_room_for_the_checkpoint_is_a_clear_error(
@@ -117,7 +118,7 @@ def test_no_room_for_the_checkpoint_is_a_clear_error(
     with pytest.raises(CheckpointError, match=r"cannot create the checkpoint .*No space left "
                                               r"on device.*writable and has free space"):
         run_fake(cfg)
-    assert not partial_dir_for(cfg.output).exists()
+    assert not partial_dir_for(cfg.output.local_path).exists()
 
 
 @pytest.fixture

@@ -70,7 +70,7 @@ def test_an_engine_that_loses_a_request_fails_fast_instead_of_hanging(tmp_path: 
     assert "dropped 1 request(s) without a result" in lost.message
     assert run_job(cfg, engine_kind="fake", engine=FakeEngine(), resume=True,
                    interactive=False, handle_signals=False).exit_code == EXIT_OK
-    check_output(cfg.output, ids)
+    check_output(cfg.output.local_path, ids)
 
 
 def test_a_dead_multiprocess_engine_core_wakes_the_waiting_step() -> None:

@@ -18,10 +18,10 @@ from batchrun.errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE
 from batchrun.io.output.checkpoint import (
     Checkpoint,
     CheckpointError,
-    JobLock,
     ResultJournal,
     partial_dir_for,
 )
+from batchrun.io.output.lock import JobLock
 from batchrun.io.schema import RESULT_SCHEMA
 from batchrun.job.run import run_job
 from tests.helpers import job
@@ -195,17 +195,17 @@ def test_resume_from_a_cut_journal_runs_only_the_missing_rows(tmp_path: Path) ->
     cfg = job(tmp_path, tmp_path / "in.jsonl", max_tokens=12)
     first = run_job(cfg, engine_kind="fake", engine=FakeEngine(die_after_steps=5),
                     interactive=False, handle_signals=False)
-    journal = Checkpoint(partial_dir_for(cfg.output)).journals()[0]
-    saved = journaled_rows(cfg.output)
+    journal = Checkpoint(partial_dir_for(cfg.output.local_path)).journals()[0]
+    saved = journaled_rows(cfg.output.local_path)
     assert 0 < len(saved) < 60, first.message
     journal.write_bytes(journal.read_bytes()[:-9])  # the kill cut the last write short
-    kept = journaled_rows(cfg.output)
+    kept = journaled_rows(cfg.output.local_path)
     assert set(kept) < set(saved)
     engine = FakeEngine()
     resumed = run_job(cfg, engine_kind="fake", engine=engine, resume=True, interactive=False,
                       handle_signals=False)
     assert resumed.exit_code == EXIT_OK
-    check_output(cfg.output, ids)
+    check_output(cfg.output.local_path, ids)
     # Only the rows missing from the checkpoint ran again.
     assert sorted(engine.admission_order) == sorted(set(ids) - {f"q{r}" for r in kept})
 

@@ -70,7 +70,7 @@ def test_kill_9_then_a_second_sigterm_inside_vllm_then_resume(
     sized = engine_sizing(prepare_job(replace(cfg, engine=replace(opts, kv_cache_memory=None))))
     # The session's engine starts while the CLI run starts its own (one core each).
     engine = request.getfixturevalue("vllm_engine")
-    wait_for_rows(cfg.output, proc, at_least=2, timeout=300)
+    wait_for_rows(cfg.output.local_path, proc, at_least=2, timeout=300)
     killed = kill9(proc)
     assert killed, "the run finished before it could be killed"
     TALLY.kills += 1
@@ -82,9 +82,9 @@ def test_kill_9_then_a_second_sigterm_inside_vllm_then_resume(
     assert sized.max_model_len < 256
     assert f"context {sized.max_model_len:,} tokens" in killed.stderr
     assert sized.kv_cache_reason.startswith("the plan's peak window")
-    log = engine_log_path(cfg.output).read_text()
+    log = engine_log_path(cfg.output.local_path).read_text()
     assert "[cpu_worker.py" in log and "Warning: NUMA binding" in log
-    saved = journaled_rows(cfg.output)
+    saved = journaled_rows(cfg.output.local_path)
     assert 2 <= len(saved) < len(ids) and len(set(saved)) == len(saved)
 
     # Resume in-process; the first SIGTERM comes at once, the second 50 ms into a vLLM step.
@@ -108,7 +108,7 @@ def test_kill_9_then_a_second_sigterm_inside_vllm_then_resume(
     monkeypatch.setattr(engine._engine, "step", real_step)
     assert stopped.exit_code == EXIT_INTERRUPTED
     assert stopped.message.startswith("second SIGTERM: stopped at once"), stopped.message
-    after = journaled_rows(cfg.output)
+    after = journaled_rows(cfg.output.local_path)
     assert set(saved) <= set(after) and len(set(after)) == len(after)
     assert sent and not set(sent) & {ids[r] for r in saved}
 
@@ -117,8 +117,8 @@ def test_kill_9_then_a_second_sigterm_inside_vllm_then_resume(
     monkeypatch.undo()
     assert finished.exit_code == EXIT_ROW_ERRORS  # the out-of-vocabulary row
     assert sorted(sent) == sorted(set(ids) - {ids[r] for r in after})
-    check_summary_tokens(cfg.output)
-    rows = check_output(cfg.output, ids).to_pylist()
+    check_summary_tokens(cfg.output.local_path)
+    rows = check_output(cfg.output.local_path, ids).to_pylist()
     assert rows[-1]["error"] == "rejected by the engine: Token id 1000000 is out of vocabulary"
     assert all(r["error"] is None and r["completion_tokens"] >= 1 for r in rows[:-1])
 
@@ -143,7 +143,8 @@ def test_vllm_refusing_its_settings_is_a_usage_error_naming_them(
                        r"least one request.*kv_cache_memory 256MiB\); change them in the job "
                        r"file's \[engine\] section"):
         run_job(cfg, interactive=False, handle_signals=False)
-    assert not partial_dir_for(cfg.output).exists()  # nothing to resume: fix and run again
+    # nothing to resume: fix and run again
+    assert not partial_dir_for(cfg.output.local_path).exists()
 
 
 def test_vllm_failing_to_start_exits_4_naming_the_cause(
@@ -187,4 +188,4 @@ def test_vllm_dying_mid_job_exits_4_and_resume_finishes(
     resumed = run_job(cfg, engine=vllm_engine, resume=True, interactive=False,
                       handle_signals=False)
     assert resumed.exit_code == EXIT_OK, resumed.message
-    check_output(cfg.output, ids)
+    check_output(cfg.output.local_path, ids)

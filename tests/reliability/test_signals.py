@@ -135,7 +135,7 @@ def test_interrupted_inside_an_engine_step_or_a_journal_write_keeps_a_clean_chec
                        **kwargs).exit_code
 
     assert run(SignalledEngine(at_step=6, max_num_seqs=8)) == EXIT_INTERRUPTED
-    saved = journaled_rows(cfg.output)
+    saved = journaled_rows(cfg.output.local_path)
     assert 0 < len(saved) < len(ids) and len(set(saved)) == len(saved)
 
     # Now the second signal lands right after a journal write returns, inside on_results.
@@ -153,12 +153,12 @@ def test_interrupted_inside_an_engine_step_or_a_journal_write_keeps_a_clean_chec
     monkeypatch.setattr(ResultJournal, "append", append_then_signal)
     assert run(FakeEngine(max_num_seqs=8), resume=True) == EXIT_INTERRUPTED
     monkeypatch.undo()
-    again = journaled_rows(cfg.output)
+    again = journaled_rows(cfg.output.local_path)
     assert set(saved) < set(again) and len(set(again)) == len(again)
 
     engine = FakeEngine()
     assert run(engine, resume=True, handle_signals=False) == EXIT_OK
-    check_output(cfg.output, ids)
+    check_output(cfg.output.local_path, ids)
     assert sorted(engine.admission_order) == sorted(set(ids) - {f"q{r}" for r in again})
 
 
@@ -190,11 +190,11 @@ def test_requests_aborted_at_a_stop_are_not_journaled_even_if_reported(tmp_path:
     engine = ReportsAbortedRequests(max_num_seqs=4)
     stopped = run_job(cfg, engine_kind="fake", engine=engine, interactive=False)
     assert stopped.exit_code == EXIT_INTERRUPTED
-    saved = Checkpoint(partial_dir_for(cfg.output)).read_done()
+    saved = Checkpoint(partial_dir_for(cfg.output.local_path)).read_done()
     assert saved.num_rows and saved["error"].null_count == saved.num_rows
     assert run_job(cfg, engine_kind="fake", engine=FakeEngine(), resume=True, interactive=False,
                    handle_signals=False).exit_code == EXIT_OK
-    check_output(cfg.output, ids)
+    check_output(cfg.output.local_path, ids)
 
 
 

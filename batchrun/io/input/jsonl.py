@@ -21,7 +21,7 @@ import pyarrow as pa
 
 from ...config import ColumnMap
 from ..schema import ENDPOINT_CHAT, ENDPOINT_COMPLETION
-from ..storage import Location, open_binary
+from ..storage import Location
 from .rows import (
     CONSTRAINT_FIELDS,
     DRAFT_SCHEMA,
@@ -208,7 +208,7 @@ class _JsonlFile:
         self.input_format = None if input_format == "auto" else input_format
 
     def batches(self, batch_rows: int) -> Iterator[DraftBatch]:
-        with open_binary(self.path) as f:
+        with self.path.open_binary() as f:
             lines = iter(partial(f.readline, MAX_LINE_BYTES + 1), b"")
             more = True
             while more:

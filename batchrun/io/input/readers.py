@@ -50,26 +50,18 @@ and no row is lost, and the file order decides, as it does for two rows with the
 from __future__ import annotations
 
 import itertools
-from collections import Counter
-from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass, field, replace
-from pathlib import Path
-from typing import Any
+import os
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, replace
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from ...config import INPUT_FORMATS, ColumnMap
+from ..datasets import expand
 from ..schema import REQUEST_SCHEMA
-from ..storage import (
-    Location,
-    expand,
-    is_dir,
-    is_uri,
-    open_binary,
-    size,
-)
+from ..storage import Location, reading_input
 from .ids import HeldIds, IdHashes
 from .jsonl import iter_jsonl
 from .parquet import iter_parquet, open_parquet
@@ -81,9 +73,8 @@ from .rows import (
 )
 
 __all__ = ["BATCH_ROWS", "FILENAME_COLUMN", "InputError", "RequestBatch", "RequestSet",
-           "RequestStream", "ValidationReport", "cast_passthrough", "open_request_stream",
-           "read_request_set", "read_requests", "unified_passthrough_schema",
-           "validate_summary"]
+           "RequestStream", "cast_passthrough", "open_request_stream", "read_request_set",
+           "read_requests", "unified_passthrough_schema"]
 
 # `--passthrough source_file`: the file each row came from (its path or URI). The name is
 # reserved: it means this, whatever the input's own columns are. (Not pyarrow's `__filename`:
@@ -186,7 +177,8 @@ class RequestStream:
         return iter_jsonl(file, columns, self._input_format, first_row, self._batch_rows)
 
 
-def open_request_stream(path: Location, columns: ColumnMap = _DEFAULT_COLUMNS,
+def open_request_stream(path: Location | str | os.PathLike[str],
+                        columns: ColumnMap = _DEFAULT_COLUMNS,
                         input_format: str = "auto", *,
                         batch_rows: int = BATCH_ROWS) -> RequestStream:
     """The rows of `path` as a stream of batches: a file, a folder of data files or a glob (a
@@ -194,8 +186,7 @@ def open_request_stream(path: Location, columns: ColumnMap = _DEFAULT_COLUMNS,
     input_format: "auto", "jsonl", "openai" or "parquet" (with "auto", each file of a dataset
     is detected on its own). Every file is checked here, before any row is read: InputError
     for one that cannot be used at all. Bad rows become error rows."""
-    if isinstance(path, str) and not is_uri(path):
-        path = Path(path)
+    path = Location.coerce(path)
     if input_format not in INPUT_FORMATS:
         raise InputError(f"{path}: unknown input format {input_format!r}; "
                          f"use one of {', '.join(INPUT_FORMATS)}")
@@ -204,7 +195,7 @@ def open_request_stream(path: Location, columns: ColumnMap = _DEFAULT_COLUMNS,
     checked = []
     for file in files:
         try:
-            if dataset and size(file) == 0:
+            if dataset and file.size() == 0:
                 continue  # an empty part file holds no rows
             checked.append((file, _file_kind(file, columns, input_format)))
         except InputError as e:
@@ -214,13 +205,14 @@ def open_request_stream(path: Location, columns: ColumnMap = _DEFAULT_COLUMNS,
     return RequestStream(path, checked, dataset, columns, input_format, batch_rows)
 
 
-def read_requests(path: Location, columns: ColumnMap = _DEFAULT_COLUMNS,
+def read_requests(path: Location | str | os.PathLike[str], columns: ColumnMap = _DEFAULT_COLUMNS,
                   input_format: str = "auto") -> pa.Table:
     """The request table of `path` (see read_request_set)."""
     return read_request_set(path, columns, input_format).requests
 
 
-def read_request_set(path: Location, columns: ColumnMap = _DEFAULT_COLUMNS,
+def read_request_set(path: Location | str | os.PathLike[str],
+                     columns: ColumnMap = _DEFAULT_COLUMNS,
                      input_format: str = "auto", *,
                      batch_rows: int = BATCH_ROWS) -> RequestSet:
     """Every row of `path` at once: the batches of open_request_stream, concatenated."""
@@ -237,7 +229,7 @@ def read_request_set(path: Location, columns: ColumnMap = _DEFAULT_COLUMNS,
 
 
 def _in_dataset(path: Location, error: InputError) -> InputError:
-    what = "is a directory, read as a dataset" if is_dir(path) else "is a dataset"
+    what = "is a directory, read as a dataset" if path.is_dir() else "is a dataset"
     return InputError(f"{path}: {what}; {error}")
 
 
@@ -261,16 +253,8 @@ def _file_kind(path: Location, columns: ColumnMap, input_format: str) -> str:
 
 
 def _head(path: Location) -> bytes:
-    try:
-        with open_binary(path) as f:
-            head = f.read(len(PARQUET_MAGIC))
-    except FileNotFoundError:
-        raise InputError(f"{path}: no such file; check the input path") from None
-    except IsADirectoryError:
-        raise InputError(f"{path}: is a directory; point the input at one file") from None
-    except OSError as e:
-        raise InputError(f"{path}: cannot be read ({e.strerror or e}); check its permissions") \
-            from None
+    with reading_input(path), path.open_binary() as f:
+        head = f.read(len(PARQUET_MAGIC))
     if not head:
         raise InputError(f"{path}: is empty; write at least one request")
     return head
@@ -395,69 +379,3 @@ def _give_free_ids(rows: pa.Array, ids: pa.Array, held: HeldIds) -> pa.Array:
         candidates = pc.if_else(clash, pc.binary_join_element_wise(base, f"~{k}", ""),
                                 candidates)
     return pc.replace_with_mask(ids, missing, candidates)
-
-
-# --- What `batchrun validate` reports ---------------------------------------------------------
-
-@dataclass
-class ValidationReport:
-    """`batchrun validate`'s figures, gathered batch by batch (memory does not grow with the
-    input): rows, how many can run, the first `max_errors` problems in row order; and, of the
-    rows that can run, their prompt tokens, output constraints and logprobs requests."""
-
-    max_errors: int = 10
-    rows: int = 0
-    errors: int = 0
-    first_errors: list[str] = field(default_factory=list)
-    prompts: int = 0
-    prompt_tokens: int = 0
-    longest_prompt: int = 0
-    constrained: Counter[str] = field(default_factory=Counter)
-    logprobs_rows: int = 0
-
-    def add_rows(self, requests: pa.Table, more_errors: Mapping[int, str] | None = None) -> None:
-        """Count a batch of rows. more_errors: row position in `requests` -> a problem found
-        after reading (the tokenizer's), for rows without a reader error."""
-        more_errors = more_errors or {}
-        reader_errors = requests["error"]
-        self.rows += requests.num_rows
-        self.errors += len(reader_errors) - reader_errors.null_count + len(more_errors)
-        room = self.max_errors - len(self.first_errors)
-        if room <= 0:
-            return
-        if not more_errors:
-            self.first_errors += reader_errors.drop_null()[:room].to_pylist()
-            return
-        positions = np.flatnonzero(reader_errors.is_valid().to_numpy())[:room]
-        found = dict(zip(positions.tolist(), reader_errors.take(positions).to_pylist(),
-                         strict=True))
-        found.update(more_errors)
-        self.first_errors += [found[p] for p in sorted(found)[:room]]
-
-    def add_prompts(self, lengths: np.ndarray, constraints: Iterable[str | None],
-                    logprobs: Iterable[int | None]) -> None:
-        """Count the prompts of rows that can run: their token counts, constraint kinds (None:
-        free text) and top-logprobs counts (None: no logprobs)."""
-        self.prompts += len(lengths)
-        self.prompt_tokens += int(lengths.sum())
-        self.longest_prompt = max(self.longest_prompt, int(lengths.max(initial=0)))
-        self.constrained.update(kind for kind in constraints if kind is not None)
-        self.logprobs_rows += sum(top is not None for top in logprobs)
-
-    def summary(self) -> dict[str, Any]:
-        return {"rows": self.rows, "ok": self.rows - self.errors, "errors": self.errors,
-                "first_errors": list(self.first_errors)}
-
-    def prompt_summary(self) -> dict[str, Any]:
-        return {"constrained": dict(sorted(self.constrained.items())),
-                "logprobs_rows": self.logprobs_rows,
-                "prompt_tokens": {"total": self.prompt_tokens, "max": self.longest_prompt,
-                                  "mean": self.prompt_tokens / self.prompts
-                                  if self.prompts else 0.0}}
-
-
-def validate_summary(requests: pa.Table, max_errors: int = 10) -> dict[str, Any]:
-    """Counts of a request table, and the first `max_errors` row errors, for `validate`."""
-    report = ValidationReport(max_errors)
-    report.add_rows(requests)
-    return report.summary()

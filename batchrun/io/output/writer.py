@@ -22,17 +22,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from ..files import fsync_dir, temp_path
 from ..input.readers import cast_passthrough, unified_passthrough_schema
 from ..schema import RESULT_SCHEMA
-from .checkpoint import (
-    ROW_GROUP_SIZE,
-    _fsync_dir,
-    _write_openai_lines,
-    journal_batches,
-    temp_path,
-)
+from .checkpoint import journal_batches
+from .openai_batch import write_openai_lines
 
 ENDPOINT = "endpoint"
+ROW_GROUP_SIZE = 65_536  # rows per row group of the output Parquet file
 
 
 @dataclass
@@ -183,7 +180,7 @@ class _AtomicOutput:
         if self.openai is not None:
             if ENDPOINT in columns.column_names:
                 results = results.append_column(ENDPOINT, columns[ENDPOINT])
-            _write_openai_lines(self.openai, results, self.files.model)
+            write_openai_lines(self.openai, results, self.files.model)
         self.rows += results.num_rows
 
     def __enter__(self) -> _AtomicOutput:
@@ -202,7 +199,7 @@ class _AtomicOutput:
                 with open(self.tmp, "rb") as f:
                     os.fsync(f.fileno())
                 os.replace(self.tmp, self.files.parquet)
-                _fsync_dir(self.files.parquet.parent)
+                fsync_dir(self.files.parquet.parent)
         finally:
             self.tmp.unlink(missing_ok=True)
             if self.openai_tmp is not None:

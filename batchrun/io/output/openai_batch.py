@@ -1,0 +1,85 @@
+"""The OpenAI Batch API output file: one JSON line per result, in the shape OpenAI's own batch
+output has (what the `openai` package's models read), so that code written for OpenAI's
+batches reads batchrun's results unchanged."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from typing import Any, TextIO
+
+import pyarrow as pa
+
+from ..schema import RESULT_SCHEMA
+
+# Rows turned into Python objects at a time: memory stays bounded whatever the table's size.
+ROWS_AT_ONCE = 65_536
+
+
+def write_openai_lines(f: TextIO, table: pa.Table, model: str) -> None:
+    """One line per row, in the shape of OpenAI's Batch API output file: a success carries the
+    chat.completion / text_completion body the API would have returned (what the `openai`
+    package's ChatCompletion / Completion models read), a failure the documented error."""
+    names = RESULT_SCHEMA.names + (["endpoint"] if "endpoint" in table.column_names else [])
+    run = uuid.uuid4().hex[:16]  # ids are unique per file, as OpenAI's are per batch
+    created = int(time.time())
+    for start in range(0, table.num_rows, ROWS_AT_ONCE):  # bounded memory for to_pylist
+        for r in table.select(names).slice(start, ROWS_AT_ONCE).to_pylist():
+            f.write(json.dumps(_openai_line(r, run, created, model))
+                    + "\n")
+
+
+def _openai_line(r: dict[str, Any], run: str, created: int, model: str) -> dict[str, Any]:
+    line_id = f"batch_req_{run}_{r['row']}"
+    if r["error"] is not None:
+        return {"id": line_id, "custom_id": r["id"], "response": None,
+                "error": {"code": "row_error", "message": r["error"]}}
+    chat = r.get("endpoint") == "chat"
+    choice: dict[str, Any] = {"index": 0, "finish_reason": r["finish_reason"]}
+    if chat:
+        choice["message"] = {"role": "assistant", "content": r["text"], "refusal": None}
+        choice["logprobs"] = None if r["logprobs"] is None else {
+            "content": [_chat_logprob(t) for t in r["logprobs"]], "refusal": None}
+    else:
+        choice["text"] = r["text"]
+        choice["logprobs"] = None if r["logprobs"] is None else _completion_logprobs(
+            r["logprobs"])
+    body = {
+        "id": f"{'chatcmpl' if chat else 'cmpl'}-{run}-{r['row']}",
+        "object": "chat.completion" if chat else "text_completion",
+        "created": created, "model": model, "choices": [choice],
+        "usage": {"prompt_tokens": r["prompt_tokens"],
+                  "completion_tokens": r["completion_tokens"],
+                  "total_tokens": r["prompt_tokens"] + r["completion_tokens"],
+                  "prompt_tokens_details": {"cached_tokens": r["cached_tokens"]}},
+    }
+    return {"id": line_id, "custom_id": r["id"],
+            "response": {"status_code": 200, "request_id": f"req_{run}_{r['row']}",
+                         "body": body},
+            "error": None}
+
+
+def _chat_logprob(t: dict[str, Any]) -> dict[str, Any]:
+    """A token's logprobs as chat.completion's `logprobs.content` holds them."""
+    return {"token": t["token"], "logprob": t["logprob"], "bytes": list(_utf8(t["token"])),
+            "top_logprobs": [{"token": top["token"], "logprob": top["logprob"],
+                              "bytes": list(_utf8(top["token"]))}
+                             for top in t["top_logprobs"]]}
+
+
+def _completion_logprobs(tokens: list[dict[str, Any]]) -> dict[str, Any]:
+    """A completion's logprobs as text_completion (OpenAI's legacy shape) holds them."""
+    offsets, at = [], 0
+    for t in tokens:
+        offsets.append(at)
+        at += len(t["token"])
+    return {"tokens": [t["token"] for t in tokens],
+            "token_logprobs": [t["logprob"] for t in tokens],
+            "top_logprobs": [{top["token"]: top["logprob"] for top in t["top_logprobs"]}
+                             for t in tokens],
+            "text_offset": offsets}
+
+
+def _utf8(text: str) -> bytes:
+    return text.encode("utf-8", "surrogatepass")
