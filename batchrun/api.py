@@ -22,8 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .config import SECTIONS, ConfigError, JobConfig, load_job_file, option_keys, with_overrides
-from .errors import EXIT_INTERRUPTED, BatchrunError, JobInterrupted, UsageError
+from .config import SECTIONS, JobConfig, load_job_file, option_keys, with_overrides
+from .errors import EXIT_INTERRUPTED, ConfigError, JobInterrupted, UsageError
 from .io import storage
 
 if TYPE_CHECKING:
@@ -32,8 +32,7 @@ if TYPE_CHECKING:
     from .engine.base import Engine
     from .job.run import JobOutcome
 
-__all__ = ["BatchrunError", "JobInterrupted", "Summary", "UsageError", "build_config",
-           "generate", "run", "run_config"]
+__all__ = ["Summary", "build_config", "generate", "run", "run_config"]
 
 # Keyword arguments of run() / generate() -> the JobConfig field they set (from its fields).
 OPTIONS = option_keys()

@@ -37,7 +37,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from .errors import UsageError
+from .errors import ConfigError
 from .io.storage import Location, is_uri, parent, read_text, to_location
 from .structured import (
     CHOICE,
@@ -55,10 +55,6 @@ DEFAULT_MODEL = "default"
 INPUT_FORMATS = ("auto", "jsonl", "parquet", "openai")
 SECTIONS = ("columns", "sampling", "engine", "cluster")  # a job file's [tables]
 ATTENTION_CHOICES = ("auto", "prefix", "default")
-
-
-class ConfigError(UsageError, ValueError):
-    """A job file or flag a user can fix; the message says how."""
 
 
 # How a value given as text is read, for the fields that say so in their metadata: a size

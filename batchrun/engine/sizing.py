@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from ..config import ConfigError
+from ..errors import ConfigError
 
 # Headroom over the plan's peak window: the window is an estimate (vLLM allocates a block
 # ahead at block boundaries, and a chunked prefill may hold blocks a little longer).

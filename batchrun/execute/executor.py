@@ -41,12 +41,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..engine.base import (
-    Engine,
-    EngineDiedError,
-    GenerationRequest,
-    GenerationResult,
-)
+from ..engine.base import Engine, GenerationRequest, GenerationResult
+from ..errors import EngineDiedError
 from ..plan.groups import RunGroup
 from .kv_budget import KvBudget
 from .output_lengths import OutputLengths

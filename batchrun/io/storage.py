@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, BinaryIO, Union
 from urllib.parse import urlsplit
 
-from .input.rows import InputError
+from ..errors import InputError, one_line
 
 Location = Union[Path, str]  # noqa: UP007 - a runtime alias, also on Python 3.10
 
@@ -171,7 +171,7 @@ def _info(uri: str) -> Any:
     try:
         return filesystem_.get_file_info(path)
     except pa_errors() as e:
-        raise InputError(f"{uri}: cannot be reached ({_one_line(e)}); check the URI, the "
+        raise InputError(f"{uri}: cannot be reached ({one_line(e)}); check the URI, the "
                          "credentials (AWS_* variables) and the endpoint") from None
 
 
@@ -363,7 +363,7 @@ def _expand_remote(uri: str) -> list[Location]:
         else:
             raise InputError(f"{uri}: no such file; check the input path")
     except pa_errors() as e:
-        raise InputError(f"{uri}: cannot be listed ({_one_line(e)}); check the URI and the "
+        raise InputError(f"{uri}: cannot be listed ({one_line(e)}); check the URI and the "
                          "credentials") from None
     return [_uri_of(prefix, filesystem_, p) for p in sorted(found)]
 
@@ -379,7 +379,3 @@ def remote_fingerprint(uri: str) -> dict[str, Any]:
     info = _info(uri)
     mtime = info.mtime.isoformat() if info.mtime is not None else None
     return {"path": uri, "bytes": info.size, "mtime": mtime}
-
-
-def _one_line(error: BaseException) -> str:
-    return " ".join(str(error).split())[:300]

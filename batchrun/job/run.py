@@ -16,10 +16,17 @@ import pyarrow.compute as pc
 from ..clock import StageClock
 from ..cluster.replicas import EngineReplicas, start_replicas
 from ..config import JobConfig
-from ..engine.base import Engine, EngineDiedError, EngineStats
+from ..engine.base import Engine, EngineStats
 from ..engine.factory import start_engine
 from ..engine.sizing import EngineSizing
-from ..errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_ROW_ERRORS
+from ..errors import (
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_ROW_ERRORS,
+    CheckpointError,
+    EngineDiedError,
+    one_line,
+)
 from ..execute.executor import StepTrace
 from ..execute.shard import ShardRun, run_shard
 from ..execute.stop import StopFlag
@@ -28,7 +35,6 @@ from ..ingest.shards import Shard
 from ..io import storage
 from ..io.output.checkpoint import (
     Checkpoint,
-    CheckpointError,
     JobLock,
     ResultJournal,
     file_fingerprint,
@@ -288,7 +294,7 @@ class _JobRun:
                 self._write_output()
         except (OSError, pa.ArrowException) as e:
             summary["status"] = "write_failed"
-            reason = getattr(e, "strerror", None) or " ".join(str(e).split())[:300]
+            reason = getattr(e, "strerror", None) or one_line(e)
             return self._stopped(summary, (
                 f"cannot write the output ({reason}): {self.ckpt.path} holds every row; "
                 "free space and re-run with --resume"))

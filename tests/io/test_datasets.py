@@ -12,8 +12,8 @@ import pytest
 
 from batchrun.config import ColumnMap, JobConfig
 from batchrun.engine.fake import FakeEngine
-from batchrun.errors import EXIT_OK
-from batchrun.io.input.readers import InputError, read_request_set
+from batchrun.errors import EXIT_OK, InputError
+from batchrun.io.input.readers import read_request_set
 from batchrun.io.output.checkpoint import file_fingerprint
 from batchrun.job.run import run_job
 from tests.helpers import write_jsonl

@@ -12,12 +12,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from batchrun.config import ColumnMap
-from batchrun.io.input.readers import (
-    InputError,
-    read_request_set,
-    read_requests,
-    validate_summary,
-)
+from batchrun.errors import InputError
+from batchrun.io.input.readers import read_request_set, read_requests, validate_summary
 from batchrun.io.schema import REQUEST_SCHEMA
 
 REQUEST_FIELDS = REQUEST_SCHEMA.names[2:-1]  # endpoint .. stop

@@ -21,8 +21,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from batchrun.config import ColumnMap
+from batchrun.errors import InputError
 from batchrun.io.input.parquet import column_values
-from batchrun.io.input.readers import InputError, read_request_set, validate_summary
+from batchrun.io.input.readers import read_request_set, validate_summary
 from batchrun.io.input.rows import (
     CONSTRAINT_FIELDS,
     FIELDS,

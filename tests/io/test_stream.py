@@ -16,9 +16,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from batchrun.config import ColumnMap
+from batchrun.errors import InputError
 from batchrun.io.input.ids import HeldIds, IdHashes
 from batchrun.io.input.readers import (
-    InputError,
     ValidationReport,
     cast_passthrough,
     open_request_stream,

@@ -14,14 +14,8 @@ import pyarrow as pa
 import pytest
 
 from batchrun.engine.fake import FakeEngine
-from batchrun.errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE
-from batchrun.io.output.checkpoint import (
-    Checkpoint,
-    CheckpointError,
-    JobLock,
-    ResultJournal,
-    partial_dir_for,
-)
+from batchrun.errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, CheckpointError
+from batchrun.io.output.checkpoint import Checkpoint, JobLock, ResultJournal, partial_dir_for
 from batchrun.io.schema import RESULT_SCHEMA
 from batchrun.job.run import run_job
 from tests.helpers import job

@@ -45,6 +45,7 @@ from typing import Any
 
 import numpy as np
 
+from ...errors import AttentionUnavailable
 from .mode import MODES
 
 MIN_SAVED_BYTES_PER_LAYER = 24 << 20
@@ -55,10 +56,6 @@ MIN_DECODE_SHARE = round(1 - 1 / TRITON_SLOWDOWN, 4)
 DEFAULT_CONCURRENCY = 256
 
 CUDA_BACKEND = "TRITON_ATTN"  # the vLLM backend batchrun's CUDA backend replaces
-
-
-class AttentionUnavailable(ValueError):
-    """``--attention prefix`` on a platform without batchrun's shared-prefix attention."""
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,7 @@ import pyarrow.parquet as pq
 
 from ... import structured
 from ...config import ColumnMap
+from ...errors import InputError, one_line
 from ..schema import DICTIONARY_STRING, ENDPOINT_CHAT, ENDPOINT_COMPLETION
 from ..storage import Location, open_random
 from .rows import (
@@ -31,7 +32,6 @@ from .rows import (
     INT64_MIN,
     PROMPT_SOURCES,
     DraftBatch,
-    InputError,
     RowError,
     logprobs_problem,
     parse_constraint,
@@ -235,7 +235,7 @@ def open_parquet(path: Location, columns: ColumnMap) -> pq.ParquetFile:
         parquet = pq.ParquetFile(open_random(path))
         names = parquet.schema_arrow.names
     except (pa.ArrowException, OSError) as e:
-        raise InputError(f"{path}: cannot be opened as Parquet ({_one_line(e)}); "
+        raise InputError(f"{path}: cannot be opened as Parquet ({one_line(e)}); "
                          "the file is cut short or corrupt: write it again") from None
     sources = [getattr(columns, f) for f in FIELDS[:PROMPT_SOURCES]]
     if not set(sources) & set(names):
@@ -276,17 +276,13 @@ def iter_parquet(path: Location, columns: ColumnMap, first_row: int,
             draft = _draft_batch(batch, start, labels)
         except (pa.ArrowException, OSError) as e:
             raise InputError(f"{path}: cannot be read after row {start - first_row} "
-                             f"({_one_line(e)}); the file "
+                             f"({one_line(e)}); the file "
                              "is cut short or corrupt: write it again") from None
         passthrough = pa.table({name: batch.column(name) if name in names
                                 else pa.nulls(batch.num_rows)
                                 for name in columns.passthrough})
         yield DraftBatch(draft, passthrough, "parquet")
         start += batch.num_rows
-
-
-def _one_line(error: Exception) -> str:
-    return " ".join(str(error).split())[:300]
 
 
 def _short(names: list[str], limit: int = 10) -> str:

@@ -61,6 +61,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from ...config import INPUT_FORMATS, ColumnMap
+from ...errors import InputError, show
 from ..schema import REQUEST_SCHEMA
 from ..storage import (
     Location,
@@ -73,14 +74,9 @@ from ..storage import (
 from .ids import HeldIds, IdHashes
 from .jsonl import iter_jsonl
 from .parquet import iter_parquet, open_parquet
-from .rows import (
-    DraftBatch,
-    InputError,
-    json_text,
-    show,
-)
+from .rows import DraftBatch, json_text
 
-__all__ = ["BATCH_ROWS", "FILENAME_COLUMN", "InputError", "RequestBatch", "RequestSet",
+__all__ = ["BATCH_ROWS", "FILENAME_COLUMN", "RequestBatch", "RequestSet",
            "RequestStream", "ValidationReport", "cast_passthrough", "open_request_stream",
            "read_request_set", "read_requests", "unified_passthrough_schema",
            "validate_summary"]

@@ -29,7 +29,7 @@ from typing import Any, TextIO
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from ...errors import UsageError
+from ...errors import CheckpointError
 from ..schema import RESULT_SCHEMA
 from ..storage import (
     Location,
@@ -43,10 +43,6 @@ MANIFEST = "manifest.json"
 # that has it next to an existing output is one whose removal a kill interrupted.
 COMPLETE = "complete"
 ROW_GROUP_SIZE = 65_536
-
-
-class CheckpointError(UsageError, RuntimeError):
-    """The checkpoint cannot be used as asked; the message says what to do instead."""
 
 
 class JobLock:
