@@ -11,7 +11,7 @@ from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from ..config import EngineOptions, JobConfig
-from ..errors import ConfigError, EngineDiedError, one_line
+from ..errors import ConfigError, EngineDiedError, UsageError, one_line
 from .base import Engine
 
 if TYPE_CHECKING:
@@ -39,8 +39,9 @@ def start_engine(kind: str, config: JobConfig, sizing: EngineSizing, *, new_toke
     """Start a `kind` engine ("vllm" or "fake") with the job's sized settings. `new_tokens`:
     the job's max new tokens in all (the eager/compile choice); `attention`: called to
     choose the attention backend the job asks vLLM for (it may plan the job: only vLLM
-    calls it). Settings vLLM refuses are the user's to fix (ConfigError, exit 2); any other
-    failure to start is an engine failure (EngineDiedError, exit 4)."""
+    calls it). An attention mode the platform lacks (AttentionUnavailable) and settings vLLM
+    refuses are the user's to fix (ConfigError, exit 2); any other failure to start is an
+    engine failure (EngineDiedError, exit 4)."""
     if kind == "fake":
         from .fake import FakeEngine
 
@@ -53,10 +54,12 @@ def start_engine(kind: str, config: JobConfig, sizing: EngineSizing, *, new_toke
     eager = use_eager(config.engine, new_tokens, on_cpu())
     options = replace(config.engine, max_model_len=sizing.max_model_len,
                       kv_cache_memory=sizing.kv_cache_memory)
+    choice = attention() if attention is not None else None  # not vLLM's verdict: as it is
     try:
-        choice = attention() if attention is not None else None
         return VllmEngine(resolve_model(config.model), options, enforce_eager=eager,
                           attention=choice)
+    except UsageError:  # the model, the attention mode: worded for the user already
+        raise
     except ValueError as e:  # vLLM's verdict on its settings (too small a KV cache, ...)
         cause = one_line(e, None)
         raise ConfigError(
