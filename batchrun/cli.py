@@ -6,14 +6,13 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import replace
-from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from .api import build_config, quiet_engine_logs, run_config
-from .config import JobConfig
+from .config import AttentionMode, EngineKind, InputFormat, JobConfig
 from .errors import (
     EXIT_INTERNAL,
     EXIT_INTERRUPTED,
@@ -47,24 +46,6 @@ app = typer.Typer(
     rich_markup_mode=None,
     pretty_exceptions_enable=False,
 )
-
-
-class InputFormat(StrEnum):
-    auto = "auto"
-    jsonl = "jsonl"
-    parquet = "parquet"
-    openai = "openai"
-
-
-class Attention(StrEnum):
-    auto = "auto"
-    prefix = "prefix"
-    default = "default"
-
-
-class EngineKind(StrEnum):
-    vllm = "vllm"
-    fake = "fake"
 
 
 JobArg = Annotated[str, typer.Argument(
@@ -175,7 +156,7 @@ def run(
         "--enforce-eager/--compile",
         help="Eager mode starts fast; compiled runs faster. Default: by job size.")] = None,
     tensor_parallel_size: Annotated[int | None, typer.Option(help="GPUs per model.")] = None,
-    attention: Annotated[Attention | None, typer.Option(
+    attention: Annotated[AttentionMode | None, typer.Option(
         help="'auto' (default): batchrun's shared-prefix attention where it pays (GPUs; on "
              "CPU vLLM's kernel measured faster); 'prefix': always; 'default': vLLM's own.")]
     = None,
@@ -193,7 +174,7 @@ def run(
     = False,
     overwrite: Annotated[bool, typer.Option(
         help="Replace a finished output and discard any unfinished run.")] = False,
-    engine: EngineOpt = EngineKind.vllm,
+    engine: EngineOpt = EngineKind.VLLM,
     progress: Annotated[bool | None, typer.Option(
         "--progress/--log-lines",
         help="Progress bar, or plain log lines (default: bar on a terminal).")] = None,
@@ -231,7 +212,7 @@ def run(
             attention=attention, prompt_column=prompt_column, id_column=id_column,
             passthrough=passthrough, replicas=replicas, ray_address=ray_address,
             **_constraint_overrides(json_schema, choice, regex))
-        summary = run_config(cfg, engine=engine, resume=resume, overwrite=overwrite,
+        summary = run_config(cfg, engine=engine.value, resume=resume, overwrite=overwrite,
                              progress=progress, grace_period=grace_period,
                              handle_signals=True, engine_log=not verbose)
     except JobInterrupted as e:
@@ -292,7 +273,7 @@ def validate(
     json_schema: SchemaOpt = None,
     choice: ChoiceOpt = None,
     regex: RegexOpt = None,
-    engine: EngineOpt = EngineKind.vllm,
+    engine: EngineOpt = EngineKind.VLLM,
     max_errors: Annotated[int, typer.Option(help="How many row problems to list.")] = 20,
     json_out: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
 ) -> None:
@@ -387,7 +368,7 @@ def plan_command(
     json_schema: SchemaOpt = None,
     choice: ChoiceOpt = None,
     regex: RegexOpt = None,
-    engine: EngineOpt = EngineKind.vllm,
+    engine: EngineOpt = EngineKind.VLLM,
     json_out: Annotated[bool, typer.Option("--json", help="Print the plan as one JSON object.")]
     = False,
 ) -> None:

@@ -34,7 +34,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from ..config import ClusterOptions, JobConfig
+from ..config import ClusterOptions, EngineKind, JobConfig
 from ..engine.attention.selection import AttentionChoice
 from ..engine.sizing import (
     MAX_SHARE_OF_FREE_MEMORY,
@@ -170,7 +170,7 @@ class ReplicaActor:
 def _start_engine(job: ReplicaJob) -> Any:
     from ..engine.factory import start_engine
 
-    if job.engine_kind != "fake":
+    if job.engine_kind != EngineKind.FAKE:
         from ..model import resolve_model
 
         # The driver found the model on its own node; this node must see it too. Asked
@@ -463,7 +463,7 @@ def start_replicas(config: JobConfig, engine_kind: str, sizing: EngineSizing, sh
     return EngineReplicas(ReplicaJob(
         config, engine_kind, replica_sizing(config, sizing), -(-sharded.new_tokens // n),
         sharded.input_format, sharded.max_model_len,
-        attention() if engine_kind == "vllm" else None))
+        attention() if engine_kind == EngineKind.VLLM else None))
 
 
 def replica_sizing(config: JobConfig, sizing: EngineSizing) -> EngineSizing:

@@ -10,15 +10,13 @@ from collections.abc import Callable
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
-from ..config import EngineOptions, JobConfig
+from ..config import EngineKind, EngineOptions, JobConfig
 from ..errors import ConfigError, EngineDiedError, UsageError, one_line
 from .base import Engine
 
 if TYPE_CHECKING:
     from .attention.selection import AttentionChoice
     from .sizing import EngineSizing
-
-ENGINE_KINDS = ("vllm", "fake")
 
 # On CPU, a job asking for fewer new tokens than this runs vLLM eagerly: compiling costs
 # minutes at every start, and only decoding this much wins it back (benchmarks/README.md,
@@ -42,12 +40,12 @@ def start_engine(kind: str, config: JobConfig, sizing: EngineSizing, *, new_toke
     calls it). An attention mode the platform lacks (AttentionUnavailable) and settings vLLM
     refuses are the user's to fix (ConfigError, exit 2); any other failure to start is an
     engine failure (EngineDiedError, exit 4)."""
-    if kind == "fake":
+    if kind == EngineKind.FAKE:
         from .fake import FakeEngine
 
         return FakeEngine.from_env(max_model_len=config.engine.max_model_len or 2048)
-    if kind != "vllm":
-        raise ConfigError(f"engine must be one of {ENGINE_KINDS}, not {kind!r}")
+    if kind != EngineKind.VLLM:
+        raise ConfigError(f"engine must be one of {EngineKind.values()}, not {kind!r}")
     from ..model import resolve_model
     from .vllm_engine import VllmEngine, on_cpu
 
@@ -73,11 +71,11 @@ def start_engine(kind: str, config: JobConfig, sizing: EngineSizing, *, new_toke
             from e
 
 
-def engine_kind(engine: Engine) -> str:
+def engine_kind(engine: Engine) -> EngineKind:
     """The kind of an engine already started (a caller's shared engine)."""
     from .fake import FakeEngine
 
-    return "fake" if isinstance(engine, FakeEngine) else "vllm"
+    return EngineKind.FAKE if isinstance(engine, FakeEngine) else EngineKind.VLLM
 
 
 def _mib(size: int | None) -> str:

@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from ..clock import StageClock
-from ..config import JobConfig, default_constraint
+from ..config import EngineKind, JobConfig, default_constraint
 from ..engine.base import GenerationRequest
 from ..engine.sizing import LongestRequest, longest_request
 from ..io.input.readers import RequestSet, open_request_stream, read_request_set
@@ -138,7 +138,7 @@ def load_tokenizer(config: JobConfig, engine_kind: str,
     """The tokenizer and context length, without starting an engine (or with the context
     length of an engine already started)."""
     caps = [c for c in (config.engine.max_model_len, engine_max_model_len) if c]
-    if engine_kind == "fake":
+    if engine_kind == EngineKind.FAKE:
         return ByteTokenizer(), min(caps or [2048])
     from ..model import model_context_length, resolve_model
 
@@ -146,7 +146,7 @@ def load_tokenizer(config: JobConfig, engine_kind: str,
     return HFTokenizer(model_dir), min([model_context_length(model_dir), *caps])
 
 
-def prepare_job(config: JobConfig, *, engine_kind: str = "vllm",
+def prepare_job(config: JobConfig, *, engine_kind: str = EngineKind.VLLM,
                 done_rows: set[int] | frozenset[int] = frozenset(),
                 engine_max_model_len: int | None = None) -> PreparedJob:
     """Read and tokenize a whole job in memory (`batchrun validate`, tests). Rows already

@@ -8,14 +8,14 @@ from typing import Any
 
 import numpy as np
 
-from ..config import JobConfig
+from ..config import EngineKind, JobConfig
 from ..ingest.prepare import prepare_shard, read_into_shards
 from ..plan.job_figures import JobPlanFigures
 from .engine_setup import engine_sizing
 from .summary import peak_rss_bytes
 
 
-def describe_plan(config: JobConfig, engine_kind: str = "vllm") -> dict[str, Any]:
+def describe_plan(config: JobConfig, engine_kind: str = EngineKind.VLLM) -> dict[str, Any]:
     """The plan's figures for `batchrun plan`, computed without starting an engine: the job
     read, tokenized, sharded and planned as a run would, in the same memory budget."""
     with tempfile.TemporaryDirectory(prefix="batchrun-plan-") as tmp:

@@ -15,7 +15,7 @@ import pyarrow.compute as pc
 
 from ..clock import StageClock
 from ..cluster.replicas import EngineReplicas, start_replicas
-from ..config import JobConfig
+from ..config import EngineKind, JobConfig
 from ..engine.base import Engine, EngineStats
 from ..engine.factory import start_engine
 from ..engine.sizing import EngineSizing
@@ -61,7 +61,7 @@ class JobOutcome:
 def run_job(
     config: JobConfig,
     *,
-    engine_kind: str = "vllm",
+    engine_kind: str = EngineKind.VLLM,
     engine: Engine | None = None,
     resume: bool = False,
     overwrite: bool = False,

