@@ -39,6 +39,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from ..ingest.token_lists import token_lists
 from ..plan.prefix_tree import PrefixTree
 
 # Never cut a piece smaller than this, nor a shard that is less than this over its target,
@@ -72,12 +73,9 @@ class PrefixOrder:
         tokens = table["prompt_token_ids"]
         usable = pc.and_(pc.is_valid(tokens), pc.is_null(table["error"]))
         runnable = np.flatnonzero(usable.to_numpy(zero_copy_only=False))
-        kept = tokens.filter(usable)
-        lengths = pc.list_value_length(kept).to_numpy(zero_copy_only=False).astype(np.int64)
-        offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
-        np.cumsum(lengths, out=offsets[1:])
-        values = pc.list_flatten(kept).to_numpy(zero_copy_only=False)
-        tree = PrefixTree.build(values.astype(np.int32, copy=False), offsets)
+        values, offsets = token_lists(tokens.filter(usable))
+        lengths = np.diff(offsets)
+        tree = PrefixTree.build(values, offsets)
         # Like vLLM's prefix cache: whole blocks only, and never a request's last token.
         ordered = lengths[tree.order]
         reusable = tree.lcp.copy()

@@ -33,6 +33,7 @@ from ..plan.prefix_tree import PrefixTree
 from ..plan.schedule import RequestOrder, order_requests
 from ..structured import TEXT, Constraint, max_choice_tokens
 from .shards import Shard, ShardBuilder
+from .token_lists import offsets_of
 from .tokenize import (
     ByteTokenizer,
     HFTokenizer,
@@ -196,8 +197,7 @@ def tokenized_table(requests: pa.Table, tokens: TokenizedRequests,
     n = requests.num_rows
     lengths = np.zeros(n, dtype=np.int64)
     lengths[tokens.positions] = tokens.lengths()
-    offsets = np.zeros(n + 1, dtype=np.int64)
-    np.cumsum(lengths, out=offsets[1:])
+    offsets = offsets_of(lengths)
     has_tokens = np.zeros(n, dtype=bool)
     has_tokens[tokens.positions] = True
     ids = pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)),
