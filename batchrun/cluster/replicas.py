@@ -36,14 +36,10 @@ import pyarrow.compute as pc
 
 from ..config import ClusterOptions, EngineKind, JobConfig
 from ..engine.attention.selection import AttentionChoice
-from ..engine.sizing import (
-    MAX_SHARE_OF_FREE_MEMORY,
-    EngineSizing,
-    memory_available,
-    round_up,
-)
+from ..engine.sizing import MAX_SHARE_OF_FREE_MEMORY, EngineSizing, memory_available
 from ..errors import ConfigError, EngineDiedError, ModelError, UsageError, one_line
 from ..execute.stop import StopFlag
+from ..plan.blocks import ceil_div, round_up
 from .queue import PrefixOrders, ShardQueue, ShardRef, Work
 
 log = logging.getLogger(__name__)
@@ -461,7 +457,7 @@ def start_replicas(config: JobConfig, engine_kind: str, sizing: EngineSizing, sh
     once: it may plan the job)."""
     n = config.cluster.replicas
     return EngineReplicas(ReplicaJob(
-        config, engine_kind, replica_sizing(config, sizing), -(-sharded.new_tokens // n),
+        config, engine_kind, replica_sizing(config, sizing), ceil_div(sharded.new_tokens, n),
         sharded.input_format, sharded.max_model_len,
         attention() if engine_kind == EngineKind.VLLM else None))
 

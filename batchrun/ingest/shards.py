@@ -30,6 +30,7 @@ import numpy as np
 import pyarrow as pa
 
 from ..io.schema import REQUEST_SCHEMA
+from ..plan.blocks import ceil_div
 from ..plan.prefix_tree import PrefixTree
 from ..plan.prefixes import compare
 from .token_lists import offsets_of, token_lists
@@ -88,7 +89,7 @@ class SortedRun:
         return (before - 1) * self.batch_rows + _count_less(rows, prompt)
 
     def rows_between(self, start: int, stop: int) -> Iterator[pa.Table]:
-        for i in range(start // self.batch_rows, -(-stop // self.batch_rows)):
+        for i in range(start // self.batch_rows, ceil_div(stop, self.batch_rows)):
             batch = self.batch(i)
             first = i * self.batch_rows
             lo, hi = max(start - first, 0), min(stop - first, batch.num_rows)

@@ -47,6 +47,7 @@ import numpy as np
 
 from ...config import AttentionMode
 from ...errors import AttentionUnavailable
+from ...plan.blocks import ceil_div
 
 MIN_SAVED_BYTES_PER_LAYER = 24 << 20
 TRITON_SLOWDOWN = 1.25
@@ -78,7 +79,7 @@ class SharingFigures:
 def min_saved_tokens(kv_bytes_per_token: int,
                      min_bytes: int = MIN_SAVED_BYTES_PER_LAYER) -> int:
     """``(members - 1) x prefix tokens`` a group must save per step to pay (rule 1)."""
-    return -(-min_bytes // max(1, kv_bytes_per_token))
+    return ceil_div(min_bytes, max(1, kv_bytes_per_token))
 
 
 def sharing_figures(prompt_lens: np.ndarray, decode_tokens: np.ndarray,
@@ -106,7 +107,7 @@ def sharing_figures(prompt_lens: np.ndarray, decode_tokens: np.ndarray,
     step_saved = prefix * (np.minimum(members, concurrency) - 1)  # tokens, per layer
     real = members >= 2
     pays = real & (step_saved >= min_saved_tokens(kv_bytes_per_token))
-    waves = -(-members // concurrency)
+    waves = ceil_div(members, concurrency)
     saved = int((prefix * decode_sum / members * (members - waves))[pays].sum())
     groups, paying = int(real.sum()), int(pays.sum())
     max_step = int(step_saved[real].max(initial=0)) * kv_bytes_per_token
