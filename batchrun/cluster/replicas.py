@@ -32,12 +32,12 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from ..config import ClusterOptions, EngineKind, JobConfig
 from ..engine.attention.selection import AttentionChoice
 from ..engine.sizing import MAX_SHARE_OF_FREE_MEMORY, EngineSizing, memory_available
 from ..errors import ConfigError, EngineDiedError, ModelError, UsageError, one_line
+from ..execute.result_rows import TokenSums
 from ..execute.stop import StopFlag
 from ..plan.blocks import ceil_div, round_up
 from .queue import PrefixOrders, ShardQueue, ShardRef, Work
@@ -78,13 +78,11 @@ class ReplicaStats:
     status: str = "ok"  # or "lost: <why>"
 
     def count(self, results: pa.Table) -> None:
-        ok = results.filter(results["error"].is_null())
-        prompt, cached, completion = (pc.sum(ok[name]).as_py() or 0 for name in (
-            "prompt_tokens", "cached_tokens", "completion_tokens"))
+        tokens = TokenSums.of(results)
         self.rows += results.num_rows
-        self.prompt_tokens += prompt
-        self.computed_prompt_tokens += prompt - cached
-        self.completion_tokens += completion
+        self.prompt_tokens += tokens.prompt
+        self.computed_prompt_tokens += tokens.prompt - tokens.cached
+        self.completion_tokens += tokens.completion
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "busy_s": round(self.busy_s, 3)}

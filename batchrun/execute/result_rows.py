@@ -1,16 +1,34 @@
-"""Result rows (RESULT_SCHEMA) for a prepared job's finished requests and its error rows."""
+"""Result rows (RESULT_SCHEMA) for a prepared job's finished requests and its error rows,
+and the tokens of those that succeeded (TokenSums)."""
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from ..engine.base import GenerationResult
 from ..ingest.prepare import PreparedJob
 from ..io.schema import RESULT_SCHEMA
 from ..structured import output_problem
+
+
+@dataclass(frozen=True)
+class TokenSums:
+    """The tokens of the result rows that succeeded (`error` null): what the summary, each
+    replica's share and the progress line count."""
+
+    prompt: int = 0
+    cached: int = 0
+    completion: int = 0
+
+    @classmethod
+    def of(cls, results: pa.Table) -> TokenSums:
+        ok = results.filter(results["error"].is_null())
+        return cls(*(pc.sum(ok[name]).as_py() or 0
+                     for name in ("prompt_tokens", "cached_tokens", "completion_tokens")))
 
 
 def error_results(job: PreparedJob, errors: dict[int, str]) -> pa.Table:

@@ -11,7 +11,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from ..clock import StageClock
 from ..cluster.replicas import EngineReplicas, start_replicas
@@ -239,10 +238,8 @@ class _JobRun:
                     grace_s: float) -> None:
         def on_results(table: pa.Table) -> None:
             journal.append(table)
-            self.counts.count(table)
-            tokens = [pc.sum(table[c]).as_py() or 0
-                      for c in ("prompt_tokens", "completion_tokens")]
-            progress.advance(table.num_rows, sum(tokens))
+            tokens = self.counts.count(table)
+            progress.advance(table.num_rows, tokens.prompt + tokens.completion)
 
         if self.replicas is not None:
             shard_runs = self.replicas.run(self.sharded.shards, on_results, stop, grace_s)
