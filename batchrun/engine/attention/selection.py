@@ -56,7 +56,9 @@ MIN_DECODE_SHARE = round(1 - 1 / TRITON_SLOWDOWN, 4)
 # the device's); members beyond it decode in later waves.
 DEFAULT_CONCURRENCY = 256
 
-CUDA_BACKEND = "TRITON_ATTN"  # the vLLM backend batchrun's CUDA backend replaces
+# The vLLM attention backend (by name) that batchrun's CUDA backend replaces (the plugin
+# registers its class under this name).
+VLLM_CUDA_BACKEND = "TRITON_ATTN"
 
 
 @dataclass(frozen=True)
@@ -174,8 +176,8 @@ def choose_attention(mode: str, platform: str, *, kernels_available: bool = True
             raise AttentionUnavailable(f"--attention prefix: {missing}; use auto or default")
         return choice("vllm", None, AttentionMode.DEFAULT, f"auto: {missing}; vLLM's own attention")
     if mode == AttentionMode.PREFIX:
-        return choice("batchrun-triton", CUDA_BACKEND, mode,
-                      f"prefix: batchrun's {CUDA_BACKEND} backend for every shared-prefix group")
+        return choice("batchrun-triton", VLLM_CUDA_BACKEND, mode, f"prefix: batchrun's "
+                      f"{VLLM_CUDA_BACKEND} backend for every shared-prefix group")
     if sharing is None:
         return choice("vllm", None, AttentionMode.DEFAULT,
                       "auto: no plan figures before the engine started; vLLM's own attention")
@@ -189,10 +191,10 @@ def choose_attention(mode: str, platform: str, *, kernels_available: bool = True
         return choice("vllm", None, AttentionMode.DEFAULT, (
             f"auto: the {sharing.paying_groups} shared prefixes that pay save {share:.0%} of "
             f"the decode KV reads, under the {MIN_DECODE_SHARE:.0%} that pays for "
-            f"{CUDA_BACKEND} on every step; vLLM's own attention"))
-    return choice("batchrun-triton", CUDA_BACKEND, mode, (
+            f"{VLLM_CUDA_BACKEND} on every step; vLLM's own attention"))
+    return choice("batchrun-triton", VLLM_CUDA_BACKEND, mode, (
         f"auto: {sharing.paying_groups} shared prefixes save {share:.0%} of the decode KV "
-        f"reads (>= {MIN_DECODE_SHARE:.0%}); batchrun's {CUDA_BACKEND} backend"))
+        f"reads (>= {MIN_DECODE_SHARE:.0%}); batchrun's {VLLM_CUDA_BACKEND} backend"))
 
 
 def attention_summary(choice: AttentionChoice | None, stats: dict[str, Any]) -> dict[str, Any]:
