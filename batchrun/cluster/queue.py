@@ -122,7 +122,7 @@ class Work:
     shard_number: int = 0  # the shard's place in the job's token order
     start: int = 0
     stop: int | None = None  # None: the whole shard, as stored (never sorted)
-    done: frozenset[int] = field(default_factory=frozenset)  # global row numbers
+    returned: frozenset[int] = field(default_factory=frozenset)  # global row numbers
 
     @classmethod
     def whole(cls, shard: ShardRef, shard_number: int = 0) -> Work:
@@ -140,15 +140,15 @@ class Work:
         else:
             order = orders(self.shard)
             table = order.table.take(order.order[self.start:self.stop])
-        if self.done:
-            done = pa.array(sorted(self.done), pa.int64())
-            table = table.filter(pc.invert(pc.is_in(table["row"], value_set=done)))
+        if self.returned:
+            returned = pa.array(sorted(self.returned), pa.int64())
+            table = table.filter(pc.invert(pc.is_in(table["row"], value_set=returned)))
         return table
 
     def without(self, rows: Iterable[int]) -> Work:
         """This work less `rows` (rows of it already returned)."""
-        rows = frozenset(rows) - self.done
-        return replace(self, rows=self.rows - len(rows), done=self.done | rows)
+        rows = frozenset(rows) - self.returned
+        return replace(self, rows=self.rows - len(rows), returned=self.returned | rows)
 
     def split(self, target_rows: int, orders: PrefixOrders) -> tuple[Work, Work] | None:
         """A head of about `target_rows` rows cut where the fewest KV blocks are shared,
@@ -157,8 +157,8 @@ class Work:
         start = self.start
         stop = len(order.order) if self.stop is None else self.stop
         left = np.ones(stop - start, dtype=bool)
-        if self.done:
-            left = ~np.isin(order.rows(start, stop), list(self.done))
+        if self.returned:
+            left = ~np.isin(order.rows(start, stop), list(self.returned))
         before = np.concatenate(([0], np.cumsum(left)))  # rows left before each position
         cut = _cheapest_cut(before, order.shared_blocks[start:stop], target_rows)
         if cut is None:

@@ -179,11 +179,11 @@ class StreamingExecutor:
             self._started.update(step.prefilled)
             for rid in step.prefilled:
                 self._leader_done(rid)
-            done = [self._finish(result) for result in step.finished
+            finished = [self._finish(result) for result in step.finished
                     # an engine may report a request aborted at a stop once more: not ours
                     if result.request_id in self._in_flight]
-            if done:
-                self._on_results(done)
+            if finished:
+                self._on_results(finished)
             if self._in_flight and not self.engine.num_unfinished():
                 # Waiting for results an engine no longer has would loop forever.
                 raise EngineDiedError(

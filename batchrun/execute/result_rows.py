@@ -32,8 +32,8 @@ class TokenSums:
 
 
 def error_results(job: PreparedJob, errors: dict[int, str]) -> pa.Table:
-    rows = job.requests.requests["row"].to_pylist()
-    ids = job.requests.requests["id"].to_pylist()
+    rows = job.requests.table["row"].to_pylist()
+    ids = job.requests.table["id"].to_pylist()
     positions = sorted(errors)
     n = len(positions)
     return pa.table({
@@ -75,12 +75,13 @@ def _logprob_rows(r: GenerationResult) -> list[dict[str, Any]] | None:
             for t in r.logprobs]
 
 
-def results_table(job: PreparedJob, done: list[tuple[int, GenerationResult]]) -> pa.Table:
+def results_table(job: PreparedJob,
+                  finished: list[tuple[int, GenerationResult]]) -> pa.Table:
     """Result rows for finished requests, and for the identical rows each one also serves
     (their prompt counted as cached: the engine computed none of it for them)."""
     row_of, id_of = job.row_numbers, job.row_ids
     entries: list[tuple[int, GenerationResult, str | None]] = []
-    for i, r in done:
+    for i, r in finished:
         pos = int(job.tokens.positions[i])
         if (error := _output_error(job, i, int(row_of[pos]), r)) != r.error:
             r = replace(r, error=error)

@@ -74,7 +74,7 @@ def check_requests(path: Path, rows: int, columns: ColumnMap = PASSTHROUGH) -> p
     except InputError as e:
         assert "\n" not in str(e) and str(e).startswith(f"{path}: ")
         return None
-    table = found.requests
+    table = found.table
     assert table.schema == REQUEST_SCHEMA
     assert table["row"].to_pylist() == list(range(rows))
     ids = table["id"].to_pylist()

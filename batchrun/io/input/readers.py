@@ -99,14 +99,14 @@ _COMPRESSED = {b"\x1f\x8b": "gzip", b"\x28\xb5\x2f\xfd": "zstd", b"PK\x03\x04": 
 class RequestSet:
     """What an input file holds.
 
-    requests: REQUEST_SCHEMA, one row per input row, in input order.
+    table: REQUEST_SCHEMA, one row per input row, in input order.
     passthrough: the columns named in ColumnMap.passthrough, one row per request, null where a
         row lacks one (no columns when none are named). From JSONL, nested values come as JSON
         text, and a column whose values do not share one type comes as text.
     input_format: what the file turned out to be: "jsonl", "openai" or "parquet".
     """
 
-    requests: pa.Table
+    table: pa.Table
     passthrough: pa.Table
     input_format: str
 
@@ -213,7 +213,7 @@ def open_request_stream(path: Location, columns: ColumnMap = _DEFAULT_COLUMNS,
 def read_requests(path: Location, columns: ColumnMap = _DEFAULT_COLUMNS,
                   input_format: str = "auto") -> pa.Table:
     """The request table of `path` (see read_request_set)."""
-    return read_request_set(path, columns, input_format).requests
+    return read_request_set(path, columns, input_format).table
 
 
 def read_request_set(path: Location, columns: ColumnMap = _DEFAULT_COLUMNS,

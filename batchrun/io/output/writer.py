@@ -210,7 +210,8 @@ class _AtomicOutput:
                 self.openai_tmp.unlink(missing_ok=True)
 
 
-def count_done(journals: list[Path], count: Callable[[pa.Table], None]) -> np.ndarray:
+def read_finished_rows(journals: list[Path],
+                       count: Callable[[pa.Table], None]) -> np.ndarray:
     """The rows finished in earlier runs (sorted row numbers), read batch by batch; each
     row's result is passed to `count` once."""
     seen = np.zeros(0, dtype=bool)
