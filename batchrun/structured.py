@@ -33,7 +33,6 @@ from .errors import one_line, show
 
 TEXT, JSON_OBJECT, JSON_SCHEMA, CHOICE, REGEX = "text", "json_object", "json_schema", "choice", \
     "regex"
-KINDS = (TEXT, JSON_OBJECT, JSON_SCHEMA, CHOICE, REGEX)
 MAX_TOP_LOGPROBS = 20  # OpenAI's limit, and vLLM's default max_logprobs
 # OpenAI (and vLLM's server) write a log-probability of -inf as this: JSON has no infinity.
 LOGPROB_FLOOR = -9999.0
@@ -47,10 +46,6 @@ class ConstraintError(ValueError):
 class Constraint:
     kind: str
     spec: str | None = None
-
-    @property
-    def enforced(self) -> bool:
-        return self.kind != TEXT
 
     def choices(self) -> list[str]:
         return json.loads(self.spec) if self.kind == CHOICE else []
