@@ -33,23 +33,12 @@ import types
 import typing
 from dataclasses import asdict, dataclass, field, fields, replace
 from enum import Enum, StrEnum
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
 from .io.storage import Location, is_uri, parent, read_text, to_location
-from .structured import (
-    CHOICE,
-    JSON_SCHEMA,
-    MAX_TOP_LOGPROBS,
-    REGEX,
-    Constraint,
-    ConstraintError,
-    choices_text,
-    regex_text,
-    schema_text,
-)
+from .structured import MAX_TOP_LOGPROBS, Constraint, job_constraint
 
 DEFAULT_MODEL = "default"
 SECTIONS = ("columns", "sampling", "engine", "cluster")  # a job file's [tables]
@@ -411,31 +400,7 @@ def default_constraint(sampling: SamplingDefaults) -> Constraint | None:
     if len(given) > 1:
         raise ConfigError(f"[sampling] sets {' and '.join(given)}; give only one default "
                           "constraint (rows can still set their own)")
-    return _default_constraint(sampling.json_schema, sampling.choices, sampling.regex)
-
-
-@lru_cache(maxsize=8)
-def _default_constraint(json_schema: str | None, choices: tuple[str, ...],
-                        regex: str | None) -> Constraint:
-    try:
-        if json_schema:
-            try:
-                text = Path(json_schema).read_text(encoding="utf-8")
-            except (OSError, UnicodeDecodeError) as e:
-                reason = getattr(e, "strerror", None) or e
-                raise ConfigError(f"sampling.json_schema: cannot read {json_schema} "
-                                  f"({reason}); check the path (relative paths resolve "
-                                  "against the job file)") from None
-            try:
-                return Constraint(JSON_SCHEMA, schema_text(text))
-            except ConstraintError as e:
-                raise ConfigError(f"sampling.json_schema: {json_schema} {e}") from None
-        if choices:
-            return Constraint(CHOICE, choices_text(list(choices)))
-        return Constraint(REGEX, regex_text(regex))
-    except ConstraintError as e:
-        name = "choices" if choices else "regex"
-        raise ConfigError(f"sampling.{name} {e}") from None
+    return job_constraint(sampling.json_schema, sampling.choices, sampling.regex)
 
 
 def with_overrides(cfg: JobConfig, **overrides: Any) -> JobConfig:

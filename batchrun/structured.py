@@ -27,9 +27,10 @@ import json
 import re
 from dataclasses import dataclass
 from functools import lru_cache
+from pathlib import Path
 from typing import Any
 
-from .errors import one_line, show
+from .errors import ConfigError, one_line, show
 
 TEXT, JSON_OBJECT, JSON_SCHEMA, CHOICE, REGEX = "text", "json_object", "json_schema", "choice", \
     "regex"
@@ -125,6 +126,32 @@ def response_format(value: Any, label: str) -> Constraint:
             raise ConstraintError(f'"{label}.json_schema.schema" {e}') from None
     raise ConstraintError(f'must be {{"type": "text" | "json_object" | "json_schema", ...}}, '
                           f"got {show(value)}")
+
+
+@lru_cache(maxsize=8)
+def job_constraint(json_schema: str | None, choices: tuple[str, ...],
+                   regex: str | None) -> Constraint:
+    """A job's default constraint, the one of json_schema (a file), choices and regex it
+    gives, read and checked. Raises ConfigError: a bad default is the whole job's problem."""
+    try:
+        if json_schema:
+            try:
+                text = Path(json_schema).read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as e:
+                reason = getattr(e, "strerror", None) or e
+                raise ConfigError(f"sampling.json_schema: cannot read {json_schema} "
+                                  f"({reason}); check the path (relative paths resolve "
+                                  "against the job file)") from None
+            try:
+                return Constraint(JSON_SCHEMA, schema_text(text))
+            except ConstraintError as e:
+                raise ConfigError(f"sampling.json_schema: {json_schema} {e}") from None
+        if choices:
+            return Constraint(CHOICE, choices_text(list(choices)))
+        return Constraint(REGEX, regex_text(regex))
+    except ConstraintError as e:
+        name = "choices" if choices else "regex"
+        raise ConfigError(f"sampling.{name} {e}") from None
 
 
 # --- Is the spec usable? (each distinct spec once) ----------------------------------------
