@@ -19,7 +19,8 @@ import pyarrow as pa
 import pytest
 import ray
 
-from batchrun.cluster.replicas import Fleet, ReplicaJob
+from batchrun.cluster.actor import ReplicaJob
+from batchrun.cluster.replicas import Fleet
 from batchrun.config import ClusterOptions, EngineOptions, JobConfig
 from batchrun.engine.sizing import EngineSizing
 from batchrun.errors import EXIT_INTERRUPTED, EXIT_OK, ModelError
