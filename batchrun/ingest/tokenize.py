@@ -104,9 +104,6 @@ class TokenizedRequests:
     offsets: np.ndarray  # int64 [n + 1]
     errors: dict[int, str]
 
-    def tokens(self, i: int) -> list[int]:
-        return self.values[self.offsets[i]:self.offsets[i + 1]].tolist()
-
     def lengths(self) -> np.ndarray:
         return np.diff(self.offsets)
 
