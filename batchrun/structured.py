@@ -27,11 +27,13 @@ import json
 import re
 from dataclasses import dataclass
 from functools import lru_cache
+from pathlib import Path
 from typing import Any
+
+from .errors import ConfigError, one_line, show
 
 TEXT, JSON_OBJECT, JSON_SCHEMA, CHOICE, REGEX = "text", "json_object", "json_schema", "choice", \
     "regex"
-KINDS = (TEXT, JSON_OBJECT, JSON_SCHEMA, CHOICE, REGEX)
 MAX_TOP_LOGPROBS = 20  # OpenAI's limit, and vLLM's default max_logprobs
 # OpenAI (and vLLM's server) write a log-probability of -inf as this: JSON has no infinity.
 LOGPROB_FLOOR = -9999.0
@@ -46,34 +48,15 @@ class Constraint:
     kind: str
     spec: str | None = None
 
-    @property
-    def enforced(self) -> bool:
-        return self.kind != TEXT
-
     def choices(self) -> list[str]:
         return json.loads(self.spec) if self.kind == CHOICE else []
 
 
+# A backend's message in a row's error: one line of at most this many characters.
+_CHARS = 160
+
+
 # --- Reading a row's values ----------------------------------------------------------------
-
-def _show(value: Any, limit: int = 60) -> str:
-    try:
-        text = json.dumps(value, ensure_ascii=False, default=repr)
-    except (ValueError, RecursionError):
-        text = f"<{type(value).__name__}>"
-    text = text if len(text) <= limit else text[: limit - 3] + "..."
-    return text.encode("utf-8", "backslashreplace").decode("utf-8")
-
-
-def one_line(message: str, limit: int = 160) -> str:
-    """A backend's (often multi-line, caret-pointing) message as one short line."""
-    lines = [line.strip() for line in str(message).splitlines() if line.strip()]
-    for line in lines:  # regex-syntax's "error: unclosed group" says the most
-        if line.startswith("error:"):
-            return line[len("error:"):].strip()[:limit]
-    text = " ".join(lines) or "no details"
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
 
 def schema_text(value: Any) -> str:
     """A JSON Schema given as an object or as JSON text -> its canonical text, checked.
@@ -82,13 +65,13 @@ def schema_text(value: Any) -> str:
         try:
             value = json.loads(value)
         except ValueError as e:
-            raise ConstraintError(f"is not valid JSON ({one_line(e)}); give a JSON Schema "
+            raise ConstraintError(f"is not valid JSON ({one_line(e, _CHARS)}); give a JSON Schema "
                                   "object or its JSON text") from None
         except RecursionError:
             raise ConstraintError("is nested too deeply") from None
     if type(value) is not dict:
         raise ConstraintError(f"must be a JSON Schema object (or its JSON text), got "
-                              f"{_show(value)}")
+                              f"{show(value)}")
     try:
         text = json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
         text.encode("utf-8")
@@ -103,7 +86,7 @@ def choices_text(value: Any) -> str:
     if (type(value) is not list or not value
             or any(type(c) is not str or not c for c in value)):
         raise ConstraintError(f"must be a non-empty list of non-empty strings, got "
-                              f"{_show(value)}")
+                              f"{show(value)}")
     try:
         return json.dumps(value, ensure_ascii=False).encode("utf-8").decode("utf-8")
     except UnicodeEncodeError:
@@ -112,7 +95,7 @@ def choices_text(value: Any) -> str:
 
 def regex_text(value: Any) -> str:
     if type(value) is not str or not value:
-        raise ConstraintError(f"must be a non-empty string, got {_show(value)}")
+        raise ConstraintError(f"must be a non-empty string, got {show(value)}")
     check_regex(value)
     return value
 
@@ -136,13 +119,39 @@ def response_format(value: Any, label: str) -> Constraint:
         if type(inner) is not dict or "schema" not in inner:
             raise ConstraintError(
                 f'"{label}.json_schema" must be an object with a "schema" key (and optional '
-                f'"name", "strict"), got {_show(inner)}')
+                f'"name", "strict"), got {show(inner)}')
         try:
             return Constraint(JSON_SCHEMA, schema_text(inner["schema"]))
         except ConstraintError as e:
             raise ConstraintError(f'"{label}.json_schema.schema" {e}') from None
     raise ConstraintError(f'must be {{"type": "text" | "json_object" | "json_schema", ...}}, '
-                          f"got {_show(value)}")
+                          f"got {show(value)}")
+
+
+@lru_cache(maxsize=8)
+def job_constraint(json_schema: str | None, choices: tuple[str, ...],
+                   regex: str | None) -> Constraint:
+    """A job's default constraint, the one of json_schema (a file), choices and regex it
+    gives, read and checked. Raises ConfigError: a bad default is the whole job's problem."""
+    try:
+        if json_schema:
+            try:
+                text = Path(json_schema).read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as e:
+                reason = getattr(e, "strerror", None) or e
+                raise ConfigError(f"sampling.json_schema: cannot read {json_schema} "
+                                  f"({reason}); check the path (relative paths resolve "
+                                  "against the job file)") from None
+            try:
+                return Constraint(JSON_SCHEMA, schema_text(text))
+            except ConstraintError as e:
+                raise ConfigError(f"sampling.json_schema: {json_schema} {e}") from None
+        if choices:
+            return Constraint(CHOICE, choices_text(list(choices)))
+        return Constraint(REGEX, regex_text(regex))
+    except ConstraintError as e:
+        name = "choices" if choices else "regex"
+        raise ConfigError(f"sampling.{name} {e}") from None
 
 
 # --- Is the spec usable? (each distinct spec once) ----------------------------------------
@@ -160,10 +169,10 @@ def check_schema(text: str) -> None:
             validators.validator_for(schema).check_schema(schema)
         except exceptions.SchemaError as e:
             where = ".".join(map(str, e.path)) or "the top level"
-            raise ConstraintError(f"is not a valid JSON Schema: {one_line(e.message)} "
+            raise ConstraintError(f"is not a valid JSON Schema: {one_line(e.message, _CHARS)} "
                                   f"(at {where})") from None
         except Exception as e:  # noqa: BLE001 - whatever else the meta-schema check meets
-            raise ConstraintError(f"is not a valid JSON Schema: {one_line(str(e))}") from None
+            raise ConstraintError(f"is not a valid JSON Schema: {one_line(e, _CHARS)}") from None
     problem = _grammar_problem("json", text)
     if problem:
         raise ConstraintError(f"cannot be enforced while decoding: {problem}; "
@@ -215,7 +224,16 @@ def _grammar_problem(kind: str, spec: str) -> str | None:
             re.compile(spec)
         except (re.error, RecursionError, OverflowError) as e:
             problem = str(e)
-    return one_line(problem) if problem else None
+    return _backend_problem(problem) if problem else None
+
+
+def _backend_problem(message: str) -> str:
+    """A grammar backend's (often multi-line, caret-pointing) message as one short line: its
+    "error:" line where it has one (regex-syntax's "error: unclosed group" says the most)."""
+    for line in message.splitlines():
+        if line.strip().startswith("error:"):
+            return one_line(line.strip()[len("error:"):], _CHARS)
+    return one_line(message, _CHARS)
 
 
 # --- Did the completion keep to it? --------------------------------------------------------
@@ -246,12 +264,12 @@ def output_problem(constraint: Constraint, text: str) -> str | None:
     if kind == CHOICE:
         if text in constraint.choices():
             return None
-        return f"the output {_show(text, 40)} is not one of the choices"
+        return f"the output {show(text, 40)} is not one of the choices"
     if kind == REGEX:
         pattern = _python_regex(constraint.spec)
         if pattern is None or pattern.fullmatch(text):
             return None
-        return f"the output {_show(text, 40)} does not fully match the regex"
+        return f"the output {show(text, 40)} does not fully match the regex"
     if kind in (JSON_OBJECT, JSON_SCHEMA):
         try:
             value = json.loads(text)
@@ -266,7 +284,7 @@ def output_problem(constraint: Constraint, text: str) -> str | None:
         if error is None:
             return None
         where = ".".join(map(str, error.absolute_path)) or "the top level"
-        return f"the output does not match the JSON schema: {one_line(error.message)} " \
+        return f"the output does not match the JSON schema: {one_line(error.message, _CHARS)} " \
                f"(at {where})"
     return None
 

@@ -12,9 +12,9 @@ import pyarrow.parquet as pq
 import pytest
 
 import batchrun
-from batchrun.config import ConfigError, JobConfig
+from batchrun.config import JobConfig
 from batchrun.engine.fake import FakeEngine
-from batchrun.io.input.readers import InputError
+from batchrun.errors import ConfigError, InputError
 from batchrun.io.schema import RESULT_SCHEMA
 from tests.helpers import write_jsonl
 from tests.reliability.harness import batchrun as batchrun_cli

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from batchrun.errors import EXIT_INTERNAL
+from batchrun.errors import EXIT_INTERNAL, EXIT_USAGE
 from tests.helpers import write_jsonl
 from tests.reliability.harness import cli
 
@@ -46,3 +46,21 @@ def test_the_summary_says_when_a_prefix_found_brief_ran_after_the_rest(
     assert result.exit_code == 0, result.stderr
     assert "rows: 120  succeeded: 120  failed: 0" in result.stderr
     assert "order: 1 shared prefix(es) found to answer briefly" in result.stderr
+
+
+@pytest.mark.parametrize("replicas", [(), ("--replicas", "2")], ids=["one-engine", "replicas"])
+def test_attention_the_platform_lacks_is_a_usage_error(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, replicas: tuple[str, ...]) -> None:
+    """--attention prefix where batchrun has no shared-prefix attention: exit 2 and one line
+    naming the setting and the fix, before any engine (or Ray) starts, on one engine and on
+    replicas alike."""
+    from batchrun.engine import vllm_engine
+
+    monkeypatch.setattr(vllm_engine, "platform_name", lambda: "rocm")
+    write_jsonl(tmp_path / "in.jsonl", [{"prompt": "hi"}])
+    result = cli("run", tmp_path / "in.jsonl", "-o", tmp_path / "out.parquet",
+                 "--attention", "prefix", *replicas)
+    assert (result.exit_code, result.stderr) == (EXIT_USAGE, (
+        "batchrun: error: --attention prefix: no shared-prefix attention for rocm; use auto "
+        "or default\n"))
+    assert not (tmp_path / "out.parquet.partial").exists()

@@ -7,14 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from batchrun.config import (
-    ConfigError,
-    _field_kinds,
-    load_job_file,
-    option_keys,
-    parse_size,
-    with_overrides,
-)
+from batchrun.config import _field_kinds, load_job_file, option_keys, parse_size, with_overrides
+from batchrun.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 

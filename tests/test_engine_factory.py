@@ -7,11 +7,12 @@ from pathlib import Path
 
 import pytest
 
-from batchrun.config import ConfigError, EngineOptions, JobConfig
-from batchrun.engine.base import EngineDiedError, EngineStats
+from batchrun.config import EngineOptions, JobConfig
+from batchrun.engine.base import EngineStats
 from batchrun.engine.factory import engine_kind, start_engine, use_eager
 from batchrun.engine.fake import FakeEngine
 from batchrun.engine.sizing import EngineSizing
+from batchrun.errors import ConfigError, EngineDiedError
 
 
 def sizing() -> EngineSizing:

@@ -15,7 +15,7 @@ import numpy as np
 import psutil
 import pytest
 
-from batchrun.config import ConfigError, EngineOptions
+from batchrun.config import EngineOptions
 from batchrun.engine import sizing
 from batchrun.engine.sizing import (
     job_kv_cache_memory,
@@ -23,7 +23,7 @@ from batchrun.engine.sizing import (
     peak_window_tokens,
     size_engine,
 )
-from batchrun.errors import EXIT_USAGE
+from batchrun.errors import EXIT_USAGE, ConfigError
 from batchrun.ingest.prepare import prepare_job
 from batchrun.io.output.checkpoint import partial_dir_for
 from batchrun.job.commands import describe_plan

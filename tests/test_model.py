@@ -8,7 +8,8 @@ import time
 import pytest
 
 from batchrun import model
-from batchrun.model import ModelError, default_model_dir, kv_bytes_per_token, resolve_model
+from batchrun.errors import ModelError
+from batchrun.model import default_model_dir, kv_bytes_per_token, resolve_model
 
 
 def test_two_jobs_starting_together_convert_the_default_model_once(tmp_path, monkeypatch):

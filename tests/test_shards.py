@@ -7,7 +7,8 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from batchrun.ingest.shards import ShardBuilder, token_lists
+from batchrun.ingest.shards import ShardBuilder
+from batchrun.ingest.token_lists import token_lists
 from batchrun.io.schema import REQUEST_SCHEMA
 from batchrun.plan.prefix_tree import PrefixTree
 from batchrun.plan.prefixes import boundary_reuse, compare
@@ -76,11 +77,11 @@ def test_sharded_figures_equal_the_whole_job_tree(tmp_path, seed):
     boundary, equal the in-memory tree of the whole job: exactly."""
     prompts = random_job(100 + seed, 2000)
     _, shards = shard_job(prompts, tmp_path, batch=250, run_bytes=15_000, shard_bytes=25_000)
-    whole = PrefixTree.build(*token_lists(tokenized_table(prompts)))
+    whole = PrefixTree.build(*token_lists(tokenized_table(prompts)["prompt_token_ids"]))
     distinct = ideal = 0
     last = None
     for shard in shards:
-        values, offsets = token_lists(shard.load())
+        values, offsets = token_lists(shard.load()["prompt_token_ids"])
         tree = PrefixTree.build(values, offsets)
         first_i, last_i = tree.order[0], tree.order[-1]
         d, b = boundary_reuse(last, values[offsets[first_i]:offsets[first_i + 1]], BLOCK)
@@ -115,6 +116,6 @@ def min_prompt(table: pa.Table) -> np.ndarray:
 
 
 def _extreme(table: pa.Table, at: int) -> np.ndarray:
-    values, offsets = token_lists(table)
+    values, offsets = token_lists(table["prompt_token_ids"])
     i = PrefixTree.build(values, offsets).order[at]
     return values[offsets[i]:offsets[i + 1]]

@@ -16,9 +16,9 @@ import pytest
 from openai.types import Completion
 from openai.types.chat import ChatCompletion
 
-from batchrun.config import ConfigError, load_job_file, with_overrides
+from batchrun.config import load_job_file, with_overrides
 from batchrun.engine.fake import FakeEngine
-from batchrun.errors import EXIT_OK, EXIT_ROW_ERRORS
+from batchrun.errors import EXIT_OK, EXIT_ROW_ERRORS, ConfigError
 from batchrun.ingest.prepare import prepare_job
 from batchrun.io.input.readers import read_request_set
 from batchrun.job.run import run_job
@@ -39,7 +39,7 @@ def run_fake(cfg, **kwargs):
 
 
 def requests_of(path: Path, **kwargs) -> list[dict]:
-    return read_request_set(path, **kwargs).requests.to_pylist()
+    return read_request_set(path, **kwargs).table.to_pylist()
 
 
 # --- Reading rows ------------------------------------------------------------------------
@@ -157,7 +157,7 @@ def test_parquet_rows_read_like_jsonl_rows(tmp_path):
 
 def test_one_schema_on_every_row_is_held_once(tmp_path):
     rows = [{"prompt": f"p{i}", "json_schema": SCHEMA} for i in range(500)]
-    table = read_request_set(write_jsonl(tmp_path / "in.jsonl", rows)).requests
+    table = read_request_set(write_jsonl(tmp_path / "in.jsonl", rows)).table
     spec = table["constraint_spec"]
     assert pa.types.is_dictionary(spec.type)
     assert sum(len(chunk.dictionary) for chunk in spec.chunks) == 1

@@ -1,2 +1,2 @@
-"""Engine replicas on Ray: the shard queue (queue.py) and the replicas and their driver
-(replicas.py)."""
+"""Engine replicas on Ray: the shard queue (queue.py), one replica (actor.py), and the
+replicas' driver (replicas.py)."""

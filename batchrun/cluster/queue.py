@@ -39,6 +39,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from ..ingest.token_lists import token_lists
 from ..plan.prefix_tree import PrefixTree
 
 # Never cut a piece smaller than this, nor a shard that is less than this over its target,
@@ -72,12 +73,9 @@ class PrefixOrder:
         tokens = table["prompt_token_ids"]
         usable = pc.and_(pc.is_valid(tokens), pc.is_null(table["error"]))
         runnable = np.flatnonzero(usable.to_numpy(zero_copy_only=False))
-        kept = tokens.filter(usable)
-        lengths = pc.list_value_length(kept).to_numpy(zero_copy_only=False).astype(np.int64)
-        offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
-        np.cumsum(lengths, out=offsets[1:])
-        values = pc.list_flatten(kept).to_numpy(zero_copy_only=False)
-        tree = PrefixTree.build(values.astype(np.int32, copy=False), offsets)
+        values, offsets = token_lists(tokens.filter(usable))
+        lengths = np.diff(offsets)
+        tree = PrefixTree.build(values, offsets)
         # Like vLLM's prefix cache: whole blocks only, and never a request's last token.
         ordered = lengths[tree.order]
         reusable = tree.lcp.copy()
@@ -124,7 +122,7 @@ class Work:
     shard_number: int = 0  # the shard's place in the job's token order
     start: int = 0
     stop: int | None = None  # None: the whole shard, as stored (never sorted)
-    done: frozenset[int] = field(default_factory=frozenset)  # global row numbers
+    returned: frozenset[int] = field(default_factory=frozenset)  # global row numbers
 
     @classmethod
     def whole(cls, shard: ShardRef, shard_number: int = 0) -> Work:
@@ -142,15 +140,15 @@ class Work:
         else:
             order = orders(self.shard)
             table = order.table.take(order.order[self.start:self.stop])
-        if self.done:
-            done = pa.array(sorted(self.done), pa.int64())
-            table = table.filter(pc.invert(pc.is_in(table["row"], value_set=done)))
+        if self.returned:
+            returned = pa.array(sorted(self.returned), pa.int64())
+            table = table.filter(pc.invert(pc.is_in(table["row"], value_set=returned)))
         return table
 
     def without(self, rows: Iterable[int]) -> Work:
         """This work less `rows` (rows of it already returned)."""
-        rows = frozenset(rows) - self.done
-        return replace(self, rows=self.rows - len(rows), done=self.done | rows)
+        rows = frozenset(rows) - self.returned
+        return replace(self, rows=self.rows - len(rows), returned=self.returned | rows)
 
     def split(self, target_rows: int, orders: PrefixOrders) -> tuple[Work, Work] | None:
         """A head of about `target_rows` rows cut where the fewest KV blocks are shared,
@@ -159,8 +157,8 @@ class Work:
         start = self.start
         stop = len(order.order) if self.stop is None else self.stop
         left = np.ones(stop - start, dtype=bool)
-        if self.done:
-            left = ~np.isin(order.rows(start, stop), list(self.done))
+        if self.returned:
+            left = ~np.isin(order.rows(start, stop), list(self.returned))
         before = np.concatenate(([0], np.cumsum(left)))  # rows left before each position
         cut = _cheapest_cut(before, order.shared_blocks[start:stop], target_rows)
         if cut is None:

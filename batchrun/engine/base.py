@@ -109,10 +109,6 @@ class EngineStats:
         return attention_summary(self.attention_choice, self.attention)
 
 
-class EngineDiedError(RuntimeError):
-    """The engine can no longer run requests (process died, out of memory). Not row-specific."""
-
-
 class Engine(Protocol):
     info: EngineInfo
 

@@ -10,14 +10,13 @@ from collections.abc import Callable
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
-from ..config import ConfigError, EngineOptions, JobConfig
-from .base import Engine, EngineDiedError
+from ..config import EngineKind, EngineOptions, JobConfig
+from ..errors import ConfigError, EngineDiedError, UsageError, one_line
+from .base import Engine
 
 if TYPE_CHECKING:
     from .attention.selection import AttentionChoice
     from .sizing import EngineSizing
-
-ENGINE_KINDS = ("vllm", "fake")
 
 # On CPU, a job asking for fewer new tokens than this runs vLLM eagerly: compiling costs
 # minutes at every start, and only decoding this much wins it back (benchmarks/README.md,
@@ -38,42 +37,45 @@ def start_engine(kind: str, config: JobConfig, sizing: EngineSizing, *, new_toke
     """Start a `kind` engine ("vllm" or "fake") with the job's sized settings. `new_tokens`:
     the job's max new tokens in all (the eager/compile choice); `attention`: called to
     choose the attention backend the job asks vLLM for (it may plan the job: only vLLM
-    calls it). Settings vLLM refuses are the user's to fix (ConfigError, exit 2); any other
-    failure to start is an engine failure (EngineDiedError, exit 4)."""
-    if kind == "fake":
+    calls it). An attention mode the platform lacks (AttentionUnavailable) and settings vLLM
+    refuses are the user's to fix (ConfigError, exit 2); any other failure to start is an
+    engine failure (EngineDiedError, exit 4)."""
+    if kind == EngineKind.FAKE:
         from .fake import FakeEngine
 
         return FakeEngine.from_env(max_model_len=config.engine.max_model_len or 2048)
-    if kind != "vllm":
-        raise ConfigError(f"engine must be one of {ENGINE_KINDS}, not {kind!r}")
+    if kind != EngineKind.VLLM:
+        raise ConfigError(f"engine must be one of {EngineKind.values()}, not {kind!r}")
     from ..model import resolve_model
     from .vllm_engine import VllmEngine, on_cpu
 
     eager = use_eager(config.engine, new_tokens, on_cpu())
     options = replace(config.engine, max_model_len=sizing.max_model_len,
                       kv_cache_memory=sizing.kv_cache_memory)
+    choice = attention() if attention is not None else None  # not vLLM's verdict: as it is
     try:
-        choice = attention() if attention is not None else None
         return VllmEngine(resolve_model(config.model), options, enforce_eager=eager,
                           attention=choice)
+    except UsageError:  # the model, the attention mode: worded for the user already
+        raise
     except ValueError as e:  # vLLM's verdict on its settings (too small a KV cache, ...)
-        cause = " ".join(str(e).split()) or "no details"
+        cause = one_line(e, None)
         raise ConfigError(
             f"the vLLM engine refused its settings: {cause} (engine settings: "
             f"max_model_len {sizing.max_model_len:,}, kv_cache_memory "
             f"{_mib(sizing.kv_cache_memory)}); change them in the job file's [engine] "
             "section or with the matching flag") from e
     except Exception as e:  # RuntimeError, torch's OutOfMemoryError, a dead worker, ...
-        cause = " ".join(str(e).split()) or "no details"
+        cause = one_line(e, None)
         raise EngineDiedError(f"the vLLM engine failed to start: {type(e).__name__}: {cause}") \
             from e
 
 
-def engine_kind(engine: Engine) -> str:
+def engine_kind(engine: Engine) -> EngineKind:
     """The kind of an engine already started (a caller's shared engine)."""
     from .fake import FakeEngine
 
-    return "fake" if isinstance(engine, FakeEngine) else "vllm"
+    return EngineKind.FAKE if isinstance(engine, FakeEngine) else EngineKind.VLLM
 
 
 def _mib(size: int | None) -> str:

@@ -35,10 +35,9 @@ from typing import Any
 
 import numpy as np
 
-from ..config import ConfigError
+from ..errors import ConfigError, EngineDiedError
 from ..structured import CHOICE, JSON_OBJECT, JSON_SCHEMA
 from .base import (
-    EngineDiedError,
     EngineInfo,
     EngineStats,
     GenerationRequest,

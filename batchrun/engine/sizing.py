@@ -27,7 +27,8 @@ from typing import Any
 
 import numpy as np
 
-from ..config import ConfigError
+from ..errors import ConfigError
+from ..plan.blocks import ceil_div, round_up
 
 # Headroom over the plan's peak window: the window is an estimate (vLLM allocates a block
 # ahead at block boundaries, and a chunked prefill may hold blocks a little longer).
@@ -91,10 +92,6 @@ def longest_request(lengths: np.ndarray, max_tokens: np.ndarray,
         return None
     i = int(np.argmax(lengths + max_tokens))
     return LongestRequest(i, row_id(i), int(lengths[i]), int(max_tokens[i]))
-
-
-def round_up(tokens: int, block_size: int) -> int:
-    return -(-tokens // block_size) * block_size
 
 
 def job_max_model_len(longest: LongestRequest | None, block_size: int,
@@ -174,7 +171,7 @@ def check_requests_fit(longest: LongestRequest | None, sizing: EngineSizing) -> 
         f"row id {longest.row_id!r} needs {need:,} tokens of KV cache ({longest.prompt_tokens:,}"
         f" prompt + {longest.max_tokens:,} max_tokens) but kv_cache_memory "
         f"{sizing.kv_cache_memory / 2**20:,.0f}MiB holds {capacity:,}: set --kv-cache-memory to "
-        f"at least {-(-least // 2**20):,}MiB (job file: [engine] kv_cache_memory), or lower "
+        f"at least {ceil_div(least, 2**20):,}MiB (job file: [engine] kv_cache_memory), or lower "
         "that row's max_tokens")
 
 
@@ -189,7 +186,7 @@ def size_engine(*, longest: LongestRequest | None, context: int, block_size: int
     elif size_kv_from_job and kv_bytes_per_token:
         kv, kv_reason = job_kv_cache_memory(window_tokens, round_up(max_model_len, block_size),
                                             kv_bytes_per_token, memory_available())
-        kv = -(-kv // (kv_bytes_per_token * block_size)) * kv_bytes_per_token * block_size
+        kv = round_up(kv, kv_bytes_per_token * block_size)  # whole blocks
     else:
         kv, kv_reason = None, "the engine's own default"
     sizing = EngineSizing(block_size, max_model_len, len_reason, kv, kv_reason,

@@ -16,12 +16,12 @@ from typing import Any
 import numpy as np
 
 from ..config import EngineOptions
-from ..structured import LOGPROB_FLOOR, clamp_logprob, one_line, vllm_structured_outputs
+from ..errors import EngineDiedError, one_line
+from ..structured import LOGPROB_FLOOR, clamp_logprob, vllm_structured_outputs
 from .attention.mode import ENV_VAR as ATTENTION_ENV_VAR
 from .attention.selection import AttentionChoice, choose_attention
 from .attention.stats import STATS_ENV_VAR, read_attention_stats, reset_attention_stats
 from .base import (
-    EngineDiedError,
     EngineInfo,
     EngineStats,
     GenerationRequest,
@@ -265,7 +265,7 @@ class VllmEngine:
         except Exception as e:  # vLLM's verdict on this one request (validation, params)
             self._rejected.append(GenerationResult(
                 request.request_id, None, None, len(request.prompt_token_ids), 0, 0,
-                error=f"rejected by the engine: {one_line(str(e), 300)}"))
+                error=f"rejected by the engine: {one_line(e)}"))
 
     def step(self) -> StepOutput:
         step = StepOutput(finished=self._rejected)

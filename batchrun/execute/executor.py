@@ -41,12 +41,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..engine.base import (
-    Engine,
-    EngineDiedError,
-    GenerationRequest,
-    GenerationResult,
-)
+from ..engine.base import Engine, GenerationRequest, GenerationResult
+from ..errors import EngineDiedError
 from ..plan.groups import RunGroup
 from .kv_budget import KvBudget
 from .output_lengths import OutputLengths
@@ -183,11 +179,11 @@ class StreamingExecutor:
             self._started.update(step.prefilled)
             for rid in step.prefilled:
                 self._leader_done(rid)
-            done = [self._finish(result) for result in step.finished
+            finished = [self._finish(result) for result in step.finished
                     # an engine may report a request aborted at a stop once more: not ours
                     if result.request_id in self._in_flight]
-            if done:
-                self._on_results(done)
+            if finished:
+                self._on_results(finished)
             if self._in_flight and not self.engine.num_unfinished():
                 # Waiting for results an engine no longer has would loop forever.
                 raise EngineDiedError(

@@ -1,11 +1,13 @@
-"""Result rows (RESULT_SCHEMA) for a prepared job's finished requests and its error rows."""
+"""Result rows (RESULT_SCHEMA) for a prepared job's finished requests and its error rows,
+and the tokens of those that succeeded (TokenSums)."""
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from ..engine.base import GenerationResult
 from ..ingest.prepare import PreparedJob
@@ -13,9 +15,25 @@ from ..io.schema import RESULT_SCHEMA
 from ..structured import output_problem
 
 
+@dataclass(frozen=True)
+class TokenSums:
+    """The tokens of the result rows that succeeded (`error` null): what the summary, each
+    replica's share and the progress line count."""
+
+    prompt: int = 0
+    cached: int = 0
+    completion: int = 0
+
+    @classmethod
+    def of(cls, results: pa.Table) -> TokenSums:
+        ok = results.filter(results["error"].is_null())
+        return cls(*(pc.sum(ok[name]).as_py() or 0
+                     for name in ("prompt_tokens", "cached_tokens", "completion_tokens")))
+
+
 def error_results(job: PreparedJob, errors: dict[int, str]) -> pa.Table:
-    rows = job.requests.requests["row"].to_pylist()
-    ids = job.requests.requests["id"].to_pylist()
+    rows = job.requests.table["row"].to_pylist()
+    ids = job.requests.table["id"].to_pylist()
     positions = sorted(errors)
     n = len(positions)
     return pa.table({
@@ -57,12 +75,13 @@ def _logprob_rows(r: GenerationResult) -> list[dict[str, Any]] | None:
             for t in r.logprobs]
 
 
-def results_table(job: PreparedJob, done: list[tuple[int, GenerationResult]]) -> pa.Table:
+def results_table(job: PreparedJob,
+                  finished: list[tuple[int, GenerationResult]]) -> pa.Table:
     """Result rows for finished requests, and for the identical rows each one also serves
     (their prompt counted as cached: the engine computed none of it for them)."""
     row_of, id_of = job.row_numbers, job.row_ids
     entries: list[tuple[int, GenerationResult, str | None]] = []
-    for i, r in done:
+    for i, r in finished:
         pos = int(job.tokens.positions[i])
         if (error := _output_error(job, i, int(row_of[pos]), r)) != r.error:
             r = replace(r, error=error)

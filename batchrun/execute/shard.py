@@ -12,7 +12,8 @@ import numpy as np
 import pyarrow as pa
 
 from ..clock import StageClock
-from ..engine.base import Engine, EngineDiedError
+from ..engine.base import Engine
+from ..errors import EngineDiedError
 from ..ingest.prepare import PreparedJob, request_factory
 from .executor import StepTrace, StreamingExecutor
 from .result_rows import error_results, results_table

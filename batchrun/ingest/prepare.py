@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from ..clock import StageClock
-from ..config import JobConfig, default_constraint
+from ..config import EngineKind, JobConfig, default_constraint
 from ..engine.base import GenerationRequest
 from ..engine.sizing import LongestRequest, longest_request
 from ..io.input.readers import RequestSet, open_request_stream, read_request_set
@@ -33,6 +33,7 @@ from ..plan.prefix_tree import PrefixTree
 from ..plan.schedule import RequestOrder, order_requests
 from ..structured import TEXT, Constraint, max_choice_tokens
 from .shards import Shard, ShardBuilder
+from .token_lists import offsets_of
 from .tokenize import (
     ByteTokenizer,
     HFTokenizer,
@@ -51,7 +52,7 @@ class PreparedJob:
     tokens: TokenizedRequests
     max_tokens: np.ndarray  # per tokenized request, after row values and clamping
     max_model_len: int
-    done: np.ndarray  # bool per row: finished in an earlier, interrupted run
+    finished_before: np.ndarray  # bool per row: finished in an earlier, interrupted run
     # Request index -> row positions of identical deterministic rows its result also serves.
     copies: dict[int, list[int]] = field(default_factory=dict)
     # Per tokenized request, after row values and job defaults: the structured-output
@@ -74,17 +75,17 @@ class PreparedJob:
 
     @property
     def rows(self) -> int:
-        return self.requests.requests.num_rows
+        return self.requests.table.num_rows
 
     @cached_property
     def row_numbers(self) -> np.ndarray:
         """Input row number of each row position."""
-        return self.requests.requests["row"].to_numpy()
+        return self.requests.table["row"].to_numpy()
 
     @cached_property
     def row_ids(self) -> list[str]:
         """Id of each row position."""
-        return self.requests.requests["id"].to_pylist()
+        return self.requests.table["id"].to_pylist()
 
     @cached_property
     def prefix_tree(self) -> PrefixTree:
@@ -121,14 +122,14 @@ class PreparedJob:
                 toks.values[toks.offsets[last]:toks.offsets[last + 1]].copy())
 
     def longest_request(self) -> LongestRequest | None:
-        ids = self.requests.requests["id"]
+        ids = self.requests.table["id"]
         return longest_request(self.tokens.lengths(), self.max_tokens,
                                lambda i: ids[int(self.tokens.positions[i])].as_py())
 
     def request_errors(self) -> dict[int, str]:
         """Row position -> error, for rows not done yet that cannot run."""
-        errors = {i: e for i, e in enumerate(self.requests.requests["error"].to_pylist())
-                  if e is not None and not self.done[i]}
+        errors = {i: e for i, e in enumerate(self.requests.table["error"].to_pylist())
+                  if e is not None and not self.finished_before[i]}
         errors.update(self.tokens.errors)
         return errors
 
@@ -138,7 +139,7 @@ def load_tokenizer(config: JobConfig, engine_kind: str,
     """The tokenizer and context length, without starting an engine (or with the context
     length of an engine already started)."""
     caps = [c for c in (config.engine.max_model_len, engine_max_model_len) if c]
-    if engine_kind == "fake":
+    if engine_kind == EngineKind.FAKE:
         return ByteTokenizer(), min(caps or [2048])
     from ..model import model_context_length, resolve_model
 
@@ -146,22 +147,22 @@ def load_tokenizer(config: JobConfig, engine_kind: str,
     return HFTokenizer(model_dir), min([model_context_length(model_dir), *caps])
 
 
-def prepare_job(config: JobConfig, *, engine_kind: str = "vllm",
-                done_rows: set[int] | frozenset[int] = frozenset(),
+def prepare_job(config: JobConfig, *, engine_kind: str = EngineKind.VLLM,
+                finished_rows: set[int] | frozenset[int] = frozenset(),
                 engine_max_model_len: int | None = None) -> PreparedJob:
-    """Read and tokenize a whole job in memory (`batchrun validate`, tests). Rows already
-    done (a resumed run) are not tokenized."""
+    """Read and tokenize a whole job in memory (tests, benchmarks). Rows finished before (a
+    resumed run) are not tokenized."""
     requests = read_request_set(config.input, config.columns, config.input_format)
     tokenizer, max_model_len = load_tokenizer(config, engine_kind, engine_max_model_len)
-    skip = np.zeros(requests.requests.num_rows, dtype=bool)
-    skip[list(done_rows)] = True  # row numbers are table positions: one row per input row
+    skip = np.zeros(requests.table.num_rows, dtype=bool)
+    skip[list(finished_rows)] = True  # row numbers are table positions: one row per input row
     return prepare_requests(config, requests, tokenizer, max_model_len, skip=skip)
 
 
 def prepare_requests(config: JobConfig, requests: RequestSet, tokenizer: PromptTokenizer,
                      max_model_len: int, *, skip: np.ndarray | None = None) -> PreparedJob:
     """Tokenize (pre-tokenized rows cost nothing) and fill in each request's settings."""
-    table = requests.requests
+    table = requests.table
     if skip is None:
         skip = np.zeros(table.num_rows, dtype=bool)
     tokens = tokenize_requests(table, tokenizer, max_model_len=max_model_len, skip=skip)
@@ -196,8 +197,7 @@ def tokenized_table(requests: pa.Table, tokens: TokenizedRequests,
     n = requests.num_rows
     lengths = np.zeros(n, dtype=np.int64)
     lengths[tokens.positions] = tokens.lengths()
-    offsets = np.zeros(n + 1, dtype=np.int64)
-    np.cumsum(lengths, out=offsets[1:])
+    offsets = offsets_of(lengths)
     has_tokens = np.zeros(n, dtype=bool)
     has_tokens[tokens.positions] = True
     ids = pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)),
@@ -288,7 +288,7 @@ def request_logprobs(table: pa.Table, positions: np.ndarray, config: JobConfig) 
 def row_sampling(job: PreparedJob) -> Callable[[int], tuple[float, float, int | None,
                                                             tuple[str, ...]]]:
     """A row position's (temperature, top_p, seed, stop): its own values, else the job's."""
-    table, s = job.requests.requests, job.config.sampling
+    table, s = job.requests.table, job.config.sampling
     temperature, top_p, seed, stop = (table[c].to_pylist()
                                       for c in ("temperature", "top_p", "seed", "stop"))
 
@@ -324,7 +324,7 @@ class ShardedJob:
     """A job read, tokenized and cut into prefix shards (see shards.py), with what the
     output needs from the input (`columns`) and what sizing the engine needs (`longest`)."""
 
-    rows: int  # input rows, done or not
+    rows: int  # input rows, finished before or not
     input_format: str
     shards: list[Shard]
     columns: InputColumns
@@ -332,24 +332,25 @@ class ShardedJob:
     max_model_len: int
     longest: LongestRequest | None
     spill_dir: Path
-    runnable: int = 0  # requests with token ids (the rest are error rows)
+    runnable_requests: int = 0  # requests with token ids (the rest are error rows)
     new_tokens: int = 0  # the sum of their max_tokens
 
     @property
-    def requests(self) -> int:
-        """Rows to run or to report as errors in this run (not done before)."""
+    def pending_rows(self) -> int:
+        """Rows to run or to report as errors in this run (not finished before)."""
         return sum(s.rows for s in self.shards)
 
     def remove_spill(self) -> None:
         shutil.rmtree(self.spill_dir, ignore_errors=True)
 
 
-def read_into_shards(config: JobConfig, *, engine_kind: str, done: np.ndarray, spill_dir: Path,
+def read_into_shards(config: JobConfig, *, engine_kind: str, finished_rows: np.ndarray,
+                     spill_dir: Path,
                      engine_max_model_len: int | None = None,
                      stop: Callable[[], bool] = lambda: False,
                      clock: StageClock | None = None) -> ShardedJob:
     """Read the input batch by batch, tokenize each batch, and cut the job into prefix shards
-    in `config.engine.memory_budget`. Rows in `done` (sorted row numbers: finished in an
+    in `config.engine.memory_budget`. Rows in `finished_rows` (sorted row numbers: finished in an
     earlier run) are read for their pass-through columns only. `stop()` ends the read early
     (a signal): the job then has no shards. `clock` gets the read, tokenize, shard seconds."""
     clock = clock or StageClock()
@@ -364,7 +365,7 @@ def read_into_shards(config: JobConfig, *, engine_kind: str, done: np.ndarray, s
     stream = open_request_stream(config.input, config.columns, config.input_format)
     for batch in clock.timed("read", stream):
         table = batch.requests
-        skip = _finished(table["row"].to_numpy(), done)
+        skip = _finished(table["row"].to_numpy(), finished_rows)
         with clock("tokenize"):
             tokens = tokenize_requests(table, tokenizer, max_model_len=max_model_len, skip=skip)
             sizes.add(config, table, tokens, max_model_len)
@@ -379,7 +380,8 @@ def read_into_shards(config: JobConfig, *, engine_kind: str, done: np.ndarray, s
     with clock("shard"):
         shards = builder.finish()
     return ShardedJob(columns.rows, stream.input_format, shards, columns, builder.spilled_bytes,
-                      max_model_len, sizes.longest, spill_dir, sizes.runnable, sizes.new_tokens)
+                      max_model_len, sizes.longest, spill_dir, sizes.runnable_requests,
+                      sizes.new_tokens)
 
 
 @dataclass
@@ -387,7 +389,7 @@ class _RequestSizes:
     """What sizing the engine needs to know of the whole job, gathered batch by batch."""
 
     longest: LongestRequest | None = None
-    runnable: int = 0
+    runnable_requests: int = 0
     new_tokens: int = 0
 
     def add(self, config: JobConfig, table: pa.Table, tokens: TokenizedRequests,
@@ -399,16 +401,16 @@ class _RequestSizes:
                                   lambda i: ids[int(at[i])].as_py())
         if self.longest is None or (longest is not None and longest.tokens > self.longest.tokens):
             self.longest = longest
-        self.runnable += len(max_tokens)
+        self.runnable_requests += len(max_tokens)
         self.new_tokens += int(max_tokens.sum())
 
 
-def _finished(rows: np.ndarray, done: np.ndarray) -> np.ndarray:
-    """Which of `rows` are in `done` (sorted)."""
-    if not len(done):
+def _finished(rows: np.ndarray, finished_rows: np.ndarray) -> np.ndarray:
+    """Which of `rows` are in `finished_rows` (sorted)."""
+    if not len(finished_rows):
         return np.zeros(len(rows), dtype=bool)
-    at = np.minimum(np.searchsorted(done, rows), len(done) - 1)
-    return done[at] == rows
+    at = np.minimum(np.searchsorted(finished_rows, rows), len(finished_rows) - 1)
+    return finished_rows[at] == rows
 
 
 def prepare_shard(config: JobConfig, shard: pa.Table, input_format: str,

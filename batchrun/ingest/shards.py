@@ -30,25 +30,17 @@ import numpy as np
 import pyarrow as pa
 
 from ..io.schema import REQUEST_SCHEMA
+from ..plan.blocks import ceil_div
 from ..plan.prefix_tree import PrefixTree
 from ..plan.prefixes import compare
+from .token_lists import offsets_of, token_lists
 
 RUN_BATCH_ROWS = 4096  # rows per record batch of a sorted run: the unit searched and read back
 
 
-def token_lists(table: pa.Table) -> tuple[np.ndarray, np.ndarray]:
-    """(values, offsets) of a table's prompt_token_ids; a null list is an empty prompt."""
-    col = table["prompt_token_ids"].combine_chunks()
-    if isinstance(col, pa.ChunkedArray):  # an empty table
-        return np.zeros(0, np.int32), np.zeros(1, np.int64)
-    offsets = col.offsets.to_numpy().astype(np.int64)
-    values = col.values.to_numpy(zero_copy_only=False)[offsets[0]:offsets[-1]]
-    return np.ascontiguousarray(values, dtype=np.int32), offsets - offsets[0]
-
-
 def lexicographic_order(table: pa.Table) -> np.ndarray:
     """Row indices of `table` in token order (error rows, with no tokens, first)."""
-    return PrefixTree.build(*token_lists(table)).order
+    return PrefixTree.build(*token_lists(table["prompt_token_ids"])).order
 
 
 @dataclass
@@ -67,7 +59,7 @@ class SortedRun:
     def sort(cls, table: pa.Table, spill_to: Path | None,
              batch_rows: int = RUN_BATCH_ROWS) -> SortedRun:
         table = table.take(lexicographic_order(table)).combine_chunks()
-        values, offsets = token_lists(table)
+        values, offsets = token_lists(table["prompt_token_ids"])
         heads = [values[offsets[i]:offsets[i + 1]].copy()
                  for i in range(0, table.num_rows, batch_rows)]
         if spill_to is None:
@@ -92,12 +84,12 @@ class SortedRun:
         before = _count_less(self.heads, prompt)  # batches whose head sorts before prompt
         if before == 0:
             return 0
-        values, offsets = token_lists(self.batch(before - 1))
+        values, offsets = token_lists(self.batch(before - 1)["prompt_token_ids"])
         rows = [values[offsets[k]:offsets[k + 1]] for k in range(len(offsets) - 1)]
         return (before - 1) * self.batch_rows + _count_less(rows, prompt)
 
     def rows_between(self, start: int, stop: int) -> Iterator[pa.Table]:
-        for i in range(start // self.batch_rows, -(-stop // self.batch_rows)):
+        for i in range(start // self.batch_rows, ceil_div(stop, self.batch_rows)):
             batch = self.batch(i)
             first = i * self.batch_rows
             lo, hi = max(start - first, 0), min(stop - first, batch.num_rows)
@@ -213,9 +205,7 @@ def choose_splitters(runs: list[SortedRun], shard_bytes: int) -> list[np.ndarray
     shards = max(1, round(total / max(shard_bytes, 1)))
     if shards == 1 or len(heads) < 2:
         return []
-    lengths = np.array([len(h) for h in heads], dtype=np.int64)
-    offsets = np.zeros(len(heads) + 1, dtype=np.int64)
-    np.cumsum(lengths, out=offsets[1:])
+    offsets = offsets_of(np.array([len(h) for h in heads], dtype=np.int64))
     values = np.concatenate(heads) if len(heads) else np.zeros(0, np.int32)
     tree = PrefixTree.build(values, offsets)
     before = np.cumsum(weights[tree.order]) - weights[tree.order]  # bytes sorted before it

@@ -19,7 +19,8 @@ from typing import Any, Protocol
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
+
+from .token_lists import offsets_of, token_lists
 
 _BATCH = 2048  # prompts per tokenizer call: big enough for the Rust tokenizer's threads
 _COPY_TOKENS = 1 << 20  # tokens per step when rows of several kinds are put in row order
@@ -103,9 +104,6 @@ class TokenizedRequests:
     offsets: np.ndarray  # int64 [n + 1]
     errors: dict[int, str]
 
-    def tokens(self, i: int) -> list[int]:
-        return self.values[self.offsets[i]:self.offsets[i + 1]].tolist()
-
     def lengths(self) -> np.ndarray:
         return np.diff(self.offsets)
 
@@ -116,7 +114,7 @@ class TokenizedRequests:
         kept[requests] = True
         # A mask of one byte a token, not an index of eight: the requests stay in order.
         return TokenizedRequests(self.positions[requests], self.values[np.repeat(kept, lengths)],
-                                 _offsets(lengths[requests]), self.errors)
+                                 offsets_of(lengths[requests]), self.errors)
 
 
 def tokenize_requests(
@@ -171,18 +169,9 @@ def _given_tokens(column: pa.ChunkedArray, selected: np.ndarray) -> _Tokens:
     positions = np.flatnonzero(selected)
     if not len(positions):
         return _Tokens(positions, np.zeros(0, np.int64), np.zeros(0, np.int32))
-    lengths, values = [], []
-    start = 0
-    for chunk in column.chunks:
-        mine = selected[start:start + len(chunk)]
-        start += len(chunk)
-        if not mine.all():
-            chunk = chunk.filter(pa.array(mine))
-        lengths.append(pc.list_value_length(chunk).to_numpy(zero_copy_only=False))
-        values.append(chunk.flatten().to_numpy(zero_copy_only=False))
-    values = values[0] if len(values) == 1 else np.concatenate(values)
-    return _Tokens(positions, np.concatenate(lengths).astype(np.int64, copy=False),
-                   values.astype(np.int32, copy=False))
+    values, offsets = token_lists(column if selected.all() else
+                                  column.filter(pa.array(selected)))
+    return _Tokens(positions, np.diff(offsets), values)
 
 
 def _encoded(encode: Callable[[list[str]], list[list[int]]], positions: np.ndarray,
@@ -234,11 +223,11 @@ def _assemble(parts: list[_Tokens], max_model_len: int,
         part, fits = parts[0], keep[0]
         values = part.values if fits.all() else part.values[np.repeat(fits, part.lengths)]
         return TokenizedRequests(part.positions[fits], values,
-                                 _offsets(part.lengths[fits]), errors)
+                                 offsets_of(part.lengths[fits]), errors)
     positions = np.concatenate([p.positions[k] for p, k in zip(parts, keep, strict=True)])
     lengths = np.concatenate([p.lengths[k] for p, k in zip(parts, keep, strict=True)])
     order = np.argsort(positions, kind="stable")
-    offsets = _offsets(lengths[order])
+    offsets = offsets_of(lengths[order])
     values = np.empty(int(offsets[-1]), dtype=np.int32)
     starts = np.empty(len(order), dtype=np.int64)
     starts[order] = offsets[:-1]  # where each row of `positions` goes
@@ -250,16 +239,10 @@ def _assemble(parts: list[_Tokens], max_model_len: int,
     return TokenizedRequests(positions[order], values, offsets, errors)
 
 
-def _offsets(lengths: np.ndarray) -> np.ndarray:
-    offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
-    np.cumsum(lengths, out=offsets[1:])
-    return offsets
-
-
 def _copy_rows(part: _Tokens, rows: np.ndarray, targets: np.ndarray, out: np.ndarray) -> None:
     """Copy the tokens of the part's rows selected by `rows` to out[targets[i]:], about
     _COPY_TOKENS at a time (the index arrays take 16 bytes a token)."""
-    sources = _offsets(part.lengths)[:-1][rows]
+    sources = offsets_of(part.lengths)[:-1][rows]
     lengths = part.lengths[rows]
     ends = np.cumsum(lengths)
     lo = 0

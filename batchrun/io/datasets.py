@@ -16,14 +16,13 @@ import re
 from pathlib import Path
 from typing import Any
 
-from .input.rows import InputError
+from ..errors import InputError, one_line
 from .storage import (
     GLOB_CHARS,
     Location,
     filesystem,
     info,
     listed,
-    one_line,
     pa_errors,
     reading_input,
     remote_fingerprint,

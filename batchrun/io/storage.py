@@ -26,8 +26,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 from urllib.parse import urlsplit
 
-from ..errors import ConfigError
-from .input.rows import InputError
+from ..errors import ConfigError, InputError, one_line
 
 _URI = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.\-]*)://")
 GLOB_CHARS = re.compile(r"[*?\[]")
@@ -222,11 +221,6 @@ def reading_input(location: Location | Path) -> Iterator[None]:
     except OSError as e:
         raise InputError(f"{location}: cannot be read ({e.strerror or e}); check its "
                          "permissions") from None
-
-
-def one_line(error: BaseException) -> str:
-    """An error's text on one line, at most 300 characters (Arrow's span several)."""
-    return " ".join(str(error).split())[:300]
 
 
 # --- File systems --------------------------------------------------------------------------

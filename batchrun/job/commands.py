@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from ..config import JobConfig
+from ..config import EngineKind, JobConfig
 from ..ingest.prepare import (
     load_tokenizer,
     prepare_shard,
@@ -28,11 +28,12 @@ from .engine_setup import engine_sizing
 from .summary import peak_rss_bytes
 
 
-def describe_plan(config: JobConfig, engine_kind: str = "vllm") -> dict[str, Any]:
+def describe_plan(config: JobConfig, engine_kind: str = EngineKind.VLLM) -> dict[str, Any]:
     """The plan's figures for `batchrun plan`, computed without starting an engine: the job
     read, tokenized, sharded and planned as a run would, in the same memory budget."""
     with tempfile.TemporaryDirectory(prefix="batchrun-plan-") as tmp:
-        sharded = read_into_shards(config, engine_kind=engine_kind, done=np.zeros(0, np.int64),
+        sharded = read_into_shards(config, engine_kind=engine_kind,
+                                   finished_rows=np.zeros(0, np.int64),
                                    spill_dir=Path(tmp) / "spill")
         figures = JobPlanFigures()
         counts = {"requests": 0, "rows_with_errors": 0, "constrained_rows": 0}

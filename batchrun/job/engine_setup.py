@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..config import AttentionMode, EngineKind
 from ..engine.attention.selection import (
     DEFAULT_CONCURRENCY,
     AttentionChoice,
@@ -24,13 +25,13 @@ from ..ingest.prepare import PreparedJob
 from ..model import kv_bytes_per_token, num_layers
 
 
-def engine_sizing(job: PreparedJob, engine_kind: str = "vllm", *,
+def engine_sizing(job: PreparedJob, engine_kind: str = EngineKind.VLLM, *,
                   longest: LongestRequest | None = None) -> EngineSizing:
     """The engine settings this job gets (see engine/sizing.py), without starting it. A job
     of several shards is sized by its first shard's plan and the whole job's `longest`
     request."""
     opts = job.config.engine
-    if engine_kind == "fake":
+    if engine_kind == EngineKind.FAKE:
         block_size, per_token, cpu = opts.block_size or 4, 0, False
     else:
         from ..engine.vllm_engine import default_block_size, default_dtype, on_cpu
@@ -85,7 +86,8 @@ def choose_job_attention(job: PreparedJob) -> AttentionChoice:
     opts = job.config.engine
     platform, kernels = platform_name(), kernels_available()
     sharing = None
-    if opts.attention == "auto" and platform == "cuda" and kernels and len(job.tokens.positions):
+    if (opts.attention == AttentionMode.AUTO and platform == "cuda" and kernels
+            and len(job.tokens.positions)):
         model_dir = resolve_model(job.config.model)
         per_token = kv_bytes_per_token(model_dir, opts.dtype or default_dtype())
         # Per layer and per GPU: tensor parallelism splits the KV heads.

@@ -10,7 +10,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ..config import ConfigError, JobConfig
+from ..config import JobConfig
+from ..errors import ConfigError
 from ..io.storage import Location
 from ..model import cache_root
 

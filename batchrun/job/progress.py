@@ -12,8 +12,8 @@ class ProgressReporter:
     def __init__(self, total: int, *, already_done: int = 0, interactive: bool | None = None,
                  interval_s: float = 30.0, stream: TextIO | None = None) -> None:
         self.total = total
-        self.done = already_done
-        self._start_done = already_done
+        self.rows_done = already_done
+        self._rows_done_at_start = already_done
         self._tokens = 0
         self._t0 = time.monotonic()
         self._stream = stream or sys.stderr
@@ -40,12 +40,12 @@ class ProgressReporter:
             self._bar.start()
 
     def advance(self, rows: int, tokens: int) -> None:
-        self.done += rows
+        self.rows_done += rows
         self._tokens += tokens
         now = time.monotonic()
         tps = self._tokens / max(now - self._t0, 1e-9)
         if self._bar is not None:
-            self._bar.update(self._task, completed=self.done, tps=f"{tps:,.0f}")
+            self._bar.update(self._task, completed=self.rows_done, tps=f"{tps:,.0f}")
         elif now - self._last_line >= self._interval:
             self._last_line = now
             self._stream.write(self.line() + "\n")
@@ -53,11 +53,11 @@ class ProgressReporter:
 
     def line(self) -> str:
         elapsed = time.monotonic() - self._t0
-        rate = (self.done - self._start_done) / max(elapsed, 1e-9)
-        left = self.total - self.done
+        rate = (self.rows_done - self._rows_done_at_start) / max(elapsed, 1e-9)
+        left = self.total - self.rows_done
         eta = "0s" if left <= 0 else f"{left / rate:,.0f}s" if rate > 0 else "unknown"
-        pct = 100.0 * self.done / max(self.total, 1)
-        return (f"batchrun: {self.done}/{self.total} rows ({pct:.1f}%), "
+        pct = 100.0 * self.rows_done / max(self.total, 1)
+        return (f"batchrun: {self.rows_done}/{self.total} rows ({pct:.1f}%), "
                 f"{self._tokens / max(elapsed, 1e-9):,.0f} tok/s, elapsed {elapsed:,.0f}s, "
                 f"eta {eta}")
 

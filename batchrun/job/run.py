@@ -11,15 +11,21 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from ..clock import StageClock
 from ..cluster.replicas import EngineReplicas, start_replicas
-from ..config import JobConfig
-from ..engine.base import Engine, EngineDiedError, EngineStats
+from ..config import EngineKind, JobConfig
+from ..engine.base import Engine, EngineStats
 from ..engine.factory import start_engine
 from ..engine.sizing import EngineSizing
-from ..errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_ROW_ERRORS
+from ..errors import (
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_ROW_ERRORS,
+    CheckpointError,
+    EngineDiedError,
+    one_line,
+)
 from ..execute.executor import StepTrace
 from ..execute.shard import ShardRun, run_shard
 from ..execute.stop import StopFlag
@@ -27,9 +33,9 @@ from ..ingest.prepare import PreparedJob, ShardedJob, prepare_shard, read_into_s
 from ..ingest.shards import Shard
 from ..io import storage
 from ..io.datasets import input_fingerprint
-from ..io.output.checkpoint import Checkpoint, CheckpointError, ResultJournal, partial_dir_for
+from ..io.output.checkpoint import Checkpoint, ResultJournal, partial_dir_for
 from ..io.output.lock import JobLock
-from ..io.output.writer import OutputFiles, count_done, write_in_row_order
+from ..io.output.writer import OutputFiles, read_finished_rows, write_in_row_order
 from ..plan.job_figures import JobPlanFigures
 from ..version import __version__
 from .engine_setup import choose_job_attention, engine_sizing
@@ -50,7 +56,7 @@ class JobOutcome:
 def run_job(
     config: JobConfig,
     *,
-    engine_kind: str = "vllm",
+    engine_kind: str = EngineKind.VLLM,
     engine: Engine | None = None,
     resume: bool = False,
     overwrite: bool = False,
@@ -141,15 +147,17 @@ class _JobRun:
             Checkpoint(partial_dir_for(paths.base)).remove()
         ckpt = Checkpoint.open(paths.base, manifest, resume=resume)
         counts = ResultCounts()
-        done = count_done(ckpt.journals(), counts.count)
+        finished_rows = read_finished_rows(ckpt.journals(), counts.count)
         clock = StageClock()
         try:
             sharded = read_into_shards(
-                config, engine_kind=engine_kind, done=done, spill_dir=ckpt.path / "spill",
+                config, engine_kind=engine_kind, finished_rows=finished_rows,
+                spill_dir=ckpt.path / "spill",
                 engine_max_model_len=engine.info.max_model_len if engine else None,
                 stop=lambda: stop.requested, clock=clock)
         except BaseException:
-            if not len(done):  # an unusable input, model or setting: leave no empty checkpoint
+            # An unusable input, model or setting: leave no empty checkpoint.
+            if not len(finished_rows):
                 ckpt.remove()
             raise
         run = cls(config, paths, ckpt, counts, sharded, engine, own_engine=engine is None,
@@ -159,7 +167,7 @@ class _JobRun:
         except EngineDiedError as e:
             run.start_failure = e  # not the input's or the settings' fault: exit 4, resumable
         except BaseException:
-            if not len(done):
+            if not len(finished_rows):
                 ckpt.remove()
             raise
         return run
@@ -169,7 +177,7 @@ class _JobRun:
         failed final write, only error rows) or a signal came while reading: starting vLLM
         takes a minute."""
         sharded = self.sharded
-        if not sharded.runnable or stop.requested:
+        if sharded.runnable_requests == 0 or stop.requested:
             return
         with self.clock("plan"):
             self.first = prepare_shard(self.config, sharded.shards[0].load(),
@@ -190,7 +198,7 @@ class _JobRun:
         progress: ProgressReporter | None = None
         try:
             journal = self.ckpt.new_journal()
-            if self.sharded.runnable and not stop.requested:
+            if self.sharded.runnable_requests > 0 and not stop.requested:
                 if self.start_failure is not None:  # reported like an engine failure mid-run
                     raise self.start_failure
                 self._note_engine_counters()
@@ -228,21 +236,19 @@ class _JobRun:
                     grace_s: float) -> None:
         def on_results(table: pa.Table) -> None:
             journal.append(table)
-            self.counts.count(table)
-            tokens = [pc.sum(table[c]).as_py() or 0
-                      for c in ("prompt_tokens", "completion_tokens")]
-            progress.advance(table.num_rows, sum(tokens))
+            tokens = self.counts.count(table)
+            progress.advance(table.num_rows, tokens.prompt + tokens.completion)
 
         if self.replicas is not None:
             shard_runs = self.replicas.run(self.sharded.shards, on_results, stop, grace_s)
         else:
             shard_runs = (self._run_shard(shard, on_results, stop, grace_s)
                           for shard in self.sharded.shards if not stop.requested)
-        for done in shard_runs:
-            self.plan.add(done.plan, done.first_prompt, done.last_prompt)
-            for kind, n in done.constrained.items():
+        for shard_run in shard_runs:
+            self.plan.add(shard_run.plan, shard_run.first_prompt, shard_run.last_prompt)
+            for kind, n in shard_run.constrained.items():
                 self.constrained[kind] = self.constrained.get(kind, 0) + n
-            self.logprobs_rows += done.logprobs_rows
+            self.logprobs_rows += shard_run.logprobs_rows
 
     def _run_shard(self, shard: Shard, on_results: Callable[[pa.Table], None],
                    stop: StopFlag, grace_s: float) -> ShardRun:
@@ -262,12 +268,12 @@ class _JobRun:
 
     def _start_line(self) -> str:
         if self.replicas is not None:
-            return (f"batchrun: {self.sharded.requests:,} of {self.sharded.rows:,} rows to run "
+            return (f"batchrun: {self.sharded.pending_rows:,} of {self.sharded.rows:,} rows to run "
                     f"on {self.replicas.describe()}")
         info, sharded = self.engine.info, self.sharded
         kv = f", KV cache {info.kv_capacity_tokens:,} tokens" if info.kv_capacity_tokens else ""
         shards = f", in {len(sharded.shards)} prefix shards" if len(sharded.shards) > 1 else ""
-        return (f"batchrun: {sharded.requests:,} of {sharded.rows:,} rows to run on "
+        return (f"batchrun: {sharded.pending_rows:,} of {sharded.rows:,} rows to run on "
                 f"{info.name}{kv}, context {info.max_model_len:,} tokens{shards}")
 
     def finish(self, wall_s: float) -> JobOutcome:
@@ -283,7 +289,7 @@ class _JobRun:
                 self._write_output()
         except (OSError, pa.ArrowException) as e:
             summary["status"] = "write_failed"
-            reason = getattr(e, "strerror", None) or " ".join(str(e).split())[:300]
+            reason = getattr(e, "strerror", None) or one_line(e)
             return self._stopped(summary, (
                 f"cannot write the output ({reason}): {self.ckpt.path} holds every row; "
                 "free space and re-run with --resume"))
@@ -296,7 +302,7 @@ class _JobRun:
 
     def _stage_figures(self) -> dict[str, dict[str, float]]:
         """Seconds and rows/s per stage (rows this run handled)."""
-        rows = self.sharded.requests or self.sharded.rows
+        rows = self.sharded.pending_rows or self.sharded.rows
         return {stage: {"seconds": s, "rows_per_s": round(rows / s) if s > 0 else None}
                 for stage, s in self.clock.figures().items()}
 

@@ -17,6 +17,7 @@ import pyarrow.compute as pc
 
 from ..config import JobConfig
 from ..engine.base import Engine
+from ..execute.result_rows import TokenSums
 from ..io.files import temp_path
 
 log = logging.getLogger(__name__)
@@ -43,16 +44,20 @@ class ResultCounts:
     def rows(self) -> int:
         return self.succeeded + self.failed
 
-    def count(self, table: pa.Table) -> None:
+    def count(self, table: pa.Table) -> TokenSums:
+        """Count a table of results in; the tokens of those that succeeded."""
         ok = table.filter(table["error"].is_null())
         self.failed += table.num_rows - ok.num_rows
         self.succeeded += ok.num_rows
         self.duplicates += table.num_rows - table["duplicate_of"].null_count
-        for name in ("prompt_tokens", "cached_tokens", "completion_tokens"):
-            setattr(self, name, getattr(self, name) + (pc.sum(ok[name]).as_py() or 0))
+        tokens = TokenSums.of(ok)
+        self.prompt_tokens += tokens.prompt
+        self.cached_tokens += tokens.cached
+        self.completion_tokens += tokens.completion
         for item in pc.value_counts(ok["finish_reason"]).to_pylist():
             reason = item["values"]
             self.finish_reasons[reason] = self.finish_reasons.get(reason, 0) + item["counts"]
+        return tokens
 
 
 def job_summary(config: JobConfig, rows: int, counts: ResultCounts, engine: Engine | None,

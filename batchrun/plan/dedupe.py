@@ -1,10 +1,10 @@
 """Identical deterministic requests run once; their result serves every copy.
 
-Two requests are identical when their prompt token ids and every sampling setting that
-shapes the output (max_tokens, temperature, top_p, seed, stop) are the same. Their results
-are then the same only when generation is deterministic: greedy (temperature 0), or sampled
-with the same explicit seed. Sampled rows without a seed are never merged: each must draw
-its own sample.
+Two requests are identical when their prompt token ids and every setting that shapes the
+output (max_tokens, temperature, top_p, seed, stop, constraint, logprobs) are the same.
+Their results are then the same only when generation is deterministic: greedy (temperature
+0), or sampled with the same explicit seed. Sampled rows without a seed are never merged:
+each must draw its own sample.
 """
 
 from __future__ import annotations
@@ -14,7 +14,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-SamplingKey = tuple  # (max_tokens, temperature, top_p, seed, stop): what shapes the output
+# Everything that shapes a request's output besides its prompt: (max_tokens, temperature,
+# top_p, seed, stop, constraint, logprobs) as ingest/prepare.py builds it.
+SamplingKey = tuple
 
 
 @dataclass(frozen=True)
@@ -23,10 +25,6 @@ class Duplicates:
 
     runs: np.ndarray  # int64: request indices that run, ascending (the first of each set)
     copies: dict[int, list[int]]  # a running request index -> indices of its copies
-
-    @property
-    def num_copies(self) -> int:
-        return sum(len(c) for c in self.copies.values())
 
 
 def is_deterministic(temperature: float, seed: int | None) -> bool:

@@ -35,6 +35,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from .blocks import blocks_for
 from .prefix_tree import PrefixTree
 from .sharing import choose_groups, node_levels
 
@@ -354,7 +355,7 @@ def _run_arrays(tree: PrefixTree, block_tree: PrefixTree, group_node: np.ndarray
     shared[1:] *= (np.diff(run) == 1) & (np.diff(group) == 0)
     shared[:1] = 0
     return _RunArrays(tree.order[run], group, prefix_len, prefix_len // block_size, lengths,
-                      decode, -(-(lengths + decode) // block_size), shared)
+                      decode, blocks_for(lengths + decode, block_size), shared)
 
 
 def _blocks_added(runs: _RunArrays, shared_with_previous: np.ndarray

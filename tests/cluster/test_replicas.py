@@ -19,13 +19,13 @@ import pyarrow as pa
 import pytest
 import ray
 
-from batchrun.cluster.replicas import Fleet, ReplicaJob
+from batchrun.cluster.actor import ReplicaJob
+from batchrun.cluster.replicas import Fleet
 from batchrun.config import ClusterOptions, EngineOptions, JobConfig
 from batchrun.engine.sizing import EngineSizing
-from batchrun.errors import EXIT_INTERRUPTED, EXIT_OK
+from batchrun.errors import EXIT_INTERRUPTED, EXIT_OK, ModelError
 from batchrun.io.output.checkpoint import Checkpoint, partial_dir_for
 from batchrun.job.run import run_job
-from batchrun.model import ModelError
 from tests.helpers import job, read_output, shared_prefix_rows, write_jsonl
 
 

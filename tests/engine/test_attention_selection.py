@@ -22,7 +22,6 @@ from batchrun.engine.attention import stats
 from batchrun.engine.attention.selection import (
     MIN_DECODE_SHARE,
     MIN_SAVED_BYTES_PER_LAYER,
-    AttentionUnavailable,
     SharingFigures,
     attention_summary,
     choose_attention,
@@ -30,7 +29,7 @@ from batchrun.engine.attention.selection import (
 )
 from batchrun.engine.base import EngineStats
 from batchrun.engine.fake import FakeEngine
-from batchrun.errors import EXIT_OK
+from batchrun.errors import EXIT_OK, AttentionUnavailable
 from batchrun.ingest.prepare import prepare_job
 from batchrun.job.engine_setup import choose_job_attention
 from batchrun.job.run import run_job

@@ -12,9 +12,9 @@ import pytest
 
 from batchrun.config import ColumnMap, JobConfig
 from batchrun.engine.fake import FakeEngine
-from batchrun.errors import EXIT_OK
+from batchrun.errors import EXIT_OK, InputError
 from batchrun.io.datasets import input_fingerprint
-from batchrun.io.input.readers import InputError, read_request_set
+from batchrun.io.input.readers import read_request_set
 from batchrun.io.storage import Location
 from batchrun.job.run import run_job
 from tests.helpers import write_jsonl
@@ -70,14 +70,14 @@ def test_a_glob_mixing_jsonl_and_parquet_numbers_rows_across_files(tmp_path: Pat
     (tmp_path / "skip.txt").write_text("{}")
     got = read_request_set(str(tmp_path / "[ab]*.*"), ColumnMap(passthrough=("n",)))
     assert got.input_format == "jsonl+parquet"
-    assert got.requests["row"].to_pylist() == [0, 1, 2, 3, 4]
-    assert got.requests["id"].to_pylist() == ["x", "1", "2", "3", "4"]
-    assert got.requests["error"][1].as_py().startswith("row 1: not valid JSON")
+    assert got.table["row"].to_pylist() == [0, 1, 2, 3, 4]
+    assert got.table["id"].to_pylist() == ["x", "1", "2", "3", "4"]
+    assert got.table["error"][1].as_py().startswith("row 1: not valid JSON")
     assert got.passthrough["n"].to_pylist() == [None, None, "1", "a", "b"]  # types differ: text
     # Ids are unique across the whole dataset, as in one file.
     everything = read_request_set(str(tmp_path / "*.*json*"))
-    assert everything.requests["row"].to_pylist() == [0, 1, 2, 3]
-    assert everything.requests["error"][3].as_py().startswith("row 3: duplicate id \"x\"")
+    assert everything.table["row"].to_pylist() == [0, 1, 2, 3]
+    assert everything.table["error"][3].as_py().startswith("row 3: duplicate id \"x\"")
 
 
 def test_dataset_problems_name_the_folder_and_the_file(tmp_path: Path) -> None:
@@ -88,7 +88,7 @@ def test_dataset_problems_name_the_folder_and_the_file(tmp_path: Path) -> None:
     (folder / "sub").mkdir()
     write_jsonl(folder / "sub" / "a.jsonl", [{"prompt": "a"}])
     (folder / "b.jsonl").write_bytes(b"")  # an empty part file holds no rows
-    assert read_request_set(folder).requests.num_rows == 1
+    assert read_request_set(folder).table.num_rows == 1
     (folder / "c.json").write_text(json.dumps([{"prompt": "x"}]))
     with pytest.raises(InputError, match=r"data: is a directory, read as a dataset; .*c.json: "
                                          "this is a JSON array"):

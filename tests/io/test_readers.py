@@ -12,11 +12,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from batchrun.config import ColumnMap
-from batchrun.io.input.readers import (
-    InputError,
-    read_request_set,
-    read_requests,
-)
+from batchrun.errors import InputError
+from batchrun.io.input.readers import read_request_set, read_requests
 from batchrun.io.schema import REQUEST_SCHEMA
 from batchrun.job.commands import validate_summary
 
@@ -118,7 +115,7 @@ def test_jsonl_passthrough(tmp_path: Path) -> None:
 
 def test_jsonl_chunks_keep_row_order(tmp_path: Path) -> None:
     path = write_jsonl(tmp_path / "in.jsonl", [{"prompt": str(i)} for i in range(10)])
-    table = read_request_set(path, batch_rows=3).requests
+    table = read_request_set(path, batch_rows=3).table
     assert table["prompt"].to_pylist() == [str(i) for i in range(10)]
     assert table["id"].to_pylist() == [str(i) for i in range(10)]
 
@@ -263,7 +260,7 @@ def test_openai_batch(tmp_path: Path) -> None:
     ])
     found = read_request_set(path)
     assert found.input_format == "openai"
-    table = found.requests
+    table = found.table
     assert only(table, 0) == {"row": 0, "id": "c1", "endpoint": "chat",
                               "messages": '[{"role": "user", "content": "Hi"}]',
                               "max_tokens": 5, "temperature": 0.0, "top_p": 0.5, "seed": 1,
@@ -308,8 +305,8 @@ def test_openai_detected_by_first_object(tmp_path: Path) -> None:
         "garbage", openai_line("a", "/v1/completions", {"prompt": "x"}), {"prompt": "plain"}])
     found = read_request_set(path)
     assert found.input_format == "openai"
-    assert found.requests["id"].to_pylist() == ["0", "a", "2"]
-    assert found.requests["error"][2].as_py().startswith('row 2: "url" must be')
+    assert found.table["id"].to_pylist() == ["0", "a", "2"]
+    assert found.table["error"][2].as_py().startswith('row 2: "url" must be')
 
 
 # --- Parquet -------------------------------------------------------------------------------
@@ -332,7 +329,7 @@ def test_parquet(tmp_path: Path) -> None:
     })
     found = read_request_set(path, ColumnMap(passthrough=("extra", "missing")))
     assert found.input_format == "parquet"
-    table = found.requests
+    table = found.table
     assert table.schema == REQUEST_SCHEMA
     assert only(table, 0) == {"row": 0, "id": "10", "endpoint": "completion", "prompt": "a",
                               "max_tokens": 4, "temperature": 0.0, "stop": ["x"]}
@@ -395,7 +392,7 @@ def test_parquet_batches(tmp_path: Path) -> None:
         "id": [f"q{i % 7}" for i in range(n)],
         "prompt": [f"p{i}" if i != 5 else "" for i in range(n)],
     }, row_group_size=3)
-    table = read_request_set(path, batch_rows=4).requests
+    table = read_request_set(path, batch_rows=4).table
     assert table["row"].to_pylist() == list(range(n))
     assert table["error"][5].as_py() == 'row 5: "prompt" must be a non-empty string, got ""'
     assert table["error"][8].as_py().startswith('row 8: duplicate id "q1" (first at row 1)')

@@ -21,8 +21,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from batchrun.config import ColumnMap
+from batchrun.errors import InputError
 from batchrun.io.input.parquet import column_values
-from batchrun.io.input.readers import InputError, read_request_set
+from batchrun.io.input.readers import read_request_set
 from batchrun.io.input.rows import (
     CONSTRAINT_FIELDS,
     FIELDS,
@@ -74,7 +75,7 @@ def check_requests(path: Path, rows: int, columns: ColumnMap = PASSTHROUGH) -> p
     except InputError as e:
         assert "\n" not in str(e) and str(e).startswith(f"{path}: ")
         return None
-    table = found.requests
+    table = found.table
     assert table.schema == REQUEST_SCHEMA
     assert table["row"].to_pylist() == list(range(rows))
     ids = table["id"].to_pylist()

@@ -16,9 +16,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from batchrun.config import ColumnMap
+from batchrun.errors import InputError
 from batchrun.io.input.ids import HeldIds, IdHashes
 from batchrun.io.input.readers import (
-    InputError,
     cast_passthrough,
     open_request_stream,
     read_request_set,
@@ -53,7 +53,7 @@ def test_the_batches_are_the_whole_read_cut_in_pieces(tmp_path: Path) -> None:
     assert [b.requests.num_rows for b in batches] == [7] * 7 + [1]
     assert [b.requests["row"][0].as_py() for b in batches] == list(range(0, 50, 7))
     whole = read_request_set(path, columns, batch_rows=7)
-    assert pa.concat_tables([b.requests for b in batches]).equals(whole.requests)
+    assert pa.concat_tables([b.requests for b in batches]).equals(whole.table)
     assert stream.input_format == whole.input_format == "jsonl"
     assert all(b.requests.schema == REQUEST_SCHEMA for b in batches)
     assert all(b.passthrough.num_rows == b.requests.num_rows for b in batches)
@@ -84,13 +84,13 @@ def test_ids_are_unique_across_batches(tmp_path: Path, seed: int, n: int,
                                        batch_rows: int) -> None:
     rows = random_rows(random.Random(seed), n)
     path = write_jsonl(tmp_path / "in.jsonl", rows)
-    small = read_request_set(path, batch_rows=batch_rows).requests
+    small = read_request_set(path, batch_rows=batch_rows).table
     ids = small["id"].to_pylist()
     assert len(set(ids)) == n and small["row"].to_pylist() == list(range(n))
     # Where no row needs a free id, batches read exactly as the whole file at once. (A row
     # without a readable id, broken or a repeat, may take a free id that a later batch
     # claims: see the next test.)
-    whole = read_request_set(path).requests
+    whole = read_request_set(path).table
     if not whole["error"].drop_null():
         assert small.equals(whole)
     # The first row to claim an id keeps it, unless an earlier row without a readable id took
@@ -115,12 +115,12 @@ def test_a_row_without_an_id_keeps_the_free_id_a_later_batch_claims(tmp_path: Pa
         "{broken", {"id": "2", "prompt": "a"},  # batch 1: row 0 gets "0", not row 1's "2"
         {"prompt": "b"}, {"id": "0", "prompt": "c"},  # batch 2: "0" is held by row 0
     ])
-    table = read_request_set(path, batch_rows=2).requests
+    table = read_request_set(path, batch_rows=2).table
     assert table["id"].to_pylist() == ["0", "2", "2~1", "3"]
     assert table["error"][2].as_py().startswith('row 2: duplicate id "2" (first at row 1)')
     assert table["error"][3].as_py().startswith('row 3: duplicate id "0" (first at row 0)')
     # Read at once, row 0 looks ahead and leaves "0" to row 3.
-    assert read_request_set(path).requests["id"].to_pylist() == ["0~1", "2", "2~1", "0"]
+    assert read_request_set(path).table["id"].to_pylist() == ["0~1", "2", "2~1", "0"]
 
 
 def test_ids_held_are_told_apart_by_all_128_bits() -> None:
@@ -186,7 +186,7 @@ def test_a_json_array_is_refused_at_the_first_batch(tmp_path: Path) -> None:
 
 def test_the_validate_report_over_batches_equals_the_report_at_once(tmp_path: Path) -> None:
     path = write_jsonl(tmp_path / "in.jsonl", random_rows(random.Random(3), 40))
-    whole = validate_summary(read_request_set(path, batch_rows=3).requests, max_errors=5)
+    whole = validate_summary(read_request_set(path, batch_rows=3).table, max_errors=5)
     report = ValidationReport(max_errors=5)
     for batch in open_request_stream(path, batch_rows=3):
         report.add_rows(batch.requests)
@@ -194,7 +194,7 @@ def test_the_validate_report_over_batches_equals_the_report_at_once(tmp_path: Pa
     # Problems found later (the tokenizer's) are listed among the reader's in row order.
     report = ValidationReport(max_errors=3)
     report.add_rows(read_request_set(write_jsonl(tmp_path / "b.jsonl", [
-        {"prompt": "a"}, "{broken", {"prompt": "c"}, "{broken"])).requests,
+        {"prompt": "a"}, "{broken", {"prompt": "c"}, "{broken"])).table,
         {0: "row 0: too long", 2: "row 2: too long"})
     assert [e[:6] for e in report.summary()["first_errors"]] == ["row 0:", "row 1:", "row 2:"]
     assert report.summary()["errors"] == 4 and report.summary()["ok"] == 0

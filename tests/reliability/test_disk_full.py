@@ -18,8 +18,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from batchrun.engine.fake import FakeEngine
-from batchrun.errors import EXIT_INTERRUPTED, EXIT_OK
-from batchrun.io.output.checkpoint import Checkpoint, CheckpointError, partial_dir_for
+from batchrun.errors import EXIT_INTERRUPTED, EXIT_OK, CheckpointError
+from batchrun.io.output.checkpoint import Checkpoint, partial_dir_for
 from batchrun.job.run import run_job
 from tests.helpers import job
 from tests.reliability.harness import batchrun, check_output, journaled_rows, write_rows

@@ -14,10 +14,9 @@ import pyarrow as pa
 import pytest
 
 from batchrun.engine.fake import FakeEngine
-from batchrun.errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE
+from batchrun.errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, CheckpointError
 from batchrun.io.output.checkpoint import (
     Checkpoint,
-    CheckpointError,
     ResultJournal,
     partial_dir_for,
 )

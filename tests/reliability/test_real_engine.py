@@ -18,8 +18,8 @@ from typing import Any
 
 import pytest
 
-from batchrun.config import ConfigError, SamplingDefaults
-from batchrun.errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_ROW_ERRORS
+from batchrun.config import SamplingDefaults
+from batchrun.errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_ROW_ERRORS, ConfigError
 from batchrun.ingest.prepare import prepare_job
 from batchrun.io.output.checkpoint import partial_dir_for
 from batchrun.job.engine_setup import engine_sizing

@@ -21,6 +21,7 @@ from itertools import pairwise
 import numpy as np
 import torch
 
+from ...plan.blocks import blocks_for
 from .groups import SharedPrefix
 
 
@@ -105,7 +106,7 @@ def _suffix_batch(seqs: np.ndarray, prefix_blocks: np.ndarray, starts: np.ndarra
     q_lens = query_lens[seqs]
     key_lens = seq_lens[seqs] - prefix_blocks * block_size  # keys after the prefix
     first_query = key_lens - q_lens  # the first query's position among them
-    num_blocks = -(-key_lens // block_size)
+    num_blocks = blocks_for(key_lens, block_size)
     i = np.arange(q_lens.max())
     b = np.arange(num_blocks.max())
     j = np.arange(b.size * block_size)

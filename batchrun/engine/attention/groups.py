@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ...config import AttentionMode
 from ...plan.prefix_tree import PrefixTree
 from ...plan.sharing import choose_groups
 from . import stats
@@ -67,9 +68,9 @@ class PrefixPolicy:
         """``prefix`` takes every group; ``auto`` only the ones that pay on ``platform``
         (``cpu`` or ``cuda``), for a cache of ``kv_bytes_per_token`` per token and layer.
         None: the stock path for every step, without a group search."""
-        if mode == "prefix":
+        if mode == AttentionMode.PREFIX:
             return cls(min_saved_keys=1)
-        threshold = AUTO_MIN_SAVED_BYTES[platform] if mode == "auto" else None
+        threshold = AUTO_MIN_SAVED_BYTES[platform] if mode == AttentionMode.AUTO else None
         if threshold is None:
             return None
         if not kv_bytes_per_token:

@@ -14,22 +14,23 @@ from __future__ import annotations
 
 import os
 
+from ...config import AttentionMode
+
 ENV_VAR = "BATCHRUN_ATTENTION"
-MODES = ("auto", "prefix", "default")
 
-_mode = "default"
+_mode = AttentionMode.DEFAULT
 
 
-def mode_from_env() -> str:
+def mode_from_env() -> AttentionMode:
     """The mode BATCHRUN_ATTENTION asks for; unset means ``default`` so that plain vLLM runs
     in the same environment stay untouched."""
-    value = os.environ.get(ENV_VAR, "").strip().lower() or "default"
-    if value not in MODES:
-        raise ValueError(f"{ENV_VAR} must be one of {MODES}, not {value!r}")
-    return value
+    value = os.environ.get(ENV_VAR, "").strip().lower() or AttentionMode.DEFAULT
+    if value not in AttentionMode.values():
+        raise ValueError(f"{ENV_VAR} must be one of {AttentionMode.values()}, not {value!r}")
+    return AttentionMode(value)
 
 
-def load_mode_from_env() -> str:
+def load_mode_from_env() -> AttentionMode:
     global _mode
     _mode = mode_from_env()
     return _mode
@@ -38,10 +39,10 @@ def load_mode_from_env() -> str:
 def set_mode(mode: str) -> None:
     """Switch this process's attention path; takes effect from the next engine step."""
     global _mode
-    if mode not in MODES:
-        raise ValueError(f"attention mode must be one of {MODES}, not {mode!r}")
-    _mode = mode
+    if mode not in AttentionMode.values():
+        raise ValueError(f"attention mode must be one of {AttentionMode.values()}, not {mode!r}")
+    _mode = AttentionMode(mode)
 
 
-def get_mode() -> str:
+def get_mode() -> AttentionMode:
     return _mode

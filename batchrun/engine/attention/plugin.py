@@ -6,13 +6,15 @@ from __future__ import annotations
 import importlib.util
 import logging
 
+from ...config import AttentionMode
 from . import stats
 from .mode import ENV_VAR, mode_from_env
 
 log = logging.getLogger(__name__)
 
-CPU_BACKEND = "batchrun.engine.attention.cpu_backend.BatchrunCPUAttentionBackend"
-CUDA_BACKEND = "batchrun.engine.attention.cuda_backend.BatchrunTritonAttentionBackend"
+# The classes (import paths) vLLM loads in place of CPU_ATTN and TRITON_ATTN.
+CPU_BACKEND_CLASS = "batchrun.engine.attention.cpu_backend.BatchrunCPUAttentionBackend"
+CUDA_BACKEND_CLASS = "batchrun.engine.attention.cuda_backend.BatchrunTritonAttentionBackend"
 
 
 def register() -> None:
@@ -27,18 +29,18 @@ def register() -> None:
     running: the summary's backend comes from the forward calls counted (``stats``).
     """
     mode = mode_from_env()
-    if mode == "default":
+    if mode == AttentionMode.DEFAULT:
         return
     from vllm.platforms import current_platform
     from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
 
     if current_platform.is_cpu():
-        register_backend(AttentionBackendEnum.CPU_ATTN, CPU_BACKEND)
+        register_backend(AttentionBackendEnum.CPU_ATTN, CPU_BACKEND_CLASS)
         stats.set_registered("batchrun-cpu")
     elif current_platform.is_cuda() and importlib.util.find_spec("batchrun_kernels"):
-        register_backend(AttentionBackendEnum.TRITON_ATTN, CUDA_BACKEND)
+        register_backend(AttentionBackendEnum.TRITON_ATTN, CUDA_BACKEND_CLASS)
         stats.set_registered("batchrun-triton")
-    elif mode == "prefix":
+    elif mode == AttentionMode.PREFIX:
         raise RuntimeError(f"{ENV_VAR}=prefix: batchrun has no shared-prefix attention for "
                            f"{current_platform.device_name} (CPU, or CUDA with Triton only)")
     else:

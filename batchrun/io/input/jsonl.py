@@ -20,6 +20,7 @@ from typing import Any, BinaryIO, NamedTuple
 import pyarrow as pa
 
 from ...config import ColumnMap
+from ...errors import InputError, show
 from ..schema import ENDPOINT_CHAT, ENDPOINT_COMPLETION
 from ..storage import Location
 from .rows import (
@@ -27,12 +28,10 @@ from .rows import (
     DRAFT_SCHEMA,
     FIELDS,
     DraftBatch,
-    InputError,
     RowError,
     json_text,
     parse_id,
     parse_request,
-    show,
 )
 
 MAX_LINE_BYTES = 8 * 2**20

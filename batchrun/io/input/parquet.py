@@ -20,8 +20,9 @@ import pyarrow.parquet as pq
 
 from ... import structured
 from ...config import ColumnMap
+from ...errors import InputError, one_line
 from ..schema import DICTIONARY_STRING, ENDPOINT_CHAT, ENDPOINT_COMPLETION
-from ..storage import Location, one_line
+from ..storage import Location
 from .rows import (
     CONSTRAINT_FIELDS,
     DRAFT_SCHEMA,
@@ -31,7 +32,6 @@ from .rows import (
     INT64_MIN,
     PROMPT_SOURCES,
     DraftBatch,
-    InputError,
     RowError,
     logprobs_problem,
     parse_constraint,

@@ -58,21 +58,17 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from ...config import INPUT_FORMATS, ColumnMap
+from ...config import ColumnMap, InputFormat
+from ...errors import InputError, show
 from ..datasets import expand
 from ..schema import REQUEST_SCHEMA
 from ..storage import Location, reading_input
 from .ids import HeldIds, IdHashes
 from .jsonl import iter_jsonl
 from .parquet import iter_parquet, open_parquet
-from .rows import (
-    DraftBatch,
-    InputError,
-    json_text,
-    show,
-)
+from .rows import DraftBatch, json_text
 
-__all__ = ["BATCH_ROWS", "FILENAME_COLUMN", "InputError", "RequestBatch", "RequestSet",
+__all__ = ["BATCH_ROWS", "FILENAME_COLUMN", "RequestBatch", "RequestSet",
            "RequestStream", "cast_passthrough", "open_request_stream", "read_request_set",
            "read_requests", "unified_passthrough_schema"]
 
@@ -94,14 +90,14 @@ _COMPRESSED = {b"\x1f\x8b": "gzip", b"\x28\xb5\x2f\xfd": "zstd", b"PK\x03\x04": 
 class RequestSet:
     """What an input file holds.
 
-    requests: REQUEST_SCHEMA, one row per input row, in input order.
+    table: REQUEST_SCHEMA, one row per input row, in input order.
     passthrough: the columns named in ColumnMap.passthrough, one row per request, null where a
         row lacks one (no columns when none are named). From JSONL, nested values come as JSON
         text, and a column whose values do not share one type comes as text.
     input_format: what the file turned out to be: "jsonl", "openai" or "parquet".
     """
 
-    requests: pa.Table
+    table: pa.Table
     passthrough: pa.Table
     input_format: str
 
@@ -187,9 +183,9 @@ def open_request_stream(path: Location | str | os.PathLike[str],
     is detected on its own). Every file is checked here, before any row is read: InputError
     for one that cannot be used at all. Bad rows become error rows."""
     path = Location.coerce(path)
-    if input_format not in INPUT_FORMATS:
+    if input_format not in InputFormat.values():
         raise InputError(f"{path}: unknown input format {input_format!r}; "
-                         f"use one of {', '.join(INPUT_FORMATS)}")
+                         f"use one of {', '.join(InputFormat.values())}")
     files = expand(path)
     dataset = files != [path]
     checked = []
@@ -208,7 +204,7 @@ def open_request_stream(path: Location | str | os.PathLike[str],
 def read_requests(path: Location | str | os.PathLike[str], columns: ColumnMap = _DEFAULT_COLUMNS,
                   input_format: str = "auto") -> pa.Table:
     """The request table of `path` (see read_request_set)."""
-    return read_request_set(path, columns, input_format).requests
+    return read_request_set(path, columns, input_format).table
 
 
 def read_request_set(path: Location | str | os.PathLike[str],

@@ -1,8 +1,5 @@
 """What one request row may hold: the checks every input format shares.
 
-InputError (a whole file is unusable) lives here too, so that every reader module can raise it;
-batchrun.io.input.readers is its public home.
-
 The JSONL, OpenAI-batch and Parquet readers all hand raw Python values to the functions here,
 so a bad value gets the same verdict and the same message whatever file it came from. (The
 Parquet reader first tries vectorized Arrow checks and falls back to these for any column chunk
@@ -22,7 +19,7 @@ from typing import Any, NamedTuple
 import pyarrow as pa
 
 from ... import structured
-from ...errors import UsageError
+from ...errors import show
 from ..schema import ENDPOINT_CHAT, ENDPOINT_COMPLETION, REQUEST_SCHEMA
 
 INT32_MAX = 2**31 - 1
@@ -58,29 +55,12 @@ class DraftBatch(NamedTuple):
     input_format: str | None
 
 
-class InputError(UsageError):
-    """The input file as a whole cannot be read (the CLI exits with code 2). The message is one
-    line that names the file and the fix."""
-
-
 class RowError(ValueError):
     """What is wrong with one row and how to fix it, without the "row N: " prefix."""
 
 
 class _Invalid(Exception):
     """Raised by a field parser; parse_field words the message from the field's reason."""
-
-
-def show(value: Any, limit: int = 60) -> str:
-    """A value as JSON for an error message: one line, short, always valid UTF-8."""
-    try:
-        text = json.dumps(value, ensure_ascii=False, default=repr)
-    except (ValueError, RecursionError):
-        text = f"<{type(value).__name__}>"
-    if len(text) > limit:
-        text = text[: limit - 3] + "..."
-    # A lone surrogate from a "\ud800" escape cannot be stored in an Arrow string.
-    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def json_text(values: Sequence[Any]) -> pa.Array:

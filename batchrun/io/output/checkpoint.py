@@ -24,7 +24,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from ...errors import UsageError
+from ...errors import CheckpointError
 from ..files import fsync_dir
 from ..schema import RESULT_SCHEMA
 
@@ -34,8 +34,6 @@ MANIFEST = "manifest.json"
 COMPLETE = "complete"
 
 
-class CheckpointError(UsageError, RuntimeError):
-    """The checkpoint cannot be used as asked; the message says what to do instead."""
 
 
 def partial_dir_for(output: Path) -> Path:

@@ -7,7 +7,7 @@ import fcntl
 import os
 from pathlib import Path
 
-from .checkpoint import CheckpointError
+from ...errors import CheckpointError
 
 
 class JobLock:

@@ -22,6 +22,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from ...plan.blocks import ceil_div
 from ..files import fsync_dir, temp_path
 from ..input.readers import cast_passthrough, unified_passthrough_schema
 from ..schema import RESULT_SCHEMA
@@ -104,8 +105,8 @@ def write_in_row_order(journals: list[Path], rows: int, columns: InputColumns,
     or not at all (the OpenAI file first: the Parquet file appearing marks the job done).
     Returns the rows written. A row journaled twice is written once (the first)."""
     total = sum(j.stat().st_size for j in journals)
-    ranges = max(1, -(-total // max(range_bytes, 1)))
-    step = -(-rows // ranges) if rows else 1
+    ranges = max(1, ceil_div(total, max(range_bytes, 1)))
+    step = ceil_div(rows, ranges) if rows else 1
     schema = columns.schema()
     passthrough = [f for f in schema if f.name != ENDPOINT and f.name not in RESULT_SCHEMA.names]
     out_schema = pa.schema([*RESULT_SCHEMA, *passthrough]).with_metadata(
@@ -206,7 +207,8 @@ class _AtomicOutput:
                 self.openai_tmp.unlink(missing_ok=True)
 
 
-def count_done(journals: list[Path], count: Callable[[pa.Table], None]) -> np.ndarray:
+def read_finished_rows(journals: list[Path],
+                       count: Callable[[pa.Table], None]) -> np.ndarray:
     """The rows finished in earlier runs (sorted row numbers), read batch by batch; each
     row's result is passed to `count` once."""
     seen = np.zeros(0, dtype=bool)
