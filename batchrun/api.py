@@ -22,16 +22,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .config import (
-    SECTIONS,
-    EngineKind,
-    JobConfig,
-    load_job_file,
-    option_keys,
-    with_overrides,
-)
+from .config import SECTIONS, EngineKind, JobConfig
 from .errors import EXIT_INTERRUPTED, ConfigError, JobInterrupted, UsageError
 from .io.storage import Location
+from .job_file import load_job_file, option_keys, with_overrides
 
 if TYPE_CHECKING:
     import polars

@@ -35,7 +35,7 @@ os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from batchrun.config import load_job_file, with_overrides  # noqa: E402
+from batchrun.job_file import load_job_file, with_overrides  # noqa: E402
 
 LABEL_TOKENS = 4  # "POS" "IT" "IVE" <|im_end|>: what a label takes with SmolLM2's tokenizer
 

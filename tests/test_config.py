@@ -7,8 +7,14 @@ from pathlib import Path
 
 import pytest
 
-from batchrun.config import _field_kinds, load_job_file, option_keys, parse_size, with_overrides
+from batchrun.config import parse_size
 from batchrun.errors import ConfigError
+from batchrun.job_file import (
+    _field_kinds,
+    load_job_file,
+    option_keys,
+    with_overrides,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 

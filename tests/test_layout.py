@@ -16,7 +16,7 @@ PACKAGE = Path(batchrun.__file__).parent
 # paths under batchrun/ (a folder stands for everything in it).
 LAYERS = [
     {"errors", "version", "clock", "structured", "io.storage", "io.files", "io.schema", "plan"},
-    {"config", "model"},
+    {"config", "model", "job_file"},
     {"engine", "io.datasets", "io.input", "io.output"},
     {"ingest"},
     {"execute"},

@@ -16,12 +16,12 @@ import pytest
 from openai.types import Completion
 from openai.types.chat import ChatCompletion
 
-from batchrun.config import load_job_file, with_overrides
 from batchrun.engine.fake import FakeEngine
 from batchrun.errors import EXIT_OK, EXIT_ROW_ERRORS, ConfigError
 from batchrun.ingest.prepare import prepare_job
 from batchrun.io.input.readers import read_request_set
 from batchrun.job.run import run_job
+from batchrun.job_file import load_job_file, with_overrides
 from tests.helpers import job, read_output, write_jsonl
 from tests.reliability.harness import cli
 
