@@ -37,7 +37,7 @@ from ..errors import ConfigError, EngineDiedError, ModelError, UsageError, one_l
 from ..execute.result_rows import TokenSums
 from ..execute.shard import ShardRun
 from ..execute.stop import StopFlag
-from ..ingest.prepare import ShardedJob
+from ..ingest.stream import ShardedJob
 from ..plan.blocks import ceil_div, round_up
 from .actor import UNREAD_RESULTS, PieceDone, ReplicaJob, actor_class
 from .queue import PrefixOrders, ShardQueue, ShardRef, Work

@@ -17,10 +17,10 @@ from ..config import EngineKind, JobConfig
 from ..ingest.prepare import (
     load_tokenizer,
     prepare_shard,
-    read_into_shards,
     request_constraints,
     request_logprobs,
 )
+from ..ingest.stream import read_into_shards
 from ..ingest.tokenize import tokenize_requests
 from ..io.input.readers import open_request_stream
 from ..plan.job_figures import JobPlanFigures

@@ -29,8 +29,9 @@ from ..errors import (
 from ..execute.executor import StepTrace
 from ..execute.shard import ShardRun, run_shard
 from ..execute.stop import StopFlag
-from ..ingest.prepare import PreparedJob, ShardedJob, prepare_shard, read_into_shards
+from ..ingest.prepare import PreparedJob, prepare_shard
 from ..ingest.shards import Shard
+from ..ingest.stream import ShardedJob, read_into_shards
 from ..io import storage
 from ..io.datasets import input_fingerprint
 from ..io.output.checkpoint import Checkpoint, ResultJournal, partial_dir_for

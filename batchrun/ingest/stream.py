@@ -1,0 +1,116 @@
+"""The ingest pipeline, streamed: read the input batch by batch, tokenize each batch, and cut
+the job into prefix shards within the memory budget (shards.py). Rows finished in an earlier
+run are read for their pass-through columns only."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from ..clock import StageClock
+from ..config import JobConfig
+from ..engine.sizing import LongestRequest, longest_request
+from ..io.input.readers import open_request_stream
+from ..io.output.writer import ENDPOINT, InputColumns
+from .prepare import load_tokenizer, request_constraints, request_max_tokens, tokenized_table
+from .shards import Shard, ShardBuilder
+from .tokenize import TokenizedRequests, tokenize_requests
+
+
+@dataclass
+class ShardedJob:
+    """A job read, tokenized and cut into prefix shards (see shards.py), with what the
+    output needs from the input (`columns`) and what sizing the engine needs (`longest`)."""
+
+    rows: int  # input rows, finished before or not
+    input_format: str
+    shards: list[Shard]
+    columns: InputColumns
+    spilled_bytes: int
+    max_model_len: int
+    longest: LongestRequest | None
+    spill_dir: Path
+    runnable_requests: int = 0  # requests with token ids (the rest are error rows)
+    new_tokens: int = 0  # the sum of their max_tokens
+
+    @property
+    def pending_rows(self) -> int:
+        """Rows to run or to report as errors in this run (not finished before)."""
+        return sum(s.rows for s in self.shards)
+
+    def remove_spill(self) -> None:
+        shutil.rmtree(self.spill_dir, ignore_errors=True)
+
+
+def read_into_shards(config: JobConfig, *, engine_kind: str, finished_rows: np.ndarray,
+                     spill_dir: Path,
+                     engine_max_model_len: int | None = None,
+                     stop: Callable[[], bool] = lambda: False,
+                     clock: StageClock | None = None) -> ShardedJob:
+    """Read the input batch by batch, tokenize each batch, and cut the job into prefix shards
+    in `config.engine.memory_budget`. Rows in `finished_rows` (sorted row numbers: finished in an
+    earlier run) are read for their pass-through columns only. `stop()` ends the read early
+    (a signal): the job then has no shards. `clock` gets the read, tokenize, shard seconds."""
+    clock = clock or StageClock()
+    tokenizer, max_model_len = load_tokenizer(config, engine_kind, engine_max_model_len)
+    budget = config.engine.memory_budget
+    shutil.rmtree(spill_dir, ignore_errors=True)
+    # Sorting a run or planning a shard takes several times its bytes (token copies, prefix
+    # hashes, the tree's arrays): measured peaks of 6-10x, so each gets a sixteenth.
+    builder = ShardBuilder(spill_dir, run_bytes=budget // 16, shard_bytes=budget // 16)
+    columns = InputColumns(spill_dir, memory_bytes=budget // 16)
+    sizes = _RequestSizes()
+    stream = open_request_stream(config.input, config.columns, config.input_format)
+    for batch in clock.timed("read", stream):
+        table = batch.requests
+        skip = _finished(table["row"].to_numpy(), finished_rows)
+        with clock("tokenize"):
+            tokens = tokenize_requests(table, tokenizer, max_model_len=max_model_len, skip=skip)
+            sizes.add(config, table, tokens, max_model_len)
+        with clock("shard"):
+            builder.add(tokenized_table(table, tokens, skip))
+            columns.append(pa.table({**{n: batch.passthrough[n]
+                                        for n in batch.passthrough.column_names},
+                                     ENDPOINT: table["endpoint"]}))
+        if stop():
+            return ShardedJob(columns.rows, stream.input_format, [], columns, 0, max_model_len,
+                              None, spill_dir)
+    with clock("shard"):
+        shards = builder.finish()
+    return ShardedJob(columns.rows, stream.input_format, shards, columns, builder.spilled_bytes,
+                      max_model_len, sizes.longest, spill_dir, sizes.runnable_requests,
+                      sizes.new_tokens)
+
+
+@dataclass
+class _RequestSizes:
+    """What sizing the engine needs to know of the whole job, gathered batch by batch."""
+
+    longest: LongestRequest | None = None
+    runnable_requests: int = 0
+    new_tokens: int = 0
+
+    def add(self, config: JobConfig, table: pa.Table, tokens: TokenizedRequests,
+            max_model_len: int) -> None:
+        constraints = request_constraints(table, tokens.positions, config)
+        max_tokens = request_max_tokens(table, tokens, constraints, config, max_model_len)
+        ids, at = table["id"], tokens.positions
+        longest = longest_request(tokens.lengths(), max_tokens,
+                                  lambda i: ids[int(at[i])].as_py())
+        if self.longest is None or (longest is not None and longest.tokens > self.longest.tokens):
+            self.longest = longest
+        self.runnable_requests += len(max_tokens)
+        self.new_tokens += int(max_tokens.sum())
+
+
+def _finished(rows: np.ndarray, finished_rows: np.ndarray) -> np.ndarray:
+    """Which of `rows` are in `finished_rows` (sorted)."""
+    if not len(finished_rows):
+        return np.zeros(len(rows), dtype=bool)
+    at = np.minimum(np.searchsorted(finished_rows, rows), len(finished_rows) - 1)
+    return finished_rows[at] == rows
