@@ -14,7 +14,7 @@ jobs are far larger than the cache.
 
 `--attention` takes several modes: each runs every job on its own engine (vLLM picks the
 attention backend when an engine starts). `auto` asks the runner which backend each job's
-plan calls for (`runner.choose_job_attention`, before any engine starts, as `batchrun run`
+plan calls for (`job.engine_setup.choose_job_attention`, before any engine starts, as `batchrun run`
 does) and runs the job on an engine started with that choice. With more than one mode, a last
 table compares batchrun's wall time across them.
 """

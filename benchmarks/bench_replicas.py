@@ -14,7 +14,7 @@ plan`'s block_ideal_computed_tokens) and its wall time, side by side.
 
 Part 2, a simulated fleet: a 1M-row job whose rows pick one of 20,000 system prompts with
 Zipf popularity (s = 1.1: the most popular prompt holds ~14% of the rows), cut into prefix
-shards by batchrun's own shard builder (batchrun/shards.py) in a 4 GiB budget. The replicas
+shards by batchrun's own shard builder (batchrun/ingest/shards.py) in a 4 GiB budget. The replicas
 are a cost model, not engines: a piece costs its block-ideal computed prompt tokens times
 the prefill time per token plus its max_tokens times the decode time per token, both
 measured on this machine's vLLM (or given: --prefill-us/--decode-us).
@@ -185,7 +185,7 @@ def zipf_shards(job: ZipfJob, spill_dir: Path, memory_budget: int) -> list[Shard
 
 def job_block_ideal(shards: list[Shard]) -> int:
     """The whole job's block ideal: its shards' ideals less what each boundary shares
-    (shards are consecutive ranges of the token order: batchrun/shards.py)."""
+    (shards are consecutive ranges of the token order: batchrun/ingest/shards.py)."""
     total, last = 0, None
     for shard in shards:
         order = PrefixOrder.of(shard.load(), BLOCK)

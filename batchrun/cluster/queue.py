@@ -49,7 +49,7 @@ MIN_PIECE_ROWS = 8
 
 
 class ShardRef(Protocol):
-    """A prefix shard of the job (batchrun/shards.py): its size, and its rows on demand."""
+    """A prefix shard of the job (batchrun/ingest/shards.py): its size, and its rows on demand."""
 
     @property
     def rows(self) -> int: ...

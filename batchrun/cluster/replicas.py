@@ -363,7 +363,7 @@ def replica_sizing(config: JobConfig, sizing: EngineSizing) -> EngineSizing:
 
 
 class EngineReplicas:
-    """The runner's handle on a job's replicas, used as it uses one engine: started with the
+    """A job's handle on its replicas, used as it uses one engine: started with the
     job's sizing, then run on the job's shards, then closed (Ray too, if it started Ray)."""
 
     def __init__(self, job: ReplicaJob) -> None:
@@ -389,7 +389,7 @@ class EngineReplicas:
     def run(self, shards: Sequence[ShardRef], on_results: Callable[[pa.Table], None],
             stop: StopFlag, grace_s: float) -> list[ShardRun]:
         """Run every shard; `on_results` gets each result table once (global row numbers).
-        Returns the ShardRun of every piece, in the job's token order (as the runner
+        Returns the ShardRun of every piece, in the job's token order (as job/run.py
         adds up plan figures). Raises EngineDiedError (exit 4, resumable) when every replica
         is gone."""
         work = ShardQueue(shards, len(self.fleet.alive), PrefixOrders(self.job.sizing.block_size))

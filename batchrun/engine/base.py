@@ -1,6 +1,6 @@
-"""What the runner needs from an engine: add requests, step, collect finished results.
+"""What a job needs from an engine: add requests, step, collect finished results.
 
-The runner, not the engine, decides which requests are in flight and in what order, so the
+The executor, not the engine, decides which requests are in flight and in what order, so the
 interface is vLLM's request-level one (LLMEngine.add_request / step), not `generate(all)`.
 """
 

@@ -1,6 +1,6 @@
 """A deterministic in-process engine for pipeline tests (`--engine fake`): no model, no vLLM.
 
-It behaves like vLLM where the runner can tell: requests run concurrently up to a KV budget,
+It behaves like vLLM where the executor can tell: requests run concurrently up to a KV budget,
 one token per step, and a block-granular LRU prefix cache reports `cached_tokens` the way
 vLLM's num_cached_tokens does. Its text is a pure function of the prompt and sampling, so
 outputs do not depend on order or batching. Never used by `batchrun run` unless asked.
@@ -8,7 +8,7 @@ outputs do not depend on order or batching. Never used by `batchrun run` unless 
 Constrained rows: a choice row answers one of its choices, a JSON row the smallest instance of
 its schema (`{}` for json_object), four characters a token, cut short at max_tokens as a real
 engine's would be. It does not follow regexes: a regex row answers free text (which the
-runner's output check then fails). Logprobs are made up, but shaped like vLLM's.
+output check (execute/result_rows.py) then fails). Logprobs are made up, but shaped like vLLM's.
 
 `batchrun run --engine fake` reads extra constructor arguments from the environment variable
 BATCHRUN_FAKE_ENGINE, a JSON object, so that CLI-level tests can slow the engine down (to kill

@@ -14,8 +14,8 @@ job). Instead:
   so that a second job or replica still fits beside this one. On GPUs the KV cache is vLLM's
   own (gpu_memory_utilization): the card's memory serves nothing else.
 
-One place computes these figures: the runner (before starting vLLM) and `batchrun plan` both
-call `size_engine`, so a plan and the run it describes agree.
+One place computes these figures: a run (job/engine_setup.py, before starting vLLM) and
+`batchrun plan` both call `size_engine`, so a plan and the run it describes agree.
 """
 
 from __future__ import annotations

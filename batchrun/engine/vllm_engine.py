@@ -66,8 +66,9 @@ def kernels_available() -> bool:
 
 def engine_attention(options: EngineOptions,
                      choice: AttentionChoice | None = None) -> AttentionChoice:
-    """The job's choice when it made one (the runner does, from its plan); else the choice
-    for ``options.attention`` without plan figures (``auto`` on CUDA then keeps vLLM's)."""
+    """The job's choice when it made one (job/engine_setup.py, from the plan); else the
+    choice for ``options.attention`` without plan figures (``auto`` on CUDA then keeps
+    vLLM's)."""
     return choice or choose_attention(options.attention, platform_name(),
                                       kernels_available=kernels_available())
 

@@ -1,5 +1,5 @@
-"""The two tables that pass between stages: requests (reader -> runner) and results
-(runner -> writer). Plain Arrow schemas, so every stage can be tested on its own.
+"""The two tables that pass between stages: requests (reader -> executor) and results
+(executor -> writer). Plain Arrow schemas, so every stage can be tested on its own.
 
 Requests: one row per input row, in input order, whatever the input format was.
     row        input row number (0-based; blank JSONL lines are not rows)

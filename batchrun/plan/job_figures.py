@@ -1,6 +1,6 @@
 """The whole job's plan figures from its shards' plans.
 
-Shards are consecutive ranges of the token order (see batchrun/shards.py), so the whole job's
+Shards are consecutive ranges of the token order (see batchrun/ingest/shards.py), so the whole job's
 prefix tree is the shards' trees joined at each boundary: its distinct and block-ideal token
 counts are the shards' sums less what the two prompts meeting at each boundary share.
 """

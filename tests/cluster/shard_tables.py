@@ -28,7 +28,7 @@ def request_table(prompts: list[list[int] | None], first_row: int = 0,
 
 @dataclass(eq=False)
 class TableShard:
-    """A shard held in memory (batchrun/shards.py spills big ones to disk)."""
+    """A shard held in memory (batchrun/ingest/shards.py spills big ones to disk)."""
 
     data: pa.Table
     loads: int = 0

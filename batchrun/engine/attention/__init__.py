@@ -2,7 +2,7 @@
 engine, registered by the ``vllm.general_plugins`` entry point ``plugin.register``.
 
 This package's top level stays free of vLLM and torch imports: vLLM imports the plugin in
-every process, and the runner reads the counters without touching the engine.
+every process, and the job reads the counters without touching the engine.
 """
 
 from .mode import get_mode, set_mode

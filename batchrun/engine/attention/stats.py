@@ -2,7 +2,7 @@
 the attention calls.
 
 The backend counts in module-level counters of the process that runs the model. With vLLM's
-in-process engine (batchrun's default on CPU) that is the runner's own process. vLLM on GPUs
+in-process engine (batchrun's default on CPU) that is the job's own process. vLLM on GPUs
 runs the model in an engine-core (and worker) process: there, when ``BATCHRUN_ATTENTION_STATS_DIR``
 names a folder, each process that ran an attention call writes its counters to
 ``<folder>/<pid>.json``: at its first call, then at most every ``DUMP_INTERVAL_S`` seconds
