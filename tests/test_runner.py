@@ -184,3 +184,19 @@ def test_openai_batch_output(tmp_path):
     assert lines[0]["response"]["body"]["choices"][0]["message"]["role"] == "assistant"
     assert "text" in lines[1]["response"]["body"]["choices"][0]
     assert lines[1]["response"]["body"]["usage"]["completion_tokens"] <= 4
+
+
+def test_results_that_do_not_add_up_are_a_bug_not_a_usage_error(tmp_path, monkeypatch):
+    # Were a result lost between the engine and the books, the job must not be declared done,
+    # nor blamed on the user (exit 2): it is batchrun's bug, which the CLI reports as exit 1.
+    from batchrun.errors import BatchrunError
+    from batchrun.job.summary import ResultCounts
+
+    cfg = job(tmp_path, write_jsonl(tmp_path / "in.jsonl", shared_prefix_rows(6)))
+    count = ResultCounts.count
+    monkeypatch.setattr(ResultCounts, "count",
+                        lambda self, table: count(self, table.slice(1)))
+    with pytest.raises(RuntimeError, match="results for 6 rows") as raised:
+        run_fake(cfg)
+    assert not isinstance(raised.value, BatchrunError)
+    assert not cfg.output.exists()

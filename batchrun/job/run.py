@@ -22,7 +22,6 @@ from ..errors import (
     EXIT_INTERRUPTED,
     EXIT_OK,
     EXIT_ROW_ERRORS,
-    CheckpointError,
     EngineDiedError,
     one_line,
 )
@@ -282,8 +281,8 @@ class _JobRun:
         if self.status != "ok":
             return self._stopped(summary, self.message)
         if self.counts.rows != self.sharded.rows:
-            raise CheckpointError(f"internal: {self.counts.rows} results for "
-                                  f"{self.sharded.rows} rows")
+            # A bug, not a checkpoint the user can fix: the CLI reports it as exit 1.
+            raise RuntimeError(f"{self.counts.rows} results for {self.sharded.rows} rows")
         try:
             self.ckpt.mark_complete()
             with self.clock("write"):
