@@ -1,5 +1,6 @@
 """SIGTERM / SIGINT: stop admitting, let in-flight requests finish for the grace period, save,
-exit 4; a second signal stops at once. Either way `--resume` finishes the job exactly once.
+exit 4; a second signal stops at once; a third, while the cleanup after the second hangs,
+leaves at once. Either way `--resume` finishes the job exactly once.
 What happened when is counted in events a traced run writes (engine steps, signals
 received), not in seconds.
 Also: the handler's Interrupted landing inside an engine step or a journal write leaves a
@@ -18,7 +19,7 @@ import pytest
 
 from batchrun.engine.base import GenerationResult, StepOutput
 from batchrun.engine.fake import FakeEngine
-from batchrun.io.results import Checkpoint, ResultJournal, partial_dir_for
+from batchrun.io.results import Checkpoint, JobLock, ResultJournal, partial_dir_for
 from batchrun.runner import EXIT_INTERRUPTED, EXIT_OK, run_job
 from tests.helpers import job
 from tests.reliability.harness import (
@@ -145,6 +146,50 @@ def test_a_second_signal_stops_at_once_and_is_still_resumable(tmp_path: Path) ->
     check_output(out, ids)
     check_nothing_finished_ran_again(resume_log, saved)
     assert abandoned <= set(admitted(resume_log))
+    check_summary_tokens(out)
+
+
+def test_a_third_signal_leaves_at_once_while_cleanup_hangs_and_is_still_resumable(
+        tmp_path: Path) -> None:
+    ids = write_rows(tmp_path / "in.jsonl", 200)
+    out = tmp_path / "out.parquet"
+    trace = tmp_path / "events.txt"
+    # The cleanup after the second signal closes the engine: here that close never returns.
+    proc = start_traced(trace, *run_args(tmp_path, "--grace-period", "3600"),
+                        fake_engine={"max_num_seqs": 8}, pause=(FIRST, SECOND),
+                        hang="batchrun.engine.fake:FakeEngine.close")
+    try:
+        wait_for_event(trace, proc, paused(1))
+        proc.send_signal(signal.SIGTERM)
+        wait_for_event(trace, proc, paused(2))
+        proc.send_signal(signal.SIGTERM)
+        wait_for_event(trace, proc, lambda seen: ["hang"] in seen)
+        proc.send_signal(signal.SIGTERM)
+        # A hang detector, not a time limit: without the third signal's exit it never ends.
+        stderr = finish(proc, timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == EXIT_INTERRUPTED, stderr
+    assert stderr.rstrip().endswith("batchrun: third signal: exiting now; finished rows are "
+                                    "saved, run again with --resume"), stderr
+    assert "Traceback" not in stderr
+    seen = events(trace)
+    # It left from the handler: nothing ran after the third signal, the hung cleanup did not
+    # end, and none of the cleanup after it ran (the summary is unwritten, the lock file
+    # still there: the kernel released the lock itself with the process).
+    assert seen[-2:] == [["hang"], ["signal", "3"]], seen[-5:]
+    assert not out.with_name(out.name + ".summary.json").exists()
+    assert JobLock(out).path.exists()
+    saved = journaled_rows(out)
+    assert 0 < len(saved) < len(ids) and len(saved) == len(set(saved))
+    resume_log = tmp_path / "admitted-2.txt"
+    resumed = batchrun(*run_args(tmp_path, "--resume"),
+                       fake_engine={"admitted_log": str(resume_log)})
+    assert resumed.returncode == EXIT_OK, resumed.stderr
+    check_output(out, ids)
+    check_nothing_finished_ran_again(resume_log, saved)
     check_summary_tokens(out)
 
 
