@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 
 from batchrun.errors import EXIT_INTERNAL, EXIT_USAGE
 from tests.helpers import write_jsonl
-from tests.reliability.harness import cli
+from tests.reliability.harness import admitted, cli
 
 
 def broken(*_: object, **__: object) -> None:
@@ -36,7 +37,9 @@ def test_the_summary_says_when_a_prefix_found_brief_ran_after_the_rest(
     # The fake engine answers in 1-24 tokens: under a max_tokens of 200, brief. Two shared
     # heads, more rows each than fit the fake engine's cache at once (64 blocks of 4 tokens,
     # each row's own tokens 3 blocks).
-    monkeypatch.setenv("BATCHRUN_FAKE_ENGINE", '{"kv_capacity_tokens": 256}')
+    log = tmp_path / "admitted.txt"
+    monkeypatch.setenv("BATCHRUN_FAKE_ENGINE", json.dumps({"kv_capacity_tokens": 256,
+                                                           "admitted_log": str(log)}))
     heads = [list(range(100, 112)), list(range(200, 212))]  # 3 blocks of 4 tokens each
     write_jsonl(tmp_path / "in.jsonl", [
         {"prompt_token_ids": heads[i % 2] + [1000 * k + i for k in range(1, 13)]}
@@ -45,7 +48,18 @@ def test_the_summary_says_when_a_prefix_found_brief_ran_after_the_rest(
                  "fake", "--max-tokens", "200")
     assert result.exit_code == 0, result.stderr
     assert "rows: 120  succeeded: 120  failed: 0" in result.stderr
-    assert "order: 1 shared prefix(es) found to answer briefly" in result.stderr
+    assert "order: 1 shared prefix(es) found to answer briefly; the rest of their rows ran " \
+        "after work that may decode longer" in result.stderr
+    # What the engine was given, in order, by head (rows have no id: the id is the row
+    # number, and row i is under head i % 2). The head the plan started first was found brief
+    # and the rest of its rows ran after the other head's: the job ends with a stretch of
+    # its rows, all after the last row of the other head.
+    order = [int(rid) % 2 for rid in admitted(log)]
+    assert sorted(order) == sorted(i % 2 for i in range(120))
+    brief = order[0]
+    last_other = max(k for k, head in enumerate(order) if head != brief)
+    tail = order[last_other + 1:]
+    assert tail and set(tail) == {brief}
 
 
 @pytest.mark.parametrize("replicas", [(), ("--replicas", "2")], ids=["one-engine", "replicas"])

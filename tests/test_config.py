@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields, is_dataclass
 from pathlib import Path
 
 import pytest
 
-from batchrun.config import parse_size
+from batchrun.api import build_config
+from batchrun.config import ColumnMap, JobConfig, parse_size
 from batchrun.errors import ConfigError
+from batchrun.io.storage import Location
 from batchrun.job_file import (
     _field_kinds,
     load_job_file,
@@ -81,13 +83,59 @@ def test_flags_and_options_are_read_and_checked_like_job_file_keys():
         with_overrides(cfg, **{"engine.colour": 1})
 
 
+# A value for every option, each unlike its default and valid for its field.
+OPTION_VALUES: dict[str, object] = {
+    **{f"{name}_column": f"my_{name}" for name in ColumnMap.__dataclass_fields__
+       if name != "passthrough"},
+    "passthrough": ("topic", "lang"),
+    "max_tokens": 7, "temperature": 0.5, "top_p": 0.5, "seed": 11, "stop": ("END",),
+    "json_schema": str(REPO / "jobs" / "schemas" / "ticket.json"), "choices": ("A", "B"),
+    "regex": "[a-z]+", "logprobs": True, "top_logprobs": 3,
+    "dtype": "bfloat16", "max_model_len": 1024, "block_size": 64, "kv_cache_memory": 1 << 28,
+    "enforce_eager": True, "tensor_parallel_size": 2, "gpu_memory_utilization": 0.5,
+    "max_num_seqs": 32, "attention": "prefix", "memory_budget": 1 << 30,
+    "replicas": 3, "ray_address": "head:6379",
+    "output": REPO / "out" / "other.parquet", "model": "/models/x", "input_format": "jsonl",
+    "openai_output": REPO / "out" / "other.jsonl", "plan": False,
+    "work_dir": REPO / "out" / "work",
+}
+
+
+def fields_of(cfg: JobConfig) -> dict[str, object]:
+    """Every field of a config by its key ('output', 'sampling.max_tokens', ...); a location
+    as the path or URI it holds."""
+    flat = {}
+    for f in fields(cfg):
+        value = getattr(cfg, f.name)
+        if isinstance(value, Location):
+            flat[f.name] = value.where
+        elif is_dataclass(value):
+            flat.update({f"{f.name}.{k}": v for k, v in asdict(value).items()})
+        else:
+            flat[f.name] = value
+    return flat
+
+
 def test_every_option_name_sets_the_field_of_that_name():
     keys = option_keys()
-    assert keys["max_tokens"] == "sampling.max_tokens" and keys["seed"] == "sampling.seed"
-    assert keys["kv_cache_memory"] == "engine.kv_cache_memory"
-    assert keys["prompt_column"] == "columns.prompt" and keys["passthrough"] == \
-        "columns.passthrough"
-    assert keys["output"] == "output" and "input" not in keys
+    assert set(keys) == set(OPTION_VALUES), "give every option a value in OPTION_VALUES"
+    base = load_job_file(REPO / "jobs" / "example.toml")
+    before = fields_of(base)
+    for name, key in keys.items():
+        # The field of that name: `<name>_column` for a column's, `passthrough` for the
+        # columns passed through, else the field's own name.
+        section, _, field_name = key.rpartition(".")
+        named = f"{field_name}_column" if section == "columns" else field_name
+        assert name == ("passthrough" if key == "columns.passthrough" else named), key
+        # run()'s keyword argument sets that field, to that value, and no other field.
+        cfg = build_config(base, **{name: OPTION_VALUES[name]})
+        after = fields_of(cfg)
+        assert after[key] == OPTION_VALUES[name] != before[key], name
+        assert {k for k in after if after[k] != before[k]} == {key}, name
+    # Every field has an option, but the input (the first argument) and the engine's seed
+    # (`seed` is the sampling seed's); that one is set by its key.
+    assert set(before) - set(keys.values()) == {"input", "engine.seed"}
+    assert build_config(base, **{"engine.seed": 5}).engine.seed == 5
 
 
 def test_a_config_field_of_a_type_no_check_knows_fails_at_once():

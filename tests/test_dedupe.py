@@ -4,6 +4,7 @@ row whose generation it reuses. Sampled rows without a shared seed always run.""
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 
 import numpy as np
@@ -55,6 +56,46 @@ def test_identical_greedy_rows_reach_the_engine_once(tmp_path):
     engine_prompt = sum(r["prompt_tokens"] for r in out.values() if r["duplicate_of"] is None)
     cached = sum(r["cached_tokens"] for r in out.values() if r["duplicate_of"] is None)
     assert outcome.summary["tokens"]["computed_prompt"] == engine_prompt - cached
+
+
+# Pairs of identical rows (the same prompt, greedy) that differ from the plain pair only in
+# stop, in a constraint or in logprobs, and a row differing from each pair in that value too.
+KEYED = {
+    "plain": {},
+    "stop": {"stop": ["."]},
+    "stop-other": {"stop": ["!"]},
+    "choices": {"choices": ["yes", "no"]},
+    "choices-other": {"choices": ["yes", "maybe"]},
+    "schema": {"json_schema": {"type": "object", "properties": {"a": {"type": "string"}},
+                               "required": ["a"]}},
+    "json-object": {"response_format": {"type": "json_object"}},
+    "logprobs": {"logprobs": True},
+    "top-logprobs": {"top_logprobs": 2},
+}
+
+
+def test_rows_differing_only_in_stop_constraint_or_logprobs_are_not_merged(tmp_path):
+    rows = [{"id": f"{name}-{k}", "prompt": "Is the shelf full?", **extra}
+            for name, extra in KEYED.items() for k in (1, 2)]
+    cfg = job(tmp_path, write_jsonl(tmp_path / "in.jsonl", rows), max_tokens=16)
+    engine = FakeEngine(block_size=4, kv_capacity_tokens=8192)
+    assert run_fake(cfg, engine).exit_code == EXIT_OK
+    # What reached the engine: one request for each distinct (prompt, sampling, stop,
+    # constraint, logprobs), the first of its pair; the second is served from its result.
+    assert sorted(engine.admission_order) == sorted(f"{name}-1" for name in KEYED)
+    out = {r["id"]: r for r in read_output(cfg)}
+    for name in KEYED:
+        first, copy = out[f"{name}-1"], out[f"{name}-2"]
+        assert first["duplicate_of"] is None and copy["duplicate_of"] == f"{name}-1"
+        assert copy["text"] == first["text"] and copy["logprobs"] == first["logprobs"]
+    # Each kept what makes it differ: its constraint's answer, its logprobs.
+    assert out["choices-1"]["text"] in ("yes", "no")
+    assert json.loads(out["schema-1"]["text"]) == {"a": "x"}
+    assert out["plain-1"]["logprobs"] is None and out["logprobs-1"]["logprobs"]
+    assert all(len(t["top_logprobs"]) == 2 for t in out["top-logprobs-1"]["logprobs"])
+    assert out["logprobs-1"]["logprobs"][0]["top_logprobs"] == []
+    summary = json.loads((tmp_path / "out" / "results.parquet.summary.json").read_text())
+    assert summary["duplicate_rows"] == len(KEYED)
 
 
 def test_no_plan_runs_every_row_like_plain_vllm(tmp_path):

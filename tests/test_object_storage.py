@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 import os
-import time
+import signal
 from pathlib import Path
 
 import pyarrow as pa
@@ -19,6 +19,7 @@ from batchrun.io import storage
 from batchrun.job.paths import default_work_dir
 from tests.reliability.harness import (
     TALLY,
+    admitted,
     batchrun,
     check_nothing_finished_ran_again,
     check_output,
@@ -114,8 +115,11 @@ def test_s3_dataset_glob_and_missing_objects(s3, tmp_path: Path) -> None:
     assert "Traceback" not in missing.stderr + no_match.stderr
 
 
-def test_killed_and_resumed_s3_job_loses_nothing_and_never_shows_a_partial_object(
+def test_killed_and_resumed_s3_job_loses_nothing_and_uploads_only_the_whole_output(
         s3, tmp_path: Path) -> None:
+    # An S3 PUT is atomic: S3 shows an object only once its upload completes, so polling the
+    # key proves nothing about batchrun. What batchrun must do is keep the key empty while
+    # the job runs and upload the output only once it is whole: checked at the kills.
     bucket, filesystem = s3
     ids = write_rows(tmp_path / "in.jsonl", 300)
     put(filesystem, f"{bucket}/in.jsonl", tmp_path / "in.jsonl")
@@ -135,30 +139,26 @@ def test_killed_and_resumed_s3_job_loses_nothing_and_never_shows_a_partial_objec
         check_nothing_finished_ran_again(log, saved)  # a resume runs only unfinished rows
         saved = journaled_rows(staged)
         assert len(saved) >= at_least and len(saved) == len(set(saved))
-    # Killed after the output was staged locally, before (or during) the upload.
+    # Killed as its first upload began: what it was about to upload is the whole output,
+    # every row once in input order, and nothing is at the key yet.
     log = tmp_path / "admitted-last.txt"
     proc = start_batchrun(*args, fake_engine={"admitted_log": str(log)},
                           kill_at="batchrun.io.storage:upload")
     proc.communicate(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
     kills += 1
-    assert staged.exists() and not key_exists(filesystem, out)
+    assert not key_exists(filesystem, out)
+    check_output(staged, ids)
     check_nothing_finished_ran_again(log, saved)
-    # Polled while the last run finishes: the key appears once, whole.
-    proc = start_batchrun(*args, fake_engine={})
-    sizes = set()
-    while proc.poll() is None:
-        info = filesystem.get_file_info(out.removeprefix("s3://"))
-        if info.type == fs.FileType.File:
-            sizes.add(info.size)
-        time.sleep(0.01)
-    assert proc.returncode == EXIT_OK, proc.stderr.read()
-    final = get_table(filesystem, out)
-    with filesystem.open_input_file(out.removeprefix("s3://")) as f:
-        assert sizes <= {f.size()}
+    # The same command again uploads it, generating nothing: the key holds the whole output,
+    # the staging is gone.
+    log = tmp_path / "admitted-upload.txt"
+    done = batchrun(*args, fake_engine={"admitted_log": str(log)})
+    assert done.returncode == EXIT_OK, done.stderr
+    assert admitted(log) == []
     local = tmp_path / "out.parquet"
     local.write_bytes(filesystem.open_input_file(out.removeprefix("s3://")).read())
     check_output(local, ids)
-    assert final.num_rows == len(ids)
     assert not staged.exists() and not staged.with_name("out.parquet.partial").exists()
     TALLY.kills += kills
 

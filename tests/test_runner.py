@@ -71,15 +71,31 @@ def test_prompt_longer_than_context_is_a_row_error(tmp_path):
 
 
 def test_outputs_do_not_depend_on_input_order(tmp_path):
+    # The same rows in file order and shuffled, each planned and not: the planner sends both
+    # files to the engine in one order of its own, so only the unplanned runs make the engine
+    # see them in two other orders. Every row must get the same output in all four runs.
     rows = shared_prefix_rows(24)
     shuffled = rows[:]
     random.Random(3).shuffle(shuffled)
-    a = job(tmp_path / "a", write_jsonl(tmp_path / "a.jsonl", rows), max_tokens=6)
-    b = job(tmp_path / "b", write_jsonl(tmp_path / "b.jsonl", shuffled), max_tokens=6)
-    run_fake(a)
-    run_fake(b)
-    by_id = {r["id"]: r["text"] for r in read_output(a)}
-    assert by_id == {r["id"]: r["text"] for r in read_output(b)}
+    texts, sent = {}, {}
+    for name, these in (("file", rows), ("shuffled", shuffled)):
+        for planned in (True, False):
+            cfg = job(tmp_path / f"{name}-{planned}", write_jsonl(tmp_path / f"{name}.jsonl",
+                                                                  these), max_tokens=6)
+            engine = FakeEngine(block_size=4, kv_capacity_tokens=8192, max_num_seqs=4)
+            assert run_fake(replace(cfg, plan=planned), engine=engine).exit_code == EXIT_OK
+            out = read_output(cfg)
+            assert [r["id"] for r in out] == [r["id"] for r in these]  # in input order
+            texts[name, planned] = {r["id"]: r["text"] for r in out}
+            sent[name, planned] = engine.admission_order
+    # The engine ran the rows in three different orders (4 at a time: different batches too).
+    assert sent["file", True] == sent["shuffled", True]
+    assert len({tuple(order) for order in sent.values()}) == 3
+    # Every row's output is its own: the rows' outputs all differ, and each is the same in
+    # every run, whatever the file's order and the engine's.
+    first = texts["file", True]
+    assert len(set(first.values())) == len(rows)
+    assert all(t == first for t in texts.values())
 
 
 def test_planning_computes_each_shared_prefix_once(tmp_path):

@@ -4,6 +4,7 @@ a few hundred rows must spill."""
 
 from __future__ import annotations
 
+import json
 import random
 from dataclasses import replace
 
@@ -12,8 +13,11 @@ import pyarrow.parquet as pq
 from batchrun.engine.fake import FakeEngine
 from batchrun.errors import EXIT_INTERRUPTED, EXIT_OK
 from batchrun.io.output.checkpoint import Checkpoint, partial_dir_for
+from batchrun.io.output.writer import _AtomicOutput
 from batchrun.job.run import run_job
 from tests.helpers import job, write_jsonl
+from tests.reliability.harness import cli
+from tests.test_structured import check_openai_output
 
 BUDGET = 200_000  # bytes: a run of ~25 KB, shards of ~25 KB: 300 rows make about 8 shards
 
@@ -127,3 +131,51 @@ def test_a_killed_sharded_job_resumes_without_losing_or_repeating_a_row(tmp_path
     assert s["tokens"]["prompt"] == sum(out["prompt_tokens"].to_pylist())
     assert s["tokens"]["completion"] == sum(out["completion_tokens"].to_pylist())
     assert s["tokens"]["cached"] == sum(out["cached_tokens"].to_pylist())
+
+
+def openai_batch_rows(n: int, seed: int = 0) -> list[dict]:
+    """OpenAI Batch API lines for both endpoints, under shared system prompts, shuffled: the
+    shards' token order is far from the file's."""
+    rng = random.Random(seed)
+    systems = [f"System {k}: " + "rule " * rng.randint(5, 20) for k in range(6)]
+    lines = []
+    for i in range(n):
+        system, question = rng.choice(systems), f"Question {i}: " + "fact " * rng.randint(1, 9)
+        if i % 3:
+            body = {"messages": [{"role": "system", "content": system},
+                                 {"role": "user", "content": question}], "max_tokens": 4}
+            url = "/v1/chat/completions"
+        else:
+            body, url = {"prompt": system + question, "max_tokens": 4}, "/v1/completions"
+        lines.append({"custom_id": f"req-{i}", "method": "POST", "url": url, "body": body})
+    rng.shuffle(lines)
+    return lines
+
+
+def test_a_sharded_run_writes_every_openai_line_once_in_input_order(tmp_path, monkeypatch):
+    lines = openai_batch_rows(300, seed=2)
+    budget = 60_000  # ~20 shards; the output in ranges of an eighth of it
+    write_jsonl(tmp_path / "batch.jsonl", lines)
+    out, openai_out = tmp_path / "out.parquet", tmp_path / "out.jsonl"
+    monkeypatch.setenv("BATCHRUN_FAKE_ENGINE", "{}")
+    ranges = []  # the row ranges the output is written in, one call each
+    real_write = _AtomicOutput.write
+    monkeypatch.setattr(_AtomicOutput, "write", lambda self, results, columns: (
+        ranges.append(results.num_rows), real_write(self, results, columns))[1])
+    result = cli("run", tmp_path / "batch.jsonl", "-o", out, "--openai-output", openai_out,
+                 "--engine", "fake", "--memory-budget", str(budget), "--json")
+    assert result.exit_code == EXIT_OK, result.stderr
+    summary = json.loads(result.stdout)
+    # Several shards, and the output (both files) written in several row ranges.
+    assert summary["shards"]["count"] > 3 and summary["shards"]["spilled_bytes"]
+    assert len(ranges) > 3 and sum(ranges) == 300
+    # Every line once, in input order, each parsed by the openai package's own models, each
+    # matching its Parquet row (tests/test_structured.py's check).
+    written = [json.loads(x) for x in openai_out.read_text().splitlines()]
+    assert [x["custom_id"] for x in written] == [x["custom_id"] for x in lines]
+    cfg = replace(job(tmp_path, tmp_path / "batch.jsonl"), output=out, openai_output=openai_out)
+    ok, failed = check_openai_output(cfg)
+    assert len(ok) == 300 and not failed
+    objects = {x["custom_id"]: x["response"]["body"]["object"] for x in written}
+    assert objects == {x["custom_id"]: "chat.completion" if x["url"] == "/v1/chat/completions"
+                       else "text_completion" for x in lines}

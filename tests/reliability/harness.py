@@ -26,6 +26,7 @@ from batchrun.io.output.checkpoint import Checkpoint, partial_dir_for
 
 REPO = Path(__file__).resolve().parents[2]
 KILL_AT = Path(__file__).with_name("kill_at.py")
+TRACED = Path(__file__).with_name("traced.py")
 
 
 @dataclass
@@ -71,6 +72,39 @@ def start_batchrun(*args: str | Path, fake_engine: dict[str, Any] | None = None,
     return subprocess.Popen([sys.executable, *prefix, *map(str, args)], cwd=REPO,
                             env=cli_env(fake_engine), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
+
+
+def start_traced(events: Path, *args: str | Path, fake_engine: dict[str, Any] | None = None,
+                 pause: tuple[int, ...] = (), hang: str | None = None) -> subprocess.Popen[str]:
+    """`python -m batchrun ARGS` in the background, writing its events (engine steps, signals
+    received; see traced.py) to `events`; after each engine step numbered in `pause` the
+    engine waits for the next signal; with hang ("module:attr"), that function hangs."""
+    options = [f"hang={hang}"] if hang else []
+    options += [f"pause={','.join(map(str, pause))}"] if pause else []
+    return subprocess.Popen([sys.executable, str(TRACED), str(events), *options, "--",
+                             *map(str, args)], cwd=REPO, env=cli_env(fake_engine),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def events(path: Path) -> list[list[str]]:
+    """The events a traced run wrote so far, each split into its words."""
+    return [line.split() for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def wait_for_event(path: Path, proc: subprocess.Popen[str], done: Any,
+                   timeout: float = 120) -> list[list[str]]:
+    """Poll a traced run's events until done(events) holds; fails if the run ends first."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        ended = proc.poll() is not None
+        seen = events(path)
+        if done(seen):
+            return seen
+        if ended:
+            raise AssertionError(f"the run ended (exit {proc.returncode}) before the event; "
+                                 f"events: {seen[-5:]}")
+        time.sleep(0.01)
+    raise AssertionError(f"no such event in {timeout} s")
 
 
 def cli(*args: str | Path) -> Result:

@@ -26,6 +26,7 @@ from batchrun.job.run import run_job
 from tests.helpers import job
 from tests.reliability.harness import (
     TALLY,
+    admitted,
     batchrun,
     check_nothing_finished_ran_again,
     check_output,
@@ -60,12 +61,18 @@ def test_random_kills_then_resume_gives_every_row_exactly_once(tmp_path: Path) -
     args = ("run", tmp_path / "in.jsonl", "-o", out, "--engine", "fake", "--max-tokens", "12",
             "--resume", "--log-lines")
     rng = random.Random(20240611)
-    kills, journaled = 0, []
+    kills, mid_job, journaled = 0, 0, []
     while kills < 6:
         log = tmp_path / f"admitted-{kills}.txt"
         proc = start_batchrun(*args, fake_engine={**SLOW, "admitted_log": str(log)})
-        # From before the checkpoint exists (start-up takes ~1 s) to the end of the run.
-        time.sleep(rng.uniform(0.2, 2.5))
+        if kills % 3 == 2:
+            # At some moment of the start-up (~1 s: reading, the checkpoint, the first steps).
+            time.sleep(rng.uniform(0.05, 1.5))
+        else:
+            # Mid-job: once this run has journaled a random share of the rows it has left
+            # (at most half of them, so the other half still runs when the kill lands).
+            left = len(ids) - len(journaled)
+            wait_for_rows(out, proc, len(journaled) + rng.randint(1, max(1, left // 2)))
         before = journaled_rows(out)
         killed = kill9(proc)
         # This run generated only rows no earlier run had finished.
@@ -75,18 +82,25 @@ def test_random_kills_then_resume_gives_every_row_exactly_once(tmp_path: Path) -
             # landed: output in place, checkpoint removed): the checks below still hold.
             break
         kills += 1
+        # A kill with rows of this run in the journal and the job unfinished: what a resume
+        # must continue from without losing or repeating any of them.
+        mid_job += len(before) > len(journaled)
         after = journaled_rows(out)
         # Nothing that was journaled before the kill is lost by it, and no row twice.
         assert set(before) <= set(after) and len(after) == len(set(after))
         assert len(after) >= len(journaled)  # each resume added to what the last one saved
         journaled = after
-    assert kills >= 1, "every run finished before its kill: nothing was killed"
+    assert mid_job >= 1, f"no kill of {kills} landed after rows were journaled and before " \
+        "the job finished"
     log = tmp_path / "admitted-last.txt"
+    unfinished = not finished(out)
     done = batchrun(*args, fake_engine={"admitted_log": str(log)})
     assert done.returncode == EXIT_OK, done.stderr
     assert "Traceback" not in done.stderr
     check_output(out, ids)
     check_nothing_finished_ran_again(log, journaled)
+    if unfinished:  # the last run generated exactly the rows no killed run had journaled
+        assert sorted(admitted(log)) == sorted(set(ids) - {ids[r] for r in journaled})
     check_summary_tokens(out)
     assert not partial_dir_for(out).exists()
     TALLY.kills += kills

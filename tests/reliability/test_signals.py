@@ -1,5 +1,8 @@
 """SIGTERM / SIGINT: stop admitting, let in-flight requests finish for the grace period, save,
-exit 4; a second signal stops at once. Either way `--resume` finishes the job exactly once.
+exit 4; a second signal stops at once; a third, while the cleanup after the second hangs,
+leaves at once. Either way `--resume` finishes the job exactly once.
+What happened when is counted in events a traced run writes (engine steps, signals
+received), not in seconds.
 Also: the handler's Interrupted landing inside an engine step or a journal write leaves a
 checkpoint a resume can trust."""
 
@@ -18,6 +21,7 @@ from batchrun.engine.base import GenerationResult, StepOutput
 from batchrun.engine.fake import FakeEngine
 from batchrun.errors import EXIT_INTERRUPTED, EXIT_OK
 from batchrun.io.output.checkpoint import Checkpoint, ResultJournal, partial_dir_for
+from batchrun.io.output.lock import JobLock
 from batchrun.job.run import run_job
 from tests.helpers import job
 from tests.reliability.harness import (
@@ -26,8 +30,11 @@ from tests.reliability.harness import (
     check_nothing_finished_ran_again,
     check_output,
     check_summary_tokens,
+    events,
     journaled_rows,
     start_batchrun,
+    start_traced,
+    wait_for_event,
     wait_for_rows,
     write_rows,
 )
@@ -40,10 +47,36 @@ def run_args(tmp_path: Path, *extra: str) -> tuple[str | Path, ...]:
             "--max-tokens", "16", "--log-lines", *extra)
 
 
-def finish(proc: subprocess.Popen[str], timeout: float) -> tuple[float, str]:
-    t0 = time.monotonic()
+def finish(proc: subprocess.Popen[str], timeout: float = 120) -> str:
+    """Wait for the run to exit; its stderr. `timeout` only turns a hang into a failure."""
     _, stderr = proc.communicate(timeout=timeout)
-    return time.monotonic() - t0, stderr
+    return stderr
+
+
+def after(seen: list[list[str]], event: list[str]) -> list[list[str]]:
+    """The events after the first `event`."""
+    return seen[seen.index(event) + 1:]
+
+
+def steps(seen: list[list[str]]) -> list[int]:
+    """Requests in flight after each engine step among `seen` events."""
+    return [int(e[1]) for e in seen if e[0] == "step"]
+
+
+def in_flight_at(seen: list[list[str]], event: list[str]) -> int:
+    """Requests the engine had in flight when `event` came: as its last step before left it."""
+    return steps(seen[:seen.index(event)])[-1]
+
+
+def paused(times: int) -> object:
+    """Until a traced run's engine has paused `times` times (see traced.py)."""
+    return lambda seen: seen.count(["pause"]) >= times
+
+
+# The engine pauses in these steps for the test's signals. The fake engine and the planner
+# are deterministic: at each, 8 requests are in flight (up to 16 tokens, one a step), and
+# rows finished before it are journaled.
+FIRST, SECOND = 8, 10
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["TERM", "INT"])
@@ -51,17 +84,26 @@ def test_a_signal_drains_saves_and_exits_4_then_resume_finishes(
         tmp_path: Path, signum: signal.Signals) -> None:
     ids = write_rows(tmp_path / "in.jsonl", 200)
     out = tmp_path / "out.parquet"
+    trace = tmp_path / "events.txt"
     first_log, resume_log = tmp_path / "admitted-1.txt", tmp_path / "admitted-2.txt"
-    proc = start_batchrun(*run_args(tmp_path, "--grace-period", "10"),
-                          fake_engine={**SLOW, "admitted_log": str(first_log)})
-    assert wait_for_rows(out, proc, at_least=1) < len(ids)
+    # A grace period no drain comes near: a run that waited it out would hang the test.
+    proc = start_traced(trace, *run_args(tmp_path, "--grace-period", "3600"),
+                        fake_engine={"max_num_seqs": 8, "admitted_log": str(first_log)},
+                        pause=(FIRST,))
+    wait_for_event(trace, proc, paused(1))
     proc.send_signal(signum)
-    took, stderr = finish(proc, timeout=20)
+    stderr = finish(proc)
     assert proc.returncode == EXIT_INTERRUPTED, stderr
     assert "Traceback" not in stderr and "--resume" in stderr
     assert f"{signum.name}: finishing requests in flight" in stderr
-    # In-flight requests (at most 8, 16 steps of 50 ms) finished well within the grace period.
-    assert took < 5
+    seen = events(trace)
+    assert seen.count(["signal", "1"]) == 1 and ["signal", "2"] not in seen
+    # Work was in flight when the signal landed, and the run went on stepping the engine
+    # until it was done: no more steps than the longest of those requests needs (16 tokens,
+    # one a step), and nothing left running.
+    drained = steps(after(seen, ["signal", "1"]))
+    assert in_flight_at(seen, ["signal", "1"]) > 0
+    assert 1 <= len(drained) <= 16 and drained[-1] == 0, drained
     saved = journaled_rows(out)
     assert not out.exists() and 0 < len(saved) < len(ids)
     # The drain: every request the engine had started finished and was saved; the ones it had
@@ -78,21 +120,78 @@ def test_a_signal_drains_saves_and_exits_4_then_resume_finishes(
 def test_a_second_signal_stops_at_once_and_is_still_resumable(tmp_path: Path) -> None:
     ids = write_rows(tmp_path / "in.jsonl", 200)
     out = tmp_path / "out.parquet"
-    # Requests that take 16 steps of 0.3 s: draining them would take ~5 s.
-    proc = start_batchrun(*run_args(tmp_path, "--grace-period", "60"),
-                          fake_engine={"step_delay_s": 0.3, "max_num_seqs": 8})
-    wait_for_rows(out, proc, at_least=1)
+    trace, log = tmp_path / "events.txt", tmp_path / "admitted-1.txt"
+    proc = start_traced(trace, *run_args(tmp_path, "--grace-period", "3600"),
+                        fake_engine={"max_num_seqs": 8, "admitted_log": str(log)},
+                        pause=(FIRST, SECOND))
+    wait_for_event(trace, proc, paused(1))
     proc.send_signal(signal.SIGTERM)
-    time.sleep(0.5)
+    # The drain has begun, and is under way in an engine step when the second signal lands.
+    wait_for_event(trace, proc, paused(2))
     proc.send_signal(signal.SIGINT)
-    took, stderr = finish(proc, timeout=20)
+    stderr = finish(proc)
     assert proc.returncode == EXIT_INTERRUPTED, stderr
-    assert took < 2 and "second SIGINT" in stderr and "Traceback" not in stderr
-    saved, log = journaled_rows(out), tmp_path / "admitted.txt"
-    resumed = batchrun(*run_args(tmp_path, "--resume"), fake_engine={"admitted_log": str(log)})
+    assert "second SIGINT" in stderr and "Traceback" not in stderr
+    seen = events(trace)
+    assert steps(after(seen, ["signal", "1"]))  # the first signal drained: steps went on
+    # It stopped at once: requests were in flight, and the engine never stepped again.
+    assert in_flight_at(seen, ["signal", "2"]) > 0
+    assert steps(after(seen, ["signal", "2"])) == []
+    saved = journaled_rows(out)
+    # The requests in flight were left unfinished, not saved: the resume runs them.
+    abandoned = set(admitted(log)) - {f"q{r}" for r in saved}
+    assert abandoned and 0 < len(saved) < len(ids)
+    resume_log = tmp_path / "admitted-2.txt"
+    resumed = batchrun(*run_args(tmp_path, "--resume"),
+                       fake_engine={"admitted_log": str(resume_log)})
     assert resumed.returncode == EXIT_OK, resumed.stderr
     check_output(out, ids)
-    check_nothing_finished_ran_again(log, saved)
+    check_nothing_finished_ran_again(resume_log, saved)
+    assert abandoned <= set(admitted(resume_log))
+    check_summary_tokens(out)
+
+
+def test_a_third_signal_leaves_at_once_while_cleanup_hangs_and_is_still_resumable(
+        tmp_path: Path) -> None:
+    ids = write_rows(tmp_path / "in.jsonl", 200)
+    out = tmp_path / "out.parquet"
+    trace = tmp_path / "events.txt"
+    # The cleanup after the second signal closes the engine: here that close never returns.
+    proc = start_traced(trace, *run_args(tmp_path, "--grace-period", "3600"),
+                        fake_engine={"max_num_seqs": 8}, pause=(FIRST, SECOND),
+                        hang="batchrun.engine.fake:FakeEngine.close")
+    try:
+        wait_for_event(trace, proc, paused(1))
+        proc.send_signal(signal.SIGTERM)
+        wait_for_event(trace, proc, paused(2))
+        proc.send_signal(signal.SIGTERM)
+        wait_for_event(trace, proc, lambda seen: ["hang"] in seen)
+        proc.send_signal(signal.SIGTERM)
+        # A hang detector, not a time limit: without the third signal's exit it never ends.
+        stderr = finish(proc, timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == EXIT_INTERRUPTED, stderr
+    assert stderr.rstrip().endswith("batchrun: third signal: exiting now; finished rows are "
+                                    "saved, run again with --resume"), stderr
+    assert "Traceback" not in stderr
+    seen = events(trace)
+    # It left from the handler: nothing ran after the third signal, the hung cleanup did not
+    # end, and none of the cleanup after it ran (the summary is unwritten, the lock file
+    # still there: the kernel released the lock itself with the process).
+    assert seen[-2:] == [["hang"], ["signal", "3"]], seen[-5:]
+    assert not out.with_name(out.name + ".summary.json").exists()
+    assert JobLock(out).path.exists()
+    saved = journaled_rows(out)
+    assert 0 < len(saved) < len(ids) and len(saved) == len(set(saved))
+    resume_log = tmp_path / "admitted-2.txt"
+    resumed = batchrun(*run_args(tmp_path, "--resume"),
+                       fake_engine={"admitted_log": str(resume_log)})
+    assert resumed.returncode == EXIT_OK, resumed.stderr
+    check_output(out, ids)
+    check_nothing_finished_ran_again(resume_log, saved)
     check_summary_tokens(out)
 
 
@@ -104,7 +203,7 @@ def test_a_signal_while_reading_the_input_exits_4_without_starting_the_engine(
     while not partial_dir_for(tmp_path / "out.parquet").exists() and proc.poll() is None:
         time.sleep(0.01)
     proc.send_signal(signal.SIGTERM)
-    _, stderr = finish(proc, timeout=60)
+    stderr = finish(proc)
     assert proc.returncode == EXIT_INTERRUPTED, stderr
     assert "interrupted by a signal" in stderr and "died" not in stderr
 
@@ -204,7 +303,7 @@ def test_a_signal_drains_every_replica_and_resume_finishes(tmp_path: Path) -> No
     proc = start_batchrun(*run_args(tmp_path, "--replicas", "2"), fake_engine=SLOW)
     assert wait_for_rows(out, proc, at_least=1) < len(ids)
     proc.send_signal(signal.SIGTERM)
-    _, stderr = finish(proc, timeout=60)
+    stderr = finish(proc)
     assert proc.returncode == EXIT_INTERRUPTED, stderr
     assert "Traceback" not in stderr and "SIGTERM: finishing requests in flight" in stderr
     assert "replica 0 (" in stderr and "replica 1 (" in stderr  # each one's share so far
