@@ -47,6 +47,19 @@ def run_args(tmp_path: Path, *extra: str) -> tuple[str | Path, ...]:
             "--max-tokens", "16", "--log-lines", *extra)
 
 
+def resume_completes_the_job(tmp_path: Path, resume_log: Path, ids: list[str],
+                             saved: list[int]) -> None:
+    """`--resume` after a stop: every row in the output once, none of the rows saved before
+    generated again, and the summary's tokens agree with the output's."""
+    out = tmp_path / "out.parquet"
+    resumed = batchrun(*run_args(tmp_path, "--resume"),
+                       fake_engine={"admitted_log": str(resume_log)})
+    assert resumed.returncode == EXIT_OK, resumed.stderr
+    check_output(out, ids)
+    check_nothing_finished_ran_again(resume_log, saved)
+    check_summary_tokens(out)
+
+
 def finish(proc: subprocess.Popen[str], timeout: float = 120) -> str:
     """Wait for the run to exit; its stderr. `timeout` only turns a hang into a failure."""
     _, stderr = proc.communicate(timeout=timeout)
@@ -109,12 +122,7 @@ def test_a_signal_drains_saves_and_exits_4_then_resume_finishes(
     # The drain: every request the engine had started finished and was saved; the ones it had
     # not started were dropped, not started after the signal.
     assert sorted(admitted(first_log)) == sorted(f"q{r}" for r in saved)
-    resumed = batchrun(*run_args(tmp_path, "--resume"),
-                       fake_engine={"admitted_log": str(resume_log)})
-    assert resumed.returncode == EXIT_OK, resumed.stderr
-    check_output(out, ids)
-    check_nothing_finished_ran_again(resume_log, saved)
-    check_summary_tokens(out)
+    resume_completes_the_job(tmp_path, resume_log, ids, saved)
 
 
 def test_a_second_signal_stops_at_once_and_is_still_resumable(tmp_path: Path) -> None:
@@ -142,13 +150,8 @@ def test_a_second_signal_stops_at_once_and_is_still_resumable(tmp_path: Path) ->
     abandoned = set(admitted(log)) - {f"q{r}" for r in saved}
     assert abandoned and 0 < len(saved) < len(ids)
     resume_log = tmp_path / "admitted-2.txt"
-    resumed = batchrun(*run_args(tmp_path, "--resume"),
-                       fake_engine={"admitted_log": str(resume_log)})
-    assert resumed.returncode == EXIT_OK, resumed.stderr
-    check_output(out, ids)
-    check_nothing_finished_ran_again(resume_log, saved)
+    resume_completes_the_job(tmp_path, resume_log, ids, saved)
     assert abandoned <= set(admitted(resume_log))
-    check_summary_tokens(out)
 
 
 def test_a_third_signal_leaves_at_once_while_cleanup_hangs_and_is_still_resumable(
@@ -187,12 +190,7 @@ def test_a_third_signal_leaves_at_once_while_cleanup_hangs_and_is_still_resumabl
     saved = journaled_rows(out)
     assert 0 < len(saved) < len(ids) and len(saved) == len(set(saved))
     resume_log = tmp_path / "admitted-2.txt"
-    resumed = batchrun(*run_args(tmp_path, "--resume"),
-                       fake_engine={"admitted_log": str(resume_log)})
-    assert resumed.returncode == EXIT_OK, resumed.stderr
-    check_output(out, ids)
-    check_nothing_finished_ran_again(resume_log, saved)
-    check_summary_tokens(out)
+    resume_completes_the_job(tmp_path, resume_log, ids, saved)
 
 
 def test_a_signal_while_reading_the_input_exits_4_without_starting_the_engine(
