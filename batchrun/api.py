@@ -132,8 +132,9 @@ def run_config(cfg: JobConfig, *, resume: bool = False, overwrite: bool = False,
                engine_log: bool = False) -> Summary:
     """Run a JobConfig: the Summary of a finished job (exit_code 0 or 3), or JobInterrupted.
 
-    engine: "vllm", "fake" (no model: a deterministic stand-in for pipeline tests), or an
-    engine already started (shared between jobs). handle_signals (default: when called from
+    engine: "vllm", "sim" (vLLM's scheduler and KV cache with no model: engine/sim.py),
+    "fake" (no model: a deterministic stand-in for pipeline tests), or an engine already
+    started (shared between jobs). handle_signals (default: when called from
     the main thread) lets SIGTERM/SIGINT drain and save, as in the CLI. engine_log: what
     vLLM and the libraries under it print goes to `<output>.log`, not the terminal."""
     from .job.run import run_job

@@ -65,7 +65,9 @@ PassOpt = Annotated[list[str] | None, typer.Option(
     "--passthrough", help="Input column to copy into the output (repeatable); "
                           "source_file: the file each row came from.")]
 EngineOpt = Annotated[EngineKind, typer.Option(
-    help="'fake' is a deterministic stand-in with no model, for testing pipelines.")]
+    help="'sim' runs vLLM's own scheduler and KV cache with no model: vLLM's steps and "
+         "cache hits, simulated time; 'fake' is a deterministic stand-in with no model, for "
+         "testing pipelines.")]
 SchemaOpt = Annotated[Path | None, typer.Option(
     "--json-schema", help="Default constraint: a JSON Schema file every row's output must "
     "match (rows may set their own `json_schema`, `choices`, `regex` or `response_format`).")]
@@ -242,6 +244,8 @@ def _print_outcome(summary: dict[str, Any], message: str, as_json: bool) -> None
         if deferred := summary.get("batch", {}).get("deferred_light_prefixes"):
             lines.append(f"order: {deferred} shared prefix(es) found to answer briefly; the "
                          "rest of their rows ran after work that may decode longer")
+        if "simulated" in summary:
+            lines.append(_simulated_line(summary["simulated"]))
         lines.extend(_replica_lines(summary.get("replicas", ())))
         if "engine_log" in summary:
             lines.append(f"engine log: {summary['engine_log']}")
@@ -249,6 +253,15 @@ def _print_outcome(summary: dict[str, Any], message: str, as_json: bool) -> None
             typer.echo(line, err=True)
     if message:
         typer.echo(f"batchrun: {message}", err=True)
+
+
+def _simulated_line(sim: dict[str, Any]) -> str:
+    """The sim engine's figures, labelled as what they are."""
+    profile = sim["profile"]
+    how = "an ASSUMED cost profile" if profile["assumed"] else "a calibrated cost profile"
+    return (f"simulated (vLLM's scheduler, no model): {sim['steps']:,} engine steps, "
+            f"{sim['prefill_tokens']:,} prefill tokens, {sim['decode_requests']:,} decodes; "
+            f"run time {sim['seconds']:,.1f}s by {how}")
 
 
 def _replica_lines(replicas: list[dict[str, Any]]) -> list[str]:

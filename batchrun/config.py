@@ -50,9 +50,12 @@ class _Choice(StrEnum):
 
 
 class EngineKind(_Choice):
-    """What runs a job: vLLM, or a deterministic stand-in with no model (pipeline tests)."""
+    """What runs a job: vLLM; a simulation of vLLM's scheduler and KV cache with no model
+    (engine/sim.py: steps and cache behaviour as vLLM's, time modelled); or a deterministic
+    stand-in with no model (pipeline tests)."""
 
     VLLM = "vllm"
+    SIM = "sim"
     FAKE = "fake"
 
 
