@@ -96,6 +96,9 @@ class ColumnMap:
     top_p: str = "top_p"
     seed: str = "seed"
     stop: str = "stop"
+    # The tokens a row's completion is to have: read only by the sim engine (its output
+    # lengths); the name of batchrun's own output column, so earlier results can be fed back.
+    completion_tokens: str = "completion_tokens"
     logprobs: str = "logprobs"
     top_logprobs: str = "top_logprobs"
     response_format: str = "response_format"
@@ -229,8 +232,8 @@ def validate_config(cfg: JobConfig) -> None:
                           f"{cfg.engine.attention!r}")
     c = cfg.columns
     named = [c.id, c.prompt, c.messages, c.prompt_token_ids, c.max_tokens, c.temperature,
-             c.top_p, c.seed, c.stop, c.logprobs, c.top_logprobs, c.response_format, c.choices,
-             c.regex, c.json_schema]
+             c.top_p, c.seed, c.stop, c.completion_tokens, c.logprobs, c.top_logprobs,
+             c.response_format, c.choices, c.regex, c.json_schema]
     if len(set(named)) != len(named):
         twice = sorted({n for n in named if named.count(n) > 1})
         raise ConfigError(f"[columns] maps two fields to the same input column {twice}; "

@@ -298,9 +298,12 @@ def row_sampling(job: PreparedJob) -> Callable[[int], tuple[float, float, int | 
 
 
 def request_factory(job: PreparedJob) -> Callable[[int], GenerationRequest]:
-    """Builds the engine request of tokenized request i (row values win over defaults)."""
+    """Builds the engine request of tokenized request i (row values win over defaults). Its
+    target_tokens: the row's completion_tokens (given or replayed, lengths.py), if any."""
     ids = job.row_ids
     sampling = row_sampling(job)
+    given = job.requests.table["completion_tokens"]
+    targets = None if given.null_count == len(given) else given.fill_null(-1).to_numpy()
 
     def make(i: int) -> GenerationRequest:
         pos = int(job.tokens.positions[i])
@@ -310,7 +313,9 @@ def request_factory(job: PreparedJob) -> Callable[[int], GenerationRequest]:
                                  max_tokens=int(job.max_tokens[i]), temperature=temperature,
                                  top_p=top_p, seed=seed, stop=stop,
                                  constraint=job.constraints[i] if job.constraints else None,
-                                 logprobs=job.logprobs[i] if job.logprobs else None)
+                                 logprobs=job.logprobs[i] if job.logprobs else None,
+                                 target_tokens=None if targets is None or targets[pos] < 0
+                                 else int(targets[pos]))
 
     return make
 
