@@ -173,6 +173,10 @@ def run(
     overwrite: Annotated[bool, typer.Option(
         help="Replace a finished output and discard any unfinished run.")] = False,
     engine: EngineOpt = EngineKind.VLLM,
+    replay_lengths: Annotated[str | None, typer.Option(
+        help="With --engine sim: end each row's completion where an earlier output of this "
+             "job (its Parquet file, local or a URI) ended it, by row id; rows that ended by "
+             "length there run to max_tokens.")] = None,
     progress: Annotated[bool | None, typer.Option(
         "--progress/--log-lines",
         help="Progress bar, or plain log lines (default: bar on a terminal).")] = None,
@@ -209,7 +213,7 @@ def run(
             enforce_eager=enforce_eager, tensor_parallel_size=tensor_parallel_size,
             attention=attention, prompt_column=prompt_column, id_column=id_column,
             passthrough=passthrough, replicas=replicas, ray_address=ray_address,
-            **_constraint_overrides(json_schema, choice, regex))
+            replay_lengths=replay_lengths, **_constraint_overrides(json_schema, choice, regex))
         summary = run_config(cfg, engine=engine.value, resume=resume, overwrite=overwrite,
                              progress=progress, grace_period=grace_period,
                              handle_signals=True, engine_log=not verbose)

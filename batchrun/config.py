@@ -145,6 +145,13 @@ class EngineOptions:
     seed: int = 0
     # Bytes batchrun itself may hold for a job's rows, tokens and plans (not the engine's).
     memory_budget: int = field(default=4 << 30, metadata=_SIZE)
+    # The sim engine only: an earlier output of the job whose completion lengths (by row id)
+    # the simulation replays (ingest/lengths.py). A local path or a URI.
+    replay_lengths: Location | None = None
+
+    def __post_init__(self) -> None:
+        if self.replay_lengths is not None:
+            object.__setattr__(self, "replay_lengths", Location.coerce(self.replay_lengths))
 
 
 @dataclass(frozen=True)
@@ -203,6 +210,9 @@ class JobConfig:
             "constraint": None if default is None else [default.kind, default.spec],
             "max_model_len": self.engine.max_model_len,
             "dtype": self.engine.dtype,
+            # Only when set: the fingerprints of jobs that replay nothing stay as they were.
+            **({"replay_lengths": str(self.engine.replay_lengths)}
+               if self.engine.replay_lengths is not None else {}),
         }
 
 

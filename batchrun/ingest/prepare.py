@@ -28,6 +28,7 @@ from ..plan.groups import RunGroup, make_groups
 from ..plan.prefix_tree import PrefixTree
 from ..plan.schedule import RequestOrder, order_requests
 from ..structured import TEXT, Constraint, max_choice_tokens
+from .lengths import replay_lengths
 from .token_lists import offsets_of
 from .tokenize import (
     ByteTokenizer,
@@ -148,6 +149,8 @@ def prepare_job(config: JobConfig, *, engine_kind: str = EngineKind.VLLM,
     """Read and tokenize a whole job in memory (tests, benchmarks). Rows finished before (a
     resumed run) are not tokenized."""
     requests = read_request_set(config.input, config.columns, config.input_format)
+    if (replay := replay_lengths(config.engine.replay_lengths, engine_kind)) is not None:
+        requests = replace(requests, table=replay.fill(requests.table))
     tokenizer, max_model_len = load_tokenizer(config, engine_kind, engine_max_model_len)
     skip = np.zeros(requests.table.num_rows, dtype=bool)
     skip[list(finished_rows)] = True  # row numbers are table positions: one row per input row

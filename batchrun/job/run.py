@@ -340,6 +340,8 @@ class _JobRun:
                              "spilled_bytes": self.sharded.spilled_bytes,
                              "memory_budget": self.config.engine.memory_budget,
                              "peak_rss_bytes": peak_rss_bytes()}
+        if self.sharded.replay is not None:
+            summary.setdefault("simulated", {})["replay_lengths"] = self.sharded.replay.figures()
         if self.sizing is not None:
             summary["engine_sizing"] = self.sizing.to_dict()
         if self.replicas is not None:
