@@ -64,10 +64,10 @@ IdColOpt = Annotated[str | None, typer.Option(help="Input column holding each ro
 PassOpt = Annotated[list[str] | None, typer.Option(
     "--passthrough", help="Input column to copy into the output (repeatable); "
                           "source_file: the file each row came from.")]
-EngineOpt = Annotated[EngineKind, typer.Option(
+EngineOpt = Annotated[EngineKind | None, typer.Option(
     help="'sim' runs vLLM's own scheduler and KV cache with no model: vLLM's steps and "
          "cache hits, simulated time; 'fake' is a deterministic stand-in with no model, for "
-         "testing pipelines.")]
+         "testing pipelines. Default: the job file's [engine] kind, else vllm.")]
 SchemaOpt = Annotated[Path | None, typer.Option(
     "--json-schema", help="Default constraint: a JSON Schema file every row's output must "
     "match (rows may set their own `json_schema`, `choices`, `regex` or `response_format`).")]
@@ -172,7 +172,7 @@ def run(
     = False,
     overwrite: Annotated[bool, typer.Option(
         help="Replace a finished output and discard any unfinished run.")] = False,
-    engine: EngineOpt = EngineKind.VLLM,
+    engine: EngineOpt = None,
     replay_lengths: Annotated[str | None, typer.Option(
         help="With --engine sim: end each row's completion where an earlier output of this "
              "job (its Parquet file, local or a URI) ended it, by row id; rows that ended by "
@@ -214,8 +214,8 @@ def run(
             attention=attention, prompt_column=prompt_column, id_column=id_column,
             passthrough=passthrough, replicas=replicas, ray_address=ray_address,
             replay_lengths=replay_lengths, **_constraint_overrides(json_schema, choice, regex))
-        summary = run_config(cfg, engine=engine.value, resume=resume, overwrite=overwrite,
-                             progress=progress, grace_period=grace_period,
+        summary = run_config(cfg, engine=engine and engine.value, resume=resume,
+                             overwrite=overwrite, progress=progress, grace_period=grace_period,
                              handle_signals=True, engine_log=not verbose)
     except JobInterrupted as e:
         summary = e.summary
@@ -286,7 +286,7 @@ def validate(
     json_schema: SchemaOpt = None,
     choice: ChoiceOpt = None,
     regex: RegexOpt = None,
-    engine: EngineOpt = EngineKind.VLLM,
+    engine: EngineOpt = None,
     max_errors: Annotated[int, typer.Option(help="How many row problems to list.")] = 20,
     json_out: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
 ) -> None:
@@ -305,8 +305,8 @@ def validate(
                       input_format=input_format,
                       **{"columns.prompt": prompt_column, "columns.id": id_column,
                          **_constraint_overrides(json_schema, choice, regex)})
-        found, input_format_found, max_model_len = validate_input(cfg, engine.value,
-                                                                  max_errors)
+        found, input_format_found, max_model_len = validate_input(
+            cfg, engine.value if engine else cfg.engine_kind, max_errors)
     except BatchrunError as e:
         _fail(str(e), e.exit_code)  # 2 (usage), or 4 (an engine that died)
     except Exception as e:
@@ -356,7 +356,7 @@ def plan_command(
     json_schema: SchemaOpt = None,
     choice: ChoiceOpt = None,
     regex: RegexOpt = None,
-    engine: EngineOpt = EngineKind.VLLM,
+    engine: EngineOpt = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print the plan as one JSON object.")]
     = False,
 ) -> None:
@@ -376,7 +376,7 @@ def plan_command(
                       prompt_column=prompt_column, block_size=block_size,
                       kv_cache_memory=kv_cache_memory, memory_budget=memory_budget,
                       **_constraint_overrides(json_schema, choice, regex))
-        figures = describe_plan(cfg, engine.value)
+        figures = describe_plan(cfg, engine.value if engine else cfg.engine_kind)
     except BatchrunError as e:
         _fail(str(e), e.exit_code)  # 2 (usage), or 4 (an engine that died)
     except Exception as e:

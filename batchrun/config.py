@@ -19,6 +19,7 @@ line or an Airflow task can run it from any working directory::
 
     [engine]
     kv_cache_memory = "256MiB"
+    kind = "vllm"                # or "sim": vLLM's scheduler with no model (--engine)
 
     [cluster]                    # engine replicas as Ray actors (pip install 'batchrun[ray]')
     replicas = 4                 # on this machine: one GPU each (on CPU: side by side)
@@ -148,6 +149,9 @@ class EngineOptions:
     # The sim engine only: an earlier output of the job whose completion lengths (by row id)
     # the simulation replays (ingest/lengths.py). A local path or a URI.
     replay_lengths: Location | None = None
+    # What runs the job (an EngineKind) when the command line or the API names none; None:
+    # vLLM. (TOML cannot hold a top-level `engine = "sim"` beside this [engine] table.)
+    kind: str | None = None
 
     def __post_init__(self) -> None:
         if self.replay_lengths is not None:
@@ -198,6 +202,11 @@ class JobConfig:
             object.__setattr__(self, "work_dir",
                                Location.coerce(self.work_dir).require_local("work_dir"))
 
+    @property
+    def engine_kind(self) -> str:
+        """The engine the job file asks for (engine.kind), vLLM when it names none."""
+        return self.engine.kind or EngineKind.VLLM.value
+
     def fingerprint_settings(self) -> dict[str, Any]:
         """Settings that change results: a resumed job must match them."""
         default = default_constraint(self.sampling)
@@ -237,6 +246,9 @@ def validate_config(cfg: JobConfig) -> None:
     if cfg.input_format not in InputFormat.values():
         raise ConfigError(f"input_format must be one of {InputFormat.values()}, not "
                           f"{cfg.input_format!r}")
+    if cfg.engine.kind is not None and cfg.engine.kind not in EngineKind.values():
+        raise ConfigError(f"engine.kind must be one of {EngineKind.values()}, not "
+                          f"{cfg.engine.kind!r}")
     if cfg.engine.attention not in AttentionMode.values():
         raise ConfigError(f"attention must be one of {AttentionMode.values()}, not "
                           f"{cfg.engine.attention!r}")

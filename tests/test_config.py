@@ -58,6 +58,7 @@ def test_sizes(text, size):
     ('input = 3\noutput = "o"', "`input` must be Path"),
     ('input = "i"\noutput = "o"\n[engine]\nenforce_eager = 1', "`enforce_eager` must be bool"),
     ('input = "i"\noutput = "o"\n[sampling]\nmax_tokens = true', "`max_tokens` must be int"),
+    ('input = "i"\noutput = "o"\n[engine]\nkind = "simulated"', "engine.kind must be one of"),
 ])
 def test_mistakes_in_job_files_say_how_to_fix_them(tmp_path, body, message):
     path = tmp_path / "job.toml"
