@@ -91,8 +91,15 @@ class SimEngine:
             kv_capacity_tokens=sim.num_blocks * sim.block_size,
             max_model_len=self._max_model_len, settings=settings)
         self._live: dict[str, _Live] = {}
+        self._params: dict[int, Any] = {}  # max_tokens -> vLLM's SamplingParams
         self._rejected: list[GenerationResult] = []
         self._steps = self._prefill_tokens = self._decode_requests = self._kv_read = 0
+        # As vLLM's engine core does once started: the objects alive now (vLLM, torch, the
+        # job's own) leave the garbage collector's scans, which otherwise take a large share
+        # of a simulation's time (millions of short-lived request objects trigger them).
+        from vllm.utils.gc_utils import freeze_gc_heap
+
+        freeze_gc_heap()
 
     # --- Engine interface -------------------------------------------------------------------
 
@@ -106,8 +113,10 @@ class SimEngine:
                 error=f"rejected by the engine: {problem}"))
             return
         rid = request.request_id
-        params = self._SamplingParams(max_tokens=request.max_tokens,
-                                      stop_token_ids=[self._eos])
+        params = self._params.get(request.max_tokens)
+        if params is None:  # one per max_tokens: vLLM reads a request's, never changes it
+            params = self._params[request.max_tokens] = self._SamplingParams(
+                max_tokens=request.max_tokens, stop_token_ids=[self._eos])
         target = max(1, request.target_tokens) if request.target_tokens is not None else 0
         self._live[rid] = _Live(len(prompt), target, self._token_for(rid))
         self._scheduler.add_request(self._Request(rid, prompt, params, None,
