@@ -21,6 +21,7 @@ import pytest
 import batchrun
 from batchrun.config import EngineOptions
 from batchrun.engine.base import GenerationRequest
+from batchrun.errors import ModelError
 from batchrun.job.run import run_job
 from tests.conftest import TEST_ENGINE_OPTIONS
 from tests.helpers import job, shared_prefix_rows, write_jsonl
@@ -187,6 +188,13 @@ def test_replayed_lengths_through_the_cli_with_a_config_only_model(tmp_path,
     assert summary["simulated"]["profile"]["assumed"] is True
     assert "simulated (vLLM's scheduler, no model)" in done.stderr
     assert "ASSUMED cost profile" in done.stderr
+
+
+def test_text_rows_need_the_tokenizer_a_config_only_folder_lacks(tmp_path, config_only_model):
+    cfg = replace(job(tmp_path, write_jsonl(tmp_path / "in.jsonl", [{"prompt": "Hi."}])),
+                  model=str(config_only_model))
+    with pytest.raises(ModelError, match="no usable tokenizer.*pre-tokenized rows"):
+        run_job(cfg, engine_kind="sim", interactive=False, handle_signals=False)
 
 
 def story_rows(n: int, words: int, max_tokens: int) -> list[dict]:
