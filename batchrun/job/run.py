@@ -74,8 +74,8 @@ def run_job(
     Signals are handled from reading the input to writing the output: a first SIGTERM/SIGINT
     lets the job wind down, a second raises Interrupted wherever it lands. Either way every
     result finished by then is in the checkpoint."""
-    if engine is not None:  # a started engine says what it is
-        engine_kind = started_engine_kind(engine)
+    if engine is not None and engine_kind == EngineKind.VLLM:  # the default: a started
+        engine_kind = started_engine_kind(engine)  # engine says what it is (a SimEngine)
     stop = StopFlag()
     restore = install_signal_handlers(stop) if handle_signals else (lambda: None)
     log_path = engine_log_path(output_paths(config).base) if engine_log else None
