@@ -127,18 +127,20 @@ def _engine(engine: str | Engine) -> tuple[str, Engine | None]:
 
 
 def run_config(cfg: JobConfig, *, resume: bool = False, overwrite: bool = False,
-               engine: str | Engine = EngineKind.VLLM, progress: bool | None = None,
+               engine: str | Engine | None = None, progress: bool | None = None,
                grace_period: float = 30.0, handle_signals: bool | None = None,
                engine_log: bool = False) -> Summary:
     """Run a JobConfig: the Summary of a finished job (exit_code 0 or 3), or JobInterrupted.
 
-    engine: "vllm", "fake" (no model: a deterministic stand-in for pipeline tests), or an
-    engine already started (shared between jobs). handle_signals (default: when called from
-    the main thread) lets SIGTERM/SIGINT drain and save, as in the CLI. engine_log: what
-    vLLM and the libraries under it print goes to `<output>.log`, not the terminal."""
+    engine: "vllm", "sim" (vLLM's scheduler and KV cache with no model: engine/sim.py),
+    "fake" (no model: a deterministic stand-in for pipeline tests), an engine already
+    started (shared between jobs), or None: the job file's `[engine] kind`, else "vllm".
+    handle_signals (default: when called from the main thread) lets SIGTERM/SIGINT drain and
+    save, as in the CLI. engine_log: what vLLM and the libraries under it print goes to
+    `<output>.log`, not the terminal."""
     from .job.run import run_job
 
-    engine_kind, started = _engine(engine)
+    engine_kind, started = _engine(cfg.engine_kind if engine is None else engine)
     if handle_signals is None:
         handle_signals = threading.current_thread() is threading.main_thread()
     outcome = run_job(cfg, engine_kind=engine_kind, engine=started, resume=resume,

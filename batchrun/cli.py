@@ -64,8 +64,10 @@ IdColOpt = Annotated[str | None, typer.Option(help="Input column holding each ro
 PassOpt = Annotated[list[str] | None, typer.Option(
     "--passthrough", help="Input column to copy into the output (repeatable); "
                           "source_file: the file each row came from.")]
-EngineOpt = Annotated[EngineKind, typer.Option(
-    help="'fake' is a deterministic stand-in with no model, for testing pipelines.")]
+EngineOpt = Annotated[EngineKind | None, typer.Option(
+    help="'sim' runs vLLM's own scheduler and KV cache with no model: vLLM's steps and "
+         "cache hits, simulated time; 'fake' is a deterministic stand-in with no model, for "
+         "testing pipelines. Default: the job file's [engine] kind, else vllm.")]
 SchemaOpt = Annotated[Path | None, typer.Option(
     "--json-schema", help="Default constraint: a JSON Schema file every row's output must "
     "match (rows may set their own `json_schema`, `choices`, `regex` or `response_format`).")]
@@ -170,7 +172,11 @@ def run(
     = False,
     overwrite: Annotated[bool, typer.Option(
         help="Replace a finished output and discard any unfinished run.")] = False,
-    engine: EngineOpt = EngineKind.VLLM,
+    engine: EngineOpt = None,
+    replay_lengths: Annotated[str | None, typer.Option(
+        help="With --engine sim: end each row's completion where an earlier output of this "
+             "job (its Parquet file, local or a URI) ended it, by row id; rows that ended by "
+             "length there run to max_tokens.")] = None,
     progress: Annotated[bool | None, typer.Option(
         "--progress/--log-lines",
         help="Progress bar, or plain log lines (default: bar on a terminal).")] = None,
@@ -207,9 +213,9 @@ def run(
             enforce_eager=enforce_eager, tensor_parallel_size=tensor_parallel_size,
             attention=attention, prompt_column=prompt_column, id_column=id_column,
             passthrough=passthrough, replicas=replicas, ray_address=ray_address,
-            **_constraint_overrides(json_schema, choice, regex))
-        summary = run_config(cfg, engine=engine.value, resume=resume, overwrite=overwrite,
-                             progress=progress, grace_period=grace_period,
+            replay_lengths=replay_lengths, **_constraint_overrides(json_schema, choice, regex))
+        summary = run_config(cfg, engine=engine and engine.value, resume=resume,
+                             overwrite=overwrite, progress=progress, grace_period=grace_period,
                              handle_signals=True, engine_log=not verbose)
     except JobInterrupted as e:
         summary = e.summary
@@ -242,6 +248,8 @@ def _print_outcome(summary: dict[str, Any], message: str, as_json: bool) -> None
         if deferred := summary.get("batch", {}).get("deferred_light_prefixes"):
             lines.append(f"order: {deferred} shared prefix(es) found to answer briefly; the "
                          "rest of their rows ran after work that may decode longer")
+        if "simulated" in summary:
+            lines.append(_simulated_line(summary["simulated"]))
         lines.extend(_replica_lines(summary.get("replicas", ())))
         if "engine_log" in summary:
             lines.append(f"engine log: {summary['engine_log']}")
@@ -249,6 +257,15 @@ def _print_outcome(summary: dict[str, Any], message: str, as_json: bool) -> None
             typer.echo(line, err=True)
     if message:
         typer.echo(f"batchrun: {message}", err=True)
+
+
+def _simulated_line(sim: dict[str, Any]) -> str:
+    """The sim engine's figures, labelled as what they are."""
+    profile = sim["profile"]
+    how = "an ASSUMED cost profile" if profile["assumed"] else "a calibrated cost profile"
+    return (f"simulated (vLLM's scheduler, no model): {sim['steps']:,} engine steps, "
+            f"{sim['prefill_tokens']:,} prefill tokens, {sim['decode_requests']:,} decodes; "
+            f"run time {sim['seconds']:,.1f}s by {how}")
 
 
 def _replica_lines(replicas: list[dict[str, Any]]) -> list[str]:
@@ -269,7 +286,7 @@ def validate(
     json_schema: SchemaOpt = None,
     choice: ChoiceOpt = None,
     regex: RegexOpt = None,
-    engine: EngineOpt = EngineKind.VLLM,
+    engine: EngineOpt = None,
     max_errors: Annotated[int, typer.Option(help="How many row problems to list.")] = 20,
     json_out: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
 ) -> None:
@@ -288,8 +305,8 @@ def validate(
                       input_format=input_format,
                       **{"columns.prompt": prompt_column, "columns.id": id_column,
                          **_constraint_overrides(json_schema, choice, regex)})
-        found, input_format_found, max_model_len = validate_input(cfg, engine.value,
-                                                                  max_errors)
+        found, input_format_found, max_model_len = validate_input(
+            cfg, engine.value if engine else cfg.engine_kind, max_errors)
     except BatchrunError as e:
         _fail(str(e), e.exit_code)  # 2 (usage), or 4 (an engine that died)
     except Exception as e:
@@ -339,7 +356,7 @@ def plan_command(
     json_schema: SchemaOpt = None,
     choice: ChoiceOpt = None,
     regex: RegexOpt = None,
-    engine: EngineOpt = EngineKind.VLLM,
+    engine: EngineOpt = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print the plan as one JSON object.")]
     = False,
 ) -> None:
@@ -359,7 +376,7 @@ def plan_command(
                       prompt_column=prompt_column, block_size=block_size,
                       kv_cache_memory=kv_cache_memory, memory_budget=memory_budget,
                       **_constraint_overrides(json_schema, choice, regex))
-        figures = describe_plan(cfg, engine.value)
+        figures = describe_plan(cfg, engine.value if engine else cfg.engine_kind)
     except BatchrunError as e:
         _fail(str(e), e.exit_code)  # 2 (usage), or 4 (an engine that died)
     except Exception as e:

@@ -19,6 +19,7 @@ line or an Airflow task can run it from any working directory::
 
     [engine]
     kv_cache_memory = "256MiB"
+    kind = "vllm"                # or "sim": vLLM's scheduler with no model (--engine)
 
     [cluster]                    # engine replicas as Ray actors (pip install 'batchrun[ray]')
     replicas = 4                 # on this machine: one GPU each (on CPU: side by side)
@@ -50,9 +51,12 @@ class _Choice(StrEnum):
 
 
 class EngineKind(_Choice):
-    """What runs a job: vLLM, or a deterministic stand-in with no model (pipeline tests)."""
+    """What runs a job: vLLM; a simulation of vLLM's scheduler and KV cache with no model
+    (engine/sim.py: steps and cache behaviour as vLLM's, time modelled); or a deterministic
+    stand-in with no model (pipeline tests)."""
 
     VLLM = "vllm"
+    SIM = "sim"
     FAKE = "fake"
 
 
@@ -93,6 +97,9 @@ class ColumnMap:
     top_p: str = "top_p"
     seed: str = "seed"
     stop: str = "stop"
+    # The tokens a row's completion is to have: read only by the sim engine (its output
+    # lengths); the name of batchrun's own output column, so earlier results can be fed back.
+    completion_tokens: str = "completion_tokens"
     logprobs: str = "logprobs"
     top_logprobs: str = "top_logprobs"
     response_format: str = "response_format"
@@ -139,6 +146,16 @@ class EngineOptions:
     seed: int = 0
     # Bytes batchrun itself may hold for a job's rows, tokens and plans (not the engine's).
     memory_budget: int = field(default=4 << 30, metadata=_SIZE)
+    # The sim engine only: an earlier output of the job whose completion lengths (by row id)
+    # the simulation replays (ingest/lengths.py). A local path or a URI.
+    replay_lengths: Location | None = None
+    # What runs the job (an EngineKind) when the command line or the API names none; None:
+    # vLLM. (TOML cannot hold a top-level `engine = "sim"` beside this [engine] table.)
+    kind: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.replay_lengths is not None:
+            object.__setattr__(self, "replay_lengths", Location.coerce(self.replay_lengths))
 
 
 @dataclass(frozen=True)
@@ -185,6 +202,11 @@ class JobConfig:
             object.__setattr__(self, "work_dir",
                                Location.coerce(self.work_dir).require_local("work_dir"))
 
+    @property
+    def engine_kind(self) -> str:
+        """The engine the job file asks for (engine.kind), vLLM when it names none."""
+        return self.engine.kind or EngineKind.VLLM.value
+
     def fingerprint_settings(self) -> dict[str, Any]:
         """Settings that change results: a resumed job must match them."""
         default = default_constraint(self.sampling)
@@ -197,6 +219,9 @@ class JobConfig:
             "constraint": None if default is None else [default.kind, default.spec],
             "max_model_len": self.engine.max_model_len,
             "dtype": self.engine.dtype,
+            # Only when set: the fingerprints of jobs that replay nothing stay as they were.
+            **({"replay_lengths": str(self.engine.replay_lengths)}
+               if self.engine.replay_lengths is not None else {}),
         }
 
 
@@ -221,13 +246,16 @@ def validate_config(cfg: JobConfig) -> None:
     if cfg.input_format not in InputFormat.values():
         raise ConfigError(f"input_format must be one of {InputFormat.values()}, not "
                           f"{cfg.input_format!r}")
+    if cfg.engine.kind is not None and cfg.engine.kind not in EngineKind.values():
+        raise ConfigError(f"engine.kind must be one of {EngineKind.values()}, not "
+                          f"{cfg.engine.kind!r}")
     if cfg.engine.attention not in AttentionMode.values():
         raise ConfigError(f"attention must be one of {AttentionMode.values()}, not "
                           f"{cfg.engine.attention!r}")
     c = cfg.columns
     named = [c.id, c.prompt, c.messages, c.prompt_token_ids, c.max_tokens, c.temperature,
-             c.top_p, c.seed, c.stop, c.logprobs, c.top_logprobs, c.response_format, c.choices,
-             c.regex, c.json_schema]
+             c.top_p, c.seed, c.stop, c.completion_tokens, c.logprobs, c.top_logprobs,
+             c.response_format, c.choices, c.regex, c.json_schema]
     if len(set(named)) != len(named):
         twice = sorted({n for n in named if named.count(n) > 1})
         raise ConfigError(f"[columns] maps two fields to the same input column {twice}; "

@@ -154,6 +154,8 @@ def load_job_file(path: Location | str | os.PathLike[str]) -> JobConfig:
     if isinstance(sampling.get("json_schema"), str):
         sampling["json_schema"] = str(resolve(sampling["json_schema"]))
     engine = dict(raw.pop("engine", {}))
+    if isinstance(engine.get("replay_lengths"), str):
+        engine["replay_lengths"] = resolve(engine["replay_lengths"])
     cluster = dict(raw.pop("cluster", {}))
     raw["input"] = resolve(raw["input"])
     raw["output"] = resolve(raw["output"])

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields, is_dataclass
+from dataclasses import dataclass, fields, is_dataclass
 from pathlib import Path
 
 import pytest
@@ -60,6 +60,7 @@ def test_sizes(text, size):
     ('input = 3\noutput = "o"', "`input` must be Path"),
     ('input = "i"\noutput = "o"\n[engine]\nenforce_eager = 1', "`enforce_eager` must be bool"),
     ('input = "i"\noutput = "o"\n[sampling]\nmax_tokens = true', "`max_tokens` must be int"),
+    ('input = "i"\noutput = "o"\n[engine]\nkind = "simulated"', "engine.kind must be one of"),
 ])
 def test_mistakes_in_job_files_say_how_to_fix_them(tmp_path, body, message):
     path = tmp_path / "job.toml"
@@ -98,21 +99,24 @@ OPTION_VALUES: dict[str, object] = {
     "output": REPO / "out" / "other.parquet", "model": "/models/x", "input_format": "jsonl",
     "openai_output": REPO / "out" / "other.jsonl", "plan": False,
     "work_dir": REPO / "out" / "work",
+    "replay_lengths": REPO / "out" / "earlier.parquet", "kind": "sim",
 }
 
 
 def fields_of(cfg: JobConfig) -> dict[str, object]:
     """Every field of a config by its key ('output', 'sampling.max_tokens', ...); a location
     as the path or URI it holds."""
+    def plain(value: object) -> object:
+        return value.where if isinstance(value, Location) else value
+
     flat = {}
     for f in fields(cfg):
         value = getattr(cfg, f.name)
-        if isinstance(value, Location):
-            flat[f.name] = value.where
-        elif is_dataclass(value):
-            flat.update({f"{f.name}.{k}": v for k, v in asdict(value).items()})
+        if is_dataclass(value) and not isinstance(value, Location):
+            flat.update({f"{f.name}.{g.name}": plain(getattr(value, g.name))
+                         for g in fields(value)})
         else:
-            flat[f.name] = value
+            flat[f.name] = plain(value)
     return flat
 
 

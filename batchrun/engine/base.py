@@ -26,6 +26,9 @@ class GenerationRequest:
     stop: tuple[str, ...] = ()
     constraint: Constraint | None = None  # structured output; None: free text
     logprobs: int | None = None  # None: none; k: each token's logprob and its k likeliest rivals
+    # Tokens the request is to end after (the sim engine: EOS there, a replayed or given
+    # length); None: run to max_tokens. Engines with a model ignore it.
+    target_tokens: int | None = None
 
 
 @dataclass(frozen=True)
@@ -82,11 +85,14 @@ class EngineStats:
         picks one per request). attention: the counters of batchrun's attention backend,
         merged over the engine's processes (attention/stats.py); None for an engine without
         one. attention_choice: the backend the engine was started with
-        (selection.AttentionChoice), which the summary reports beside what ran."""
+        (selection.AttentionChoice), which the summary reports beside what ran.
+        simulated: the sim engine's counts and cost profile (sim_cost.SimulatedRun); None
+        for an engine that runs a model."""
 
     structured_backends: dict[str, int] = field(default_factory=dict)
     attention: dict[str, Any] | None = None
     attention_choice: Any = None
+    simulated: Any = None
 
     def since(self, before: EngineStats) -> EngineStats:
         backends = {name: n - before.structured_backends.get(name, 0)
@@ -96,8 +102,11 @@ class EngineStats:
             from .attention.stats import diff_attention_stats
 
             attention = diff_attention_stats(attention, before.attention)
+        simulated = self.simulated
+        if simulated is not None and before.simulated is not None:
+            simulated = simulated.since(before.simulated)
         return EngineStats({k: v for k, v in backends.items() if v}, attention,
-                           self.attention_choice)
+                           self.attention_choice, simulated)
 
     def attention_summary(self) -> dict[str, Any] | None:
         """The summary's `attention` section; None for an engine without batchrun's

@@ -1,4 +1,5 @@
-"""Start the engine a job runs on: vLLM, or the deterministic fake engine for pipeline tests.
+"""Start the engine a job runs on: vLLM, the simulation of vLLM's scheduler (sim.py), or the
+deterministic fake engine for pipeline tests.
 
 The one place that knows which engine kinds exist and what starting each takes; the rest of
 batchrun talks to the `Engine` interface (engine/base.py).
@@ -34,7 +35,7 @@ def use_eager(options: EngineOptions, new_tokens: int, on_cpu: bool) -> bool:
 
 def start_engine(kind: str, config: JobConfig, sizing: EngineSizing, *, new_tokens: int,
                  attention: Callable[[], AttentionChoice | None] | None = None) -> Engine:
-    """Start a `kind` engine ("vllm" or "fake") with the job's sized settings. `new_tokens`:
+    """Start a `kind` engine ("vllm", "sim" or "fake") with the job's sized settings. `new_tokens`:
     the job's max new tokens in all (the eager/compile choice); `attention`: called to
     choose the attention backend the job asks vLLM for (it may plan the job: only vLLM
     calls it). An attention mode the platform lacks (AttentionUnavailable) and settings vLLM
@@ -44,7 +45,7 @@ def start_engine(kind: str, config: JobConfig, sizing: EngineSizing, *, new_toke
         from .fake import FakeEngine
 
         return FakeEngine.from_env(max_model_len=config.engine.max_model_len or 2048)
-    if kind != EngineKind.VLLM:
+    if kind not in (EngineKind.VLLM, EngineKind.SIM):
         raise ConfigError(f"engine must be one of {EngineKind.values()}, not {kind!r}")
     from ..model import resolve_model
     from .vllm_engine import VllmEngine, on_cpu
@@ -52,6 +53,10 @@ def start_engine(kind: str, config: JobConfig, sizing: EngineSizing, *, new_toke
     eager = use_eager(config.engine, new_tokens, on_cpu())
     options = replace(config.engine, max_model_len=sizing.max_model_len,
                       kv_cache_memory=sizing.kv_cache_memory)
+    if kind == EngineKind.SIM:  # vLLM's settings checks raise ConfigError there
+        from .sim import SimEngine
+
+        return SimEngine(resolve_model(config.model), options, enforce_eager=eager)
     choice = attention() if attention is not None else None  # not vLLM's verdict: as it is
     try:
         return VllmEngine(resolve_model(config.model), options, enforce_eager=eager,
@@ -74,8 +79,11 @@ def start_engine(kind: str, config: JobConfig, sizing: EngineSizing, *, new_toke
 def engine_kind(engine: Engine) -> EngineKind:
     """The kind of an engine already started (a caller's shared engine)."""
     from .fake import FakeEngine
+    from .sim import SimEngine
 
-    return EngineKind.FAKE if isinstance(engine, FakeEngine) else EngineKind.VLLM
+    if isinstance(engine, FakeEngine):
+        return EngineKind.FAKE
+    return EngineKind.SIM if isinstance(engine, SimEngine) else EngineKind.VLLM
 
 
 def _mib(size: int | None) -> str:

@@ -28,6 +28,7 @@ from ..plan.groups import RunGroup, make_groups
 from ..plan.prefix_tree import PrefixTree
 from ..plan.schedule import RequestOrder, order_requests
 from ..structured import TEXT, Constraint, max_choice_tokens
+from .lengths import replay_lengths
 from .token_lists import offsets_of
 from .tokenize import (
     ByteTokenizer,
@@ -148,6 +149,8 @@ def prepare_job(config: JobConfig, *, engine_kind: str = EngineKind.VLLM,
     """Read and tokenize a whole job in memory (tests, benchmarks). Rows finished before (a
     resumed run) are not tokenized."""
     requests = read_request_set(config.input, config.columns, config.input_format)
+    if (replay := replay_lengths(config.engine.replay_lengths, engine_kind)) is not None:
+        requests = replace(requests, table=replay.fill(requests.table))
     tokenizer, max_model_len = load_tokenizer(config, engine_kind, engine_max_model_len)
     skip = np.zeros(requests.table.num_rows, dtype=bool)
     skip[list(finished_rows)] = True  # row numbers are table positions: one row per input row
@@ -298,9 +301,12 @@ def row_sampling(job: PreparedJob) -> Callable[[int], tuple[float, float, int | 
 
 
 def request_factory(job: PreparedJob) -> Callable[[int], GenerationRequest]:
-    """Builds the engine request of tokenized request i (row values win over defaults)."""
+    """Builds the engine request of tokenized request i (row values win over defaults). Its
+    target_tokens: the row's completion_tokens (given or replayed, lengths.py), if any."""
     ids = job.row_ids
     sampling = row_sampling(job)
+    given = job.requests.table["completion_tokens"]
+    targets = None if given.null_count == len(given) else given.fill_null(-1).to_numpy()
 
     def make(i: int) -> GenerationRequest:
         pos = int(job.tokens.positions[i])
@@ -310,7 +316,9 @@ def request_factory(job: PreparedJob) -> Callable[[int], GenerationRequest]:
                                  max_tokens=int(job.max_tokens[i]), temperature=temperature,
                                  top_p=top_p, seed=seed, stop=stop,
                                  constraint=job.constraints[i] if job.constraints else None,
-                                 logprobs=job.logprobs[i] if job.logprobs else None)
+                                 logprobs=job.logprobs[i] if job.logprobs else None,
+                                 target_tokens=None if targets is None or targets[pos] < 0
+                                 else int(targets[pos]))
 
     return make
 

@@ -17,6 +17,7 @@ from ..config import JobConfig
 from ..engine.sizing import LongestRequest, longest_request
 from ..io.input.readers import open_request_stream
 from ..io.output.writer import ENDPOINT, InputColumns
+from .lengths import ReplayLengths, replay_lengths
 from .prepare import load_tokenizer, request_constraints, request_max_tokens, tokenized_table
 from .shards import Shard, ShardBuilder
 from .tokenize import TokenizedRequests, tokenize_requests
@@ -37,6 +38,7 @@ class ShardedJob:
     spill_dir: Path
     runnable_requests: int = 0  # requests with token ids (the rest are error rows)
     new_tokens: int = 0  # the sum of their max_tokens
+    replay: ReplayLengths | None = None  # the sim engine's replayed lengths (lengths.py)
 
     @property
     def pending_rows(self) -> int:
@@ -54,10 +56,13 @@ def read_into_shards(config: JobConfig, *, engine_kind: str, finished_rows: np.n
                      clock: StageClock | None = None) -> ShardedJob:
     """Read the input batch by batch, tokenize each batch, and cut the job into prefix shards
     in `config.engine.memory_budget`. Rows in `finished_rows` (sorted row numbers: finished in an
-    earlier run) are read for their pass-through columns only. `stop()` ends the read early
+    earlier run) are read for their pass-through columns only. Replayed output lengths
+    (`config.engine.replay_lengths`, the sim engine's) are joined to the rows as they are
+    read (lengths.py). `stop()` ends the read early
     (a signal): the job then has no shards. `clock` gets the read, tokenize, shard seconds."""
     clock = clock or StageClock()
     tokenizer, max_model_len = load_tokenizer(config, engine_kind, engine_max_model_len)
+    replay = replay_lengths(config.engine.replay_lengths, engine_kind)
     budget = config.engine.memory_budget
     shutil.rmtree(spill_dir, ignore_errors=True)
     # Sorting a run or planning a shard takes several times its bytes (token copies, prefix
@@ -67,7 +72,7 @@ def read_into_shards(config: JobConfig, *, engine_kind: str, finished_rows: np.n
     sizes = _RequestSizes()
     stream = open_request_stream(config.input, config.columns, config.input_format)
     for batch in clock.timed("read", stream):
-        table = batch.requests
+        table = batch.requests if replay is None else replay.fill(batch.requests)
         skip = _finished(table["row"].to_numpy(), finished_rows)
         with clock("tokenize"):
             tokens = tokenize_requests(table, tokenizer, max_model_len=max_model_len, skip=skip)
@@ -79,12 +84,12 @@ def read_into_shards(config: JobConfig, *, engine_kind: str, finished_rows: np.n
                                      ENDPOINT: table["endpoint"]}))
         if stop():
             return ShardedJob(columns.rows, stream.input_format, [], columns, 0, max_model_len,
-                              None, spill_dir)
+                              None, spill_dir, replay=replay)
     with clock("shard"):
         shards = builder.finish()
     return ShardedJob(columns.rows, stream.input_format, shards, columns, builder.spilled_bytes,
                       max_model_len, sizes.longest, spill_dir, sizes.runnable_requests,
-                      sizes.new_tokens)
+                      sizes.new_tokens, replay)
 
 
 @dataclass

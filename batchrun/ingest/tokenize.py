@@ -20,6 +20,7 @@ from typing import Any, Protocol
 import numpy as np
 import pyarrow as pa
 
+from ..errors import ModelError, one_line
 from .token_lists import offsets_of, token_lists
 
 _BATCH = 2048  # prompts per tokenizer call: big enough for the Rust tokenizer's threads
@@ -49,7 +50,14 @@ class HFTokenizer:
     def _tok(self) -> Any:
         from transformers import AutoTokenizer
 
-        return AutoTokenizer.from_pretrained(self.model_dir)
+        try:
+            return AutoTokenizer.from_pretrained(self.model_dir)
+        except (OSError, ValueError) as e:  # no tokenizer files (a config-only folder), ...
+            raise ModelError(
+                f"the model folder {self.model_dir} has no usable tokenizer "
+                f"({one_line(e, 200)}): text prompts and chat messages need its tokenizer "
+                "files (tokenizer.json, tokenizer_config.json); pre-tokenized rows "
+                "(prompt_token_ids) do not") from None
 
     @cached_property
     def _batch_encode(self) -> Callable[..., list[Any]] | None:

@@ -9,6 +9,8 @@ Requests: one row per input row, in input order, whatever the input format was.
     messages   the chat list as a JSON string, or null
     prompt_token_ids  pre-tokenized prompt (no tokenizer runs for the row), or null
     max_tokens, temperature, top_p, seed, stop: the row's own sampling values, or null
+    completion_tokens  the tokens the row's completion is to have (the sim engine ends it
+               there; a previous output's column of that name can be fed back), or null
     logprobs, top_logprobs: the row's own log-probability request, or null
     constraint       the row's own structured-output constraint: "json_schema", "json_object",
                      "choice", "regex", "text" (free text, said explicitly), or null (not given:
@@ -46,6 +48,7 @@ REQUEST_SCHEMA = pa.schema(
         pa.field("top_p", pa.float64()),
         pa.field("seed", pa.int64()),
         pa.field("stop", pa.list_(pa.string())),
+        pa.field("completion_tokens", pa.int64()),
         pa.field("logprobs", pa.bool_()),
         pa.field("top_logprobs", pa.int64()),
         pa.field("constraint", DICTIONARY_STRING),

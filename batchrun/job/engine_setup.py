@@ -31,6 +31,8 @@ def engine_sizing(job: PreparedJob, engine_kind: str = EngineKind.VLLM, *,
     of several shards is sized by its first shard's plan and the whole job's `longest`
     request."""
     opts = job.config.engine
+    # The sim engine is sized as vLLM is (block size, KV bytes a token from config.json): a
+    # simulation sees the cache a real run would have.
     if engine_kind == EngineKind.FAKE:
         block_size, per_token, cpu = opts.block_size or 4, 0, False
     else:

@@ -16,6 +16,7 @@ from ..clock import StageClock
 from ..cluster.replicas import EngineReplicas, start_replicas
 from ..config import EngineKind, JobConfig
 from ..engine.base import Engine, EngineStats
+from ..engine.factory import engine_kind as started_engine_kind
 from ..engine.factory import start_engine
 from ..engine.sizing import EngineSizing
 from ..errors import (
@@ -73,6 +74,8 @@ def run_job(
     Signals are handled from reading the input to writing the output: a first SIGTERM/SIGINT
     lets the job wind down, a second raises Interrupted wherever it lands. Either way every
     result finished by then is in the checkpoint."""
+    if engine is not None and engine_kind == EngineKind.VLLM:  # the default: a started
+        engine_kind = started_engine_kind(engine)  # engine says what it is (a SimEngine)
     stop = StopFlag()
     restore = install_signal_handlers(stop) if handle_signals else (lambda: None)
     log_path = engine_log_path(output_paths(config).base) if engine_log else None
@@ -337,6 +340,8 @@ class _JobRun:
                              "spilled_bytes": self.sharded.spilled_bytes,
                              "memory_budget": self.config.engine.memory_budget,
                              "peak_rss_bytes": peak_rss_bytes()}
+        if self.sharded.replay is not None:
+            summary.setdefault("simulated", {})["replay_lengths"] = self.sharded.replay.figures()
         if self.sizing is not None:
             summary["engine_sizing"] = self.sizing.to_dict()
         if self.replicas is not None:
@@ -344,6 +349,9 @@ class _JobRun:
         if self.stats_before is not None:
             # Read after close: an engine's own processes have written their last counts then.
             used = self.engine.stats().since(self.stats_before)
+            if used.simulated is not None:
+                summary["simulated"] = {**used.simulated.to_dict(),
+                                        **summary.get("simulated", {})}
             if (attention := used.attention_summary()) is not None:
                 summary["attention"] = attention
             if self.constrained:

@@ -64,7 +64,7 @@ def _openai_labels(endpoint: str, max_key: str, top_key: str) -> tuple[str | Non
     prompt = "body.prompt" if endpoint == ENDPOINT_COMPLETION else None
     messages = "body.messages" if endpoint == ENDPOINT_CHAT else None
     return (prompt, messages, prompt, f"body.{max_key}",
-            "body.temperature", "body.top_p", "body.seed", "body.stop", "body.logprobs",
+            "body.temperature", "body.top_p", "body.seed", "body.stop", None, "body.logprobs",
             f"body.{top_key}", "body.response_format", None, None, None)
 
 
@@ -109,8 +109,9 @@ def _openai_request(obj: dict) -> list[Any]:
         sources = (text, None, token_ids)
         if logprobs is not None and type(logprobs) is not bool:  # a count, as OpenAI has it
             logprobs, top_logprobs, top_key = True, logprobs, "logprobs"
-    raw = (*sources, body.get(max_key), *map(body.get, FIELDS[4:8]), logprobs, top_logprobs,
-           body.get("response_format"), None, None, None)
+    # No completion_tokens: OpenAI's body has no such field.
+    raw = (*sources, body.get(max_key), *map(body.get, FIELDS[4:8]), None, logprobs,
+           top_logprobs, body.get("response_format"), None, None, None)
     return parse_request(raw, _OPENAI_LABELS[url, max_key, top_key])
 
 

@@ -128,6 +128,7 @@ _FAST: dict[str, Callable[[pa.Array], pa.Array | None]] = {
     "top_p": _fast_number(lambda x: pc.and_(pc.greater(x, 0), pc.less_equal(x, 1))),
     "seed": _fast_integer(INT64_MIN, INT64_MAX),
     "stop": _fast_stop,
+    "completion_tokens": _fast_integer(0, INT64_MAX),
     "logprobs": _fast_bool,
     "top_logprobs": _fast_integer(0, structured.MAX_TOP_LOGPROBS),
 }

@@ -6,7 +6,8 @@ Formats, told apart by content rather than by file name:
   * JSONL: anything else.
 In JSONL and Parquet a row has an optional id, exactly one of prompt (text), messages (a chat
 list, or that list as JSON text) or prompt_token_ids, and optional max_tokens, temperature,
-top_p, seed, stop (a string or a list of strings), logprobs (a bool), top_logprobs (0-20) and
+top_p, seed, stop (a string or a list of strings), completion_tokens (an integer >= 0: the
+length the sim engine gives the row's completion), logprobs (a bool), top_logprobs (0-20) and
 at most one output constraint: response_format (OpenAI's shape), choices (a list of strings),
 regex, or json_schema (an object or its JSON text); ColumnMap names the columns. In OpenAI
 files the body's response_format, logprobs and top_logprobs are read (/v1/completions takes

@@ -32,7 +32,8 @@ DRAFT_SCHEMA = REQUEST_SCHEMA.set(1, pa.field("id", pa.string()))
 # The request fields a row may set, in REQUEST_SCHEMA order. The first three are the prompt
 # sources, of which a row gives exactly one.
 FIELDS = ("prompt", "messages", "prompt_token_ids",
-          "max_tokens", "temperature", "top_p", "seed", "stop", "logprobs", "top_logprobs")
+          "max_tokens", "temperature", "top_p", "seed", "stop", "completion_tokens", "logprobs",
+          "top_logprobs")
 PROMPT_SOURCES = 3
 # The fields that constrain the output, of which a row gives at most one. Together they fill
 # the request table's `constraint` and `constraint_spec` columns.
@@ -157,6 +158,10 @@ def _stop(value: Any) -> list[str]:
     return value
 
 
+def _completion_tokens(value: Any) -> int:
+    return _integer(value, 0, INT64_MAX)
+
+
 def _logprobs(value: Any) -> bool:
     if type(value) is not bool:
         raise _Invalid
@@ -186,6 +191,8 @@ _PARSERS: dict[str, tuple[Callable[[Any], Any], str]] = {
     "top_p": (_top_p, "must be a number in (0, 1]"),
     "seed": (_seed, "must be a 64-bit integer"),
     "stop": (_stop, "must be a string or a list of strings"),
+    "completion_tokens": (_completion_tokens, "must be an integer >= 0 (the tokens the "
+                                              "completion is to have, for --engine sim)"),
     "logprobs": (_logprobs, "must be true or false"),
     "top_logprobs": (_top_logprobs, "must be an integer from 0 to "
                                     f"{structured.MAX_TOP_LOGPROBS}"),
