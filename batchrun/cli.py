@@ -359,6 +359,11 @@ def plan_command(
     engine: EngineOpt = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print the plan as one JSON object.")]
     = False,
+    estimate: Annotated[bool, typer.Option(
+        "--estimate", help="Also run the job through the sim engine (vLLM's scheduler, no "
+        "model) as a run would, and predict its engine steps, computed prompt tokens and "
+        "run-stage seconds (JSON: estimate.*). Seconds come from the sim's cost profile.")]
+    = False,
 ) -> None:
     """Show how a job would run, without loading the model: requests, prompt tokens, distinct
     prompt tokens (the least prefill work possible), shared-prefix groups, expected saving.
@@ -367,6 +372,7 @@ def plan_command(
     Example:
       batchrun plan jobs/example.toml --kv-cache-memory 256MiB
       batchrun plan prompts.jsonl --json | jq .distinct_prompt_tokens
+      batchrun plan jobs/example.toml --estimate --json | jq .estimate.run_seconds
     """
     _quiet_engine_logs(False)
     from .job.commands import describe_plan
@@ -377,6 +383,10 @@ def plan_command(
                       kv_cache_memory=kv_cache_memory, memory_budget=memory_budget,
                       **_constraint_overrides(json_schema, choice, regex))
         figures = describe_plan(cfg, engine.value if engine else cfg.engine_kind)
+        if estimate:
+            from .job.estimate import estimate_run
+
+            figures["estimate"] = estimate_run(cfg)
     except BatchrunError as e:
         _fail(str(e), e.exit_code)  # 2 (usage), or 4 (an engine that died)
     except Exception as e:
@@ -384,8 +394,15 @@ def plan_command(
     if json_out:
         typer.echo(json.dumps(figures, indent=2, sort_keys=True))
         return
+    shown_estimate = figures.pop("estimate", None)
     width = max(len(k) for k in figures)
     for key, value in figures.items():
         shown = f"{value:,.3f}" if isinstance(value, float) else (
             f"{value:,}" if isinstance(value, int) else str(value))
         typer.echo(f"{key:<{width}}  {shown}")
+    if shown_estimate is not None:
+        e = shown_estimate
+        seconds = "?" if e["run_seconds"] is None else f"{e['run_seconds']:,.1f} s"
+        typer.echo(f"estimate ({e['label']}, profile {(e['profile'] or {}).get('source')}): "
+                   f"{e['engine_steps']:,} engine steps, {e['computed_prompt']:,} computed "
+                   f"prompt tokens, run stage {seconds}")
