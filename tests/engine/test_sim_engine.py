@@ -25,6 +25,7 @@ from batchrun.errors import ModelError
 from batchrun.job.run import run_job
 from tests.conftest import TEST_ENGINE_OPTIONS
 from tests.helpers import job, shared_prefix_rows, write_jsonl
+from tests.reliability.harness import batchrun as batchrun_cli
 
 REPO = Path(__file__).resolve().parents[2]
 BLOCK = 32
@@ -243,17 +244,26 @@ def test_sim_with_replayed_lengths_matches_the_real_engine_step_for_step(tmp_pat
 
 @pytest.mark.slow
 def test_sim_preempts_where_the_real_engine_preempts(tmp_path):
-    """A real engine of its own, with a KV cache of 40 blocks: stories that outgrow it."""
-    from batchrun.engine.vllm_engine import VllmEngine
-    from batchrun.model import default_model_dir
-
-    options = EngineOptions(kv_cache_memory=40 * BLOCK_BYTES, max_model_len=512,
-                            enforce_eager=True, attention="default")
-    real_engine = VllmEngine(default_model_dir(), options, enforce_eager=True)
-    try:
-        s = assert_same_run(tmp_path, real_engine, story_rows(8, words=8, max_tokens=160),
-                            options)
-    finally:
-        real_engine.close()
+    """Stories that outgrow a KV cache of 40 blocks, run as a user would: `batchrun run` on
+    the real engine, then `batchrun run --engine sim --replay-lengths` that output. Each in
+    a process of its own: closing an in-process vLLM engine tears down vLLM's parallel state,
+    which the session's engine (tests/conftest.py) shares."""
+    path = write_jsonl(tmp_path / "in.jsonl", story_rows(8, words=8, max_tokens=160))
+    same = ("--kv-cache-memory", str(40 * BLOCK_BYTES), "--max-model-len", "512",
+            "--attention", "default", "--log-lines")
+    real_out, sim_out = tmp_path / "real.parquet", tmp_path / "sim.parquet"
+    real = batchrun_cli("run", path, "-o", real_out, "--enforce-eager", *same, timeout=900)
+    assert real.returncode == 0, real.stderr[-2000:]
+    sim = batchrun_cli("run", path, "-o", sim_out, "--engine", "sim", "--replay-lengths",
+                   real_out, *same, timeout=300)
+    assert sim.returncode == 0, sim.stderr[-2000:]
+    r, s = (json.loads(Path(f"{out}.summary.json").read_text()) for out in (real_out, sim_out))
+    assert s["engine"]["num_blocks"] == 40
+    assert s["tokens"] == r["tokens"]
+    assert s["batch"]["steps"] == r["batch"]["steps"] == s["simulated"]["steps"]
+    assert s["batch"]["mean_batch"] == r["batch"]["mean_batch"]
+    key = ("id", "prompt_tokens", "cached_tokens", "completion_tokens", "finish_reason")
+    assert [tuple(row[k] for k in key) for row in pq.read_table(sim_out).to_pylist()] \
+        == [tuple(row[k] for k in key) for row in pq.read_table(real_out).to_pylist()]
     # vLLM did preempt: requests computed again what they had held.
     assert s["simulated"]["prefill_tokens"] > s["tokens"]["computed_prompt"]
