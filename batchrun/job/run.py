@@ -14,7 +14,7 @@ import pyarrow as pa
 
 from ..clock import StageClock
 from ..cluster.replicas import EngineReplicas, start_replicas
-from ..config import EngineKind, JobConfig
+from ..config import JobConfig
 from ..engine.base import Engine, EngineStats
 from ..engine.factory import engine_kind as started_engine_kind
 from ..engine.factory import start_engine
@@ -57,7 +57,7 @@ class JobOutcome:
 def run_job(
     config: JobConfig,
     *,
-    engine_kind: str = EngineKind.VLLM,
+    engine_kind: str | None = None,
     engine: Engine | None = None,
     resume: bool = False,
     overwrite: bool = False,
@@ -68,14 +68,15 @@ def run_job(
 ) -> JobOutcome:
     """Run a job to its output file. `engine` lets a caller (tests, benchmarks) share one
     started engine between jobs; otherwise one is started here and closed at the end.
+    `engine_kind`: "vllm", "sim" or "fake"; None: what `engine` is, else the job file's.
     `engine_log`: what vLLM, torch and other libraries print goes to `<output>.log`
     instead of the terminal (batchrun's own progress still reaches the terminal).
 
     Signals are handled from reading the input to writing the output: a first SIGTERM/SIGINT
     lets the job wind down, a second raises Interrupted wherever it lands. Either way every
     result finished by then is in the checkpoint."""
-    if engine is not None and engine_kind == EngineKind.VLLM:  # the default: a started
-        engine_kind = started_engine_kind(engine)  # engine says what it is (a SimEngine)
+    if engine_kind is None:
+        engine_kind = started_engine_kind(engine) if engine is not None else config.engine_kind
     stop = StopFlag()
     restore = install_signal_handlers(stop) if handle_signals else (lambda: None)
     log_path = engine_log_path(output_paths(config).base) if engine_log else None
