@@ -39,7 +39,7 @@ __all__ = ["Summary", "build_config", "generate", "run", "run_config"]
 OPTIONS = option_keys()
 # Keyword arguments that say how to run, not what.
 RUN_OPTIONS = ("resume", "overwrite", "engine", "progress", "grace_period", "handle_signals",
-               "engine_log")
+               "engine_log", "estimate")
 
 
 @dataclass(frozen=True)
@@ -129,7 +129,7 @@ def _engine(engine: str | Engine) -> tuple[str, Engine | None]:
 def run_config(cfg: JobConfig, *, resume: bool = False, overwrite: bool = False,
                engine: str | Engine | None = None, progress: bool | None = None,
                grace_period: float = 30.0, handle_signals: bool | None = None,
-               engine_log: bool = False) -> Summary:
+               engine_log: bool = False, estimate: bool = False) -> Summary:
     """Run a JobConfig: the Summary of a finished job (exit_code 0 or 3), or JobInterrupted.
 
     engine: "vllm", "sim" (vLLM's scheduler and KV cache with no model: engine/sim.py),
@@ -137,15 +137,21 @@ def run_config(cfg: JobConfig, *, resume: bool = False, overwrite: bool = False,
     started (shared between jobs), or None: the job file's `[engine] kind`, else "vllm".
     handle_signals (default: when called from the main thread) lets SIGTERM/SIGINT drain and
     save, as in the CLI. engine_log: what vLLM and the libraries under it print goes to
-    `<output>.log`, not the terminal."""
+    `<output>.log`, not the terminal. estimate: first run the job through the sim engine
+    (job/estimate.py); the summary's `estimate` puts its predictions beside what the run
+    measured."""
+    from .job.estimate import estimate_run, with_measured
     from .job.run import run_job
 
     engine_kind, started = _engine(cfg.engine_kind if engine is None else engine)
     if handle_signals is None:
         handle_signals = threading.current_thread() is threading.main_thread()
+    predicted = estimate_run(cfg) if estimate else None
     outcome = run_job(cfg, engine_kind=engine_kind, engine=started, resume=resume,
                       overwrite=overwrite, interactive=progress, grace_s=grace_period,
                       handle_signals=handle_signals, engine_log=engine_log)
+    if predicted is not None and "rows" in outcome.summary:
+        outcome.summary["estimate"] = with_measured(predicted, outcome.summary)
     summary = Summary.from_outcome(outcome)
     if outcome.exit_code == EXIT_INTERRUPTED:
         raise JobInterrupted(outcome.message, summary)

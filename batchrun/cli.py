@@ -68,6 +68,15 @@ EngineOpt = Annotated[EngineKind | None, typer.Option(
     help="'sim' runs vLLM's own scheduler and KV cache with no model: vLLM's steps and "
          "cache hits, simulated time; 'fake' is a deterministic stand-in with no model, for "
          "testing pipelines. Default: the job file's [engine] kind, else vllm.")]
+ReplicasOpt = Annotated[int | None, typer.Option(
+    help="Engine replicas (Ray actors; needs batchrun[ray]): one GPU each, or on CPU side by "
+         "side; each pulls prefix shards as it frees up. With --engine sim the fleet is "
+         "simulated in this process, no Ray.")]
+EstimateRunOpt = Annotated[bool, typer.Option(
+    "--estimate", help="First run the job through the sim engine (vLLM's scheduler, no "
+    "model) as this run will run it, then run it: the summary puts the predicted engine "
+    "steps, computed prompt tokens and run-stage seconds beside the measured ones "
+    "(JSON: estimate.*).")]
 SchemaOpt = Annotated[Path | None, typer.Option(
     "--json-schema", help="Default constraint: a JSON Schema file every row's output must "
     "match (rows may set their own `json_schema`, `choices`, `regex` or `response_format`).")]
@@ -161,9 +170,7 @@ def run(
     plan: Annotated[bool, typer.Option(
         "--plan/--no-plan", help="--no-plan runs rows in file order (for comparisons).")]
     = True,
-    replicas: Annotated[int | None, typer.Option(
-        help="Engine replicas (Ray actors; needs batchrun[ray]): one GPU each, or on CPU "
-             "side by side. Each runs whole prefix shards.")] = None,
+    replicas: ReplicasOpt = None,
     ray_address: Annotated[str | None, typer.Option(
         help="Run the replicas on this Ray cluster: 'auto' (the one this machine is part "
              "of) or 'ray://HEAD:10001'. Default: a Ray instance on this machine.")] = None,
@@ -173,6 +180,7 @@ def run(
     overwrite: Annotated[bool, typer.Option(
         help="Replace a finished output and discard any unfinished run.")] = False,
     engine: EngineOpt = None,
+    estimate: EstimateRunOpt = False,
     replay_lengths: Annotated[str | None, typer.Option(
         help="With --engine sim: end each row's completion where an earlier output of this "
              "job (its Parquet file, local or a URI) ended it, by row id; rows that ended by "
@@ -216,7 +224,7 @@ def run(
             replay_lengths=replay_lengths, **_constraint_overrides(json_schema, choice, regex))
         summary = run_config(cfg, engine=engine and engine.value, resume=resume,
                              overwrite=overwrite, progress=progress, grace_period=grace_period,
-                             handle_signals=True, engine_log=not verbose)
+                             handle_signals=True, engine_log=not verbose, estimate=estimate)
     except JobInterrupted as e:
         summary = e.summary
     except BatchrunError as e:
@@ -250,6 +258,8 @@ def _print_outcome(summary: dict[str, Any], message: str, as_json: bool) -> None
                          "rest of their rows ran after work that may decode longer")
         if "simulated" in summary:
             lines.append(_simulated_line(summary["simulated"]))
+        if "estimate" in summary:
+            lines.append(_estimate_line(summary["estimate"]))
         lines.extend(_replica_lines(summary.get("replicas", ())))
         if "engine_log" in summary:
             lines.append(f"engine log: {summary['engine_log']}")
@@ -266,6 +276,25 @@ def _simulated_line(sim: dict[str, Any]) -> str:
     return (f"simulated (vLLM's scheduler, no model): {sim['steps']:,} engine steps, "
             f"{sim['prefill_tokens']:,} prefill tokens, {sim['decode_requests']:,} decodes; "
             f"run time {sim['seconds']:,.1f}s by {how}")
+
+
+def _estimate_line(estimate: dict[str, Any]) -> str:
+    """What the sim predicted before the run, beside what the run measured."""
+    measured = estimate["measured"]
+
+    def pair(name: str, key: str, unit: str = "") -> str:
+        predicted, actual = estimate[key], measured[key]
+        if predicted is None or actual is None:
+            return f"{name} {predicted or '?'}{unit} predicted"
+        ratio = f" ({actual / predicted:.2f}x)" if predicted else ""
+        fmt = (lambda x: f"{x:,.1f}") if isinstance(predicted, float) else (lambda x: f"{x:,}")
+        return f"{name} {fmt(predicted)}{unit} predicted, {fmt(actual)}{unit} measured{ratio}"
+
+    how = "ASSUMED" if (estimate.get("profile") or {}).get("assumed", True) else "calibrated"
+    return ("estimate (simulated before the run; " + how + " cost profile): "
+            + "; ".join((pair("run stage", "run_seconds", " s"),
+                         pair("engine steps", "engine_steps"),
+                         pair("computed prompt tokens", "computed_prompt"))))
 
 
 def _replica_lines(replicas: list[dict[str, Any]]) -> list[str]:
@@ -357,12 +386,14 @@ def plan_command(
     choice: ChoiceOpt = None,
     regex: RegexOpt = None,
     engine: EngineOpt = None,
+    replicas: ReplicasOpt = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print the plan as one JSON object.")]
     = False,
     estimate: Annotated[bool, typer.Option(
         "--estimate", help="Also run the job through the sim engine (vLLM's scheduler, no "
-        "model) as a run would, and predict its engine steps, computed prompt tokens and "
-        "run-stage seconds (JSON: estimate.*). Seconds come from the sim's cost profile.")]
+        "model) as a run would, replicas included, and predict its engine steps, computed "
+        "prompt tokens and run-stage seconds (JSON: estimate.*); with --replicas, the "
+        "busiest replica against the mean. Seconds come from the sim's cost profile.")]
     = False,
 ) -> None:
     """Show how a job would run, without loading the model: requests, prompt tokens, distinct
@@ -373,6 +404,7 @@ def plan_command(
       batchrun plan jobs/example.toml --kv-cache-memory 256MiB
       batchrun plan prompts.jsonl --json | jq .distinct_prompt_tokens
       batchrun plan jobs/example.toml --estimate --json | jq .estimate.run_seconds
+      batchrun plan jobs/nightly.toml --estimate --replicas 16
     """
     _quiet_engine_logs(False)
     from .job.commands import describe_plan
@@ -381,7 +413,7 @@ def plan_command(
         cfg = _config(job, output or "plan.parquet", model=model, input_format=input_format,
                       prompt_column=prompt_column, block_size=block_size,
                       kv_cache_memory=kv_cache_memory, memory_budget=memory_budget,
-                      **_constraint_overrides(json_schema, choice, regex))
+                      replicas=replicas, **_constraint_overrides(json_schema, choice, regex))
         figures = describe_plan(cfg, engine.value if engine else cfg.engine_kind)
         if estimate:
             from .job.estimate import estimate_run
@@ -406,3 +438,6 @@ def plan_command(
         typer.echo(f"estimate ({e['label']}, profile {(e['profile'] or {}).get('source')}): "
                    f"{e['engine_steps']:,} engine steps, {e['computed_prompt']:,} computed "
                    f"prompt tokens, run stage {seconds}")
+        if fleet := e.get("replicas"):
+            typer.echo(f"  {fleet['count']} replicas: busiest {fleet['busiest_s']:,.1f} s, mean "
+                       f"{fleet['mean_s']:,.1f} s (busiest/mean {fleet['busiest_over_mean']})")

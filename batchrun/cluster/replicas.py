@@ -337,11 +337,18 @@ def start_replicas(config: JobConfig, engine_kind: str, sizing: EngineSizing,
     """The replicas of a job read into shards (prepare.ShardedJob), their engines started
     with the job's `sizing` and the attention backend `attention()` chooses (asked here,
     once: it may plan the job)."""
+    return EngineReplicas(replica_job(config, engine_kind, sizing, sharded, attention))
+
+
+def replica_job(config: JobConfig, engine_kind: str, sizing: EngineSizing, sharded: ShardedJob,
+                attention: Callable[[], AttentionChoice | None] | None = None) -> ReplicaJob:
+    """What every replica of the job is told: its engine's sizing, its share of the new
+    tokens, and (vLLM only) the attention backend `attention()` chooses."""
     n = config.cluster.replicas
-    return EngineReplicas(ReplicaJob(
+    return ReplicaJob(
         config, engine_kind, replica_sizing(config, sizing), ceil_div(sharded.new_tokens, n),
         sharded.input_format, sharded.max_model_len,
-        attention() if engine_kind == EngineKind.VLLM else None))
+        attention() if engine_kind == EngineKind.VLLM and attention is not None else None)
 
 
 def replica_sizing(config: JobConfig, sizing: EngineSizing) -> EngineSizing:

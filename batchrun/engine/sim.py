@@ -34,7 +34,7 @@ import numpy as np
 from ..config import EngineOptions
 from .base import EngineInfo, EngineStats, GenerationRequest, GenerationResult, StepOutput
 from .sim_cost import CostProfile, SimCounts, SimulatedRun, profile_for
-from .sim_setup import build_scheduler
+from .sim_setup import SimScheduler, another_scheduler, build_scheduler
 
 
 @dataclass
@@ -53,7 +53,8 @@ class SimEngine:
     """vLLM's scheduler behind batchrun's Engine interface (see the module notes)."""
 
     def __init__(self, model_dir: Path, options: EngineOptions, *, enforce_eager: bool = True,
-                 profile: CostProfile | None = None) -> None:
+                 profile: CostProfile | None = None,
+                 scheduler: SimScheduler | None = None) -> None:
         import vllm
         from vllm.sampling_params import SamplingParams
         from vllm.v1.outputs import ModelRunnerOutput
@@ -61,7 +62,8 @@ class SimEngine:
 
         self._Request, self._SamplingParams = Request, SamplingParams
         self._ModelRunnerOutput, self._aborted = ModelRunnerOutput, RequestStatus.FINISHED_ABORTED
-        sim = build_scheduler(model_dir, options, enforce_eager=enforce_eager)
+        sim = scheduler or build_scheduler(model_dir, options, enforce_eager=enforce_eager)
+        self._setup = (model_dir, options, enforce_eager, sim)
         self._scheduler, self._hasher = sim.scheduler, sim.block_hasher
         self._eos, self._vocab = sim.eos_token_id, sim.vocab_size
         config = sim.vllm_config
@@ -181,6 +183,13 @@ class SimEngine:
         live = list(self._live)
         if live:
             self.abort(live)
+
+    def twin(self) -> SimEngine:
+        """Another engine with these settings and profile, and a KV cache of its own (a
+        simulated replica)."""
+        model_dir, options, enforce_eager, sim = self._setup
+        return SimEngine(model_dir, options, enforce_eager=enforce_eager, profile=self.profile,
+                         scheduler=another_scheduler(sim))
 
     # --- Simulated figures ------------------------------------------------------------------
 

@@ -42,6 +42,10 @@ class SimCounts:
         return SimCounts(*(getattr(self, f.name) - getattr(before, f.name)
                            for f in fields(self)))
 
+    def plus(self, other: SimCounts) -> SimCounts:
+        return SimCounts(*(getattr(self, f.name) + getattr(other, f.name)
+                           for f in fields(self)))
+
 
 @dataclass(frozen=True)
 class CostProfile:

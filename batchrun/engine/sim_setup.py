@@ -68,6 +68,12 @@ def build_scheduler(model_dir: Path, options: EngineOptions, *,
         raise ConfigError(f"vLLM refused the sim engine's settings: {e}") from e
 
 
+def another_scheduler(sim: SimScheduler) -> SimScheduler:
+    """A scheduler with the same settings as `sim` and a KV cache of its own (a replica's):
+    building the configuration again would take a second or more."""
+    return _scheduler(sim.vllm_config)
+
+
 def _kv_specs(config: Any) -> dict[str, Any]:
     """The KV cache spec of every attention layer, as vLLM's model runner publishes them for
     a decoder of full-attention layers."""

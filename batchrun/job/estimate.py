@@ -21,20 +21,21 @@ LABEL = "simulated: vLLM's scheduler with no model; seconds by the sim's cost pr
 
 
 def estimate_run(config: JobConfig) -> dict[str, Any]:
-    """The `estimate` section of `batchrun plan --estimate` (see the module notes)."""
-    if config.cluster.on_ray:
-        raise ConfigError("plan --estimate does not simulate replicas yet; estimate one "
-                          "engine (drop --replicas/--ray-address) and divide by the replicas")
+    """The `estimate` section of `batchrun plan --estimate` (see the module notes). With
+    replicas (--replicas N), the fleet is simulated too (cluster/sim_fleet.py): steps and
+    computed tokens are summed over replicas, the run stage is the busiest replica's."""
     with tempfile.TemporaryDirectory(prefix="batchrun-estimate-") as tmp:
         scratch = replace(config, output=Location.coerce(Path(tmp) / "estimate.parquet"),
                           openai_output=None, work_dir=None)
         outcome = run_job(scratch, engine_kind=EngineKind.SIM, handle_signals=False,
                           interactive=False, engine_log=True)
     summary = outcome.summary
+    if "rows" not in summary:
+        raise ConfigError(f"plan --estimate could not simulate the job: {outcome.message}")
     simulated = summary.get("simulated", {})
-    return {
+    estimate = {
         "label": LABEL,
-        "engine_steps": summary["batch"]["steps"],
+        "engine_steps": simulated.get("steps", summary["batch"]["steps"]),
         "computed_prompt": summary["tokens"]["computed_prompt"],
         "completion": summary["tokens"]["completion"],
         "run_seconds": simulated.get("seconds"),
@@ -42,3 +43,20 @@ def estimate_run(config: JobConfig) -> dict[str, Any]:
         "rows": summary["rows"],
         "failed_rows": summary["failed"],
     }
+    if "replicas" in simulated:
+        estimate["replicas"] = {**simulated["replicas"], "per_replica": [
+            {k: r[k] for k in ("replica", "rows", "computed_prompt_tokens", "busy_s",
+                               "pieces")} for r in summary["replicas"]]}
+    return estimate
+
+
+def with_measured(estimate: dict[str, Any], summary: dict[str, Any]) -> dict[str, Any]:
+    """A run summary's `estimate` section: the prediction made before the run, and beside it
+    (`measured`) what the run measured of the same figures: the run stage's seconds, engine
+    steps (None on Ray replicas, which do not report theirs) and computed prompt tokens.
+    A resumed run measures only the rows it ran; the estimate is of the whole job."""
+    steps = summary.get("batch", {}).get("steps") or summary.get("simulated", {}).get("steps")
+    measured = {"run_seconds": summary.get("stages", {}).get("run", {}).get("seconds"),
+                "engine_steps": steps or None,
+                "computed_prompt": summary["tokens"]["computed_prompt"]}
+    return {**estimate, "measured": measured}

@@ -14,7 +14,8 @@ import pyarrow as pa
 
 from ..clock import StageClock
 from ..cluster.replicas import EngineReplicas, start_replicas
-from ..config import JobConfig
+from ..cluster.sim_fleet import SimulatedReplicas, start_simulated_replicas
+from ..config import EngineKind, JobConfig
 from ..engine.base import Engine, EngineStats
 from ..engine.factory import engine_kind as started_engine_kind
 from ..engine.factory import start_engine
@@ -139,7 +140,8 @@ class _JobRun:
     constrained: dict[str, int] = field(default_factory=dict)
     logprobs_rows: int = 0
     stats_before: EngineStats | None = None
-    replicas: EngineReplicas | None = None  # the engines, when on Ray (cluster/replicas.py)
+    # The engines, when on Ray (cluster/replicas.py), or their simulation (--engine sim).
+    replicas: EngineReplicas | SimulatedReplicas | None = None
 
     @classmethod
     def open(cls, config: JobConfig, paths: OutputPaths, engine_kind: str,
@@ -189,6 +191,9 @@ class _JobRun:
         if self.own_engine:
             self.sizing = engine_sizing(self.first, engine_kind, longest=sharded.longest)
             first = self.first
+            if self.config.cluster.on_ray and engine_kind == EngineKind.SIM:
+                self.replicas = start_simulated_replicas(self.config, self.sizing, sharded)
+                return
             if self.config.cluster.on_ray:
                 self.replicas = start_replicas(self.config, engine_kind, self.sizing, sharded,
                                                attention=lambda: choose_job_attention(first))
@@ -244,7 +249,8 @@ class _JobRun:
             progress.advance(table.num_rows, tokens.prompt + tokens.completion)
 
         if self.replicas is not None:
-            shard_runs = self.replicas.run(self.sharded.shards, on_results, stop, grace_s)
+            with self.clock("run"):
+                shard_runs = self.replicas.run(self.sharded.shards, on_results, stop, grace_s)
         else:
             shard_runs = (self._run_shard(shard, on_results, stop, grace_s)
                           for shard in self.sharded.shards if not stop.requested)
@@ -347,6 +353,8 @@ class _JobRun:
             summary["engine_sizing"] = self.sizing.to_dict()
         if self.replicas is not None:
             summary["replicas"] = [r.to_dict() for r in self.replicas.stats]
+        if isinstance(self.replicas, SimulatedReplicas):
+            summary["simulated"] = {**self.replicas.simulated(), **summary.get("simulated", {})}
         if self.stats_before is not None:
             # Read after close: an engine's own processes have written their last counts then.
             used = self.engine.stats().since(self.stats_before)
