@@ -12,25 +12,25 @@ the `fewshot` and `rag` jobs of synthetic.py run
 Each prints its summed computed prompt tokens over the single-engine block ideal (`batchrun
 plan`'s block_ideal_computed_tokens) and its wall time, side by side.
 
-Part 2, a simulated fleet: a 1M-row job whose rows pick one of 20,000 system prompts with
-Zipf popularity (s = 1.1: the most popular prompt holds ~14% of the rows), cut into prefix
-shards by batchrun's own shard builder (batchrun/ingest/shards.py) in a 4 GiB budget. The replicas
-are a cost model, not engines: a piece costs its block-ideal computed prompt tokens times
-the prefill time per token plus its max_tokens times the decode time per token, both
-measured on this machine's vLLM (or given: --prefill-us/--decode-us).
-What runs is batchrun's own shard queue (batchrun/cluster/queue.py: largest first, pulled
-as replicas free up, share-sized pieces cut at the cheapest place), the code the Ray
-driver runs. Reported for 8, 16 and 64 replicas: the busiest replica's time over the mean,
-and computed prompt tokens over the job's block ideal (targets at 64: <= 1.10 and <= 1.05).
+Part 2, a simulated fleet: a 1M-row pre-tokenized job whose rows pick one of 20,000 system
+prompts with Zipf popularity (s = 1.1: the most popular prompt holds ~14% of the rows),
+max_tokens 8-128, through `batchrun plan JOB --estimate --replicas N` for N = 1, 8, 16, 64:
+the job read and sharded as a run would, then replicas that are sim engines (vLLM's own
+scheduler and KV cache, no model: batchrun/cluster/sim_fleet.py) pulling pieces from
+batchrun's own shard queue (batchrun/cluster/queue.py, the code the Ray driver runs) on a
+simulated clock. Reported: the simulated run stage (the busiest replica's seconds, by the
+sim's cost profile), the busiest replica over the mean (target at 64: <= 1.10), computed
+prompt tokens over the job's block ideal (<= 1.05), vLLM's engine steps summed over
+replicas, and for comparison Ray Data's contiguous blocks' computed tokens over the ideal
+(a count from the prefix tree, not a simulation).
 
     python benchmarks/bench_replicas.py                  # both parts
-    python benchmarks/bench_replicas.py --part fleet --prefill-us 150 --decode-us 900
+    python benchmarks/bench_replicas.py --part fleet --fleet-rows 100000 --fleet 1,8
 """
 
 from __future__ import annotations
 
 import argparse
-import heapq
 import json
 import os
 import subprocess
@@ -44,6 +44,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -51,12 +52,7 @@ sys.path.insert(0, str(HERE.parent))
 
 from synthetic import write_job  # noqa: E402
 
-from batchrun.cluster.queue import PrefixOrder, PrefixOrders, ShardQueue  # noqa: E402
-from batchrun.config import parse_size  # noqa: E402
-from batchrun.ingest.shards import Shard, ShardBuilder  # noqa: E402
-from batchrun.io.schema import REQUEST_SCHEMA  # noqa: E402
 from batchrun.plan.prefix_tree import PrefixTree  # noqa: E402
-from batchrun.plan.prefixes import boundary_reuse  # noqa: E402
 
 BATCHRUN = [sys.executable, "-m", "batchrun"]
 BLOCK = 32  # vLLM's block on CPU (batchrun's default there)
@@ -138,7 +134,7 @@ class ZipfJob:
     prompts: int = 20_000
     zipf_s: float = 1.1
     seed: int = 0
-    batch_rows: int = 65_536  # rows per batch handed to the shard builder, as a reader does
+    batch_rows: int = 65_536
 
     def batches(self) -> Iterator[pa.Table]:
         rng = np.random.default_rng(self.seed)
@@ -149,192 +145,107 @@ class ZipfJob:
             family = rng.choice(self.prompts, size=n, p=weights / weights.sum())
             yield _rows(rng, [heads[f] for f in family], first)
 
+    def write_parquet(self, path: Path) -> Path:
+        """The job as a user's pre-tokenized input: id, prompt_token_ids, max_tokens."""
+        with pq.ParquetWriter(path, INPUT_SCHEMA) as writer:
+            for batch in self.batches():
+                writer.write_table(batch)
+        return path
+
+
+INPUT_SCHEMA = pa.schema([("id", pa.string()), ("prompt_token_ids", pa.list_(pa.int32())),
+                          ("max_tokens", pa.int64())])
+
 
 def _system_prompt(prompt_id: int) -> np.ndarray:
     rng = np.random.default_rng([7, prompt_id])
-    return rng.integers(100, 50_000, int(rng.integers(32, 257)), dtype=np.int32)
+    return rng.integers(100, 40_000, int(rng.integers(32, 257)), dtype=np.int32)
 
 
 def _rows(rng: np.random.Generator, heads: list[np.ndarray], first_row: int) -> pa.Table:
-    """REQUEST_SCHEMA rows first_row.. (what the tokenize stage hands the shard builder):
-    each row's system prompt, then its own tokens."""
+    """Rows first_row..: each row's system prompt, then its own tokens."""
     n = len(heads)
-    own = [rng.integers(100, 50_000, int(k), dtype=np.int32) for k in rng.integers(16, 65, n)]
+    own = [rng.integers(100, 40_000, int(k), dtype=np.int32) for k in rng.integers(16, 65, n)]
     values = np.concatenate([t for pair in zip(heads, own, strict=True) for t in pair])
     lengths = np.array([len(h) + len(o) for h, o in zip(heads, own, strict=True)])
     offsets = np.concatenate(([0], np.cumsum(lengths))).astype(np.int32)
     rows = np.arange(first_row, first_row + n)
-    columns = {name: pa.nulls(n, field.type)
-               for name, field in zip(REQUEST_SCHEMA.names, REQUEST_SCHEMA, strict=True)}
-    columns.update(row=pa.array(rows), id=pa.array(rows.astype(str)),
-                   prompt_token_ids=pa.ListArray.from_arrays(pa.array(offsets),
-                                                             pa.array(values)),
-                   max_tokens=pa.array(rng.integers(8, 129, n)))
-    return pa.table(columns, schema=REQUEST_SCHEMA)
+    return pa.table({"id": pa.array(rows.astype(str)),
+                     "prompt_token_ids": pa.ListArray.from_arrays(pa.array(offsets),
+                                                                  pa.array(values)),
+                     "max_tokens": pa.array(rng.integers(8, 129, n))}, schema=INPUT_SCHEMA)
 
 
-def zipf_shards(job: ZipfJob, spill_dir: Path, memory_budget: int) -> list[Shard]:
-    """The job cut into prefix shards by batchrun's own shard builder, with the run's
-    default memory budget shares (runner: run and shard bytes = budget / 8)."""
-    builder = ShardBuilder(spill_dir, run_bytes=memory_budget // 8,
-                           shard_bytes=memory_budget // 8)
-    for batch in job.batches():
-        builder.add(batch)
-    return builder.finish()
-
-
-def job_block_ideal(shards: list[Shard]) -> int:
-    """The whole job's block ideal: its shards' ideals less what each boundary shares
-    (shards are consecutive ranges of the token order: batchrun/ingest/shards.py)."""
-    total, last = 0, None
-    for shard in shards:
-        order = PrefixOrder.of(shard.load(), BLOCK)
-        prompts = order.table["prompt_token_ids"]
-        first = np.asarray(prompts[int(order.order[0])].values)
-        total += computed_tokens(order.table)
-        total -= boundary_reuse(last, first, BLOCK)[1]
-        last = np.asarray(prompts[int(order.order[-1])].values)
-    return total
-
-
-def computed_tokens(table: pa.Table) -> int:
-    """The block-ideal computed prompt tokens of a piece (what one engine computes: vLLM
-    did exactly this on the planned `prefix` job, benchmarks/README.md)."""
-    tokens = table["prompt_token_ids"]
-    lengths = tokens.combine_chunks().value_lengths().to_numpy().astype(np.int64)
+def block_ideal_computed(table: pa.Table) -> int:
+    """The block-ideal computed prompt tokens of some rows: each distinct whole block of
+    their prompt tree once (what one engine with room for everything computes)."""
+    tokens = table["prompt_token_ids"].combine_chunks()
+    lengths = tokens.value_lengths().to_numpy().astype(np.int64)
     offsets = np.concatenate(([0], np.cumsum(lengths)))
-    values = tokens.combine_chunks().flatten().to_numpy()
-    return PrefixTree.build(values, offsets).block_ideal_computed_tokens(BLOCK)
+    return PrefixTree.build(tokens.flatten().to_numpy(), offsets).block_ideal_computed_tokens(
+        BLOCK)
 
 
-@dataclass
-class Fleet:
-    busy_s: np.ndarray
-    computed: int
-    pieces: int
-    pieces_cut: int
-
-
-def simulate(shards: list[Shard], replicas: int, prefill_s: float, decode_s: float) -> Fleet:
-    """Replicas pull work from batchrun's ShardQueue whenever they are free; a piece takes
-    the cost model's time. In-flight rows (the queue's share needs them) shrink linearly
-    while a piece runs, as its results stream back."""
-    queue = ShardQueue(shards, replicas, PrefixOrders(BLOCK))
-    free = [(0.0, r) for r in range(replicas)]
-    running: list[tuple[float, float, int]] = []  # (start, end, rows)
-    busy = np.zeros(replicas)
-    computed = pieces = 0
-    while free:
-        now, r = heapq.heappop(free)
-        running = [p for p in running if p[1] > now]
-        in_flight = sum(n * (end - now) / (end - start) for start, end, n in running)
-        work = queue.take(int(in_flight))
-        if work is None:
-            continue  # nothing left for this replica: it stays idle
-        table = work.table(queue.orders)
-        cost = computed_tokens(table)
-        seconds = cost * prefill_s + int(np.sum(table["max_tokens"].to_numpy())) * decode_s
-        computed, pieces = computed + cost, pieces + 1
-        busy[r] += seconds
-        running.append((now, now + seconds, table.num_rows))
-        heapq.heappush(free, (now + seconds, r))
-    return Fleet(busy, computed, pieces, queue.pieces_cut)
-
-
-def measure_costs() -> tuple[float, float]:
-    """Seconds per prefilled prompt token and per decoded token on this machine's vLLM
-    (SmolLM2, fp32, eager, one engine): 32 distinct 480-token prompts with max_tokens 1,
-    then 64 short prompts with max_tokens 64 (decoding at a batch of 64)."""
-    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-    from batchrun.config import EngineOptions
-    from batchrun.engine.base import GenerationRequest
-    from batchrun.engine.vllm_engine import VllmEngine
-    from batchrun.model import default_model_dir
-
-    engine = VllmEngine(default_model_dir(), EngineOptions(
-        kv_cache_memory=512 << 20, max_model_len=1024), enforce_eager=True)
-    rng = np.random.default_rng(1)
-
-    def timed(prompts: list[list[int]], max_tokens: int) -> float:
-        for i, p in enumerate(prompts):
-            engine.add(GenerationRequest(f"{max_tokens}-{i}", p, max_tokens))
-        t0 = time.perf_counter()
-        while engine.num_unfinished():
-            engine.step()
-        return time.perf_counter() - t0
-
-    try:
-        timed([rng.integers(100, 40_000, 64).tolist()], 4)  # warm-up
-        prefill = timed([rng.integers(100, 40_000, 480).tolist() for _ in range(32)], 1)
-        decode = timed([rng.integers(100, 40_000, 8).tolist() for _ in range(64)], 64)
-    finally:
-        engine.close()
-    return prefill / (32 * 480), decode / (64 * 64)
-
-
-def simulated_fleet(sizes: list[int], prefill_s: float, decode_s: float,
-                    memory_budget: int) -> None:
-    job = ZipfJob()
-    weights = 1.0 / np.arange(1, job.prompts + 1) ** job.zipf_s
-    with tempfile.TemporaryDirectory(prefix="bench-fleet-") as spill:
-        t0 = time.perf_counter()
-        shards = zipf_shards(job, Path(spill), memory_budget)
-        print(f"part 2: simulated fleet, {job.rows:,} rows, {job.prompts:,} system prompts "
-              f"(Zipf s={job.zipf_s}: the most popular in {weights[0] / weights.sum():.1%} of "
-              f"rows), {len(shards)} prefix shards ({memory_budget / 2**30:.0f} GiB budget, "
-              f"built in {time.perf_counter() - t0:.0f} s); cost model: prefill "
-              f"{prefill_s * 1e6:.1f} us/token, decode {decode_s * 1e6:.1f} us/token")
-        ideal = job_block_ideal(shards)
-        print(f"block ideal (one engine, the whole job): {ideal:,} computed prompt tokens")
-        print(f"{'replicas':>8} {'busiest/mean':>12} {'computed/ideal':>14} {'pieces':>7} "
-              f"{'cut':>5} {'makespan':>10} | {'blocks: computed/ideal':>22}")
-        for n in sizes:
-            t0 = time.perf_counter()
-            fleet = simulate(shards, n, prefill_s, decode_s)
-            blocks = contiguous_blocks_computed(job, n)
-            print(f"{n:>8} {fleet.busy_s.max() / fleet.busy_s.mean():>12.3f} "
-                  f"{fleet.computed / ideal:>14.4f} {fleet.pieces:>7} {fleet.pieces_cut:>5} "
-                  f"{fleet.busy_s.max():>9.0f}s | {blocks / ideal:>22.3f}   (simulated in "
-                  f"{time.perf_counter() - t0:.0f} s)")
-
-
-def contiguous_blocks_computed(job: ZipfJob, replicas: int) -> int:
+def contiguous_blocks_computed(job: Path, replicas: int) -> int:
     """Ray Data's way for comparison: the rows in input order cut into `replicas` contiguous
     blocks, each block's block ideal (one engine per block, planned as well as batchrun
-    plans a shard)."""
-    size = -(-job.rows // replicas)
-    total, block = 0, []
-    for batch in job.batches():
-        while batch.num_rows:
-            take = min(batch.num_rows, size - sum(t.num_rows for t in block))
-            block.append(batch.slice(0, take))
-            batch = batch.slice(take)
-            if sum(t.num_rows for t in block) == size:
-                total += computed_tokens(pa.concat_tables(block))
-                block = []
-    return total + (computed_tokens(pa.concat_tables(block)) if block else 0)
+    plans a shard). A count from the prefix tree, not a simulation."""
+    table = pq.read_table(job, columns=["prompt_token_ids"])
+    size = -(-table.num_rows // replicas)
+    return sum(block_ideal_computed(table.slice(i * size, size)) for i in range(replicas))
+
+
+def simulated_fleet(rows: int, sizes: list[int], kv: str, sim_device: str | None) -> None:
+    """`batchrun plan JOB --estimate --replicas N` for each fleet size, N = 1 first."""
+    job = ZipfJob(rows=rows)
+    weights = 1.0 / np.arange(1, job.prompts + 1) ** job.zipf_s
+    device = ["--sim-device", sim_device] if sim_device else []
+    with tempfile.TemporaryDirectory(prefix="bench-fleet-") as d:
+        path = job.write_parquet(Path(d) / "zipf.parquet")
+        print(f"part 2: simulated fleet (--engine sim: vLLM's scheduler, no model; seconds "
+              f"from the sim's cost profile), {job.rows:,} rows, {job.prompts:,} system "
+              f"prompts (Zipf s={job.zipf_s}: the most popular in "
+              f"{weights[0] / weights.sum():.1%} of rows), KV cache {kv} per replica")
+        ideal = block_ideal_computed(pq.read_table(path, columns=["prompt_token_ids"]))
+        print(f"block ideal (one engine with room for everything): {ideal:,} computed prompt "
+              "tokens")
+        print(f"{'replicas':>8} {'run stage':>10} {'speedup':>8} {'busiest/mean':>12} "
+              f"{'computed/ideal':>14} {'steps':>10} {'pieces':>7} {'command':>8} | "
+              f"{'blocks: computed/ideal':>22}")
+        one_engine = None
+        for n in sizes:
+            extra = ["--replicas", str(n)] if n > 1 else []
+            wall, plan = run_cli(["plan", str(path), "--estimate", "--kv-cache-memory", kv,
+                                  "--json", *device, *extra])
+            e = plan["estimate"]
+            fleet = e.get("replicas") or {"busiest_over_mean": 1.0, "per_replica": [
+                {"pieces": plan["shards"]["count"]}]}
+            one_engine = one_engine or (e["run_seconds"] if n == 1 else None)
+            speedup = f"{one_engine / e['run_seconds']:.2f}x" if one_engine else "-"
+            pieces = sum(r["pieces"] for r in fleet["per_replica"])
+            blocks = contiguous_blocks_computed(path, n) / ideal if n > 1 else 1.0
+            print(f"{n:>8} {e['run_seconds']:>9,.0f}s {speedup:>8} "
+                  f"{fleet['busiest_over_mean']:>12.3f} {e['computed_prompt'] / ideal:>14.4f} "
+                  f"{e['engine_steps']:>10,} {pieces:>7} {wall:>7.0f}s | {blocks:>22.3f}")
+        print(f"cost profile: {e['profile']['source']}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--part", choices=("all", "real", "fleet"), default="all")
     parser.add_argument("--jobs", default="fewshot,rag")
-    parser.add_argument("--kv", default="256MiB")
+    parser.add_argument("--kv", default="256MiB", help="KV cache per engine (part 1)")
     parser.add_argument("--replicas", type=int, default=2)
-    parser.add_argument("--fleet", default="8,16,64")
-    parser.add_argument("--memory-budget", default="4GiB", help="the simulated run's budget")
-    parser.add_argument("--prefill-us", type=float, help="skip measuring: us per prompt token")
-    parser.add_argument("--decode-us", type=float, help="skip measuring: us per decoded token")
+    parser.add_argument("--fleet", default="1,8,16,64", help="fleet sizes (part 2)")
+    parser.add_argument("--fleet-rows", type=int, default=1_000_000)
+    parser.add_argument("--fleet-kv", default="1GiB", help="KV cache per replica (part 2)")
+    parser.add_argument("--sim-device", help="price the fleet's steps for this device")
     args = parser.parse_args()
     if args.part in ("all", "real"):
         real_engines(args.jobs.split(","), args.kv, args.replicas)
     if args.part in ("all", "fleet"):
-        if args.prefill_us and args.decode_us:
-            prefill_s, decode_s = args.prefill_us / 1e6, args.decode_us / 1e6
-        else:
-            prefill_s, decode_s = measure_costs()
-        simulated_fleet([int(n) for n in args.fleet.split(",")], prefill_s, decode_s,
-                        parse_size(args.memory_budget))
+        simulated_fleet(args.fleet_rows, [int(n) for n in args.fleet.split(",")],
+                        args.fleet_kv, args.sim_device)
 
 
 if __name__ == "__main__":
