@@ -251,7 +251,9 @@ def _print_outcome(summary: dict[str, Any], message: str, as_json: bool) -> None
             f"{t['computed_prompt']:,}  distinct {t['distinct_prompt'] or '-'}  "
             f"completion {t['completion']:,}",
             f"prefix-cache hit rate {summary['prefix_cache_hit_rate']:.1%}  "
-            f"wall {summary['wall_time_s']:.1f}s  {summary['tokens_per_s']:,.0f} tok/s",
+            f"wall {summary['wall_time_s']:.1f}s  {summary['tokens_per_s']:,.0f} tok/s"
+            + (f"  first engine step at {first:.1f}s"
+               if (first := summary.get("time_to_first_step_s")) is not None else ""),
         ]
         if deferred := summary.get("batch", {}).get("deferred_light_prefixes"):
             lines.append(f"order: {deferred} shared prefix(es) found to answer briefly; the "

@@ -4,6 +4,7 @@
     python benchmarks/bench_scale.py run --rows 1000000,3000000,10000000
     python benchmarks/bench_scale.py plan --rows 1000000           # pre-tokenized Parquet
     python benchmarks/bench_scale.py ideal --rows 200000           # one system prompt shared
+    python benchmarks/bench_scale.py ideal --rows 200000 --memory-budget 32GiB  # one shard
 
 run:   a text JSONL job (~700 bytes a row, 2,000 shared system prompts, rows shuffled) through
        `batchrun run JOB -o OUT --engine fake --json`. The fake engine (no model, a
@@ -17,7 +18,9 @@ plan:  a pre-tokenized Parquet job (~600 tokens a row, list<int32>, row groups o
        file is small enough to build it here (--check).
 ideal: one system prompt shared by every row and ~2,000 second-level prefixes below it, run
        with a memory budget small enough to cut it into shards: computed prompt tokens
-       against the block-granular ideal of the whole job.
+       against the block-granular ideal of the whole job. By default on `--engine sim`
+       (vLLM's own scheduler and prefix cache, no model, a --kv KV cache): what vLLM would
+       compute; `--engine fake` for the fake engine's figure.
 Targets (issue 13): peak RSS <= 4 GiB at every size, flat as rows grow; 10M rows <= 60 min;
 plan of 1M x ~600 tokens <= 15 s and <= 2 GiB; computed <= 1.05x the ideal.
 Files are generated once under /tmp/batchrun_bench/.
@@ -158,19 +161,24 @@ def bench_plan(rows: int, budget: str | None, check: bool) -> dict:
     return out
 
 
-def bench_ideal(rows: int, budget: str) -> dict:
+def bench_ideal(rows: int, budget: str, engine: str, kv: str) -> dict:
+    """engine "sim": vLLM's own scheduler and cache (no model) with a `kv` KV cache and the
+    default model's tokenizer; "fake": the fake engine's 4M-token LRU and byte tokens."""
     job = shared_system_job(rows)
+    engine_args = ["--kv-cache-memory", kv] if engine == "sim" else []
     with tempfile.TemporaryDirectory(dir=CACHE) as tmp:
         out = Path(tmp) / "out.parquet"
         wall, rss, stdout = timed(
-            [*BATCHRUN, "run", str(job), "-o", str(out), "--engine", "fake", "--json",
-             "--log-lines", "--memory-budget", budget],
+            [*BATCHRUN, "run", str(job), "-o", str(out), "--engine", engine, "--json",
+             "--log-lines", "--memory-budget", budget, *engine_args],
             {"BATCHRUN_FAKE_ENGINE": json.dumps(FAKE_ENGINE)})
     s = json.loads(stdout)
     ideal = s["plan"]["block_ideal_computed_tokens"]
-    return {"bench": "ideal", "rows": rows, "budget": budget, "shards": s["shards"]["count"],
+    return {"bench": "ideal", "engine": engine, "kv": kv if engine == "sim" else "4M tokens",
+            "rows": rows, "budget": budget, "shards": s["shards"]["count"],
             "computed": s["tokens"]["computed_prompt"], "block_ideal": ideal,
             "computed_vs_ideal": round(s["tokens"]["computed_prompt"] / ideal, 4),
+            "steps": s.get("simulated", {}).get("steps"),
             "wall_s": round(wall, 1), "peak_rss_gib": round(rss / 2**30, 2)}
 
 
@@ -180,6 +188,9 @@ def main() -> None:
     ap.add_argument("--rows", default="1000000", help="comma-separated sizes")
     ap.add_argument("--memory-budget", default=None, help="batchrun's --memory-budget")
     ap.add_argument("--check", action="store_true", help="plan: compare with the in-memory tree")
+    ap.add_argument("--engine", choices=("sim", "fake"), default="sim",
+                    help="ideal: the engine (sim: vLLM's scheduler and cache, no model)")
+    ap.add_argument("--kv", default="4GiB", help="ideal, sim: the KV cache")
     args = ap.parse_args()
     for rows in (int(r) for r in args.rows.split(",")):
         if args.what == "run":
@@ -187,7 +198,7 @@ def main() -> None:
         elif args.what == "plan":
             result = bench_plan(rows, args.memory_budget, args.check)
         else:
-            result = bench_ideal(rows, args.memory_budget or "256MiB")
+            result = bench_ideal(rows, args.memory_budget or "256MiB", args.engine, args.kv)
         print(json.dumps(result), flush=True)
 
 

@@ -216,3 +216,17 @@ def test_results_that_do_not_add_up_are_a_bug_not_a_usage_error(tmp_path, monkey
         run_fake(cfg)
     assert not isinstance(raised.value, BatchrunError)
     assert not cfg.output.exists()
+
+
+def test_the_summary_says_how_long_the_engine_waited_for_its_first_step(tmp_path):
+    cfg = job(tmp_path, write_jsonl(tmp_path / "in.jsonl", shared_prefix_rows(12)), max_tokens=4)
+    summary = run_fake(cfg).summary
+    waited = summary["time_to_first_step_s"]
+    # Reading, tokenizing and planning come first, then the steps.
+    assert 0 < waited < summary["wall_time_s"]
+    assert waited >= summary["stages"]["read"]["seconds"] + summary["stages"]["plan"]["seconds"]
+
+
+def test_a_job_with_only_error_rows_never_steps_an_engine(tmp_path):
+    cfg = job(tmp_path, write_jsonl(tmp_path / "in.jsonl", [{"id": "none"}]))
+    assert run_fake(cfg).summary["time_to_first_step_s"] is None

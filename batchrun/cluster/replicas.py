@@ -22,6 +22,7 @@ import math
 import os
 import signal
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -256,6 +257,7 @@ class Dispatcher:
         self._idle = list(fleet.alive)
         self._running: dict[Any, _Running] = {}  # streaming generator -> its piece
         self._stopping = False
+        self.first_piece_at: float | None = None  # time.monotonic() when a replica got one
         self.shard_runs: list[tuple[tuple[int, int], ShardRun]] = []  # by token order
 
     def run(self) -> None:
@@ -284,6 +286,8 @@ class Dispatcher:
             if not table.num_rows:
                 continue
             replica = self._idle.pop()
+            if self.first_piece_at is None:
+                self.first_piece_at = time.monotonic()
             gen = replica.actor.run.options(
                 num_returns="streaming",
                 _generator_backpressure_num_objects=UNREAD_RESULTS).remote(table, self.grace_s)
@@ -375,6 +379,7 @@ class EngineReplicas:
 
     def __init__(self, job: ReplicaJob) -> None:
         self.job = job
+        self.first_piece_at: float | None = None  # time.monotonic() when a replica got one
         self._ray_session = contextlib.ExitStack()
         ray = self._ray_session.enter_context(ray_session(job.config.cluster))
         try:
@@ -406,6 +411,8 @@ class EngineReplicas:
         except BaseException:  # a second signal, a bug: nothing more to wait for
             self.fleet.kill()
             raise
+        finally:
+            self.first_piece_at = dispatcher.first_piece_at
         return [run for _, run in sorted(dispatcher.shard_runs, key=lambda r: r[0])]
 
     def close(self) -> None:

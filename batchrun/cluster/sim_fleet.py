@@ -18,6 +18,7 @@ of replicas side by side on one CPU machine, which share its cores.
 from __future__ import annotations
 
 import heapq
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -95,6 +96,7 @@ class SimulatedReplicas:
         self.engines: list[SimEngine] = [first, *(first.twin() for _ in range(replicas - 1))]
         self.stats_by_replica = [ReplicaStats(r, node="simulated") for r in range(replicas)]
         self.block_size = first.info.block_size
+        self.first_piece_at: float | None = None  # time.monotonic() when a replica got one
 
     @property
     def stats(self) -> list[ReplicaStats]:
@@ -124,6 +126,8 @@ class SimulatedReplicas:
             if not table.num_rows:
                 heapq.heappush(clock.free_at, free)
                 continue
+            if self.first_piece_at is None:
+                self.first_piece_at = time.monotonic()
             seconds, shard_run = self._run_piece(replica, table, on_results, stop, grace_s)
             runs.append((work.token_order, shard_run))
             clock.busy(replica, now, seconds, table.num_rows)

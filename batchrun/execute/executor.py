@@ -79,6 +79,12 @@ class StepTrace:
         self._times: list[float] = []
         self._sizes: list[int] = []
         self._deferred_prefixes = 0
+        self.first_step_at: float | None = None  # time.monotonic() when the first step began
+
+    def stepping(self) -> None:
+        """An engine step starts (the summary's time to the first step)."""
+        if self.first_step_at is None:
+            self.first_step_at = time.monotonic()
 
     def record(self, batch_size: int) -> None:
         self._times.append(time.monotonic())
@@ -174,6 +180,7 @@ class StreamingExecutor:
                 self._admit()
             if not self._in_flight:
                 break
+            self.trace.stepping()
             step = self.engine.step()
             self.trace.record(step.batch_size)
             self._started.update(step.prefilled)

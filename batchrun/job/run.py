@@ -112,6 +112,7 @@ def _run_job(config: JobConfig, stop: StopFlag, *, engine_kind: str, engine: Eng
         return JobOutcome(EXIT_OK, {"status": "already_done", "output": str(paths.dest)}, msg)
     run = _JobRun.open(config, paths, engine_kind, engine, resume=resume, overwrite=overwrite,
                        stop=stop)
+    run.started_at = t0
     run.generate(stop, interactive=interactive, grace_s=grace_s)
     return run.finish(time.monotonic() - t0)
 
@@ -142,6 +143,7 @@ class _JobRun:
     stats_before: EngineStats | None = None
     # The engines, when on Ray (cluster/replicas.py), or their simulation (--engine sim).
     replicas: EngineReplicas | SimulatedReplicas | None = None
+    started_at: float = 0.0  # time.monotonic() when the command began the job
 
     @classmethod
     def open(cls, config: JobConfig, paths: OutputPaths, engine_kind: str,
@@ -310,6 +312,13 @@ class _JobRun:
         code = EXIT_OK if self.counts.failed == 0 else EXIT_ROW_ERRORS
         return JobOutcome(code, summary, f"wrote {self.paths.dest}")
 
+    def _time_to_first_step(self) -> float | None:
+        """Seconds from the start of the job to its first engine step (on replicas: to the
+        first piece handed to one); None when no engine ran."""
+        first = self.replicas.first_piece_at if self.replicas is not None \
+            else self.trace.first_step_at
+        return None if first is None else round(first - self.started_at, 3)
+
     def _stage_figures(self) -> dict[str, dict[str, float]]:
         """Seconds and rows/s per stage (rows this run handled)."""
         rows = self.sharded.pending_rows or self.sharded.rows
@@ -340,6 +349,7 @@ class _JobRun:
         summary = job_summary(self.config, self.sharded.rows, self.counts, self.engine,
                               self.plan.to_dict(), wall_s, self.status)
         summary["batch"] = self.trace.figures()
+        summary["time_to_first_step_s"] = self._time_to_first_step()
         summary["stages"] = self._stage_figures()
         summary["structured_outputs"] = {"constrained_rows": dict(sorted(
             self.constrained.items())), "logprobs_rows": self.logprobs_rows}
