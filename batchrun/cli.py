@@ -74,6 +74,11 @@ SchemaOpt = Annotated[Path | None, typer.Option(
 ChoiceOpt = Annotated[list[str] | None, typer.Option(
     "--choice", help="Default constraint: the output is exactly one of these (repeat: "
     "--choice POSITIVE --choice NEGATIVE).")]
+SimDeviceOpt = Annotated[str | None, typer.Option(
+    help="With the sim engine: the device its simulated seconds are for: cpu (this "
+         "machine's, measured by `batchrun calibrate` or assumed), or h100, h200, a100, l40s "
+         "(published figures: an assumption; the scheduler then takes that card's vLLM "
+         "defaults and memory). Default: this machine's device.", show_default=False)]
 RegexOpt = Annotated[str | None, typer.Option(
     "--regex", help="Default constraint: the output fully matches this regular expression.")]
 
@@ -177,6 +182,7 @@ def run(
         help="With --engine sim: end each row's completion where an earlier output of this "
              "job (its Parquet file, local or a URI) ended it, by row id; rows that ended by "
              "length there run to max_tokens.")] = None,
+    sim_device: SimDeviceOpt = None,
     progress: Annotated[bool | None, typer.Option(
         "--progress/--log-lines",
         help="Progress bar, or plain log lines (default: bar on a terminal).")] = None,
@@ -213,7 +219,8 @@ def run(
             enforce_eager=enforce_eager, tensor_parallel_size=tensor_parallel_size,
             attention=attention, prompt_column=prompt_column, id_column=id_column,
             passthrough=passthrough, replicas=replicas, ray_address=ray_address,
-            replay_lengths=replay_lengths, **_constraint_overrides(json_schema, choice, regex))
+            replay_lengths=replay_lengths, sim_device=sim_device,
+            **_constraint_overrides(json_schema, choice, regex))
         summary = run_config(cfg, engine=engine and engine.value, resume=resume,
                              overwrite=overwrite, progress=progress, grace_period=grace_period,
                              handle_signals=True, engine_log=not verbose)
@@ -364,6 +371,7 @@ def plan_command(
         "model) as a run would, and predict its engine steps, computed prompt tokens and "
         "run-stage seconds (JSON: estimate.*). Seconds come from the sim's cost profile.")]
     = False,
+    sim_device: SimDeviceOpt = None,
 ) -> None:
     """Show how a job would run, without loading the model: requests, prompt tokens, distinct
     prompt tokens (the least prefill work possible), shared-prefix groups, expected saving.
@@ -373,6 +381,7 @@ def plan_command(
       batchrun plan jobs/example.toml --kv-cache-memory 256MiB
       batchrun plan prompts.jsonl --json | jq .distinct_prompt_tokens
       batchrun plan jobs/example.toml --estimate --json | jq .estimate.run_seconds
+      batchrun plan jobs/example.toml --estimate --sim-device h100 --model llama-8b/
     """
     _quiet_engine_logs(False)
     from .job.commands import describe_plan
@@ -381,7 +390,7 @@ def plan_command(
         cfg = _config(job, output or "plan.parquet", model=model, input_format=input_format,
                       prompt_column=prompt_column, block_size=block_size,
                       kv_cache_memory=kv_cache_memory, memory_budget=memory_budget,
-                      **_constraint_overrides(json_schema, choice, regex))
+                      sim_device=sim_device, **_constraint_overrides(json_schema, choice, regex))
         figures = describe_plan(cfg, engine.value if engine else cfg.engine_kind)
         if estimate:
             from .job.estimate import estimate_run
@@ -406,3 +415,42 @@ def plan_command(
         typer.echo(f"estimate ({e['label']}, profile {(e['profile'] or {}).get('source')}): "
                    f"{e['engine_steps']:,} engine steps, {e['computed_prompt']:,} computed "
                    f"prompt tokens, run stage {seconds}")
+
+
+@app.command()
+def calibrate(
+    model: ModelOpt = None,
+    dtype: Annotated[str | None, typer.Option(
+        help="The dtype to measure (default: the platform's, float32 on CPU).")] = None,
+    enforce_eager: Annotated[bool | None, typer.Option(
+        "--enforce-eager/--compile", help="Measure eager or compiled execution (starting a "
+        "compiled engine on CPU takes minutes). Default: eager on CPU (as jobs under "
+        "13,000 new tokens run there), compiled on GPUs.")] = None,
+    force: Annotated[bool, typer.Option(
+        "--force", help="Measure again even if a profile is cached.")] = False,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")]
+    = False,
+) -> None:
+    """Measure the sim engine's cost profile on this machine: a short probe (1-3 minutes on
+    2 CPU cores) on the real engine, fitted step by step to the sim's counts, cached per
+    model, device, dtype and vLLM version for `--engine sim` and `plan --estimate`. Without
+    --force, shows the cached profile when there is one.
+
+    \b
+    Example:
+      batchrun calibrate --model /models/llama --force --json
+    """
+    _quiet_engine_logs(False)
+    try:
+        from .config import DEFAULT_MODEL
+        from .job.calibrate import calibrate as run_calibrate
+        from .job.terminal import terminal
+
+        result = run_calibrate(model or DEFAULT_MODEL, dtype=dtype, eager=enforce_eager,
+                               force=force, log=lambda line: print(line, file=terminal()))
+    except BatchrunError as e:
+        _fail(str(e), e.exit_code)
+    except Exception as e:
+        _internal_error(e, False)
+    typer.echo(json.dumps(result.to_dict(), indent=2) if json_out else
+               "\n".join(result.lines()))
