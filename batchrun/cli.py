@@ -22,6 +22,7 @@ from .errors import (
     JobInterrupted,
     one_line,
 )
+from .job.summary_lines import estimate_lines, outcome_lines
 
 EXIT_CODES_HELP = f"""\
 Exit codes: {EXIT_OK} every row succeeded (or the job had already finished);
@@ -83,6 +84,11 @@ SchemaOpt = Annotated[Path | None, typer.Option(
 ChoiceOpt = Annotated[list[str] | None, typer.Option(
     "--choice", help="Default constraint: the output is exactly one of these (repeat: "
     "--choice POSITIVE --choice NEGATIVE).")]
+SimDeviceOpt = Annotated[str | None, typer.Option(
+    help="With the sim engine: the device its simulated seconds are for: cpu (this "
+         "machine's, measured by `batchrun calibrate` or assumed), or h100, h200, a100, l40s "
+         "(published figures: an assumption; the scheduler then takes that card's vLLM "
+         "defaults and memory). Default: this machine's device.", show_default=False)]
 RegexOpt = Annotated[str | None, typer.Option(
     "--regex", help="Default constraint: the output fully matches this regular expression.")]
 
@@ -185,6 +191,7 @@ def run(
         help="With --engine sim: end each row's completion where an earlier output of this "
              "job (its Parquet file, local or a URI) ended it, by row id; rows that ended by "
              "length there run to max_tokens.")] = None,
+    sim_device: SimDeviceOpt = None,
     progress: Annotated[bool | None, typer.Option(
         "--progress/--log-lines",
         help="Progress bar, or plain log lines (default: bar on a terminal).")] = None,
@@ -221,7 +228,8 @@ def run(
             enforce_eager=enforce_eager, tensor_parallel_size=tensor_parallel_size,
             attention=attention, prompt_column=prompt_column, id_column=id_column,
             passthrough=passthrough, replicas=replicas, ray_address=ray_address,
-            replay_lengths=replay_lengths, **_constraint_overrides(json_schema, choice, regex))
+            replay_lengths=replay_lengths, sim_device=sim_device,
+            **_constraint_overrides(json_schema, choice, regex))
         summary = run_config(cfg, engine=engine and engine.value, resume=resume,
                              overwrite=overwrite, progress=progress, grace_period=grace_period,
                              handle_signals=True, engine_log=not verbose, estimate=estimate)
@@ -241,69 +249,10 @@ def run(
 def _print_outcome(summary: dict[str, Any], message: str, as_json: bool) -> None:
     if as_json:
         typer.echo(json.dumps(summary, indent=2, sort_keys=True, default=str))
-    if summary.get("status") in ("ok", "interrupted", "engine_failed", "write_failed") and \
-            "rows" in summary:
-        t = summary["tokens"]
-        lines = [
-            f"rows: {summary['rows']}  succeeded: {summary['succeeded']}  "
-            f"failed: {summary['failed']}",
-            f"tokens: prompt {t['prompt']:,}  cached {t['cached']:,}  computed "
-            f"{t['computed_prompt']:,}  distinct {t['distinct_prompt'] or '-'}  "
-            f"completion {t['completion']:,}",
-            f"prefix-cache hit rate {summary['prefix_cache_hit_rate']:.1%}  "
-            f"wall {summary['wall_time_s']:.1f}s  {summary['tokens_per_s']:,.0f} tok/s"
-            + (f"  first engine step at {first:.1f}s"
-               if (first := summary.get("time_to_first_step_s")) is not None else ""),
-        ]
-        if deferred := summary.get("batch", {}).get("deferred_light_prefixes"):
-            lines.append(f"order: {deferred} shared prefix(es) found to answer briefly; the "
-                         "rest of their rows ran after work that may decode longer")
-        if "simulated" in summary:
-            lines.append(_simulated_line(summary["simulated"]))
-        if "estimate" in summary:
-            lines.append(_estimate_line(summary["estimate"]))
-        lines.extend(_replica_lines(summary.get("replicas", ())))
-        if "engine_log" in summary:
-            lines.append(f"engine log: {summary['engine_log']}")
-        for line in lines:
-            typer.echo(line, err=True)
+    for line in outcome_lines(summary):
+        typer.echo(line, err=True)
     if message:
         typer.echo(f"batchrun: {message}", err=True)
-
-
-def _simulated_line(sim: dict[str, Any]) -> str:
-    """The sim engine's figures, labelled as what they are."""
-    profile = sim["profile"]
-    how = "an ASSUMED cost profile" if profile["assumed"] else "a calibrated cost profile"
-    return (f"simulated (vLLM's scheduler, no model): {sim['steps']:,} engine steps, "
-            f"{sim['prefill_tokens']:,} prefill tokens, {sim['decode_requests']:,} decodes; "
-            f"run time {sim['seconds']:,.1f}s by {how}")
-
-
-def _estimate_line(estimate: dict[str, Any]) -> str:
-    """What the sim predicted before the run, beside what the run measured."""
-    measured = estimate["measured"]
-
-    def pair(name: str, key: str, unit: str = "") -> str:
-        predicted, actual = estimate[key], measured[key]
-        if predicted is None or actual is None:
-            return f"{name} {predicted or '?'}{unit} predicted"
-        ratio = f" ({actual / predicted:.2f}x)" if predicted else ""
-        fmt = (lambda x: f"{x:,.1f}") if isinstance(predicted, float) else (lambda x: f"{x:,}")
-        return f"{name} {fmt(predicted)}{unit} predicted, {fmt(actual)}{unit} measured{ratio}"
-
-    how = "ASSUMED" if (estimate.get("profile") or {}).get("assumed", True) else "calibrated"
-    return ("estimate (simulated before the run; " + how + " cost profile): "
-            + "; ".join((pair("run stage", "run_seconds", " s"),
-                         pair("engine steps", "engine_steps"),
-                         pair("computed prompt tokens", "computed_prompt"))))
-
-
-def _replica_lines(replicas: list[dict[str, Any]]) -> list[str]:
-    return [f"replica {r['replica']} ({r['node']}): rows {r['rows']:,}  prompt "
-            f"{r['prompt_tokens']:,}  computed {r['computed_prompt_tokens']:,}  completion "
-            f"{r['completion_tokens']:,}  busy {r['busy_s']:.1f}s"
-            + ("" if r["status"] == "ok" else f"  [{r['status']}]") for r in replicas]
 
 
 @app.command()
@@ -397,6 +346,7 @@ def plan_command(
         "prompt tokens and run-stage seconds (JSON: estimate.*); with --replicas, the "
         "busiest replica against the mean. Seconds come from the sim's cost profile.")]
     = False,
+    sim_device: SimDeviceOpt = None,
 ) -> None:
     """Show how a job would run, without loading the model: requests, prompt tokens, distinct
     prompt tokens (the least prefill work possible), shared-prefix groups, expected saving.
@@ -407,6 +357,7 @@ def plan_command(
       batchrun plan prompts.jsonl --json | jq .distinct_prompt_tokens
       batchrun plan jobs/example.toml --estimate --json | jq .estimate.run_seconds
       batchrun plan jobs/nightly.toml --estimate --replicas 16
+      batchrun plan jobs/example.toml --estimate --sim-device h100 --model llama-8b/
     """
     _quiet_engine_logs(False)
     from .job.commands import describe_plan
@@ -415,7 +366,8 @@ def plan_command(
         cfg = _config(job, output or "plan.parquet", model=model, input_format=input_format,
                       prompt_column=prompt_column, block_size=block_size,
                       kv_cache_memory=kv_cache_memory, memory_budget=memory_budget,
-                      replicas=replicas, **_constraint_overrides(json_schema, choice, regex))
+                      replicas=replicas, sim_device=sim_device,
+                      **_constraint_overrides(json_schema, choice, regex))
         figures = describe_plan(cfg, engine.value if engine else cfg.engine_kind)
         if estimate:
             from .job.estimate import estimate_run
@@ -435,11 +387,44 @@ def plan_command(
             f"{value:,}" if isinstance(value, int) else str(value))
         typer.echo(f"{key:<{width}}  {shown}")
     if shown_estimate is not None:
-        e = shown_estimate
-        seconds = "?" if e["run_seconds"] is None else f"{e['run_seconds']:,.1f} s"
-        typer.echo(f"estimate ({e['label']}, profile {(e['profile'] or {}).get('source')}): "
-                   f"{e['engine_steps']:,} engine steps, {e['computed_prompt']:,} computed "
-                   f"prompt tokens, run stage {seconds}")
-        if fleet := e.get("replicas"):
-            typer.echo(f"  {fleet['count']} replicas: busiest {fleet['busiest_s']:,.1f} s, mean "
-                       f"{fleet['mean_s']:,.1f} s (busiest/mean {fleet['busiest_over_mean']})")
+        for line in estimate_lines(shown_estimate):
+            typer.echo(line)
+
+
+@app.command()
+def calibrate(
+    model: ModelOpt = None,
+    dtype: Annotated[str | None, typer.Option(
+        help="The dtype to measure (default: the platform's, float32 on CPU).")] = None,
+    enforce_eager: Annotated[bool | None, typer.Option(
+        "--enforce-eager/--compile", help="Measure eager or compiled execution (starting a "
+        "compiled engine on CPU takes minutes). Default: eager on CPU (as jobs under "
+        "13,000 new tokens run there), compiled on GPUs.")] = None,
+    force: Annotated[bool, typer.Option(
+        "--force", help="Measure again even if a profile is cached.")] = False,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")]
+    = False,
+) -> None:
+    """Measure the sim engine's cost profile on this machine: a short probe (1-3 minutes on
+    2 CPU cores) on the real engine, fitted step by step to the sim's counts, cached per
+    model, device, dtype and vLLM version for `--engine sim` and `plan --estimate`. Without
+    --force, shows the cached profile when there is one.
+
+    \b
+    Example:
+      batchrun calibrate --model /models/llama --force --json
+    """
+    _quiet_engine_logs(False)
+    try:
+        from .config import DEFAULT_MODEL
+        from .job.calibrate import calibrate as run_calibrate
+        from .job.terminal import terminal
+
+        result = run_calibrate(model or DEFAULT_MODEL, dtype=dtype, eager=enforce_eager,
+                               force=force, log=lambda line: print(line, file=terminal()))
+    except BatchrunError as e:
+        _fail(str(e), e.exit_code)
+    except Exception as e:
+        _internal_error(e, False)
+    typer.echo(json.dumps(result.to_dict(), indent=2) if json_out else
+               "\n".join(result.lines()))

@@ -20,6 +20,7 @@ line or an Airflow task can run it from any working directory::
     [engine]
     kv_cache_memory = "256MiB"
     kind = "vllm"                # or "sim": vLLM's scheduler with no model (--engine)
+    sim_device = "h100"          # sim only: price steps for this device (--sim-device)
 
     [cluster]                    # engine replicas as Ray actors (pip install 'batchrun[ray]')
     replicas = 4                 # on this machine: one GPU each (on CPU: side by side)
@@ -58,6 +59,17 @@ class EngineKind(_Choice):
     VLLM = "vllm"
     SIM = "sim"
     FAKE = "fake"
+
+
+class SimDevice(_Choice):
+    """The device the sim engine prices its steps for (engine/sim_devices.py): this
+    machine's CPU, or a GPU by its published figures."""
+
+    CPU = "cpu"
+    H100 = "h100"
+    H200 = "h200"
+    A100 = "a100"
+    L40S = "l40s"
 
 
 class InputFormat(_Choice):
@@ -152,6 +164,9 @@ class EngineOptions:
     # What runs the job (an EngineKind) when the command line or the API names none; None:
     # vLLM. (TOML cannot hold a top-level `engine = "sim"` beside this [engine] table.)
     kind: str | None = None
+    # The sim engine only: the device (a SimDevice) whose cost its simulated seconds are,
+    # and whose vLLM defaults its scheduler takes; None: this machine's own.
+    sim_device: str | None = None
 
     def __post_init__(self) -> None:
         if self.replay_lengths is not None:
@@ -249,6 +264,7 @@ def validate_config(cfg: JobConfig) -> None:
     if cfg.engine.kind is not None and cfg.engine.kind not in EngineKind.values():
         raise ConfigError(f"engine.kind must be one of {EngineKind.values()}, not "
                           f"{cfg.engine.kind!r}")
+    check_sim_device(cfg.engine.sim_device)
     if cfg.engine.attention not in AttentionMode.values():
         raise ConfigError(f"attention must be one of {AttentionMode.values()}, not "
                           f"{cfg.engine.attention!r}")
@@ -272,6 +288,12 @@ def validate_config(cfg: JobConfig) -> None:
     if not 0 < s.top_p <= 1:
         raise ConfigError(f"sampling.top_p must be in (0, 1], not {s.top_p}")
     validate_cluster(cfg.cluster)
+
+
+def check_sim_device(device: str | None) -> None:
+    if device is not None and device not in SimDevice.values():
+        raise ConfigError(f"unknown sim device {device!r}; known devices are "
+                          f"{', '.join(SimDevice.values())}")
 
 
 def validate_cluster(cluster: ClusterOptions) -> None:

@@ -58,8 +58,13 @@ def _gguf_path() -> Path:
     return path
 
 
+def default_model_path() -> Path:
+    """Where the default model's converted folder is (or will be once converted)."""
+    return cache_root() / "models" / DEFAULT_MODEL_NAME
+
+
 def default_model_dir() -> Path:
-    target = cache_root() / "models" / DEFAULT_MODEL_NAME
+    target = default_model_path()
     if (target / "config.json").is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)

@@ -99,7 +99,7 @@ OPTION_VALUES: dict[str, object] = {
     "output": REPO / "out" / "other.parquet", "model": "/models/x", "input_format": "jsonl",
     "openai_output": REPO / "out" / "other.jsonl", "plan": False,
     "work_dir": REPO / "out" / "work",
-    "replay_lengths": REPO / "out" / "earlier.parquet", "kind": "sim",
+    "replay_lengths": REPO / "out" / "earlier.parquet", "kind": "sim", "sim_device": "h100",
 }
 
 

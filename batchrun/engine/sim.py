@@ -33,7 +33,8 @@ import numpy as np
 
 from ..config import EngineOptions
 from .base import EngineInfo, EngineStats, GenerationRequest, GenerationResult, StepOutput
-from .sim_cost import CostProfile, SimCounts, SimulatedRun, profile_for
+from .sim_cost import CostProfile, SimCounts, SimulatedRun
+from .sim_profiles import device_key, profile_for
 from .sim_setup import SimScheduler, another_scheduler, build_scheduler
 
 
@@ -53,8 +54,12 @@ class SimEngine:
     """vLLM's scheduler behind batchrun's Engine interface (see the module notes)."""
 
     def __init__(self, model_dir: Path, options: EngineOptions, *, enforce_eager: bool = True,
-                 profile: CostProfile | None = None,
+                 profile: CostProfile | None = None, record_steps: bool = False,
                  scheduler: SimScheduler | None = None) -> None:
+        """`profile`: the cost profile to price steps with (default: `profile_for` the
+        model, `options.sim_device` and dtype); `record_steps`: keep each step's counts
+        (`step_counts`), as `batchrun calibrate` pairs them with the real engine's times;
+        `scheduler`: one built already (`twin`), else built here."""
         import vllm
         from vllm.sampling_params import SamplingParams
         from vllm.v1.outputs import ModelRunnerOutput
@@ -65,11 +70,13 @@ class SimEngine:
         sim = scheduler or build_scheduler(model_dir, options, enforce_eager=enforce_eager)
         self._setup = (model_dir, options, enforce_eager, sim)
         self._scheduler, self._hasher = sim.scheduler, sim.block_hasher
-        self._eos, self._vocab = sim.eos_token_id, sim.vocab_size
+        self._eos, self.vocab_size = sim.eos_token_id, sim.vocab_size
         config = sim.vllm_config
         self._max_model_len = config.model_config.max_model_len
         dtype = str(config.model_config.dtype).removeprefix("torch.")
-        self.profile = profile or profile_for(str(model_dir), "cpu", dtype)
+        self.profile = profile or profile_for(
+            model_dir, options.sim_device, dtype, eager=enforce_eager,
+            tensor_parallel_size=options.tensor_parallel_size)
         sched = config.scheduler_config
         settings = {
             "engine": "sim",
@@ -86,6 +93,7 @@ class SimEngine:
             "enable_chunked_prefill": sched.enable_chunked_prefill,
             "enable_prefix_caching": bool(config.cache_config.enable_prefix_caching),
             "enforce_eager": enforce_eager,
+            "sim_device": device_key(options.sim_device),
         }
         self.info = EngineInfo(
             name=f"sim (a simulation of vLLM {vllm.__version__}'s scheduler, no model)",
@@ -96,6 +104,7 @@ class SimEngine:
         self._params: dict[int, Any] = {}  # max_tokens -> vLLM's SamplingParams
         self._rejected: list[GenerationResult] = []
         self._steps = self._prefill_tokens = self._decode_requests = self._kv_read = 0
+        self.step_counts: list[SimCounts] | None = [] if record_steps else None
         # As vLLM's engine core does once started: the objects alive now (vLLM, torch, the
         # job's own) leave the garbage collector's scans, which otherwise take a large share
         # of a simulation's time (millions of short-lived request objects trigger them).
@@ -154,6 +163,8 @@ class SimEngine:
         self._prefill_tokens += prefill
         self._decode_requests += decodes
         self._kv_read += kv_read
+        if self.step_counts is not None:
+            self.step_counts.append(SimCounts(1, prefill, decodes, kv_read))
         result = self._ModelRunnerOutput(
             req_ids=ids, req_id_to_index={rid: i for i, rid in enumerate(ids)},
             sampled_token_ids=sampled)
@@ -229,11 +240,11 @@ class SimEngine:
             return (f"The decoder prompt (length {len(prompt)}) plus the number of requested "
                     f"output tokens (at least 1) is longer than the maximum model length of "
                     f"{self._max_model_len}.")
-        if max(prompt) >= self._vocab:
+        if max(prompt) >= self.vocab_size:
             return f"Token id {max(prompt)} is out of vocabulary"
         return None
 
     def _token_for(self, request_id: str) -> int:
         """The id a request generates until its end: fixed per request, never the EOS id."""
-        token = zlib.crc32(request_id.encode()) % self._vocab
-        return token if token != self._eos else (token + 1) % self._vocab
+        token = zlib.crc32(request_id.encode()) % self.vocab_size
+        return token if token != self._eos else (token + 1) % self.vocab_size

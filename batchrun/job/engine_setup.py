@@ -4,6 +4,8 @@ the first shard's plan."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 
 from ..config import AttentionMode, EngineKind
@@ -33,15 +35,27 @@ def engine_sizing(job: PreparedJob, engine_kind: str = EngineKind.VLLM, *,
     opts = job.config.engine
     # The sim engine is sized as vLLM is (block size, KV bytes a token from config.json): a
     # simulation sees the cache a real run would have.
+    device_kv = None
     if engine_kind == EngineKind.FAKE:
         block_size, per_token, cpu = opts.block_size or 4, 0, False
     else:
         from ..engine.vllm_engine import default_block_size, default_dtype, on_cpu
         from ..model import resolve_model
 
+        model_dir = resolve_model(job.config.model)
+        if engine_kind == EngineKind.SIM:  # priced for a GPU: that card's defaults and KV
+            from ..engine.sim_devices import gpu_kv_cache_memory, sim_options
+
+            opts = sim_options(opts)
+            device_kv = None if opts.kv_cache_memory else gpu_kv_cache_memory(model_dir, opts)
         block_size, cpu = opts.block_size or default_block_size(), on_cpu()
-        per_token = kv_bytes_per_token(resolve_model(job.config.model),
-                                       opts.dtype or default_dtype())
+        per_token = kv_bytes_per_token(model_dir, opts.dtype or default_dtype())
+    if device_kv is not None:
+        sizing = size_engine(longest=longest or job.longest_request(),
+                             context=job.max_model_len, block_size=block_size,
+                             kv_bytes_per_token=per_token, user_kv_cache_memory=device_kv[0],
+                             size_kv_from_job=False, window_tokens=0)
+        return replace(sizing, kv_cache_reason=device_kv[1])
     size_kv = cpu and not opts.kv_cache_memory
     window = 0
     if size_kv and len(job.tokens.positions):
