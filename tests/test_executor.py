@@ -401,7 +401,8 @@ def test_sibling_leaders_wait_for_the_prefix_they_share(config_only_model):
 LIGHT_HEAD, HEAVY_HEAD = tokens(50, 64), tokens(60, 64)
 
 
-def light_then_heavy(model: Path, blocks: int, lights: int = 40) -> EngineLog:
+def light_then_heavy(model: Path, blocks: int, lights: int = 40
+                     ) -> tuple[EngineLog, StreamingExecutor]:
     """`lights` light requests planned before 3 heavy ones, all asking for 80 tokens; each
     prompt 2 blocks of shared head and 2 of its own. The light ones answer in one token (a
     classifier), the heavy ones decode all 80 (an essay)."""
@@ -411,8 +412,7 @@ def light_then_heavy(model: Path, blocks: int, lights: int = 40) -> EngineLog:
     log = EngineLog(sim_engine(model, blocks))
     _, ex = run(log, reqs, [group(reqs, list(range(lights)), 64, prefix_id=1),
                             group(reqs, list(range(lights, lights + 3)), 64, prefix_id=2)])
-    log.deferred = ex.trace.figures()["deferred_light_prefixes"]
-    return log
+    return log, ex
 
 
 def test_a_prefix_whose_first_members_answer_briefly_lets_later_work_start_before_its_rest(
@@ -420,16 +420,16 @@ def test_a_prefix_whose_first_members_answer_briefly_lets_later_work_start_befor
     # 32 blocks for requests: the light head and 15 members fit at once. Their first 8
     # answer in one token: the head is light, and its members not started yet (most of the
     # 200) go behind the heavy group, which starts now instead of after all 200.
-    log = light_then_heavy(config_only_model, 33, lights=200)
+    log, ex = light_then_heavy(config_only_model, 33, lights=200)
     # The heavy decodes overlap the light rest: the run takes about their 80 steps.
     assert log.steps <= 80 + 8
     assert log.order.index("heavy0") < log.order.index("light199")
-    assert log.deferred == 1
+    assert ex.trace.figures()["deferred_light_prefixes"] == 1
     # Learning nothing (no prefix's sample ever complete), the heavy group waits for all
     # 200 light requests and then decodes alone: the bound above fails.
     monkeypatch.setattr(output_lengths, "SAMPLE", 10**9)
-    unlearned = light_then_heavy(config_only_model, 33, lights=200)
-    assert unlearned.deferred == 0
+    unlearned, ex = light_then_heavy(config_only_model, 33, lights=200)
+    assert ex.trace.figures()["deferred_light_prefixes"] == 0
     assert unlearned.order.index("heavy0") > unlearned.order.index("light199")
     assert unlearned.steps > 80 + 8
 
@@ -437,6 +437,6 @@ def test_a_prefix_whose_first_members_answer_briefly_lets_later_work_start_befor
 def test_a_light_prefix_too_large_to_hold_aside_keeps_its_place(config_only_model):
     # 31 blocks for requests: the 2-block light head is over 1/16 of them, so holding it
     # while it waits behind other work would cost the running batch: plan order stands.
-    log = light_then_heavy(config_only_model, 32)
+    log, ex = light_then_heavy(config_only_model, 32)
     assert log.order.index("heavy0") > log.order.index("light39")
-    assert log.deferred == 0
+    assert ex.trace.figures()["deferred_light_prefixes"] == 0
