@@ -45,6 +45,14 @@ def vllm_engine():
 
 
 @pytest.fixture(scope="session")
+def config_only_model(tmp_path_factory):
+    """A model folder holding only config.json, all the sim engine reads (tests/sim_engines.py)."""
+    from tests.sim_engines import write_config_only_model
+
+    return write_config_only_model(tmp_path_factory.mktemp("config-only-model"))
+
+
+@pytest.fixture(scope="session")
 def s3_server():
     """A real local S3 endpoint (moto's server mode on 127.0.0.1, a free port), never AWS.
     Yields the environment a batchrun process needs to reach it (AWS_ENDPOINT_URL, ...)."""

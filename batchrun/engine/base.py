@@ -62,7 +62,7 @@ class EngineInfo:
     name: str
     model: str
     block_size: int
-    kv_capacity_tokens: int
+    kv_capacity_tokens: int  # KV tokens requests can hold (vLLM keeps one block back)
     max_model_len: int
     settings: dict[str, Any] = field(default_factory=dict)
 

@@ -36,6 +36,7 @@ from .base import EngineInfo, EngineStats, GenerationRequest, GenerationResult, 
 from .sim_cost import CostProfile, SimCounts, SimulatedRun
 from .sim_profiles import device_key, profile_for
 from .sim_setup import SimScheduler, another_scheduler, build_scheduler
+from .vllm_engine import request_kv_tokens
 
 
 @dataclass
@@ -98,7 +99,7 @@ class SimEngine:
         self.info = EngineInfo(
             name=f"sim (a simulation of vLLM {vllm.__version__}'s scheduler, no model)",
             model=str(model_dir), block_size=sim.block_size,
-            kv_capacity_tokens=sim.num_blocks * sim.block_size,
+            kv_capacity_tokens=request_kv_tokens(sim.num_blocks, sim.block_size),
             max_model_len=self._max_model_len, settings=settings)
         self._live: dict[str, _Live] = {}
         self._params: dict[int, Any] = {}  # max_tokens -> vLLM's SamplingParams

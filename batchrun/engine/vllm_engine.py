@@ -46,6 +46,12 @@ def current_platform() -> Any:
     return current_platform
 
 
+def request_kv_tokens(num_blocks: int, block_size: int) -> int:
+    """Tokens of KV that requests can hold in vLLM's cache of `num_blocks` blocks: vLLM's
+    block pool keeps one block back (its null block), never given to a request."""
+    return max(num_blocks - 1, 0) * block_size
+
+
 def on_cpu() -> bool:
     return current_platform().is_cpu()
 
@@ -225,7 +231,8 @@ class VllmEngine:
             name=f"vllm-{settings['platform']}",
             model=str(model_dir),
             block_size=block_size,
-            kv_capacity_tokens=int(cfg.cache_config.num_gpu_blocks or 0) * block_size,
+            kv_capacity_tokens=request_kv_tokens(int(cfg.cache_config.num_gpu_blocks or 0),
+                                                 block_size),
             max_model_len=cfg.model_config.max_model_len,
             settings=settings,
         )

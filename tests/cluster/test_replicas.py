@@ -1,14 +1,17 @@
-"""Engine replicas as Ray actors on this machine, with the deterministic fake engine: the job
-is shared out, every row comes back exactly once, also when a replica's actor is killed
-mid-run (its rows that came back are never run again) or every replica is gone (exit 4, and
---resume finishes the job). What the engines admitted is read from their own record
-(FakeEngine's admitted_log), not only from the output."""
+"""Engine replicas as Ray actors on this machine. With the deterministic fake engine, the
+pipeline: the job is shared out, every row comes back exactly once, also when a replica's
+actor is killed mid-run (its rows that came back are never run again) or every replica is
+gone (exit 4, and --resume finishes the job). What the engines admitted is read from their
+own record (FakeEngine's admitted_log), not only from the output. With the sim engine
+(vLLM's own scheduler and KV cache in each replica), what sharing the job out costs: the
+prompt tokens vLLM computed, summed over replicas, against one engine's."""
 
 from __future__ import annotations
 
 import contextlib
 import json
 import logging
+import random
 import threading
 import time
 from collections import Counter
@@ -27,6 +30,7 @@ from batchrun.errors import EXIT_INTERRUPTED, EXIT_OK, ModelError
 from batchrun.io.output.checkpoint import Checkpoint, partial_dir_for
 from batchrun.job.run import run_job
 from tests.helpers import job, read_output, shared_prefix_rows, write_jsonl
+from tests.sim_engines import BLOCK_BYTES, tokens
 
 
 @pytest.fixture(scope="module")
@@ -116,6 +120,44 @@ def test_two_replicas_share_the_job_and_every_row_comes_back_once(tmp_path, monk
     single = replace(cfg, output=tmp_path / "single.parquet", cluster=ClusterOptions())
     assert run(single).exit_code == EXIT_OK
     assert texts(cfg) == texts(single)
+
+
+def family_rows(n: int, families: int = 8) -> list[dict]:
+    """Pre-tokenized rows, shuffled: `families` prompts of 320 tokens (10 blocks) that no
+    two share a block of, each row one of them and 8 tokens of its own."""
+    heads = [tokens(500 + f, 320) for f in range(families)]
+    rows = [{"id": f"r{i}", "prompt_token_ids": heads[i % families] + tokens(2000 + i, 8),
+             "max_tokens": 4} for i in range(n)]
+    random.Random(0).shuffle(rows)
+    return rows
+
+
+def test_replicas_compute_each_shared_prefix_about_once_between_them(tmp_path, local_ray,
+                                                                     config_only_model):
+    # 240 rows in 8 prefix shards, on 2 replicas of vLLM's scheduler (the sim engine), each
+    # with a KV cache of 39 blocks: 3 of the 8 families' prefixes. Whole shards go to
+    # replicas, and a shard cut into pieces is cut between families where it can: each
+    # piece costs at most one prefix computed again (a family cut in two), against one
+    # engine running the whole job. Shards that mixed the families would compute each of
+    # them again in every piece (5.4x one engine's tokens, measured).
+    path = write_jsonl(tmp_path / "in.jsonl", family_rows(240))
+    cfg = replace(job(tmp_path, path), model=str(config_only_model))
+    cfg = replace(cfg, engine=replace(cfg.engine, kv_cache_memory=40 * BLOCK_BYTES))
+    one = run_job(cfg, engine_kind="sim", interactive=False, handle_signals=False)
+    sharded = replace(cfg.engine, memory_budget=100_000)
+    fleet = run_job(replace(cfg, output=tmp_path / "fleet.parquet", engine=sharded,
+                            cluster=ClusterOptions(replicas=2)),
+                    engine_kind="sim", interactive=False, handle_signals=False)
+    assert one.exit_code == fleet.exit_code == EXIT_OK
+    assert fleet.summary["shards"]["count"] > 4
+    replicas = fleet.summary["replicas"]
+    assert [r["status"] for r in replicas] == ["ok", "ok"] and all(r["rows"] for r in replicas)
+    computed = sum(r["computed_prompt_tokens"] for r in replicas)
+    assert computed == fleet.summary["tokens"]["computed_prompt"]
+    # One engine computes the job's block ideal: each family's prefix once.
+    assert one.summary["tokens"]["computed_prompt"] == 8 * 320 + 240 * 8
+    pieces = sum(r["pieces"] for r in replicas)
+    assert computed <= one.summary["tokens"]["computed_prompt"] + (pieces - 1) * 320
 
 
 def test_a_replica_killed_mid_run_loses_nothing_and_reruns_no_row_it_returned(
