@@ -26,8 +26,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 # zstd (Arrow's default level) over lz4: on the text job's sorted runs (benchmarks/README.md)
-# a third smaller, for about 1 us more a row written and read back; a row takes ~250 us to
-# run through batchrun on the fake engine.
+# a third smaller, for about 1 us more a row written and read back, where a row takes
+# 300-400 us through the whole of `batchrun run` on the fake engine.
 SPILL_COMPRESSION = "zstd"
 _UNSIGNED = (pa.uint8(), pa.uint16(), pa.uint32())
 
