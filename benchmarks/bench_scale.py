@@ -10,8 +10,9 @@ run:   a text JSONL job (~700 bytes a row, 2,000 shared system prompts, rows shu
        `batchrun run JOB -o OUT --engine fake --json`. The fake engine (no model, a
        block-granular prefix cache, a few tokens of output a row) stands in for vLLM so that
        batchrun's own stages are what is measured. Reported: wall, peak RSS of the batchrun
-       process (GNU time), rows/s per stage (from the summary), shards, spilled bytes, and a
-       check that the output holds every row once, in input order.
+       process (GNU time), rows/s per stage (from the summary), shards, spilled bytes (on
+       disk) against the input file's, and a check that the output holds every row once, in
+       input order.
 plan:  a pre-tokenized Parquet job (~600 tokens a row, list<int32>, row groups of 65,536; the
        generator of bench_plan_scale.py) through `batchrun plan JOB --json --engine fake`;
        distinct_prompt_tokens checked against the in-memory tree of the same file when the
@@ -132,10 +133,13 @@ def bench_run(rows: int, budget: str | None) -> dict:
         s = json.loads(stdout)
         ok = check_output(out, rows)
     stages = {k: v["rows_per_s"] for k, v in s["stages"].items()}
+    spilled, input_bytes = s["shards"]["spilled_bytes"], job.stat().st_size
     return {"bench": "run", "rows": rows, "wall_s": round(wall, 1), "peak_rss_gib":
             round(rss / 2**30, 2), "shards": s["shards"]["count"],
-            "spilled_gib": round(s["shards"]["spilled_bytes"] / 2**30, 2),
+            "spilled_bytes": spilled, "spilled_rows": s["shards"].get("spilled_rows"),
+            "input_bytes": input_bytes, "spilled_vs_input": round(spilled / input_bytes, 3),
             "rows_per_s": round(rows / wall), "stage_rows_per_s": stages,
+            "load_avg": os.getloadavg()[0],
             "every_row_once_in_order": ok, "status": s["status"]}
 
 

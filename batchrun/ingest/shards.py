@@ -13,11 +13,11 @@ order is the global prefix tree's depth-first order, so:
 How, in bounded memory: tokenized requests arrive in input order (`add`) and collect in memory.
 While the job fits the budget nothing else happens: a small job is one shard, never written
 to disk. Past the budget's share for one run, the collected rows are sorted (the prefix
-tree's sort) and spilled as a sorted run: an Arrow IPC file of fixed-size record batches,
-keeping in memory only the first prompt of each batch (its head). At the end, splitters are
-chosen from the heads of all runs (a sample of the sorted order, weighted by bytes), and each
-shard is the slice of every run between two splitters, found by binary search and read batch
-by batch.
+tree's sort) and spilled as a sorted run: a compact, compressed Arrow IPC file of
+fixed-size record batches (spill.py), keeping in memory only the first prompt of each batch
+(its head). At the end, splitters are chosen from the heads of all runs (a sample of the
+sorted order, weighted by bytes), and each shard is the slice of every run between two
+splitters, found by binary search and read batch by batch.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ from ..io.schema import REQUEST_SCHEMA
 from ..plan.blocks import ceil_div
 from ..plan.prefix_tree import PrefixTree
 from ..plan.prefixes import compare
+from .spill import SpillFile
 from .token_lists import offsets_of, token_lists
 
 RUN_BATCH_ROWS = 4096  # rows per record batch of a sorted run: the unit searched and read back
@@ -45,15 +46,16 @@ def lexicographic_order(table: pa.Table) -> np.ndarray:
 
 @dataclass
 class SortedRun:
-    """Tokenized requests sorted by prompt, in memory (`table`) or spilled (`path`), in
-    batches of `batch_rows` whose first prompts (`heads`) are kept for searching."""
+    """Tokenized requests sorted by prompt, in memory (`table`) or spilled (`file`), in
+    batches of `batch_rows` whose first prompts (`heads`) are kept for searching. `nbytes`:
+    the rows' bytes in memory (what a shard of them holds), spilled or not."""
 
     rows: int
     nbytes: int
     heads: list[np.ndarray]
     batch_rows: int
     table: pa.Table | None = None
-    path: Path | None = None
+    file: SpillFile | None = None
 
     @classmethod
     def sort(cls, table: pa.Table, spill_to: Path | None,
@@ -64,18 +66,14 @@ class SortedRun:
                  for i in range(0, table.num_rows, batch_rows)]
         if spill_to is None:
             return cls(table.num_rows, table.nbytes, heads, batch_rows, table=table)
-        with pa.OSFile(str(spill_to), "wb") as sink, \
-                pa.ipc.new_file(sink, table.schema) as writer:
-            for start in range(0, table.num_rows, batch_rows):
-                writer.write_table(table.slice(start, batch_rows))
-        return cls(table.num_rows, table.nbytes, heads, batch_rows, path=spill_to)
+        return cls(table.num_rows, table.nbytes, heads, batch_rows,
+                   file=SpillFile.write(spill_to, table, batch_rows))
 
     def batch(self, i: int) -> pa.Table:
         """Rows [i * batch_rows, (i + 1) * batch_rows)."""
         if self.table is not None:
             return self.table.slice(i * self.batch_rows, self.batch_rows)
-        with pa.OSFile(str(self.path), "rb") as f:
-            return pa.Table.from_batches([pa.ipc.open_file(f).get_batch(i)])
+        return self.file.batch(i)
 
     def lower_bound(self, prompt: np.ndarray | None) -> int:
         """The first row whose prompt sorts at or after `prompt` (None: past the end)."""
@@ -143,7 +141,13 @@ class ShardBuilder:
 
     @property
     def spilled_bytes(self) -> int:
-        return sum(r.nbytes for r in self.runs if r.path is not None)
+        """The bytes written to disk: the spilled runs' files."""
+        return sum(r.file.file_bytes for r in self.runs if r.file is not None)
+
+    @property
+    def spilled_rows(self) -> int:
+        """The rows in the spilled runs' files (the last run stays in memory)."""
+        return sum(r.rows for r in self.runs if r.file is not None)
 
     def add(self, table: pa.Table) -> None:
         if table.num_rows == 0:

@@ -32,13 +32,14 @@ class ShardedJob:
     input_format: str
     shards: list[Shard]
     columns: InputColumns
-    spilled_bytes: int
+    spilled_bytes: int  # on disk: the spilled runs' files (spill.py's compact format)
     max_model_len: int
     longest: LongestRequest | None
     spill_dir: Path
     runnable_requests: int = 0  # requests with token ids (the rest are error rows)
     new_tokens: int = 0  # the sum of their max_tokens
     replay: ReplayLengths | None = None  # the sim engine's replayed lengths (lengths.py)
+    spilled_rows: int = 0  # rows in the spilled runs' files
 
     @property
     def pending_rows(self) -> int:
@@ -89,7 +90,7 @@ def read_into_shards(config: JobConfig, *, engine_kind: str, finished_rows: np.n
         shards = builder.finish()
     return ShardedJob(columns.rows, stream.input_format, shards, columns, builder.spilled_bytes,
                       max_model_len, sizes.longest, spill_dir, sizes.runnable_requests,
-                      sizes.new_tokens, replay)
+                      sizes.new_tokens, replay, builder.spilled_rows)
 
 
 @dataclass

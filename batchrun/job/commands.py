@@ -56,6 +56,7 @@ def describe_plan(config: JobConfig, engine_kind: str = EngineKind.VLLM) -> dict
             out["kv_bytes_per_token"] = sizing.kv_bytes_per_token
         out["engine_sizing"] = sizing.to_dict()
     out["shards"] = {"count": len(sharded.shards), "spilled_bytes": sharded.spilled_bytes,
+                     "spilled_rows": sharded.spilled_rows,
                      "memory_budget": config.engine.memory_budget,
                      "peak_rss_bytes": peak_rss_bytes()}
     return out

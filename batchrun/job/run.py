@@ -355,6 +355,7 @@ class _JobRun:
             self.constrained.items())), "logprobs_rows": self.logprobs_rows}
         summary["shards"] = {"count": len(self.sharded.shards),
                              "spilled_bytes": self.sharded.spilled_bytes,
+                             "spilled_rows": self.sharded.spilled_rows,
                              "memory_budget": self.config.engine.memory_budget,
                              "peak_rss_bytes": peak_rss_bytes()}
         if self.sharded.replay is not None:

@@ -216,6 +216,8 @@ class _PrefixHashes:
     def token_keys(self, requests: np.ndarray, depth: np.ndarray) -> np.ndarray:
         """Sort keys for the token at `depth`: 0 if the request ends there, else 1 + the
         token's rank among all int32 values (so ids sort as signed integers)."""
+        if not len(self.values):  # only empty prompts: each ends at once (nothing to index)
+            return np.zeros(len(requests), np.int64)
         has = self.lengths[requests] > depth
         where = np.where(has, self.starts[requests] + depth, 0)
         tokens = self.values[where].astype(np.int64) + (2**31 + 1)

@@ -56,6 +56,11 @@ def test_an_empty_job_has_just_the_root():
     assert tree.num_requests == 0 and tree.num_nodes == 1 and tree.distinct_tokens == 0
 
 
+def test_a_job_of_only_empty_prompts_keeps_them_in_order_under_the_root():
+    tree = PrefixTree.build(*flat([[], [], []]))
+    assert tree.order.tolist() == [0, 1, 2] and tree.distinct_tokens == 0
+
+
 def test_any_int32_token_ids_sort_as_signed_integers():
     low, high = np.iinfo(np.int32).min, np.iinfo(np.int32).max
     prompts = [[high, 1], [low], [0, low], [high], [low, high]]
