@@ -402,6 +402,8 @@ def calibrate(
         "13,000 new tokens run there), compiled on GPUs.")] = None,
     force: Annotated[bool, typer.Option(
         "--force", help="Measure again even if a profile is cached.")] = False,
+    rounds: Annotated[int, typer.Option(
+        min=1, help="Run the probe this many times; each step's median time is fitted.")] = 3,
     json_out: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")]
     = False,
 ) -> None:
@@ -421,7 +423,8 @@ def calibrate(
         from .job.terminal import terminal
 
         result = run_calibrate(model or DEFAULT_MODEL, dtype=dtype, eager=enforce_eager,
-                               force=force, log=lambda line: print(line, file=terminal()))
+                               force=force, rounds=rounds,
+                               log=lambda line: print(line, file=terminal()))
     except BatchrunError as e:
         _fail(str(e), e.exit_code)
     except Exception as e:

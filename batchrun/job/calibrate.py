@@ -43,6 +43,10 @@ from ..engine.sim_profiles import (
 from ..errors import EngineDiedError, one_line
 from .terminal import output_to_log
 
+# The probe runs this many times and each step's median time is fitted: on a shared machine
+# one round's steps vary several-fold (another process takes the cores for a while).
+PROBE_ROUNDS = 3
+
 # The probe's engine: a KV cache that holds any of its phases with room to spare (the 16
 # long contexts share all but a block or two each), a context for its longest prompt.
 PROBE_KV_CACHE_MEMORY = 512 << 20
@@ -222,7 +226,8 @@ def cached(model_dir: Path, dtype: str | None, eager: bool | None) -> Calibratio
 
 
 def calibrate(model: str, *, dtype: str | None = None, eager: bool | None = None,
-              force: bool = False, log: Callable[[str], None] | None = None) -> Calibration:
+              force: bool = False, rounds: int = PROBE_ROUNDS,
+              log: Callable[[str], None] | None = None) -> Calibration:
     """`batchrun calibrate`: the cached profile of this model (a folder or "default"), dtype
     and mode on this machine, else (or with `force`) a new measurement. What vLLM and the
     libraries under it print goes to `calibrate.log` beside the cached profiles."""
@@ -236,13 +241,13 @@ def calibrate(model: str, *, dtype: str | None = None, eager: bool | None = None
             return found
         if log is not None:
             log(f"probing the real engine (its own output: {engine_log})")
-        return measure(model_dir, dtype=dtype, eager=eager, log=log)
+        return measure(model_dir, dtype=dtype, eager=eager, rounds=rounds, log=log)
 
 
 def measure(model_dir: Path, *, dtype: str | None = None, eager: bool | None = None,
-            log: Callable[[str], None] | None = None) -> Calibration:
-    """Run the probe (see the module notes), fit the profile, cache it; `log(line)` hears
-    about each phase. `eager`: see `probe_eager`."""
+            rounds: int = PROBE_ROUNDS, log: Callable[[str], None] | None = None) -> Calibration:
+    """Run the probe `rounds` times (see the module notes), fit the profile to each step's
+    median time, cache it; `log(line)` hears about each phase. `eager`: see `probe_eager`."""
     from ..engine.sim import SimEngine
     from ..engine.vllm_engine import VllmEngine
 
@@ -262,7 +267,12 @@ def measure(model_dir: Path, *, dtype: str | None = None, eager: bool | None = N
         sim = SimEngine(model_dir, options, enforce_eager=eager,
                         profile=DEFAULT_CPU_PROFILE, record_steps=True)
         phases = probe_phases(sim.vocab_size)
-        runs = [_run_both(real, sim, phase, say) for phase in phases]
+        rounds_run = []
+        for r in range(rounds):
+            say(f"round {r + 1} of {rounds}")
+            rounds_run.append([_run_both(real, sim, phase, say) for phase in phases])
+        runs = [_median_steps(list(runs_of_phase))
+                for runs_of_phase in zip(*rounds_run, strict=True)]
         probe_s = time.perf_counter() - started - start_s
     finally:
         real.close()
@@ -292,6 +302,16 @@ def measure(model_dir: Path, *, dtype: str | None = None, eager: bool | None = N
              for t, c in zip(run.step_seconds, run.counts, strict=True)]
     path = save_calibration(key, profile, probe, steps)
     return Calibration(key, profile, probe, path)
+
+
+def _median_steps(runs: list[PhaseRun]) -> PhaseRun:
+    """One phase's runs of several rounds as one: each step's median time (the rounds run
+    the same steps: the same requests, cold caches, greedy lengths)."""
+    first = runs[0]
+    if any(r.steps_per_wave != first.steps_per_wave for r in runs):
+        return first
+    times = np.median(np.array([r.step_seconds for r in runs]), axis=0)
+    return replace(first, step_seconds=[float(t) for t in times])
 
 
 def _run_both(real: Engine, sim: Any, phase: Phase, say: Callable[[str], None]) -> PhaseRun:

@@ -236,7 +236,7 @@ def test_calibrate_measures_caches_and_prices_later_estimates(tmp_path):
         return subprocess.run([sys.executable, "-m", "batchrun", *args], env=env, cwd=tmp_path,
                               capture_output=True, text=True, timeout=900)
 
-    done = batchrun_cli("calibrate", "--model", model, "--json")
+    done = batchrun_cli("calibrate", "--model", model, "--json", "--rounds", "1")
     assert done.returncode == EXIT_OK, done.stderr[-2000:]
     result = json.loads(done.stdout)
     folder = tmp_path / "c" / "sim-profiles"
