@@ -65,13 +65,14 @@ class ReplicaActor:
         self._starting = self._engine_thread.submit(_start_engine, job)
 
     def ready(self) -> dict[str, Any]:
-        """Wait for the engine to start; where it runs. A failure names the node."""
+        """Wait for the engine to start; where it runs: its node's address, and its Ray
+        node's id (Ray nodes on one machine share the address). A failure names the node."""
         node = _node_address()
         try:
             self._engine = self._starting.result()
         except UsageError as e:  # the model is not there, settings vLLM refuses
             raise type(e)(f"on node {node}: {e}") from None
-        return {"node": node, "engine": self._engine.info.name}
+        return {"node": node, "node_id": _node_id(), "engine": self._engine.info.name}
 
     def run(self, piece: pa.Table, grace_s: float) -> Iterator[pa.Table | PieceDone]:
         """Run one piece (REQUEST_SCHEMA rows of a shard); yield its results as they finish,
@@ -131,6 +132,12 @@ def _node_address() -> str:
     import ray
 
     return ray.util.get_node_ip_address()
+
+
+def _node_id() -> str:
+    import ray
+
+    return ray.get_runtime_context().get_node_id()
 
 
 def actor_class(ray: Any) -> Any:

@@ -6,6 +6,8 @@ next piece of work from the ShardQueue (cluster/queue.py), runs it as a shard on
 engine (cluster/actor.py), and streams the results back (a Ray streaming generator) as
 they finish. The driver journals them and counts them per replica; what a replica had
 returned when it died is never run again, the rest of its piece goes back into the queue.
+When every replica is gone with a Ray instance batchrun started itself (its node went down),
+the driver starts Ray (ray_session.py) and the replicas again, a bounded number of times.
 
 Replicas start their own engines with the job's sized settings, where Ray places them: one
 GPU each on a GPU cluster, side by side on a CPU machine (each with its share of the cores).
@@ -20,18 +22,16 @@ import contextlib
 import logging
 import math
 import os
-import signal
-import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 
-from ..config import ClusterOptions, EngineKind, JobConfig
+from ..config import EngineKind, JobConfig
 from ..engine.attention.selection import AttentionChoice
 from ..engine.sizing import MAX_SHARE_OF_FREE_MEMORY, EngineSizing, memory_available
 from ..errors import ConfigError, EngineDiedError, ModelError, UsageError, one_line
@@ -42,6 +42,7 @@ from ..ingest.stream import ShardedJob
 from ..plan.blocks import ceil_div, round_up
 from .actor import UNREAD_RESULTS, PieceDone, ReplicaJob, actor_class
 from .queue import PrefixOrders, ShardQueue, ShardRef, Work
+from .ray_session import RaySession
 
 log = logging.getLogger(__name__)
 
@@ -49,16 +50,9 @@ log = logging.getLogger(__name__)
 # passed on to replicas: on another node they would not inherit it.
 _PASSED_ENV = ("VLLM_", "BATCHRUN_", "TRITON_", "HF_")
 _POLL_S = 0.5  # how often the dispatch loop looks at a stop request while it waits
-
-
-def import_ray() -> Any:
-    try:
-        import ray
-    except ImportError:
-        raise ConfigError("--replicas and --ray-address run engines on Ray, which is not "
-                          "installed: pip install 'batchrun[ray]' (on every node of the "
-                          "cluster)") from None
-    return ray
+# Times a job may start its own Ray instance again after losing every replica with it: a
+# node that keeps dying (out of memory, say) is not worth more; the job stops resumable.
+MAX_RAY_RESTARTS = 2
 
 
 @dataclass
@@ -66,7 +60,8 @@ class ReplicaStats:
     """One replica's share of the job, for the summary."""
 
     replica: int
-    node: str = "?"
+    node: str = "?"  # its node's address
+    node_id: str = "?"  # its Ray node's id: nodes on one machine share an address
     rows: int = 0
     prompt_tokens: int = 0
     computed_prompt_tokens: int = 0
@@ -84,38 +79,6 @@ class ReplicaStats:
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "busy_s": round(self.busy_s, 3)}
-
-
-@contextlib.contextmanager
-def ray_session(cluster: ClusterOptions) -> Iterator[Any]:
-    """Ray, connected to the job's cluster (or a new local instance, shut down at the end).
-    A caller that already connected (tests, notebooks) keeps its connection."""
-    ray = import_ray()
-    if ray.is_initialized():
-        yield ray
-        return
-    on_main = threading.current_thread() is threading.main_thread()
-    # ray.init installs handlers of its own; batchrun's (drain, then save) must stay.
-    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)} if on_main \
-        else {}
-    options: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False,
-                               "logging_level": logging.WARNING}
-    try:
-        if cluster.ray_address is None:  # a Ray of its own, even where `ray start` ran
-            ray.init(address="local", num_cpus=len(os.sched_getaffinity(0)), **options)
-        else:
-            ray.init(address=cluster.ray_address, **options)
-    except ConnectionError as e:
-        raise ConfigError(f"cannot join the Ray cluster at {cluster.ray_address!r} ({e}); "
-                          "start it first (`ray start --head` on the head node) or fix "
-                          "--ray-address") from None
-    finally:
-        for sig, handler in handlers.items():
-            signal.signal(sig, handler)
-    try:
-        yield ray
-    finally:
-        ray.shutdown()
 
 
 def _replica_env(local: bool) -> dict[str, str]:
@@ -157,7 +120,8 @@ class Fleet:
         self.engine = ""  # the replicas' engine, e.g. vllm-cpu (from the first to start)
 
     @classmethod
-    def start(cls, ray: Any, job: ReplicaJob) -> Fleet:
+    def start(cls, ray: Any, job: ReplicaJob, first: int = 0) -> Fleet:
+        """`cluster.replicas` replicas, numbered from `first` (earlier ones were lost)."""
         cluster = job.config.cluster
         options = {**_replica_resources(ray, cluster.replicas,
                                         job.config.engine.tensor_parallel_size),
@@ -166,7 +130,7 @@ class Fleet:
         tag = uuid.uuid4().hex[:8]  # names stay unique while a previous job's actors die
         fleet = cls(ray, [Replica(remote.options(name=f"batchrun-{tag}-replica-{i}",
                                                       **options).remote(job), ReplicaStats(i))
-                          for i in range(cluster.replicas)])
+                          for i in range(first, first + cluster.replicas)])
         try:
             fleet._wait_ready()
         except BaseException:
@@ -179,7 +143,8 @@ class Fleet:
         for r in self.replicas:
             try:
                 ready = self.ray.get(r.actor.ready.remote())
-                r.stats.node, self.engine = ready["node"], self.engine or ready["engine"]
+                r.stats.node, r.stats.node_id = ready["node"], ready["node_id"]
+                self.engine = self.engine or ready["engine"]
             except UsageError as e:  # every replica would fail alike: the user's to fix
                 raise _usage_error(e, r.stats.replica) from None
             except (self.ray.exceptions.RayError, EngineDiedError) as e:
@@ -260,6 +225,12 @@ class Dispatcher:
         self.first_piece_at: float | None = None  # time.monotonic() when a replica got one
         self.shard_runs: list[tuple[tuple[int, int], ShardRun]] = []  # by token order
 
+    def use(self, fleet: Fleet) -> None:
+        """Go on with a new fleet (every replica of the last one was lost)."""
+        self.fleet = fleet
+        self._idle = list(fleet.alive)
+        self.queue.replicas = len(fleet.alive)
+
     def run(self) -> None:
         ray = self.fleet.ray
         while True:
@@ -328,9 +299,9 @@ class Dispatcher:
         rest = running.work.without(running.returned)
         if not self._stopping:
             self.queue.put_back(rest)
-        log.warning("replica %d (%s) lost (%s); %d of its rows go to the others",
-                    running.replica.stats.replica, running.replica.stats.node, reason,
-                    rest.rows)
+        stats = running.replica.stats
+        log.warning("replica %d (%s, node %s) lost (%s); %d of its rows go to the others",
+                    stats.replica, stats.node, stats.node_id[:8], reason, rest.rows)
         if not self.fleet.alive:
             raise EngineDiedError(f"every engine replica is gone; the last: {reason}")
 
@@ -380,34 +351,54 @@ class EngineReplicas:
     def __init__(self, job: ReplicaJob) -> None:
         self.job = job
         self.first_piece_at: float | None = None  # time.monotonic() when a replica got one
-        self._ray_session = contextlib.ExitStack()
-        ray = self._ray_session.enter_context(ray_session(job.config.cluster))
+        self.ray_restarts = 0  # times its own Ray instance was started again (a lost node)
+        self._lost: list[ReplicaStats] = []  # replicas of fleets before the restarts
+        self._session = RaySession(job.config.cluster)
         try:
-            self.fleet = Fleet.start(ray, job)
+            self.fleet = Fleet.start(self._session.ray, job)
         except BaseException:
-            self._ray_session.close()
+            self._session.close()
             raise
 
     @property
     def stats(self) -> list[ReplicaStats]:
-        return [r.stats for r in self.fleet.replicas]
+        return [*self._lost, *(r.stats for r in self.fleet.replicas)]
 
     def describe(self) -> str:
-        """E.g. '2 replicas (vllm-cpu) on 10.0.0.1'."""
-        nodes = sorted({r.stats.node for r in self.fleet.alive})
-        return (f"{len(self.fleet.alive)} replicas ({self.fleet.engine}) on "
-                f"{', '.join(nodes)}")
+        """E.g. '2 replicas (vllm-cpu) on 10.0.0.1' or '... on 2 Ray nodes at 10.0.0.1'."""
+        alive = self.fleet.alive
+        addresses = sorted({r.stats.node for r in alive})
+        nodes = len({r.stats.node_id for r in alive})
+        where = ", ".join(addresses)
+        if nodes > len(addresses):  # Ray nodes that share a machine
+            where = f"{nodes} Ray nodes at {where}"
+        return f"{len(alive)} replicas ({self.fleet.engine}) on {where}"
 
     def run(self, shards: Sequence[ShardRef], on_results: Callable[[pa.Table], None],
             stop: StopFlag, grace_s: float) -> list[ShardRun]:
         """Run every shard; `on_results` gets each result table once (global row numbers).
         Returns the ShardRun of every piece, in the job's token order (as job/run.py
-        adds up plan figures). Raises EngineDiedError (exit 4, resumable) when every replica
-        is gone."""
+        adds up plan figures). When every replica is gone, a Ray instance of the job's own
+        is started again, with new replicas, up to MAX_RAY_RESTARTS times; past that, or on
+        a cluster batchrun joined, raises EngineDiedError (exit 4, resumable)."""
         work = ShardQueue(shards, len(self.fleet.alive), PrefixOrders(self.job.sizing.block_size))
         dispatcher = Dispatcher(self.fleet, work, on_results, stop, grace_s)
         try:
-            dispatcher.run()
+            while True:
+                try:
+                    dispatcher.run()
+                    break
+                except EngineDiedError as e:
+                    if self.fleet.alive or stop.requested or not self._session.own_instance:
+                        raise
+                    if self.ray_restarts == MAX_RAY_RESTARTS:
+                        raise EngineDiedError(f"{e} (Ray restarted {self.ray_restarts} "
+                                              "time(s), the most allowed)") from None
+                    log.warning("every replica is gone (%s); starting Ray and %d replicas "
+                                "again (restart %d of at most %d)", e,
+                                self.job.config.cluster.replicas, self.ray_restarts + 1,
+                                MAX_RAY_RESTARTS)
+                dispatcher.use(self._restart())
         except BaseException:  # a second signal, a bug: nothing more to wait for
             self.fleet.kill()
             raise
@@ -415,8 +406,19 @@ class EngineReplicas:
             self.first_piece_at = dispatcher.first_piece_at
         return [run for _, run in sorted(dispatcher.shard_runs, key=lambda r: r[0])]
 
+    def _restart(self) -> Fleet:
+        """A fresh Ray instance on this machine and a fleet on it, numbered after the lost
+        ones. Their unfinished work is back in the queue; what they returned stays done."""
+        self.ray_restarts += 1
+        self._lost.extend(r.stats for r in self.fleet.replicas)
+        self.fleet.kill()
+        self.fleet = Fleet(self._session.ray, [])  # none, until the new ones are ready
+        self._session.restart()
+        self.fleet = Fleet.start(self._session.ray, self.job, first=len(self._lost))
+        return self.fleet
+
     def close(self) -> None:
         try:
             self.fleet.close()
         finally:
-            self._ray_session.close()
+            self._session.close()

@@ -364,6 +364,8 @@ class _JobRun:
             summary["engine_sizing"] = self.sizing.to_dict()
         if self.replicas is not None:
             summary["replicas"] = [r.to_dict() for r in self.replicas.stats]
+        if isinstance(self.replicas, EngineReplicas):
+            summary["ray_restarts"] = self.replicas.ray_restarts
         if isinstance(self.replicas, SimulatedReplicas):
             summary["simulated"] = {**self.replicas.simulated(), **summary.get("simulated", {})}
         if self.stats_before is not None:

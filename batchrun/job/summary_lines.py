@@ -32,6 +32,9 @@ def outcome_lines(summary: dict[str, Any]) -> list[str]:
     if "estimate" in summary:
         lines.append(estimate_beside_measured_line(summary["estimate"]))
     lines.extend(replica_lines(summary.get("replicas", ())))
+    if restarts := summary.get("ray_restarts"):
+        lines.append(f"Ray restarted {restarts} time(s): every replica had been lost with "
+                     "the Ray node batchrun started; their unfinished rows went to new ones")
     if "engine_log" in summary:
         lines.append(f"engine log: {summary['engine_log']}")
     return lines
@@ -82,8 +85,14 @@ def estimate_lines(estimate: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _where(replica: dict[str, Any]) -> str:
+    """Its node's address, and the start of its Ray node's id (nodes may share an address)."""
+    node_id = replica.get("node_id", "?")
+    return replica["node"] if node_id == "?" else f"{replica['node']} node {node_id[:8]}"
+
+
 def replica_lines(replicas: list[dict[str, Any]]) -> list[str]:
-    return [f"replica {r['replica']} ({r['node']}): rows {r['rows']:,}  prompt "
+    return [f"replica {r['replica']} ({_where(r)}): rows {r['rows']:,}  prompt "
             f"{r['prompt_tokens']:,}  computed {r['computed_prompt_tokens']:,}  completion "
             f"{r['completion_tokens']:,}  busy {r['busy_s']:.1f}s"
             + ("" if r["status"] == "ok" else f"  [{r['status']}]") for r in replicas]
