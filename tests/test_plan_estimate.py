@@ -108,4 +108,5 @@ def test_a_run_with_estimate_reports_the_prediction_beside_what_it_measured(
     assert measured["computed_prompt"] == estimate["computed_prompt"] == 320 + 24 * 3
     assert measured["run_seconds"] > 0 and estimate["run_seconds"] > 0
     line = next(x for x in ran.stderr.splitlines() if x.startswith("estimate"))
-    assert "run stage" in line and "measured" in line and "ASSUMED" in line
+    how = "ASSUMED" if estimate["profile"]["assumed"] else "calibrated"  # a cached calibration
+    assert "run stage" in line and "measured" in line and f"{how} cost profile" in line
