@@ -43,3 +43,14 @@ def sim_engine(model: Path, blocks: int, *, max_model_len: int | None = None, **
 def tokens(seed: int, n: int) -> list[int]:
     """n token ids, different for every seed (none is the model's EOS, 2)."""
     return [3 + (seed * 7919 + k * 104_729) % 40_000 for k in range(n)]
+
+
+def drain(engine) -> tuple[dict, list]:
+    """Step until the engine is empty: the results by id, and each step's output."""
+    results, steps = {}, []
+    while engine.num_unfinished():
+        out = engine.step()
+        steps.append(out)
+        results.update({r.request_id: r for r in out.finished})
+        assert len(steps) < 10_000
+    return results, steps

@@ -34,9 +34,9 @@ from batchrun.engine.sim_profiles import (
     this_device,
 )
 from batchrun.errors import EXIT_OK, EXIT_USAGE, ConfigError
-from tests.engine.test_sim_engine import BLOCK_BYTES, SMOLLM2_SHAPE, drain, tokens
 from tests.helpers import write_jsonl
 from tests.reliability.harness import cli
+from tests.sim_engines import BLOCK_BYTES, SMOLLM2_SHAPE, drain, tokens
 
 REPO = Path(__file__).resolve().parents[2]
 LLAMA_8B_SHAPE = {

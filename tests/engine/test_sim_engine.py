@@ -25,20 +25,9 @@ from batchrun.job.run import run_job
 from tests.conftest import TEST_ENGINE_OPTIONS
 from tests.helpers import job, shared_prefix_rows, write_jsonl
 from tests.reliability.harness import batchrun as batchrun_cli
-from tests.sim_engines import BLOCK, BLOCK_BYTES, sim_engine, tokens
+from tests.sim_engines import BLOCK, BLOCK_BYTES, drain, sim_engine, tokens
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-def drain(engine) -> tuple[dict, list]:
-    """Step until the engine is empty: the results by id, and each step's output."""
-    results, steps = {}, []
-    while engine.num_unfinished():
-        out = engine.step()
-        steps.append(out)
-        results.update({r.request_id: r for r in out.finished})
-        assert len(steps) < 10_000
-    return results, steps
 
 
 def test_a_shared_prefix_is_computed_once_in_whole_blocks(config_only_model):
