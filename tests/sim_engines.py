@@ -23,9 +23,19 @@ SMOLLM2_SHAPE = {
 }
 
 
-def write_config_only_model(folder: Path) -> Path:
+LLAMA_8B_SHAPE = {
+    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096,
+    "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
+    "num_key_value_heads": 8, "head_dim": 128, "vocab_size": 128256,
+    "max_position_embeddings": 131072, "rms_norm_eps": 1e-5, "bos_token_id": 128000,
+    "eos_token_id": 128001, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
+}
+
+
+def write_config_only_model(folder: Path, shape: dict | None = None) -> Path:
+    """A model folder holding only config.json (SmolLM2-135M's shape unless given)."""
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "config.json").write_text(json.dumps(SMOLLM2_SHAPE))
+    (folder / "config.json").write_text(json.dumps(shape or SMOLLM2_SHAPE))
     return folder
 
 

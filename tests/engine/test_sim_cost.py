@@ -36,25 +36,22 @@ from batchrun.engine.sim_profiles import (
 from batchrun.errors import EXIT_OK, EXIT_USAGE, ConfigError
 from tests.helpers import write_jsonl
 from tests.reliability.harness import cli
-from tests.sim_engines import BLOCK_BYTES, SMOLLM2_SHAPE, drain, tokens
+from tests.sim_engines import (
+    BLOCK_BYTES,
+    LLAMA_8B_SHAPE,
+    SMOLLM2_SHAPE,
+    drain,
+    tokens,
+    write_config_only_model,
+)
 
 REPO = Path(__file__).resolve().parents[2]
-LLAMA_8B_SHAPE = {
-    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096,
-    "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
-    "num_key_value_heads": 8, "head_dim": 128, "vocab_size": 128256,
-    "max_position_embeddings": 131072, "rms_norm_eps": 1e-5, "bos_token_id": 128000,
-    "eos_token_id": 128001, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
-}
 KNOWN = CostProfile(step_s=0.02, prefill_token_s=0.003, decode_request_s=0.004,
                     kv_token_read_s=2e-6, source="known", assumed=False)
 
 
 def model_folder(root: Path, name: str, shape: dict) -> Path:
-    folder = root / name
-    folder.mkdir(parents=True)
-    (folder / "config.json").write_text(json.dumps(shape))
-    return folder
+    return write_config_only_model(root / name, shape)
 
 
 @pytest.fixture
