@@ -111,8 +111,7 @@ def _run_job(config: JobConfig, stop: StopFlag, *, engine_kind: str, engine: Eng
                "Use --overwrite to run it again")
         return JobOutcome(EXIT_OK, {"status": "already_done", "output": str(paths.dest)}, msg)
     run = _JobRun.open(config, paths, engine_kind, engine, resume=resume, overwrite=overwrite,
-                       stop=stop)
-    run.started_at = t0
+                       stop=stop, started_at=t0)
     run.generate(stop, interactive=interactive, grace_s=grace_s)
     return run.finish(time.monotonic() - t0)
 
@@ -148,7 +147,7 @@ class _JobRun:
     @classmethod
     def open(cls, config: JobConfig, paths: OutputPaths, engine_kind: str,
              engine: Engine | None, *, resume: bool, overwrite: bool,
-             stop: StopFlag) -> _JobRun:
+             stop: StopFlag, started_at: float) -> _JobRun:
         manifest = {"batchrun": __version__, "input": input_fingerprint(config.input),
                     "settings": config.fingerprint_settings()}
         if overwrite:
@@ -169,7 +168,7 @@ class _JobRun:
                 ckpt.remove()
             raise
         run = cls(config, paths, ckpt, counts, sharded, engine, own_engine=engine is None,
-                  clock=clock)
+                  clock=clock, started_at=started_at)
         try:
             run._start_engine(engine_kind, stop)
         except EngineDiedError as e:
