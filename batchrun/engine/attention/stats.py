@@ -54,7 +54,7 @@ _state: dict[str, Any] = {"backend": None, "registered": None, "tp_rank": None,
                           "last_groups": [], "last_dump": None, "hooked": False}
 
 
-def set_registered(name: str) -> None:
+def set_registered(name: str | None) -> None:
     """The backend the plugin registered in this process (it may still never run)."""
     _state["registered"] = name
 
