@@ -22,7 +22,7 @@ LAYERS = [
     {"execute"},
     {"cluster"},
     {"job"},
-    {"api", "cli", "airflow", "__main__", "__init__"},
+    {"api", "cli", "cli_options", "airflow", "__main__", "__init__"},
 ]
 
 
