@@ -183,3 +183,23 @@ def test_the_model_tokenizer_encodes_as_transformers_does() -> None:
     chat = [{"role": "user", "content": "Hi"}]
     assert ours.render_chat(chat) == theirs.apply_chat_template(chat, tokenize=False,
                                                                 add_generation_prompt=True)
+
+
+def test_the_model_tokenizer_loads_without_torch(tmp_path: Path) -> None:
+    """A text job's tokenizer is the class tokenizer_config.json names, loaded without
+    AutoTokenizer's lookup, which imports torch and transformers' model code (seconds)."""
+    script = ("import json, sys\n"
+              "from batchrun.ingest.tokenize import HFTokenizer\n"
+              "from batchrun.model import default_model_dir\n"
+              "ids = HFTokenizer(default_model_dir()).encode(['Hello, world!'])\n"
+              "print(json.dumps({'torch': 'torch' in sys.modules, 'ids': ids,\n"
+              "                  'class': type(HFTokenizer(default_model_dir())._tok).__name__}))\n"
+              "from transformers import AutoTokenizer\n"
+              "auto = AutoTokenizer.from_pretrained(default_model_dir())\n"
+              "print(json.dumps({'ids': auto(['Hello, world!'])['input_ids'],\n"
+              "                  'class': type(auto).__name__}))\n")
+    done = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True,
+                          text=True, timeout=120)
+    ours, auto = (json.loads(line) for line in done.stdout.strip().splitlines()[-2:])
+    assert ours.pop("torch") is False, done.stderr
+    assert ours == auto
