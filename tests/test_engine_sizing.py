@@ -182,3 +182,36 @@ def test_plan_json_reports_the_sizes(tmp_path: Path) -> None:
     figures = json.loads(result.stdout)["engine_sizing"]
     assert figures["max_model_len"] % 32 == 0 and figures["kv_capacity_tokens"] > 0
     assert figures["kv_cache_reason"].startswith("the plan's peak window")
+
+
+def test_planning_on_a_cpu_build_of_vllm_knows_the_platform_without_importing_vllm(
+        tmp_path: Path) -> None:
+    """`batchrun plan` sizes the engine (block size, dtype) for vLLM's platform. On a CPU
+    build that is known from the installed package, as vLLM itself tells, without importing
+    vLLM (which imports torch's compiler: seconds)."""
+    import subprocess
+    import sys
+
+    from vllm.platforms import current_platform
+
+    from batchrun.engine.vllm_engine import built_for_cpu
+
+    assert built_for_cpu() == current_platform.is_cpu()
+    if not built_for_cpu():
+        pytest.skip("a CUDA build of vLLM: the platform comes from vLLM itself")
+    data = write_jsonl(tmp_path / "in.jsonl", [{"prompt": f"Row {i}: a prompt."}
+                                               for i in range(8)])
+    script = ("import json, sys\n"
+              "from batchrun.cli import app\n"
+              "try:\n"
+              f"    app(['plan', {str(data)!r}, '-o', {str(tmp_path / 'o.parquet')!r},"
+              " '--json'])\n"
+              "except SystemExit as e:\n"
+              "    code = e.code\n"
+              "print(json.dumps({'exit': code, 'vllm': 'vllm' in sys.modules}),"
+              " file=sys.stderr)\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=120, cwd=Path(__file__).resolve().parents[1])
+    assert json.loads(done.stderr.strip().splitlines()[-1]) == {"exit": 0, "vllm": False}, \
+        done.stderr
+    assert json.loads(done.stdout)["block_size"] == 32

