@@ -68,7 +68,7 @@ def job_summary(config: JobConfig, rows: int, counts: ResultCounts, engine: Engi
         "status": status,
         "input": str(config.input),
         "output": str(config.output),
-        "model": config.model,
+        "model": config.model_name,
         "rows": rows,
         "succeeded": counts.succeeded,
         "failed": counts.failed,
