@@ -188,3 +188,18 @@ def test_embeddings_lines_in_a_generation_job_ask_for_task_embed(tmp_path):
     cfg = replace(embed_job(tmp_path, [openai_line("e", {"input": "hello"})]), task="generate")
     with pytest.raises(InputError, match="--task embed"):
         run_fake(cfg)
+
+
+def test_the_python_api_adds_a_vector_column_to_the_frame():
+    import polars as pl
+
+    import batchrun
+
+    frame = pl.DataFrame({"input": ["a cat", "a dog", "a cat"], "topic": ["x", "y", "z"]})
+    got = batchrun.embed(frame, engine="fake")
+    assert got.columns == ["input", "topic", "embedding", "prompt_tokens", "error"]
+    assert got["topic"].to_list() == ["x", "y", "z"]
+    vectors = got["embedding"].to_list()
+    assert len(vectors[0]) == FAKE_EMBEDDING_DIM and vectors[0] == vectors[2] != vectors[1]
+    named = batchrun.embed(pl.DataFrame({"text": ["a cat"]}), text="text", engine="fake")
+    assert named["embedding"].to_list() == vectors[:1]
