@@ -18,6 +18,7 @@ from batchrun.engine.fake import FAKE_EMBEDDING_DIM, FakeEngine, fake_embedding
 from batchrun.errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_ROW_ERRORS, ConfigError, InputError
 from batchrun.ingest.prepare import prepare_job
 from batchrun.job.run import run_job
+from batchrun.job.summary_lines import outcome_lines
 from tests.helpers import write_jsonl
 
 TEXTS = ["the cat sat on the mat", "hello world", "embeddings turn text into vectors",
@@ -86,6 +87,9 @@ def test_identical_inputs_are_embedded_once(tmp_path):
     assert sorted(engine.admission_order) == ["r0", "r1", "r2", "r4", "r6"]
     assert rows[3]["duplicate_of"] == "r1" and rows[5]["duplicate_of"] == "r0"
     assert rows[3]["embedding"] == rows[1]["embedding"]
+    summary = run_fake(cfg, overwrite=True).summary
+    assert summary["duplicate_rows"] == 2 and summary["rows_per_s"] > 0
+    assert "2 duplicate input(s) embedded once" in "\n".join(outcome_lines(summary))
 
 
 def test_longest_input_runs_first(tmp_path):
