@@ -6,6 +6,7 @@ line or an Airflow task can run it from any working directory::
     input = "../examples/prompts.jsonl"
     output = "../out/example.parquet"
     model = "default"            # or a local Hugging Face model folder
+    task = "generate"            # or "embed": a vector per row (README, Embeddings)
 
     [columns]                    # where to find things in the input rows
     prompt = "question"
