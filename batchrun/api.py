@@ -190,7 +190,7 @@ def _to_arrow(frame: Any) -> Any:
         return pa.Table.from_pandas(frame, preserve_index=False)
     if hasattr(frame, "__arrow_c_stream__"):  # any Arrow-compatible table
         return pa.table(frame)
-    raise UsageError(f"generate() takes a polars, pandas or Arrow table, not "
+    raise UsageError(f"generate() and embed() take a polars, pandas or Arrow table, not "
                      f"{type(frame).__name__}")
 
 
@@ -210,6 +210,33 @@ def generate(frame: Any, *, prompt: str = "prompt", model: str = "default",
     The same planner and engine as `batchrun run`: the table goes through a temporary Parquet
     file. A bad row gets its `error` set; a bad table raises UsageError."""
     import polars as pl
+
+    return pl.from_arrow(_run_table(_to_arrow(frame), "generate", model=model,
+                                    prompt_column=prompt, **options))
+
+
+def embed(frame: Any, *, text: str | None = None, model: str = "default",
+          **options: Any) -> polars.DataFrame:
+    """A vector for each row of a table in memory (polars, pandas or Arrow): the table, in
+    order, with `embedding` (float32 vectors of the model's dimension), `prompt_tokens` and
+    `error` added. `text` names the text column (default: `input`, else `prompt`); the
+    model (default: all-MiniLM-L6-v2, shipped) and run()'s options as for generate().
+
+        batchrun.embed(pl.DataFrame({"input": ["a cat", "a dog"]}))["embedding"]"""
+    import polars as pl
+
+    table = _to_arrow(frame)
+    columns = {"prompt_column": text} if text else {}
+    out = _run_table(table, "embed", model=model, task="embed", **columns, **options)
+    added = ["embedding", "prompt_tokens", "error"]
+    kept = table.drop_columns([c for c in added if c in table.column_names])
+    for name in added:  # one output row per input row, in order
+        kept = kept.append_column(name, out[name])
+    return pl.from_arrow(kept)
+
+
+def _run_table(table: Any, caller: str, **options: Any) -> Any:
+    """An Arrow table through a job (a temporary Parquet file each way): the output table."""
     import pyarrow.parquet as pq
 
     quiet_engine_logs()
@@ -217,13 +244,11 @@ def generate(frame: Any, *, prompt: str = "prompt", model: str = "default",
     run_options.setdefault("progress", False)
     for name in ("output", "work_dir", "openai_output"):
         if name in options:
-            raise ConfigError(f"generate() returns its results; use batchrun.run() to write "
+            raise ConfigError(f"{caller}() returns its results; use batchrun.run() to write "
                               f"them to a file ({name}=...)")
-    table = _to_arrow(frame)
-    with tempfile.TemporaryDirectory(prefix="batchrun-generate-") as tmp:
+    with tempfile.TemporaryDirectory(prefix=f"batchrun-{caller}-") as tmp:
         source, target = Path(tmp) / "input.parquet", Path(tmp) / "output.parquet"
         pq.write_table(table, source)
-        cfg = build_config(source, target, model=model, prompt_column=prompt,
-                           input_format="parquet", **options)
+        cfg = build_config(source, target, input_format="parquet", **options)
         run_config(cfg, **run_options)
-        return pl.from_arrow(pq.read_table(target).replace_schema_metadata(None))
+        return pq.read_table(target).replace_schema_metadata(None)

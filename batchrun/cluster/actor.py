@@ -107,7 +107,7 @@ def _start_engine(job: ReplicaJob) -> Engine:
 
         # The driver found the model on its own node; this node must see it too. Asked
         # first, so that a missing model is a ModelError, not an engine failure.
-        resolve_model(job.config.model)
+        resolve_model(job.config.model_name)
     return start_engine(job.engine_kind, job.config, job.sizing, new_tokens=job.new_tokens,
                         attention=lambda: job.attention)
 

@@ -10,6 +10,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+import numpy as np
+
 from ..structured import Constraint
 
 
@@ -53,6 +55,8 @@ class GenerationResult:
     cached_tokens: int  # prompt tokens served from the prefix cache
     error: str | None = None
     logprobs: tuple[TokenLogprob, ...] | None = None  # one per completion token, if asked
+    # An embedding job's vector (float32, the model's dimension); text is None then.
+    embedding: np.ndarray | None = None
 
 
 @dataclass(frozen=True)

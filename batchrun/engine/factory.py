@@ -42,9 +42,13 @@ def start_engine(kind: str, config: JobConfig, sizing: EngineSizing, *, new_toke
     refuses are the user's to fix (ConfigError, exit 2); any other failure to start is an
     engine failure (EngineDiedError, exit 4)."""
     if kind == EngineKind.FAKE:
-        from .fake import FakeEngine
+        from .fake import FAKE_EMBEDDING_DIM, FakeEngine
 
-        return FakeEngine.from_env(max_model_len=config.engine.max_model_len or 2048)
+        return FakeEngine.from_env(
+            max_model_len=config.engine.max_model_len or 2048,
+            **({"embedding_dim": FAKE_EMBEDDING_DIM} if config.embeds else {}))
+    if config.embeds:
+        return _start_embed_engine(kind, config, new_tokens)
     if kind not in (EngineKind.VLLM, EngineKind.SIM):
         raise ConfigError(f"engine must be one of {EngineKind.values()}, not {kind!r}")
     from ..model import resolve_model
@@ -56,10 +60,10 @@ def start_engine(kind: str, config: JobConfig, sizing: EngineSizing, *, new_toke
     if kind == EngineKind.SIM:  # vLLM's settings checks raise ConfigError there
         from .sim import SimEngine
 
-        return SimEngine(resolve_model(config.model), options, enforce_eager=eager)
+        return SimEngine(resolve_model(config.model_name), options, enforce_eager=eager)
     choice = attention() if attention is not None else None  # not vLLM's verdict: as it is
     try:
-        return VllmEngine(resolve_model(config.model), options, enforce_eager=eager,
+        return VllmEngine(resolve_model(config.model_name), options, enforce_eager=eager,
                           attention=choice)
     except UsageError:  # the model, the attention mode: worded for the user already
         raise
@@ -74,6 +78,30 @@ def start_engine(kind: str, config: JobConfig, sizing: EngineSizing, *, new_toke
         cause = one_line(e, None)
         raise EngineDiedError(f"the vLLM engine failed to start: {type(e).__name__}: {cause}") \
             from e
+
+
+def _start_embed_engine(kind: str, config: JobConfig, new_tokens: int) -> Engine:
+    """vLLM's pooling runner, with the job's own settings (an embedding job is not sized
+    from a plan: it holds no KV cache past a request's one step)."""
+    if kind != EngineKind.VLLM:
+        raise ConfigError(f"an embedding job runs on the vllm or fake engine, not {kind!r}; "
+                          "drop --engine sim")
+    from ..model import resolve_model
+    from .vllm_embed import VllmEmbedEngine
+    from .vllm_engine import on_cpu
+
+    eager = use_eager(config.engine, new_tokens, on_cpu())
+    try:
+        return VllmEmbedEngine(resolve_model(config.model_name), config.engine, enforce_eager=eager,
+                               normalize=config.normalize)
+    except UsageError:
+        raise
+    except ValueError as e:  # vLLM's verdict on the model or its settings
+        raise ConfigError(f"the vLLM embedding engine refused its settings: "
+                          f"{one_line(e, None)}; is {config.model_name} an embedding model?") from e
+    except Exception as e:
+        raise EngineDiedError(f"the vLLM embedding engine failed to start: "
+                              f"{type(e).__name__}: {one_line(e, None)}") from e
 
 
 def engine_kind(engine: Engine) -> EngineKind:

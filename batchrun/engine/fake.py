@@ -47,6 +47,7 @@ from .base import (
 )
 
 ENV_VAR = "BATCHRUN_FAKE_ENGINE"
+FAKE_EMBEDDING_DIM = 384  # an embedding job's vectors on the fake engine (MiniLM's size)
 
 
 _RNG = np.random.default_rng(0xFA4E)
@@ -87,10 +88,13 @@ class FakeEngine:
         die_after_steps: int | None = None,
         step_delay_s: float = 0.0,
         admitted_log: str | None = None,
+        embedding_dim: int | None = None,
     ) -> None:
         self.info = EngineInfo("fake", "fake", block_size, kv_capacity_tokens, max_model_len,
                                {"engine": "fake", "block_size": block_size})
         self._max_num_seqs = max_num_seqs
+        # Embedding jobs: each request ends in one step with a vector of this many floats.
+        self._embedding_dim = embedding_dim
         self._waiting: deque[GenerationRequest] = deque()
         self._running: dict[str, _Running] = {}
         self._cache: OrderedDict[int, None] = OrderedDict()  # block-chain hash -> LRU order
@@ -155,8 +159,9 @@ class FakeEngine:
         self._computed.extend(hashes)
         digest = self._digest(request, prompt)
         tokens = self._tokens(request, digest)
+        target = 1 if self._embedding_dim else self._target(request, tokens)
         self._running[request.request_id] = _Running(
-            request, hits * self.info.block_size, self._target(request, tokens), digest, tokens)
+            request, hits * self.info.block_size, target, digest, tokens)
         self.admission_order.append(request.request_id)
         if self._admitted_fd is not None:
             os.write(self._admitted_fd, f"{request.request_id}\n".encode())
@@ -220,6 +225,10 @@ class FakeEngine:
         if r.request_id in self._fail:
             return GenerationResult(r.request_id, None, None, prompt_tokens, 0, run.cached,
                                     error="engine error: injected failure for this request")
+        if self._embedding_dim:
+            return GenerationResult(r.request_id, None, None, prompt_tokens, 0, 0,
+                                    embedding=fake_embedding(r.prompt_token_ids,
+                                                             self._embedding_dim))
         tokens, digest = run.tokens, run.digest
         reason = "stop" if length == len(tokens) else "length"
         tokens = tokens[:length]
@@ -252,6 +261,14 @@ class FakeEngine:
         if self._admitted_fd is not None:
             os.close(self._admitted_fd)
             self._admitted_fd = None
+
+
+def fake_embedding(token_ids: Any, dim: int) -> np.ndarray:
+    """A unit vector that is a pure function of the token ids (their order included)."""
+    ids = np.asarray(token_ids, dtype=np.float64)
+    phase = (ids + 1) * 0.618 + np.arange(len(ids)) * 0.001
+    vector = np.cos(np.outer(phase, np.arange(1, dim + 1))).sum(axis=0)
+    return (vector / (np.linalg.norm(vector) or 1.0)).astype(np.float32)
 
 
 def _instance(schema: dict) -> object:

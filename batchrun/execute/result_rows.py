@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -46,6 +47,7 @@ def error_results(job: PreparedJob, errors: dict[int, str]) -> pa.Table:
         "duplicate_of": pa.nulls(n, pa.string()),
         "logprobs": pa.nulls(n, RESULT_SCHEMA.field("logprobs").type),
         "cumulative_logprob": pa.nulls(n, pa.float64()),
+        "embedding": pa.nulls(n, RESULT_SCHEMA.field("embedding").type),
     }, schema=RESULT_SCHEMA)
 
 
@@ -106,5 +108,20 @@ def results_table(job: PreparedJob,
         "cumulative_logprob": pa.array(
             [None if r.logprobs is None else sum(t.logprob for t in r.logprobs) for r in rs],
             pa.float64()),
+        "embedding": _embeddings(rs),
     }, schema=RESULT_SCHEMA)
+
+
+def _embeddings(rs: list[GenerationResult]) -> pa.Array:
+    """The results' vectors as one list<float32> column (null where a result has none),
+    built from one flat buffer."""
+    kind = RESULT_SCHEMA.field("embedding").type
+    if all(r.embedding is None for r in rs):
+        return pa.nulls(len(rs), kind)
+    lengths = np.array([0 if r.embedding is None else len(r.embedding) for r in rs])
+    offsets = np.concatenate(([0], np.cumsum(lengths))).astype(np.int32)
+    values = np.concatenate([r.embedding for r in rs if r.embedding is not None])
+    mask = pa.array([r.embedding is None for r in rs])
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values, pa.float32()),
+                                    type=kind, mask=mask)
 

@@ -24,7 +24,7 @@ from ..engine.base import GenerationRequest
 from ..engine.sizing import LongestRequest, longest_request
 from ..io.input.readers import RequestSet, read_request_set
 from ..plan.dedupe import find_duplicates, is_deterministic
-from ..plan.groups import RunGroup, make_groups
+from ..plan.groups import RunGroup, longest_first, make_groups
 from ..plan.prefix_tree import PrefixTree
 from ..plan.schedule import RequestOrder, order_requests
 from ..structured import TEXT, Constraint, max_choice_tokens
@@ -101,6 +101,8 @@ class PreparedJob:
             list[RunGroup], dict[str, Any]]:
         """The plan as the executor runs it (plan/groups.py), and its figures."""
         planned = self.config.plan and len(self.tokens.positions)
+        if planned and self.config.embeds:
+            return longest_first(self.tokens.lengths(), self.max_tokens, block_size)
         return make_groups(self.request_order(block_size) if planned else None,
                            self.tokens.lengths(), self.max_tokens, block_size,
                            kv_capacity_tokens)
@@ -139,8 +141,14 @@ def load_tokenizer(config: JobConfig, engine_kind: str,
         return ByteTokenizer(), min(caps or [2048])
     from ..model import model_context_length, resolve_model
 
-    model_dir = resolve_model(config.model)
+    model_dir = resolve_model(config.model_name)
     return HFTokenizer(model_dir), min([model_context_length(model_dir), *caps])
+
+
+def length_rules(config: JobConfig) -> dict[str, Any]:
+    """tokenize_requests' rules for a prompt's length in this job: an embedding needs no room
+    to generate, and may be cut to the context when the job says --truncate."""
+    return {"room": 0, "truncate": config.truncate} if config.embeds else {}
 
 
 def prepare_job(config: JobConfig, *, engine_kind: str = EngineKind.VLLM,
@@ -163,7 +171,8 @@ def prepare_requests(config: JobConfig, requests: RequestSet, tokenizer: PromptT
     table = requests.table
     if skip is None:
         skip = np.zeros(table.num_rows, dtype=bool)
-    tokens = tokenize_requests(table, tokenizer, max_model_len=max_model_len, skip=skip)
+    tokens = tokenize_requests(table, tokenizer, max_model_len=max_model_len, skip=skip,
+                               **length_rules(config))
     constraints = request_constraints(table, tokens.positions, config)
     logprobs = request_logprobs(table, tokens.positions, config)
     max_tokens = request_max_tokens(table, tokens, constraints, config, max_model_len)
@@ -175,7 +184,10 @@ def prepare_requests(config: JobConfig, requests: RequestSet, tokenizer: PromptT
 def request_max_tokens(table: pa.Table, tokens: TokenizedRequests,
                        constraints: list[Constraint | None], config: JobConfig,
                        max_model_len: int) -> np.ndarray:
-    """Each request's max_tokens: its row's, else the job's; at most what the context leaves."""
+    """Each request's max_tokens: its row's, else the job's; at most what the context leaves.
+    An embedding generates nothing: 1 (the engine's one step)."""
+    if config.embeds:
+        return np.ones(len(tokens.positions), dtype=np.int64)
     row_max = table["max_tokens"].fill_null(config.sampling.max_tokens).to_numpy()
     wanted = row_max[tokens.positions].astype(np.int64)
     wanted[wanted <= 0] = config.sampling.max_tokens
@@ -220,8 +232,10 @@ def tokenized_table(requests: pa.Table, tokens: TokenizedRequests,
 def _without_duplicates(job: PreparedJob) -> PreparedJob:
     """The job with identical deterministic requests run once (see plan/dedupe.py)."""
     sampling = row_sampling(job)
-    keys = []
-    for i, pos in enumerate(job.tokens.positions.tolist()):
+    keys: list[Any] = []
+    if job.config.embeds:  # an embedding is its input's alone
+        keys = [()] * len(job.tokens.positions)
+    for i, pos in enumerate([] if keys else job.tokens.positions.tolist()):
         temperature, top_p, seed, stop = sampling(pos)
         # Everything that shapes the output: a constraint or logprobs make rows differ too.
         keys.append((int(job.max_tokens[i]), temperature, top_p, seed, stop,

@@ -11,14 +11,23 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from ..clock import StageClock
-from ..config import JobConfig
+from ..config import InputFormat, JobConfig
 from ..engine.sizing import LongestRequest, longest_request
+from ..errors import InputError
 from ..io.input.readers import open_request_stream
 from ..io.output.writer import ENDPOINT, InputColumns
+from ..io.schema import ENDPOINT_EMBEDDING, ENDPOINT_EMBEDDING_BASE64
 from .lengths import ReplayLengths, replay_lengths
-from .prepare import load_tokenizer, request_constraints, request_max_tokens, tokenized_table
+from .prepare import (
+    length_rules,
+    load_tokenizer,
+    request_constraints,
+    request_max_tokens,
+    tokenized_table,
+)
 from .shards import Shard, ShardBuilder
 from .tokenize import TokenizedRequests, tokenize_requests
 
@@ -73,10 +82,12 @@ def read_into_shards(config: JobConfig, *, engine_kind: str, finished_rows: np.n
     sizes = _RequestSizes()
     stream = open_request_stream(config.input, config.columns, config.input_format)
     for batch in clock.timed("read", stream):
+        check_endpoints(config, batch.requests["endpoint"], stream.input_format)
         table = batch.requests if replay is None else replay.fill(batch.requests)
         skip = _finished(table["row"].to_numpy(), finished_rows)
         with clock("tokenize"):
-            tokens = tokenize_requests(table, tokenizer, max_model_len=max_model_len, skip=skip)
+            tokens = tokenize_requests(table, tokenizer, max_model_len=max_model_len, skip=skip,
+                                       **length_rules(config))
             sizes.add(config, table, tokens, max_model_len)
         with clock("shard"):
             builder.add(tokenized_table(table, tokens, skip))
@@ -91,6 +102,28 @@ def read_into_shards(config: JobConfig, *, engine_kind: str, finished_rows: np.n
     return ShardedJob(columns.rows, stream.input_format, shards, columns, builder.spilled_bytes,
                       max_model_len, sizes.longest, spill_dir, sizes.runnable_requests,
                       sizes.new_tokens, replay, builder.spilled_rows)
+
+
+_EMBEDDINGS = {ENDPOINT_EMBEDDING, ENDPOINT_EMBEDDING_BASE64}
+
+
+def check_endpoints(config: JobConfig, endpoints: pa.ChunkedArray | pa.Array,
+                    input_format: str | None) -> None:
+    """An OpenAI batch file's lines must be of the job's task: /v1/embeddings lines in an
+    embedding job, chat and completion lines in a generation job. A file that mixes them is
+    refused as a whole (InputError), naming the fix: its two kinds run as two jobs."""
+    if input_format != InputFormat.OPENAI:
+        return
+    found = set(pc.unique(endpoints).to_pylist()) - {None}
+    mixed = "; it also holds chat or completion lines: split the file by url and run each " \
+        "part as a job of its own" if found - _EMBEDDINGS and found & _EMBEDDINGS else ""
+    if found & _EMBEDDINGS and not config.embeds:
+        raise InputError(f"{config.input} holds OpenAI /v1/embeddings lines: run them with "
+                         f"--task embed (task = \"embed\" in a job file){mixed}")
+    if config.embeds and found - _EMBEDDINGS:
+        raise InputError(f"{config.input} holds OpenAI chat or completion lines, which an "
+                         "embedding job (--task embed) does not run" + (
+                             mixed or ": run it without --task embed"))
 
 
 @dataclass

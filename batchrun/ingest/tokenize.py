@@ -143,10 +143,11 @@ class TokenizedRequests:
 
 def tokenize_requests(
     requests: pa.Table, tokenizer: PromptTokenizer, *, max_model_len: int,
-    skip: np.ndarray | None = None,
+    skip: np.ndarray | None = None, room: int = 1, truncate: bool = False,
 ) -> TokenizedRequests:
     """Tokenize every row without an error (and not in `skip`, a bool mask). A prompt that
-    leaves no room to generate in the model's context becomes an error for its row."""
+    leaves no `room` tokens (to generate; 0 for an embedding) in the model's context becomes
+    an error for its row, or with `truncate` is cut to fit (see _truncated)."""
     usable = ~_is_valid(requests["error"])
     if skip is not None:
         usable &= ~skip
@@ -161,12 +162,17 @@ def tokenize_requests(
     if chat.any():
         rendered = _render_chats(tokenizer, requests["messages"], chat, rows, errors)
         parts.append(_encoded(tokenizer.encode_rendered, *rendered))
+    limit = max_model_len - room + 1  # tokens + room must fit: lengths below this
+    if truncate:
+        # Encoded rows (all but the first part) end in the tokenizer's closing special token
+        # (BERT's [SEP]): kept.
+        parts = [_truncated(p, limit - 1, keep_last=k > 0) for k, p in enumerate(parts)]
     parts = [p for p in parts if len(p.positions)]
     for part in parts:
-        for i in np.flatnonzero(~part.fit(max_model_len)):
+        for i in np.flatnonzero(~part.fit(limit)):
             pos, n = int(part.positions[i]), int(part.lengths[i])
-            errors[pos] = _length_problem(int(rows[pos]), n, max_model_len)
-    return _assemble(parts, max_model_len, errors)
+            errors[pos] = _length_problem(int(rows[pos]), n, max_model_len, room)
+    return _assemble(parts, limit, errors)
 
 
 @dataclass(frozen=True)
@@ -177,9 +183,28 @@ class _Tokens:
     lengths: np.ndarray  # int64
     values: np.ndarray  # int32, the rows' tokens one after another
 
-    def fit(self, max_model_len: int) -> np.ndarray:
-        """Which of these rows leave room to generate."""
-        return (self.lengths > 0) & (self.lengths < max_model_len)
+    def fit(self, limit: int) -> np.ndarray:
+        """Which of these rows are shorter than `limit` tokens (and not empty)."""
+        return (self.lengths > 0) & (self.lengths < limit)
+
+
+def _truncated(part: _Tokens, most: int, *, keep_last: bool) -> _Tokens:
+    """The part with each row cut to its first `most` tokens (keep_last: its first most - 1
+    and its last one), as sentence-transformers truncates an input."""
+    if most < 1 or not (part.lengths > most).any():
+        return part
+    keep = []
+    start = 0
+    for n in part.lengths.tolist():
+        if n <= most:
+            keep.append(np.arange(start, start + n))
+        elif keep_last:
+            keep.append(np.append(np.arange(start, start + most - 1), start + n - 1))
+        else:
+            keep.append(np.arange(start, start + most))
+        start += n
+    index = np.concatenate(keep) if keep else np.zeros(0, np.int64)
+    return _Tokens(part.positions, np.minimum(part.lengths, most), part.values[index])
 
 
 def _is_valid(column: pa.ChunkedArray) -> np.ndarray:
@@ -228,21 +253,25 @@ def _render_chats(tokenizer: PromptTokenizer, column: pa.ChunkedArray, chat: np.
     return np.asarray(positions, dtype=np.int64), texts
 
 
-def _length_problem(row: int, n: int, max_model_len: int) -> str:
+def _length_problem(row: int, n: int, max_model_len: int, room: int) -> str:
     if n == 0:
         return f"row {row}: the prompt is empty; give it some text"
+    if room == 0:  # an embedding: nothing to generate, the input alone must fit
+        return (f"row {row}: the input is {n} tokens but the model's context is "
+                f"{max_model_len}; shorten it, or pass --truncate (truncate = true) to "
+                "embed its first tokens")
     return (f"row {row}: the prompt is {n} tokens but the model's "
             f"context is {max_model_len} (max_model_len); shorten the prompt "
             "or raise engine.max_model_len if the model allows it")
 
 
-def _assemble(parts: list[_Tokens], max_model_len: int,
+def _assemble(parts: list[_Tokens], limit: int,
               errors: dict[int, str]) -> TokenizedRequests:
-    """The rows of all parts that fit, in row order, as one TokenizedRequests."""
+    """The rows of all parts shorter than `limit`, in row order, as one TokenizedRequests."""
     if not parts:
         return TokenizedRequests(np.zeros(0, np.int64), np.zeros(0, np.int32),
                                  np.zeros(1, np.int64), errors)
-    keep = [part.fit(max_model_len) for part in parts]
+    keep = [part.fit(limit) for part in parts]
     if len(parts) == 1:  # one kind of prompt: its values are in row order already
         part, fits = parts[0], keep[0]
         values = part.values if fits.all() else part.values[np.repeat(fits, part.lengths)]

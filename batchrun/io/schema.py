@@ -4,7 +4,8 @@
 Requests: one row per input row, in input order, whatever the input format was.
     row        input row number (0-based; blank JSONL lines are not rows)
     id         the row's id (its own, OpenAI's custom_id, or str(row)); unique in a job
-    endpoint   "completion" (prompt / prompt_token_ids) or "chat" (messages)
+    endpoint   "completion" (prompt / prompt_token_ids) or "chat" (messages); an OpenAI
+               /v1/embeddings line's "embedding" or "embedding_base64" (its encoding_format)
     prompt     text, or null
     messages   the chat list as a JSON string, or null
     prompt_token_ids  pre-tokenized prompt (no tokenizer runs for the row), or null
@@ -25,6 +26,9 @@ Results: one row per input row.
     duplicate_of (the id of the identical deterministic row whose generation served this one)
     logprobs (per completion token: token, logprob, top_logprobs; null where not asked),
     cumulative_logprob (their sum: exp() of it is the probability of the whole completion)
+    embedding (an embedding job's vector, float32; null in a generation job)
+The output file holds a generation job's result columns but `embedding`, or an embedding
+job's (EMBED_OUTPUT_COLUMNS, the vector as fixed_size_list<float32>[dimension]).
 """
 
 from __future__ import annotations
@@ -33,6 +37,9 @@ import pyarrow as pa
 
 ENDPOINT_COMPLETION = "completion"
 ENDPOINT_CHAT = "chat"
+# OpenAI /v1/embeddings lines, by the encoding their response is to have (encoding_format).
+ENDPOINT_EMBEDDING = "embedding"
+ENDPOINT_EMBEDDING_BASE64 = "embedding_base64"
 DICTIONARY_STRING = pa.dictionary(pa.int32(), pa.string())
 
 REQUEST_SCHEMA = pa.schema(
@@ -77,5 +84,18 @@ RESULT_SCHEMA = pa.schema(
         pa.field("duplicate_of", pa.string()),
         pa.field("logprobs", LOGPROBS_TYPE),
         pa.field("cumulative_logprob", pa.float64()),
+        pa.field("embedding", pa.list_(pa.float32())),
     ]
 )
+EMBED_OUTPUT_COLUMNS = ("row", "id", "embedding", "prompt_tokens", "error", "duplicate_of")
+
+
+def output_result_schema(embeds: bool, embedding_dim: int | None = None) -> pa.Schema:
+    """The result columns of a job's output file. An embedding job's vectors are a
+    fixed_size_list of its model's dimension (a variable list when no row has one)."""
+    if not embeds:
+        return RESULT_SCHEMA.remove(RESULT_SCHEMA.get_field_index("embedding"))
+    fields = [RESULT_SCHEMA.field(name) for name in EMBED_OUTPUT_COLUMNS]
+    if embedding_dim:
+        fields[2] = pa.field("embedding", pa.list_(pa.float32(), embedding_dim))
+    return pa.schema(fields)

@@ -15,6 +15,7 @@ import pyarrow as pa
 
 from ..config import EngineKind, JobConfig
 from ..ingest.prepare import (
+    length_rules,
     load_tokenizer,
     prepare_shard,
     request_constraints,
@@ -74,7 +75,8 @@ def validate_input(cfg: JobConfig, engine_kind: str, max_errors: int) -> tuple[
     report = ValidationReport(max_errors)
     for batch in stream:
         requests = batch.requests
-        tokens = tokenize_requests(requests, tokenizer, max_model_len=max_model_len)
+        tokens = tokenize_requests(requests, tokenizer, max_model_len=max_model_len,
+                                   **length_rules(cfg))
         report.add_rows(requests, tokens.errors)
         report.add_prompts(tokens.lengths(),
                            [c.kind if c else None

@@ -42,7 +42,7 @@ def engine_sizing(job: PreparedJob, engine_kind: str = EngineKind.VLLM, *,
         from ..engine.vllm_engine import default_block_size, default_dtype, on_cpu
         from ..model import resolve_model
 
-        model_dir = resolve_model(job.config.model)
+        model_dir = resolve_model(job.config.model_name)
         if engine_kind == EngineKind.SIM:  # priced for a GPU: that card's defaults and KV
             from ..engine.sim_devices import gpu_kv_cache_memory, sim_options
 
@@ -104,7 +104,7 @@ def choose_job_attention(job: PreparedJob) -> AttentionChoice:
     sharing = None
     if (opts.attention == AttentionMode.AUTO and platform == "cuda" and kernels
             and len(job.tokens.positions)):
-        model_dir = resolve_model(job.config.model)
+        model_dir = resolve_model(job.config.model_name)
         per_token = kv_bytes_per_token(model_dir, opts.dtype or default_dtype())
         # Per layer and per GPU: tensor parallelism splits the KV heads.
         per_gpu_layer = per_token // num_layers(model_dir) // max(1, opts.tensor_parallel_size)

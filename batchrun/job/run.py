@@ -282,7 +282,8 @@ class _JobRun:
             return (f"batchrun: {self.sharded.pending_rows:,} of {self.sharded.rows:,} rows to run "
                     f"on {self.replicas.describe()}")
         info, sharded = self.engine.info, self.sharded
-        kv = f", KV cache {info.kv_capacity_tokens:,} tokens" if info.kv_capacity_tokens else ""
+        kv = f", KV cache {info.kv_capacity_tokens:,} tokens" \
+            if info.kv_capacity_tokens and not self.config.embeds else ""
         shards = f", in {len(sharded.shards)} prefix shards" if len(sharded.shards) > 1 else ""
         return (f"batchrun: {sharded.pending_rows:,} of {sharded.rows:,} rows to run on "
                 f"{info.name}{kv}, context {info.max_model_len:,} tokens{shards}")
@@ -332,10 +333,10 @@ class _JobRun:
 
     def _write_output(self) -> None:
         config, paths = self.config, self.paths
-        meta = {"batchrun_version": __version__, "model": config.model,
+        meta = {"batchrun_version": __version__, "model": config.model_name,
                 "sampling": config.fingerprint_settings()["sampling"],
                 "engine": self.engine.info.settings if self.engine else {}}
-        files = OutputFiles(paths.local, paths.openai_local, config.model)
+        files = OutputFiles(paths.local, paths.openai_local, config.model_name, config.embeds)
         write_in_row_order(self.ckpt.journals(), self.sharded.rows, self.sharded.columns,
                            files, meta, range_bytes=config.engine.memory_budget // 8,
                            scratch=self.sharded.spill_dir)

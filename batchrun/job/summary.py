@@ -68,7 +68,7 @@ def job_summary(config: JobConfig, rows: int, counts: ResultCounts, engine: Engi
         "status": status,
         "input": str(config.input),
         "output": str(config.output),
-        "model": config.model,
+        "model": config.model_name,
         "rows": rows,
         "succeeded": counts.succeeded,
         "failed": counts.failed,
@@ -87,6 +87,8 @@ def job_summary(config: JobConfig, rows: int, counts: ResultCounts, engine: Engi
         "wall_time_s": round(wall_s, 3),
         "tokens_per_s": (counts.prompt_tokens + counts.completion_tokens) / max(wall_s, 1e-9),
         "completion_tokens_per_s": counts.completion_tokens / max(wall_s, 1e-9),
+        "rows_per_s": rows / max(wall_s, 1e-9),
+        **({"task": config.task} if config.embeds else {}),
         "engine": engine.info.settings if engine else {},
         "plan": plan_figures,
     }

@@ -24,6 +24,9 @@ def outcome_lines(summary: dict[str, Any]) -> list[str]:
         f"wall {summary['wall_time_s']:.1f}s  {summary['tokens_per_s']:,.0f} tok/s"
         + (f"  first engine step at {first:.1f}s" if first is not None else ""),
     ]
+    if summary.get("task") == "embed":  # its "cached" tokens are those of duplicate inputs
+        lines.append(f"embeddings: {summary['rows_per_s']:,.0f} rows/s; "
+                     f"{summary['duplicate_rows']:,} duplicate input(s) embedded once")
     if deferred := summary.get("batch", {}).get("deferred_light_prefixes"):
         lines.append(f"order: {deferred} shared prefix(es) found to answer briefly; the "
                      "rest of their rows ran after work that may decode longer")

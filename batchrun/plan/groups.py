@@ -85,6 +85,17 @@ def make_groups(order: RequestOrder | None, lengths: np.ndarray, max_tokens: np.
     return decode_heavy_first(groups, max_tokens), {"planned": True, **plan.stats.to_dict()}
 
 
+def longest_first(lengths: np.ndarray, max_tokens: np.ndarray, block_size: int) -> tuple[
+        list[RunGroup], dict[str, Any]]:
+    """The plan of an embedding job: one group, longest input first. Embeddings decode
+    nothing and vLLM runs its pooling models without a prefix cache, so prefix order buys
+    nothing; sorting by length keeps each engine step's inputs alike and leaves no long input
+    alone at the end."""
+    order = np.argsort(-lengths, kind="stable")
+    blocks = blocks_for(lengths[order] + max_tokens[order], block_size)
+    return [RunGroup(order, 0, 0, blocks)], {"planned": False, "order": "longest first"}
+
+
 def decode_heavy_first(groups: list[RunGroup], max_tokens: np.ndarray) -> list[RunGroup]:
     """The groups reordered: the heavy parts of all groups first, then the rest."""
     if not len(max_tokens):

@@ -276,8 +276,9 @@ def test_openai_batch(tmp_path: Path) -> None:
 @pytest.mark.parametrize(("line", "error"), [
     (openai_line("a", "/v1/completions", {"prompt": ["one", "two"]}),
      'row 0: batched prompts are not supported; one prompt per line ("body.prompt" holds 2)'),
-    (openai_line("a", "/v1/embeddings", {"input": "x"}),
-     'row 0: "url" must be "/v1/chat/completions" or "/v1/completions", got "/v1/embeddings"'),
+    (openai_line("a", "/v1/responses", {"input": "x"}),
+     'row 0: "url" must be "/v1/chat/completions" or "/v1/completions" or "/v1/embeddings", '
+     'got "/v1/responses"'),
     (openai_line("a", "/v1/completions", {"prompt": "x"}, method="GET"),
      'row 0: "method" must be "POST", got "GET"'),
     (openai_line("a", "/v1/completions", ["x"]),

@@ -184,7 +184,7 @@ def _journal_bytes(tmp_path: Path) -> tuple[bytes, list[int]]:
             "finish_reason": ["stop"] * n, "prompt_tokens": [3] * n,
             "completion_tokens": [1] * n, "cached_tokens": [0] * n, "error": [None] * n,
             "duplicate_of": [None] * n,
-            "logprobs": [None] * n, "cumulative_logprob": [None] * n,
+            "logprobs": [None] * n, "cumulative_logprob": [None] * n, "embedding": [None] * n,
         }, schema=RESULT_SCHEMA))
         ends.append(path.stat().st_size)
     return path.read_bytes(), ends

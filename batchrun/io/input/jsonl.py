@@ -21,12 +21,18 @@ import pyarrow as pa
 
 from ...config import ColumnMap
 from ...errors import InputError, show
-from ..schema import ENDPOINT_CHAT, ENDPOINT_COMPLETION
+from ..schema import (
+    ENDPOINT_CHAT,
+    ENDPOINT_COMPLETION,
+    ENDPOINT_EMBEDDING,
+    ENDPOINT_EMBEDDING_BASE64,
+)
 from ..storage import Location
 from .rows import (
     CONSTRAINT_FIELDS,
     DRAFT_SCHEMA,
     FIELDS,
+    PROMPT_SOURCES,
     DraftBatch,
     RowError,
     json_text,
@@ -42,7 +48,8 @@ _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 # endpoint, fields, constraint and spec of a row with an error
 _NO_REQUEST = (None,) * (1 + len(FIELDS) + 2)
 
-OPENAI_URLS = {"/v1/chat/completions": ENDPOINT_CHAT, "/v1/completions": ENDPOINT_COMPLETION}
+OPENAI_URLS = {"/v1/chat/completions": ENDPOINT_CHAT, "/v1/completions": ENDPOINT_COMPLETION,
+               "/v1/embeddings": ENDPOINT_EMBEDDING}
 
 
 # --- One JSON object -> request values (the endpoint, then FIELDS). Raises RowError. -------
@@ -56,7 +63,15 @@ def _plain_format(columns: ColumnMap) -> _Format:
     keys = [getattr(columns, f) for f in FIELDS + CONSTRAINT_FIELDS]
     # A merge onto all-None defaults plus one itemgetter beats 14 dict.get calls per row.
     absent, pick = dict.fromkeys(keys), itemgetter(*keys)
-    return _Format(columns.id, lambda obj: parse_request(pick({**absent, **obj}), keys))
+    sources, text = keys[:PROMPT_SOURCES], columns.input
+
+    def request(obj: dict) -> Sequence[Any]:
+        values = {**absent, **obj}
+        if text in obj and all(values[k] is None for k in sources):  # `input`: the prompt
+            values[sources[0]] = obj[text]
+        return parse_request(pick(values), keys)
+
+    return _Format(columns.id, request)
 
 
 def _openai_labels(endpoint: str, max_key: str, top_key: str) -> tuple[str | None, ...]:
@@ -66,6 +81,36 @@ def _openai_labels(endpoint: str, max_key: str, top_key: str) -> tuple[str | Non
     return (prompt, messages, prompt, f"body.{max_key}",
             "body.temperature", "body.top_p", "body.seed", "body.stop", None, "body.logprobs",
             f"body.{top_key}", "body.response_format", None, None, None)
+
+
+_EMBEDDING_LABELS = ("body.input", None, "body.input", *(None,) * (len(FIELDS) - 3),
+                     *(None,) * len(CONSTRAINT_FIELDS))
+_ENCODINGS = {None: ENDPOINT_EMBEDDING, "float": ENDPOINT_EMBEDDING,
+              "base64": ENDPOINT_EMBEDDING_BASE64}
+
+
+def _openai_embedding_request(body: dict) -> list[Any]:
+    """A /v1/embeddings body: `input` a string, a list of token ids, or a list holding one of
+    those; `encoding_format` float or base64 (kept as the row's endpoint, for its response)."""
+    text = body.get("input")
+    if text is None:
+        raise RowError('"body.input" is missing; give the text to embed')
+    if type(text) is list and text and type(text[0]) is not int:
+        if len(text) > 1:
+            raise RowError("several inputs in one line are not supported; write one input "
+                           f'per line ("body.input" holds {len(text)})')
+        text = text[0]
+    encoding = body.get("encoding_format")
+    if encoding not in _ENCODINGS:
+        raise RowError(f'"body.encoding_format" must be "float" or "base64", got {show(encoding)}')
+    if body.get("dimensions") is not None:
+        raise RowError('"body.dimensions" is not supported: the vectors have the model\'s '
+                       "own dimension; drop it")
+    sources = (None, None, text) if type(text) is list else (text, None, None)
+    request = parse_request((*sources, *(None,) * (len(_EMBEDDING_LABELS) - 3)),
+                            _EMBEDDING_LABELS)
+    request[0] = _ENCODINGS[encoding]
+    return request
 
 
 # /v1/completions takes `logprobs` as a number: how many top tokens to return per position.
@@ -95,6 +140,8 @@ def _openai_request(obj: dict) -> list[Any]:
         raise RowError(f'"url" must be {supported}, got {show(url)}')
     if type(body) is not dict:
         raise RowError(f'"body" must be a JSON object, got {show(body)}')
+    if url == "/v1/embeddings":
+        return _openai_embedding_request(body)
     if body.get("n") not in (None, 1):
         raise RowError(f'"body.n" must be 1 (one completion per line), got {show(body["n"])}')
     # max_completion_tokens is OpenAI's newer name for max_tokens.

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -229,6 +230,15 @@ def _constraints(raw: dict[str, pa.Array], labels: dict[str, str],
     return pa.array(kinds, DICTIONARY_STRING), pa.array(specs, DICTIONARY_STRING)
 
 
+def text_columns(columns: ColumnMap, names: list[str]) -> ColumnMap:
+    """The columns to read: the `input` column (ColumnMap.input) as the prompt in a file
+    with no prompt, messages or token-ids column."""
+    sources = [getattr(columns, f) for f in FIELDS[:PROMPT_SOURCES]]
+    if columns.input in names and not set(sources) & set(names):
+        return replace(columns, prompt=columns.input)
+    return columns
+
+
 def open_parquet(path: Location, columns: ColumnMap) -> pq.ParquetFile:
     """`path` opened as Parquet, its footer read. Raises InputError when it cannot be opened or
     holds no prompt column."""
@@ -238,7 +248,7 @@ def open_parquet(path: Location, columns: ColumnMap) -> pq.ParquetFile:
     except (pa.ArrowException, OSError) as e:
         raise InputError(f"{path}: cannot be opened as Parquet ({one_line(e)}); "
                          "the file is cut short or corrupt: write it again") from None
-    sources = [getattr(columns, f) for f in FIELDS[:PROMPT_SOURCES]]
+    sources = [getattr(text_columns(columns, names), f) for f in FIELDS[:PROMPT_SOURCES]]
     if not set(sources) & set(names):
         wanted = ", ".join(f'"{s}"' for s in sources)
         raise InputError(f"{path}: has none of the columns {wanted} (it has {_short(names)}); "
@@ -257,6 +267,7 @@ def iter_parquet(path: Location, columns: ColumnMap, first_row: int,
     cannot be read (found at that batch)."""
     parquet = open_parquet(path, columns)
     names = parquet.schema_arrow.names
+    columns = text_columns(columns, names)
     labels = {name: getattr(columns, name) for name in ("id", *FIELDS, *CONSTRAINT_FIELDS)}
     read = [c for c in dict.fromkeys([*labels.values(), *columns.passthrough]) if c in names]
     # A reader per row group: one reader over the whole file keeps the raw bytes of every row

@@ -4,37 +4,46 @@ batches reads batchrun's results unchanged."""
 
 from __future__ import annotations
 
+import base64
 import json
 import time
 import uuid
 from typing import Any, TextIO
 
+import numpy as np
 import pyarrow as pa
 
-from ..schema import RESULT_SCHEMA
+from ..schema import ENDPOINT_EMBEDDING_BASE64, RESULT_SCHEMA
 
 # Rows turned into Python objects at a time: memory stays bounded whatever the table's size.
 ROWS_AT_ONCE = 65_536
 
 
-def write_openai_lines(f: TextIO, table: pa.Table, model: str) -> None:
+def write_openai_lines(f: TextIO, table: pa.Table, model: str, *, embeds: bool = False) -> None:
     """One line per row, in the shape of OpenAI's Batch API output file: a success carries the
     chat.completion / text_completion body the API would have returned (what the `openai`
-    package's ChatCompletion / Completion models read), a failure the documented error."""
+    package's ChatCompletion / Completion models read), or in an embedding job (`embeds`) the
+    /v1/embeddings list (CreateEmbeddingResponse); a failure the documented error."""
     names = RESULT_SCHEMA.names + (["endpoint"] if "endpoint" in table.column_names else [])
     run = uuid.uuid4().hex[:16]  # ids are unique per file, as OpenAI's are per batch
     created = int(time.time())
     for start in range(0, table.num_rows, ROWS_AT_ONCE):  # bounded memory for to_pylist
         for r in table.select(names).slice(start, ROWS_AT_ONCE).to_pylist():
-            f.write(json.dumps(_openai_line(r, run, created, model))
+            f.write(json.dumps(_openai_line(r, run, created, model, embeds))
                     + "\n")
 
 
-def _openai_line(r: dict[str, Any], run: str, created: int, model: str) -> dict[str, Any]:
+def _openai_line(r: dict[str, Any], run: str, created: int, model: str,
+                 embeds: bool) -> dict[str, Any]:
     line_id = f"batch_req_{run}_{r['row']}"
     if r["error"] is not None:
         return {"id": line_id, "custom_id": r["id"], "response": None,
                 "error": {"code": "row_error", "message": r["error"]}}
+    if embeds:
+        return {"id": line_id, "custom_id": r["id"],
+                "response": {"status_code": 200, "request_id": f"req_{run}_{r['row']}",
+                             "body": _embedding_body(r, model)},
+                "error": None}
     chat = r.get("endpoint") == "chat"
     choice: dict[str, Any] = {"index": 0, "finish_reason": r["finish_reason"]}
     if chat:
@@ -58,6 +67,17 @@ def _openai_line(r: dict[str, Any], run: str, created: int, model: str) -> dict[
             "response": {"status_code": 200, "request_id": f"req_{run}_{r['row']}",
                          "body": body},
             "error": None}
+
+
+def _embedding_body(r: dict[str, Any], model: str) -> dict[str, Any]:
+    """/v1/embeddings' response: the vector as floats, or (encoding_format base64) as the
+    base64 of its little-endian float32 bytes, as OpenAI encodes it."""
+    vector: Any = r["embedding"]
+    if r.get("endpoint") == ENDPOINT_EMBEDDING_BASE64:
+        vector = base64.b64encode(np.asarray(vector, dtype="<f4").tobytes()).decode("ascii")
+    return {"object": "list", "model": model,
+            "data": [{"object": "embedding", "index": 0, "embedding": vector}],
+            "usage": {"prompt_tokens": r["prompt_tokens"], "total_tokens": r["prompt_tokens"]}}
 
 
 def _chat_logprob(t: dict[str, Any]) -> dict[str, Any]:

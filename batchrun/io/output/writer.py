@@ -25,7 +25,7 @@ import pyarrow.parquet as pq
 from ...plan.blocks import ceil_div
 from ..files import fsync_dir, temp_path
 from ..input.readers import cast_passthrough, unified_passthrough_schema
-from ..schema import RESULT_SCHEMA
+from ..schema import RESULT_SCHEMA, output_result_schema
 from .checkpoint import journal_batches
 from .openai_batch import write_openai_lines
 
@@ -96,6 +96,7 @@ class OutputFiles:
     parquet: Path
     openai: Path | None = None
     model: str = ""
+    embeds: bool = False  # an embedding job: its columns, and /v1/embeddings OpenAI lines
 
 
 def write_in_row_order(journals: list[Path], rows: int, columns: InputColumns,
@@ -109,7 +110,9 @@ def write_in_row_order(journals: list[Path], rows: int, columns: InputColumns,
     step = ceil_div(rows, ranges) if rows else 1
     schema = columns.schema()
     passthrough = [f for f in schema if f.name != ENDPOINT and f.name not in RESULT_SCHEMA.names]
-    out_schema = pa.schema([*RESULT_SCHEMA, *passthrough]).with_metadata(
+    embeds = files.embeds
+    results = output_result_schema(embeds, _embedding_dim(journals) if embeds else None)
+    out_schema = pa.schema([*results, *passthrough]).with_metadata(
         {b"batchrun": json.dumps(metadata, sort_keys=True, default=str).encode()})
     with _AtomicOutput(files, out_schema) as out:
         for table in _row_ranges(journals, rows, step, scratch, ranges):
@@ -117,6 +120,15 @@ def write_in_row_order(journals: list[Path], rows: int, columns: InputColumns,
             extra = columns.rows_between(start, start + table.num_rows, schema)
             out.write(table, extra)
         return out.rows
+
+
+def _embedding_dim(journals: list[Path]) -> int | None:
+    """The length of the first vector in the journals (every vector of a job has it)."""
+    for batch in journal_batches(journals):
+        vectors = batch.column(RESULT_SCHEMA.get_field_index("embedding")).drop_null()
+        if len(vectors):
+            return len(vectors[0])
+    return None
 
 
 def _row_ranges(journals: list[Path], rows: int, step: int, scratch: Path,
@@ -177,11 +189,12 @@ class _AtomicOutput:
         for f in self.schema:
             if f.name not in table.column_names:
                 table = table.append_column(f, columns[f.name])
-        self.parquet.write_table(table.cast(self.schema), row_group_size=ROW_GROUP_SIZE)
+        self.parquet.write_table(table.select(self.schema.names).cast(self.schema),
+                                 row_group_size=ROW_GROUP_SIZE)
         if self.openai is not None:
             if ENDPOINT in columns.column_names:
                 results = results.append_column(ENDPOINT, columns[ENDPOINT])
-            write_openai_lines(self.openai, results, self.files.model)
+            write_openai_lines(self.openai, results, self.files.model, embeds=self.files.embeds)
         self.rows += results.num_rows
 
     def __enter__(self) -> _AtomicOutput:
