@@ -12,12 +12,14 @@ import typer
 
 from .api import build_config, quiet_engine_logs, run_config
 from .cli_options import (
+    AdapterOpt,
     ChoiceOpt,
     EngineOpt,
     EstimateRunOpt,
     FormatOpt,
     IdColOpt,
     JobArg,
+    MaxLorasOpt,
     MemoryBudgetOpt,
     ModelOpt,
     OutputOpt,
@@ -27,6 +29,7 @@ from .cli_options import (
     ReplicasOpt,
     SchemaOpt,
     SimDeviceOpt,
+    adapter_overrides,
 )
 from .config import AttentionMode, JobConfig
 from .errors import (
@@ -161,6 +164,8 @@ def run(
              "job (its Parquet file, local or a URI) ended it, by row id; rows that ended by "
              "length there run to max_tokens.")] = None,
     sim_device: SimDeviceOpt = None,
+    adapter: AdapterOpt = None,
+    max_loras: MaxLorasOpt = None,
     progress: Annotated[bool | None, typer.Option(
         "--progress/--log-lines",
         help="Progress bar, or plain log lines (default: bar on a terminal).")] = None,
@@ -197,8 +202,8 @@ def run(
             enforce_eager=enforce_eager, tensor_parallel_size=tensor_parallel_size,
             attention=attention, prompt_column=prompt_column, id_column=id_column,
             passthrough=passthrough, replicas=replicas, ray_address=ray_address,
-            replay_lengths=replay_lengths, sim_device=sim_device,
-            **_constraint_overrides(json_schema, choice, regex))
+            replay_lengths=replay_lengths, sim_device=sim_device, max_loras=max_loras,
+            **adapter_overrides(adapter), **_constraint_overrides(json_schema, choice, regex))
         summary = run_config(cfg, engine=engine and engine.value, resume=resume,
                              overwrite=overwrite, progress=progress, grace_period=grace_period,
                              handle_signals=True, engine_log=not verbose, estimate=estimate)
@@ -316,6 +321,8 @@ def plan_command(
         "busiest replica against the mean. Seconds come from the sim's cost profile.")]
     = False,
     sim_device: SimDeviceOpt = None,
+    adapter: AdapterOpt = None,
+    max_loras: MaxLorasOpt = None,
 ) -> None:
     """Show how a job would run, without loading the model: requests, prompt tokens, distinct
     prompt tokens (the least prefill work possible), shared-prefix groups, expected saving.
@@ -335,7 +342,8 @@ def plan_command(
         cfg = _config(job, output or "plan.parquet", model=model, input_format=input_format,
                       prompt_column=prompt_column, block_size=block_size,
                       kv_cache_memory=kv_cache_memory, memory_budget=memory_budget,
-                      replicas=replicas, sim_device=sim_device,
+                      replicas=replicas, sim_device=sim_device, max_loras=max_loras,
+                      **adapter_overrides(adapter),
                       **_constraint_overrides(json_schema, choice, regex))
         figures = describe_plan(cfg, engine.value if engine else cfg.engine_kind)
         if estimate:

@@ -17,6 +17,8 @@ from ..config import JobConfig
 from ..engine.sizing import LongestRequest, longest_request
 from ..io.input.readers import open_request_stream
 from ..io.output.writer import ENDPOINT, InputColumns
+from ..io.schema import ADAPTER
+from .adapters import resolve_adapters
 from .lengths import ReplayLengths, replay_lengths
 from .prepare import load_tokenizer, request_constraints, request_max_tokens, tokenized_table
 from .shards import Shard, ShardBuilder
@@ -73,7 +75,8 @@ def read_into_shards(config: JobConfig, *, engine_kind: str, finished_rows: np.n
     sizes = _RequestSizes()
     stream = open_request_stream(config.input, config.columns, config.input_format)
     for batch in clock.timed("read", stream):
-        table = batch.requests if replay is None else replay.fill(batch.requests)
+        table = resolve_adapters(batch.requests, config, batch.input_format)
+        table = table if replay is None else replay.fill(table)
         skip = _finished(table["row"].to_numpy(), finished_rows)
         with clock("tokenize"):
             tokens = tokenize_requests(table, tokenizer, max_model_len=max_model_len, skip=skip)
@@ -82,7 +85,10 @@ def read_into_shards(config: JobConfig, *, engine_kind: str, finished_rows: np.n
             builder.add(tokenized_table(table, tokens, skip))
             columns.append(pa.table({**{n: batch.passthrough[n]
                                         for n in batch.passthrough.column_names},
-                                     ENDPOINT: table["endpoint"]}))
+                                     ENDPOINT: table["endpoint"],
+                                     # the output's adapter column, in a job that has any
+                                     **({ADAPTER: table[ADAPTER].cast(pa.string())}
+                                        if config.adapters else {})}))
         if stop():
             return ShardedJob(columns.rows, stream.input_format, [], columns, 0, max_model_len,
                               None, spill_dir, replay=replay)

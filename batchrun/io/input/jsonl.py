@@ -24,12 +24,14 @@ from ...errors import InputError, show
 from ..schema import ENDPOINT_CHAT, ENDPOINT_COMPLETION
 from ..storage import Location
 from .rows import (
+    ADAPTER_FIELDS,
     CONSTRAINT_FIELDS,
     DRAFT_SCHEMA,
     FIELDS,
     DraftBatch,
     RowError,
     json_text,
+    parse_adapter,
     parse_id,
     parse_request,
 )
@@ -39,13 +41,14 @@ MAX_LINE_BYTES = 8 * 2**20
 _BOM = b"\xef\xbb\xbf"
 # The escapes \ud800..\udfff; only lines holding one can decode to an unpaired surrogate.
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
-# endpoint, fields, constraint and spec of a row with an error
-_NO_REQUEST = (None,) * (1 + len(FIELDS) + 2)
+# endpoint, fields, constraint, spec and adapter of a row with an error
+_NO_REQUEST = (None,) * (1 + len(FIELDS) + 3)
 
 OPENAI_URLS = {"/v1/chat/completions": ENDPOINT_CHAT, "/v1/completions": ENDPOINT_COMPLETION}
 
 
-# --- One JSON object -> request values (the endpoint, then FIELDS). Raises RowError. -------
+# --- One JSON object -> request values (the endpoint, FIELDS, constraint, spec, adapter).
+# Raises RowError. -----------------------------------------------------------------------
 
 class _Format(NamedTuple):
     id_key: str
@@ -54,9 +57,16 @@ class _Format(NamedTuple):
 
 def _plain_format(columns: ColumnMap) -> _Format:
     keys = [getattr(columns, f) for f in FIELDS + CONSTRAINT_FIELDS]
+    adapter_keys = [getattr(columns, f) for f in ADAPTER_FIELDS]
     # A merge onto all-None defaults plus one itemgetter beats 14 dict.get calls per row.
     absent, pick = dict.fromkeys(keys), itemgetter(*keys)
-    return _Format(columns.id, lambda obj: parse_request(pick({**absent, **obj}), keys))
+
+    def request(obj: dict) -> list[Any]:
+        values = parse_request(pick({**absent, **obj}), keys)
+        values.append(parse_adapter([obj.get(k) for k in adapter_keys], adapter_keys))
+        return values
+
+    return _Format(columns.id, request)
 
 
 def _openai_labels(endpoint: str, max_key: str, top_key: str) -> tuple[str | None, ...]:
@@ -112,7 +122,11 @@ def _openai_request(obj: dict) -> list[Any]:
     # No completion_tokens: OpenAI's body has no such field.
     raw = (*sources, body.get(max_key), *map(body.get, FIELDS[4:8]), None, logprobs,
            top_logprobs, body.get("response_format"), None, None, None)
-    return parse_request(raw, _OPENAI_LABELS[url, max_key, top_key])
+    request = parse_request(raw, _OPENAI_LABELS[url, max_key, top_key])
+    # The model a line names: an adapter, the base model, or (in a job that declares no
+    # adapters) any model name at all; ingest/adapters.py tells which.
+    request.append(parse_adapter([body.get("model")], ["body.model"]))
+    return request
 
 
 _OPENAI_FORMAT = _Format("custom_id", _openai_request)
