@@ -100,6 +100,7 @@ OPTION_VALUES: dict[str, object] = {
     "openai_output": REPO / "out" / "other.jsonl", "plan": False,
     "work_dir": REPO / "out" / "work",
     "replay_lengths": REPO / "out" / "earlier.parquet", "kind": "sim", "sim_device": "h100",
+    "max_loras": 2, "adapters": {"support": str(REPO / "adapters" / "support")},
 }
 
 

@@ -4,7 +4,8 @@ It behaves like vLLM where the executor can tell: requests run concurrently up t
 one token per step, and a block-granular LRU prefix cache reports `cached_tokens` the way
 vLLM's num_cached_tokens does. Its text is a pure function of the prompt, sampling and LoRA
 adapter, so outputs do not depend on order or batching. As in vLLM, a prefix cached under one
-adapter is not found under another (nor under the base model). Never used by `batchrun run` unless asked.
+adapter is not found under another (nor under the base model). Never used by `batchrun run`
+unless asked.
 
 Constrained rows: a choice row answers one of its choices, a JSON row the smallest instance of
 its schema (`{}` for json_object), four characters a token, cut short at max_tokens as a real

@@ -22,8 +22,8 @@ from typing import Any
 
 from ..config import AttentionMode, EngineOptions
 from ..errors import ConfigError
-from .sim_devices import sim_options, sim_scheduler_args
 from .lora import LoraSettings
+from .sim_devices import sim_options, sim_scheduler_args
 from .vllm_engine import engine_args, environment, on_cpu
 
 

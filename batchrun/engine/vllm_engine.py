@@ -209,6 +209,10 @@ class VllmEngine:
                  attention: AttentionChoice | None = None,
                  lora: LoraSettings | None = None) -> None:
         self.attention = engine_attention(options, attention)
+        self._lora_dir = None
+        if lora is not None and on_cpu():  # base rows on a zero adapter (engine/lora.py)
+            self._lora_dir = Path(tempfile.mkdtemp(prefix="batchrun-lora-base-"))
+            lora = lora.with_base_stand_in(self._lora_dir)
         self._lora = lora
         from vllm import EngineArgs, LLMEngine
         from vllm.usage.usage_lib import UsageContext
@@ -230,6 +234,8 @@ class VllmEngine:
                     EngineArgs(**self._args), usage_context=UsageContext.LLM_CLASS)
         except BaseException:
             shutil.rmtree(self._stats_dir, ignore_errors=True)
+            if self._lora_dir is not None:
+                shutil.rmtree(self._lora_dir, ignore_errors=True)
             raise
         self._watch = wake_on_engine_death(self._engine.engine_core)
         cfg = self._engine.vllm_config
@@ -352,6 +358,8 @@ class VllmEngine:
         if self._final_stats is None:
             self._final_stats = read_attention_stats(self._stats_dir)
             shutil.rmtree(self._stats_dir, ignore_errors=True)
+        if self._lora_dir is not None:
+            shutil.rmtree(self._lora_dir, ignore_errors=True)
 
 
 def _as_list(tokens: Sequence[int]) -> list[int]:

@@ -21,9 +21,9 @@ import pyarrow.compute as pc
 
 from ..config import EngineKind, JobConfig, default_constraint
 from ..engine.base import GenerationRequest
+from ..engine.lora import adapters_run_together
 from ..engine.sizing import LongestRequest, longest_request
 from ..io.input.readers import RequestSet, read_request_set
-from ..engine.lora import job_max_loras
 from ..io.schema import ADAPTER
 from ..plan.adapters import (
     adapter_keys,
@@ -115,8 +115,8 @@ class PreparedJob:
         shard has (plan/adapters.py)."""
         if block_size not in self._orders:
             toks, keys = self.tokens, self.request_keys
-            if keys is not None and job_max_loras(self.config)[0] < len(
-                    set(np.unique(keys).tolist()) - {0}):
+            if keys is not None and adapters_run_together(self.config,
+                                                          len(np.unique(keys))):
                 self._orders[block_size] = order_requests_by_adapter(
                     self.prefix_tree, keys, self.max_tokens, block_size=block_size)
             else:

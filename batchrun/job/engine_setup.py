@@ -36,7 +36,11 @@ def engine_sizing(job: PreparedJob, engine_kind: str = EngineKind.VLLM, *,
     sizing = _sized(job, engine_kind, longest)
     if engine_kind == EngineKind.FAKE:
         return sizing
-    return replace(sizing, lora=lora_settings(job.config))
+    from ..engine.vllm_engine import on_cpu
+
+    # On CPU base rows take a slot of their own (engine/lora.py); the sim holds none.
+    stand_in = engine_kind == EngineKind.VLLM and on_cpu()
+    return replace(sizing, lora=lora_settings(job.config, base_stand_in=stand_in))
 
 
 def _sized(job: PreparedJob, engine_kind: str,
