@@ -241,6 +241,7 @@ def validate(
     choice: ChoiceOpt = None,
     regex: RegexOpt = None,
     engine: EngineOpt = None,
+    adapter: AdapterOpt = None,
     max_errors: Annotated[int, typer.Option(help="How many row problems to list.")] = 20,
     json_out: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
 ) -> None:
@@ -258,6 +259,7 @@ def validate(
         cfg = _config(job, output or "validate.parquet", model=model,
                       input_format=input_format,
                       **{"columns.prompt": prompt_column, "columns.id": id_column,
+                         **adapter_overrides(adapter),
                          **_constraint_overrides(json_schema, choice, regex)})
         found, input_format_found, max_model_len = validate_input(
             cfg, engine.value if engine else cfg.engine_kind, max_errors)

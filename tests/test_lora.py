@@ -257,3 +257,12 @@ def test_the_sim_engine_caches_a_prefix_per_adapter(tmp_path: Path,
     # per model (simulated): three models, three times.
     assert summary["tokens"]["computed_prompt"] == 3 * 256 + 30 * 2
     assert summary["plan"]["block_ideal_computed_tokens"] == 3 * 256 + 30 * 2
+
+
+def test_validate_reports_an_unknown_adapter(tmp_path: Path) -> None:
+    write_jsonl(tmp_path / "in.jsonl", [{"prompt": "hi", "adapter": "support"},
+                                        {"prompt": "hi", "adapter": "suport"}])
+    result = batchrun("validate", tmp_path / "in.jsonl", "--engine", "fake", "--json",
+                      "--adapter", "support=adapters/support")
+    report = json.loads(result.stdout)
+    assert report["errors"] == 1 and "suport" in report["first_errors"][0]
