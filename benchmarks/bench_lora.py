@@ -90,6 +90,7 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=16)
     ap.add_argument("--kv", default="256MiB")
     ap.add_argument("--max-loras", default="default,1", help="settings to run, e.g. default,1")
+    ap.add_argument("--once", action="store_true", help="B F S only, not B F S S F B")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-lora-") as tmp:
         folder = Path(tmp)
@@ -98,7 +99,8 @@ def main() -> None:
             slots = None if setting == "default" else int(setting)
             plain_slots = slots or len(adapters)
             runs: dict[str, list[dict]] = {"batchrun": [], "file": [], "sorted": []}
-            for who in ("batchrun", "file", "sorted", "sorted", "file", "batchrun"):
+            order = ("batchrun", "file", "sorted", "sorted", "file", "batchrun")
+            for who in order[:3] if args.once else order:
                 out = folder / f"{who}.parquet"
                 if who == "batchrun":
                     runs[who].append(run_batchrun(job, out, adapters, args.kv, slots))

@@ -22,6 +22,7 @@ from batchrun.plan.adapters import adapter_key, order_requests_by_adapter
 from batchrun.plan.prefix_tree import PrefixTree
 from tests.helpers import write_jsonl
 from tests.reliability.harness import (
+    admitted,
     batchrun,
     kill9,
     start_batchrun,
@@ -144,8 +145,10 @@ def test_the_prefix_tree_shares_nothing_across_adapters() -> None:
 def test_with_fewer_slots_than_adapters_each_adapters_requests_run_together() -> None:
     rng = np.random.default_rng(0)
     names = [None, "a", "b", "c"]
-    prompts = [np.array([*SYSTEM[: 8 * (k % 3 + 1)], *rng.integers(0, 50, 6)], np.int32)
-               for k in range(60)]
+    # Half share a prefix on their adapter, half share nothing (each a unit of its own at
+    # the root, where decode-first ordering would interleave the adapters).
+    prompts = [np.array([*SYSTEM[: 8 * (k % 3 + 1)] * (k % 2), *rng.integers(0, 5000, 6)],
+                        np.int32) for k in range(60)]
     values = np.concatenate(prompts)
     offsets = np.concatenate([[0], np.cumsum([len(p) for p in prompts])])
     keys = np.array([adapter_key(names[k % 4]) for k in range(60)], dtype=np.int32)
@@ -266,3 +269,21 @@ def test_validate_reports_an_unknown_adapter(tmp_path: Path) -> None:
                       "--adapter", "support=adapters/support")
     report = json.loads(result.stdout)
     assert report["errors"] == 1 and "suport" in report["first_errors"][0]
+
+
+def test_with_max_loras_1_the_engine_gets_one_adapters_rows_after_another(
+        tmp_path: Path) -> None:
+    rng = np.random.default_rng(1)
+    names = (None, "support", "legal")
+    # Nothing shared and output lengths that vary: decode-first ordering alone would mix
+    # the adapters.
+    rows = [{"id": f"r{i}", "prompt_token_ids": rng.integers(0, 5000, 12).tolist(),
+             "max_tokens": int(rng.integers(1, 300)),
+             **({"adapter": names[i % 3]} if names[i % 3] else {})} for i in range(90)]
+    write_jsonl(tmp_path / "in.jsonl", rows)
+    log = tmp_path / "admitted.txt"
+    _run(tmp_path, "--max-loras", "1", fake={"admitted_log": str(log)})
+    adapter_of = {r["id"]: r.get("adapter") for r in rows}
+    ran = [adapter_of[rid] for rid in admitted(log)]
+    assert sorted(map(str, ran)) == sorted(str(r.get("adapter")) for r in rows)
+    assert sum(a != b for a, b in zip(ran[:-1], ran[1:], strict=True)) == 2  # 3 models
