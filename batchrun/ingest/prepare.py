@@ -26,6 +26,7 @@ from ..engine.sizing import LongestRequest, longest_request
 from ..io.input.readers import RequestSet, read_request_set
 from ..io.schema import ADAPTER
 from ..plan.adapters import (
+    BASE_KEY,
     adapter_keys,
     keyed_prompt,
     order_requests_by_adapter,
@@ -155,8 +156,9 @@ class PreparedJob:
             return prompts
         # In a job with adapters: behind their adapter's key (plan/job_figures.py).
         keys = self.request_keys
-        return tuple(keyed_prompt(0 if keys is None else int(keys[i]), p)  # type: ignore
-                     for i, p in zip((first, last), prompts, strict=True))
+        key_of = (lambda i: BASE_KEY) if keys is None else (lambda i: int(keys[i]))
+        return (keyed_prompt(key_of(first), prompts[0]),
+                keyed_prompt(key_of(last), prompts[1]))
 
     def longest_request(self) -> LongestRequest | None:
         ids = self.requests.table["id"]
