@@ -12,12 +12,14 @@ import typer
 
 from .api import build_config, quiet_engine_logs, run_config
 from .cli_options import (
+    AdapterOpt,
     ChoiceOpt,
     EngineOpt,
     EstimateRunOpt,
     FormatOpt,
     IdColOpt,
     JobArg,
+    MaxLorasOpt,
     MemoryBudgetOpt,
     ModelOpt,
     NormalizeOpt,
@@ -30,6 +32,7 @@ from .cli_options import (
     SimDeviceOpt,
     TaskOpt,
     TruncateOpt,
+    adapter_overrides,
 )
 from .config import AttentionMode, JobConfig
 from .errors import (
@@ -167,6 +170,8 @@ def run(
              "job (its Parquet file, local or a URI) ended it, by row id; rows that ended by "
              "length there run to max_tokens.")] = None,
     sim_device: SimDeviceOpt = None,
+    adapter: AdapterOpt = None,
+    max_loras: MaxLorasOpt = None,
     progress: Annotated[bool | None, typer.Option(
         "--progress/--log-lines",
         help="Progress bar, or plain log lines (default: bar on a terminal).")] = None,
@@ -205,8 +210,8 @@ def run(
             enforce_eager=enforce_eager, tensor_parallel_size=tensor_parallel_size,
             attention=attention, prompt_column=prompt_column, id_column=id_column,
             passthrough=passthrough, replicas=replicas, ray_address=ray_address,
-            replay_lengths=replay_lengths, sim_device=sim_device,
-            **_constraint_overrides(json_schema, choice, regex))
+            replay_lengths=replay_lengths, sim_device=sim_device, max_loras=max_loras,
+            **adapter_overrides(adapter), **_constraint_overrides(json_schema, choice, regex))
         summary = run_config(cfg, engine=engine and engine.value, resume=resume,
                              overwrite=overwrite, progress=progress, grace_period=grace_period,
                              handle_signals=True, engine_log=not verbose, estimate=estimate)
@@ -244,6 +249,7 @@ def validate(
     choice: ChoiceOpt = None,
     regex: RegexOpt = None,
     engine: EngineOpt = None,
+    adapter: AdapterOpt = None,
     max_errors: Annotated[int, typer.Option(help="How many row problems to list.")] = 20,
     json_out: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
 ) -> None:
@@ -261,6 +267,7 @@ def validate(
         cfg = _config(job, output or "validate.parquet", model=model,
                       input_format=input_format,
                       **{"columns.prompt": prompt_column, "columns.id": id_column,
+                         **adapter_overrides(adapter),
                          **_constraint_overrides(json_schema, choice, regex)})
         found, input_format_found, max_model_len = validate_input(
             cfg, engine.value if engine else cfg.engine_kind, max_errors)
@@ -324,6 +331,8 @@ def plan_command(
         "busiest replica against the mean. Seconds come from the sim's cost profile.")]
     = False,
     sim_device: SimDeviceOpt = None,
+    adapter: AdapterOpt = None,
+    max_loras: MaxLorasOpt = None,
 ) -> None:
     """Show how a job would run, without loading the model: requests, prompt tokens, distinct
     prompt tokens (the least prefill work possible), shared-prefix groups, expected saving.
@@ -343,7 +352,8 @@ def plan_command(
         cfg = _config(job, output or "plan.parquet", model=model, input_format=input_format,
                       prompt_column=prompt_column, block_size=block_size,
                       kv_cache_memory=kv_cache_memory, memory_budget=memory_budget,
-                      replicas=replicas, sim_device=sim_device,
+                      replicas=replicas, sim_device=sim_device, max_loras=max_loras,
+                      **adapter_overrides(adapter),
                       **_constraint_overrides(json_schema, choice, regex))
         figures = describe_plan(cfg, engine.value if engine else cfg.engine_kind)
         if estimate:

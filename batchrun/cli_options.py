@@ -4,11 +4,12 @@ shared by the commands that take it."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
 from .config import EngineKind, InputFormat, Task
+from .errors import ConfigError
 
 JobArg = Annotated[str, typer.Argument(
     help="A job file (jobs/*.toml) or an input: a file (.jsonl, .parquet, OpenAI batch "
@@ -66,3 +67,24 @@ SimDeviceOpt = Annotated[str | None, typer.Option(
          "defaults and memory). Default: this machine's device.", show_default=False)]
 RegexOpt = Annotated[str | None, typer.Option(
     "--regex", help="Default constraint: the output fully matches this regular expression.")]
+AdapterOpt = Annotated[list[str] | None, typer.Option(
+    "--adapter", help="A LoRA adapter rows may run on, NAME=FOLDER (a PEFT folder; "
+    "repeatable; adds to the job file's [adapters]). A row names it in its `adapter` or "
+    "`lora` column, or as body.model in an OpenAI batch file.")]
+MaxLorasOpt = Annotated[int | None, typer.Option(
+    help="LoRA adapters the engine holds at once (vLLM's max_loras). Default: every "
+         "adapter the job has, up to 8; with fewer, each adapter's rows run together.")]
+
+
+def adapter_overrides(adapter: list[str] | None) -> dict[str, Any]:
+    """--adapter NAME=FOLDER flags as the `adapters` override."""
+    if not adapter:
+        return {}
+    adapters = {}
+    for given in adapter:
+        name, eq, folder = given.partition("=")
+        if not eq or not name or not folder:
+            raise ConfigError(f"--adapter {given!r}: write NAME=FOLDER, like "
+                              "--adapter support=adapters/support")
+        adapters[name] = folder
+    return {"adapters": adapters}

@@ -18,6 +18,9 @@ line or an Airflow task can run it from any working directory::
     choices = ["POSITIVE", "NEGATIVE"]   # or json_schema = "schemas/x.json", or regex = "..."
     top_logprobs = 3             # log-probabilities of each token and its 3 likeliest rivals
 
+    [adapters]                   # LoRA adapters rows may name (`adapter`/`lora`, body.model)
+    support = "adapters/support-lora"    # a local PEFT folder (adapter_config.json + weights)
+
     [engine]
     kv_cache_memory = "256MiB"
     kind = "vllm"                # or "sim": vLLM's scheduler with no model (--engine)
@@ -130,6 +133,10 @@ class ColumnMap:
     choices: str = "choices"
     regex: str = "regex"
     json_schema: str = "json_schema"
+    # The LoRA adapter a row runs on (a name the job declares under [adapters]); either
+    # column may name it.
+    adapter: str = "adapter"
+    lora: str = "lora"
     passthrough: tuple[str, ...] = field(default=(), metadata=_ONE_OR_MANY)
     # A row's text where it gives no prompt, messages or token ids: OpenAI's embeddings
     # name it `input`.
@@ -182,6 +189,9 @@ class EngineOptions:
     # The sim engine only: the device (a SimDevice) whose cost its simulated seconds are,
     # and whose vLLM defaults its scheduler takes; None: this machine's own.
     sim_device: str | None = None
+    # LoRA adapters the engine holds at once (vLLM's max_loras); None: sized from the job
+    # (engine/lora.py).
+    max_loras: int | None = None
 
     def __post_init__(self) -> None:
         if self.replay_lengths is not None:
@@ -227,6 +237,10 @@ class JobConfig:
     # Where the checkpoint (and, for a remote output, the staged file) lives; None: next to
     # a local output, or a cache folder for a remote one (batchrun.job.paths.output_paths).
     work_dir: Path | None = None
+    # LoRA adapters rows may run on: name -> a local PEFT folder (adapter_config.json and
+    # the weights). A row names one in its `adapter` (or `lora`) column, or as body.model in
+    # an OpenAI file; no name, or the base model's, runs the base model.
+    adapters: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         # Values given from Python are kept as given (nothing resolved): only their types change.
@@ -269,6 +283,7 @@ class JobConfig:
                if self.embeds else {}),
             **({"replay_lengths": str(self.engine.replay_lengths)}
                if self.engine.replay_lengths is not None else {}),
+            **({"adapters": dict(sorted(self.adapters.items()))} if self.adapters else {}),
         }
 
 
@@ -305,7 +320,7 @@ def validate_config(cfg: JobConfig) -> None:
     c = cfg.columns
     named = [c.id, c.prompt, c.messages, c.prompt_token_ids, c.max_tokens, c.temperature,
              c.top_p, c.seed, c.stop, c.completion_tokens, c.logprobs, c.top_logprobs,
-             c.response_format, c.choices, c.regex, c.json_schema]
+             c.response_format, c.choices, c.regex, c.json_schema, c.adapter, c.lora]
     if len(set(named)) != len(named):
         twice = sorted({n for n in named if named.count(n) > 1})
         raise ConfigError(f"[columns] maps two fields to the same input column {twice}; "
@@ -322,6 +337,18 @@ def validate_config(cfg: JobConfig) -> None:
     if not 0 < s.top_p <= 1:
         raise ConfigError(f"sampling.top_p must be in (0, 1], not {s.top_p}")
     validate_cluster(cfg.cluster)
+    validate_adapters(cfg)
+
+
+def validate_adapters(cfg: JobConfig) -> None:
+    for name, path in cfg.adapters.items():
+        if not isinstance(name, str) or not name or not isinstance(path, str) or not path:
+            raise ConfigError(f"adapter {name!r} = {path!r}: give each adapter a name and a "
+                              "folder, like support = \"adapters/support\"")
+        if name in (cfg.model, DEFAULT_MODEL):
+            raise ConfigError(f"adapter {name!r} has the base model's name; rename it")
+    if cfg.engine.max_loras is not None and cfg.engine.max_loras < 1:
+        raise ConfigError(f"engine.max_loras must be >= 1, not {cfg.engine.max_loras}")
 
 
 def check_sim_device(device: str | None) -> None:

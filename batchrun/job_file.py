@@ -38,6 +38,7 @@ _KINDS: dict[frozenset[Any], tuple[tuple[type, ...], str]] = {
     frozenset({Path}): ((str, Path), "Path"),
     frozenset({Location}): ((str, Path, Location), "Path (a local path or a URI)"),
     frozenset({tuple[str, ...]}): ((list, tuple), "a list of strings"),
+    frozenset({dict[str, str]}): ((dict,), "a table of names and folders"),
 }
 
 
@@ -161,6 +162,9 @@ def load_job_file(path: Location | str | os.PathLike[str]) -> JobConfig:
     raw["output"] = resolve(raw["output"])
     if "openai_output" in raw:
         raw["openai_output"] = resolve(raw["openai_output"])
+    if isinstance(raw.get("adapters"), dict):
+        raw["adapters"] = {name: str(resolve(folder)) if isinstance(folder, str) else folder
+                           for name, folder in raw["adapters"].items()}
     if "work_dir" in raw:  # relative to a local job file's folder, else to the working one
         work_dir = Location.of(raw["work_dir"], None if base.is_remote else base)
         raw["work_dir"] = work_dir.require_local(f"job file {path}: `work_dir`")
@@ -204,6 +208,10 @@ def with_overrides(cfg: JobConfig, **overrides: Any) -> JobConfig:
             value = str(value)  # a model folder, a schema file
         elif kind in _LOCATIONS and isinstance(value, (str, Path, Location)):
             value = Location.of(value)  # a Path field (work_dir): JobConfig requires it local
+        elif kind == {dict[str, str]} and isinstance(value, dict):
+            # Adapters given on top of a job file's add to them (a name given again wins).
+            value = {**getattr(cfg, name), **{k: str(Location.of(v)) if isinstance(
+                v, (str, Path, Location)) else v for k, v in value.items()}}
         else:
             value = _read(cls, name, value)
             _check_value(cls, name, value, "")

@@ -5,6 +5,9 @@ together); `--order file` keeps the file's order.
 
     python benchmarks/plain_vllm.py in.jsonl out.parquet --order sorted --kv-cache-memory 256MiB
 
+Rows may name a LoRA adapter (`adapter`), given as `--adapter NAME=FOLDER`: each such row gets
+its LoRARequest, and `--order sorted` sorts by (adapter, prompt token ids).
+
 Same engine settings as batchrun's CPU defaults (float32, 32-token blocks, eager,
 in-process engine core). Prints one JSON line: token counts, wall time and the running batch
 size per engine step (mean, and over the last 10% of the run: the tail).
@@ -57,7 +60,10 @@ def main() -> None:
     ap.add_argument("--kv-cache-memory", default="256MiB")
     ap.add_argument("--max-model-len", type=int, default=1024)
     ap.add_argument("--max-tokens", type=int, default=128)
+    ap.add_argument("--adapter", action="append", default=[], help="NAME=FOLDER")
+    ap.add_argument("--max-loras", type=int, default=None)
     args = ap.parse_args()
+    adapters = dict(a.split("=", 1) for a in args.adapter)
 
     t0 = time.perf_counter()
     import pyarrow as pa
@@ -73,12 +79,19 @@ def main() -> None:
     llm = LLM(model=str(default_model_dir()), dtype="float32", block_size=32,
               enable_prefix_caching=True, enforce_eager=True, seed=0,
               kv_cache_memory_bytes=parse_size(args.kv_cache_memory),
-              max_model_len=args.max_model_len)
+              max_model_len=args.max_model_len,
+              **({"enable_lora": True, "max_lora_rank": 8,
+                  "max_loras": args.max_loras or len(adapters)} if adapters else {}))
     rows = read_rows(args.input)
     prompts = token_ids(rows, llm.get_tokenizer())
     order = list(range(len(rows)))
     if args.order == "sorted":
-        order.sort(key=lambda i: prompts[i])
+        order.sort(key=lambda i: (rows[i].get("adapter") or "", prompts[i]))
+    from vllm.lora.request import LoRARequest
+
+    lora_ids = {name: k + 1 for k, name in enumerate(sorted(adapters))}
+    loras = [LoRARequest(a, lora_ids[a], adapters[a]) if (a := rows[i].get("adapter"))
+             else None for i in order] if adapters else None
     params = [SamplingParams(max_tokens=rows[i].get("max_tokens") or args.max_tokens,
                              temperature=0.0) for i in order]
     trace = StepTrace()  # batchrun's own step statistics, for a like-for-like tail figure
@@ -94,7 +107,7 @@ def main() -> None:
 
     llm.llm_engine.step = counted_step
     outputs = llm.generate([TokensPrompt(prompt_token_ids=prompts[i]) for i in order], params,
-                           use_tqdm=False)
+                           use_tqdm=False, lora_request=loras)
     by_row = {i: o for i, o in zip(order, outputs, strict=True)}
     pq.write_table(pa.table({
         "id": [str(r.get("id", i)) for i, r in enumerate(rows)],

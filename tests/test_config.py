@@ -101,6 +101,7 @@ OPTION_VALUES: dict[str, object] = {
     "work_dir": REPO / "out" / "work",
     "replay_lengths": REPO / "out" / "earlier.parquet", "kind": "sim", "sim_device": "h100",
     "task": "embed", "normalize": False, "truncate": True,
+    "max_loras": 2, "adapters": {"support": str(REPO / "adapters" / "support")},
 }
 
 

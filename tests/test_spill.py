@@ -69,6 +69,8 @@ def tokenized_requests(draw) -> pa.Table:
     for name in ("constraint", "constraint_spec"):
         arrays[name] = pa.array(draw(column(n, st.sampled_from(["regex", "choice", "{}"]))),
                                 pa.string()).dictionary_encode()
+    arrays["adapter"] = pa.array(draw(column(n, st.sampled_from(["support", "legal"]))),
+                                 pa.string()).dictionary_encode()
     return pa.table({f.name: arrays[f.name] for f in REQUEST_SCHEMA}, schema=REQUEST_SCHEMA)
 
 

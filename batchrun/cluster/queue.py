@@ -40,6 +40,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from ..ingest.token_lists import token_lists
+from ..io.schema import ADAPTER
+from ..plan.adapters import adapter_keys
 from ..plan.prefix_tree import PrefixTree
 
 # Never cut a piece smaller than this, nor a shard that is less than this over its target,
@@ -75,7 +77,8 @@ class PrefixOrder:
         runnable = np.flatnonzero(usable.to_numpy(zero_copy_only=False))
         values, offsets = token_lists(tokens.filter(usable))
         lengths = np.diff(offsets)
-        tree = PrefixTree.build(values, offsets)
+        # Keyed by adapter: rows on different adapters share no cached prefix.
+        tree = PrefixTree.build(values, offsets, adapter_keys(table[ADAPTER].filter(usable)))
         # Like vLLM's prefix cache: whole blocks only, and never a request's last token.
         ordered = lengths[tree.order]
         reusable = tree.lcp.copy()

@@ -31,6 +31,10 @@ class GenerationRequest:
     # Tokens the request is to end after (the sim engine: EOS there, a replayed or given
     # length); None: run to max_tokens. Engines with a model ignore it.
     target_tokens: int | None = None
+    # The LoRA adapter (a name the job declares, engine/lora.py) the request runs on; None:
+    # the base model. A prefix cached under one adapter is not another's (vLLM keys its
+    # prefix cache by adapter).
+    adapter: str | None = None
 
 
 @dataclass(frozen=True)

@@ -60,11 +60,12 @@ def start_engine(kind: str, config: JobConfig, sizing: EngineSizing, *, new_toke
     if kind == EngineKind.SIM:  # vLLM's settings checks raise ConfigError there
         from .sim import SimEngine
 
-        return SimEngine(resolve_model(config.model_name), options, enforce_eager=eager)
+        return SimEngine(resolve_model(config.model_name), options, enforce_eager=eager,
+                         lora=sizing.lora)
     choice = attention() if attention is not None else None  # not vLLM's verdict: as it is
     try:
         return VllmEngine(resolve_model(config.model_name), options, enforce_eager=eager,
-                          attention=choice)
+                          attention=choice, lora=sizing.lora)
     except UsageError:  # the model, the attention mode: worded for the user already
         raise
     except ValueError as e:  # vLLM's verdict on its settings (too small a KV cache, ...)

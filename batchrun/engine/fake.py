@@ -2,8 +2,10 @@
 
 It behaves like vLLM where the executor can tell: requests run concurrently up to a KV budget,
 one token per step, and a block-granular LRU prefix cache reports `cached_tokens` the way
-vLLM's num_cached_tokens does. Its text is a pure function of the prompt and sampling, so
-outputs do not depend on order or batching. Never used by `batchrun run` unless asked.
+vLLM's num_cached_tokens does. Its text is a pure function of the prompt, sampling and LoRA
+adapter, so outputs do not depend on order or batching. As in vLLM, a prefix cached under one
+adapter is not found under another (nor under the base model). Never used by `batchrun run`
+unless asked.
 
 Constrained rows: a choice row answers one of its choices, a JSON row the smallest instance of
 its schema (`{}` for json_object), four characters a token, cut short at max_tokens as a real
@@ -149,6 +151,9 @@ class FakeEngine:
     def _admit(self, request: GenerationRequest) -> None:
         prompt = np.asarray(request.prompt_token_ids, dtype=np.int64)
         hashes = self._block_hashes(prompt)
+        if request.adapter is not None:  # vLLM keys cached blocks by adapter too
+            salt = int.from_bytes(hashlib.sha256(request.adapter.encode()).digest()[:8], "big")
+            hashes = [h ^ salt for h in hashes]
         hits = 0
         # Like vLLM, never serve the whole prompt from cache: the last token is recomputed.
         while hits < len(hashes) and hashes[hits] in self._cache and \
@@ -198,6 +203,8 @@ class FakeEngine:
         """What the completion depends on: the prompt and the sampling settings."""
         h = hashlib.sha256(prompt.tobytes())
         h.update(repr((request.temperature, request.top_p, request.seed)).encode())
+        if request.adapter is not None:  # another model: another completion
+            h.update(b"adapter:" + request.adapter.encode())
         return h.hexdigest()
 
     @staticmethod

@@ -33,6 +33,7 @@ import numpy as np
 
 from ..config import EngineOptions
 from .base import EngineInfo, EngineStats, GenerationRequest, GenerationResult, StepOutput
+from .lora import LoraSettings
 from .sim_cost import CostProfile, SimCounts, SimulatedRun
 from .sim_profiles import device_key, profile_for
 from .sim_setup import SimScheduler, another_scheduler, build_scheduler
@@ -56,11 +57,14 @@ class SimEngine:
 
     def __init__(self, model_dir: Path, options: EngineOptions, *, enforce_eager: bool = True,
                  profile: CostProfile | None = None, record_steps: bool = False,
-                 scheduler: SimScheduler | None = None) -> None:
+                 scheduler: SimScheduler | None = None,
+                 lora: LoraSettings | None = None) -> None:
         """`profile`: the cost profile to price steps with (default: `profile_for` the
         model, `options.sim_device` and dtype); `record_steps`: keep each step's counts
         (`step_counts`), as `batchrun calibrate` pairs them with the real engine's times;
-        `scheduler`: one built already (`twin`), else built here."""
+        `scheduler`: one built already (`twin`), else built here; `lora`: the job's
+        adapters: the scheduler keys cached blocks by adapter and holds max_loras at once,
+        as vLLM's does (LoRARequests with no weights behind them: nothing loads them)."""
         import vllm
         from vllm.sampling_params import SamplingParams
         from vllm.v1.outputs import ModelRunnerOutput
@@ -68,8 +72,10 @@ class SimEngine:
 
         self._Request, self._SamplingParams = Request, SamplingParams
         self._ModelRunnerOutput, self._aborted = ModelRunnerOutput, RequestStatus.FINISHED_ABORTED
-        sim = scheduler or build_scheduler(model_dir, options, enforce_eager=enforce_eager)
-        self._setup = (model_dir, options, enforce_eager, sim)
+        sim = scheduler or build_scheduler(model_dir, options, enforce_eager=enforce_eager,
+                                           lora=lora)
+        self._setup = (model_dir, options, enforce_eager, sim, lora)
+        self._lora = lora
         self._scheduler, self._hasher = sim.scheduler, sim.block_hasher
         self._eos, self.vocab_size = sim.eos_token_id, sim.vocab_size
         config = sim.vllm_config
@@ -131,7 +137,8 @@ class SimEngine:
                 max_tokens=request.max_tokens, stop_token_ids=[self._eos])
         target = max(1, request.target_tokens) if request.target_tokens is not None else 0
         self._live[rid] = _Live(len(prompt), target, self._token_for(rid))
-        self._scheduler.add_request(self._Request(rid, prompt, params, None,
+        lora = None if self._lora is None else self._lora.request(request.adapter)
+        self._scheduler.add_request(self._Request(rid, prompt, params, None, lora_request=lora,
                                                   block_hasher=self._hasher))
 
     def step(self) -> StepOutput:
@@ -199,9 +206,9 @@ class SimEngine:
     def twin(self) -> SimEngine:
         """Another engine with these settings and profile, and a KV cache of its own (a
         simulated replica)."""
-        model_dir, options, enforce_eager, sim = self._setup
+        model_dir, options, enforce_eager, sim, lora = self._setup
         return SimEngine(model_dir, options, enforce_eager=enforce_eager, profile=self.profile,
-                         scheduler=another_scheduler(sim))
+                         scheduler=another_scheduler(sim), lora=lora)
 
     # --- Simulated figures ------------------------------------------------------------------
 

@@ -22,6 +22,7 @@ from typing import Any
 
 from ..config import AttentionMode, EngineOptions
 from ..errors import ConfigError
+from .lora import LoraSettings
 from .sim_devices import sim_options, sim_scheduler_args
 from .vllm_engine import engine_args, environment, on_cpu
 
@@ -40,27 +41,27 @@ class SimScheduler:
 
 
 def sim_engine_args(model_dir: Path, options: EngineOptions, *,
-                    enforce_eager: bool) -> dict[str, Any]:
+                    enforce_eager: bool, lora: LoraSettings | None = None) -> dict[str, Any]:
     """The EngineArgs keywords of a real run with these options, without a tokenizer and with
     vLLM's own attention (batchrun's attention backend does not change scheduling); for a
     GPU sim device, with that card's defaults where the options set none (sim_devices.py)."""
     args = engine_args(model_dir, replace(sim_options(options),
                                           attention=AttentionMode.DEFAULT.value),
-                       enforce_eager=enforce_eager)
+                       enforce_eager=enforce_eager, lora=lora)
     args["skip_tokenizer_init"] = True
     args.update(sim_scheduler_args(options))
     return args
 
 
 def build_scheduler(model_dir: Path, options: EngineOptions, *,
-                    enforce_eager: bool = True) -> SimScheduler:
+                    enforce_eager: bool = True, lora: LoraSettings | None = None) -> SimScheduler:
     """vLLM's scheduler for a model folder (config.json is all it reads) and these options.
     Raises ConfigError where vLLM refuses the settings (a KV cache too small for the
     context, ...), as a real engine would refuse to start."""
     from vllm import EngineArgs
     from vllm.usage.usage_lib import UsageContext
 
-    args = sim_engine_args(model_dir, options, enforce_eager=enforce_eager)
+    args = sim_engine_args(model_dir, options, enforce_eager=enforce_eager, lora=lora)
     # As the real engine on CPU runs: in-process (vllm_engine.engine_environment).
     env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"} if on_cpu() else {}
     try:

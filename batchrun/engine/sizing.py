@@ -29,6 +29,7 @@ import numpy as np
 
 from ..errors import ConfigError
 from ..plan.blocks import ceil_div, round_up
+from .lora import LoraSettings
 
 # Headroom over the plan's peak window: the window is an estimate (vLLM allocates a block
 # ahead at block boundaries, and a chunked prefill may hold blocks a little longer).
@@ -63,6 +64,7 @@ class EngineSizing:
     kv_cache_reason: str
     kv_bytes_per_token: int  # 0 where unknown (the fake engine)
     window_tokens: int  # KV the plan can keep busy at once (0: not computed)
+    lora: LoraSettings | None = None  # the job's adapters and their slots (engine/lora.py)
 
     @property
     def kv_capacity_tokens(self) -> int | None:
@@ -82,6 +84,7 @@ class EngineSizing:
             "kv_capacity_tokens": self.kv_capacity_tokens,
             "kv_cache_reason": self.kv_cache_reason,
             "window_tokens": self.window_tokens,
+            **({"lora": self.lora.to_dict()} if self.lora is not None else {}),
         }
 
 

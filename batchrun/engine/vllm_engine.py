@@ -30,6 +30,7 @@ from .base import (
     StepOutput,
     TokenLogprob,
 )
+from .lora import LoraSettings
 
 log = logging.getLogger(__name__)
 
@@ -126,9 +127,11 @@ def default_dtype() -> str:
 
 
 def engine_args(model_dir: Path, options: EngineOptions, *, enforce_eager: bool,
-                attention: AttentionChoice | None = None) -> dict[str, Any]:
+                attention: AttentionChoice | None = None,
+                lora: LoraSettings | None = None) -> dict[str, Any]:
     """vLLM EngineArgs keywords for these options; None options take the platform's defaults.
-    ``attention``: the job's attention choice (see ``engine_attention``)."""
+    ``attention``: the job's attention choice (see ``engine_attention``); ``lora``: the job's
+    adapters (None: LoRA off)."""
     defaults = CPU_DEFAULTS if on_cpu() else GPU_DEFAULTS
     args: dict[str, Any] = {
         "model": str(model_dir),
@@ -148,6 +151,8 @@ def engine_args(model_dir: Path, options: EngineOptions, *, enforce_eager: bool,
     if not on_cpu():
         args["gpu_memory_utilization"] = options.gpu_memory_utilization
     args.update(attention_backend_args(engine_attention(options, attention)))
+    if lora is not None:
+        args.update(lora.engine_args())
     return args
 
 
@@ -233,13 +238,19 @@ class VllmEngine:
     """vLLM's LLMEngine behind batchrun's Engine interface."""
 
     def __init__(self, model_dir: Path, options: EngineOptions, *, enforce_eager: bool,
-                 attention: AttentionChoice | None = None) -> None:
+                 attention: AttentionChoice | None = None,
+                 lora: LoraSettings | None = None) -> None:
         self.attention = engine_attention(options, attention)
+        self._lora_dir = None
+        if lora is not None and on_cpu():  # base rows on a zero adapter (engine/lora.py)
+            self._lora_dir = Path(tempfile.mkdtemp(prefix="batchrun-lora-base-"))
+            lora = lora.with_base_stand_in(self._lora_dir)
+        self._lora = lora
         from vllm import EngineArgs, LLMEngine
         from vllm.usage.usage_lib import UsageContext
 
         self._args = engine_args(model_dir, options, enforce_eager=enforce_eager,
-                                 attention=self.attention)
+                                 attention=self.attention, lora=lora)
         # Engine-core and worker processes dump their attention counters here (stats.py);
         # this process keeps counting in memory.
         self._stats_dir = Path(tempfile.mkdtemp(prefix="batchrun-attention-"))
@@ -255,6 +266,8 @@ class VllmEngine:
                     EngineArgs(**self._args), usage_context=UsageContext.LLM_CLASS)
         except BaseException:
             shutil.rmtree(self._stats_dir, ignore_errors=True)
+            if self._lora_dir is not None:
+                shutil.rmtree(self._lora_dir, ignore_errors=True)
             raise
         self._watch = wake_on_engine_death(self._engine.engine_core)
         cfg = self._engine.vllm_config
@@ -299,7 +312,8 @@ class VllmEngine:
                 structured_outputs=structured,
             )
             prompt = TokensPrompt(prompt_token_ids=_as_list(request.prompt_token_ids))
-            self._engine.add_request(request.request_id, prompt, params)
+            lora = None if self._lora is None else self._lora.request(request.adapter)
+            self._engine.add_request(request.request_id, prompt, params, lora_request=lora)
             if request.logprobs is not None:
                 self._logprobs_k[request.request_id] = request.logprobs
             if structured is not None:  # vLLM's "auto" wrote down the backend it chose
@@ -376,6 +390,8 @@ class VllmEngine:
         if self._final_stats is None:
             self._final_stats = read_attention_stats(self._stats_dir)
             shutil.rmtree(self._stats_dir, ignore_errors=True)
+        if self._lora_dir is not None:
+            shutil.rmtree(self._lora_dir, ignore_errors=True)
 
 
 def _as_list(tokens: Sequence[int]) -> list[int]:

@@ -21,13 +21,23 @@ import pyarrow.compute as pc
 
 from ..config import EngineKind, JobConfig, default_constraint
 from ..engine.base import GenerationRequest
+from ..engine.lora import adapters_run_together
 from ..engine.sizing import LongestRequest, longest_request
 from ..io.input.readers import RequestSet, read_request_set
+from ..io.schema import ADAPTER
+from ..plan.adapters import (
+    BASE_KEY,
+    adapter_keys,
+    keyed_prompt,
+    order_requests_by_adapter,
+    per_adapter_figures,
+)
 from ..plan.dedupe import find_duplicates, is_deterministic
 from ..plan.groups import RunGroup, longest_first, make_groups
 from ..plan.prefix_tree import PrefixTree
 from ..plan.schedule import RequestOrder, order_requests
 from ..structured import TEXT, Constraint, max_choice_tokens
+from .adapters import resolve_adapters
 from .lengths import replay_lengths
 from .token_lists import offsets_of
 from .tokenize import (
@@ -84,28 +94,54 @@ class PreparedJob:
         return self.requests.table["id"].to_pylist()
 
     @cached_property
+    def row_adapters(self) -> list[str | None]:
+        """The LoRA adapter of each row position (None: the base model)."""
+        return self.requests.table[ADAPTER].to_pylist()
+
+    @cached_property
+    def request_keys(self) -> np.ndarray | None:
+        """Each tokenized request's adapter key (plan/adapters.py); None when all run on
+        the base model."""
+        keys = adapter_keys(self.requests.table[ADAPTER])
+        return None if keys is None else keys[self.tokens.positions]
+
+    @cached_property
     def prefix_tree(self) -> PrefixTree:
-        return PrefixTree.build(self.tokens.values, self.tokens.offsets)
+        return PrefixTree.build(self.tokens.values, self.tokens.offsets, self.request_keys)
 
     def request_order(self, block_size: int) -> RequestOrder:
         """The shard's plan before any cut to a KV cache, built once per block size: sizing
-        the engine, choosing its attention and running the shard all read this one."""
+        the engine, choosing its attention and running the shard all read this one. Each
+        adapter's requests run together where the engine holds fewer adapters than the
+        shard has (plan/adapters.py)."""
         if block_size not in self._orders:
-            toks = self.tokens
-            self._orders[block_size] = order_requests(
-                toks.values, toks.offsets, self.max_tokens, block_size=block_size,
-                tree=self.prefix_tree)
+            toks, keys = self.tokens, self.request_keys
+            if keys is not None and adapters_run_together(self.config,
+                                                          len(np.unique(keys))):
+                self._orders[block_size] = order_requests_by_adapter(
+                    self.prefix_tree, keys, self.max_tokens, block_size=block_size)
+            else:
+                self._orders[block_size] = order_requests(
+                    toks.values, toks.offsets, self.max_tokens, block_size=block_size,
+                    tree=self.prefix_tree)
         return self._orders[block_size]
 
     def run_groups(self, block_size: int, kv_capacity_tokens: int | None) -> tuple[
             list[RunGroup], dict[str, Any]]:
-        """The plan as the executor runs it (plan/groups.py), and its figures."""
+        """The plan as the executor runs it (plan/groups.py), and its figures (with
+        figures per adapter in a job that declares adapters)."""
         planned = self.config.plan and len(self.tokens.positions)
         if planned and self.config.embeds:
             return longest_first(self.tokens.lengths(), self.max_tokens, block_size)
-        return make_groups(self.request_order(block_size) if planned else None,
-                           self.tokens.lengths(), self.max_tokens, block_size,
-                           kv_capacity_tokens)
+        groups, figures = make_groups(self.request_order(block_size) if planned else None,
+                                      self.tokens.lengths(), self.max_tokens, block_size,
+                                      kv_capacity_tokens)
+        if self.config.adapters and "requests" in figures:
+            names = self.row_adapters
+            figures["adapters"] = per_adapter_figures(
+                self.prefix_tree, [names[p] for p in self.tokens.positions.tolist()],
+                block_size)
+        return groups, figures
 
     def first_and_last_prompts(self) -> tuple[np.ndarray | None, np.ndarray | None]:
         """The first and last prompts in token order (None when it has none): where this
@@ -116,8 +152,15 @@ class PreparedJob:
         order = self.prefix_tree.order
         first, last = int(order[0]), int(order[-1])
         # Copies: a view would keep the shard's whole token buffer alive with it.
-        return (toks.values[toks.offsets[first]:toks.offsets[first + 1]].copy(),
-                toks.values[toks.offsets[last]:toks.offsets[last + 1]].copy())
+        prompts = (toks.values[toks.offsets[first]:toks.offsets[first + 1]].copy(),
+                   toks.values[toks.offsets[last]:toks.offsets[last + 1]].copy())
+        if not self.config.adapters:
+            return prompts
+        # In a job with adapters: behind their adapter's key (plan/job_figures.py).
+        keys = self.request_keys
+        key_of = (lambda i: BASE_KEY) if keys is None else (lambda i: int(keys[i]))
+        return (keyed_prompt(key_of(first), prompts[0]),
+                keyed_prompt(key_of(last), prompts[1]))
 
     def longest_request(self) -> LongestRequest | None:
         ids = self.requests.table["id"]
@@ -157,6 +200,8 @@ def prepare_job(config: JobConfig, *, engine_kind: str = EngineKind.VLLM,
     """Read and tokenize a whole job in memory (tests, benchmarks). Rows finished before (a
     resumed run) are not tokenized."""
     requests = read_request_set(config.input, config.columns, config.input_format)
+    requests = replace(requests, table=resolve_adapters(requests.table, config,
+                                                        requests.input_format))
     if (replay := replay_lengths(config.engine.replay_lengths, engine_kind)) is not None:
         requests = replace(requests, table=replay.fill(requests.table))
     tokenizer, max_model_len = load_tokenizer(config, engine_kind, engine_max_model_len)
@@ -232,14 +277,16 @@ def tokenized_table(requests: pa.Table, tokens: TokenizedRequests,
 def _without_duplicates(job: PreparedJob) -> PreparedJob:
     """The job with identical deterministic requests run once (see plan/dedupe.py)."""
     sampling = row_sampling(job)
+    adapters = job.row_adapters
     keys: list[Any] = []
-    if job.config.embeds:  # an embedding is its input's alone
-        keys = [()] * len(job.tokens.positions)
+    if job.config.embeds:  # an embedding is its input's alone (and its adapter's)
+        keys = [(adapters[pos],) for pos in job.tokens.positions.tolist()]
     for i, pos in enumerate([] if keys else job.tokens.positions.tolist()):
         temperature, top_p, seed, stop = sampling(pos)
-        # Everything that shapes the output: a constraint or logprobs make rows differ too.
+        # Everything that shapes the output: a constraint, logprobs or another adapter
+        # make rows differ too.
         keys.append((int(job.max_tokens[i]), temperature, top_p, seed, stop,
-                     job.constraints[i], job.logprobs[i])
+                     job.constraints[i], job.logprobs[i], adapters[pos])
                     if is_deterministic(temperature, seed) else None)
     found = find_duplicates(job.tokens.values, job.tokens.offsets, keys)
     if not found.copies:
@@ -319,6 +366,7 @@ def request_factory(job: PreparedJob) -> Callable[[int], GenerationRequest]:
     target_tokens: the row's completion_tokens (given or replayed, lengths.py), if any."""
     ids = job.row_ids
     sampling = row_sampling(job)
+    adapters = job.row_adapters
     given = job.requests.table["completion_tokens"]
     targets = None if given.null_count == len(given) else given.fill_null(-1).to_numpy()
 
@@ -332,7 +380,7 @@ def request_factory(job: PreparedJob) -> Callable[[int], GenerationRequest]:
                                  constraint=job.constraints[i] if job.constraints else None,
                                  logprobs=job.logprobs[i] if job.logprobs else None,
                                  target_tokens=None if targets is None or targets[pos] < 0
-                                 else int(targets[pos]))
+                                 else int(targets[pos]), adapter=adapters[pos])
 
     return make
 

@@ -1,7 +1,9 @@
 """Stage "shard": cut a job's tokenized requests into prefix shards that fit in memory.
 
-A shard is a contiguous range of the job's prompts in lexicographic (token id) order. That
-order is the global prefix tree's depth-first order, so:
+A shard is a contiguous range of the job's prompts in lexicographic (token id) order, each
+prompt behind its LoRA adapter's key (plan/adapters.py: rows on different adapters share no
+cached prefix, so a shard's range is of (adapter, tokens)). That order is the global prefix
+tree's depth-first order, so:
   * requests that share a prefix are neighbours, and land in one shard, except at the few
     places where one shard ends and the next begins: there the prefix the two neighbours
     share is computed once in each shard (the splitter picks boundaries where that prefix is
@@ -29,7 +31,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from ..io.schema import REQUEST_SCHEMA
+from ..io.schema import ADAPTER, REQUEST_SCHEMA
+from ..plan.adapters import BASE_KEY, adapter_keys, keyed_prompt
 from ..plan.blocks import ceil_div
 from ..plan.prefix_tree import PrefixTree
 from ..plan.prefixes import compare
@@ -40,8 +43,18 @@ RUN_BATCH_ROWS = 4096  # rows per record batch of a sorted run: the unit searche
 
 
 def lexicographic_order(table: pa.Table) -> np.ndarray:
-    """Row indices of `table` in token order (error rows, with no tokens, first)."""
-    return PrefixTree.build(*token_lists(table["prompt_token_ids"])).order
+    """Row indices of `table` in (adapter, token) order (error rows, with no tokens, first
+    among their adapter's)."""
+    return PrefixTree.build(*token_lists(table["prompt_token_ids"]),
+                            adapter_keys(table[ADAPTER])).order
+
+
+def keyed_prompts(table: pa.Table, rows: range) -> list[np.ndarray]:
+    """The prompts of `rows` of `table` behind their adapter's key, as shards compare them."""
+    values, offsets = token_lists(table["prompt_token_ids"])
+    keys = adapter_keys(table[ADAPTER])
+    return [keyed_prompt(BASE_KEY if keys is None else int(keys[i]),
+                         values[offsets[i]:offsets[i + 1]]) for i in rows]
 
 
 @dataclass
@@ -61,9 +74,7 @@ class SortedRun:
     def sort(cls, table: pa.Table, spill_to: Path | None,
              batch_rows: int = RUN_BATCH_ROWS) -> SortedRun:
         table = table.take(lexicographic_order(table)).combine_chunks()
-        values, offsets = token_lists(table["prompt_token_ids"])
-        heads = [values[offsets[i]:offsets[i + 1]].copy()
-                 for i in range(0, table.num_rows, batch_rows)]
+        heads = keyed_prompts(table, range(0, table.num_rows, batch_rows))
         if spill_to is None:
             return cls(table.num_rows, table.nbytes, heads, batch_rows, table=table)
         return cls(table.num_rows, table.nbytes, heads, batch_rows,
@@ -76,14 +87,15 @@ class SortedRun:
         return self.file.batch(i)
 
     def lower_bound(self, prompt: np.ndarray | None) -> int:
-        """The first row whose prompt sorts at or after `prompt` (None: past the end)."""
+        """The first row whose keyed prompt sorts at or after `prompt` (a keyed prompt;
+        None: past the end)."""
         if prompt is None:
             return self.rows
         before = _count_less(self.heads, prompt)  # batches whose head sorts before prompt
         if before == 0:
             return 0
-        values, offsets = token_lists(self.batch(before - 1)["prompt_token_ids"])
-        rows = [values[offsets[k]:offsets[k + 1]] for k in range(len(offsets) - 1)]
+        batch = self.batch(before - 1)
+        rows = keyed_prompts(batch, range(batch.num_rows))
         return (before - 1) * self.batch_rows + _count_less(rows, prompt)
 
     def rows_between(self, start: int, stop: int) -> Iterator[pa.Table]:

@@ -19,7 +19,8 @@ from ..engine.sizing import LongestRequest, longest_request
 from ..errors import InputError
 from ..io.input.readers import open_request_stream
 from ..io.output.writer import ENDPOINT, InputColumns
-from ..io.schema import ENDPOINT_EMBEDDING, ENDPOINT_EMBEDDING_BASE64
+from ..io.schema import ADAPTER, ENDPOINT_EMBEDDING, ENDPOINT_EMBEDDING_BASE64
+from .adapters import resolve_adapters
 from .lengths import ReplayLengths, replay_lengths
 from .prepare import (
     length_rules,
@@ -83,7 +84,8 @@ def read_into_shards(config: JobConfig, *, engine_kind: str, finished_rows: np.n
     stream = open_request_stream(config.input, config.columns, config.input_format)
     for batch in clock.timed("read", stream):
         check_endpoints(config, batch.requests["endpoint"], stream.input_format)
-        table = batch.requests if replay is None else replay.fill(batch.requests)
+        table = resolve_adapters(batch.requests, config, batch.input_format)
+        table = table if replay is None else replay.fill(table)
         skip = _finished(table["row"].to_numpy(), finished_rows)
         with clock("tokenize"):
             tokens = tokenize_requests(table, tokenizer, max_model_len=max_model_len, skip=skip,
@@ -93,7 +95,10 @@ def read_into_shards(config: JobConfig, *, engine_kind: str, finished_rows: np.n
             builder.add(tokenized_table(table, tokens, skip))
             columns.append(pa.table({**{n: batch.passthrough[n]
                                         for n in batch.passthrough.column_names},
-                                     ENDPOINT: table["endpoint"]}))
+                                     ENDPOINT: table["endpoint"],
+                                     # the output's adapter column, in a job that has any
+                                     **({ADAPTER: table[ADAPTER].cast(pa.string())}
+                                        if config.adapters else {})}))
         if stop():
             return ShardedJob(columns.rows, stream.input_format, [], columns, 0, max_model_len,
                               None, spill_dir, replay=replay)

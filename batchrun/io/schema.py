@@ -17,9 +17,12 @@ Requests: one row per input row, in input order, whatever the input format was.
                      "choice", "regex", "text" (free text, said explicitly), or null (not given:
                      the job's default applies)
     constraint_spec  its spec (batchrun.structured): schema or choices as JSON text, or the regex
+    adapter    the LoRA adapter the row names (its `adapter` or `lora` column, or body.model in
+               an OpenAI file), or null: the base model. Once read, ingest/adapters.py checks
+               it against the job's adapters (a base model name becomes null)
     error      null for a usable row; else what is wrong with it and how to fix it
-The two constraint columns are dictionary-encoded: an OpenAI batch file repeats one schema on
-every line, and it is held once per batch of rows, not once per row.
+The two constraint columns and `adapter` are dictionary-encoded: an OpenAI batch file repeats
+one schema (one model) on every line, and it is held once per batch of rows, not once per row.
 
 Results: one row per input row.
     id, text, finish_reason, prompt_tokens, completion_tokens, cached_tokens, error,
@@ -35,6 +38,7 @@ from __future__ import annotations
 
 import pyarrow as pa
 
+ADAPTER = "adapter"  # the column naming a row's LoRA adapter: requests' and the output's
 ENDPOINT_COMPLETION = "completion"
 ENDPOINT_CHAT = "chat"
 # OpenAI /v1/embeddings lines, by the encoding their response is to have (encoding_format).
@@ -60,6 +64,7 @@ REQUEST_SCHEMA = pa.schema(
         pa.field("top_logprobs", pa.int64()),
         pa.field("constraint", DICTIONARY_STRING),
         pa.field("constraint_spec", DICTIONARY_STRING),
+        pa.field("adapter", DICTIONARY_STRING),
         pa.field("error", pa.string()),
     ]
 )

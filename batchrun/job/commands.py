@@ -14,6 +14,7 @@ import numpy as np
 import pyarrow as pa
 
 from ..config import EngineKind, JobConfig
+from ..ingest.adapters import resolve_adapters
 from ..ingest.prepare import (
     length_rules,
     load_tokenizer,
@@ -74,7 +75,7 @@ def validate_input(cfg: JobConfig, engine_kind: str, max_errors: int) -> tuple[
     tokenizer, max_model_len = load_tokenizer(cfg, engine_kind)
     report = ValidationReport(max_errors)
     for batch in stream:
-        requests = batch.requests
+        requests = resolve_adapters(batch.requests, cfg, batch.input_format)
         tokens = tokenize_requests(requests, tokenizer, max_model_len=max_model_len,
                                    **length_rules(cfg))
         report.add_rows(requests, tokens.errors)

@@ -16,6 +16,7 @@ from ..engine.attention.selection import (
     choose_attention,
     sharing_figures,
 )
+from ..engine.lora import lora_settings
 from ..engine.sizing import (
     DEFAULT_MAX_NUM_SEQS,
     EngineSizing,
@@ -31,7 +32,19 @@ def engine_sizing(job: PreparedJob, engine_kind: str = EngineKind.VLLM, *,
                   longest: LongestRequest | None = None) -> EngineSizing:
     """The engine settings this job gets (see engine/sizing.py), without starting it. A job
     of several shards is sized by its first shard's plan and the whole job's `longest`
-    request."""
+    request; its LoRA adapters by the job's config (engine/lora.py)."""
+    sizing = _sized(job, engine_kind, longest)
+    if engine_kind == EngineKind.FAKE:
+        return sizing
+    from ..engine.vllm_engine import on_cpu
+
+    # On CPU base rows take a slot of their own (engine/lora.py); the sim holds none.
+    stand_in = engine_kind == EngineKind.VLLM and on_cpu()
+    return replace(sizing, lora=lora_settings(job.config, base_stand_in=stand_in))
+
+
+def _sized(job: PreparedJob, engine_kind: str,
+           longest: LongestRequest | None) -> EngineSizing:
     opts = job.config.engine
     # The sim engine is sized as vLLM is (block size, KV bytes a token from config.json): a
     # simulation sees the cache a real run would have.

@@ -68,8 +68,17 @@ class PrefixTree:
     request_node: np.ndarray  # int64 [n]: deepest node holding each position's request
 
     @classmethod
-    def build(cls, values: np.ndarray, offsets: np.ndarray) -> PrefixTree:
-        """The tree of all requests: request i is `values[offsets[i]:offsets[i + 1]]`."""
+    def build(cls, values: np.ndarray, offsets: np.ndarray,
+              keys: np.ndarray | None = None) -> PrefixTree:
+        """The tree of all requests: request i is `values[offsets[i]:offsets[i + 1]]`.
+
+        `keys` (int32 per request, e.g. its LoRA adapter's, plan/adapters.py): requests
+        with different keys share nothing, however alike their tokens; the order sorts by
+        key first. Built as the tree of each prompt behind its key, then the key taken off
+        again: one LCP less wherever neighbours share their key."""
+        if keys is not None and np.any(keys):
+            keyed = cls.build(*keyed_tokens(values, offsets, keys))
+            return cls.from_lcp(keyed.order, np.maximum(keyed.lcp - 1, 0), np.diff(offsets))
         if values.dtype != np.int32 and len(values):
             info = np.iinfo(np.int32)
             if values.min() < info.min or values.max() > info.max:
@@ -130,6 +139,20 @@ class PrefixTree:
             shared[1:] = np.minimum(shared[1:], np.minimum(lens[1:], lens[:-1]) - 1)
         blocked = np.maximum(shared, 0) // block_size * block_size
         return PrefixTree.from_lcp(self.order, blocked, self.lengths)
+
+
+def keyed_tokens(values: np.ndarray, offsets: np.ndarray,
+                 keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(values, offsets) of each request's tokens behind its key: [key, *tokens]."""
+    offsets = np.asarray(offsets, dtype=np.int64)
+    n = len(offsets) - 1
+    out = np.empty(len(values) + n, dtype=np.int32)
+    starts = offsets[:-1] + np.arange(n)
+    out[starts] = keys
+    body = np.ones(len(out), dtype=bool)
+    body[starts] = False
+    out[body] = values[offsets[0]:offsets[-1]] if n else values[:0]
+    return out, offsets - offsets[0] + np.arange(n + 1)
 
 
 class _PrefixHashes:

@@ -264,7 +264,7 @@ def test_openai_batch(tmp_path: Path) -> None:
     assert only(table, 0) == {"row": 0, "id": "c1", "endpoint": "chat",
                               "messages": '[{"role": "user", "content": "Hi"}]',
                               "max_tokens": 5, "temperature": 0.0, "top_p": 0.5, "seed": 1,
-                              "stop": ["."]}
+                              "stop": ["."], "adapter": "m"}  # body.model, as read
     assert only(table, 1) == {"row": 1, "id": "t1", "endpoint": "completion",
                               "prompt": "Once", "max_tokens": 7}
     assert only(table, 2)["prompt"] == "Only one"

@@ -29,6 +29,7 @@ from ..schema import (
 )
 from ..storage import Location
 from .rows import (
+    ADAPTER_FIELDS,
     CONSTRAINT_FIELDS,
     DRAFT_SCHEMA,
     FIELDS,
@@ -36,6 +37,7 @@ from .rows import (
     DraftBatch,
     RowError,
     json_text,
+    parse_adapter,
     parse_id,
     parse_request,
 )
@@ -45,14 +47,15 @@ MAX_LINE_BYTES = 8 * 2**20
 _BOM = b"\xef\xbb\xbf"
 # The escapes \ud800..\udfff; only lines holding one can decode to an unpaired surrogate.
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
-# endpoint, fields, constraint and spec of a row with an error
-_NO_REQUEST = (None,) * (1 + len(FIELDS) + 2)
+# endpoint, fields, constraint, spec and adapter of a row with an error
+_NO_REQUEST = (None,) * (1 + len(FIELDS) + 3)
 
 OPENAI_URLS = {"/v1/chat/completions": ENDPOINT_CHAT, "/v1/completions": ENDPOINT_COMPLETION,
                "/v1/embeddings": ENDPOINT_EMBEDDING}
 
 
-# --- One JSON object -> request values (the endpoint, then FIELDS). Raises RowError. -------
+# --- One JSON object -> request values (the endpoint, FIELDS, constraint, spec, adapter).
+# Raises RowError. -----------------------------------------------------------------------
 
 class _Format(NamedTuple):
     id_key: str
@@ -61,15 +64,18 @@ class _Format(NamedTuple):
 
 def _plain_format(columns: ColumnMap) -> _Format:
     keys = [getattr(columns, f) for f in FIELDS + CONSTRAINT_FIELDS]
+    adapter_keys = [getattr(columns, f) for f in ADAPTER_FIELDS]
     # A merge onto all-None defaults plus one itemgetter beats 14 dict.get calls per row.
     absent, pick = dict.fromkeys(keys), itemgetter(*keys)
     sources, text = keys[:PROMPT_SOURCES], columns.input
 
-    def request(obj: dict) -> Sequence[Any]:
+    def request(obj: dict) -> list[Any]:
         values = {**absent, **obj}
         if text in obj and all(values[k] is None for k in sources):  # `input`: the prompt
             values[sources[0]] = obj[text]
-        return parse_request(pick(values), keys)
+        parsed = parse_request(pick(values), keys)
+        parsed.append(parse_adapter([obj.get(k) for k in adapter_keys], adapter_keys))
+        return parsed
 
     return _Format(columns.id, request)
 
@@ -110,6 +116,7 @@ def _openai_embedding_request(body: dict) -> list[Any]:
     request = parse_request((*sources, *(None,) * (len(_EMBEDDING_LABELS) - 3)),
                             _EMBEDDING_LABELS)
     request[0] = _ENCODINGS[encoding]
+    request.append(parse_adapter([body.get("model")], ["body.model"]))
     return request
 
 
@@ -159,7 +166,11 @@ def _openai_request(obj: dict) -> list[Any]:
     # No completion_tokens: OpenAI's body has no such field.
     raw = (*sources, body.get(max_key), *map(body.get, FIELDS[4:8]), None, logprobs,
            top_logprobs, body.get("response_format"), None, None, None)
-    return parse_request(raw, _OPENAI_LABELS[url, max_key, top_key])
+    request = parse_request(raw, _OPENAI_LABELS[url, max_key, top_key])
+    # The model a line names: an adapter, the base model, or (in a job that declares no
+    # adapters) any model name at all; ingest/adapters.py tells which.
+    request.append(parse_adapter([body.get("model")], ["body.model"]))
+    return request
 
 
 _OPENAI_FORMAT = _Format("custom_id", _openai_request)

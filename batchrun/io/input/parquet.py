@@ -25,6 +25,7 @@ from ...errors import InputError, one_line
 from ..schema import DICTIONARY_STRING, ENDPOINT_CHAT, ENDPOINT_COMPLETION
 from ..storage import Location
 from .rows import (
+    ADAPTER_FIELDS,
     CONSTRAINT_FIELDS,
     DRAFT_SCHEMA,
     FIELDS,
@@ -35,6 +36,7 @@ from .rows import (
     DraftBatch,
     RowError,
     logprobs_problem,
+    parse_adapter,
     parse_constraint,
     parse_field,
     sources_problem,
@@ -185,13 +187,14 @@ def _draft_batch(batch: pa.RecordBatch, start: int, labels: dict[str, str]) -> p
             if (problem := logprobs_problem(lp, top, pair)) is not None:
                 errors.setdefault(i, problem)
     constraint, spec = _constraints(raw, labels, errors)
+    adapter = _adapters(raw, labels, errors)
 
     endpoint = pc.if_else(raw["messages"].is_valid(), ENDPOINT_CHAT, ENDPOINT_COMPLETION)
     error = [None] * n
     for i, message in errors.items():
         error[i] = f"row {start + i}: {message}"
     return pa.RecordBatch.from_arrays(
-        [rows, ids, endpoint, *values, constraint, spec, pa.array(error, pa.string())],
+        [rows, ids, endpoint, *values, constraint, spec, adapter, pa.array(error, pa.string())],
         schema=DRAFT_SCHEMA)
 
 
@@ -239,6 +242,24 @@ def text_columns(columns: ColumnMap, names: list[str]) -> ColumnMap:
     return columns
 
 
+def _adapters(raw: dict[str, pa.Array], labels: dict[str, str],
+              errors: dict[int, str]) -> pa.Array:
+    """The adapter column of a batch; a bad value's message goes to `errors`."""
+    columns = [raw[name] for name in ADAPTER_FIELDS]
+    n = len(columns[0])
+    if all(c.null_count == n for c in columns):
+        return pa.nulls(n, DICTIONARY_STRING)
+    names = [labels[name] for name in ADAPTER_FIELDS]
+    values = [c.dictionary_decode() if pa.types.is_dictionary(c.type) else c for c in columns]
+    out: list[str | None] = [None] * n
+    for i, row in enumerate(zip(*(v.to_pylist() for v in values), strict=True)):
+        try:
+            out[i] = parse_adapter(row, names)
+        except RowError as e:
+            errors.setdefault(i, str(e))
+    return pa.array(out, pa.string()).dictionary_encode().cast(DICTIONARY_STRING)
+
+
 def open_parquet(path: Location, columns: ColumnMap) -> pq.ParquetFile:
     """`path` opened as Parquet, its footer read. Raises InputError when it cannot be opened or
     holds no prompt column."""
@@ -268,7 +289,8 @@ def iter_parquet(path: Location, columns: ColumnMap, first_row: int,
     parquet = open_parquet(path, columns)
     names = parquet.schema_arrow.names
     columns = text_columns(columns, names)
-    labels = {name: getattr(columns, name) for name in ("id", *FIELDS, *CONSTRAINT_FIELDS)}
+    labels = {name: getattr(columns, name)
+              for name in ("id", *FIELDS, *CONSTRAINT_FIELDS, *ADAPTER_FIELDS)}
     read = [c for c in dict.fromkeys([*labels.values(), *columns.passthrough]) if c in names]
     # A reader per row group: one reader over the whole file keeps the raw bytes of every row
     # group it has read (pyarrow's pre-buffering) until it ends, so its memory grows with the

@@ -112,10 +112,12 @@ class RequestBatch:
     passthrough: the ColumnMap.passthrough columns of the same rows, in the order named, typed
         for this batch alone (bring batches to one type with unified_passthrough_schema and
         cast_passthrough); no columns when none are named.
+    input_format: what the batch's file is: "jsonl", "openai" or "parquet".
     """
 
     requests: pa.Table
     passthrough: pa.Table
+    input_format: str | None = None
 
 
 class RequestStream:
@@ -159,7 +161,7 @@ class RequestStream:
                     passthrough = _with_file_name(part.passthrough, requests.num_rows, file,
                                                   names)
                     first_row += requests.num_rows
-                    yield RequestBatch(requests, passthrough)
+                    yield RequestBatch(requests, passthrough, self._formats.get(i))
             except InputError as e:
                 if not self._dataset:
                     raise

@@ -38,6 +38,8 @@ PROMPT_SOURCES = 3
 # The fields that constrain the output, of which a row gives at most one. Together they fill
 # the request table's `constraint` and `constraint_spec` columns.
 CONSTRAINT_FIELDS = ("response_format", "choices", "regex", "json_schema")
+# The columns that name a row's LoRA adapter (ColumnMap names; either may be used).
+ADAPTER_FIELDS = ("adapter", "lora")
 
 
 class DraftBatch(NamedTuple):
@@ -291,3 +293,20 @@ def parse_request(raw: Sequence[Any], labels: Sequence[str | None]) -> list[Any]
     else:
         request += parse_constraint(raw[n:], labels[n:])
     return request
+
+
+def parse_adapter(values: Sequence[Any], labels: Sequence[str]) -> str | None:
+    """The adapter a row names in its adapter columns (`values`, named `labels`), None for
+    none: an empty name is none too. Raises RowError for a name that is not a string and
+    for two columns naming different adapters."""
+    named = None
+    for value, label in zip(values, labels, strict=True):
+        if value is None or value == "":
+            continue
+        if type(value) is not str:
+            raise RowError(f'"{label}" must be an adapter name (a string), got {show(value)}')
+        if named is not None and value != named[0]:
+            raise RowError(f'"{named[1]}" and "{label}" name different adapters '
+                           f'({show(named[0])} and {show(value)}); give one')
+        named = (value, label)
+    return None if named is None else named[0]

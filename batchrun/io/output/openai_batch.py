@@ -13,7 +13,7 @@ from typing import Any, TextIO
 import numpy as np
 import pyarrow as pa
 
-from ..schema import ENDPOINT_EMBEDDING_BASE64, RESULT_SCHEMA
+from ..schema import ADAPTER, ENDPOINT_EMBEDDING_BASE64, RESULT_SCHEMA
 
 # Rows turned into Python objects at a time: memory stays bounded whatever the table's size.
 ROWS_AT_ONCE = 65_536
@@ -24,7 +24,7 @@ def write_openai_lines(f: TextIO, table: pa.Table, model: str, *, embeds: bool =
     chat.completion / text_completion body the API would have returned (what the `openai`
     package's ChatCompletion / Completion models read), or in an embedding job (`embeds`) the
     /v1/embeddings list (CreateEmbeddingResponse); a failure the documented error."""
-    names = RESULT_SCHEMA.names + (["endpoint"] if "endpoint" in table.column_names else [])
+    names = RESULT_SCHEMA.names + [n for n in ("endpoint", ADAPTER) if n in table.column_names]
     run = uuid.uuid4().hex[:16]  # ids are unique per file, as OpenAI's are per batch
     created = int(time.time())
     for start in range(0, table.num_rows, ROWS_AT_ONCE):  # bounded memory for to_pylist
@@ -57,7 +57,8 @@ def _openai_line(r: dict[str, Any], run: str, created: int, model: str,
     body = {
         "id": f"{'chatcmpl' if chat else 'cmpl'}-{run}-{r['row']}",
         "object": "chat.completion" if chat else "text_completion",
-        "created": created, "model": model, "choices": [choice],
+        # The model that answered: the row's adapter, else the base model.
+        "created": created, "model": r.get(ADAPTER) or model, "choices": [choice],
         "usage": {"prompt_tokens": r["prompt_tokens"],
                   "completion_tokens": r["completion_tokens"],
                   "total_tokens": r["prompt_tokens"] + r["completion_tokens"],

@@ -25,7 +25,7 @@ import pyarrow.parquet as pq
 from ...plan.blocks import ceil_div
 from ..files import fsync_dir, temp_path
 from ..input.readers import cast_passthrough, unified_passthrough_schema
-from ..schema import RESULT_SCHEMA, output_result_schema
+from ..schema import ADAPTER, RESULT_SCHEMA, output_result_schema
 from .checkpoint import journal_batches
 from .openai_batch import write_openai_lines
 
@@ -192,8 +192,9 @@ class _AtomicOutput:
         self.parquet.write_table(table.select(self.schema.names).cast(self.schema),
                                  row_group_size=ROW_GROUP_SIZE)
         if self.openai is not None:
-            if ENDPOINT in columns.column_names:
-                results = results.append_column(ENDPOINT, columns[ENDPOINT])
+            for name in (ENDPOINT, ADAPTER):  # the line's kind, and its model
+                if name in columns.column_names:
+                    results = results.append_column(name, columns[name])
             write_openai_lines(self.openai, results, self.files.model, embeds=self.files.embeds)
         self.rows += results.num_rows
 
