@@ -56,3 +56,9 @@ SimDeviceOpt = Annotated[str | None, typer.Option(
          "defaults and memory). Default: this machine's device.", show_default=False)]
 RegexOpt = Annotated[str | None, typer.Option(
     "--regex", help="Default constraint: the output fully matches this regular expression.")]
+ReportOpt = Annotated[bool, typer.Option(
+    "--report/--no-report", help="Write <output>.report.html beside the summary: the run's "
+    "throughput, batch and KV use over time, the prefix plan, replicas, output lengths, "
+    "errors, settings (rebuild it any time with `batchrun report OUTPUT`).")]
+PlanReportOpt = Annotated[Path | None, typer.Option(
+    "--report", help="Also draw the plan (and the --estimate) into this HTML file.")]
