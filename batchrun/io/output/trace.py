@@ -81,8 +81,8 @@ def read_trace(checkpoint: Path) -> pa.Table:
     return pa.Table.from_batches(batches, schema=TRACE_SCHEMA)
 
 
-def save_stage_spans(checkpoint: Path, run: int, spans: dict[str, list[float]]) -> None:
-    """This run's stages: {stage: [first start, last end]} in seconds since the epoch."""
+def save_stage_spans(checkpoint: Path, run: int, spans: dict[str, list[list[float]]]) -> None:
+    """This run's stages: {stage: [[start, end], ...]} in seconds since the epoch."""
     path = checkpoint / f"stages-{run:05d}.json"
     tmp = temp_path(path)
     tmp.write_text(json.dumps(spans))
@@ -95,8 +95,9 @@ def load_stage_spans(checkpoint: Path) -> list[dict[str, Any]]:
     for path in _numbered(checkpoint, "stages", ".json"):
         try:
             run = int(path.stem.split("-")[1])
-            for stage, (start, end) in json.loads(path.read_text()).items():
-                spans.append({"run": run, "stage": stage, "start": start, "end": end})
+            for stage, times in json.loads(path.read_text()).items():
+                spans.extend({"run": run, "stage": stage, "start": start, "end": end}
+                             for start, end in times)
         except (OSError, ValueError, IndexError):
             continue  # a damaged file costs the report its bands, not the job
     return spans
