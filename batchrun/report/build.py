@@ -99,8 +99,10 @@ def _headline(s: dict[str, Any]) -> str:
 def _notes(s: dict[str, Any]) -> str:
     notes = []
     if "simulated" in s:
-        notes.append("This run used the sim engine (or a simulated fleet): its seconds and "
-                     "throughput are simulated from a cost profile, not measured.")
+        notes.append("This run used the sim engine (or a simulated fleet): its seconds are "
+                     "simulated from a cost profile, not measured, and the time axis of the "
+                     "step charts is the simulation's own wall time (its steps and tokens are "
+                     "vLLM's scheduler's).")
     if s.get("status") != "ok":
         notes.append(f"The job did not complete ({html.escape(str(s.get('status')))}): this "
                      "report covers the rows finished so far.")
