@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from ..clock import StageClock
+from ..config import JobConfig
 from ..execute.prefix_figures import LARGEST
 from ..execute.trace import StepTrace
 from ..io.output.trace import (
@@ -19,6 +20,8 @@ from ..io.output.trace import (
     write_trace,
 )
 from ..report.host import host_facts
+from .paths import output_paths
+from .summary import write_summary
 
 log = logging.getLogger(__name__)
 
@@ -94,3 +97,9 @@ def report(summary_path: Path | None, enabled: bool) -> None:
     except Exception as e:  # a report bug must not fail a finished job
         log.warning("cannot write the report beside %s (%s: %s)", summary_path,
                     type(e).__name__, e)
+
+
+def rewrite_summary(config: JobConfig, summary: dict[str, Any]) -> None:
+    """The summary file and its report again, with what was added after the run (the
+    estimate beside it)."""
+    report(write_summary(output_paths(config).local, summary), config.report)

@@ -107,3 +107,11 @@ def test_largest_prefixes_size_a_parent_by_what_its_subtree_saves() -> None:
     assert by_id[0] == {"id": 0, "parent": -1, "tokens": 100, "requests": 9,
                         "saved": 8 * 100 + 6 * 50}
     assert [p["id"] for p in largest_prefixes(groups, limit=1)] == [0]
+
+
+def test_a_run_with_estimate_shows_the_estimate_beside_what_happened(tmp_path: Path) -> None:
+    out = run_fake(tmp_path, "--estimate", rows=30)
+    summary = json.loads(sibling(out, ".summary.json").read_text())
+    assert summary["estimate"]["measured"]["engine_steps"] == summary["batch"]["steps"]
+    assert "plan --estimate (simulated) beside what happened" in \
+        sibling(out, ".report.html").read_text()
