@@ -14,7 +14,7 @@ ENGINE_EXTRA := $(if $(HAS_GPU),gpu,cpu)
 AIRFLOW_VENV := .venv-airflow
 AIRFLOW_STAMP := $(AIRFLOW_VENV)/.batchrun-ready
 
-.PHONY: setup airflow-venv demo test lint bench clean
+.PHONY: setup airflow-venv browser demo test lint bench clean
 
 setup: $(STAMP)
 
@@ -39,13 +39,18 @@ airflow-venv: $(AIRFLOW_STAMP)
 $(AIRFLOW_STAMP): Makefile
 	@test -x $(AIRFLOW_VENV)/bin/python || $(PY) -m venv $(AIRFLOW_VENV)
 	$(AIRFLOW_VENV)/bin/python -m pip install -q --disable-pip-version-check $(FIND_LINKS) \
-		apache-airflow==3.3.2 pyarrow numpy polars typer rich
+		apache-airflow==3.3.2 pyarrow numpy polars typer rich plotly
 	@touch $(AIRFLOW_STAMP)
 
 demo: setup
 	$(BIN)/batchrun run jobs/example.toml --overwrite
 
-test: setup airflow-venv
+# Headless Chromium (Debian's): the report tests open the HTML report in a real browser.
+browser:
+	command -v chromium >/dev/null || { $(if $(filter 0,$(shell id -u)),,sudo) apt-get update -q \
+		&& $(if $(filter 0,$(shell id -u)),,sudo) apt-get install -y -q chromium; }
+
+test: setup airflow-venv browser
 	$(BIN)/python -m pytest tests -q
 
 lint: setup

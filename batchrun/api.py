@@ -152,6 +152,9 @@ def run_config(cfg: JobConfig, *, resume: bool = False, overwrite: bool = False,
                       handle_signals=handle_signals, engine_log=engine_log)
     if predicted is not None and "rows" in outcome.summary:
         outcome.summary["estimate"] = with_measured(predicted, outcome.summary)
+        from .job.run_trace import rewrite_summary
+
+        rewrite_summary(cfg, outcome.summary)  # the file and the report show it too
     summary = Summary.from_outcome(outcome)
     if outcome.exit_code == EXIT_INTERRUPTED:
         raise JobInterrupted(outcome.message, summary)

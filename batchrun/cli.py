@@ -25,9 +25,11 @@ from .cli_options import (
     NormalizeOpt,
     OutputOpt,
     PassOpt,
+    PlanReportOpt,
     PromptColOpt,
     RegexOpt,
     ReplicasOpt,
+    ReportOpt,
     SchemaOpt,
     SimDeviceOpt,
     TaskOpt,
@@ -165,6 +167,7 @@ def run(
         help="Replace a finished output and discard any unfinished run.")] = False,
     engine: EngineOpt = None,
     estimate: EstimateRunOpt = False,
+    report: ReportOpt = True,
     replay_lengths: Annotated[str | None, typer.Option(
         help="With --engine sim: end each row's completion where an earlier output of this "
              "job (its Parquet file, local or a URI) ended it, by row id; rows that ended by "
@@ -211,7 +214,8 @@ def run(
             attention=attention, prompt_column=prompt_column, id_column=id_column,
             passthrough=passthrough, replicas=replicas, ray_address=ray_address,
             replay_lengths=replay_lengths, sim_device=sim_device, max_loras=max_loras,
-            **adapter_overrides(adapter), **_constraint_overrides(json_schema, choice, regex))
+            report=report, **adapter_overrides(adapter),
+            **_constraint_overrides(json_schema, choice, regex))
         summary = run_config(cfg, engine=engine and engine.value, resume=resume,
                              overwrite=overwrite, progress=progress, grace_period=grace_period,
                              handle_signals=True, engine_log=not verbose, estimate=estimate)
@@ -333,6 +337,7 @@ def plan_command(
     sim_device: SimDeviceOpt = None,
     adapter: AdapterOpt = None,
     max_loras: MaxLorasOpt = None,
+    report: PlanReportOpt = None,
 ) -> None:
     """Show how a job would run, without loading the model: requests, prompt tokens, distinct
     prompt tokens (the least prefill work possible), shared-prefix groups, expected saving.
@@ -360,6 +365,10 @@ def plan_command(
             from .job.estimate import estimate_run
 
             figures["estimate"] = estimate_run(cfg)
+        if report is not None:
+            from .report.build import write_plan_report
+
+            write_plan_report({"input": str(cfg.input), **figures}, report)
     except BatchrunError as e:
         _fail(str(e), e.exit_code)  # 2 (usage), or 4 (an engine that died)
     except Exception as e:
@@ -418,3 +427,24 @@ def calibrate(
         _internal_error(e, False)
     typer.echo(json.dumps(result.to_dict(), indent=2) if json_out else
                "\n".join(result.lines()))
+
+
+@app.command("report")
+def report_command(
+    output: Annotated[str, typer.Argument(help="A job's output file (or its summary JSON).")],
+    to: Annotated[Path | None, typer.Option(
+        "--to", help="Write the report here (default: <output>.report.html).")] = None,
+) -> None:
+    """Rebuild a job's HTML report from its summary and per-step trace (one file that opens
+    offline: plotly's JavaScript is embedded).
+
+    \b
+    Example:
+      batchrun report out/example.parquet
+    """
+    from .report.command import rebuild_report
+
+    try:
+        typer.echo(f"wrote {rebuild_report(output, to)}")
+    except BatchrunError as e:
+        _fail(str(e), e.exit_code)

@@ -88,3 +88,9 @@ def adapter_overrides(adapter: list[str] | None) -> dict[str, Any]:
                               "--adapter support=adapters/support")
         adapters[name] = folder
     return {"adapters": adapters}
+ReportOpt = Annotated[bool, typer.Option(
+    "--report/--no-report", help="Write <output>.report.html beside the summary: the run's "
+    "throughput, batch and KV use over time, the prefix plan, replicas, output lengths, "
+    "errors, settings (rebuild it any time with `batchrun report OUTPUT`).")]
+PlanReportOpt = Annotated[Path | None, typer.Option(
+    "--report", help="Also draw the plan (and the --estimate) into this HTML file.")]

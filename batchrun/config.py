@@ -234,6 +234,7 @@ class JobConfig:
     cluster: ClusterOptions = field(default_factory=ClusterOptions)
     openai_output: Location | None = None  # also write OpenAI-batch-style JSONL here
     plan: bool = True  # False: run in file order (what plain vLLM would do)
+    report: bool = True  # write <output>.report.html beside the summary
     # Where the checkpoint (and, for a remote output, the staged file) lives; None: next to
     # a local output, or a cache folder for a remote one (batchrun.job.paths.output_paths).
     work_dir: Path | None = None

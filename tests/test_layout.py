@@ -21,6 +21,7 @@ LAYERS = [
     {"ingest"},
     {"execute"},
     {"cluster"},
+    {"report"},
     {"job"},
     {"api", "cli", "cli_options", "airflow", "__main__", "__init__"},
 ]

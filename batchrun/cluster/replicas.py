@@ -69,6 +69,8 @@ class ReplicaStats:
     busy_s: float = 0.0  # time its engine spent running pieces
     pieces: int = 0
     status: str = "ok"  # or "lost: <why>"
+    # Its pieces, [start, end, rows] in seconds since the epoch: the report's timeline.
+    spans: list[list[float]] = field(default_factory=list)
 
     def count(self, results: pa.Table) -> None:
         tokens = TokenSums.of(results)
@@ -205,6 +207,7 @@ class _Running:
     work: Work
     rows: int
     returned: set[int] = field(default_factory=set)
+    started: float = field(default_factory=time.time)
 
 
 class Dispatcher:
@@ -286,6 +289,11 @@ class Dispatcher:
         if isinstance(message, PieceDone):
             stats.busy_s += message.busy_s
             stats.pieces += 1
+            stats.spans.append([round(running.started, 3), round(time.time(), 3), running.rows])
+            if (steps := message.shard_run.steps) is not None:  # the job's trace tags them
+                message.shard_run.steps = steps.set_column(
+                    steps.schema.get_field_index("replica"), "replica",
+                    pa.array([stats.replica] * steps.num_rows, pa.int16()))
             self.shard_runs.append((running.work.token_order, message.shard_run))
             return
         self.on_results(message)

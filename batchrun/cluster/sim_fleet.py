@@ -131,6 +131,9 @@ class SimulatedReplicas:
             seconds, shard_run = self._run_piece(replica, table, on_results, stop, grace_s)
             runs.append((work.token_order, shard_run))
             clock.busy(replica, now, seconds, table.num_rows)
+            # Simulated seconds from the fleet's start (the report labels them so).
+            self.stats_by_replica[replica].spans.append(
+                [round(now, 3), round(now + seconds, 3), table.num_rows])
         return [run for _, run in sorted(runs, key=lambda r: r[0])]
 
     def _run_piece(self, replica: int, table: pa.Table,

@@ -82,6 +82,14 @@ class StepOutput:
     # from now on their prompt's full blocks are in the prefix cache.
     prefilled: list[str] = field(default_factory=list)
     batch_size: int = 0  # requests the step advanced (the running batch)
+    # For the run's trace (the report): prompt tokens computed in the step (cache hits not
+    # counted; an engine that sees only finished prefills counts a prompt at that step),
+    # tokens generated, the share of the KV cache in use after it (None: the engine cannot
+    # tell) and requests preempted in it.
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    kv_usage: float | None = None
+    preempted: int = 0
 
 
 @dataclass(frozen=True)

@@ -181,10 +181,14 @@ class FakeEngine:
             self._admit(self._waiting.popleft())
         self.max_running_seen = max(self.max_running_seen, len(self._running))
         out = StepOutput(batch_size=len(self._running))
+        block, used_blocks = self.info.block_size, 0
         for rid, run in list(self._running.items()):
             run.produced += 1
+            out.completion_tokens += 1
+            used_blocks += -(-(len(run.request.prompt_token_ids) + run.produced) // block)
             if run.produced == 1:
                 out.prefilled.append(rid)
+                out.prompt_tokens += len(run.request.prompt_token_ids) - run.cached
             if run.produced < run.target:
                 continue
             del self._running[rid]
@@ -194,6 +198,7 @@ class FakeEngine:
             self._cache.move_to_end(h)
         self._computed.clear()
         capacity_blocks = self.info.kv_capacity_tokens // self.info.block_size
+        out.kv_usage = min(1.0, used_blocks / capacity_blocks) if capacity_blocks else None
         while len(self._cache) > capacity_blocks:
             self._cache.popitem(last=False)
         return out

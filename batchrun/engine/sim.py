@@ -176,9 +176,12 @@ class SimEngine:
         result = self._ModelRunnerOutput(
             req_ids=ids, req_id_to_index={rid: i for i, rid in enumerate(ids)},
             sampled_token_ids=sampled)
+        out.prompt_tokens = prefill
+        out.preempted = len(scheduled.preempted_req_ids or ())
         for outputs in scheduler.update_from_output(scheduled, result).values():
             for o in outputs.outputs:
                 self._book(o, out)
+        out.kv_usage = float(scheduler.kv_cache_manager.usage)
         return out
 
     def num_unfinished(self) -> int:
@@ -231,6 +234,7 @@ class SimEngine:
         if o.prefill_stats is not None:
             s.cached = o.prefill_stats.num_cached_tokens
         s.produced += len(o.new_token_ids)
+        out.completion_tokens += len(o.new_token_ids)
         if not s.started:
             s.started = True
             out.prefilled.append(o.request_id)

@@ -285,7 +285,7 @@ class VllmEngine:
             settings=settings,
         )
         self._rejected: list[GenerationResult] = []
-        self._started: set[str] = set()  # requests that have produced a token
+        self._started: dict[str, int] = {}  # requests that have produced a token: how many
         self._logprobs_k: dict[str, int] = {}  # requests that asked for logprobs: how many top
         # Constrained requests per structured-output backend (xgrammar, guidance), for the
         # summary: vLLM's "auto" picks one per request.
@@ -335,12 +335,16 @@ class VllmEngine:
             raise EngineDiedError(f"the vLLM engine failed: {type(e).__name__}: {e}") from e
         step.batch_size = len(outputs)
         for out in outputs:
+            produced = len(out.outputs[0].token_ids) if out.outputs else 0
+            step.completion_tokens += produced - self._started.get(out.request_id, 0)
             if out.request_id not in self._started:
-                self._started.add(out.request_id)
                 step.prefilled.append(out.request_id)
+                step.prompt_tokens += len(out.prompt_token_ids or ()) - int(
+                    out.num_cached_tokens or 0)
+            self._started[out.request_id] = produced
             if not out.finished:
                 continue
-            self._started.discard(out.request_id)
+            del self._started[out.request_id]
             completion = out.outputs[0]
             step.finished.append(GenerationResult(
                 request_id=out.request_id,
@@ -352,15 +356,23 @@ class VllmEngine:
                 logprobs=token_logprobs(completion.token_ids, completion.logprobs,
                                         self._logprobs_k.pop(out.request_id, None)),
             ))
+        step.kv_usage = self._kv_usage()
         return step
+
+    def _kv_usage(self) -> float | None:
+        """The KV cache's share in use, where the scheduler runs in this process
+        (VLLM_ENABLE_V1_MULTIPROCESSING=0); None where it runs in the engine-core process."""
+        core = getattr(getattr(self._engine, "engine_core", None), "engine_core", None)
+        manager = getattr(getattr(core, "scheduler", None), "kv_cache_manager", None)
+        return None if manager is None else float(manager.usage)
 
     def num_unfinished(self) -> int:
         return self._engine.get_num_unfinished_requests() + len(self._rejected)
 
     def abort(self, request_ids: list[str]) -> None:
         self._engine.abort_request(request_ids)
-        self._started.difference_update(request_ids)
         for rid in request_ids:
+            self._started.pop(rid, None)
             self._logprobs_k.pop(rid, None)
 
     def reset_prefix_cache(self) -> None:

@@ -39,14 +39,13 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import numpy as np
-
 from ..engine.base import Engine, GenerationRequest, GenerationResult
 from ..errors import EngineDiedError
 from ..plan.groups import RunGroup
 from .kv_budget import KvBudget
 from .output_lengths import OutputLengths
 from .stop import StopFlag
+from .trace import StepTrace
 
 DEFER_SHARE = 16
 
@@ -66,41 +65,6 @@ class _GroupState:
     @property
     def all_started(self) -> bool:
         return self.next_member >= len(self.group.members)
-
-
-class StepTrace:
-    """The running batch of every engine step, for the summary: its mean over the run and
-    over the run's last 10% of time (the tail, where a bad order leaves long decodes alone);
-    and the shared prefixes found light and deferred as the run went."""
-
-    TAIL = 0.1
-
-    def __init__(self) -> None:
-        self._times: list[float] = []
-        self._sizes: list[int] = []
-        self._deferred_prefixes = 0
-        self.first_step_at: float | None = None  # time.monotonic() when the first step began
-
-    def stepping(self) -> None:
-        """An engine step starts (the summary's time to the first step)."""
-        if self.first_step_at is None:
-            self.first_step_at = time.monotonic()
-
-    def record(self, batch_size: int) -> None:
-        self._times.append(time.monotonic())
-        self._sizes.append(batch_size)
-
-    def prefix_deferred(self) -> None:
-        self._deferred_prefixes += 1
-
-    def figures(self) -> dict[str, float]:
-        deferred = {"deferred_light_prefixes": self._deferred_prefixes}
-        if not self._sizes:
-            return {"steps": 0, "mean_batch": 0.0, "tail_batch": 0.0, **deferred}
-        times, sizes = np.array(self._times), np.array(self._sizes, dtype=np.float64)
-        tail = sizes[times >= times[-1] - self.TAIL * (times[-1] - times[0])]
-        return {"steps": len(sizes), "mean_batch": round(float(sizes.mean()), 2),
-                "tail_batch": round(float(tail.mean()), 2), **deferred}
 
 
 class StreamingExecutor:
@@ -182,7 +146,7 @@ class StreamingExecutor:
                 break
             self.trace.stepping()
             step = self.engine.step()
-            self.trace.record(step.batch_size)
+            self.trace.record(step)
             self._started.update(step.prefilled)
             for rid in step.prefilled:
                 self._leader_done(rid)

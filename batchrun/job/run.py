@@ -27,9 +27,9 @@ from ..errors import (
     EngineDiedError,
     one_line,
 )
-from ..execute.executor import StepTrace
 from ..execute.shard import ShardRun, run_shard
 from ..execute.stop import StopFlag
+from ..execute.trace import StepTrace
 from ..ingest.prepare import PreparedJob, prepare_shard
 from ..ingest.shards import Shard
 from ..ingest.stream import ShardedJob, read_into_shards
@@ -43,6 +43,7 @@ from ..version import __version__
 from .engine_setup import choose_job_attention, engine_sizing
 from .paths import OutputPaths, check_output_paths, output_paths, remove_staged
 from .progress import ProgressReporter
+from .run_trace import RunTrace, merge_trace, report
 from .signals import Interrupted, install_signal_handlers
 from .summary import ResultCounts, job_summary, peak_rss_bytes, write_summary
 from .terminal import engine_log_path, output_to_log, terminal
@@ -143,6 +144,7 @@ class _JobRun:
     # The engines, when on Ray (cluster/replicas.py), or their simulation (--engine sim).
     replicas: EngineReplicas | SimulatedReplicas | None = None
     started_at: float = 0.0  # time.monotonic() when the command began the job
+    run_trace: RunTrace | None = None  # the step trace in the checkpoint (for the report)
 
     @classmethod
     def open(cls, config: JobConfig, paths: OutputPaths, engine_kind: str,
@@ -208,6 +210,8 @@ class _JobRun:
         progress: ProgressReporter | None = None
         try:
             journal = self.ckpt.new_journal()
+            self.run_trace = RunTrace(self.trace)
+            self.run_trace.open(self.ckpt.path)
             if self.sharded.runnable_requests > 0 and not stop.requested:
                 if self.start_failure is not None:  # reported like an engine failure mid-run
                     raise self.start_failure
@@ -237,6 +241,9 @@ class _JobRun:
             if journal is not None:
                 with contextlib.suppress(OSError):  # the write error itself was caught above
                     journal.close()
+            if self.run_trace is not None:
+                with contextlib.suppress(OSError):
+                    self.run_trace.close()
             if self.own_engine and self.engine is not None:
                 self.engine.close()
             if self.replicas is not None:
@@ -255,8 +262,9 @@ class _JobRun:
         else:
             shard_runs = (self._run_shard(shard, on_results, stop, grace_s)
                           for shard in self.sharded.shards if not stop.requested)
-        for shard_run in shard_runs:
+        for n, shard_run in enumerate(shard_runs):
             self.plan.add(shard_run.plan, shard_run.first_prompt, shard_run.last_prompt)
+            self.run_trace.add_shard(n, shard_run.prefixes, shard_run.steps)
             for kind, n in shard_run.constrained.items():
                 self.constrained[kind] = self.constrained.get(kind, 0) + n
             self.logprobs_rows += shard_run.logprobs_rows
@@ -305,10 +313,12 @@ class _JobRun:
             return self._stopped(summary, (
                 f"cannot write the output ({reason}): {self.ckpt.path} holds every row; "
                 "free space and re-run with --resume"))
+        self._keep_trace(summary)
+        merge_trace(self.ckpt.path, self.paths.local)
         self.ckpt.remove()
         remove_staged(self.paths)
         summary["stages"] = self._stage_figures()
-        write_summary(self.paths.local, summary)
+        report(write_summary(self.paths.local, summary), self.config.report)
         code = EXIT_OK if self.counts.failed == 0 else EXIT_ROW_ERRORS
         return JobOutcome(code, summary, f"wrote {self.paths.dest}")
 
@@ -328,8 +338,12 @@ class _JobRun:
     def _stopped(self, summary: dict[str, Any], message: str) -> JobOutcome:
         summary["checkpoint"] = str(self.ckpt.path)
         self.sharded.remove_spill()
-        write_summary(self.paths.local, summary)
+        self._keep_trace(summary)
+        report(write_summary(self.paths.local, summary), self.config.report)
         return JobOutcome(EXIT_INTERRUPTED, summary, message)
+
+    def _keep_trace(self, summary: dict[str, Any]) -> None:
+        (self.run_trace or RunTrace(self.trace)).summarize(summary, self.ckpt.path, self.clock)
 
     def _write_output(self) -> None:
         config, paths = self.config, self.paths

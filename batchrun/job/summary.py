@@ -94,17 +94,23 @@ def job_summary(config: JobConfig, rows: int, counts: ResultCounts, engine: Engi
     }
 
 
-def write_summary(output: Path, summary: dict[str, Any]) -> None:
+def summary_path_for(output: Path) -> Path:
+    return output.with_name(output.name + ".summary.json")
+
+
+def write_summary(output: Path, summary: dict[str, Any]) -> Path | None:
     """Best effort: the summary is also printed, and a full disk that stopped the job must
-    not turn its exit code 4 into a crash."""
-    path = output.with_name(output.name + ".summary.json")
+    not turn its exit code 4 into a crash. Where it was written; None if it was not."""
+    path = summary_path_for(output)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = temp_path(path)
         tmp.write_text(json.dumps(summary, indent=2, sort_keys=True, default=str) + "\n")
         os.replace(tmp, path)
+        return path
     except OSError as e:
         with contextlib.suppress(OSError):
             temp_path(path).unlink(missing_ok=True)
         log.warning("cannot write %s (%s); the summary is printed instead", path,
                     e.strerror or e)
+        return None

@@ -1,0 +1,36 @@
+"""The machine a job ran on, for its summary and report."""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+from typing import Any
+
+
+def host_facts() -> dict[str, Any]:
+    """The host's name, OS, CPU and its cores, and its GPUs (nvidia-smi's names, if any)."""
+    return {"hostname": platform.node(), "system": platform.platform(terse=True),
+            "cpu": _cpu_model() or platform.processor() or platform.machine(),
+            "cpu_cores": os.cpu_count(), "python": platform.python_version(),
+            "gpus": _gpus()}
+
+
+def _cpu_model() -> str | None:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return None
+
+
+def _gpus() -> list[str]:
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=10, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []
+    return [line.strip() for line in out.splitlines() if line.strip()]
