@@ -91,6 +91,7 @@ class FakeEngine:
         step_delay_s: float = 0.0,
         admitted_log: str | None = None,
         embedding_dim: int | None = None,
+        hold_while_exists: str | None = None,
     ) -> None:
         self.info = EngineInfo("fake", "fake", block_size, kv_capacity_tokens, max_model_len,
                                {"engine": "fake", "block_size": block_size})
@@ -104,6 +105,10 @@ class FakeEngine:
         self._fail = fail_request_ids
         self._die_after = die_after_steps
         self._step_delay_s = step_delay_s  # wall time of a step, as a real engine has
+        # Once a result has been returned, steps wait while this file exists: a test keeps a
+        # run in flight for as long as it needs, whatever the machine's load.
+        self._hold = hold_while_exists
+        self._returned_any = False
         self.steps = 0
         self.admission_order: list[str] = []
         self.max_running_seen = 0
@@ -175,6 +180,8 @@ class FakeEngine:
         self.steps += 1
         if self._step_delay_s:
             time.sleep(self._step_delay_s)
+        while self._hold is not None and self._returned_any and os.path.exists(self._hold):
+            time.sleep(0.05)
         if self._die_after is not None and self.steps > self._die_after:
             raise EngineDiedError("the fake engine died (injected failure)")
         while self._waiting and len(self._running) < self._max_num_seqs:
@@ -201,6 +208,7 @@ class FakeEngine:
         out.kv_usage = min(1.0, used_blocks / capacity_blocks) if capacity_blocks else None
         while len(self._cache) > capacity_blocks:
             self._cache.popitem(last=False)
+        self._returned_any = self._returned_any or bool(out.finished)
         return out
 
     @staticmethod

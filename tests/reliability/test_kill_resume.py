@@ -229,9 +229,13 @@ def test_a_second_run_of_a_running_job_is_refused_and_the_first_one_finishes(
     ids = write_rows(tmp_path / "in.jsonl", 60)
     out = tmp_path / "out.parquet"
     args = ("run", tmp_path / "in.jsonl", "-o", out, "--engine", "fake", "--resume")
-    first = start_batchrun(*args, fake_engine={"step_delay_s": 0.05})
+    hold = tmp_path / "hold"  # the first run stays in flight until the second has tried
+    hold.touch()
+    first = start_batchrun(*args, fake_engine={"step_delay_s": 0.05,
+                                               "hold_while_exists": str(hold)})
     wait_for_rows(out, first, at_least=1)
     second = batchrun(*args)
+    hold.unlink()
     assert second.returncode == EXIT_USAGE and "Traceback" not in second.stderr
     assert f"another batchrun is running this job (pid {first.pid}" in second.stderr
     first.communicate(timeout=120)
