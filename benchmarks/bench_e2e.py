@@ -11,7 +11,9 @@ Each round runs them B F S S F B (the machine is shared and its speed drifts; mi
 cancels a linear drift). The ratio is the BETTER baseline's wall time over batchrun's, per
 round. Also shown: prompt tokens computed (not served from the prefix cache), the mean
 running batch over the last 10% of each run (the tail), duplicates served, shared prefixes
-batchrun found light and deferred (`light`), and peak RSS of each process.
+batchrun found light and deferred (`light`), peak RSS of each process, and the seconds each
+command spent outside generating (`out-b`: batchrun's wall time less its run stage; `out-s`:
+the sorted baseline's less LLM.generate; start-up, reading, tokenizing, writing).
 
     python benchmarks/bench_e2e.py                          # the default job list
     python benchmarks/bench_e2e.py --jobs mixed --kv 256MiB,1GiB --rounds 2
@@ -62,7 +64,8 @@ def run_batchrun(job: Path, out: Path, kv: str) -> dict:
             "completion": s["tokens"]["completion"], "tail": s["batch"]["tail_batch"],
             "deferred": s["batch"]["deferred_light_prefixes"],
             "ideal": s["plan"].get("block_ideal_computed_tokens"),
-            "duplicates": s["duplicate_rows"], "kv_tokens": s["plan"].get("kv_capacity_tokens")}
+            "duplicates": s["duplicate_rows"], "kv_tokens": s["plan"].get("kv_capacity_tokens"),
+            "outside": wall - s["stages"]["run"]["seconds"]}
 
 
 def run_plain(job: Path, out: Path, kv: str, order: str, max_model_len: int) -> dict:
@@ -70,7 +73,8 @@ def run_plain(job: Path, out: Path, kv: str, order: str, max_model_len: int) -> 
                                kv, "--max-model-len", str(max_model_len)])
     s = json.loads(stdout.strip().splitlines()[-1])
     return {"wall": wall, "rss": rss, "computed": s["computed_prompt"],
-            "completion": s["completion"], "tail": s["tail_batch"]}
+            "completion": s["completion"], "tail": s["tail_batch"],
+            "outside": wall - s["generate_s"]}
 
 
 def max_model_len_for(job: Path, kv: str) -> int:
@@ -116,13 +120,15 @@ def report(result: dict) -> str:
             f"{b['tail']:>6.1f} {f['tail']:>6.1f} {s['tail']:>6.1f} {b['duplicates']:>4} "
             f"{b['deferred']:>5} {max(x['rss'] for x in runs['batchrun']):>6} "
             f"{max(x['rss'] for x in runs['sorted']):>6} {med['large']:>7.1f} "
-            f"{runs['large'][0]['tail'] if runs['large'] else 0:>6.1f}")
+            f"{runs['large'][0]['tail'] if runs['large'] else 0:>6.1f} "
+            f"{statistics.median(x['outside'] for x in runs['batchrun']):>6.1f} "
+            f"{statistics.median(x['outside'] for x in runs['sorted']):>6.1f}")
 
 
 HEADER = (f"{'job':<11} {'kv':>6} {'batchrun':>8} {'file':>7} {'sorted':>7} {'ratio':>7} "
           f"{'spread':>9} {'computed':>8} {'file':>7} {'sorted':>7} {'ideal':>7} "
           f"{'tail':>6} {'file':>6} {'sorted':>6} {'dups':>4} {'light':>5} {'rss':>6} {'rss-s':>6} "
-          f"{'b@large':>7} {'tail':>6}")
+          f"{'b@large':>7} {'tail':>6} {'out-b':>6} {'out-s':>6}")
 
 
 def main() -> None:
@@ -136,7 +142,8 @@ def main() -> None:
     results = []
     print("wall seconds (median of each contender's runs); ratio = better baseline / batchrun "
           "per round (mean, spread); computed = prompt tokens not from the prefix cache; "
-          "tail = mean running batch over the last 10% of the run; rss in MiB\n" + HEADER,
+          "tail = mean running batch over the last 10% of the run; rss in MiB; out = seconds "
+          "outside generating\n" + HEADER,
           flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.jobs.split(","):

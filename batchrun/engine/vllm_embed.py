@@ -12,14 +12,15 @@ from typing import Any
 import numpy as np
 
 from ..config import EngineOptions
-from ..errors import EngineDiedError, one_line
 from ..model import kv_bytes_per_token, sentence_transformers_settings
 from .base import EngineInfo, EngineStats, GenerationRequest, GenerationResult, StepOutput
 from .vllm_engine import (
     CPU_DEFAULTS,
     GPU_DEFAULTS,
+    engine_step,
     environment,
     on_cpu,
+    rejected,
     wake_on_engine_death,
 )
 from .vllm_engine import _as_list as as_token_list
@@ -115,19 +116,11 @@ class VllmEmbedEngine:
             prompt = TokensPrompt(prompt_token_ids=as_token_list(request.prompt_token_ids))
             self._engine.add_request(request.request_id, prompt, params)
         except Exception as e:  # vLLM's verdict on this one request (its length, ...)
-            self._rejected.append(GenerationResult(
-                request.request_id, None, None, len(request.prompt_token_ids), 0, 0,
-                error=f"rejected by the engine: {one_line(e)}"))
+            self._rejected.append(rejected(request, e))
 
     def step(self) -> StepOutput:
-        step = StepOutput(finished=self._rejected)
+        step, outputs = engine_step(self._engine, self._rejected)
         self._rejected = []
-        if not self._engine.has_unfinished_requests():
-            return step
-        try:
-            outputs = self._engine.step()
-        except Exception as e:  # EngineDeadError and friends; none is row-specific
-            raise EngineDiedError(f"the vLLM engine failed: {type(e).__name__}: {e}") from e
         step.batch_size = len(outputs)
         for out in outputs:
             step.prefilled.append(out.request_id)

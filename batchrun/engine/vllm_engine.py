@@ -234,6 +234,25 @@ def token_logprobs(token_ids: Any, positions: Any, k: int | None) -> tuple[Token
     return tuple(out)
 
 
+def rejected(request: GenerationRequest, e: Exception) -> GenerationResult:
+    """The error row of a request vLLM refused when it was added (its length, its params)."""
+    return GenerationResult(request.request_id, None, None, len(request.prompt_token_ids), 0, 0,
+                            error=f"rejected by the engine: {one_line(e)}")
+
+
+def engine_step(engine: Any, rejected: list[GenerationResult]) -> tuple[StepOutput, list[Any]]:
+    """One step of vLLM's LLMEngine: a StepOutput holding the requests refused since the
+    last step, and vLLM's outputs (none when nothing is left to run). A failing step is the
+    engine's, never a row's: EngineDiedError."""
+    step = StepOutput(finished=list(rejected))
+    if not engine.has_unfinished_requests():
+        return step, []
+    try:
+        return step, engine.step()
+    except Exception as e:  # vLLM raises EngineDeadError and friends
+        raise EngineDiedError(f"the vLLM engine failed: {type(e).__name__}: {e}") from e
+
+
 class VllmEngine:
     """vLLM's LLMEngine behind batchrun's Engine interface."""
 
@@ -320,19 +339,11 @@ class VllmEngine:
                 backend = getattr(structured, "_backend", None) or "auto"
                 self.structured_backends[backend] = self.structured_backends.get(backend, 0) + 1
         except Exception as e:  # vLLM's verdict on this one request (validation, params)
-            self._rejected.append(GenerationResult(
-                request.request_id, None, None, len(request.prompt_token_ids), 0, 0,
-                error=f"rejected by the engine: {one_line(e)}"))
+            self._rejected.append(rejected(request, e))
 
     def step(self) -> StepOutput:
-        step = StepOutput(finished=self._rejected)
+        step, outputs = engine_step(self._engine, self._rejected)
         self._rejected = []
-        if not self._engine.has_unfinished_requests():
-            return step
-        try:
-            outputs = self._engine.step()
-        except Exception as e:  # vLLM raises EngineDeadError and friends; none is row-specific
-            raise EngineDiedError(f"the vLLM engine failed: {type(e).__name__}: {e}") from e
         step.batch_size = len(outputs)
         for out in outputs:
             produced = len(out.outputs[0].token_ids) if out.outputs else 0
