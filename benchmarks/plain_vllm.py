@@ -74,7 +74,8 @@ def main() -> None:
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from batchrun.config import parse_size
-    from batchrun.execute.executor import StepTrace
+    from batchrun.engine.base import StepOutput
+    from batchrun.execute.trace import StepTrace
     from batchrun.model import default_model_dir
 
     llm = LLM(model=str(default_model_dir()), dtype="float32", block_size=32,
@@ -103,7 +104,8 @@ def main() -> None:
 
     def counted_step():
         outputs = engine_step()
-        trace.record(len(scheduler.running) + len(outputs))  # still running + just finished
+        # still running + just finished
+        trace.record(StepOutput(batch_size=len(scheduler.running) + len(outputs)))
         return outputs
 
     llm.llm_engine.step = counted_step
