@@ -46,7 +46,7 @@ def main() -> None:
                        capture_output=True)
         build_s = time.perf_counter() - t0
         report = out.with_name(out.name + ".report.html")
-        trace = out.with_name(out.name + ".trace.parquet")
+        trace = out.with_name(out.name + ".trace.arrow")
         size = report.stat().st_size
         print(f"rows {args.rows:,}: run {run_s:.1f} s, {summary['batch']['steps']:,} engine "
               f"steps, trace {trace.stat().st_size / 1e6:.2f} MB")

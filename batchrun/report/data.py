@@ -16,7 +16,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from ..io.output.checkpoint import journal_batches, partial_dir_for
-from ..io.output.trace import TRACE_SCHEMA, read_trace, trace_path_for
+from ..io.output.trace import TRACE_SCHEMA, read_saved_trace, read_trace, trace_path_for
 
 SUMMARY_SUFFIX = ".summary.json"
 TIME_BINS = 400  # points per series on the time axis
@@ -73,9 +73,8 @@ def load(summary_path: Path) -> ReportData:
 
 
 def _steps(output: Path) -> pa.Table:
-    path = trace_path_for(output)
-    if path.exists():
-        return pq.read_table(path)
+    if trace_path_for(output).exists():
+        return read_saved_trace(output)
     partial = partial_dir_for(output)  # a stopped run: the trace is still in the checkpoint
     return read_trace(partial) if partial.is_dir() else TRACE_SCHEMA.empty_table()
 

@@ -9,10 +9,10 @@ import json
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 
 from batchrun.errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE
 from batchrun.execute.prefix_figures import largest_prefixes
+from batchrun.io.output.trace import read_saved_trace
 from batchrun.plan.groups import RunGroup
 from tests.helpers import shared_prefix_rows, write_jsonl
 from tests.reliability.harness import batchrun, cli
@@ -35,7 +35,9 @@ def sibling(out: Path, suffix: str) -> Path:
 def test_every_run_writes_its_trace_and_a_self_contained_report(tmp_path: Path) -> None:
     out = run_fake(tmp_path)
     summary = json.loads(sibling(out, ".summary.json").read_text())
-    trace = pq.read_table(sibling(out, ".trace.parquet"))
+    trace = read_saved_trace(out)
+    # Beside the output, and not taken for data by a glob over the folder's Parquet files.
+    assert [p.name for p in out.parent.glob("*.parquet")] == [out.name]
     # One record per engine step, whose tokens add up to the job's.
     assert trace.num_rows == summary["batch"]["steps"] > 0
     assert sum(trace["completion_tokens"].to_pylist()) == summary["tokens"]["completion"]
@@ -65,7 +67,7 @@ def test_the_trace_of_a_resumed_job_covers_every_run(tmp_path: Path) -> None:
     assert sibling(out, ".report.html").exists()
     second = batchrun(*args, "--resume")
     assert second.returncode == EXIT_OK, second.stderr
-    trace = pq.read_table(sibling(out, ".trace.parquet"))
+    trace = read_saved_trace(out)
     runs = trace["run"].to_numpy()
     assert (runs == 0).sum() == 12 and (runs == 1).sum() > 0
     spans = json.loads(sibling(out, ".summary.json").read_text())["stage_spans"]

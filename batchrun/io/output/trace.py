@@ -5,8 +5,10 @@ batch, prompt and completion tokens, KV-cache use, preemptions, which replica ra
 appended in record batches to an Arrow IPC stream `trace-NNNNN.arrows` in the checkpoint
 folder, one stream per run of the job, as the result journals are. A resumed run adds its
 own stream beside those of earlier runs, so once the job completes the merged trace
-(`<output>.trace.parquet`) covers the whole job. Each run also leaves the start and end of
-its stages (`stages-NNNNN.json`): the report draws them as bands on the time axis.
+(`<output>.trace.arrow`, an Arrow IPC file: not `.parquet`, which a glob over an output
+folder's Parquet files would take for data) covers the whole job. Each run also leaves the
+start and end of its stages (`stages-NNNNN.json`): the report draws them as bands on the time
+axis.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.parquet as pq
+import pyarrow.feather as feather
 
 from ..files import temp_path
 
@@ -36,7 +38,7 @@ TRACE_SCHEMA = pa.schema([
 
 def trace_path_for(output: Path) -> Path:
     """The merged trace of a finished job, beside its output (and its summary)."""
-    return output.with_name(output.name + ".trace.parquet")
+    return output.with_name(output.name + ".trace.arrow")
 
 
 def _numbered(folder: Path, prefix: str, suffix: str) -> list[Path]:
@@ -104,9 +106,14 @@ def load_stage_spans(checkpoint: Path) -> list[dict[str, Any]]:
 
 
 def write_trace(checkpoint: Path, output: Path) -> Path:
-    """The checkpoint's trace merged into `<output>.trace.parquet` (atomically)."""
+    """The checkpoint's trace merged into `<output>.trace.arrow` (atomically)."""
     path = trace_path_for(output)
     tmp = temp_path(path)
-    pq.write_table(read_trace(checkpoint), tmp, compression="zstd")
+    feather.write_feather(read_trace(checkpoint), tmp, compression="zstd")
     os.replace(tmp, path)
     return path
+
+
+def read_saved_trace(output: Path) -> pa.Table:
+    """The merged trace of a finished job (`write_trace`)."""
+    return feather.read_table(trace_path_for(output))
