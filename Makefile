@@ -51,7 +51,7 @@ browser:
 		&& $(if $(filter 0,$(shell id -u)),,sudo) apt-get install -y -q chromium; }
 
 test: setup airflow-venv browser
-	$(BIN)/python -m pytest tests -q
+	$(BIN)/python -m pytest tests -q --durations=20
 
 lint: setup
 	$(BIN)/ruff check batchrun kernels tests benchmarks

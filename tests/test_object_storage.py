@@ -69,9 +69,11 @@ def test_s3_input_and_output_give_the_rows_of_a_local_run(s3, tmp_path: Path) ->
     assert summary["input"] == f"{bucket}/in.jsonl" and summary["output"] == f"{bucket}/out.parquet"
     # The staged file and the checkpoint are gone from the work dir; its summary stays.
     work = default_work_dir(f"{bucket}/out.parquet")
-    # No checkpoint left; the summary and the engine's log stay in the work dir.
-    assert sorted(p.name for p in work.iterdir()) == ["out.parquet.log",
-                                                      "out.parquet.summary.json"]
+    # No checkpoint left; the summary, the engine's log, the report and its trace stay in the
+    # work dir.
+    assert sorted(p.name for p in work.iterdir()) == [
+        "out.parquet.log", "out.parquet.report.html", "out.parquet.summary.json",
+        "out.parquet.trace.arrow"]
     again = batchrun("run", f"{bucket}/in.jsonl", "-o", f"{bucket}/out.parquet",
                      "--engine", "fake", "--max-tokens", "8")
     assert again.returncode == EXIT_OK and "already exists" in again.stderr

@@ -136,7 +136,7 @@ def test_openai_batch_input_both_endpoints_and_an_unsupported_url(tmp_path, vllm
                   "max_tokens": 6}},
         {"custom_id": "cmpl-1", "method": "POST", "url": "/v1/completions",
          "body": {"model": "x", "prompt": "The sky is", "max_tokens": 6}},
-        {"custom_id": "emb-1", "method": "POST", "url": "/v1/embeddings",
+        {"custom_id": "emb-1", "method": "POST", "url": "/v1/responses",
          "body": {"model": "x", "input": "hello"}},
     ]
     cfg = replace(job(tmp_path, write_jsonl(tmp_path / "batch.jsonl", rows)),
