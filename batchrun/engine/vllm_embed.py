@@ -5,7 +5,6 @@ vector as the result."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +18,7 @@ from .vllm_engine import (
     GPU_DEFAULTS,
     engine_step,
     environment,
+    in_process_core_environment,
     on_cpu,
     rejected,
     wake_on_engine_death,
@@ -81,11 +81,7 @@ class VllmEmbedEngine:
 
         self._args = embed_engine_args(model_dir, options, enforce_eager=enforce_eager)
         self._normalize = model_normalizes(model_dir, normalize)
-        env = {}
-        if on_cpu():  # in-process engine core: see vllm_engine.engine_environment
-            env["VLLM_ENABLE_V1_MULTIPROCESSING"] = os.environ.get(
-                "VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-        with environment(env):
+        with environment(in_process_core_environment()):
             self._engine = LLMEngine.from_engine_args(
                 EngineArgs(**self._args), usage_context=UsageContext.LLM_CLASS)
         self._watch = wake_on_engine_death(self._engine.engine_core)

@@ -184,11 +184,17 @@ def engine_environment(attention: AttentionChoice, stats_dir: Path) -> dict[str,
       the engine starts ~3x faster and SIGTERM/SIGINT reach batchrun's graceful drain
       instead of killing a child engine process first.
     The engine's processes inherit them; vLLM caches its own variables once it has started."""
-    values = {ATTENTION_ENV_VAR: attention.engine_mode, STATS_ENV_VAR: str(stats_dir)}
-    if on_cpu():
-        values["VLLM_ENABLE_V1_MULTIPROCESSING"] = os.environ.get(
-            "VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-    return values
+    return {ATTENTION_ENV_VAR: attention.engine_mode, STATS_ENV_VAR: str(stats_dir),
+            **in_process_core_environment()}
+
+
+def in_process_core_environment() -> dict[str, str]:
+    """On CPU, vLLM's engine core in this process (see ``engine_environment``), unless the
+    user chose otherwise; elsewhere nothing."""
+    if not on_cpu():
+        return {}
+    return {"VLLM_ENABLE_V1_MULTIPROCESSING": os.environ.get(
+        "VLLM_ENABLE_V1_MULTIPROCESSING", "0")}
 
 
 def wake_on_engine_death(client: Any) -> threading.Event | None:

@@ -278,16 +278,18 @@ def _without_duplicates(job: PreparedJob) -> PreparedJob:
     """The job with identical deterministic requests run once (see plan/dedupe.py)."""
     sampling = row_sampling(job)
     adapters = job.row_adapters
+    positions = job.tokens.positions.tolist()
     keys: list[Any] = []
     if job.config.embeds:  # an embedding is its input's alone (and its adapter's)
-        keys = [(adapters[pos],) for pos in job.tokens.positions.tolist()]
-    for i, pos in enumerate([] if keys else job.tokens.positions.tolist()):
-        temperature, top_p, seed, stop = sampling(pos)
-        # Everything that shapes the output: a constraint, logprobs or another adapter
-        # make rows differ too.
-        keys.append((int(job.max_tokens[i]), temperature, top_p, seed, stop,
-                     job.constraints[i], job.logprobs[i], adapters[pos])
-                    if is_deterministic(temperature, seed) else None)
+        keys = [(adapters[pos],) for pos in positions]
+    else:
+        for i, pos in enumerate(positions):
+            temperature, top_p, seed, stop = sampling(pos)
+            # Everything that shapes the output: a constraint, logprobs or another adapter
+            # make rows differ too.
+            keys.append((int(job.max_tokens[i]), temperature, top_p, seed, stop,
+                         job.constraints[i], job.logprobs[i], adapters[pos])
+                        if is_deterministic(temperature, seed) else None)
     found = find_duplicates(job.tokens.values, job.tokens.offsets, keys)
     if not found.copies:
         return job
