@@ -15,7 +15,8 @@ PACKAGE = Path(batchrun.__file__).parent
 # Lowest first. A module may import its own layer and the layers below it. Names are module
 # paths under batchrun/ (a folder stands for everything in it).
 LAYERS = [
-    {"errors", "version", "clock", "structured", "io.storage", "io.files", "io.schema", "plan"},
+    {"errors", "version", "clock", "machine", "structured", "io.storage", "io.files",
+     "io.schema", "plan"},
     {"config", "model", "job_file"},
     {"engine", "io.datasets", "io.input", "io.output"},
     {"ingest"},

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import SimDevice
+from ..machine import cpu_model_name
 from ..model import cache_root, default_model_path
 from .sim_cost import DEFAULT_CPU_PROFILE, CostProfile
 from .sim_devices import GPUS, gpu_figures, gpu_named, gpu_profile
@@ -59,16 +60,7 @@ class ProfileKey:
 def cpu_identity() -> str:
     """This machine's CPU as a profile knows it: its model name and the threads this process
     may run on (vLLM's CPU workers use them all)."""
-    name = "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() in ("model name", "Model", "Hardware") and value.strip():
-                name = value.strip()
-                break
-    except OSError:
-        pass
-    return f"cpu: {name}, {len(os.sched_getaffinity(0))} threads"
+    return f"cpu: {cpu_model_name() or 'unknown CPU'}, {len(os.sched_getaffinity(0))} threads"
 
 
 def this_device() -> str:

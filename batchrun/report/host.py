@@ -7,24 +7,15 @@ import platform
 import subprocess
 from typing import Any
 
+from ..machine import cpu_model_name
+
 
 def host_facts() -> dict[str, Any]:
     """The host's name, OS, CPU and its cores, and its GPUs (nvidia-smi's names, if any)."""
     return {"hostname": platform.node(), "system": platform.platform(terse=True),
-            "cpu": _cpu_model() or platform.processor() or platform.machine(),
+            "cpu": cpu_model_name() or platform.processor() or platform.machine(),
             "cpu_cores": os.cpu_count(), "python": platform.python_version(),
             "gpus": _gpus()}
-
-
-def _cpu_model() -> str | None:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return None
 
 
 def _gpus() -> list[str]:
