@@ -14,6 +14,7 @@ from .api import build_config, quiet_engine_logs, run_config
 from .cli_options import (
     AdapterOpt,
     ChoiceOpt,
+    EarlyStartOpt,
     EngineOpt,
     EstimateRunOpt,
     FormatOpt,
@@ -168,6 +169,7 @@ def run(
     engine: EngineOpt = None,
     estimate: EstimateRunOpt = False,
     report: ReportOpt = True,
+    early_start: EarlyStartOpt = True,
     replay_lengths: Annotated[str | None, typer.Option(
         help="With --engine sim: end each row's completion where an earlier output of this "
              "job (its Parquet file, local or a URI) ended it, by row id; rows that ended by "
@@ -214,7 +216,7 @@ def run(
             attention=attention, prompt_column=prompt_column, id_column=id_column,
             passthrough=passthrough, replicas=replicas, ray_address=ray_address,
             replay_lengths=replay_lengths, sim_device=sim_device, max_loras=max_loras,
-            report=report, **adapter_overrides(adapter),
+            report=report, early_start=early_start, **adapter_overrides(adapter),
             **_constraint_overrides(json_schema, choice, regex))
         summary = run_config(cfg, engine=engine and engine.value, resume=resume,
                              overwrite=overwrite, progress=progress, grace_period=grace_period,

@@ -92,5 +92,10 @@ ReportOpt = Annotated[bool, typer.Option(
     "--report/--no-report", help="Write <output>.report.html beside the summary: the run's "
     "throughput, batch and KV use over time, the prefix plan, replicas, output lengths, "
     "errors, settings (rebuild it any time with `batchrun report OUTPUT`).")]
+EarlyStartOpt = Annotated[bool, typer.Option(
+    "--early-start/--no-early-start", help="On a job larger than one sorted run (--memory-"
+    "budget/16 of rows), start the engine on the first rows while the rest is read, and hand "
+    "it more whenever it would wait; costs a recomputed shared prefix per run handed early. "
+    "--no-early-start reads and plans the whole job first. Not with --replicas.")]
 PlanReportOpt = Annotated[Path | None, typer.Option(
     "--report", help="Also draw the plan (and the --estimate) into this HTML file.")]

@@ -235,6 +235,9 @@ class JobConfig:
     openai_output: Location | None = None  # also write OpenAI-batch-style JSONL here
     plan: bool = True  # False: run in file order (what plain vLLM would do)
     report: bool = True  # write <output>.report.html beside the summary
+    # Start the engine on the first rows of a job larger than one sorted run while the rest
+    # is read (job/early_start.py); False: read and plan the whole job first.
+    early_start: bool = True
     # Where the checkpoint (and, for a remote output, the staged file) lives; None: next to
     # a local output, or a cache folder for a remote one (batchrun.job.paths.output_paths).
     work_dir: Path | None = None

@@ -8,7 +8,9 @@ batchrun's own stages (read, shard, plan, dedupe, journal, write) do the rest: ~
 idle 2-core machine, both runs and writing the job included. What batchrun holds is the
 run's peak RSS less that of the same command on a 100-row job (the interpreter, pyarrow,
 numpy, polars: the same in both), measured by the kernel for the whole process (wait4's
-ru_maxrss), the final write included.
+ru_maxrss), the final write included. With --no-early-start: every run sorted and spilled
+through the global plan (early start, which runs its first rows while the rest is read, is
+measured at scale by benchmarks/bench_scale.py).
 """
 
 from __future__ import annotations
@@ -71,7 +73,7 @@ def run_measured(tmp_path: Path, name: str, job: Path) -> Run:
         subprocess.run(
             [sys.executable, "-c", PEAK_OF, str(peak), sys.executable, "-m", "batchrun", "run",
              str(job), "-o", str(out), "--engine", "fake", "--max-tokens", "1",
-             "--memory-budget", str(BUDGET), "--json"],
+             "--memory-budget", str(BUDGET), "--no-early-start", "--json"],
             cwd=REPO, env=cli_env({"max_num_seqs": 256}), stdout=stdout, stderr=stderr,
             check=True, timeout=600)
     returncode, max_rss_kib = map(int, peak.read_text().split())

@@ -40,9 +40,11 @@ def rag_rows(n: int, seed: int = 0) -> list[dict]:
     return rows
 
 
-def sharded_job(tmp_path, rows, budget=BUDGET, name="out"):
+def sharded_job(tmp_path, rows, budget=BUDGET, name="out", early_start=False):
+    """The job in prefix shards; `early_start` False: every row in the global plan's shards
+    (test_early_start.py runs the pipeline's claims with it on)."""
     cfg = job(tmp_path, write_jsonl(tmp_path / "in.jsonl", rows))
-    cfg = replace(cfg, output=tmp_path / name / "results.parquet",
+    cfg = replace(cfg, output=tmp_path / name / "results.parquet", early_start=early_start,
                   columns=replace(cfg.columns, passthrough=("tag",)))
     return replace(cfg, engine=replace(cfg.engine, memory_budget=budget))
 
@@ -98,7 +100,7 @@ def test_shards_compute_each_shared_prefix_once(tmp_path, config_only_model):
 
     def run_on_a_small_cache(budget: int, name: str) -> dict:
         cfg = replace(job(tmp_path, path), model=str(config_only_model),
-                      output=tmp_path / name / "results.parquet")
+                      output=tmp_path / name / "results.parquet", early_start=False)
         cfg = replace(cfg, engine=replace(cfg.engine, memory_budget=budget))
         engine = sim_engine(config_only_model, 28)
         assert engine.info.kv_capacity_tokens == cache_tokens
@@ -173,7 +175,8 @@ def test_a_sharded_run_writes_every_openai_line_once_in_input_order(tmp_path, mo
     monkeypatch.setattr(_AtomicOutput, "write", lambda self, results, columns: (
         ranges.append(results.num_rows), real_write(self, results, columns))[1])
     result = cli("run", tmp_path / "batch.jsonl", "-o", out, "--openai-output", openai_out,
-                 "--engine", "fake", "--memory-budget", str(budget), "--json")
+                 "--engine", "fake", "--memory-budget", str(budget), "--no-early-start",
+                 "--json")
     assert result.exit_code == EXIT_OK, result.stderr
     summary = json.loads(result.stdout)
     # Several shards, and the output (both files) written in several row ranges.

@@ -187,7 +187,9 @@ def size_engine(*, longest: LongestRequest | None, context: int, block_size: int
     if user_kv_cache_memory:
         kv, kv_reason = user_kv_cache_memory, "set by the user (kv_cache_memory)"
     elif size_kv_from_job and kv_bytes_per_token:
-        kv, kv_reason = job_kv_cache_memory(window_tokens, round_up(max_model_len, block_size),
+        # One block more than the longest request: vLLM keeps a block as its null block.
+        kv, kv_reason = job_kv_cache_memory(window_tokens,
+                                            round_up(max_model_len, block_size) + block_size,
                                             kv_bytes_per_token, memory_available())
         kv = round_up(kv, kv_bytes_per_token * block_size)  # whole blocks
     else:

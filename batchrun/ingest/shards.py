@@ -17,14 +17,16 @@ While the job fits the budget nothing else happens: a small job is one shard, ne
 to disk. Past the budget's share for one run, the collected rows are sorted (the prefix
 tree's sort) and spilled as a sorted run: a compact, compressed Arrow IPC file of
 fixed-size record batches (spill.py), keeping in memory only the first prompt of each batch
-(its head). At the end, splitters are chosen from the heads of all runs (a sample of the
-sorted order, weighted by bytes), and each shard is the slice of every run between two
-splitters, found by binary search and read batch by batch.
+(its head). A run may instead be handed on unsorted (`hand_on`: the job starts its engine on
+it while the rest is read; job/early_start.py): its rows then join no shard. At the end,
+splitters are chosen from the heads of all runs (a sample of the sorted order, weighted by
+bytes), and each shard is the slice of every run between two splitters, found by binary
+search and read batch by batch.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -150,6 +152,9 @@ class ShardBuilder:
     pending_bytes: int = 0
     runs: list[SortedRun] = field(default_factory=list)
     rows: int = 0
+    # Takes a full run's rows instead of spilling them, or declines (False): early start.
+    hand_on: Callable[[pa.Table], bool] | None = None
+    handed_rows: int = 0
 
     @property
     def spilled_bytes(self) -> int:
@@ -168,7 +173,16 @@ class ShardBuilder:
         self.pending_bytes += table.nbytes
         self.rows += table.num_rows
         if self.pending_bytes > self.run_bytes:
-            self._spill()
+            self._hand_on_or_spill()
+
+    def _hand_on_or_spill(self) -> None:
+        if self.hand_on is not None:
+            table = pa.concat_tables(self.pending)
+            if self.hand_on(table):
+                self.handed_rows += table.num_rows
+                self.pending, self.pending_bytes = [], 0
+                return
+        self._spill()
 
     def _spill(self) -> None:
         self.spill_dir.mkdir(parents=True, exist_ok=True)

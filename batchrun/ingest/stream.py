@@ -50,27 +50,45 @@ class ShardedJob:
     new_tokens: int = 0  # the sum of their max_tokens
     replay: ReplayLengths | None = None  # the sim engine's replayed lengths (lengths.py)
     spilled_rows: int = 0  # rows in the spilled runs' files
+    early_rows: int = 0  # rows handed on as EarlyRows while reading: in no shard
 
     @property
     def pending_rows(self) -> int:
         """Rows to run or to report as errors in this run (not finished before)."""
-        return sum(s.rows for s in self.shards)
+        return sum(s.rows for s in self.shards) + self.early_rows
 
     def remove_spill(self) -> None:
         shutil.rmtree(self.spill_dir, ignore_errors=True)
+
+
+@dataclass(frozen=True)
+class EarlyRows:
+    """A run's worth of tokenized requests (REQUEST_SCHEMA, input order) handed on while the
+    rest of the job is still being read, to run as a shard of its own."""
+
+    table: pa.Table
+    input_format: str
+    max_model_len: int
+    new_tokens_so_far: int  # the job's max_tokens read so far (these rows' and earlier ones')
+
+    def load(self) -> pa.Table:  # as Shard.load
+        return self.table
 
 
 def read_into_shards(config: JobConfig, *, engine_kind: str, finished_rows: np.ndarray,
                      spill_dir: Path,
                      engine_max_model_len: int | None = None,
                      stop: Callable[[], bool] = lambda: False,
-                     clock: StageClock | None = None) -> ShardedJob:
+                     clock: StageClock | None = None,
+                     hand_on: Callable[[EarlyRows], bool] | None = None) -> ShardedJob:
     """Read the input batch by batch, tokenize each batch, and cut the job into prefix shards
     in `config.engine.memory_budget`. Rows in `finished_rows` (sorted row numbers: finished in an
     earlier run) are read for their pass-through columns only. Replayed output lengths
     (`config.engine.replay_lengths`, the sim engine's) are joined to the rows as they are
     read (lengths.py). `stop()` ends the read early
-    (a signal): the job then has no shards. `clock` gets the read, tokenize, shard seconds."""
+    (a signal): the job then has no shards. `clock` gets the read, tokenize, shard seconds.
+    `hand_on` is offered each full run before it is spilled; the rows of a run it takes
+    (True) join no shard (ShardedJob.early_rows counts them)."""
     clock = clock or StageClock()
     tokenizer, max_model_len = load_tokenizer(config, engine_kind, engine_max_model_len)
     replay = replay_lengths(config.engine.replay_lengths, engine_kind)
@@ -82,6 +100,9 @@ def read_into_shards(config: JobConfig, *, engine_kind: str, finished_rows: np.n
     columns = InputColumns(spill_dir, memory_bytes=budget // 16)
     sizes = _RequestSizes()
     stream = open_request_stream(config.input, config.columns, config.input_format)
+    if hand_on is not None:
+        builder.hand_on = lambda table: hand_on(
+            EarlyRows(table, stream.input_format, max_model_len, sizes.new_tokens))
     for batch in clock.timed("read", stream):
         check_endpoints(config, batch.requests["endpoint"], stream.input_format)
         table = resolve_adapters(batch.requests, config, batch.input_format)
@@ -101,12 +122,13 @@ def read_into_shards(config: JobConfig, *, engine_kind: str, finished_rows: np.n
                                         if config.adapters else {})}))
         if stop():
             return ShardedJob(columns.rows, stream.input_format, [], columns, 0, max_model_len,
-                              None, spill_dir, replay=replay)
+                              None, spill_dir, replay=replay,
+                              early_rows=builder.handed_rows)
     with clock("shard"):
         shards = builder.finish()
     return ShardedJob(columns.rows, stream.input_format, shards, columns, builder.spilled_bytes,
                       max_model_len, sizes.longest, spill_dir, sizes.runnable_requests,
-                      sizes.new_tokens, replay, builder.spilled_rows)
+                      sizes.new_tokens, replay, builder.spilled_rows, builder.handed_rows)
 
 
 _EMBEDDINGS = {ENDPOINT_EMBEDDING, ENDPOINT_EMBEDDING_BASE64}

@@ -29,11 +29,15 @@ from ..model import kv_bytes_per_token, num_layers
 
 
 def engine_sizing(job: PreparedJob, engine_kind: str = EngineKind.VLLM, *,
-                  longest: LongestRequest | None = None) -> EngineSizing:
+                  longest: LongestRequest | None = None,
+                  whole_context: bool = False) -> EngineSizing:
     """The engine settings this job gets (see engine/sizing.py), without starting it. A job
     of several shards is sized by its first shard's plan and the whole job's `longest`
-    request; its LoRA adapters by the job's config (engine/lora.py)."""
-    sizing = _sized(job, engine_kind, longest)
+    request; its LoRA adapters by the job's config (engine/lora.py). `whole_context`: the
+    rest of the job is not read yet, so any request up to the model's context may come."""
+    sizing = _sized(job, engine_kind, None if whole_context else longest or job.longest_request())
+    if whole_context:
+        sizing = replace(sizing, max_model_len_reason=WHOLE_CONTEXT_REASON)
     if engine_kind == EngineKind.FAKE:
         return sizing
     from ..engine.vllm_engine import on_cpu
@@ -45,6 +49,7 @@ def engine_sizing(job: PreparedJob, engine_kind: str = EngineKind.VLLM, *,
 
 def _sized(job: PreparedJob, engine_kind: str,
            longest: LongestRequest | None) -> EngineSizing:
+    """Sized for `longest`; None: for any request up to the model's context."""
     opts = job.config.engine
     # The sim engine is sized as vLLM is (block size, KV bytes a token from config.json): a
     # simulation sees the cache a real run would have.
@@ -64,8 +69,7 @@ def _sized(job: PreparedJob, engine_kind: str,
         block_size, cpu = opts.block_size or default_block_size(), on_cpu()
         per_token = kv_bytes_per_token(model_dir, opts.dtype or default_dtype())
     if device_kv is not None:
-        sizing = size_engine(longest=longest or job.longest_request(),
-                             context=job.max_model_len, block_size=block_size,
+        sizing = size_engine(longest=longest, context=job.max_model_len, block_size=block_size,
                              kv_bytes_per_token=per_token, user_kv_cache_memory=device_kv[0],
                              size_kv_from_job=False, window_tokens=0)
         return replace(sizing, kv_cache_reason=device_kv[1])
@@ -78,10 +82,21 @@ def _sized(job: PreparedJob, engine_kind: str,
             np.repeat(np.arange(len(groups)), [len(g.members) for g in groups]),
             np.array([g.prefix_blocks for g in groups], dtype=np.int64),
             opts.max_num_seqs or DEFAULT_MAX_NUM_SEQS, block_size)
-    return size_engine(longest=longest or job.longest_request(), context=job.max_model_len,
+    return size_engine(longest=longest, context=job.max_model_len,
                        block_size=block_size, kv_bytes_per_token=per_token,
                        user_kv_cache_memory=opts.kv_cache_memory, size_kv_from_job=size_kv,
                        window_tokens=window)
+
+
+WHOLE_CONTEXT_REASON = ("the model's context: the engine started while the job was still "
+                        "read, before its longest request was known (early start)")
+
+
+def fits_whole_context(sizing: EngineSizing) -> bool:
+    """Whether the KV cache holds a request of the whole context: an engine started early
+    needs it; with a smaller kv_cache_memory set, the job waits for its longest request."""
+    capacity = sizing.kv_capacity_tokens
+    return capacity is None or capacity >= sizing.max_model_len
 
 
 def job_sharing(job: PreparedJob, *, block_size: int, kv_bytes_per_token: int,

@@ -9,7 +9,7 @@ from typing import TextIO
 
 
 class ProgressReporter:
-    def __init__(self, total: int, *, already_done: int = 0, interactive: bool | None = None,
+    def __init__(self, total: int | None, *, already_done: int = 0, interactive: bool | None = None,
                  interval_s: float = 30.0, stream: TextIO | None = None) -> None:
         self.total = total
         self.rows_done = already_done
@@ -39,6 +39,12 @@ class ProgressReporter:
             self._task = self._bar.add_task("run", total=total, completed=already_done, tps="-")
             self._bar.start()
 
+    def set_total(self, total: int) -> None:
+        """The job's rows, once its read has ended (None until then: an early start)."""
+        self.total = total
+        if self._bar is not None:
+            self._bar.update(self._task, total=total)
+
     def advance(self, rows: int, tokens: int) -> None:
         self.rows_done += rows
         self._tokens += tokens
@@ -54,10 +60,15 @@ class ProgressReporter:
     def line(self) -> str:
         elapsed = time.monotonic() - self._t0
         rate = (self.rows_done - self._rows_done_at_start) / max(elapsed, 1e-9)
-        left = self.total - self.rows_done
-        eta = "0s" if left <= 0 else f"{left / rate:,.0f}s" if rate > 0 else "unknown"
-        pct = 100.0 * self.rows_done / max(self.total, 1)
-        return (f"batchrun: {self.rows_done}/{self.total} rows ({pct:.1f}%), "
+        if self.total is None:
+            done = f"{self.rows_done} rows (the rest of the job is still being read)"
+            eta = "unknown"
+        else:
+            left = self.total - self.rows_done
+            eta = "0s" if left <= 0 else f"{left / rate:,.0f}s" if rate > 0 else "unknown"
+            pct = 100.0 * self.rows_done / max(self.total, 1)
+            done = f"{self.rows_done}/{self.total} rows ({pct:.1f}%)"
+        return (f"batchrun: {done}, "
                 f"{self._tokens / max(elapsed, 1e-9):,.0f} tok/s, elapsed {elapsed:,.0f}s, "
                 f"eta {eta}")
 

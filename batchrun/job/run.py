@@ -8,6 +8,7 @@ import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import pyarrow as pa
@@ -32,7 +33,7 @@ from ..execute.stop import StopFlag
 from ..execute.trace import StepTrace
 from ..ingest.prepare import PreparedJob, prepare_shard
 from ..ingest.shards import Shard
-from ..ingest.stream import ShardedJob, read_into_shards
+from ..ingest.stream import EarlyRows, ShardedJob, read_into_shards
 from ..io import storage
 from ..io.datasets import input_fingerprint
 from ..io.output.checkpoint import Checkpoint, ResultJournal, partial_dir_for
@@ -40,7 +41,8 @@ from ..io.output.lock import JobLock
 from ..io.output.writer import OutputFiles, read_finished_rows, write_in_row_order
 from ..plan.job_figures import JobPlanFigures
 from ..version import __version__
-from .engine_setup import choose_job_attention, engine_sizing
+from .early_start import BackgroundRead
+from .engine_setup import choose_job_attention, engine_sizing, fits_whole_context
 from .paths import OutputPaths, check_output_paths, output_paths, remove_staged
 from .progress import ProgressReporter
 from .run_trace import RunTrace, merge_trace, report
@@ -127,11 +129,15 @@ class _JobRun:
     paths: OutputPaths
     ckpt: Checkpoint
     counts: ResultCounts
-    sharded: ShardedJob
+    sharded: ShardedJob | None  # None while the job is still read (early start)
     engine: Engine | None
     own_engine: bool
     sizing: EngineSizing | None = None
-    first: PreparedJob | None = None  # the first shard, prepared while sizing the engine
+    first: PreparedJob | None = None  # the first rows to run, prepared while sizing the engine
+    reader: BackgroundRead | None = None  # the read, when it goes on beside the engine
+    early: EarlyRows | None = None  # the first rows handed on by that read
+    early_runs: int = 0
+    shards_run: int = 0
     start_failure: EngineDiedError | None = None
     status: str = "ok"
     message: str = ""
@@ -158,19 +164,28 @@ class _JobRun:
         counts = ResultCounts()
         finished_rows = read_finished_rows(ckpt.journals(), counts.count)
         clock = StageClock()
+        read = partial(read_into_shards, config, engine_kind=engine_kind,
+                       finished_rows=finished_rows, spill_dir=ckpt.path / "spill",
+                       engine_max_model_len=engine.info.max_model_len if engine else None,
+                       clock=clock)
+        reader, early, sharded = None, None, None
         try:
-            sharded = read_into_shards(
-                config, engine_kind=engine_kind, finished_rows=finished_rows,
-                spill_dir=ckpt.path / "spill",
-                engine_max_model_len=engine.info.max_model_len if engine else None,
-                stop=lambda: stop.requested, clock=clock)
+            if config.early_start and not config.cluster.on_ray:
+                reader = BackgroundRead(lambda hand_on, abandoned: read(
+                    hand_on=hand_on, stop=lambda: stop.requested or abandoned()))
+                early = reader.next_rows()
+                sharded = reader.result() if early is None else None
+            else:
+                sharded = read(stop=lambda: stop.requested)
         except BaseException:
+            if reader is not None:
+                reader.abandon()
             # An unusable input, model or setting: leave no empty checkpoint.
             if not len(finished_rows):
                 ckpt.remove()
             raise
         run = cls(config, paths, ckpt, counts, sharded, engine, own_engine=engine is None,
-                  clock=clock, started_at=started_at)
+                  reader=reader, early=early, clock=clock, started_at=started_at)
         try:
             run._start_engine(engine_kind, stop)
         except EngineDiedError as e:
@@ -184,16 +199,24 @@ class _JobRun:
     def _start_engine(self, engine_kind: str, stop: StopFlag) -> None:
         """Size and start the engine, unless nothing is left to generate (a resume after a
         failed final write, only error rows) or a signal came while reading: starting vLLM
-        takes a minute."""
-        sharded = self.sharded
-        if sharded.runnable_requests == 0 or stop.requested:
+        takes a minute. Started early, before the job's longest request is known, it is
+        sized for the model's whole context (early_start.py)."""
+        sharded, early = self.sharded, self.early
+        if not self._has_work() or stop.requested:
             return
+        rows, read = (early, early) if early is not None else (sharded.shards[0], sharded)
         with self.clock("plan"):
-            self.first = prepare_shard(self.config, sharded.shards[0].load(),
-                                       sharded.input_format, sharded.max_model_len)
+            self.first = prepare_shard(self.config, rows.load(), read.input_format,
+                                       read.max_model_len)
         if self.own_engine:
-            self.sizing = engine_sizing(self.first, engine_kind, longest=sharded.longest)
+            self.sizing = engine_sizing(self.first, engine_kind, whole_context=True) \
+                if early is not None else None
+            if self.sizing is None or not fits_whole_context(self.sizing):
+                # A KV cache set below the context: size for the job's longest request
+                sharded = self.sharded = self.sharded or self.reader.result()
+                self.sizing = engine_sizing(self.first, engine_kind, longest=sharded.longest)
             first = self.first
+            new_tokens = sharded.new_tokens if sharded else early.new_tokens_so_far
             if self.config.cluster.on_ray and engine_kind == EngineKind.SIM:
                 self.replicas = start_simulated_replicas(self.config, self.sizing, sharded)
                 return
@@ -202,8 +225,11 @@ class _JobRun:
                                                attention=lambda: choose_job_attention(first))
                 return
             self.engine = start_engine(engine_kind, self.config, self.sizing,
-                                       new_tokens=sharded.new_tokens,
+                                       new_tokens=new_tokens,
                                        attention=lambda: choose_job_attention(first))
+
+    def _has_work(self) -> bool:
+        return self.early is not None or self.sharded.runnable_requests > 0
 
     def generate(self, stop: StopFlag, *, interactive: bool | None, grace_s: float) -> None:
         journal: ResultJournal | None = None
@@ -212,12 +238,13 @@ class _JobRun:
             journal = self.ckpt.new_journal()
             self.run_trace = RunTrace(self.trace)
             self.run_trace.open(self.ckpt.path)
-            if self.sharded.runnable_requests > 0 and not stop.requested:
+            if self._has_work() and not stop.requested:
                 if self.start_failure is not None:  # reported like an engine failure mid-run
                     raise self.start_failure
                 self._note_engine_counters()
                 terminal().write(self._start_line() + "\n")
-            progress = ProgressReporter(self.sharded.rows, already_done=self.counts.rows,
+            progress = ProgressReporter(self.sharded.rows if self.sharded else None,
+                                        already_done=self.counts.rows,
                                         interactive=interactive, stream=terminal())
             self._run_shards(journal, progress, stop, grace_s)
             if stop.requested and self.counts.rows < self.sharded.rows:
@@ -236,6 +263,9 @@ class _JobRun:
                 f"cannot write results ({e.strerror or e}): {self.ckpt.path} holds every row "
                 "finished so far; free space and re-run with --resume")
         finally:
+            if self.sharded is None:  # the job ended while it was still read
+                self.reader.abandon()
+                self.sharded = self.reader.result()
             if progress is not None:
                 progress.close()
             if journal is not None:
@@ -256,26 +286,47 @@ class _JobRun:
             tokens = self.counts.count(table)
             progress.advance(table.num_rows, tokens.prompt + tokens.completion)
 
+        if self.reader is not None:
+            self._run_early(on_results, stop, grace_s)
+            progress.set_total(self.sharded.rows)
         if self.replicas is not None:
             with self.clock("run"):
                 shard_runs = self.replicas.run(self.sharded.shards, on_results, stop, grace_s)
         else:
             shard_runs = (self._run_shard(shard, on_results, stop, grace_s)
                           for shard in self.sharded.shards if not stop.requested)
-        for n, shard_run in enumerate(shard_runs):
-            self.plan.add(shard_run.plan, shard_run.first_prompt, shard_run.last_prompt)
-            self.run_trace.add_shard(n, shard_run.prefixes, shard_run.steps)
-            for kind, n in shard_run.constrained.items():
-                self.constrained[kind] = self.constrained.get(kind, 0) + n
-            self.logprobs_rows += shard_run.logprobs_rows
+        for shard_run in shard_runs:
+            self._add_shard_run(shard_run)
 
-    def _run_shard(self, shard: Shard, on_results: Callable[[pa.Table], None],
+    def _run_early(self, on_results: Callable[[pa.Table], None], stop: StopFlag,
+                   grace_s: float) -> None:
+        """Run the rows the read hands on while it goes on (early_start.py), then wait for
+        its end: the rest of the job in shards."""
+        rows = self.early
+        while rows is not None and not stop.requested:
+            self.early_runs += 1
+            self._add_shard_run(self._run_shard(rows, on_results, stop, grace_s))
+            rows = self.reader.next_rows()
+        if stop.requested:
+            self.reader.abandon()
+        self.sharded = self.reader.result()
+
+    def _add_shard_run(self, shard_run: ShardRun) -> None:
+        self.plan.add(shard_run.plan, shard_run.first_prompt, shard_run.last_prompt)
+        self.run_trace.add_shard(self.shards_run, shard_run.prefixes, shard_run.steps)
+        self.shards_run += 1
+        for kind, n in shard_run.constrained.items():
+            self.constrained[kind] = self.constrained.get(kind, 0) + n
+        self.logprobs_rows += shard_run.logprobs_rows
+
+    def _run_shard(self, rows: Shard | EarlyRows, on_results: Callable[[pa.Table], None],
                    stop: StopFlag, grace_s: float) -> ShardRun:
-        job, self.first = self.first, None  # the first shard was prepared at the start
+        job, self.first = self.first, None  # the first rows were prepared at the start
         if job is None:
+            read = self.sharded or self.early  # the job's input format and context
             with self.clock("plan"):
-                job = prepare_shard(self.config, shard.load(), self.sharded.input_format,
-                                    self.sharded.max_model_len)
+                job = prepare_shard(self.config, rows.load(), read.input_format,
+                                    read.max_model_len)
         return run_shard(job, self.engine, on_results, stop=stop, grace_s=grace_s,
                          trace=self.trace, clock=self.clock)
 
@@ -292,6 +343,10 @@ class _JobRun:
         info, sharded = self.engine.info, self.sharded
         kv = f", KV cache {info.kv_capacity_tokens:,} tokens" \
             if info.kv_capacity_tokens and not self.config.embeds else ""
+        if sharded is None:
+            return (f"batchrun: starting on the first {self.early.table.num_rows:,} rows while "
+                    f"the rest of the job is read, on {info.name}{kv}, context "
+                    f"{info.max_model_len:,} tokens")
         shards = f", in {len(sharded.shards)} prefix shards" if len(sharded.shards) > 1 else ""
         return (f"batchrun: {sharded.pending_rows:,} of {sharded.rows:,} rows to run on "
                 f"{info.name}{kv}, context {info.max_model_len:,} tokens{shards}")
@@ -367,6 +422,7 @@ class _JobRun:
         summary["stages"] = self._stage_figures()
         summary["structured_outputs"] = {"constrained_rows": dict(sorted(
             self.constrained.items())), "logprobs_rows": self.logprobs_rows}
+        summary["early_start"] = {"runs": self.early_runs, "rows": self.sharded.early_rows}
         summary["shards"] = {"count": len(self.sharded.shards),
                              "spilled_bytes": self.sharded.spilled_bytes,
                              "spilled_rows": self.sharded.spilled_rows,

@@ -4,6 +4,7 @@ RequestOrder to their KV capacity instead of building the groups and the run ord
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -48,7 +49,8 @@ def test_plan_sizes_the_engine_and_describes_one_order(tmp_path: Path,
 def test_a_sharded_run_orders_each_shard_once(tmp_path: Path,
                                               orders_built: list[int]) -> None:
     # A memory budget small enough for several shards: one order per shard, no more.
-    cfg = config(tmp_path, 400, block_size=4, memory_budget=1 << 20)
+    cfg = replace(config(tmp_path, 400, block_size=4, memory_budget=1 << 20),
+                  early_start=False)  # every row in the global plan's shards
     outcome = run_job(cfg, engine_kind="fake", handle_signals=False, interactive=False)
     shards = outcome.summary["shards"]["count"]
     assert outcome.exit_code == 0 and shards > 1

@@ -1,0 +1,178 @@
+"""Early start (job/early_start.py): on a job larger than one sorted run the engine starts on
+the first rows while the rest is still read, and gets more whenever it would wait.
+
+The jobs are dataset folders of several JSONL files (each file a batch of the read) under a
+memory budget of a few files' rows, on the deterministic fake engine: what is checked is
+the pipeline (when the engine starts, every row once in input order, resume), not speed."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import replace
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from batchrun.engine.fake import FakeEngine
+from batchrun.errors import EXIT_INTERRUPTED, EXIT_OK
+from batchrun.ingest import stream as ingest_stream
+from batchrun.io.output.checkpoint import Checkpoint, partial_dir_for
+from batchrun.job.engine_setup import WHOLE_CONTEXT_REASON
+from batchrun.job.run import run_job
+from tests.helpers import job, write_jsonl
+from tests.test_sharded_runs import rag_rows
+
+FILES, PER_FILE = 6, 60
+BUDGET = 160_000  # bytes: a run (a sixteenth) fills with about one file's rows
+
+
+def dataset(tmp_path: Path, seed: int = 0) -> tuple[Path, list[dict]]:
+    rows = rag_rows(FILES * PER_FILE, seed=seed)
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for k in range(FILES):
+        write_jsonl(folder / f"part-{k}.jsonl", rows[k * PER_FILE:(k + 1) * PER_FILE])
+    return folder, rows
+
+
+def early_job(tmp_path: Path, folder: Path, *, early_start: bool = True, name: str = "out"):
+    cfg = replace(job(tmp_path, folder), output=tmp_path / name / "results.parquet",
+                  early_start=early_start)
+    return replace(cfg, engine=replace(cfg.engine, memory_budget=BUDGET))
+
+
+def fake(**kwargs) -> FakeEngine:
+    return FakeEngine(**{"block_size": 4, "kv_capacity_tokens": 4096, "max_num_seqs": 16,
+                         **kwargs})
+
+
+def run_fake(cfg, engine: FakeEngine | None = None, **kwargs):
+    return run_job(cfg, engine_kind="fake", engine=engine or fake(), interactive=False,
+                   handle_signals=False, **kwargs)
+
+
+class SteppedFake(FakeEngine):
+    """Sets `stepped` at its first step."""
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.stepped = threading.Event()
+
+    def step(self):
+        self.stepped.set()
+        return super().step()
+
+
+@pytest.mark.parametrize("early_start", [True, False])
+def test_the_engine_steps_before_the_last_file_is_read(tmp_path, monkeypatch, early_start):
+    """The read of the third file waits (up to 10 s) for the engine's first step: with early
+    start the engine takes that step on the first file's rows; without it nothing reaches
+    the engine before the whole job is read, so the wait runs out."""
+    folder, _ = dataset(tmp_path)
+    engine = SteppedFake(block_size=4, kv_capacity_tokens=4096, max_num_seqs=16)
+    read_before_first_step: list[int] = []
+    real_open = ingest_stream.open_request_stream
+
+    class GatedStream:  # the reader's stream; its third batch waits for the first step
+        def __init__(self, stream) -> None:
+            self.stream = stream
+
+        def __getattr__(self, name: str):
+            return getattr(self.stream, name)
+
+        def __iter__(self):
+            for n, batch in enumerate(self.stream):
+                if n == 2:
+                    engine.stepped.wait(10)
+                    read_before_first_step.append(n if engine.stepped.is_set() else FILES)
+                yield batch
+
+    def gated_stream(*args, **kwargs):
+        return GatedStream(real_open(*args, **kwargs))
+
+    monkeypatch.setattr(ingest_stream, "open_request_stream", gated_stream)
+    outcome = run_fake(early_job(tmp_path, folder, early_start=early_start), engine)
+    assert outcome.exit_code == EXIT_OK
+    if early_start:
+        assert read_before_first_step == [2]
+        assert outcome.summary["early_start"]["rows"] > 0
+    else:
+        assert read_before_first_step == [FILES]
+        assert outcome.summary["early_start"] == {"runs": 0, "rows": 0}
+
+
+def test_an_early_started_job_gives_every_row_once_like_the_whole_plan(tmp_path):
+    folder, rows = dataset(tmp_path, seed=1)
+    early_engine, whole_engine = fake(), fake()
+    early = run_fake(early_job(tmp_path, folder, name="early"), early_engine)
+    whole = run_fake(early_job(tmp_path, folder, early_start=False, name="whole"), whole_engine)
+    assert early.exit_code == whole.exit_code == EXIT_OK
+    runs, handed = early.summary["early_start"]["runs"], early.summary["early_start"]["rows"]
+    assert runs >= 1 and 0 < handed < len(rows)
+    # What reached the engine: every distinct request once (duplicates within a piece run
+    # once), none twice, whichever piece of the job (early runs or shards) it was in.
+    assert len(early_engine.admission_order) == len(set(early_engine.admission_order))
+    a = pq.read_table(tmp_path / "early" / "results.parquet")
+    b = pq.read_table(tmp_path / "whole" / "results.parquet")
+    assert a["row"].to_pylist() == list(range(len(rows)))
+    assert a["id"].to_pylist() == [r["id"] for r in rows]
+    # The same generations (the fake engine's depend on the prompt only); what the cache
+    # served may differ.
+    assert a.drop(["cached_tokens"]).equals(b.drop(["cached_tokens"]))
+    assert not (tmp_path / "early" / "results.parquet.partial").exists()
+
+
+def test_a_job_killed_while_it_ran_early_resumes_without_losing_or_repeating_a_row(tmp_path):
+    folder, rows = dataset(tmp_path, seed=2)
+    cfg = early_job(tmp_path, folder)
+    first = run_fake(cfg, fake(max_num_seqs=4, die_after_steps=6))
+    assert first.exit_code == EXIT_INTERRUPTED and "--resume" in first.message
+    assert first.summary["early_start"]["runs"] == 1  # it died in the first rows handed on
+    finished = set(Checkpoint(partial_dir_for(cfg.output.local_path)).read_done()["id"]
+                   .to_pylist())
+    assert 0 < len(finished) < len(rows)
+    resumed = fake()
+    second = run_fake(cfg, resumed, resume=True)
+    assert second.exit_code == EXIT_OK
+    admitted = resumed.admission_order
+    assert len(admitted) == len(set(admitted)) and not set(admitted) & finished
+    assert set(admitted) | finished >= {r["id"] for r in rows} - _duplicate_ids(rows)
+    out = pq.read_table(cfg.output)
+    assert out["row"].to_pylist() == list(range(len(rows)))
+    assert second.summary["succeeded"] == len(rows)
+
+
+def _duplicate_ids(rows: list[dict]) -> set[str]:
+    """Ids of rows whose prompt an earlier row has (run once, their copies reuse it)."""
+    seen: set[tuple] = set()
+    dups = set()
+    for r in rows:
+        key = (r["prompt"], r["max_tokens"])
+        if key in seen:
+            dups.add(r["id"])
+        seen.add(key)
+    return dups
+
+
+def test_an_engine_started_early_is_sized_for_the_whole_context(tmp_path):
+    """Started before the job's longest request is read, the engine (here vLLM's scheduler
+    and KV cache: the sim engine) is sized for the model's whole context; with a
+    kv_cache_memory too small for that, it is sized for the job's longest request once the
+    read ends, and the rows read first still run first, as a piece of their own."""
+    folder, rows = dataset(tmp_path, seed=3)
+    block_bytes = 32 * 46_080  # a 32-token block of SmolLM2-135M's KV, float32
+    for kv_blocks, name in ((None, "whole"), (100, "small")):
+        cfg = early_job(tmp_path, folder, name=name)  # the default model, SmolLM2-135M
+        cfg = replace(cfg, engine=replace(cfg.engine, kv_cache_memory=kv_blocks and
+                                          kv_blocks * block_bytes))
+        outcome = run_job(cfg, engine_kind="sim", interactive=False, handle_signals=False)
+        assert outcome.exit_code == EXIT_OK, outcome.message
+        sizing = outcome.summary["engine_sizing"]
+        assert outcome.summary["early_start"]["runs"] >= 1
+        if kv_blocks is None:
+            assert sizing["max_model_len_reason"] == WHOLE_CONTEXT_REASON
+        else:  # 3,200 tokens of KV, under the model's 8,192-token context
+            assert sizing["max_model_len_reason"].startswith("the job's longest request")
+            assert sizing["max_model_len"] < 3_200
+        assert pq.read_table(cfg.output)["row"].to_pylist() == list(range(len(rows)))
