@@ -154,7 +154,7 @@ def test_openai_embeddings_lines_in_and_out(tmp_path):
              openai_line("ids", {"input": [101, 7592, 102]}),
              openai_line("missing", {"model": "m"}),
              openai_line("number", {"input": 5}),
-             openai_line("two", {"input": ["a", "b"]}),
+             openai_line("empty", {"input": []}),
              openai_line("format", {"input": "x", "encoding_format": "int8"})]
     cfg = replace(embed_job(tmp_path, lines), openai_output=tmp_path / "out.jsonl")
     assert run_fake(cfg).exit_code == EXIT_ROW_ERRORS
@@ -173,7 +173,7 @@ def test_openai_embeddings_lines_in_and_out(tmp_path):
     assert out["ids"]["error"] is None and vectors["ids"] is not None
     assert '"body.input" is missing' in out["missing"]["error"]["message"]
     assert '"body.input" must be a non-empty string' in out["number"]["error"]["message"]
-    assert "one input per line" in out["two"]["error"]["message"]
+    assert '"body.input" is an empty list' in out["empty"]["error"]["message"]
     assert "encoding_format" in out["format"]["error"]["message"]
     assert out["missing"]["response"] is None
 
