@@ -92,6 +92,18 @@ def test_identical_inputs_are_embedded_once(tmp_path):
     assert "2 duplicate input(s) embedded once" in "\n".join(outcome_lines(summary))
 
 
+def test_the_summary_counts_duplicates_apart_from_prefix_cache_hits(tmp_path):
+    # Pooling models run without a prefix cache: a duplicate input is not a cache hit.
+    cfg = embed_job(tmp_path, text_rows())
+    summary = run_fake(cfg).summary
+    duplicate = len(TEXTS[1].encode()) + len(TEXTS[0].encode())  # rows 3 and 5 (bytes)
+    assert summary["tokens"]["duplicate"] == duplicate and summary["tokens"]["cached"] == 0
+    assert summary["tokens"]["computed_prompt"] == summary["tokens"]["prompt"] - duplicate
+    assert summary["prefix_cache_hit_rate"] is None
+    text = "\n".join(outcome_lines(summary))
+    assert f"duplicate {duplicate:,}" in text and "hit rate" not in text
+
+
 def test_longest_input_runs_first(tmp_path):
     cfg = embed_job(tmp_path, text_rows())
     engine = fake_engine()
