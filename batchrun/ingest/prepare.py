@@ -254,7 +254,10 @@ def tokenized_table(requests: pa.Table, tokens: TokenizedRequests,
     could not be tokenized carry the reason in `error`."""
     n = requests.num_rows
     lengths = np.zeros(n, dtype=np.int64)
-    np.add.at(lengths, tokens.positions, tokens.lengths())  # a row's inputs one after another
+    if tokens.items is None:
+        lengths[tokens.positions] = tokens.lengths()
+    else:  # a row of several inputs: their tokens one after another
+        np.add.at(lengths, tokens.positions, tokens.lengths())
     offsets = offsets_of(lengths)
     has_tokens = np.zeros(n, dtype=bool)
     has_tokens[tokens.positions] = True
