@@ -92,6 +92,18 @@ def test_identical_inputs_are_embedded_once(tmp_path):
     assert "2 duplicate input(s) embedded once" in "\n".join(outcome_lines(summary))
 
 
+def test_the_summary_counts_duplicates_apart_from_prefix_cache_hits(tmp_path):
+    # Pooling models run without a prefix cache: a duplicate input is not a cache hit.
+    cfg = embed_job(tmp_path, text_rows())
+    summary = run_fake(cfg).summary
+    duplicate = len(TEXTS[1].encode()) + len(TEXTS[0].encode())  # rows 3 and 5 (bytes)
+    assert summary["tokens"]["duplicate"] == duplicate and summary["tokens"]["cached"] == 0
+    assert summary["tokens"]["computed_prompt"] == summary["tokens"]["prompt"] - duplicate
+    assert summary["prefix_cache_hit_rate"] is None
+    text = "\n".join(outcome_lines(summary))
+    assert f"duplicate {duplicate:,}" in text and "hit rate" not in text
+
+
 def test_longest_input_runs_first(tmp_path):
     cfg = embed_job(tmp_path, text_rows())
     engine = fake_engine()
@@ -154,7 +166,7 @@ def test_openai_embeddings_lines_in_and_out(tmp_path):
              openai_line("ids", {"input": [101, 7592, 102]}),
              openai_line("missing", {"model": "m"}),
              openai_line("number", {"input": 5}),
-             openai_line("two", {"input": ["a", "b"]}),
+             openai_line("empty", {"input": []}),
              openai_line("format", {"input": "x", "encoding_format": "int8"})]
     cfg = replace(embed_job(tmp_path, lines), openai_output=tmp_path / "out.jsonl")
     assert run_fake(cfg).exit_code == EXIT_ROW_ERRORS
@@ -173,7 +185,7 @@ def test_openai_embeddings_lines_in_and_out(tmp_path):
     assert out["ids"]["error"] is None and vectors["ids"] is not None
     assert '"body.input" is missing' in out["missing"]["error"]["message"]
     assert '"body.input" must be a non-empty string' in out["number"]["error"]["message"]
-    assert "one input per line" in out["two"]["error"]["message"]
+    assert '"body.input" is an empty list' in out["empty"]["error"]["message"]
     assert "encoding_format" in out["format"]["error"]["message"]
     assert out["missing"]["response"] is None
 

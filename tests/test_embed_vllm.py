@@ -105,3 +105,28 @@ def test_an_input_longer_than_the_context_is_an_error_row_naming_the_fix(embedde
     table, _, _ = embedded
     row = table.to_pylist()[5]
     assert row["embedding"] is None and "--truncate" in row["error"]
+
+
+def test_an_openai_line_of_several_texts_gets_each_texts_vector(tmp_path):
+    from openai.types import CreateEmbeddingResponse
+
+    inputs = ["the river valley", "old maps of small towns", "trains and ships"]
+    lines = [{"custom_id": "several", "method": "POST", "url": "/v1/embeddings",
+              "body": {"model": "m", "input": inputs}},
+             {"custom_id": "one", "method": "POST", "url": "/v1/embeddings",
+              "body": {"model": "m", "input": inputs[1]}}]
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]),
+           "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run(
+        [sys.executable, "-m", "batchrun", "run", str(tmp_path / "in.jsonl"), "-o",
+         str(tmp_path / "out.parquet"), "--task", "embed", "--openai-output",
+         str(tmp_path / "out.jsonl")], capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    several = CreateEmbeddingResponse.model_validate(out[0]["response"]["body"])
+    got = np.array([d.embedding for d in several.data], dtype=np.float32)
+    want = reference_vectors(inputs)
+    assert (got * want).sum(1).min() > 1 - 1e-4  # unit vectors: their cosine
+    one = CreateEmbeddingResponse.model_validate(out[1]["response"]["body"])
+    np.testing.assert_allclose(one.data[0].embedding, got[1], atol=1e-5)

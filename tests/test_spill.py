@@ -62,6 +62,10 @@ def tokenized_requests(draw) -> pa.Table:
         "completion_tokens": draw(column(n, st.integers(0, 300))),
         "logprobs": draw(column(n, st.booleans())),
         "top_logprobs": draw(column(n, st.integers(0, 20))),
+        "inputs": [None] * n,
+        # a row of several inputs: its prompt's tokens cut in two
+        "input_lengths": [None if p is None or len(p) < 2 or not draw(st.booleans())
+                          else [len(p) // 2, len(p) - len(p) // 2] for p in prompts],
         "error": [draw(text) if p is None else None for p in prompts],
     }
     arrays = {f.name: pa.array(columns[f.name], f.type) for f in REQUEST_SCHEMA

@@ -77,22 +77,71 @@ def _logprob_rows(r: GenerationResult) -> list[dict[str, Any]] | None:
             for t in r.logprobs]
 
 
-def results_table(job: PreparedJob,
-                  finished: list[tuple[int, GenerationResult]]) -> pa.Table:
+# A result for one row position (one input of it, in a row of several): (position, input,
+# result, the id of the row whose request computed it for this identical one).
+_Entry = tuple[int, int, GenerationResult, str | None]
+
+
+class SeveralInputs:
+    """The results of a row of several inputs (an OpenAI embeddings line's list), held until
+    each of its inputs has one, then put together as the row's one result: the vectors one
+    after another in input order, tokens summed, the first error the row's."""
+
+    def __init__(self, job: PreparedJob) -> None:
+        counts = np.bincount(job.tokens.positions, minlength=job.rows)
+        for copies in job.copies.values():
+            np.add.at(counts, copies, 1)
+        self._inputs = counts  # per row position
+        self._held: dict[int, dict[int, GenerationResult]] = {}
+
+    def complete(self, entries: list[_Entry]) -> list[_Entry]:
+        """The entries of rows of one input, and each row of several whose last input came."""
+        out = []
+        for pos, item, r, source in entries:
+            n = int(self._inputs[pos])
+            if n < 2:
+                out.append((pos, item, r, source))
+                continue
+            held = self._held.setdefault(pos, {})
+            held[item] = r
+            if len(held) == n:
+                del self._held[pos]
+                out.append((pos, 0, _together([held[k] for k in range(n)]), None))
+        return out
+
+
+def _together(rs: list[GenerationResult]) -> GenerationResult:
+    error = next((r.error for r in rs if r.error is not None), None)
+    return GenerationResult(
+        request_id=rs[0].request_id, text=None, finish_reason=None,
+        prompt_tokens=sum(r.prompt_tokens for r in rs), completion_tokens=0,
+        cached_tokens=sum(r.cached_tokens for r in rs), error=error,
+        embedding=None if error is not None else np.concatenate([r.embedding for r in rs]))
+
+
+def results_table(job: PreparedJob, finished: list[tuple[int, GenerationResult]],
+                  several: SeveralInputs | None = None) -> pa.Table:
     """Result rows for finished requests, and for the identical rows each one also serves
-    (their prompt counted as cached: the engine computed none of it for them)."""
+    (their prompt counted as cached: the engine computed none of it for them). In a job
+    with rows of several inputs, `several` holds their inputs' results until the row is
+    complete."""
     row_of, id_of = job.row_numbers, job.row_ids
-    entries: list[tuple[int, GenerationResult, str | None]] = []
+    items = job.tokens.items
+    entries: list[_Entry] = []
     for i, r in finished:
         pos = int(job.tokens.positions[i])
         if (error := _output_error(job, i, int(row_of[pos]), r)) != r.error:
             r = replace(r, error=error)
-        entries.append((pos, r, None))
+        entries.append((pos, 0 if items is None else int(items[i]), r, None))
         if copies := job.copies.get(i):
             served = replace(r, cached_tokens=r.prompt_tokens)
-            entries.extend((copy, served, r.request_id) for copy in copies)
-    positions = [p for p, _, _ in entries]
-    rs = [r for _, r, _ in entries]
+            copy_items = job.copy_items.get(i) or [0] * len(copies)
+            entries.extend((copy, item, served, id_of[pos])
+                           for copy, item in zip(copies, copy_items, strict=True))
+    if several is not None:
+        entries = several.complete(entries)
+    positions = [p for p, _, _, _ in entries]
+    rs = [r for _, _, r, _ in entries]
     return pa.table({
         "row": pa.array(row_of[positions], pa.int64()),
         "id": pa.array([id_of[p] for p in positions], pa.string()),
@@ -102,7 +151,7 @@ def results_table(job: PreparedJob,
         "completion_tokens": pa.array([r.completion_tokens for r in rs], pa.int64()),
         "cached_tokens": pa.array([r.cached_tokens for r in rs], pa.int64()),
         "error": pa.array([r.error for r in rs], pa.string()),
-        "duplicate_of": pa.array([d for _, _, d in entries], pa.string()),
+        "duplicate_of": pa.array([d for _, _, _, d in entries], pa.string()),
         "logprobs": pa.array([_logprob_rows(r) for r in rs],
                              RESULT_SCHEMA.field("logprobs").type),
         "cumulative_logprob": pa.array(

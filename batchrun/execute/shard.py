@@ -17,7 +17,7 @@ from ..errors import EngineDiedError
 from ..ingest.prepare import PreparedJob, request_factory
 from .executor import StreamingExecutor
 from .prefix_figures import largest_prefixes
-from .result_rows import error_results, results_table
+from .result_rows import SeveralInputs, error_results, results_table
 from .stop import StopFlag
 from .trace import StepTrace
 
@@ -60,9 +60,10 @@ def run_shard(job: PreparedJob, engine: Engine | None,
         with clock("plan"):
             groups, plan = job.run_groups(info.block_size, info.kv_capacity_tokens)
             prefixes = largest_prefixes(groups)
+        several = SeveralInputs(job) if job.tokens.items is not None else None
         executor = StreamingExecutor(
             engine, groups, request_factory(job),
-            lambda batch: on_results(results_table(job, batch)),
+            lambda batch: on_results(results_table(job, batch, several)),
             stop=stop, grace_s=grace_s, trace=trace)
         with clock("run"):
             executor.run()

@@ -61,6 +61,8 @@ class PreparedJob:
     finished_before: np.ndarray  # bool per row: finished in an earlier, interrupted run
     # Request index -> row positions of identical deterministic rows its result also serves.
     copies: dict[int, list[int]] = field(default_factory=dict)
+    # In a job with rows of several inputs (tokens.items): the input of each of those copies.
+    copy_items: dict[int, list[int]] = field(default_factory=dict)
     # Per tokenized request, after row values and job defaults: the structured-output
     # constraint (None: free text) and how many top logprobs to return (None: no logprobs).
     constraints: list[Constraint | None] = field(default_factory=list)
@@ -252,7 +254,10 @@ def tokenized_table(requests: pa.Table, tokens: TokenizedRequests,
     could not be tokenized carry the reason in `error`."""
     n = requests.num_rows
     lengths = np.zeros(n, dtype=np.int64)
-    lengths[tokens.positions] = tokens.lengths()
+    if tokens.items is None:
+        lengths[tokens.positions] = tokens.lengths()
+    else:  # a row of several inputs: their tokens one after another
+        np.add.at(lengths, tokens.positions, tokens.lengths())
     offsets = offsets_of(lengths)
     has_tokens = np.zeros(n, dtype=bool)
     has_tokens[tokens.positions] = True
@@ -267,11 +272,26 @@ def tokenized_table(requests: pa.Table, tokens: TokenizedRequests,
         errors = pc.coalesce(errors, pa.array(extra, pa.string()))
     table = (requests.set_column(requests.schema.get_field_index("prompt_token_ids"),
                                  "prompt_token_ids", ids)
-             .set_column(requests.schema.get_field_index("error"), "error", errors))
-    for name in ("prompt", "messages"):
+             .set_column(requests.schema.get_field_index("error"), "error", errors)
+             .set_column(requests.schema.get_field_index("input_lengths"), "input_lengths",
+                         _input_lengths(tokens, n)))
+    for name in ("prompt", "messages", "inputs"):
         i = table.schema.get_field_index(name)
         table = table.set_column(i, name, pa.nulls(n, table.schema.field(name).type))
     return table.filter(pa.array(~skip)) if skip.any() else table
+
+
+def _input_lengths(tokens: TokenizedRequests, n: int) -> pa.Array:
+    """Each row's inputs' token counts where it has several; null for a row of one."""
+    kind = pa.list_(pa.int32())
+    if tokens.items is None:
+        return pa.nulls(n, kind)
+    counts = np.bincount(tokens.positions, minlength=n)
+    several = counts > 1
+    return pa.ListArray.from_arrays(
+        pa.array(offsets_of(np.where(several, counts, 0)).astype(np.int32)),
+        pa.array(tokens.lengths()[several[tokens.positions]].astype(np.int32)),
+        type=kind, mask=pa.array(~several))
 
 
 def _without_duplicates(job: PreparedJob) -> PreparedJob:
@@ -296,9 +316,12 @@ def _without_duplicates(job: PreparedJob) -> PreparedJob:
     renumber = {int(r): k for k, r in enumerate(found.runs)}
     positions = job.tokens.positions
     copies = {renumber[r]: [int(positions[c]) for c in cs] for r, cs in found.copies.items()}
+    items = job.tokens.items
+    copy_items = {} if items is None else {
+        renumber[r]: [int(items[c]) for c in cs] for r, cs in found.copies.items()}
     runs = found.runs.tolist()
     return replace(job, tokens=job.tokens.take(found.runs),
-                   max_tokens=job.max_tokens[found.runs], copies=copies,
+                   max_tokens=job.max_tokens[found.runs], copies=copies, copy_items=copy_items,
                    constraints=[job.constraints[r] for r in runs],
                    logprobs=[job.logprobs[r] for r in runs], _orders={})
 
@@ -371,11 +394,14 @@ def request_factory(job: PreparedJob) -> Callable[[int], GenerationRequest]:
     adapters = job.row_adapters
     given = job.requests.table["completion_tokens"]
     targets = None if given.null_count == len(given) else given.fill_null(-1).to_numpy()
+    items = job.tokens.items
 
     def make(i: int) -> GenerationRequest:
         pos = int(job.tokens.positions[i])
         temperature, top_p, seed, stop = sampling(pos)
-        return GenerationRequest(request_id=ids[pos], prompt_token_ids=job.tokens.values[
+        # A row's second and later inputs: the engine's request ids must be unique.
+        rid = ids[pos] if items is None or not items[i] else f"{ids[pos]}\x1f{items[i]}"
+        return GenerationRequest(request_id=rid, prompt_token_ids=job.tokens.values[
                                      job.tokens.offsets[i]:job.tokens.offsets[i + 1]],
                                  max_tokens=int(job.max_tokens[i]), temperature=temperature,
                                  top_p=top_p, seed=seed, stop=stop,

@@ -18,7 +18,7 @@ from ..config import InputFormat, JobConfig
 from ..engine.sizing import LongestRequest, longest_request
 from ..errors import InputError
 from ..io.input.readers import open_request_stream
-from ..io.output.writer import ENDPOINT, InputColumns
+from ..io.output.writer import ENDPOINT, INPUT_COUNT, InputColumns, input_counts
 from ..io.schema import ADAPTER, ENDPOINT_EMBEDDING, ENDPOINT_EMBEDDING_BASE64
 from .adapters import resolve_adapters
 from .lengths import ReplayLengths, replay_lengths
@@ -119,7 +119,10 @@ def read_into_shards(config: JobConfig, *, engine_kind: str, finished_rows: np.n
                                      ENDPOINT: table["endpoint"],
                                      # the output's adapter column, in a job that has any
                                      **({ADAPTER: table[ADAPTER].cast(pa.string())}
-                                        if config.adapters else {})}))
+                                        if config.adapters else {}),
+                                     **({INPUT_COUNT: input_counts(table)} if config.embeds
+                                        and stream.input_format == InputFormat.OPENAI
+                                        else {})}))
         if stop():
             return ShardedJob(columns.rows, stream.input_format, [], columns, 0, max_model_len,
                               None, spill_dir, replay=replay,

@@ -12,13 +12,14 @@ from __future__ import annotations
 import itertools
 import json
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cached_property
 from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from ..errors import ModelError, one_line
 from .token_lists import offsets_of, token_lists
@@ -121,12 +122,16 @@ class TokenizedRequests:
     """Token ids of the usable rows of a request table, as flat buffers.
 
     positions[i] is the row position (in the request table) of request i, whose tokens are
-    values[offsets[i]:offsets[i+1]]. errors maps row positions to problems found here."""
+    values[offsets[i]:offsets[i+1]]. errors maps row positions to problems found here.
+    A row of several inputs (an OpenAI embeddings line's list) is one request per input, in
+    a run of equal positions: items[i] is request i's input in its row (None when every row
+    has one input)."""
 
     positions: np.ndarray  # int64 [n]
     values: np.ndarray  # int32 [total tokens]
     offsets: np.ndarray  # int64 [n + 1]
     errors: dict[int, str]
+    items: np.ndarray | None = None  # int64 [n]
 
     def lengths(self) -> np.ndarray:
         return np.diff(self.offsets)
@@ -138,7 +143,8 @@ class TokenizedRequests:
         kept[requests] = True
         # A mask of one byte a token, not an index of eight: the requests stay in order.
         return TokenizedRequests(self.positions[requests], self.values[np.repeat(kept, lengths)],
-                                 offsets_of(lengths[requests]), self.errors)
+                                 offsets_of(lengths[requests]), self.errors,
+                                 None if self.items is None else self.items[requests])
 
 
 def tokenize_requests(
@@ -153,15 +159,21 @@ def tokenize_requests(
         usable &= ~skip
     given = usable & _is_valid(requests["prompt_token_ids"])
     chat = usable & ~given & _is_valid(requests["messages"])
-    text = usable & ~given & ~chat
+    several = usable & ~given & ~chat & _is_valid(requests["inputs"])
+    text = usable & ~given & ~chat & ~several
     rows = requests["row"].to_numpy()
     errors: dict[int, str] = {}
-    parts = [_given_tokens(requests["prompt_token_ids"], given),
+    parts = [_given_tokens(requests["prompt_token_ids"], given, requests["input_lengths"]),
              _encoded(tokenizer.encode, np.flatnonzero(text),
                       requests["prompt"].filter(pa.array(text)).to_pylist())]
     if chat.any():
         rendered = _render_chats(tokenizer, requests["messages"], chat, rows, errors)
         parts.append(_encoded(tokenizer.encode_rendered, *rendered))
+    if several.any():
+        texts = requests["inputs"].filter(pa.array(several))
+        counts = pc.list_value_length(texts).to_numpy()
+        parts.append(_encoded(tokenizer.encode, np.repeat(np.flatnonzero(several), counts),
+                              pc.list_flatten(texts).to_pylist()))
     limit = max_model_len - room + 1  # tokens + room must fit: lengths below this
     if truncate:
         # Encoded rows (all but the first part) end in the tokenizer's closing special token
@@ -172,6 +184,10 @@ def tokenize_requests(
         for i in np.flatnonzero(~part.fit(limit)):
             pos, n = int(part.positions[i]), int(part.lengths[i])
             errors[pos] = _length_problem(int(rows[pos]), n, max_model_len, room)
+    if several.any() or _is_valid(requests["input_lengths"]).any():
+        # A row of several inputs runs whole or not at all: one input's problem is its row's.
+        dropped = np.fromiter(errors, np.int64, len(errors))
+        parts = [replace(p, ok=~np.isin(p.positions, dropped)) for p in parts]
     return _assemble(parts, limit, errors)
 
 
@@ -179,13 +195,14 @@ def tokenize_requests(
 class _Tokens:
     """Token ids of some rows, in row order: positions (ascending), lengths, values."""
 
-    positions: np.ndarray  # int64
+    positions: np.ndarray  # int64 (a row of several inputs: once per input)
     lengths: np.ndarray  # int64
     values: np.ndarray  # int32, the rows' tokens one after another
+    ok: np.ndarray | bool = True  # False: dropped with its row (another input's error)
 
     def fit(self, limit: int) -> np.ndarray:
         """Which of these rows are shorter than `limit` tokens (and not empty)."""
-        return (self.lengths > 0) & (self.lengths < limit)
+        return (self.lengths > 0) & (self.lengths < limit) & self.ok
 
 
 def _truncated(part: _Tokens, most: int, *, keep_last: bool) -> _Tokens:
@@ -211,16 +228,26 @@ def _is_valid(column: pa.ChunkedArray) -> np.ndarray:
     return column.is_valid().to_numpy()
 
 
-def _given_tokens(column: pa.ChunkedArray, selected: np.ndarray) -> _Tokens:
+def _given_tokens(column: pa.ChunkedArray, selected: np.ndarray,
+                  input_lengths: pa.ChunkedArray) -> _Tokens:
     """The selected rows' pre-tokenized prompts, straight from the Arrow list array's values
     and offsets: no Python object per row or token (and no copy of the values when every row
-    of a one-chunk column is selected)."""
+    of a one-chunk column is selected). A row with `input_lengths` is one prompt per input."""
     positions = np.flatnonzero(selected)
     if not len(positions):
         return _Tokens(positions, np.zeros(0, np.int64), np.zeros(0, np.int32))
     values, offsets = token_lists(column if selected.all() else
                                   column.filter(pa.array(selected)))
-    return _Tokens(positions, np.diff(offsets), values)
+    lengths = np.diff(offsets)
+    if input_lengths.null_count == len(input_lengths):
+        return _Tokens(positions, lengths, values)
+    inputs = input_lengths.filter(pa.array(selected))
+    counts = np.where(inputs.is_valid().to_numpy(), pc.list_value_length(inputs).fill_null(1)
+                      .to_numpy(), 1)
+    # Each row's own length where it has one input, its inputs' lengths where several.
+    each = pc.list_flatten(pc.if_else(inputs.is_valid(), inputs, pa.array(
+        lengths.reshape(-1, 1).tolist(), pa.list_(pa.int32())))).to_numpy()
+    return _Tokens(np.repeat(positions, counts), each.astype(np.int64), values)
 
 
 def _encoded(encode: Callable[[list[str]], list[list[int]]], positions: np.ndarray,
@@ -275,8 +302,9 @@ def _assemble(parts: list[_Tokens], limit: int,
     if len(parts) == 1:  # one kind of prompt: its values are in row order already
         part, fits = parts[0], keep[0]
         values = part.values if fits.all() else part.values[np.repeat(fits, part.lengths)]
-        return TokenizedRequests(part.positions[fits], values,
-                                 offsets_of(part.lengths[fits]), errors)
+        positions = part.positions[fits]
+        return TokenizedRequests(positions, values, offsets_of(part.lengths[fits]), errors,
+                                 _input_items(positions))
     positions = np.concatenate([p.positions[k] for p, k in zip(parts, keep, strict=True)])
     lengths = np.concatenate([p.lengths[k] for p, k in zip(parts, keep, strict=True)])
     order = np.argsort(positions, kind="stable")
@@ -289,7 +317,17 @@ def _assemble(parts: list[_Tokens], limit: int,
         n = int(fits.sum())
         _copy_rows(part, fits, starts[done:done + n], values)
         done += n
-    return TokenizedRequests(positions[order], values, offsets, errors)
+    return TokenizedRequests(positions[order], values, offsets, errors,
+                             _input_items(positions[order]))
+
+
+def _input_items(positions: np.ndarray) -> np.ndarray | None:
+    """Each request's input in its row (positions ascending, a row of several inputs a run
+    of equal ones); None when no row has several."""
+    starts = np.flatnonzero(np.diff(positions, prepend=-1))
+    if len(starts) == len(positions):
+        return None
+    return np.arange(len(positions)) - np.repeat(starts, np.diff(starts, append=len(positions)))
 
 
 def _copy_rows(part: _Tokens, rows: np.ndarray, targets: np.ndarray, out: np.ndarray) -> None:

@@ -20,6 +20,11 @@ Requests: one row per input row, in input order, whatever the input format was.
     adapter    the LoRA adapter the row names (its `adapter` or `lora` column, or body.model in
                an OpenAI file), or null: the base model. Once read, ingest/adapters.py checks
                it against the job's adapters (a base model name becomes null)
+    inputs     the texts of an OpenAI /v1/embeddings line whose `input` is a list of several
+               texts (prompt is null then), or null
+    input_lengths  the token count of each input of a line of several inputs (a list of token
+               id lists as read; the texts of `inputs` once tokenized): prompt_token_ids holds
+               their tokens one after another. Null for a row of one input
     error      null for a usable row; else what is wrong with it and how to fix it
 The two constraint columns and `adapter` are dictionary-encoded: an OpenAI batch file repeats
 one schema (one model) on every line, and it is held once per batch of rows, not once per row.
@@ -65,6 +70,8 @@ REQUEST_SCHEMA = pa.schema(
         pa.field("constraint", DICTIONARY_STRING),
         pa.field("constraint_spec", DICTIONARY_STRING),
         pa.field("adapter", DICTIONARY_STRING),
+        pa.field("inputs", pa.list_(pa.string())),
+        pa.field("input_lengths", pa.list_(pa.int32())),
         pa.field("error", pa.string()),
     ]
 )
@@ -95,12 +102,17 @@ RESULT_SCHEMA = pa.schema(
 EMBED_OUTPUT_COLUMNS = ("row", "id", "embedding", "prompt_tokens", "error", "duplicate_of")
 
 
-def output_result_schema(embeds: bool, embedding_dim: int | None = None) -> pa.Schema:
+def output_result_schema(embeds: bool, embedding_dim: int | None = None,
+                         several: bool = False) -> pa.Schema:
     """The result columns of a job's output file. An embedding job's vectors are a
-    fixed_size_list of its model's dimension (a variable list when no row has one)."""
+    fixed_size_list of its model's dimension (a variable list when no row has one); with
+    `several` (an OpenAI file, whose lines may hold several inputs) an `embeddings` column
+    after `embedding` holds the list of vectors of each line of several inputs."""
     if not embeds:
         return RESULT_SCHEMA.remove(RESULT_SCHEMA.get_field_index("embedding"))
     fields = [RESULT_SCHEMA.field(name) for name in EMBED_OUTPUT_COLUMNS]
     if embedding_dim:
         fields[2] = pa.field("embedding", pa.list_(pa.float32(), embedding_dim))
+    if several:
+        fields.insert(3, pa.field("embeddings", pa.list_(fields[2].type)))
     return pa.schema(fields)

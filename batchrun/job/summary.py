@@ -64,6 +64,16 @@ def job_summary(config: JobConfig, rows: int, counts: ResultCounts, engine: Engi
                 plan_figures: dict[str, Any], wall_s: float, status: str) -> dict[str, Any]:
     computed = counts.prompt_tokens - counts.cached_tokens
     distinct = plan_figures.get("distinct_prompt_tokens")
+    tokens = {"prompt": counts.prompt_tokens, "cached": counts.cached_tokens,
+              "computed_prompt": computed, "distinct_prompt": distinct,
+              "completion": counts.completion_tokens}
+    hit_rate = counts.cached_tokens / counts.prompt_tokens if counts.prompt_tokens else 0.0
+    if config.embeds:
+        # vLLM runs pooling models without a prefix cache: the tokens an embedding job did
+        # not compute are those of duplicate inputs (a copy's prompt counts as its cached
+        # tokens in the results), not cache hits.
+        tokens.update(cached=0, duplicate=counts.cached_tokens)
+        hit_rate = None
     return {
         "status": status,
         "input": str(config.input),
@@ -74,15 +84,8 @@ def job_summary(config: JobConfig, rows: int, counts: ResultCounts, engine: Engi
         "failed": counts.failed,
         "finish_reasons": counts.finish_reasons,
         "duplicate_rows": counts.duplicates,
-        "tokens": {
-            "prompt": counts.prompt_tokens,
-            "cached": counts.cached_tokens,
-            "computed_prompt": computed,
-            "distinct_prompt": distinct,
-            "completion": counts.completion_tokens,
-        },
-        "prefix_cache_hit_rate": counts.cached_tokens / counts.prompt_tokens
-        if counts.prompt_tokens else 0.0,
+        "tokens": tokens,
+        "prefix_cache_hit_rate": hit_rate,
         "computed_vs_distinct": computed / distinct if distinct else None,
         "wall_time_s": round(wall_s, 3),
         "tokens_per_s": (counts.prompt_tokens + counts.completion_tokens) / max(wall_s, 1e-9),

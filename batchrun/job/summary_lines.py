@@ -14,19 +14,24 @@ def outcome_lines(summary: dict[str, Any]) -> list[str]:
         return []
     t = summary["tokens"]
     first = summary.get("time_to_first_step_s")
+    embeds = summary.get("task") == "embed"
+    # An embedding job has no prefix cache: the tokens it did not compute were duplicates'.
+    cached = f"duplicate {t['duplicate']:,}" if embeds else f"cached {t['cached']:,}"
+    rate = summary["prefix_cache_hit_rate"]
     lines = [
         f"rows: {summary['rows']}  succeeded: {summary['succeeded']}  "
         f"failed: {summary['failed']}",
-        f"tokens: prompt {t['prompt']:,}  cached {t['cached']:,}  computed "
+        f"tokens: prompt {t['prompt']:,}  {cached}  computed "
         f"{t['computed_prompt']:,}  distinct {t['distinct_prompt'] or '-'}  "
         f"completion {t['completion']:,}",
-        f"prefix-cache hit rate {summary['prefix_cache_hit_rate']:.1%}  "
-        f"wall {summary['wall_time_s']:.1f}s  {summary['tokens_per_s']:,.0f} tok/s"
+        ("" if rate is None else f"prefix-cache hit rate {rate:.1%}  ")
+        + f"wall {summary['wall_time_s']:.1f}s  {summary['tokens_per_s']:,.0f} tok/s"
         + (f"  first engine step at {first:.1f}s" if first is not None else ""),
     ]
-    if summary.get("task") == "embed":  # its "cached" tokens are those of duplicate inputs
+    if embeds:
         lines.append(f"embeddings: {summary['rows_per_s']:,.0f} rows/s; "
-                     f"{summary['duplicate_rows']:,} duplicate input(s) embedded once")
+                     f"{summary['duplicate_rows']:,} duplicate input(s) embedded once "
+                     "(no prefix cache: pooling models run without one)")
     if deferred := summary.get("batch", {}).get("deferred_light_prefixes"):
         lines.append(f"order: {deferred} shared prefix(es) found to answer briefly; the "
                      "rest of their rows ran after work that may decode longer")

@@ -38,6 +38,7 @@ from .rows import (
     RowError,
     json_text,
     parse_adapter,
+    parse_field,
     parse_id,
     parse_request,
 )
@@ -47,8 +48,8 @@ MAX_LINE_BYTES = 8 * 2**20
 _BOM = b"\xef\xbb\xbf"
 # The escapes \ud800..\udfff; only lines holding one can decode to an unpaired surrogate.
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
-# endpoint, fields, constraint, spec and adapter of a row with an error
-_NO_REQUEST = (None,) * (1 + len(FIELDS) + 3)
+# endpoint, fields, constraint, spec, adapter, inputs, input_lengths of a row with an error
+_NO_REQUEST = (None,) * (1 + len(FIELDS) + 5)
 
 OPENAI_URLS = {"/v1/chat/completions": ENDPOINT_CHAT, "/v1/completions": ENDPOINT_COMPLETION,
                "/v1/embeddings": ENDPOINT_EMBEDDING}
@@ -75,6 +76,7 @@ def _plain_format(columns: ColumnMap) -> _Format:
             values[sources[0]] = obj[text]
         parsed = parse_request(pick(values), keys)
         parsed.append(parse_adapter([obj.get(k) for k in adapter_keys], adapter_keys))
+        parsed += (None, None)  # several inputs: OpenAI /v1/embeddings lines only
         return parsed
 
     return _Format(columns.id, request)
@@ -96,16 +98,17 @@ _ENCODINGS = {None: ENDPOINT_EMBEDDING, "float": ENDPOINT_EMBEDDING,
 
 
 def _openai_embedding_request(body: dict) -> list[Any]:
-    """A /v1/embeddings body: `input` a string, a list of token ids, or a list holding one of
-    those; `encoding_format` float or base64 (kept as the row's endpoint, for its response)."""
+    """A /v1/embeddings body: `input` a string, a list of token ids, or a list of those (a
+    list of one is that one); `encoding_format` float or base64 (kept as the row's endpoint,
+    for its response)."""
     text = body.get("input")
     if text is None:
         raise RowError('"body.input" is missing; give the text to embed')
-    if type(text) is list and text and type(text[0]) is not int:
-        if len(text) > 1:
-            raise RowError("several inputs in one line are not supported; write one input "
-                           f'per line ("body.input" holds {len(text)})')
-        text = text[0]
+    if type(text) is list and not text:
+        raise RowError('"body.input" is an empty list; give at least one text to embed')
+    several = None
+    if type(text) is list and type(text[0]) is not int:
+        several, text = (text, text[0]) if len(text) > 1 else (None, text[0])
     encoding = body.get("encoding_format")
     if encoding not in _ENCODINGS:
         raise RowError(f'"body.encoding_format" must be "float" or "base64", got {show(encoding)}')
@@ -117,7 +120,25 @@ def _openai_embedding_request(body: dict) -> list[Any]:
                             _EMBEDDING_LABELS)
     request[0] = _ENCODINGS[encoding]
     request.append(parse_adapter([body.get("model")], ["body.model"]))
+    request.extend(_several_inputs(several, request) if several else (None, None))
     return request
+
+
+def _several_inputs(inputs: list, request: list[Any]) -> tuple[Any, Any]:
+    """A list of several inputs as the request table's `inputs` (texts) or `input_lengths`
+    (token id lists, their ids one after another in prompt_token_ids); `request`'s prompt
+    source is set to match."""
+    kind = "prompt" if type(inputs[0]) is str else "prompt_token_ids"
+    for k, item in enumerate(inputs):
+        if (type(item) is str) != (kind == "prompt"):
+            raise RowError('"body.input" mixes texts and token id lists; give a list of '
+                           "texts or a list of token id lists")
+        parse_field(kind, item, f"body.input[{k}]")
+    if kind == "prompt":
+        request[1] = None
+        return inputs, None
+    request[3] = [t for item in inputs for t in item]
+    return None, [len(item) for item in inputs]
 
 
 # /v1/completions takes `logprobs` as a number: how many top tokens to return per position.
@@ -170,6 +191,7 @@ def _openai_request(obj: dict) -> list[Any]:
     # The model a line names: an adapter, the base model, or (in a job that declares no
     # adapters) any model name at all; ingest/adapters.py tells which.
     request.append(parse_adapter([body.get("model")], ["body.model"]))
+    request += (None, None)
     return request
 
 

@@ -194,7 +194,9 @@ def _draft_batch(batch: pa.RecordBatch, start: int, labels: dict[str, str]) -> p
     for i, message in errors.items():
         error[i] = f"row {start + i}: {message}"
     return pa.RecordBatch.from_arrays(
-        [rows, ids, endpoint, *values, constraint, spec, adapter, pa.array(error, pa.string())],
+        [rows, ids, endpoint, *values, constraint, spec, adapter,
+         *(pa.nulls(n, DRAFT_SCHEMA.field(name).type) for name in ("inputs", "input_lengths")),
+         pa.array(error, pa.string())],
         schema=DRAFT_SCHEMA)
 
 

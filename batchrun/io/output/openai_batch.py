@@ -24,7 +24,8 @@ def write_openai_lines(f: TextIO, table: pa.Table, model: str, *, embeds: bool =
     chat.completion / text_completion body the API would have returned (what the `openai`
     package's ChatCompletion / Completion models read), or in an embedding job (`embeds`) the
     /v1/embeddings list (CreateEmbeddingResponse); a failure the documented error."""
-    names = RESULT_SCHEMA.names + [n for n in ("endpoint", ADAPTER) if n in table.column_names]
+    names = RESULT_SCHEMA.names + [n for n in ("endpoint", ADAPTER, "input_count")
+                                   if n in table.column_names]
     run = uuid.uuid4().hex[:16]  # ids are unique per file, as OpenAI's are per batch
     created = int(time.time())
     for start in range(0, table.num_rows, ROWS_AT_ONCE):  # bounded memory for to_pylist
@@ -71,13 +72,17 @@ def _openai_line(r: dict[str, Any], run: str, created: int, model: str,
 
 
 def _embedding_body(r: dict[str, Any], model: str) -> dict[str, Any]:
-    """/v1/embeddings' response: the vector as floats, or (encoding_format base64) as the
-    base64 of its little-endian float32 bytes, as OpenAI encodes it."""
-    vector: Any = r["embedding"]
-    if r.get("endpoint") == ENDPOINT_EMBEDDING_BASE64:
-        vector = base64.b64encode(np.asarray(vector, dtype="<f4").tobytes()).decode("ascii")
-    return {"object": "list", "model": model,
-            "data": [{"object": "embedding", "index": 0, "embedding": vector}],
+    """/v1/embeddings' response: one vector per input (a line of several inputs has them
+    one after another in `embedding`, `input_count` of them), as floats, or (encoding_format
+    base64) as the base64 of its little-endian float32 bytes, as OpenAI encodes it."""
+    vectors = np.asarray(r["embedding"], dtype="<f4").reshape(r.get("input_count") or 1, -1)
+    data = []
+    for index, vector in enumerate(vectors):
+        value: Any = vector.tolist()
+        if r.get("endpoint") == ENDPOINT_EMBEDDING_BASE64:
+            value = base64.b64encode(vector.tobytes()).decode("ascii")
+        data.append({"object": "embedding", "index": index, "embedding": value})
+    return {"object": "list", "model": model, "data": data,
             "usage": {"prompt_tokens": r["prompt_tokens"], "total_tokens": r["prompt_tokens"]}}
 
 

@@ -20,6 +20,7 @@ from typing import Any, TextIO
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from ...plan.blocks import ceil_div
@@ -30,6 +31,8 @@ from .checkpoint import journal_batches
 from .openai_batch import write_openai_lines
 
 ENDPOINT = "endpoint"
+# An embedding job's OpenAI lines: how many inputs each has where it has several (null: one).
+INPUT_COUNT = "input_count"
 ROW_GROUP_SIZE = 65_536  # rows per row group of the output Parquet file
 
 
@@ -84,6 +87,13 @@ class InputColumns:
         return pa.concat_tables(pieces)
 
 
+def input_counts(requests: pa.Table) -> pa.ChunkedArray:
+    """Each request row's inputs where it has several (its `inputs` or `input_lengths`), else
+    null: the INPUT_COUNT column."""
+    return pc.coalesce(pc.list_value_length(requests["inputs"]),
+                       pc.list_value_length(requests["input_lengths"]))
+
+
 def _read_ipc_file(path: Path) -> pa.Table:
     with pa.OSFile(str(path), "rb") as f:
         return pa.ipc.open_file(f).read_all()
@@ -109,9 +119,12 @@ def write_in_row_order(journals: list[Path], rows: int, columns: InputColumns,
     ranges = max(1, ceil_div(total, max(range_bytes, 1)))
     step = ceil_div(rows, ranges) if rows else 1
     schema = columns.schema()
-    passthrough = [f for f in schema if f.name != ENDPOINT and f.name not in RESULT_SCHEMA.names]
+    passthrough = [f for f in schema if f.name not in (ENDPOINT, INPUT_COUNT)
+                   and f.name not in RESULT_SCHEMA.names]
     embeds = files.embeds
-    results = output_result_schema(embeds, _embedding_dim(journals) if embeds else None)
+    several = INPUT_COUNT in schema.names
+    results = output_result_schema(
+        embeds, _embedding_dim(journals, columns, schema) if embeds else None, several)
     out_schema = pa.schema([*results, *passthrough]).with_metadata(
         {b"batchrun": json.dumps(metadata, sort_keys=True, default=str).encode()})
     with _AtomicOutput(files, out_schema) as out:
@@ -122,13 +135,46 @@ def write_in_row_order(journals: list[Path], rows: int, columns: InputColumns,
         return out.rows
 
 
-def _embedding_dim(journals: list[Path]) -> int | None:
-    """The length of the first vector in the journals (every vector of a job has it)."""
+def _embedding_dim(journals: list[Path], columns: InputColumns,
+                   schema: pa.Schema) -> int | None:
+    """The length of the first vector in the journals (every vector of a job has it; a line
+    of several inputs has its vectors one after another)."""
     for batch in journal_batches(journals):
-        vectors = batch.column(RESULT_SCHEMA.get_field_index("embedding")).drop_null()
-        if len(vectors):
-            return len(vectors[0])
+        vectors = batch.column(RESULT_SCHEMA.get_field_index("embedding"))
+        if vectors.null_count == len(vectors):
+            continue
+        at = int(np.flatnonzero(vectors.is_valid().to_numpy(zero_copy_only=False))[0])
+        count = None
+        if INPUT_COUNT in schema.names:
+            row = batch.column(0)[at].as_py()
+            count = columns.rows_between(row, row + 1, schema)[INPUT_COUNT][0].as_py()
+        return len(vectors[at]) // (count or 1)
     return None
+
+
+def several_vectors(results: pa.Table, counts: pa.ChunkedArray | pa.Array,
+                    dim: int | None) -> pa.Table:
+    """An embedding job's results with the vectors of each line of several inputs (`counts`:
+    INPUT_COUNT) moved from `embedding` (where they lie one after another) to `embeddings`,
+    a list of vectors; a line of one input keeps its vector in `embedding`."""
+    vectors = results["embedding"].combine_chunks()
+    counts = pa.chunked_array([counts]).combine_chunks() if isinstance(counts, pa.Array) \
+        else counts.combine_chunks()
+    several = pc.and_(counts.is_valid(), vectors.is_valid())
+    mask = np.asarray(several.to_numpy(zero_copy_only=False), dtype=bool)
+    inner = pa.list_(pa.float32(), dim) if dim else pa.list_(pa.float32())
+    if mask.any() and dim:
+        per_row = np.where(mask, counts.fill_null(0).to_numpy(zero_copy_only=False), 0)
+        flat = vectors.filter(several).flatten()
+        embeddings = pa.ListArray.from_arrays(
+            pa.array(np.concatenate(([0], np.cumsum(per_row))).astype(np.int32)),
+            pa.FixedSizeListArray.from_arrays(flat, dim), mask=pa.array(~mask))
+        vectors = pc.if_else(several, pa.scalar(None, vectors.type), vectors)
+    else:
+        embeddings = pa.nulls(results.num_rows, pa.list_(inner))
+    table = results.set_column(results.schema.get_field_index("embedding"), "embedding",
+                               vectors)
+    return table.append_column("embeddings", embeddings)
 
 
 def _row_ranges(journals: list[Path], rows: int, step: int, scratch: Path,
@@ -186,13 +232,16 @@ class _AtomicOutput:
 
     def write(self, results: pa.Table, columns: pa.Table) -> None:
         table = results
+        if "embeddings" in self.schema.names:
+            table = several_vectors(results, columns[INPUT_COUNT],
+                                    self.schema.field("embedding").type.list_size)
         for f in self.schema:
             if f.name not in table.column_names:
                 table = table.append_column(f, columns[f.name])
         self.parquet.write_table(table.select(self.schema.names).cast(self.schema),
                                  row_group_size=ROW_GROUP_SIZE)
         if self.openai is not None:
-            for name in (ENDPOINT, ADAPTER):  # the line's kind, and its model
+            for name in (ENDPOINT, ADAPTER, INPUT_COUNT):  # its kind, model, inputs
                 if name in columns.column_names:
                     results = results.append_column(name, columns[name])
             write_openai_lines(self.openai, results, self.files.model, embeds=self.files.embeds)
