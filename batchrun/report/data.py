@@ -80,12 +80,15 @@ def _steps(output: Path) -> pa.Table:
 
 
 def _results(output: Path) -> pa.Table | None:
-    columns = ["id", "finish_reason", "completion_tokens", "error"]
+    """The columns the report draws; an embedding job's rows have no finish reason or
+    completion."""
+    wanted = ["id", "finish_reason", "completion_tokens", "error"]
     if output.exists():
-        return pq.read_table(output, columns=columns)
+        names = pq.read_schema(output).names
+        return pq.read_table(output, columns=[c for c in wanted if c in names])
     partial = partial_dir_for(output)
-    batches = [b.select(columns) for b in journal_batches(sorted(partial.glob(
-        "journal-*.arrows")))] if partial.is_dir() else []
+    batches = [b.select([c for c in wanted if c in b.schema.names]) for b in journal_batches(
+        sorted(partial.glob("journal-*.arrows")))] if partial.is_dir() else []
     return pa.Table.from_batches(batches) if batches else None
 
 
@@ -128,7 +131,8 @@ def _binned(steps: pa.Table, started: float) -> TimeSeries | None:
 
 
 def _lengths(results: pa.Table | None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    if results is None or not results.num_rows:
+    if results is None or not results.num_rows or "completion_tokens" not in \
+            results.column_names:
         return {}
     ok = results.filter(pc.is_null(results["error"]))
     lengths = ok["completion_tokens"].to_numpy(zero_copy_only=False).astype(np.float64)

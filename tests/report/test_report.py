@@ -51,6 +51,13 @@ def test_every_run_writes_its_trace_and_a_self_contained_report(tmp_path: Path) 
     assert len(page.encode()) < MAX_REPORT_BYTES
 
 
+def test_an_embedding_job_gets_its_report_too(tmp_path: Path) -> None:
+    # Its rows have no finish reason and no completion: the report draws what there is.
+    out = run_fake(tmp_path, "--task", "embed")
+    page = sibling(out, ".report.html").read_text()
+    assert page.count('class="plotly-graph-div"') >= 3
+
+
 def test_no_report_writes_none(tmp_path: Path) -> None:
     out = run_fake(tmp_path, "--no-report")
     assert sibling(out, ".summary.json").exists()
