@@ -5,6 +5,7 @@
     python benchmarks/bench_scale.py plan --rows 1000000           # pre-tokenized Parquet
     python benchmarks/bench_scale.py ideal --rows 200000           # one system prompt shared
     python benchmarks/bench_scale.py ideal --rows 200000 --memory-budget 32GiB  # one shard
+    python benchmarks/bench_scale.py run --rows 2000000 --early-start both   # side by side
 
 run:   a text JSONL job (~700 bytes a row, 2,000 shared system prompts, rows shuffled) through
        `batchrun run JOB -o OUT --engine fake --json`. The fake engine (no model, a
@@ -123,18 +124,23 @@ def check_output(path: Path, rows: int) -> bool:
     return at == rows
 
 
-def bench_run(rows: int, budget: str | None) -> dict:
+def bench_run(rows: int, budget: str | None, early: str = "on") -> dict:
     job = text_job(rows)
     with tempfile.TemporaryDirectory(dir=CACHE) as tmp:
         out = Path(tmp) / "out.parquet"
         cmd = [*BATCHRUN, "run", str(job), "-o", str(out), "--engine", "fake", "--json",
-               "--log-lines"] + (["--memory-budget", budget] if budget else [])
+               "--log-lines", f"--{'' if early == 'on' else 'no-'}early-start"] + (
+                   ["--memory-budget", budget] if budget else [])
         wall, rss, stdout = timed(cmd, {"BATCHRUN_FAKE_ENGINE": json.dumps(FAKE_ENGINE)})
         s = json.loads(stdout)
         ok = check_output(out, rows)
     stages = {k: v["rows_per_s"] for k, v in s["stages"].items()}
     spilled, input_bytes = s["shards"]["spilled_bytes"], job.stat().st_size
-    return {"bench": "run", "rows": rows, "wall_s": round(wall, 1), "peak_rss_gib":
+    return {"bench": "run", "rows": rows, "early_start": early,
+            "time_to_first_step_s": s["time_to_first_step_s"],
+            "early_runs": s["early_start"]["runs"], "early_rows": s["early_start"]["rows"],
+            "computed_prompt_tokens": s["tokens"]["computed_prompt"],
+            "wall_s": round(wall, 1), "peak_rss_gib":
             round(rss / 2**30, 2), "shards": s["shards"]["count"],
             "spilled_bytes": spilled, "spilled_rows": s["shards"].get("spilled_rows"),
             "input_bytes": input_bytes, "spilled_vs_input": round(spilled / input_bytes, 3),
@@ -165,7 +171,7 @@ def bench_plan(rows: int, budget: str | None, check: bool) -> dict:
     return out
 
 
-def bench_ideal(rows: int, budget: str, engine: str, kv: str) -> dict:
+def bench_ideal(rows: int, budget: str, engine: str, kv: str, early: str = "on") -> dict:
     """engine "sim": vLLM's own scheduler and cache (no model) with a `kv` KV cache and the
     default model's tokenizer; "fake": the fake engine's 4M-token LRU and byte tokens."""
     job = shared_system_job(rows)
@@ -174,11 +180,15 @@ def bench_ideal(rows: int, budget: str, engine: str, kv: str) -> dict:
         out = Path(tmp) / "out.parquet"
         wall, rss, stdout = timed(
             [*BATCHRUN, "run", str(job), "-o", str(out), "--engine", engine, "--json",
-             "--log-lines", "--memory-budget", budget, *engine_args],
+             "--log-lines", "--memory-budget", budget, *engine_args,
+             f"--{'' if early == 'on' else 'no-'}early-start"],
             {"BATCHRUN_FAKE_ENGINE": json.dumps(FAKE_ENGINE)})
     s = json.loads(stdout)
     ideal = s["plan"]["block_ideal_computed_tokens"]
-    return {"bench": "ideal", "engine": engine, "kv": kv if engine == "sim" else "4M tokens",
+    return {"bench": "ideal", "engine": engine, "early_start": early,
+            "early_runs": s["early_start"]["runs"],
+            "time_to_first_step_s": s["time_to_first_step_s"],
+            "kv": kv if engine == "sim" else "4M tokens",
             "rows": rows, "budget": budget, "shards": s["shards"]["count"],
             "computed": s["tokens"]["computed_prompt"], "block_ideal": ideal,
             "computed_vs_ideal": round(s["tokens"]["computed_prompt"] / ideal, 4),
@@ -195,15 +205,27 @@ def main() -> None:
     ap.add_argument("--engine", choices=("sim", "fake"), default="sim",
                     help="ideal: the engine (sim: vLLM's scheduler and cache, no model)")
     ap.add_argument("--kv", default="4GiB", help="ideal, sim: the KV cache")
+    ap.add_argument("--early-start", choices=("on", "off", "both"), default="on",
+                    help="run, ideal: batchrun's --early-start / --no-early-start; both: "
+                         "off then on, side by side, with their ratios")
     args = ap.parse_args()
+    modes = ("off", "on") if args.early_start == "both" else (args.early_start,)
     for rows in (int(r) for r in args.rows.split(",")):
-        if args.what == "run":
-            result = bench_run(rows, args.memory_budget)
-        elif args.what == "plan":
-            result = bench_plan(rows, args.memory_budget, args.check)
-        else:
-            result = bench_ideal(rows, args.memory_budget or "256MiB", args.engine, args.kv)
-        print(json.dumps(result), flush=True)
+        if args.what == "plan":
+            print(json.dumps(bench_plan(rows, args.memory_budget, args.check)), flush=True)
+            continue
+        results = {}
+        for mode in modes:
+            results[mode] = bench_run(rows, args.memory_budget, mode) if args.what == "run" \
+                else bench_ideal(rows, args.memory_budget or "256MiB", args.engine, args.kv, mode)
+            print(json.dumps(results[mode]), flush=True)
+        if len(results) == 2:
+            on, off = results["on"], results["off"]
+            print(json.dumps({"rows": rows, "on_vs_off": {
+                key: round(on[key] / off[key], 4) for key in (
+                    "time_to_first_step_s", "wall_s", "peak_rss_gib",
+                    "computed_prompt_tokens" if args.what == "run" else "computed")
+                if on.get(key) and off.get(key)}}), flush=True)
 
 
 if __name__ == "__main__":
