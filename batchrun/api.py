@@ -141,12 +141,15 @@ def run_config(cfg: JobConfig, *, resume: bool = False, overwrite: bool = False,
     (job/estimate.py); the summary's `estimate` puts its predictions beside what the run
     measured."""
     from .job.estimate import estimate_run, with_measured
+    from .job.paths import output_paths
     from .job.run import run_job
 
     engine_kind, started = _engine(cfg.engine_kind if engine is None else engine)
     if handle_signals is None:
         handle_signals = threading.current_thread() is threading.main_thread()
-    predicted = estimate_run(cfg) if estimate else None
+    # A finished job is not run again: nor is its estimate (a simulation of the whole job)
+    done = not overwrite and output_paths(cfg).dest.exists()
+    predicted = estimate_run(cfg) if estimate and not done else None
     outcome = run_job(cfg, engine_kind=engine_kind, engine=started, resume=resume,
                       overwrite=overwrite, interactive=progress, grace_s=grace_period,
                       handle_signals=handle_signals, engine_log=engine_log)

@@ -110,3 +110,18 @@ def test_a_run_with_estimate_reports_the_prediction_beside_what_it_measured(
     line = next(x for x in ran.stderr.splitlines() if x.startswith("estimate"))
     how = "ASSUMED" if estimate["profile"]["assumed"] else "calibrated"  # a cached calibration
     assert "run stage" in line and "measured" in line and f"{how} cost profile" in line
+
+
+def test_a_finished_job_is_not_estimated_again(tmp_path: Path, monkeypatch) -> None:
+    job = shared_prefix_job(tmp_path / "in.jsonl", 8)
+    args = ("run", job, "-o", tmp_path / "out.parquet", "--engine", "fake", "--json")
+    assert cli(*args).exit_code == EXIT_OK
+    from batchrun.job import estimate
+
+    def no_simulation(cfg):
+        raise AssertionError("a finished job's estimate was simulated")
+
+    monkeypatch.setattr(estimate, "estimate_run", no_simulation)
+    again = cli(*args, "--estimate")
+    assert again.exit_code == EXIT_OK, again.stderr
+    assert json.loads(again.stdout)["status"] == "already_done"
