@@ -7,6 +7,8 @@ the pipeline (when the engine starts, every row once in input order, resume), no
 
 from __future__ import annotations
 
+import json
+import signal
 import threading
 from dataclasses import replace
 from pathlib import Path
@@ -21,6 +23,24 @@ from batchrun.io.output.checkpoint import Checkpoint, partial_dir_for
 from batchrun.job.engine_setup import WHOLE_CONTEXT_REASON
 from batchrun.job.run import run_job
 from tests.helpers import job, write_jsonl
+from tests.reliability.harness import (
+    admitted,
+    events,
+    journaled_rows,
+    start_traced,
+    wait_for_event,
+    write_rows,
+)
+from tests.reliability.test_signals import (
+    FIRST,
+    after,
+    finish,
+    in_flight_at,
+    paused,
+    resume_completes_the_job,
+    run_args,
+    steps,
+)
 from tests.test_sharded_runs import rag_rows
 
 FILES, PER_FILE = 6, 60
@@ -176,3 +196,30 @@ def test_an_engine_started_early_is_sized_for_the_whole_context(tmp_path):
             assert sizing["max_model_len_reason"].startswith("the job's longest request")
             assert sizing["max_model_len"] < 3_200
         assert pq.read_table(cfg.output)["row"].to_pylist() == list(range(len(rows)))
+
+
+def test_a_signal_while_rows_run_early_drains_saves_and_resume_finishes(tmp_path):
+    """SIGTERM lands while the engine runs the rows handed on first (the whole 200-row file
+    is one read batch, larger than a run of this budget): the requests in flight finish and
+    are saved, nothing else starts, the run exits 4, and --resume runs only the rest."""
+    ids = write_rows(tmp_path / "in.jsonl", 200)
+    out, trace = tmp_path / "out.parquet", tmp_path / "events.txt"
+    first_log, resume_log = tmp_path / "admitted-1.txt", tmp_path / "admitted-2.txt"
+    proc = start_traced(trace, *run_args(tmp_path, "--grace-period", "3600",
+                                         "--memory-budget", str(BUDGET)),
+                        fake_engine={"max_num_seqs": 8, "admitted_log": str(first_log)},
+                        pause=(FIRST,))
+    wait_for_event(trace, proc, paused(1))
+    proc.send_signal(signal.SIGTERM)
+    stderr = finish(proc)
+    assert proc.returncode == EXIT_INTERRUPTED, stderr
+    summary = json.loads(out.with_name(out.name + ".summary.json").read_text())
+    assert summary["early_start"]["runs"] == 1 and summary["status"] == "interrupted"
+    seen = events(trace)
+    assert in_flight_at(seen, ["signal", "1"]) > 0  # work in flight when it landed
+    drained = steps(after(seen, ["signal", "1"]))
+    assert drained and drained[-1] == 0
+    saved = journaled_rows(out)
+    assert 0 < len(saved) < len(ids)
+    assert sorted(admitted(first_log)) == sorted(f"q{r}" for r in saved)
+    resume_completes_the_job(tmp_path, resume_log, ids, saved)

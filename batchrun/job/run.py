@@ -263,9 +263,6 @@ class _JobRun:
                 f"cannot write results ({e.strerror or e}): {self.ckpt.path} holds every row "
                 "finished so far; free space and re-run with --resume")
         finally:
-            if self.sharded is None:  # the job ended while it was still read
-                self.reader.abandon()
-                self.sharded = self.reader.result()
             if progress is not None:
                 progress.close()
             if journal is not None:
@@ -278,6 +275,9 @@ class _JobRun:
                 self.engine.close()
             if self.replicas is not None:
                 self.replicas.close()
+            if self.sharded is None:  # the job ended while it was still being read
+                self.reader.abandon()
+                self.sharded = self.reader.result()
 
     def _run_shards(self, journal: ResultJournal, progress: ProgressReporter, stop: StopFlag,
                     grace_s: float) -> None:
