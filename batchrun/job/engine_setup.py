@@ -89,7 +89,7 @@ def _sized(job: PreparedJob, engine_kind: str,
 
 
 WHOLE_CONTEXT_REASON = ("the model's context: the engine started while the job was still "
-                        "read, before its longest request was known (early start)")
+                        "being read, before its longest request was known (early start)")
 
 
 def fits_whole_context(sizing: EngineSizing) -> bool:

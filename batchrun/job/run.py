@@ -129,7 +129,7 @@ class _JobRun:
     paths: OutputPaths
     ckpt: Checkpoint
     counts: ResultCounts
-    sharded: ShardedJob | None  # None while the job is still read (early start)
+    sharded: ShardedJob | None  # None while the job is still being read (early start)
     engine: Engine | None
     own_engine: bool
     sizing: EngineSizing | None = None
@@ -345,7 +345,7 @@ class _JobRun:
             if info.kv_capacity_tokens and not self.config.embeds else ""
         if sharded is None:
             return (f"batchrun: starting on the first {self.early.table.num_rows:,} rows while "
-                    f"the rest of the job is read, on {info.name}{kv}, context "
+                    f"the rest of the job is being read, on {info.name}{kv}, context "
                     f"{info.max_model_len:,} tokens")
         shards = f", in {len(sharded.shards)} prefix shards" if len(sharded.shards) > 1 else ""
         return (f"batchrun: {sharded.pending_rows:,} of {sharded.rows:,} rows to run on "
