@@ -96,6 +96,6 @@ EarlyStartOpt = Annotated[bool, typer.Option(
     "--early-start/--no-early-start", help="On a job larger than one sorted run (--memory-"
     "budget/16 of rows), start the engine on the first rows while the rest is read, and hand "
     "it more whenever it would wait; costs a recomputed shared prefix per run handed early. "
-    "--no-early-start reads and plans the whole job first. Not with --replicas.")]
+    "--no-early-start reads and plans the whole job first.")]
 PlanReportOpt = Annotated[Path | None, typer.Option(
     "--report", help="Also draw the plan (and the --estimate) into this HTML file.")]

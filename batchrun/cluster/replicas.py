@@ -38,7 +38,7 @@ from ..errors import ConfigError, EngineDiedError, ModelError, UsageError, one_l
 from ..execute.result_rows import TokenSums
 from ..execute.shard import ShardRun
 from ..execute.stop import StopFlag
-from ..ingest.stream import ShardedJob
+from ..ingest.stream import EarlyRows, ShardedJob
 from ..plan.blocks import ceil_div, round_up
 from .actor import UNREAD_RESULTS, PieceDone, ReplicaJob, actor_class
 from .queue import PrefixOrders, ShardQueue, ShardRef, Work
@@ -315,15 +315,17 @@ class Dispatcher:
 
 
 def start_replicas(config: JobConfig, engine_kind: str, sizing: EngineSizing,
-                   sharded: ShardedJob,
+                   sharded: ShardedJob | EarlyRows,
                    attention: Callable[[], AttentionChoice | None]) -> EngineReplicas:
-    """The replicas of a job read into shards (prepare.ShardedJob), their engines started
+    """The replicas of a job read into shards (stream.ShardedJob), or of one whose first
+    rows are read (stream.EarlyRows: the read goes on), their engines started
     with the job's `sizing` and the attention backend `attention()` chooses (asked here,
     once: it may plan the job)."""
     return EngineReplicas(replica_job(config, engine_kind, sizing, sharded, attention))
 
 
-def replica_job(config: JobConfig, engine_kind: str, sizing: EngineSizing, sharded: ShardedJob,
+def replica_job(config: JobConfig, engine_kind: str, sizing: EngineSizing,
+                sharded: ShardedJob | EarlyRows,
                 attention: Callable[[], AttentionChoice | None] | None = None) -> ReplicaJob:
     """What every replica of the job is told: its engine's sizing, its share of the new
     tokens, and (vLLM only) the attention backend `attention()` chooses."""
@@ -410,8 +412,8 @@ class EngineReplicas:
         except BaseException:  # a second signal, a bug: nothing more to wait for
             self.fleet.kill()
             raise
-        finally:
-            self.first_piece_at = dispatcher.first_piece_at
+        finally:  # the first of every run's (early start runs it more than once)
+            self.first_piece_at = self.first_piece_at or dispatcher.first_piece_at
         return [run for _, run in sorted(dispatcher.shard_runs, key=lambda r: r[0])]
 
     def _restart(self) -> Fleet:

@@ -69,9 +69,13 @@ class EarlyRows:
     table: pa.Table
     input_format: str
     max_model_len: int
-    new_tokens_so_far: int  # the job's max_tokens read so far (these rows' and earlier ones')
+    new_tokens: int  # the job's max_tokens read so far (these rows' and earlier ones')
 
-    def load(self) -> pa.Table:  # as Shard.load
+    @property
+    def rows(self) -> int:  # as Shard's
+        return self.table.num_rows
+
+    def load(self) -> pa.Table:
         return self.table
 
 

@@ -26,6 +26,24 @@ from ..ingest.stream import EarlyRows, ShardedJob
 Read = Callable[[Callable[[EarlyRows], bool], Callable[[], bool]], ShardedJob]
 
 
+def start_read(read: Callable[..., ShardedJob], *, stop: Callable[[], bool], early: bool,
+               ) -> tuple[BackgroundRead | None, EarlyRows | None, ShardedJob | None]:
+    """Begin reading the job with `read` (ingest.stream.read_into_shards less its
+    `hand_on` and `stop`): with `early`, on a thread, until its first run of rows is handed
+    on (the reader, those rows, None) or the whole read has ended (the reader, None, the
+    job); else here, to its end (None, None, the job)."""
+    if not early:
+        return None, None, read(stop=stop)
+    reader = BackgroundRead(lambda hand_on, abandoned: read(
+        hand_on=hand_on, stop=lambda: stop() or abandoned()))
+    try:
+        rows = reader.next_rows()
+        return reader, rows, reader.result() if rows is None else None
+    except BaseException:
+        reader.abandon()
+        raise
+
+
 class BackgroundRead:
     """`read(hand_on, abandoned)` (ingest.stream.read_into_shards) on a thread: `next_rows`
     gives the engine each run it asks for, `result` the sharded rest of the job."""

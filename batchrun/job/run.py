@@ -41,7 +41,7 @@ from ..io.output.lock import JobLock
 from ..io.output.writer import OutputFiles, read_finished_rows, write_in_row_order
 from ..plan.job_figures import JobPlanFigures
 from ..version import __version__
-from .early_start import BackgroundRead
+from .early_start import BackgroundRead, start_read
 from .engine_setup import choose_job_attention, engine_sizing, fits_whole_context
 from .paths import OutputPaths, check_output_paths, output_paths, remove_staged
 from .progress import ProgressReporter
@@ -168,18 +168,12 @@ class _JobRun:
                        finished_rows=finished_rows, spill_dir=ckpt.path / "spill",
                        engine_max_model_len=engine.info.max_model_len if engine else None,
                        clock=clock)
-        reader, early, sharded = None, None, None
         try:
-            if config.early_start and not config.cluster.on_ray:
-                reader = BackgroundRead(lambda hand_on, abandoned: read(
-                    hand_on=hand_on, stop=lambda: stop.requested or abandoned()))
-                early = reader.next_rows()
-                sharded = reader.result() if early is None else None
-            else:
-                sharded = read(stop=lambda: stop.requested)
+            # A simulated fleet's clock runs over one set of shards: it waits for them all
+            reader, early, sharded = start_read(read, stop=lambda: stop.requested, early=(
+                config.early_start and not (config.cluster.on_ray and
+                                            engine_kind == EngineKind.SIM)))
         except BaseException:
-            if reader is not None:
-                reader.abandon()
             # An unusable input, model or setting: leave no empty checkpoint.
             if not len(finished_rows):
                 ckpt.remove()
@@ -216,16 +210,16 @@ class _JobRun:
                 sharded = self.sharded = self.sharded or self.reader.result()
                 self.sizing = engine_sizing(self.first, engine_kind, longest=sharded.longest)
             first = self.first
-            new_tokens = sharded.new_tokens if sharded else early.new_tokens_so_far
+            read = sharded or early  # the job read so far
             if self.config.cluster.on_ray and engine_kind == EngineKind.SIM:
-                self.replicas = start_simulated_replicas(self.config, self.sizing, sharded)
+                self.replicas = start_simulated_replicas(self.config, self.sizing, read)
                 return
             if self.config.cluster.on_ray:
-                self.replicas = start_replicas(self.config, engine_kind, self.sizing, sharded,
+                self.replicas = start_replicas(self.config, engine_kind, self.sizing, read,
                                                attention=lambda: choose_job_attention(first))
                 return
             self.engine = start_engine(engine_kind, self.config, self.sizing,
-                                       new_tokens=new_tokens,
+                                       new_tokens=read.new_tokens,
                                        attention=lambda: choose_job_attention(first))
 
     def _has_work(self) -> bool:
@@ -289,14 +283,7 @@ class _JobRun:
         if self.reader is not None:
             self._run_early(on_results, stop, grace_s)
             progress.set_total(self.sharded.rows)
-        if self.replicas is not None:
-            with self.clock("run"):
-                shard_runs = self.replicas.run(self.sharded.shards, on_results, stop, grace_s)
-        else:
-            shard_runs = (self._run_shard(shard, on_results, stop, grace_s)
-                          for shard in self.sharded.shards if not stop.requested)
-        for shard_run in shard_runs:
-            self._add_shard_run(shard_run)
+        self._run_pieces(self.sharded.shards, on_results, stop, grace_s)
 
     def _run_early(self, on_results: Callable[[pa.Table], None], stop: StopFlag,
                    grace_s: float) -> None:
@@ -305,11 +292,23 @@ class _JobRun:
         rows = self.early
         while rows is not None and not stop.requested:
             self.early_runs += 1
-            self._add_shard_run(self._run_shard(rows, on_results, stop, grace_s))
+            self._run_pieces([rows], on_results, stop, grace_s)
             rows = self.reader.next_rows()
         if stop.requested:
             self.reader.abandon()
         self.sharded = self.reader.result()
+
+    def _run_pieces(self, pieces: list[Shard] | list[EarlyRows],
+                    on_results: Callable[[pa.Table], None], stop: StopFlag,
+                    grace_s: float) -> None:
+        if self.replicas is not None:
+            with self.clock("run"):
+                shard_runs = self.replicas.run(pieces, on_results, stop, grace_s)
+        else:
+            shard_runs = (self._run_shard(piece, on_results, stop, grace_s)
+                          for piece in pieces if not stop.requested)
+        for shard_run in shard_runs:
+            self._add_shard_run(shard_run)
 
     def _add_shard_run(self, shard_run: ShardRun) -> None:
         self.plan.add(shard_run.plan, shard_run.first_prompt, shard_run.last_prompt)
@@ -337,16 +336,16 @@ class _JobRun:
             self.stats_before = self.engine.stats(new_job=True)
 
     def _start_line(self) -> str:
+        sharded = self.sharded
+        rows = f"{sharded.pending_rows:,} of {sharded.rows:,} rows to run" if sharded else \
+            f"the first {self.early.rows:,} rows to run while the rest of the job is being read"
         if self.replicas is not None:
-            return (f"batchrun: {self.sharded.pending_rows:,} of {self.sharded.rows:,} rows to run "
-                    f"on {self.replicas.describe()}")
-        info, sharded = self.engine.info, self.sharded
+            return f"batchrun: {rows} on {self.replicas.describe()}"
+        info = self.engine.info
         kv = f", KV cache {info.kv_capacity_tokens:,} tokens" \
             if info.kv_capacity_tokens and not self.config.embeds else ""
         if sharded is None:
-            return (f"batchrun: starting on the first {self.early.table.num_rows:,} rows while "
-                    f"the rest of the job is being read, on {info.name}{kv}, context "
-                    f"{info.max_model_len:,} tokens")
+            return f"batchrun: {rows}, on {info.name}{kv}, context {info.max_model_len:,} tokens"
         shards = f", in {len(sharded.shards)} prefix shards" if len(sharded.shards) > 1 else ""
         return (f"batchrun: {sharded.pending_rows:,} of {sharded.rows:,} rows to run on "
                 f"{info.name}{kv}, context {info.max_model_len:,} tokens{shards}")

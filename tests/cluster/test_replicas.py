@@ -122,6 +122,27 @@ def test_two_replicas_share_the_job_and_every_row_comes_back_once(tmp_path, monk
     assert texts(cfg) == texts(single)
 
 
+def test_replicas_start_on_the_first_rows_while_the_rest_is_read(tmp_path, monkeypatch,
+                                                                 local_ray):
+    # A dataset of six files, each a read batch larger than a run of this budget: the first
+    # is handed to the replicas while the others are read (tests/test_early_start.py).
+    from tests.test_early_start import BUDGET, dataset
+
+    log = tmp_path / "admitted.txt"
+    fake_engine(monkeypatch, log, step_delay_s=0.01)
+    folder, rows = dataset(tmp_path)
+    cfg = replace(job(tmp_path, folder), cluster=ClusterOptions(replicas=2))
+    cfg = replace(cfg, engine=replace(cfg.engine, memory_budget=BUDGET))
+    outcome = run(cfg)
+    assert outcome.exit_code == EXIT_OK, outcome.message
+    assert outcome.summary["early_start"]["runs"] >= 1
+    assert [r["id"] for r in read_output(cfg)] == [r["id"] for r in rows]
+    counts = admitted(log)
+    assert max(counts.values()) == 1  # no request reached an engine twice
+    assert all(r["rows"] > 0 for r in outcome.summary["replicas"])
+    assert sum(r["rows"] for r in outcome.summary["replicas"]) == len(rows)
+
+
 def family_rows(n: int, families: int = 8) -> list[dict]:
     """Pre-tokenized rows, shuffled: `families` prompts of 320 tokens (10 blocks) that no
     two share a block of, each row one of them and 8 tokens of its own."""
