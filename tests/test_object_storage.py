@@ -17,6 +17,7 @@ from pyarrow import fs
 from batchrun.errors import EXIT_OK, EXIT_USAGE
 from batchrun.io import storage
 from batchrun.job.paths import default_work_dir
+from batchrun.model import cache_root
 from tests.helpers import write_jsonl
 from tests.reliability.harness import (
     TALLY,
@@ -32,6 +33,7 @@ from tests.reliability.harness import (
 )
 
 SLOW = {"step_delay_s": 0.02, "max_num_seqs": 16}
+MODELS = cache_root() / "models"  # the converted default model, outside the tests' cache
 
 
 @pytest.fixture(autouse=True)
@@ -248,3 +250,32 @@ def test_an_adapter_uri_that_holds_no_adapter_is_a_one_line_error(s3, tmp_path: 
         line = f"adapter 'support': {uri} {says}; name the URI of a PEFT LoRA folder"
         assert line in failed.stderr and "Traceback" not in failed.stderr
         assert len(failed.stderr.strip().splitlines()) == 1, failed.stderr
+
+
+@pytest.mark.slow  # a real vLLM engine, in a CLI process (never in this one, beside moto)
+def test_real_vllm_runs_adapters_fetched_from_s3(s3, tmp_path: Path) -> None:
+    from transformers import AutoTokenizer
+
+    from batchrun.model import default_model_dir
+    from tests.lora_adapters import write_random_adapter
+
+    bucket, filesystem = s3
+    MODELS.mkdir(parents=True, exist_ok=True)
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "cache" / "models").symlink_to(MODELS)  # not converted again
+    flags = []
+    for seed, name in enumerate(("support", "legal"), start=1):
+        folder = write_random_adapter(tmp_path / name, default_model_dir(), seed=seed)
+        for f in folder.iterdir():
+            put(filesystem, f"{bucket}/adapters/{name}/{f.name}", f)
+        flags += ["--adapter", f"{name}={bucket}/adapters/{name}/"]
+    prompt = AutoTokenizer.from_pretrained(default_model_dir()).encode(
+        "The capital of France is Paris. The capital of Germany is")
+    write_jsonl(tmp_path / "in.jsonl", [
+        {"id": name or "base", "prompt_token_ids": prompt, "max_tokens": 8,
+         **({"adapter": name} if name else {})} for name in (None, "support", "legal")])
+    run = batchrun("run", tmp_path / "in.jsonl", "-o", tmp_path / "out.parquet",
+                   "--kv-cache-memory", "256MiB", "--enforce-eager", *flags, timeout=900)
+    assert run.returncode == EXIT_OK, run.stderr[-3000:]
+    texts = pq.read_table(tmp_path / "out.parquet")["text"].to_pylist()
+    assert len(set(texts)) == 3  # the base model and each fetched adapter: three models
