@@ -241,9 +241,10 @@ class JobConfig:
     # Where the checkpoint (and, for a remote output, the staged file) lives; None: next to
     # a local output, or a cache folder for a remote one (batchrun.job.paths.output_paths).
     work_dir: Path | None = None
-    # LoRA adapters rows may run on: name -> a local PEFT folder (adapter_config.json and
-    # the weights). A row names one in its `adapter` (or `lora`) column, or as body.model in
-    # an OpenAI file; no name, or the base model's, runs the base model.
+    # LoRA adapters rows may run on: name -> a PEFT folder (adapter_config.json and the
+    # weights), local or a URI (fetched into a cache, engine/lora.py). A row names one in its
+    # `adapter` (or `lora`) column, or as body.model in an OpenAI file; no name, or the base
+    # model's, runs the base model.
     adapters: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:

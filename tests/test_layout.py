@@ -16,6 +16,7 @@ PACKAGE = Path(batchrun.__file__).parent
 # paths under batchrun/ (a folder stands for everything in it).
 LAYERS = [
     {"errors", "version", "clock", "machine", "structured", "io.storage", "io.files",
+     "io.remote_folder",
      "io.schema", "plan"},
     {"config", "model", "job_file"},
     {"engine", "io.datasets", "io.input", "io.output"},

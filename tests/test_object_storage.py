@@ -17,6 +17,8 @@ from pyarrow import fs
 from batchrun.errors import EXIT_OK, EXIT_USAGE
 from batchrun.io import storage
 from batchrun.job.paths import default_work_dir
+from batchrun.model import cache_root
+from tests.helpers import write_jsonl
 from tests.reliability.harness import (
     TALLY,
     admitted,
@@ -31,6 +33,7 @@ from tests.reliability.harness import (
 )
 
 SLOW = {"step_delay_s": 0.02, "max_num_seqs": 16}
+MODELS = cache_root() / "models"  # the converted default model, outside the tests' cache
 
 
 @pytest.fixture(autouse=True)
@@ -189,3 +192,90 @@ def test_endpoint_comes_from_aws_endpoint_url(s3, monkeypatch: pytest.MonkeyPatc
     storage._filesystem.cache_clear()
     assert storage.Location.of(f"{bucket}/x.txt").read_text() == "hello"
     assert os.environ["AWS_ENDPOINT_URL"].startswith("http://127.0.0.1:")
+
+
+def put_adapter(filesystem: fs.FileSystem, uri: str, local: Path, config: dict) -> None:
+    """An adapter folder at `uri`: its adapter_config.json and (bytes the fake engine never
+    reads) adapter_model.safetensors."""
+    local.mkdir(parents=True, exist_ok=True)
+    (local / "adapter_config.json").write_text(json.dumps(config))
+    (local / "adapter_model.safetensors").write_bytes(b"\0" * 64)
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        put(filesystem, f"{uri}/{name}", local / name)
+
+
+def test_adapters_given_as_uris_are_fetched_once_into_the_cache(s3, tmp_path: Path) -> None:
+    bucket, filesystem = s3
+    for name in ("support", "legal"):
+        put_adapter(filesystem, f"{bucket}/adapters/{name}", tmp_path / name, {"r": 8})
+    write_jsonl(tmp_path / "in.jsonl", [
+        {"id": f"r{i}", "prompt": f"q{i}", **({"adapter": a} if a else {})}
+        for i, a in enumerate([None, "support", "legal"] * 4)])
+    args = ("run", tmp_path / "in.jsonl", "-o", tmp_path / "out.parquet", "--engine", "fake",
+            "--overwrite", "--adapter", f"support={bucket}/adapters/support/",
+            "--adapter", f"legal={bucket}/adapters/legal")
+    first = batchrun(*args)
+    assert first.returncode == EXIT_OK, first.stderr
+    assert pq.read_table(tmp_path / "out.parquet")["adapter"].to_pylist() == \
+        [None, "support", "legal"] * 4
+    cache = tmp_path / "cache" / "adapters"  # BATCHRUN_CACHE_DIR/adapters
+    copies = {p.name for p in cache.iterdir()}
+    assert len(copies) == 2 and first.stderr.count("fetched (2 files") == 2
+    assert all((cache / c / "adapter_config.json").read_text() == '{"r": 8}' for c in copies)
+    # A rerun lists the URIs and downloads nothing.
+    again = batchrun(*args)
+    assert again.returncode == EXIT_OK, again.stderr
+    assert "fetched (" not in again.stderr
+    assert again.stderr.count("unchanged since fetched: its copy in") == 2
+    assert {p.name for p in cache.iterdir()} == copies
+    # An adapter changed in storage is fetched again, into a copy of its own.
+    put_adapter(filesystem, f"{bucket}/adapters/support", tmp_path / "support",
+                {"r": 8, "lora_alpha": 16})
+    changed = batchrun(*args)
+    assert changed.returncode == EXIT_OK, changed.stderr
+    assert f"adapter 'support': {bucket}/adapters/support/ fetched" in changed.stderr
+    assert f"adapter 'legal': {bucket}/adapters/legal unchanged" in changed.stderr
+    assert len({p.name for p in cache.iterdir()} - copies) == 1
+
+
+def test_an_adapter_uri_that_holds_no_adapter_is_a_one_line_error(s3, tmp_path: Path) -> None:
+    bucket, filesystem = s3
+    write_jsonl(tmp_path / "in.jsonl", [{"prompt": "hi"}])
+    put(filesystem, f"{bucket}/weights/adapter_model.safetensors", tmp_path / "in.jsonl")
+    for uri, says in ((f"{bucket}/nothing/", "holds no files"),
+                      (f"{bucket}/weights", "has no adapter_config.json")):
+        failed = batchrun("run", tmp_path / "in.jsonl", "-o", tmp_path / "out.parquet",
+                          "--engine", "fake", "--adapter", f"support={uri}")
+        assert failed.returncode == EXIT_USAGE
+        line = f"adapter 'support': {uri} {says}; name the URI of a PEFT LoRA folder"
+        assert line in failed.stderr and "Traceback" not in failed.stderr
+        assert len(failed.stderr.strip().splitlines()) == 1, failed.stderr
+
+
+@pytest.mark.slow  # a real vLLM engine, in a CLI process (never in this one, beside moto)
+def test_real_vllm_runs_adapters_fetched_from_s3(s3, tmp_path: Path) -> None:
+    from transformers import AutoTokenizer
+
+    from batchrun.model import default_model_dir
+    from tests.lora_adapters import write_random_adapter
+
+    bucket, filesystem = s3
+    MODELS.mkdir(parents=True, exist_ok=True)
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "cache" / "models").symlink_to(MODELS)  # not converted again
+    flags = []
+    for seed, name in enumerate(("support", "legal"), start=1):
+        folder = write_random_adapter(tmp_path / name, default_model_dir(), seed=seed)
+        for f in folder.iterdir():
+            put(filesystem, f"{bucket}/adapters/{name}/{f.name}", f)
+        flags += ["--adapter", f"{name}={bucket}/adapters/{name}/"]
+    prompt = AutoTokenizer.from_pretrained(default_model_dir()).encode(
+        "The capital of France is Paris. The capital of Germany is")
+    write_jsonl(tmp_path / "in.jsonl", [
+        {"id": name or "base", "prompt_token_ids": prompt, "max_tokens": 8,
+         **({"adapter": name} if name else {})} for name in (None, "support", "legal")])
+    run = batchrun("run", tmp_path / "in.jsonl", "-o", tmp_path / "out.parquet",
+                   "--kv-cache-memory", "256MiB", "--enforce-eager", *flags, timeout=900)
+    assert run.returncode == EXIT_OK, run.stderr[-3000:]
+    texts = pq.read_table(tmp_path / "out.parquet")["text"].to_pylist()
+    assert len(set(texts)) == 3  # the base model and each fetched adapter: three models

@@ -12,6 +12,10 @@ On CPU, rows on the base model run under an all-zero stand-in adapter (BASE_STAN
 which is the LAST slot, so a base row would run on whatever adapter that slot holds (measured:
 greedy output equal to an adapter's, not the base model's). A zero adapter adds exactly 0. It
 takes a slot of its own: the default max_loras on CPU counts it.
+
+An adapter declared as a URI (`s3://bucket/adapters/support/`) is fetched before the engine
+starts into the cache (ADAPTER_CACHE under batchrun's cache folder; io/remote_folder.py
+names each copy by the URI and its files' sizes and times, so a rerun downloads nothing).
 """
 
 from __future__ import annotations
@@ -23,8 +27,10 @@ from pathlib import Path
 from typing import Any
 
 from ..config import JobConfig
-from ..errors import ConfigError
-from ..io.storage import Location
+from ..errors import ConfigError, one_line
+from ..io.remote_folder import FetchedFolder, fetch_folder, remote_files
+from ..io.storage import Location, pa_errors
+from ..model import cache_root
 
 # Slots sized from a job at most: each slot holds an adapter's weights for the whole
 # max_lora_rank, on every layer it touches.
@@ -33,6 +39,8 @@ BASE_STAND_IN = "batchrun-base-model"  # the LoRARequest name of base rows' zero
 # The ranks vLLM accepts for max_lora_rank (vllm/config/lora.py); an adapter's own rank
 # is rounded up to one of them.
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+ADAPTER_CACHE = "adapters"  # under cache_root(): local copies of adapters given as URIs
+PEFT_FOLDER = "a PEFT LoRA folder (adapter_config.json and adapter_model.safetensors)"
 
 
 @dataclass(frozen=True)
@@ -114,14 +122,45 @@ def adapters_run_together(config: JobConfig, models: int) -> bool:
     return len(config.adapters) > MAX_LORAS_FROM_JOB
 
 
-def lora_settings(config: JobConfig, *, base_stand_in: bool = False) -> LoraSettings | None:
-    """The job's LoRA settings; None for a job without adapters. `base_stand_in`: size a
+def fetch_adapters(config: JobConfig) -> tuple[dict[str, str], dict[str, FetchedFolder]]:
+    """The job's adapters as local folders: name -> the folder as declared, or for one
+    declared as a URI its copy in the cache (fetched unless there already); and, for those,
+    what was fetched. Raises ConfigError naming the adapter when its URI holds no files, no
+    adapter_config.json, or cannot be read."""
+    folders: dict[str, str] = {}
+    fetched: dict[str, FetchedFolder] = {}
+    for name, path in sorted(config.adapters.items()):
+        where = Location.coerce(path)
+        if not where.is_remote:
+            folders[name] = path
+            continue
+        try:
+            files = remote_files(where)
+            if "adapter_config.json" not in files:
+                raise ConfigError(
+                    f"adapter {name!r}: {where} " + ("has no adapter_config.json" if files
+                                                     else "holds no files")
+                    + f"; name the URI of {PEFT_FOLDER}")
+            fetched[name] = fetch_folder(where, cache_root() / ADAPTER_CACHE, files)
+        except pa_errors() as e:
+            raise ConfigError(f"adapter {name!r}: {where} cannot be read ({one_line(e)}); "
+                              "check the URI, the credentials (AWS_* variables) and the "
+                              "endpoint") from None
+        folders[name] = str(fetched[name].path)
+    return folders, fetched
+
+
+def lora_settings(config: JobConfig, local: dict[str, str] | None = None, *,
+                  base_stand_in: bool = False) -> LoraSettings | None:
+    """The job's LoRA settings; None for a job without adapters. `local`: each adapter's
+    local folder (`fetch_adapters`), else the job's as declared. `base_stand_in`: size a
     slot for base rows' stand-in (on CPU). Raises ConfigError for an adapter folder that is
     not a local PEFT folder."""
     if not config.adapters:
         return None
+    given = config.adapters if local is None else local
     folders = tuple((name, str(_local_folder(name, path)))
-                    for name, path in sorted(config.adapters.items()))
+                    for name, path in sorted(given.items()))
     rank = max(_rank(name, Path(folder)) for name, folder in folders)
     max_loras, reason = job_max_loras(config, base_stand_in=base_stand_in)
     fitting = min((r for r in VLLM_LORA_RANKS if r >= rank), default=None)
@@ -134,12 +173,12 @@ def lora_settings(config: JobConfig, *, base_stand_in: bool = False) -> LoraSett
 def _local_folder(name: str, path: str) -> Path:
     where = Location.coerce(path)
     if where.is_remote:
-        raise ConfigError(f"adapter {name!r}: {path} is not a local folder; copy the adapter "
-                          "folder to this machine and name that folder")
+        raise ConfigError(f"adapter {name!r}: {path} is not a local folder (fetch_adapters "
+                          "copies those)")
     folder = where.local_path
     if not (folder / "adapter_config.json").is_file():
-        raise ConfigError(f"adapter {name!r}: {folder} has no adapter_config.json; name a "
-                          "PEFT LoRA folder (adapter_config.json and adapter_model.safetensors)")
+        raise ConfigError(f"adapter {name!r}: {folder} has no adapter_config.json; name "
+                          f"{PEFT_FOLDER}")
     return folder.resolve()
 
 

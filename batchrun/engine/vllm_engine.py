@@ -31,6 +31,7 @@ from .base import (
     TokenLogprob,
 )
 from .lora import LoraSettings
+from .lora_cpu_ops import install as install_cpu_lora_ops
 
 log = logging.getLogger(__name__)
 
@@ -270,6 +271,8 @@ class VllmEngine:
         if lora is not None and on_cpu():  # base rows on a zero adapter (engine/lora.py)
             self._lora_dir = Path(tempfile.mkdtemp(prefix="batchrun-lora-base-"))
             lora = lora.with_base_stand_in(self._lora_dir)
+            # One product per adapter, not per token, in the in-process engine core.
+            install_cpu_lora_ops()
         self._lora = lora
         from vllm import EngineArgs, LLMEngine
         from vllm.usage.usage_lib import UsageContext

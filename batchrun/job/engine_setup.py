@@ -16,7 +16,7 @@ from ..engine.attention.selection import (
     choose_attention,
     sharing_figures,
 )
-from ..engine.lora import lora_settings
+from ..engine.lora import fetch_adapters, lora_settings
 from ..engine.sizing import (
     DEFAULT_MAX_NUM_SEQS,
     EngineSizing,
@@ -26,6 +26,7 @@ from ..engine.sizing import (
 )
 from ..ingest.prepare import PreparedJob
 from ..model import kv_bytes_per_token, num_layers
+from .terminal import terminal
 
 
 def engine_sizing(job: PreparedJob, engine_kind: str = EngineKind.VLLM, *,
@@ -33,8 +34,11 @@ def engine_sizing(job: PreparedJob, engine_kind: str = EngineKind.VLLM, *,
                   whole_context: bool = False) -> EngineSizing:
     """The engine settings this job gets (see engine/sizing.py), without starting it. A job
     of several shards is sized by its first shard's plan and the whole job's `longest`
-    request; its LoRA adapters by the job's config (engine/lora.py). `whole_context`: the
-    rest of the job is not read yet, so any request up to the model's context may come."""
+    request; its LoRA adapters by the job's config (engine/lora.py), those given as URIs
+    fetched first (with every engine: the fake one stands in for vLLM's run).
+    `whole_context`: the rest of the job is not read yet, so any request up to the model's
+    context may come."""
+    adapters = _fetched_adapters(job)
     sizing = _sized(job, engine_kind, None if whole_context else longest or job.longest_request())
     if whole_context:
         sizing = replace(sizing, max_model_len_reason=WHOLE_CONTEXT_REASON)
@@ -44,7 +48,18 @@ def engine_sizing(job: PreparedJob, engine_kind: str = EngineKind.VLLM, *,
 
     # On CPU base rows take a slot of their own (engine/lora.py); the sim holds none.
     stand_in = engine_kind == EngineKind.VLLM and on_cpu()
-    return replace(sizing, lora=lora_settings(job.config, base_stand_in=stand_in))
+    return replace(sizing, lora=lora_settings(job.config, adapters, base_stand_in=stand_in))
+
+
+def _fetched_adapters(job: PreparedJob) -> dict[str, str]:
+    """The job's adapters as local folders, saying on the terminal what came from where."""
+    folders, fetched = fetch_adapters(job.config)
+    for name, copy in fetched.items():
+        how = (f"fetched ({len(copy.files)} files, {copy.bytes / 2**20:.1f} MiB) into"
+               if copy.downloaded else "unchanged since fetched: its copy in")
+        terminal().write(f"adapter {name!r}: {job.config.adapters[name]} {how} "
+                         f"{copy.path}\n")
+    return folders
 
 
 def _sized(job: PreparedJob, engine_kind: str,
