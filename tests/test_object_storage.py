@@ -279,3 +279,34 @@ def test_real_vllm_runs_adapters_fetched_from_s3(s3, tmp_path: Path) -> None:
     assert run.returncode == EXIT_OK, run.stderr[-3000:]
     texts = pq.read_table(tmp_path / "out.parquet")["text"].to_pylist()
     assert len(set(texts)) == 3  # the base model and each fetched adapter: three models
+
+
+def test_a_replica_on_another_node_fetches_the_adapters_itself(s3, tmp_path: Path,
+                                                               monkeypatch) -> None:
+    """The driver's copies of adapters given as URIs are in its own cache; a Ray replica on
+    another node (here: another cache folder) fetches its own before its engine starts."""
+    from dataclasses import replace
+
+    from batchrun.cluster import actor
+    from batchrun.cluster.actor import ReplicaJob
+    from batchrun.config import JobConfig
+    from batchrun.engine.lora import LoraSettings
+    from batchrun.engine.sizing import EngineSizing
+
+    bucket, filesystem = s3
+    put_adapter(filesystem, f"{bucket}/adapters/support", tmp_path / "support", {"r": 8})
+    config = JobConfig(input=tmp_path / "in.jsonl", output=tmp_path / "out.parquet",
+                       adapters={"support": f"{bucket}/adapters/support"})
+    driver_copy = (("support", "/driver/cache/adapters/abc"),)
+    sizing = EngineSizing(4, 2048, "", None, "", 0, 0,
+                          lora=LoraSettings(driver_copy, 1, "", 8))
+    node_cache = tmp_path / "other-node-cache"
+    monkeypatch.setenv("BATCHRUN_CACHE_DIR", str(node_cache))
+    started = []
+    monkeypatch.setattr(actor, "start_engine", lambda kind, cfg, sizing, **_: started.append(
+        sizing))
+    actor._start_engine(ReplicaJob(config, "fake", sizing, 0, "jsonl", 2048))
+    (name, folder), = started[0].lora.folders
+    assert name == "support" and Path(folder).parent == node_cache / "adapters"
+    assert json.loads((Path(folder) / "adapter_config.json").read_text()) == {"r": 8}
+    assert replace(started[0], lora=None) == replace(sizing, lora=None)

@@ -10,7 +10,7 @@ import queue
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import pyarrow as pa
@@ -19,6 +19,7 @@ from ..config import EngineKind, JobConfig
 from ..engine.attention.selection import AttentionChoice
 from ..engine.base import Engine
 from ..engine.factory import start_engine
+from ..engine.lora import on_this_node
 from ..engine.sizing import EngineSizing
 from ..errors import UsageError
 from ..execute.shard import ShardRun, run_shard
@@ -108,7 +109,8 @@ def _start_engine(job: ReplicaJob) -> Engine:
         # The driver found the model on its own node; this node must see it too. Asked
         # first, so that a missing model is a ModelError, not an engine failure.
         resolve_model(job.config.model_name)
-    return start_engine(job.engine_kind, job.config, job.sizing, new_tokens=job.new_tokens,
+    sizing = replace(job.sizing, lora=on_this_node(job.config, job.sizing.lora))
+    return start_engine(job.engine_kind, job.config, sizing, new_tokens=job.new_tokens,
                         attention=lambda: job.attention)
 
 

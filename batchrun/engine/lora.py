@@ -150,6 +150,15 @@ def fetch_adapters(config: JobConfig) -> tuple[dict[str, str], dict[str, Fetched
     return folders, fetched
 
 
+def on_this_node(config: JobConfig, lora: LoraSettings | None) -> LoraSettings | None:
+    """`lora` with the adapters given as URIs in this machine's cache: a replica on another
+    node than the driver's fetches (or finds) its own copies."""
+    if lora is None or not any(Location.coerce(p).is_remote for p in config.adapters.values()):
+        return lora
+    folders, _ = fetch_adapters(config)
+    return replace(lora, folders=tuple(sorted(folders.items())))
+
+
 def lora_settings(config: JobConfig, local: dict[str, str] | None = None, *,
                   base_stand_in: bool = False) -> LoraSettings | None:
     """The job's LoRA settings; None for a job without adapters. `local`: each adapter's
