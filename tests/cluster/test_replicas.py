@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import random
 import threading
 import time
@@ -31,15 +30,6 @@ from batchrun.io.output.checkpoint import Checkpoint, partial_dir_for
 from batchrun.job.run import run_job
 from tests.helpers import job, read_output, shared_prefix_rows, write_jsonl
 from tests.sim_engines import BLOCK_BYTES, tokens
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    """One local Ray instance for the module (a job that finds Ray running keeps it)."""
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-             logging_level=logging.WARNING)
-    yield
-    ray.shutdown()
 
 
 def fake_engine(monkeypatch, admitted: Path, **options) -> None:

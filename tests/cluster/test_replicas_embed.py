@@ -5,13 +5,10 @@ inputs included."""
 from __future__ import annotations
 
 import json
-import logging
 from collections import Counter
 from dataclasses import replace
 
 import pyarrow.parquet as pq
-import pytest
-import ray
 
 from batchrun.config import ClusterOptions, JobConfig
 from batchrun.errors import EXIT_OK
@@ -19,14 +16,6 @@ from batchrun.job.run import run_job
 from tests.helpers import write_jsonl
 
 COMPARED = ["row", "id", "embedding", "embeddings", "prompt_tokens", "error"]
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-             logging_level=logging.WARNING)
-    yield
-    ray.shutdown()
 
 
 def lines(n: int) -> list[dict]:
