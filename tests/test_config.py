@@ -102,7 +102,7 @@ OPTION_VALUES: dict[str, object] = {
     "replay_lengths": REPO / "out" / "earlier.parquet", "kind": "sim", "sim_device": "h100",
     "task": "embed", "normalize": False, "truncate": True,
     "max_loras": 2, "adapters": {"support": str(REPO / "adapters" / "support")},
-    "report": False,
+    "report": False, "early_start": False,
 }
 
 
