@@ -153,10 +153,11 @@ def fetch_adapters(config: JobConfig) -> tuple[dict[str, str], dict[str, Fetched
 def on_this_node(config: JobConfig, lora: LoraSettings | None) -> LoraSettings | None:
     """`lora` with the adapters given as URIs in this machine's cache: a replica on another
     node than the driver's fetches (or finds) its own copies."""
-    if lora is None or not any(Location.coerce(p).is_remote for p in config.adapters.values()):
-        return lora
-    folders, _ = fetch_adapters(config)
-    return replace(lora, folders=tuple(sorted(folders.items())))
+    if lora is None:
+        return None
+    _, fetched = fetch_adapters(config)
+    return replace(lora, folders=tuple((name, str(fetched[name].path) if name in fetched
+                                        else folder) for name, folder in lora.folders))
 
 
 def lora_settings(config: JobConfig, local: dict[str, str] | None = None, *,

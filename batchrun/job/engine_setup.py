@@ -4,6 +4,7 @@ the first shard's plan."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import replace
 
 import numpy as np
@@ -31,17 +32,19 @@ from .terminal import terminal
 
 def engine_sizing(job: PreparedJob, engine_kind: str = EngineKind.VLLM, *,
                   longest: LongestRequest | None = None,
-                  whole_context: bool = False) -> EngineSizing:
+                  rest_unread: Callable[[], LongestRequest | None] | None = None,
+                  ) -> EngineSizing:
     """The engine settings this job gets (see engine/sizing.py), without starting it. A job
     of several shards is sized by its first shard's plan and the whole job's `longest`
     request; its LoRA adapters by the job's config (engine/lora.py), those given as URIs
     fetched first (with every engine: the fake one stands in for vLLM's run).
-    `whole_context`: the rest of the job is not read yet, so any request up to the model's
-    context may come."""
+    `rest_unread`: the rest of the job is not read yet (early start), so the engine is sized
+    for any request up to the model's context; where its KV cache cannot hold one (a
+    kv_cache_memory set below that), `rest_unread()` waits for the read's end and gives the
+    job's longest request to size for."""
     adapters = _fetched_adapters(job)
-    sizing = _sized(job, engine_kind, None if whole_context else longest or job.longest_request())
-    if whole_context:
-        sizing = replace(sizing, max_model_len_reason=WHOLE_CONTEXT_REASON)
+    sizing = _sized(job, engine_kind, longest or job.longest_request()) if rest_unread is None \
+        else _sized_early(job, engine_kind, rest_unread)
     if engine_kind == EngineKind.FAKE:
         return sizing
     from ..engine.vllm_engine import on_cpu
@@ -107,11 +110,13 @@ WHOLE_CONTEXT_REASON = ("the model's context: the engine started while the job w
                         "being read, before its longest request was known (early start)")
 
 
-def fits_whole_context(sizing: EngineSizing) -> bool:
-    """Whether the KV cache holds a request of the whole context: an engine started early
-    needs it; with a smaller kv_cache_memory set, the job waits for its longest request."""
+def _sized_early(job: PreparedJob, engine_kind: str,
+                 rest_unread: Callable[[], LongestRequest | None]) -> EngineSizing:
+    sizing = replace(_sized(job, engine_kind, None), max_model_len_reason=WHOLE_CONTEXT_REASON)
     capacity = sizing.kv_capacity_tokens
-    return capacity is None or capacity >= sizing.max_model_len
+    if capacity is None or capacity >= sizing.max_model_len:
+        return sizing
+    return _sized(job, engine_kind, rest_unread() or job.longest_request())
 
 
 def job_sharing(job: PreparedJob, *, block_size: int, kv_bytes_per_token: int,

@@ -20,7 +20,7 @@ from ..config import EngineKind, JobConfig
 from ..engine.base import Engine, EngineStats
 from ..engine.factory import engine_kind as started_engine_kind
 from ..engine.factory import start_engine
-from ..engine.sizing import EngineSizing
+from ..engine.sizing import EngineSizing, LongestRequest
 from ..errors import (
     EXIT_INTERRUPTED,
     EXIT_OK,
@@ -42,7 +42,7 @@ from ..io.output.writer import OutputFiles, read_finished_rows, write_in_row_ord
 from ..plan.job_figures import JobPlanFigures
 from ..version import __version__
 from .early_start import BackgroundRead, start_read
-from .engine_setup import choose_job_attention, engine_sizing, fits_whole_context
+from .engine_setup import choose_job_attention, engine_sizing
 from .paths import OutputPaths, check_output_paths, output_paths, remove_staged
 from .progress import ProgressReporter
 from .run_trace import RunTrace, merge_trace, report
@@ -203,14 +203,15 @@ class _JobRun:
             self.first = prepare_shard(self.config, rows.load(), read.input_format,
                                        read.max_model_len)
         if self.own_engine:
-            self.sizing = engine_sizing(self.first, engine_kind, whole_context=True) \
-                if early is not None else None
-            if self.sizing is None or not fits_whole_context(self.sizing):
-                # A KV cache set below the context: size for the job's longest request
-                sharded = self.sharded = self.sharded or self.reader.result()
-                self.sizing = engine_sizing(self.first, engine_kind, longest=sharded.longest)
+            def read_to_end() -> LongestRequest | None:
+                self.sharded = self.sharded or self.reader.result()
+                return self.sharded.longest
+
+            self.sizing = engine_sizing(
+                self.first, engine_kind, longest=sharded.longest if sharded else None,
+                rest_unread=read_to_end if early is not None else None)
             first = self.first
-            read = sharded or early  # the job read so far
+            read = self.sharded or early  # the job read so far
             if self.config.cluster.on_ray and engine_kind == EngineKind.SIM:
                 self.replicas = start_simulated_replicas(self.config, self.sizing, read)
                 return
