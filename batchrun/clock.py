@@ -54,3 +54,8 @@ class StageClock:
 
     def figures(self) -> dict[str, float]:
         return {k: round(v, 3) for k, v in self.seconds.items()}
+
+    def stage_figures(self, rows: int) -> dict[str, dict[str, float | None]]:
+        """Seconds and rows/s per stage, for `rows` rows: a summary's "stages"."""
+        return {stage: {"seconds": s, "rows_per_s": round(rows / s) if s > 0 else None}
+                for stage, s in self.figures().items()}

@@ -6,6 +6,7 @@
     python benchmarks/bench_scale.py ideal --rows 200000           # one system prompt shared
     python benchmarks/bench_scale.py ideal --rows 200000 --memory-budget 32GiB  # one shard
     python benchmarks/bench_scale.py run --rows 2000000 --early-start both   # side by side
+    python benchmarks/bench_scale.py resume --rows 10000000    # killed twice, then resumed
 
 run:   a text JSONL job (~700 bytes a row, 2,000 shared system prompts, rows shuffled) through
        `batchrun run JOB -o OUT --engine fake --json`. The fake engine (no model, a
@@ -23,6 +24,12 @@ ideal: one system prompt shared by every row and ~2,000 second-level prefixes be
        against the block-granular ideal of the whole job. By default on `--engine sim`
        (vLLM's own scheduler and prefix cache, no model, a --kv KV cache): what vLLM would
        compute; `--engine fake` for the fake engine's figure.
+resume: the `run` job SIGKILLed twice, once while it is still being read (sharded and run
+       early; after --kill-read of the rows have run) and once after the read has ended
+       (after --kill-run of them), each time resumed with --resume; then run to the end.
+       Reported per attempt: the rows its journals gained, results journalled twice (a
+       request that ran again after its result was saved: must be 0), wall; at the end every
+       row once, in input order.
 Targets (issue 13): peak RSS <= 4 GiB at every size, flat as rows grow; 10M rows <= 60 min;
 plan of 1M x ~600 tokens <= 15 s and <= 2 GiB; computed <= 1.05x the ideal.
 Files are generated once under /tmp/batchrun_bench/.
@@ -34,6 +41,7 @@ import argparse
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import tempfile
@@ -149,6 +157,61 @@ def bench_run(rows: int, budget: str | None, early: str = "on") -> dict:
             "every_row_once_in_order": ok, "status": s["status"]}
 
 
+def journal_rows(out: Path) -> tuple[int, int]:
+    """Rows in the checkpoint's journals, with and without repeats."""
+    from batchrun.io.output.checkpoint import journal_batches
+
+    rows = [b.column(0).to_numpy() for b in journal_batches(
+        sorted(out.with_name(out.name + ".partial").glob("journal-*.arrows")))]
+    every = np.concatenate(rows) if rows else np.zeros(0, np.int64)
+    return len(every), len(np.unique(every))
+
+
+def kill_when(cmd: list[str], env: dict[str, str], reading: bool, fraction: float,
+              rows: int) -> float:
+    """Run `cmd` and SIGKILL it at the first progress line past `fraction` of `rows` done,
+    while the job is still being read (`reading`) or after its read has ended. Seconds run."""
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": str(HERE.parent), **env})
+    for line in proc.stderr:
+        done = re.match(r"batchrun: (\d+)(/\d+)? rows", line)
+        if done and (done.group(2) is None) == reading and int(done.group(1)) >= fraction * rows:
+            proc.send_signal(signal.SIGKILL)
+            break
+    proc.wait()
+    if proc.returncode != -signal.SIGKILL:
+        raise SystemExit(f"the run ended ({proc.returncode}) before it was killed")
+    return time.perf_counter() - t0
+
+
+def bench_resume(rows: int, budget: str | None, kill_read: float, kill_run: float) -> dict:
+    job = text_job(rows)
+    env = {"BATCHRUN_FAKE_ENGINE": json.dumps(FAKE_ENGINE)}
+    attempts = []
+    with tempfile.TemporaryDirectory(dir=CACHE) as tmp:
+        out = Path(tmp) / "out.parquet"
+        cmd = [*BATCHRUN, "run", str(job), "-o", str(out), "--engine", "fake", "--json",
+               "--log-lines", "--resume"] + (["--memory-budget", budget] if budget else [])
+        before = 0
+        for reading, fraction in ((True, kill_read), (False, kill_run)):
+            wall = kill_when(cmd, env, reading, fraction, rows)
+            journalled, unique = journal_rows(out)
+            attempts.append({"killed": "while read" if reading else "after read",
+                             "wall_s": round(wall, 1), "rows_gained": unique - before,
+                             "journalled_twice": journalled - unique})
+            before = unique
+        wall, rss, stdout = timed(cmd, env)
+        s = json.loads(stdout)
+        attempts.append({"killed": None, "wall_s": round(wall, 1),
+                         "rows_gained": rows - before, "peak_rss_gib": round(rss / 2**30, 2)})
+        ok = check_output(out, rows)
+    return {"bench": "resume", "rows": rows, "attempts": attempts,
+            "total_wall_s": round(sum(a["wall_s"] for a in attempts), 1),
+            "succeeded": s["succeeded"], "every_row_once_in_order": ok,
+            "load_avg": os.getloadavg()[0], "status": s["status"]}
+
+
 def bench_plan(rows: int, budget: str | None, check: bool) -> dict:
     job = CACHE / f"plan_scale_{rows}_seed0.parquet"
     if not job.exists():
@@ -198,7 +261,7 @@ def bench_ideal(rows: int, budget: str, engine: str, kv: str, early: str = "on")
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("what", choices=("run", "plan", "ideal"))
+    ap.add_argument("what", choices=("run", "plan", "ideal", "resume"))
     ap.add_argument("--rows", default="1000000", help="comma-separated sizes")
     ap.add_argument("--memory-budget", default=None, help="batchrun's --memory-budget")
     ap.add_argument("--check", action="store_true", help="plan: compare with the in-memory tree")
@@ -208,11 +271,20 @@ def main() -> None:
     ap.add_argument("--early-start", choices=("on", "off", "both"), default="on",
                     help="run, ideal: batchrun's --early-start / --no-early-start; both: "
                          "off then on, side by side, with their ratios")
+    ap.add_argument("--kill-read", type=float, default=0.1,
+                    help="resume: the first kill, once this share of the rows has run "
+                         "while the job is still read")
+    ap.add_argument("--kill-run", type=float, default=0.6,
+                    help="resume: the second kill, once this share has run after the read")
     args = ap.parse_args()
     modes = ("off", "on") if args.early_start == "both" else (args.early_start,)
     for rows in (int(r) for r in args.rows.split(",")):
         if args.what == "plan":
             print(json.dumps(bench_plan(rows, args.memory_budget, args.check)), flush=True)
+            continue
+        if args.what == "resume":
+            print(json.dumps(bench_resume(rows, args.memory_budget, args.kill_read,
+                                          args.kill_run)), flush=True)
             continue
         results = {}
         for mode in modes:

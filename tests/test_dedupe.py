@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from batchrun.engine.fake import FakeEngine
 from batchrun.errors import EXIT_INTERRUPTED, EXIT_OK
 from batchrun.job.run import run_job
+from batchrun.plan import PrefixTree
 from batchrun.plan.dedupe import find_duplicates
 from tests.helpers import job, read_output, write_jsonl
 from tests.reliability.harness import check_output
@@ -138,7 +139,7 @@ def test_duplicates_are_exactly_the_equal_deterministic_requests(spec):
     values = np.concatenate([prompts[p] for p, _, _ in spec]).astype(np.int32)
     offsets = np.concatenate(([0], np.cumsum([len(prompts[p]) for p, _, _ in spec])))
     keys = [(s, 0.0) if det else None for _, s, det in spec]
-    found = find_duplicates(values, offsets, keys)
+    found = find_duplicates(PrefixTree.build(values, offsets), keys.__getitem__)
     served = {c: r for r, cs in found.copies.items() for c in cs}
     assert sorted([*found.runs.tolist(), *served]) == list(range(len(spec)))
     for copy, first in served.items():

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from functools import cached_property
+from functools import cache, cached_property
 from typing import Any
 
 import numpy as np
@@ -32,7 +32,7 @@ from ..plan.adapters import (
     order_requests_by_adapter,
     per_adapter_figures,
 )
-from ..plan.dedupe import find_duplicates, is_deterministic
+from ..plan.dedupe import SamplingKey, find_duplicates, is_deterministic
 from ..plan.groups import RunGroup, longest_first, make_groups
 from ..plan.prefix_tree import PrefixTree
 from ..plan.schedule import RequestOrder, order_requests
@@ -68,6 +68,7 @@ class PreparedJob:
     constraints: list[Constraint | None] = field(default_factory=list)
     logprobs: list[int | None] = field(default_factory=list)
     _orders: dict[int, RequestOrder] = field(default_factory=dict, repr=False)
+    _tree: PrefixTree | None = field(default=None, repr=False)  # built on first use
 
     def rows_served(self, i: int) -> int:
         """Rows request i's result fills: its own, and its identical copies'."""
@@ -107,9 +108,12 @@ class PreparedJob:
         keys = adapter_keys(self.requests.table[ADAPTER])
         return None if keys is None else keys[self.tokens.positions]
 
-    @cached_property
+    @property
     def prefix_tree(self) -> PrefixTree:
-        return PrefixTree.build(self.tokens.values, self.tokens.offsets, self.request_keys)
+        if self._tree is None:
+            self._tree = PrefixTree.build(self.tokens.values, self.tokens.offsets,
+                                          self.request_keys)
+        return self._tree
 
     def request_order(self, block_size: int) -> RequestOrder:
         """The shard's plan before any cut to a KV cache, built once per block size: sizing
@@ -296,25 +300,28 @@ def _input_lengths(tokens: TokenizedRequests, n: int) -> pa.Array:
 
 def _without_duplicates(job: PreparedJob) -> PreparedJob:
     """The job with identical deterministic requests run once (see plan/dedupe.py)."""
-    sampling = row_sampling(job)
-    adapters = job.row_adapters
-    positions = job.tokens.positions.tolist()
-    keys: list[Any] = []
-    if job.config.embeds:  # an embedding is its input's alone (and its adapter's)
-        keys = [(adapters[pos],) for pos in positions]
-    else:
-        for i, pos in enumerate(positions):
-            temperature, top_p, seed, stop = sampling(pos)
-            # Everything that shapes the output: a constraint, logprobs or another adapter
-            # make rows differ too.
-            keys.append((int(job.max_tokens[i]), temperature, top_p, seed, stop,
-                         job.constraints[i], job.logprobs[i], adapters[pos])
-                        if is_deterministic(temperature, seed) else None)
-    found = find_duplicates(job.tokens.values, job.tokens.offsets, keys)
+    positions = job.tokens.positions
+
+    @cache
+    def columns() -> tuple[Callable[[int], tuple], list[str | None]]:
+        # Read only when two prompts are equal: in most jobs none are.
+        return row_sampling(job), job.row_adapters
+
+    def key_of(i: int) -> SamplingKey | None:
+        pos = int(positions[i])
+        sampling, adapters = columns()
+        if job.config.embeds:  # an embedding is its input's alone (and its adapter's)
+            return (adapters[pos],)
+        temperature, top_p, seed, stop = sampling(pos)
+        # Everything that shapes the output: a constraint, logprobs or another adapter make
+        # rows differ too.
+        return (int(job.max_tokens[i]), temperature, top_p, seed, stop, job.constraints[i],
+                job.logprobs[i], adapters[pos]) if is_deterministic(temperature, seed) else None
+
+    found = find_duplicates(job.prefix_tree, key_of)
     if not found.copies:
         return job
     renumber = {int(r): k for k, r in enumerate(found.runs)}
-    positions = job.tokens.positions
     copies = {renumber[r]: [int(positions[c]) for c in cs] for r, cs in found.copies.items()}
     items = job.tokens.items
     copy_items = {} if items is None else {
@@ -323,7 +330,8 @@ def _without_duplicates(job: PreparedJob) -> PreparedJob:
     return replace(job, tokens=job.tokens.take(found.runs),
                    max_tokens=job.max_tokens[found.runs], copies=copies, copy_items=copy_items,
                    constraints=[job.constraints[r] for r in runs],
-                   logprobs=[job.logprobs[r] for r in runs], _orders={})
+                   logprobs=[job.logprobs[r] for r in runs], _orders={},
+                   _tree=job.prefix_tree.subset(found.runs))
 
 
 def request_constraints(table: pa.Table, positions: np.ndarray,

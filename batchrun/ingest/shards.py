@@ -26,7 +26,7 @@ search and read batch by batch.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,7 +36,7 @@ import pyarrow as pa
 from ..io.schema import ADAPTER, REQUEST_SCHEMA
 from ..plan.adapters import BASE_KEY, adapter_keys, keyed_prompt
 from ..plan.blocks import ceil_div
-from ..plan.prefix_tree import PrefixTree
+from ..plan.prefix_tree import PrefixTree, sorted_order
 from ..plan.prefixes import compare
 from .spill import SpillFile
 from .token_lists import offsets_of, token_lists
@@ -47,16 +47,13 @@ RUN_BATCH_ROWS = 4096  # rows per record batch of a sorted run: the unit searche
 def lexicographic_order(table: pa.Table) -> np.ndarray:
     """Row indices of `table` in (adapter, token) order (error rows, with no tokens, first
     among their adapter's)."""
-    return PrefixTree.build(*token_lists(table["prompt_token_ids"]),
-                            adapter_keys(table[ADAPTER])).order
+    return sorted_order(*token_lists(table["prompt_token_ids"]), adapter_keys(table[ADAPTER]))[0]
 
 
-def keyed_prompts(table: pa.Table, rows: range) -> list[np.ndarray]:
+def keyed_prompts(table: pa.Table, rows: Iterable[int]) -> list[np.ndarray]:
     """The prompts of `rows` of `table` behind their adapter's key, as shards compare them."""
-    values, offsets = token_lists(table["prompt_token_ids"])
-    keys = adapter_keys(table[ADAPTER])
-    return [keyed_prompt(BASE_KEY if keys is None else int(keys[i]),
-                         values[offsets[i]:offsets[i + 1]]) for i in rows]
+    prompts = _KeyedPrompts(*token_lists(table["prompt_token_ids"]), adapter_keys(table[ADAPTER]))
+    return [prompts[i] for i in rows]
 
 
 @dataclass
@@ -75,12 +72,17 @@ class SortedRun:
     @classmethod
     def sort(cls, table: pa.Table, spill_to: Path | None,
              batch_rows: int = RUN_BATCH_ROWS) -> SortedRun:
-        table = table.take(lexicographic_order(table)).combine_chunks()
-        heads = keyed_prompts(table, range(0, table.num_rows, batch_rows))
+        order = lexicographic_order(table)
+        table = table.combine_chunks()
         if spill_to is None:
+            table = table.take(order)
+            heads = keyed_prompts(table, range(0, table.num_rows, batch_rows))
             return cls(table.num_rows, table.nbytes, heads, batch_rows, table=table)
+        # Spilled batch by batch, each taken in sorted order as it is written: a sorted copy
+        # of the whole run would double its memory for as long as the write takes.
+        heads = keyed_prompts(table, order[::batch_rows].tolist())
         return cls(table.num_rows, table.nbytes, heads, batch_rows,
-                   file=SpillFile.write(spill_to, table, batch_rows))
+                   file=SpillFile.write(spill_to, table, batch_rows, order))
 
     def batch(self, i: int) -> pa.Table:
         """Rows [i * batch_rows, (i + 1) * batch_rows)."""
@@ -97,8 +99,10 @@ class SortedRun:
         if before == 0:
             return 0
         batch = self.batch(before - 1)
-        rows = keyed_prompts(batch, range(batch.num_rows))
-        return (before - 1) * self.batch_rows + _count_less(rows, prompt)
+        values, offsets = token_lists(batch["prompt_token_ids"])
+        keys = adapter_keys(batch[ADAPTER])
+        return (before - 1) * self.batch_rows + _count_less(_KeyedPrompts(values, offsets, keys),
+                                                            prompt)
 
     def rows_between(self, start: int, stop: int) -> Iterator[pa.Table]:
         for i in range(start // self.batch_rows, ceil_div(stop, self.batch_rows)):
@@ -109,7 +113,23 @@ class SortedRun:
                 yield batch.slice(lo, hi - lo)
 
 
-def _count_less(sorted_prompts: list[np.ndarray], prompt: np.ndarray) -> int:
+@dataclass(frozen=True)
+class _KeyedPrompts:
+    """A batch's keyed prompts, each made when a binary search looks at it."""
+
+    values: np.ndarray
+    offsets: np.ndarray
+    keys: np.ndarray | None
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        key = BASE_KEY if self.keys is None else int(self.keys[i])
+        return keyed_prompt(key, self.values[self.offsets[i]:self.offsets[i + 1]])
+
+
+def _count_less(sorted_prompts: Sequence[np.ndarray], prompt: np.ndarray) -> int:
     """How many of the (sorted) prompts sort before `prompt`: a binary search."""
     lo, hi = 0, len(sorted_prompts)
     while lo < hi:

@@ -45,20 +45,24 @@ class SpillFile:
     batches: int
 
     @classmethod
-    def write(cls, path: Path, table: pa.Table, batch_rows: int) -> SpillFile:
-        """Write `table` in batches of `batch_rows` rows."""
+    def write(cls, path: Path, table: pa.Table, batch_rows: int,
+              order: np.ndarray | None = None) -> SpillFile:
+        """Write `table`'s rows (in `order`, if given: row indices) in batches of
+        `batch_rows` rows."""
         # The first column is always written: a batch of no columns would have no rows.
         constants = {f.name: v for f in list(table.schema)[1:]
                      if (v := _one_value(table[f.name])) is not None}
         stored = pa.schema([f.with_type(_narrowest(table[f.name])) for f in table.schema
                             if f.name not in constants])
-        table = table.combine_chunks()  # one record batch a slice
+        table = table.combine_chunks()  # one record batch a slice or take
+        rows = table.num_rows if order is None else len(order)
         options = pa.ipc.IpcWriteOptions(compression=SPILL_COMPRESSION)
         batches = 0
         with pa.OSFile(str(path), "wb") as sink, \
                 pa.ipc.new_file(sink, stored, options=options) as writer:
-            for start in range(0, table.num_rows, batch_rows):
-                part = table.slice(start, batch_rows)
+            for start in range(0, rows, batch_rows):
+                part = table.slice(start, batch_rows) if order is None \
+                    else table.take(order[start:start + batch_rows])
                 writer.write_batch(pa.record_batch(
                     [_cast(part[f.name].chunk(0), f.type) for f in stored], schema=stored))
                 batches += 1

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from ..clock import StageClock
 from ..config import EngineKind, JobConfig
 from ..ingest.adapters import resolve_adapters
 from ..ingest.prepare import (
@@ -33,18 +34,20 @@ from .summary import peak_rss_bytes
 def describe_plan(config: JobConfig, engine_kind: str = EngineKind.VLLM) -> dict[str, Any]:
     """The plan's figures for `batchrun plan`, computed without starting an engine: the job
     read, tokenized, sharded and planned as a run would, in the same memory budget."""
+    clock = StageClock()
     with tempfile.TemporaryDirectory(prefix="batchrun-plan-") as tmp:
         sharded = read_into_shards(config, engine_kind=engine_kind,
                                    finished_rows=np.zeros(0, np.int64),
-                                   spill_dir=Path(tmp) / "spill")
+                                   spill_dir=Path(tmp) / "spill", clock=clock)
         figures = JobPlanFigures()
         counts = {"requests": 0, "rows_with_errors": 0, "constrained_rows": 0}
         sizing = None
         for shard in sharded.shards:
-            job = prepare_shard(config, shard.load(), sharded.input_format,
-                                sharded.max_model_len)
-            sizing = sizing or engine_sizing(job, engine_kind, longest=sharded.longest)
-            _, plan = job.run_groups(sizing.block_size, sizing.kv_capacity_tokens)
+            with clock("plan"):
+                job = prepare_shard(config, shard.load(), sharded.input_format,
+                                    sharded.max_model_len)
+                sizing = sizing or engine_sizing(job, engine_kind, longest=sharded.longest)
+                _, plan = job.run_groups(sizing.block_size, sizing.kv_capacity_tokens)
             figures.add(plan, *job.first_and_last_prompts())
             counts["requests"] += len(job.tokens.positions)
             counts["rows_with_errors"] += len(job.request_errors())
@@ -61,6 +64,7 @@ def describe_plan(config: JobConfig, engine_kind: str = EngineKind.VLLM) -> dict
                      "spilled_rows": sharded.spilled_rows,
                      "memory_budget": config.engine.memory_budget,
                      "peak_rss_bytes": peak_rss_bytes()}
+    out["stages"] = clock.stage_figures(sharded.rows)
     return out
 
 

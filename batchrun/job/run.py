@@ -386,9 +386,7 @@ class _JobRun:
 
     def _stage_figures(self) -> dict[str, dict[str, float]]:
         """Seconds and rows/s per stage (rows this run handled)."""
-        rows = self.sharded.pending_rows or self.sharded.rows
-        return {stage: {"seconds": s, "rows_per_s": round(rows / s) if s > 0 else None}
-                for stage, s in self.clock.figures().items()}
+        return self.clock.stage_figures(self.sharded.pending_rows or self.sharded.rows)
 
     def _stopped(self, summary: dict[str, Any], message: str) -> JobOutcome:
         summary["checkpoint"] = str(self.ckpt.path)

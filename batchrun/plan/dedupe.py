@@ -9,10 +9,12 @@ each must draw its own sample.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
+
+from .prefix_tree import PrefixTree
 
 # Everything that shapes a request's output besides its prompt: (max_tokens, temperature,
 # top_p, seed, stop, constraint, logprobs) as ingest/prepare.py builds it.
@@ -31,21 +33,28 @@ def is_deterministic(temperature: float, seed: int | None) -> bool:
     return temperature == 0 or seed is not None
 
 
-def find_duplicates(values: np.ndarray, offsets: np.ndarray,
-                    sampling: Sequence[SamplingKey | None]) -> Duplicates:
-    """Group requests `values[offsets[i]:offsets[i + 1]]` with equal sampling keys; a None
-    key (non-deterministic sampling) is never merged."""
-    first_of: dict[tuple[bytes, SamplingKey], int] = {}
+def find_duplicates(tree: PrefixTree,
+                    key_of: Callable[[int], SamplingKey | None]) -> Duplicates:
+    """Group the requests of `tree` whose prompts are equal and whose sampling keys
+    (`key_of(i)`) are equal; a None key (non-deterministic sampling) is never merged.
+
+    Equal prompts are neighbours in the tree's order, sharing all of both: only those
+    requests are asked their key, so a job of distinct prompts costs no Python per row."""
+    lengths = tree.lengths[tree.order]
+    same = np.zeros(len(lengths), dtype=bool)  # position k holds its predecessor's prompt
+    same[1:] = (tree.lcp[1:] == lengths[1:]) & (lengths[1:] == lengths[:-1]) & (lengths[1:] > 0)
+    starts = np.flatnonzero(~same)
+    sizes = np.diff(np.append(starts, len(same)))
+    is_copy = np.zeros(len(lengths), dtype=bool)
     copies: dict[int, list[int]] = {}
-    runs = []
-    for i, key in enumerate(sampling):
-        if key is None:
-            runs.append(i)
-            continue
-        identity = (values[offsets[i]:offsets[i + 1]].tobytes(), key)
-        first = first_of.setdefault(identity, i)
-        if first == i:
-            runs.append(i)
-        else:
-            copies.setdefault(first, []).append(i)
-    return Duplicates(np.asarray(runs, dtype=np.int64), copies)
+    for start, size in zip(starts[sizes > 1].tolist(), sizes[sizes > 1].tolist(), strict=True):
+        first_of: dict[SamplingKey, int] = {}
+        for i in np.sort(tree.order[start:start + size]).tolist():
+            key = key_of(i)
+            if key is None:
+                continue
+            first = first_of.setdefault(key, i)
+            if first != i:
+                copies.setdefault(first, []).append(i)
+                is_copy[i] = True
+    return Duplicates(np.flatnonzero(~is_copy), copies)

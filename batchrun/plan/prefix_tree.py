@@ -74,29 +74,27 @@ class PrefixTree:
 
         `keys` (int32 per request, e.g. its LoRA adapter's, plan/adapters.py): requests
         with different keys share nothing, however alike their tokens; the order sorts by
-        key first. Built as the tree of each prompt behind its key, then the key taken off
-        again: one LCP less wherever neighbours share their key."""
-        if keys is not None and np.any(keys):
-            keyed = cls.build(*keyed_tokens(values, offsets, keys))
-            return cls.from_lcp(keyed.order, np.maximum(keyed.lcp - 1, 0), np.diff(offsets))
-        if values.dtype != np.int32 and len(values):
-            info = np.iinfo(np.int32)
-            if values.min() < info.min or values.max() > info.max:
-                raise ValueError("token ids must fit in int32")
-        values = np.ascontiguousarray(values, dtype=np.int32)
-        offsets = np.ascontiguousarray(offsets, dtype=np.int64)
-        lengths = np.diff(offsets)
-        if len(offsets) == 0 or offsets[0] != 0 or offsets[-1] > len(values) or (lengths < 0).any():
-            raise ValueError("offsets must start at 0, never decrease and stay within values")
-        hashes = _PrefixHashes(values, offsets, lengths)
-        order, lcp = _sort(hashes)
-        return cls.from_lcp(order, lcp, lengths)
+        key first."""
+        order, lcp = sorted_order(values, offsets, keys)
+        return cls.from_lcp(order, lcp, np.diff(np.asarray(offsets, dtype=np.int64)))
 
     @classmethod
     def from_lcp(cls, order: np.ndarray, lcp: np.ndarray, lengths: np.ndarray) -> PrefixTree:
         """The tree whose DFS order is `order` and whose neighbour LCPs are `lcp`."""
         depth, parent, start, end, request_node = _lcp_intervals(lcp)
         return cls(order, lcp, lengths, depth, parent, start, end, request_node)
+
+    def subset(self, keep: np.ndarray) -> PrefixTree:
+        """The tree of requests `keep` (ascending indices) alone, renumbered 0..len(keep)-1:
+        the same order, and between new neighbours the least LCP of the old ones between
+        them (an LCP of two sorted prompts is the minimum over the pairs between them)."""
+        renumber = np.full(len(self.lengths), -1, dtype=np.int64)
+        renumber[keep] = np.arange(len(keep))
+        at = np.flatnonzero(renumber[self.order] >= 0)  # kept positions, ascending
+        lcp = np.zeros(len(at), dtype=self.lcp.dtype)
+        if len(at) > 1:
+            lcp[1:] = np.minimum.reduceat(self.lcp[:at[-1] + 1], at[:-1] + 1)
+        return PrefixTree.from_lcp(renumber[self.order[at]], lcp, self.lengths[keep])
 
     @property
     def num_requests(self) -> int:
@@ -139,6 +137,27 @@ class PrefixTree:
             shared[1:] = np.minimum(shared[1:], np.minimum(lens[1:], lens[:-1]) - 1)
         blocked = np.maximum(shared, 0) // block_size * block_size
         return PrefixTree.from_lcp(self.order, blocked, self.lengths)
+
+
+def sorted_order(values: np.ndarray, offsets: np.ndarray,
+                 keys: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The requests in lexicographic order, and each one's LCP with its predecessor: the
+    tree's `order` and `lcp`, without its nodes (all a sort needs). With `keys`: the order
+    of each prompt behind its key, then the key taken off again (one LCP less wherever
+    neighbours share their key)."""
+    if keys is not None and np.any(keys):
+        order, lcp = sorted_order(*keyed_tokens(values, offsets, keys))
+        return order, np.maximum(lcp - 1, 0)
+    if values.dtype != np.int32 and len(values):
+        info = np.iinfo(np.int32)
+        if values.min() < info.min or values.max() > info.max:
+            raise ValueError("token ids must fit in int32")
+    values = np.ascontiguousarray(values, dtype=np.int32)
+    offsets = np.ascontiguousarray(offsets, dtype=np.int64)
+    lengths = np.diff(offsets)
+    if len(offsets) == 0 or offsets[0] != 0 or offsets[-1] > len(values) or (lengths < 0).any():
+        raise ValueError("offsets must start at 0, never decrease and stay within values")
+    return _sort(_PrefixHashes(values, offsets, lengths))
 
 
 def keyed_tokens(values: np.ndarray, offsets: np.ndarray,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from batchrun.plan import PrefixTree
 from tests.plan.random_jobs import common, flat, jobs
@@ -99,3 +100,14 @@ def test_coarsen_keeps_only_sharing_in_whole_cacheable_blocks():
     assert blocks.order.tolist() == tree.order.tolist()
     # The 2-token branch point is not a whole block: it disappears; 15 rounds down to 12.
     assert sorted(blocks.node_depth.tolist()) == [0, 12]
+
+
+@given(jobs(min_requests=1), st.data())
+def test_a_subset_is_the_tree_of_those_prompts_alone(prompts, data):
+    keep = np.flatnonzero(data.draw(st.lists(st.booleans(), min_size=len(prompts),
+                                             max_size=len(prompts))))
+    sub = PrefixTree.build(*flat(prompts)).subset(keep)
+    kept = [prompts[i] for i in keep]
+    assert [kept[i] for i in sub.order] == sorted(kept)
+    assert sub.lcp.tolist() == PrefixTree.build(*flat(kept)).lcp.tolist()
+    assert sub.lengths.tolist() == [len(p) for p in kept]
