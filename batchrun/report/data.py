@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ TIME_BINS = 400  # points per series on the time axis
 LENGTH_BINS = 60
 ERROR_GROUPS = 20
 EXAMPLE_IDS = 5
+RESULT_BATCH_ROWS = 1 << 16
 
 
 def output_for(summary_path: Path) -> Path:
@@ -67,9 +69,11 @@ def load(summary_path: Path) -> ReportData:
     if steps.num_rows:
         starts.append(float(pc.min(steps["time"]).as_py()) - float(steps["seconds"][0].as_py()))
     started = min(starts) if starts else 0.0
-    results = _results(output)
+    results = _Results()
+    for batch in _result_batches(output):
+        results.add(batch)
     return ReportData(summary, started, steps.num_rows, _binned(steps, started),
-                      _lengths(results), _errors(results))
+                      results.length_histograms(), results.errors())
 
 
 def _steps(output: Path) -> pa.Table:
@@ -79,17 +83,75 @@ def _steps(output: Path) -> pa.Table:
     return read_trace(partial) if partial.is_dir() else TRACE_SCHEMA.empty_table()
 
 
-def _results(output: Path) -> pa.Table | None:
-    """The columns the report draws; an embedding job's rows have no finish reason or
-    completion."""
+def _result_batches(output: Path) -> Iterator[pa.RecordBatch]:
+    """The columns the report reads, batch by batch (a 10M-row job's ids and reasons are a
+    gigabyte at once); an embedding job's rows have no finish reason or completion."""
     wanted = ["id", "finish_reason", "completion_tokens", "error"]
     if output.exists():
         names = pq.read_schema(output).names
-        return pq.read_table(output, columns=[c for c in wanted if c in names])
-    partial = partial_dir_for(output)
-    batches = [b.select([c for c in wanted if c in b.schema.names]) for b in journal_batches(
-        sorted(partial.glob("journal-*.arrows")))] if partial.is_dir() else []
-    return pa.Table.from_batches(batches) if batches else None
+        yield from pq.ParquetFile(output).iter_batches(
+            batch_size=RESULT_BATCH_ROWS, columns=[c for c in wanted if c in names])
+        return
+    partial = partial_dir_for(output)  # a stopped run: its results are in the journals
+    if partial.is_dir():
+        for batch in journal_batches(sorted(partial.glob("journal-*.arrows"))):
+            yield batch.select([c for c in wanted if c in batch.schema.names])
+
+
+@dataclass
+class _Results:
+    """What the report keeps of the results, gathered batch by batch: per finish reason,
+    the finished rows counted by completion length (memory grows with the longest
+    completion, not with the rows), and the errors."""
+
+    length_counts: dict[str, np.ndarray] = field(default_factory=dict)
+    error_rows: Counter = field(default_factory=Counter)
+    examples: dict[str, list[str]] = field(default_factory=dict)
+
+    def add(self, batch: pa.RecordBatch) -> None:
+        failed = pc.is_valid(batch.column("error"))
+        if pc.any(failed).as_py():
+            errors = batch.filter(failed)
+            for message, row_id in zip(errors.column("error").to_pylist(),
+                                       errors.column("id").to_pylist(), strict=True):
+                self.error_rows[message] += 1
+                if len(kept := self.examples.setdefault(message, [])) < EXAMPLE_IDS:
+                    kept.append(row_id)
+        if "completion_tokens" not in batch.schema.names:
+            return
+        ok = batch.filter(pc.invert(failed))
+        lengths = ok.column("completion_tokens").to_numpy(zero_copy_only=False)
+        reasons = pc.fill_null(ok.column("finish_reason"), "none").dictionary_encode()
+        codes = reasons.indices.to_numpy()
+        for k, reason in enumerate(reasons.dictionary.to_pylist()):
+            counts = np.bincount(lengths[codes == k].astype(np.int64))
+            before = self.length_counts.get(reason, np.zeros(0, np.int64))
+            grown = np.zeros(max(len(before), len(counts)), np.int64)
+            grown[:len(before)] += before
+            grown[:len(counts)] += counts
+            self.length_counts[reason] = grown
+
+    def errors(self) -> list[tuple[str, int, list[str]]]:
+        return [(m, n, self.examples[m]) for m, n in self.error_rows.most_common(ERROR_GROUPS)]
+
+    def length_histograms(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """Per finish reason: (bin edges, rows per bin) of the completion lengths, in
+        LENGTH_BINS equal bins from the shortest completion to the longest."""
+        present = [np.flatnonzero(c) for c in self.length_counts.values()]
+        present = [p for p in present if len(p)]
+        if not present:
+            return {}
+        shortest, longest = min(int(p[0]) for p in present), max(int(p[-1]) for p in present)
+        bins = min(LENGTH_BINS, longest + 1)
+        edges = np.histogram_bin_edges(np.array([shortest, longest], np.float64), bins=bins)
+        out = {}
+        for reason, counts in self.length_counts.items():
+            value = np.arange(len(counts), dtype=np.float64)
+            which = np.clip(((value - edges[0]) / (edges[-1] - edges[0] or 1) * bins).astype(
+                np.int64), 0, bins - 1)
+            out[reason] = (edges, np.bincount(which, weights=counts, minlength=bins).astype(
+                np.int64))
+        return out
 
 
 def _binned(steps: pa.Table, started: float) -> TimeSeries | None:
@@ -128,38 +190,3 @@ def _binned(steps: pa.Table, started: float) -> TimeSeries | None:
     return TimeSeries((edges[:-1] + edges[1:]) / 2, total("prompt_tokens") / width,
                       total("completion_tokens") / width, batch, peak,
                       total("preempted"), per_replica)
-
-
-def _lengths(results: pa.Table | None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    if results is None or not results.num_rows or "completion_tokens" not in \
-            results.column_names:
-        return {}
-    ok = results.filter(pc.is_null(results["error"]))
-    lengths = ok["completion_tokens"].to_numpy(zero_copy_only=False).astype(np.float64)
-    if not len(lengths):
-        return {}
-    bins = min(LENGTH_BINS, int(lengths.max()) + 1)
-    edges = np.histogram_bin_edges(lengths, bins=bins)
-    # Equal-width bins by arithmetic and counts by bincount: np.histogram sorts, and 10M
-    # rows' reasons as Python strings would take longer than the rest of the report.
-    which = np.clip(((lengths - edges[0]) / (edges[-1] - edges[0] or 1) * bins).astype(
-        np.int64), 0, bins - 1)
-    reasons = pc.fill_null(ok["finish_reason"], "none").combine_chunks().dictionary_encode()
-    codes = reasons.indices.to_numpy()
-    return {str(reason): (edges, np.bincount(which[codes == k], minlength=bins))
-            for k, reason in enumerate(reasons.dictionary.to_pylist())}
-
-
-def _errors(results: pa.Table | None) -> list[tuple[str, int, list[str]]]:
-    if results is None:
-        return []
-    failed = results.filter(pc.is_valid(results["error"]))
-    if not failed.num_rows:
-        return []
-    counts = Counter(failed["error"].to_pylist())
-    examples: dict[str, list[str]] = {}
-    for message, row_id in zip(failed["error"].to_pylist(), failed["id"].to_pylist(),
-                               strict=True):
-        if len(kept := examples.setdefault(message, [])) < EXAMPLE_IDS:
-            kept.append(row_id)
-    return [(m, n, examples[m]) for m, n in counts.most_common(ERROR_GROUPS)]
