@@ -223,3 +223,35 @@ def test_a_signal_while_rows_run_early_drains_saves_and_resume_finishes(tmp_path
     assert 0 < len(saved) < len(ids)
     assert sorted(admitted(first_log)) == sorted(f"q{r}" for r in saved)
     resume_completes_the_job(tmp_path, resume_log, ids, saved)
+
+
+def test_the_read_sorts_no_run_while_the_engine_prepares_rows(tmp_path, monkeypatch):
+    """Sorting a run and preparing rows to run each peak at several times a run's bytes: the
+    read's thread and the engine's take turns, so the peaks never add. Each preparation
+    waits (up to 2 s) for a sort to begin beside it; none may."""
+    from batchrun.ingest import shards
+    from batchrun.job import run as job_run
+
+    folder, _ = dataset(tmp_path, seed=4)
+    sorting, overlaps, sorts = threading.Event(), [], []
+    real_sort, real_prepare = shards.SortedRun.sort.__func__, job_run.prepare_shard
+
+    def sort(cls, *args, **kwargs):
+        sorting.set()
+        sorts.append(1)
+        try:
+            return real_sort(cls, *args, **kwargs)
+        finally:
+            sorting.clear()
+
+    def prepare(*args, **kwargs):
+        if sorting.wait(2):
+            overlaps.append(1)
+        return real_prepare(*args, **kwargs)
+
+    monkeypatch.setattr(shards.SortedRun, "sort", classmethod(sort))
+    monkeypatch.setattr(job_run, "prepare_shard", prepare)
+    outcome = run_fake(early_job(tmp_path, folder))
+    assert outcome.exit_code == EXIT_OK
+    assert outcome.summary["early_start"]["runs"] >= 1 and sorts  # both happened
+    assert overlaps == []

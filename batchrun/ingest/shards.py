@@ -27,6 +27,7 @@ search and read batch by batch.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -52,7 +53,7 @@ def lexicographic_order(table: pa.Table) -> np.ndarray:
 
 def keyed_prompts(table: pa.Table, rows: Iterable[int]) -> list[np.ndarray]:
     """The prompts of `rows` of `table` behind their adapter's key, as shards compare them."""
-    prompts = _KeyedPrompts(*token_lists(table["prompt_token_ids"]), adapter_keys(table[ADAPTER]))
+    prompts = _KeyedPrompts.of(table)
     return [prompts[i] for i in rows]
 
 
@@ -99,10 +100,7 @@ class SortedRun:
         if before == 0:
             return 0
         batch = self.batch(before - 1)
-        values, offsets = token_lists(batch["prompt_token_ids"])
-        keys = adapter_keys(batch[ADAPTER])
-        return (before - 1) * self.batch_rows + _count_less(_KeyedPrompts(values, offsets, keys),
-                                                            prompt)
+        return (before - 1) * self.batch_rows + _count_less(_KeyedPrompts.of(batch), prompt)
 
     def rows_between(self, start: int, stop: int) -> Iterator[pa.Table]:
         for i in range(start // self.batch_rows, ceil_div(stop, self.batch_rows)):
@@ -120,6 +118,10 @@ class _KeyedPrompts:
     values: np.ndarray
     offsets: np.ndarray
     keys: np.ndarray | None
+
+    @classmethod
+    def of(cls, table: pa.Table) -> _KeyedPrompts:
+        return cls(*token_lists(table["prompt_token_ids"]), adapter_keys(table[ADAPTER]))
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
@@ -175,6 +177,9 @@ class ShardBuilder:
     # Takes a full run's rows instead of spilling them, or declines (False): early start.
     hand_on: Callable[[pa.Table], bool] | None = None
     handed_rows: int = 0
+    # Held while a run is sorted: with early start, the engine's thread holds it while it
+    # prepares a shard, so that the two peaks (each several times a run's bytes) never add.
+    planning: AbstractContextManager = field(default_factory=nullcontext)
 
     @property
     def spilled_bytes(self) -> int:
@@ -207,7 +212,8 @@ class ShardBuilder:
     def _spill(self) -> None:
         self.spill_dir.mkdir(parents=True, exist_ok=True)
         path = self.spill_dir / f"run-{len(self.runs):05d}.arrow"
-        self.runs.append(self._sorted_run(path))
+        with self.planning:
+            self.runs.append(self._sorted_run(path))
         self.pending, self.pending_bytes = [], 0
 
     def _sorted_run(self, path: Path | None) -> SortedRun:
@@ -228,7 +234,8 @@ class ShardBuilder:
             self.pending, self.pending_bytes = [], 0
             return [Shard(((run, 0, run.rows),))]
         if self.pending:
-            self.runs.append(self._sorted_run(None))
+            with self.planning:
+                self.runs.append(self._sorted_run(None))
             self.pending, self.pending_bytes = [], 0
         cuts = [None, *choose_splitters(self.runs, self.shard_bytes), None]
         shards = []

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import shutil
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -84,7 +85,8 @@ def read_into_shards(config: JobConfig, *, engine_kind: str, finished_rows: np.n
                      engine_max_model_len: int | None = None,
                      stop: Callable[[], bool] = lambda: False,
                      clock: StageClock | None = None,
-                     hand_on: Callable[[EarlyRows], bool] | None = None) -> ShardedJob:
+                     hand_on: Callable[[EarlyRows], bool] | None = None,
+                     planning: AbstractContextManager | None = None) -> ShardedJob:
     """Read the input batch by batch, tokenize each batch, and cut the job into prefix shards
     in `config.engine.memory_budget`. Rows in `finished_rows` (sorted row numbers: finished in an
     earlier run) are read for their pass-through columns only. Replayed output lengths
@@ -92,7 +94,8 @@ def read_into_shards(config: JobConfig, *, engine_kind: str, finished_rows: np.n
     read (lengths.py). `stop()` ends the read early
     (a signal): the job then has no shards. `clock` gets the read, tokenize, shard seconds.
     `hand_on` is offered each full run before it is spilled; the rows of a run it takes
-    (True) join no shard (ShardedJob.early_rows counts them)."""
+    (True) join no shard (ShardedJob.early_rows counts them). `planning` is held while a
+    run is sorted (ShardBuilder.planning)."""
     clock = clock or StageClock()
     tokenizer, max_model_len = load_tokenizer(config, engine_kind, engine_max_model_len)
     replay = replay_lengths(config.engine.replay_lengths, engine_kind)
@@ -100,8 +103,11 @@ def read_into_shards(config: JobConfig, *, engine_kind: str, finished_rows: np.n
     shutil.rmtree(spill_dir, ignore_errors=True)
     # Sorting a run or planning a shard takes several times its bytes (token copies, prefix
     # hashes, the tree's arrays): measured peaks of 6-10x, so each gets a sixteenth.
-    builder = ShardBuilder(spill_dir, run_bytes=budget // 16, shard_bytes=budget // 16)
-    columns = InputColumns(spill_dir, memory_bytes=budget // 16)
+    builder = ShardBuilder(spill_dir, run_bytes=budget // 16, shard_bytes=budget // 16,
+                           planning=planning or nullcontext())
+    # The columns the output repeats grow with the rows: past a sixty-fourth they go to disk
+    # (read back range by range when the output is written), not into the peak.
+    columns = InputColumns(spill_dir, memory_bytes=budget // 64)
     sizes = _RequestSizes()
     stream = open_request_stream(config.input, config.columns, config.input_format)
     if hand_on is not None:

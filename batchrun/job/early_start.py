@@ -23,7 +23,7 @@ from collections.abc import Callable
 
 from ..ingest.stream import EarlyRows, ShardedJob
 
-Read = Callable[[Callable[[EarlyRows], bool], Callable[[], bool]], ShardedJob]
+Read = Callable[[Callable[[EarlyRows], bool], Callable[[], bool], threading.Lock], ShardedJob]
 
 
 def start_read(read: Callable[..., ShardedJob], *, stop: Callable[[], bool], early: bool,
@@ -34,8 +34,8 @@ def start_read(read: Callable[..., ShardedJob], *, stop: Callable[[], bool], ear
     job); else here, to its end (None, None, the job)."""
     if not early:
         return None, None, read(stop=stop)
-    reader = BackgroundRead(lambda hand_on, abandoned: read(
-        hand_on=hand_on, stop=lambda: stop() or abandoned()))
+    reader = BackgroundRead(lambda hand_on, abandoned, planning: read(
+        hand_on=hand_on, stop=lambda: stop() or abandoned(), planning=planning))
     try:
         rows = reader.next_rows()
         return reader, rows, reader.result() if rows is None else None
@@ -45,11 +45,14 @@ def start_read(read: Callable[..., ShardedJob], *, stop: Callable[[], bool], ear
 
 
 class BackgroundRead:
-    """`read(hand_on, abandoned)` (ingest.stream.read_into_shards) on a thread: `next_rows`
-    gives the engine each run it asks for, `result` the sharded rest of the job."""
+    """`read(hand_on, abandoned, planning)` (ingest.stream.read_into_shards) on a thread:
+    `next_rows` gives the engine each run it asks for, `result` the sharded rest of the job.
+    `planning` is held by the read while it sorts a run, and by the engine's thread while
+    it prepares rows to run: one at a time, so that their memory peaks never add up."""
 
     def __init__(self, read: Read) -> None:
         self._read = read
+        self.planning = threading.Lock()
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
         self._wanted = True  # the engine waits for rows: the next full run is its
@@ -63,7 +66,7 @@ class BackgroundRead:
 
     def _run(self) -> None:
         try:
-            self._result = self._read(self._take, lambda: self._abandoned)
+            self._result = self._read(self._take, lambda: self._abandoned, self.planning)
         except BaseException as e:  # re-raised in the caller's thread by result()
             self._error = e
         finally:

@@ -199,7 +199,7 @@ class _JobRun:
         if not self._has_work() or stop.requested:
             return
         rows, read = (early, early) if early is not None else (sharded.shards[0], sharded)
-        with self.clock("plan"):
+        with self.clock("plan"), self._planning():
             self.first = prepare_shard(self.config, rows.load(), read.input_format,
                                        read.max_model_len)
         if self.own_engine:
@@ -324,11 +324,16 @@ class _JobRun:
         job, self.first = self.first, None  # the first rows were prepared at the start
         if job is None:
             read = self.sharded or self.early  # the job's input format and context
-            with self.clock("plan"):
+            with self.clock("plan"), self._planning():
                 job = prepare_shard(self.config, rows.load(), read.input_format,
                                     read.max_model_len)
         return run_shard(job, self.engine, on_results, stop=stop, grace_s=grace_s,
                          trace=self.trace, clock=self.clock)
+
+    def _planning(self) -> contextlib.AbstractContextManager:
+        """Held while rows are prepared to run: a read going on beside the engine sorts no
+        run meanwhile (early_start.BackgroundRead.planning)."""
+        return self.reader.planning if self.reader is not None else contextlib.nullcontext()
 
     def _note_engine_counters(self) -> None:
         """What a shared engine counted before this job: the summary reports this job's.
