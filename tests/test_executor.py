@@ -440,3 +440,24 @@ def test_a_light_prefix_too_large_to_hold_aside_keeps_its_place(config_only_mode
     log, ex = light_then_heavy(config_only_model, 32)
     assert log.order.index("heavy0") > log.order.index("light39")
     assert ex.trace.figures()["deferred_light_prefixes"] == 0
+
+
+def test_the_trace_reaches_its_sink_every_half_minute_not_only_at_the_end(monkeypatch):
+    """A killed run's report still has its steps: what was recorded goes to the checkpoint
+    at least every FLUSH_SECONDS, however few steps that is."""
+    from batchrun.execute import trace as step_trace
+
+    clock = [100.0]
+    monkeypatch.setattr(step_trace.time, "monotonic", lambda: clock[0])
+    sunk: list[int] = []
+    trace = step_trace.StepTrace(sink=lambda steps: sunk.append(steps.num_rows))
+    step = StepOutput(finished=[], batch_size=3, prompt_tokens=10, completion_tokens=3)
+    for _ in range(5):
+        trace.stepping()
+        trace.record(step)
+        clock[0] += 1.0
+    assert sunk == []  # five seconds: still buffered
+    clock[0] += step_trace.FLUSH_SECONDS
+    trace.stepping()
+    trace.record(step)
+    assert sunk == [6]

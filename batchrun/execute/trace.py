@@ -12,8 +12,10 @@ import pyarrow as pa
 from ..engine.base import StepOutput
 from ..io.output.trace import TRACE_SCHEMA
 
-# Steps buffered before they go to the sink: a few hundred KB at most.
+# Steps buffered before they go to the sink: a few hundred KB at most, and half a minute's
+# at most, so that a killed run's report still shows all but its last seconds.
 FLUSH_STEPS = 8192
+FLUSH_SECONDS = 30.0
 
 
 class StepTrace:
@@ -36,6 +38,7 @@ class StepTrace:
         self._step_began = 0.0
         self._rows: list[tuple[float, float, int, int, int, float | None, int]] = []
         self._kept: list[pa.Table] = []
+        self._flushed_at = time.monotonic()
 
     def stepping(self) -> None:
         """An engine step starts (the summary's time to the first step)."""
@@ -50,7 +53,8 @@ class StepTrace:
         self._rows.append((time.time(), now - self._step_began, step.batch_size,
                            step.prompt_tokens, step.completion_tokens, step.kv_usage,
                            step.preempted))
-        if len(self._rows) >= FLUSH_STEPS:
+        if len(self._rows) >= FLUSH_STEPS or (
+                self.sink is not None and now - self._flushed_at >= FLUSH_SECONDS):
             self.flush()
 
     def prefix_deferred(self) -> None:
@@ -58,6 +62,7 @@ class StepTrace:
 
     def flush(self) -> None:
         """Hand the steps recorded since the last flush to the sink (or keep them)."""
+        self._flushed_at = time.monotonic()
         if not self._rows:
             return
         columns = list(zip(*self._rows, strict=True))
