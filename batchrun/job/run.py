@@ -409,8 +409,10 @@ class _JobRun:
                 "sampling": config.fingerprint_settings()["sampling"],
                 "engine": self.engine.info.settings if self.engine else {}}
         files = OutputFiles(paths.local, paths.openai_local, config.model_name, config.embeds)
+        # Writing a range holds 4-5x its journal bytes (10M rows: +2.05 GiB in ranges of an
+        # eighth of the budget, +0.34 GiB in ranges of a sixty-fourth, no slower).
         write_in_row_order(self.ckpt.journals(), self.sharded.rows, self.sharded.columns,
-                           files, meta, range_bytes=config.engine.memory_budget // 8,
+                           files, meta, range_bytes=config.engine.memory_budget // 64,
                            scratch=self.sharded.spill_dir)
         # The OpenAI file first: the Parquet output appearing is what marks the job done (an
         # object appears at its key only once complete).
