@@ -109,6 +109,11 @@ class OutputFiles:
     embeds: bool = False  # an embedding job: its columns, and /v1/embeddings OpenAI lines
 
 
+# Ranges are bucket files open at once while the journals are split: past this many, each
+# range holds more than `range_bytes`.
+MAX_RANGES = 256
+
+
 def write_in_row_order(journals: list[Path], rows: int, columns: InputColumns,
                        files: OutputFiles, metadata: dict[str, Any], *,
                        range_bytes: int, scratch: Path) -> int:
@@ -116,8 +121,9 @@ def write_in_row_order(journals: list[Path], rows: int, columns: InputColumns,
     or not at all (the OpenAI file first: the Parquet file appearing marks the job done).
     Returns the rows written. A row journaled twice is written once (the first)."""
     total = sum(j.stat().st_size for j in journals)
-    ranges = max(1, ceil_div(total, max(range_bytes, 1)))
+    ranges = min(max(1, ceil_div(total, max(range_bytes, 1))), MAX_RANGES)
     step = ceil_div(rows, ranges) if rows else 1
+    ranges = max(1, ceil_div(rows, step))  # no range past the last row
     schema = columns.schema()
     passthrough = [f for f in schema if f.name not in (ENDPOINT, INPUT_COUNT)
                    and f.name not in RESULT_SCHEMA.names]
