@@ -37,6 +37,20 @@ def test_the_fake_engine_takes_the_jobs_context_and_the_environments_knobs(
         start_engine("tgi", config(tmp_path), sizing(), new_tokens=1)
 
 
+def test_the_fake_engine_a_run_makes_keeps_no_id_per_request(tmp_path: Path) -> None:
+    """A test's own fake engine lists what reached it; the one `--engine fake` makes does
+    not: 10M ids would be ~0.7 GB of a scale run's peak, counted as batchrun's."""
+    from batchrun.engine.base import GenerationRequest
+
+    made = start_engine("fake", config(tmp_path), sizing(), new_tokens=1)
+    own = FakeEngine()
+    for engine in (made, own):
+        engine.add(GenerationRequest("r0", [1, 2, 3, 4, 5], max_tokens=2))
+        while not engine.step().finished:
+            pass
+    assert made.admission_order == [] and own.admission_order == ["r0"]
+
+
 def test_cpu_runs_small_jobs_eagerly_and_the_jobs_own_choice_wins() -> None:
     assert use_eager(EngineOptions(), new_tokens=12_999, on_cpu=True)
     assert not use_eager(EngineOptions(), new_tokens=13_000, on_cpu=True)
