@@ -212,8 +212,7 @@ class ShardBuilder:
     def _spill(self) -> None:
         self.spill_dir.mkdir(parents=True, exist_ok=True)
         path = self.spill_dir / f"run-{len(self.runs):05d}.arrow"
-        with self.planning:
-            self.runs.append(self._sorted_run(path))
+        self.runs.append(self._sorted_run(path))
         self.pending, self.pending_bytes = [], 0
 
     def _sorted_run(self, path: Path | None) -> SortedRun:
@@ -222,7 +221,8 @@ class ShardBuilder:
         table = pa.concat_tables(self.pending)
         per_row = max(table.nbytes // max(table.num_rows, 1), 1)
         batch_rows = int(np.clip(self.shard_bytes // 64 // per_row, 16, RUN_BATCH_ROWS))
-        return SortedRun.sort(table, path, batch_rows)
+        with self.planning:
+            return SortedRun.sort(table, path, batch_rows)
 
     def finish(self) -> list[Shard]:
         """The shards, in token order. A job that never spilled is one shard, unsorted."""
@@ -234,8 +234,7 @@ class ShardBuilder:
             self.pending, self.pending_bytes = [], 0
             return [Shard(((run, 0, run.rows),))]
         if self.pending:
-            with self.planning:
-                self.runs.append(self._sorted_run(None))
+            self.runs.append(self._sorted_run(None))
             self.pending, self.pending_bytes = [], 0
         cuts = [None, *choose_splitters(self.runs, self.shard_bytes), None]
         shards = []
